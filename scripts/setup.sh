@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Builds the development environment: .venv/ (pinned PyTorch, ROS 2 Kilted wheels, colcon,
+# rosbags, test tools), the two path fix-ups the ROS wheels' CMake files expect, and the
+# colcon build/ and install/ spaces. Idempotent: each step records a stamp (keyed on its
+# inputs) only after it succeeded, so an interrupted run is repaired by the next one.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+STAMPS="$VENV/.stamps"
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+die() { printf '\033[31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+# --- prerequisites, reported by name -------------------------------------------------
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3; do
+    if command -v "$cand" >/dev/null 2>&1 && \
+       "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+      PY=$(command -v "$cand"); break
+    fi
+  done
+fi
+[ -n "$PY" ] || die "Python 3.11 not found (the ROS 2 Kilted wheels are built for CPython 3.11); set PYTHON=/path/to/python3.11"
+missing=()
+for tool in cmake make gcc g++ git; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+"$PY" -c 'import venv, ensurepip' 2>/dev/null || missing+=("python3-venv")
+[ -f "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || missing+=("python3.11-dev (Python.h)")
+[ ${#missing[@]} -eq 0 ] || die "missing prerequisites: ${missing[*]} (e.g. apt-get install ${missing[*]})"
+
+hash_of() { cat "$@" | sha256sum | cut -c1-16; }
+stamp_ok() { [ -f "$STAMPS/$1" ] && [ "$(cat "$STAMPS/$1")" = "$2" ]; }
+stamp_set() { mkdir -p "$STAMPS"; echo "$2" > "$STAMPS/$1"; }
+
+# --- virtual environment ------------------------------------------------------------
+if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+  say "creating .venv with $PY"
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+export PIP_PROGRESS_BAR=off
+
+h=$(hash_of requirements/torch.txt)
+if ! stamp_ok torch "$h"; then
+  say "installing PyTorch (from local disk where available; ~1.5 min)"
+  "${PIP[@]}" install -q -r requirements/torch.txt
+  stamp_set torch "$h"
+fi
+h=$(hash_of requirements/ros.txt requirements/dev.txt)
+if ! stamp_ok deps "$h"; then
+  say "installing ROS 2 Kilted wheels, colcon and Python dependencies"
+  "${PIP[@]}" install -q -r requirements/ros.txt -r requirements/dev.txt -c requirements/torch.txt
+  stamp_set deps "$h"
+fi
+h=$(hash_of setup.py pyproject.toml)
+if ! stamp_ok editable "$h"; then
+  say "pip install -e . (core, training, segsafe CLI)"
+  "${PIP[@]}" install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat
+  stamp_set editable "$h"
+fi
+
+# --- path fix-ups the ROS wheels' CMake exports expect ------------------------------
+# The wheels were built under /opt/python/cp311-cp311 and their exported CMake targets
+# name its include dir and site-packages; point both at this interpreter and venv.
+py_include=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+link() {  # link TARGET NAME: (re)point NAME at TARGET unless it already does
+  if [ "$(readlink "$2" 2>/dev/null)" != "$1" ]; then
+    if [ -e "$2" ] && [ ! -L "$2" ]; then die "$2 exists and is not a symlink; move it away"; fi
+    mkdir -p "$(dirname "$2")" 2>/dev/null || die "cannot create $(dirname "$2") (run as root or create it writable)"
+    ln -sfn "$1" "$2"
+  fi
+}
+link "$py_include" /opt/python/cp311-cp311/include/python3.11
+link "$site" /opt/python/cp311-cp311/lib/python3.11/site-packages
+
+# --- colcon build -------------------------------------------------------------------
+# CMake refuses exported include dirs inside the source tree, and .venv/ lives there: hand
+# it NumPy's headers through the /opt/python site-packages link made above.
+numpy_include=/opt/python/cp311-cp311/lib/python3.11/site-packages/$("$VENV/bin/python" -c \
+  'import numpy, os, sysconfig; print(os.path.relpath(numpy.get_include(), sysconfig.get_paths()["purelib"]))')
+# shellcheck disable=SC1091
+source "$ROOT/scripts/env.sh"
+say "colcon build"
+colcon --log-base "$ROOT/log" build --base-paths "$ROOT" --build-base "$ROOT/build" \
+  --install-base "$ROOT/install" --symlink-install \
+  --cmake-args -DPython3_EXECUTABLE="$VENV/bin/python" -DBUILD_TESTING=OFF \
+    -DPython3_NumPy_INCLUDE_DIR="$numpy_include" \
+  --event-handlers console_cohesion- summary+ status- >"$ROOT/log/colcon-build.txt" 2>&1 \
+  || { tail -40 "$ROOT/log/colcon-build.txt" >&2; die "colcon build failed (full log: log/colcon-build.txt)"; }
+say "ready: source scripts/env.sh && source install/setup.bash"

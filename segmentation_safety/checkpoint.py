@@ -1,0 +1,123 @@
+"""Model bundles: one safetensors file per trained model, metadata inside.
+
+Loading never unpickles anything: tensors come from safetensors and metadata is JSON
+stored in the safetensors header. Writes are atomic (temp file, fsync, rename), so a
+half-written file never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "segsafe-bundle/1"
+_META_KEY = "segsafe"
+
+
+class BundleError(RuntimeError):
+    """A bundle that is missing, unreadable or does not match what was asked for."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"model bundle {self.path}: {problem}")
+
+
+@dataclass
+class Bundle:
+    """Weights plus metadata of one trained model.
+
+    ``metadata`` keys used across the project: ``kind`` (segmenter, densehybrid, ...),
+    ``architecture`` (dict with ``name`` and builder kwargs), ``class_names``,
+    ``mean``/``std``, ``input_size`` ([H, W]), ``thresholds``, ``training`` (config),
+    ``metrics`` (what it reached).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return str(self.metadata.get("kind", ""))
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_bundle(
+    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, Any]
+) -> None:
+    """Save weights and JSON-serialisable metadata atomically."""
+    from safetensors.torch import save
+
+    if "kind" not in metadata:
+        raise ValueError("bundle metadata needs a 'kind'")
+    meta = {"format": FORMAT, **metadata}
+    # safetensors refuses shared or non-contiguous storage; bundles are small, copy.
+    flat = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(flat, metadata={_META_KEY: json.dumps(meta)}))
+
+
+def load_bundle(
+    path: str | os.PathLike[str],
+    kind: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Bundle:
+    """Load a bundle; refuse a missing, truncated, foreign or wrong-kind file by name."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(path, "file not found")
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise BundleError(path, f"truncated ({len(data)} bytes)")
+    header_len = int.from_bytes(data[:8], "little")
+    if 8 + header_len > len(data):
+        raise BundleError(path, f"truncated: header says {header_len} bytes, file has {len(data)}")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        tensors = load(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise BundleError(path, f"not a readable safetensors file ({e})") from None
+    raw = (header.get("__metadata__") or {}).get(_META_KEY)
+    if raw is None:
+        raise BundleError(path, "no segsafe metadata (not a segmentation_safety bundle)")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT:
+        raise BundleError(path, f"unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
+    if kind is not None and meta.get("kind") != kind:
+        raise BundleError(path, f"holds a {meta.get('kind')!r} model, expected {kind!r}")
+    tensors = {k: v.to(map_location) for k, v in tensors.items()}
+    return Bundle(tensors=tensors, metadata=meta)
+
+
+def load_state_strict(
+    module: torch.nn.Module, bundle: Bundle, path: str | os.PathLike[str]
+) -> None:
+    """``load_state_dict(strict=True)`` whose errors name the bundle file."""
+    try:
+        module.load_state_dict(bundle.tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[:3]
+        raise BundleError(path, "weights do not match the model: " + " ".join(first)) from None

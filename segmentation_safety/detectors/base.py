@@ -1,0 +1,44 @@
+"""The detector interface. Every detector reads the one shared segmenter forward pass."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+from segmentation_safety.models.segmenter import Segmenter
+from segmentation_safety.types import DetectorOutput, SegmenterOutput
+
+
+class Detector(nn.Module):
+    """Base class for all detectors.
+
+    Class attributes declare what a detector is, so the pipeline, the CLI and the
+    trainers can reason about it without building it:
+
+    - ``name``: registry key (``segsafe evaluate --detectors NAME``).
+    - ``produces``: subset of ``{"anomaly", "failure", "class_iou"}``.
+    - ``trained_parts``: bundle kinds it needs besides the segmenter (e.g.
+      ``("densehybrid",)``); each is a file ``<models_dir>/<kind>.safetensors``.
+    - ``embeddings``: segmenter taps it reads (instance attribute when it depends on
+      options).
+    """
+
+    name: ClassVar[str] = ""
+    produces: ClassVar[frozenset[str]] = frozenset()
+    trained_parts: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, segmenter: Segmenter, **options: Any) -> None:
+        super().__init__()
+        if options:
+            raise TypeError(f"detector {self.name!r} got unknown options {sorted(options)}")
+        # Kept outside the module tree so the segmenter's weights are not saved twice.
+        self._segmenter = (segmenter,)
+        self.embeddings: tuple[str, ...] = ()
+
+    @property
+    def segmenter(self) -> Segmenter:
+        return self._segmenter[0]
+
+    def forward(self, out: SegmenterOutput) -> DetectorOutput:
+        raise NotImplementedError

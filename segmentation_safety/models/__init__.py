@@ -1,0 +1,1 @@
+"""Networks: segmenters, detector heads, the generator, the comparison net, flows."""

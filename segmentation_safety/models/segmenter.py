@@ -1,0 +1,60 @@
+"""The segmenter interface every backend implements.
+
+One forward pass returns the logits, the pre-logit features and any named
+intermediate embeddings a detector asked for, so detectors never re-run the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from segmentation_safety.types import SegmenterOutput
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Segmenter(nn.Module):
+    """Base class. Subclasses implement :meth:`compute` and set the attributes below.
+
+    Attributes:
+        num_classes: number of logit channels the detectors see (K).
+        feature_channels: channels of the pre-logit features.
+        embedding_channels: name -> channels of every tap :meth:`compute` can return.
+    """
+
+    num_classes: int
+    feature_channels: int
+    embedding_channels: dict[str, int]
+
+    def __init__(
+        self,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 255] float B×3×H×W -> normalised float network input."""
+        return (images.float() / 255.0 - self.mean) / self.std
+
+    def compute(
+        self, x: torch.Tensor, taps: frozenset[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Run the network on normalised ``x``; return (logits, features, taps asked for)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, embeddings: Sequence[str] = ()) -> SegmenterOutput:
+        unknown = set(embeddings) - set(self.embedding_channels)
+        if unknown:
+            raise KeyError(
+                f"{type(self).__name__} has no embedding {sorted(unknown)}; "
+                f"available: {sorted(self.embedding_channels)}"
+            )
+        logits, features, taps = self.compute(x, frozenset(embeddings))
+        return SegmenterOutput(logits=logits, features=features, embeddings=taps, image=x)

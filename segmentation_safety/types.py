@@ -1,0 +1,46 @@
+"""Plain data passed between the segmenter, the detectors and the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+#: The three kinds of map a detector can produce.
+OUTPUT_KINDS = ("anomaly", "failure", "class_iou")
+
+
+@dataclass
+class SegmenterOutput:
+    """Everything one segmenter forward pass yields; every detector reads from it.
+
+    Tensors are batched and live on the segmenter's device.
+    """
+
+    logits: torch.Tensor  # B×K×h×w, at the network's output stride
+    features: torch.Tensor  # B×C×h×w pre-logit features (input of the classifier)
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> B×C'×h'×w'
+    image: torch.Tensor | None = None  # B×3×H×W normalised network input
+
+
+@dataclass
+class DetectorOutput:
+    """What one detector adds for a batch. Maps may be at any resolution."""
+
+    anomaly: torch.Tensor | None = None  # B×h×w, higher = more anomalous
+    failure: torch.Tensor | None = None  # B×h×w, probability the segmentation is wrong
+    class_iou: torch.Tensor | None = None  # B×K predicted IoU per class in [0, 1]
+
+
+@dataclass
+class SafetyResult:
+    """One frame's result at the input resolution, on the host."""
+
+    labels: np.ndarray  # H×W uint8 train ids
+    confidence: np.ndarray  # H×W float32 max-softmax
+    anomaly: np.ndarray | None  # H×W float32 from the configured anomaly detector
+    failure: np.ndarray | None  # H×W float32 from the configured failure detector
+    class_iou: np.ndarray | None  # K float32
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    per_detector: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
