@@ -9,7 +9,9 @@ from collections.abc import Sequence
 
 # name -> module providing `add_parser(subparsers)`; imported lazily so `segsafe --help`
 # stays fast and a subcommand's heavy imports (torch, rosbags, rclpy) load only when used.
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "bench": "segmentation_safety.commands.bench",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
+from segmentation_safety.checkpoint import Bundle
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
 
@@ -42,3 +45,15 @@ class Detector(nn.Module):
 
     def forward(self, out: SegmenterOutput) -> DetectorOutput:
         raise NotImplementedError
+
+    def load_part(self, kind: str, bundle: Bundle, path: str | os.PathLike[str]) -> None:
+        """Load the trained part ``kind`` from ``bundle`` (read from ``path``).
+
+        Detectors with ``trained_parts`` override this; mismatches raise ``BundleError``
+        naming ``path``.
+        """
+        raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+
+    def export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and metadata of the trained part ``kind``, for ``save_bundle``."""
+        raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")

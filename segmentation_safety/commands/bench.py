@@ -1,0 +1,118 @@
+"""`segsafe bench`: segmentation time and each detector's overhead, in one run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from segmentation_safety.commands.common import (
+    add_models_arg,
+    parse_detectors,
+    write_json,
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time the segmentation pass and each detector's overhead (writes B.json)",
+        description=__doc__,
+    )
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=1024)
+    add_models_arg(p)
+    p.add_argument("--detectors", default="all", help="comma-separated names, or 'all'")
+    p.add_argument(
+        "--segmenter",
+        default=None,
+        help="time this architecture (random weights) instead of the bundle's segmenter, "
+        "e.g. espnetv2, lraspp_mobilenet_v3",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=Path, required=True, help="B.json to write")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from segmentation_safety.bench import bench
+    from segmentation_safety.checkpoint import BundleError, load_bundle
+    from segmentation_safety.detectors import registry
+    from segmentation_safety.device import resolve_device
+    from segmentation_safety.models.zoo import build_segmenter, segmenter_from_bundle
+    from segmentation_safety.pipeline import DEMO_MODELS
+
+    if args.height < 16 or args.width < 16:
+        print("error: --height and --width must be at least 16", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    names = parse_detectors(args.detectors)
+    root = args.models or DEMO_MODELS
+    if args.segmenter:
+        segmenter = build_segmenter(args.segmenter)
+        seg_name = f"{args.segmenter} (random weights)"
+        parts_usable = False  # trained parts belong to another segmenter
+    else:
+        bundle = load_bundle(root / "segmenter.safetensors", kind="segmenter")
+        segmenter = segmenter_from_bundle(bundle)
+        seg_name = bundle.metadata.get("architecture", {}).get("name", "segmenter")
+        parts_usable = True
+    detectors, untrained = {}, []
+    for name in names:
+        det = registry.build(name, segmenter)
+        for kind in det.trained_parts:
+            path = root / f"{kind}.safetensors"
+            if parts_usable and path.is_file():
+                try:
+                    det.load_part(kind, load_bundle(path), path)
+                    continue
+                except BundleError as e:
+                    print(f"warning: {e}; timing untrained weights", file=sys.stderr)
+            if name not in untrained:
+                untrained.append(name)
+        detectors[name] = det
+    bar = tqdm(total=args.warmup + args.repeats, desc="bench", unit="round", file=sys.stderr)
+
+    def step(i: int, total: int) -> None:
+        bar.update(i - bar.n)
+
+    report = bench(
+        segmenter,
+        detectors,
+        args.height,
+        args.width,
+        device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        untrained=untrained,
+        segmenter_name=seg_name,
+        progress=step,
+    )
+    bar.close()
+    write_json(args.out, report.to_json())
+    print(format_table(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def format_table(report: object) -> str:
+    """A Markdown table of a BenchReport."""
+    r = report
+    lines = [
+        f"segmenter {r.segmenter} on {r.device} at {r.height}x{r.width}: "
+        f"{r.segmentation_ms:.1f} ms per frame (median of {r.repeats})",
+        "",
+        "| detector | added ms | overhead | note |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for n, t in r.detectors.items():
+        lines.append(f"| {n} | {t.ms:.2f} | {100 * t.overhead:.1f}% | {t.note} |")
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""Argument helpers shared by subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from segmentation_safety.checkpoint import atomic_write_bytes
+
+
+def add_models_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="directory of model bundles (default: the shipped demo models, models/demo/)",
+    )
+
+
+def parse_detectors(text: str | None) -> list[str]:
+    """'a,b' -> ['a', 'b']; 'all' or None -> every registered detector. Unknown names raise."""
+    from segmentation_safety.detectors import registry
+
+    if text is None or text.strip() == "all":
+        return registry.available()
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        registry.detector_class(n)  # raises UnknownDetectorError listing the known ones
+    return names
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically, so a killed run never leaves half a report."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())

@@ -1,0 +1,185 @@
+"""Image resynthesis detectors (SynthCP, 001 §3; DESIGN §4).
+
+From the shared forward pass: ŷ = argmax of the logits at input size, x̂ = G(ŷ) mapped
+into the segmenter's normalised input space, and one extra segmenter pass on x̂ (the
+method needs the features of the resynthesised image; nothing else is re-run).
+
+- anomaly (eq. 9): 1 - cos(f(x), f(x̂)) per pixel, upsampled to the input size, then MSP
+  post-processing: where MSP > t the score becomes 1 - MSP.
+- failure: 1 - sigmoid(comparison pixel head), the probability that ŷ is wrong.
+- class_iou: the comparison IoU head.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segmentation_safety.checkpoint import Bundle, BundleError, load_state_strict
+from segmentation_safety.detectors.base import Detector
+from segmentation_safety.detectors.registry import register
+from segmentation_safety.models.comparison import ComparisonNet, build_comparison
+from segmentation_safety.models.generator import SpadeGenerator, build_generator
+from segmentation_safety.models.segmenter import Segmenter
+from segmentation_safety.types import DetectorOutput, SegmenterOutput
+
+DEFAULT_MSP_THRESHOLD = 0.999  # 001 §4.2, Table 4
+
+
+def feature_cosine_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity per pixel of two B×C×h×w feature maps -> B×h×w in [0, 2]."""
+    return 1.0 - F.cosine_similarity(feat_a, feat_b, dim=1, eps=1e-8)
+
+
+def msp_postprocess(score: torch.Tensor, msp: torch.Tensor, threshold: float) -> torch.Tensor:
+    """001 §3.3: keep ``score`` where MSP ≤ t, use 1 - MSP where MSP > t.
+
+    Very confident pixels get a tiny score, pruning GAN artefacts on well-recognised
+    regions. ``threshold`` = 1 disables it (MSP never exceeds 1).
+    """
+    return torch.where(msp > threshold, 1.0 - msp, score)
+
+
+def labels_to_network_input(synth: torch.Tensor, segmenter: Segmenter) -> torch.Tensor:
+    """Generator output in [-1, 1] -> [0, 1] -> the segmenter's normalised input space."""
+    return ((synth + 1.0) * 0.5 - segmenter.mean) / segmenter.std
+
+
+_BUILDERS = {"generator": build_generator, "comparison": build_comparison}
+
+#: Architectures by name. "paper" is SPADE's default generator (ngf 64, ~93 M parameters)
+#: and a ResNet-18 comparison net (~22 M); "tiny" (~0.55 M together) is for tests and the
+#: demo on CPU. A loaded bundle's own architecture always wins over the preset.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {"generator": {}, "comparison": {}},
+    "tiny": {
+        "generator": {"ngf": 8, "num_upsampling": 3, "hidden": 16, "norm": "instance"},
+        "comparison": {"width": 8, "layers": [1, 1, 1, 1], "fuse_channels": 8},
+    },
+}
+
+
+@register
+class ResynthesisDetector(Detector):
+    """SynthCP: generator + comparison net; anomaly, failure and per-class IoU.
+
+    Options:
+        msp_threshold: t of the MSP post-processing (1.0 turns it off).
+        preset: a key of :data:`PRESETS` giving both parts' architectures.
+        generator: :class:`SpadeGenerator` kwargs, overriding the preset's.
+        comparison: :class:`ComparisonNet` kwargs, overriding the preset's.
+    Trained weights replace the random ones with :meth:`load_part`, which rebuilds each part
+    from its bundle's architecture, so the preset only matters for untrained use (building
+    the "paper" parts takes a few seconds on CPU).
+    """
+
+    name: ClassVar[str] = "resynthesis"
+    produces: ClassVar[frozenset[str]] = frozenset({"anomaly", "failure", "class_iou"})
+    trained_parts: ClassVar[tuple[str, ...]] = ("generator", "comparison")
+
+    def __init__(
+        self,
+        segmenter: Segmenter,
+        msp_threshold: float = DEFAULT_MSP_THRESHOLD,
+        preset: str = "paper",
+        generator: dict[str, Any] | None = None,
+        comparison: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(segmenter, **options)
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        if comparison is not None and "comparison" not in self.trained_parts:
+            raise TypeError(f"detector {self.name!r} has no comparison net to configure")
+        if not 0.0 <= msp_threshold <= 1.0:
+            raise ValueError(f"msp_threshold must be in [0, 1], got {msp_threshold}")
+        self.msp_threshold = float(msp_threshold)
+        k = segmenter.num_classes
+        gen_arch = {**PRESETS[preset]["generator"], **(generator or {})}
+        cmp_arch = {**PRESETS[preset]["comparison"], **(comparison or {})}
+        self.generator: nn.Module = SpadeGenerator(k, **gen_arch)
+        self.comparison: nn.Module | None = (
+            ComparisonNet(k, **cmp_arch) if "comparison" in self.trained_parts else None
+        )
+
+    def load_part(self, kind: str, bundle: Bundle, path: str | os.PathLike[str]) -> None:
+        """Rebuild part ``kind`` from its bundle's architecture and load its weights strictly."""
+        if kind not in self.trained_parts:
+            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        if bundle.kind != kind:
+            raise BundleError(path, f"holds a {bundle.kind!r} model, expected {kind!r}")
+        arch = bundle.metadata.get("architecture")
+        if not isinstance(arch, dict):
+            raise BundleError(path, "metadata has no 'architecture' dict")
+        if arch.get("num_classes") != self.segmenter.num_classes:
+            raise BundleError(
+                path,
+                f"built for {arch.get('num_classes')} classes, "
+                f"segmenter has {self.segmenter.num_classes}",
+            )
+        try:
+            module = _BUILDERS[kind](arch)
+        except (TypeError, ValueError) as e:
+            raise BundleError(path, f"bad architecture {arch}: {e}") from None
+        load_state_strict(module, bundle, path)
+        device = self.segmenter.mean.device
+        setattr(self, kind, module.to(device).eval())
+
+    def export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, metadata) to pass to ``save_bundle`` for part ``kind``."""
+        if kind not in self.trained_parts:
+            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        module = getattr(self, kind)
+        return dict(module.state_dict()), {"kind": kind, "architecture": module.architecture()}
+
+    def synthesize(self, labels: torch.Tensor) -> torch.Tensor:
+        """B×H×W labels -> G(labels) in the segmenter's normalised input space."""
+        return labels_to_network_input(self.generator(labels), self.segmenter)
+
+    def forward(self, out: SegmenterOutput) -> DetectorOutput:
+        if out.image is None:
+            raise ValueError("resynthesis needs SegmenterOutput.image (the network input)")
+        image = out.image
+        size = image.shape[-2:]
+        logits = F.interpolate(out.logits, size=size, mode="bilinear", align_corners=False)
+        probs = logits.softmax(dim=1)
+        msp, pred = probs.max(dim=1)
+
+        synth = self.synthesize(pred)
+        synth_out = self.segmenter(synth)
+        distance = feature_cosine_distance(out.features, synth_out.features)
+        distance = F.interpolate(
+            distance.unsqueeze(1), size=size, mode="bilinear", align_corners=False
+        ).squeeze(1)
+        anomaly = msp_postprocess(distance, msp, self.msp_threshold)
+
+        if self.comparison is None:
+            return DetectorOutput(anomaly=anomaly)
+        compared = self.comparison(image, synth, probs)
+        failure = torch.sigmoid(-compared.correct_logit.squeeze(1))  # 1 - sigmoid(logit)
+        return DetectorOutput(anomaly=anomaly, failure=failure, class_iou=compared.class_iou)
+
+
+@register
+class ResynthesisAnomalyDetector(ResynthesisDetector):
+    """SynthCP anomaly map only: needs just the generator, skips the comparison net."""
+
+    name: ClassVar[str] = "resynthesis_anomaly"
+    produces: ClassVar[frozenset[str]] = frozenset({"anomaly"})
+    trained_parts: ClassVar[tuple[str, ...]] = ("generator",)
+
+    def __init__(
+        self,
+        segmenter: Segmenter,
+        msp_threshold: float = DEFAULT_MSP_THRESHOLD,
+        preset: str = "paper",
+        generator: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            segmenter, msp_threshold=msp_threshold, preset=preset, generator=generator, **options
+        )

@@ -1,0 +1,223 @@
+"""Frame in, ``SafetyResult`` out: one segmenter pass shared by every configured detector.
+
+Pure PyTorch, no ROS. The node, the evaluator, ``segsafe bench`` and the replay all go
+through :class:`Pipeline`, so what is timed is what is published.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segmentation_safety.checkpoint import BundleError, load_bundle
+from segmentation_safety.detectors import Detector, registry
+from segmentation_safety.device import resolve_device, synchronize
+from segmentation_safety.models.segmenter import Segmenter
+from segmentation_safety.types import DetectorOutput, SafetyResult, SegmenterOutput
+
+#: Shipped demo models, used when no models directory is given.
+DEMO_MODELS = Path(__file__).resolve().parent.parent / "models" / "demo"
+ALL_OUTPUTS = frozenset({"anomaly", "failure", "class_iou"})
+
+
+@dataclass
+class PipelineConfig:
+    """Which detectors fill which output, and how the network is run.
+
+    ``anomaly``/``failure``/``class_iou`` name the detector that fills each output of
+    :class:`SafetyResult` (``None``: not produced). ``extra`` lists further detectors
+    whose maps are returned in ``SafetyResult.per_detector`` (evaluation, bench).
+    """
+
+    anomaly: str | None = "max_softmax"
+    failure: str | None = None
+    class_iou: str | None = None
+    extra: tuple[str, ...] = ()
+    device: str = "auto"
+    #: Network input (H, W); None keeps the image size. Maps come back at the image size.
+    input_size: tuple[int, int] | None = None
+    #: fp16 autocast on CUDA (ignored on CPU).
+    half: bool = True
+    detector_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def detector_names(self) -> list[str]:
+        names = [n for n in (self.anomaly, self.failure, self.class_iou) if n]
+        return list(dict.fromkeys([*names, *self.extra]))
+
+
+class Pipeline:
+    """A segmenter and its detectors on one device."""
+
+    def __init__(
+        self,
+        segmenter: Segmenter,
+        detectors: dict[str, Detector],
+        config: PipelineConfig | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        self.config = config or PipelineConfig()
+        self.device = resolve_device(self.config.device)
+        self.segmenter = segmenter.to(self.device).eval()
+        self.detectors = {n: d.to(self.device).eval() for n, d in detectors.items()}
+        for role in ("anomaly", "failure", "class_iou"):
+            name = getattr(self.config, role)
+            if name is None:
+                continue
+            if name not in self.detectors:
+                raise ValueError(f"{role} detector {name!r} is not among the pipeline's detectors")
+            if role not in self.detectors[name].produces:
+                raise ValueError(
+                    f"detector {name!r} cannot fill {role!r}: it produces "
+                    f"{sorted(self.detectors[name].produces)}"
+                )
+        k = segmenter.num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(k)]
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def from_models_dir(
+        cls, models_dir: str | os.PathLike[str] | None = None, config: PipelineConfig | None = None
+    ) -> Pipeline:
+        """Load ``segmenter.safetensors`` and each detector's parts from ``models_dir``.
+
+        A missing or mismatched bundle raises :class:`BundleError` naming the file.
+        """
+        from segmentation_safety.models.zoo import segmenter_from_bundle
+
+        config = config or PipelineConfig()
+        root = Path(models_dir) if models_dir else DEMO_MODELS
+        seg_path = root / "segmenter.safetensors"
+        seg_bundle = load_bundle(seg_path, kind="segmenter")
+        try:
+            segmenter = segmenter_from_bundle(seg_bundle)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise BundleError(seg_path, f"cannot build the segmenter: {e}") from None
+        detectors = {}
+        for name in config.detector_names():
+            options = config.detector_options.get(name, {})
+            det = registry.build(name, segmenter, **options)
+            for kind in det.trained_parts:
+                path = root / f"{kind}.safetensors"
+                det.load_part(kind, load_bundle(path), path)
+            detectors[name] = det
+        return cls(segmenter, detectors, config, seg_bundle.metadata.get("class_names"))
+
+    # -- running --------------------------------------------------------------------
+    def to_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 H×W×3 or B×H×W×3 RGB (numpy or tensor) -> B×3×H×W on the device."""
+        t = torch.as_tensor(images)
+        if t.ndim == 3:
+            t = t.unsqueeze(0)
+        if t.ndim != 4 or t.shape[-1] != 3:
+            raise ValueError(f"expected an H×W×3 or B×H×W×3 RGB image, got shape {tuple(t.shape)}")
+        if t.shape[1] == 0 or t.shape[2] == 0:
+            raise ValueError(f"empty image of shape {tuple(t.shape)}")
+        return t.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+
+    @torch.inference_mode()
+    def run(
+        self, images: torch.Tensor, detectors: Iterable[str] | None = None
+    ) -> tuple[SegmenterOutput, dict[str, DetectorOutput], dict[str, float]]:
+        """One segmenter pass and the chosen detectors on a B×3×H×W uint8/[0,255] batch.
+
+        Returns the raw outputs (network resolution) and per-stage timings in ms.
+        """
+        names = list(self.detectors if detectors is None else detectors)
+        timings: dict[str, float] = {}
+        with self._timed(timings, "preprocess"):
+            x = self.segmenter.normalize(images)
+            if self.config.input_size and tuple(x.shape[-2:]) != tuple(self.config.input_size):
+                x = F.interpolate(
+                    x, size=self.config.input_size, mode="bilinear", align_corners=False
+                )
+        taps = sorted({t for n in names for t in self.detectors[n].embeddings})
+        with self._timed(timings, "segmenter"), self._autocast():
+            seg = self.segmenter(x, taps)
+        outs = {}
+        for n in names:
+            with self._timed(timings, f"detector/{n}"), self._autocast():
+                outs[n] = self.detectors[n](seg)
+        return seg, outs, timings
+
+    def process(
+        self, image: np.ndarray | torch.Tensor, outputs: Iterable[str] = ALL_OUTPUTS
+    ) -> SafetyResult:
+        """One RGB uint8 H×W×3 frame -> maps at the frame's resolution on the host."""
+        return self.process_batch(image, outputs)[0]
+
+    def process_batch(
+        self, images: np.ndarray | torch.Tensor, outputs: Iterable[str] = ALL_OUTPUTS
+    ) -> list[SafetyResult]:
+        wanted = set(outputs)
+        roles = {r: getattr(self.config, r) for r in ALL_OUTPUTS if r in wanted}
+        names = [n for n in dict.fromkeys(roles.values()) if n]
+        if "per_detector" in wanted:
+            names = list(dict.fromkeys([*names, *self.config.extra]))
+        t0 = time.perf_counter()
+        x = self.to_input(images)
+        size = tuple(x.shape[-2:])
+        seg, outs, timings = self.run(x, names)
+        with self._timed(timings, "postprocess"):
+            logits = _resize(seg.logits.float(), size)
+            probs_max, labels = logits.softmax(1).max(1)
+            maps: dict[str, dict[str, torch.Tensor]] = {}
+            for n, o in outs.items():
+                maps[n] = {}
+                for kind in ("anomaly", "failure"):
+                    m = getattr(o, kind)
+                    if m is not None:
+                        maps[n][kind] = _resize(m.float().unsqueeze(1), size).squeeze(1)
+                if o.class_iou is not None:
+                    maps[n]["class_iou"] = o.class_iou.float()
+            host = {n: {k: v.cpu().numpy() for k, v in d.items()} for n, d in maps.items()}
+            labels_np = labels.to(torch.uint8).cpu().numpy()
+            conf_np = probs_max.cpu().numpy()
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        results = []
+        for b in range(labels_np.shape[0]):
+
+            def pick(role: str, b: int = b) -> np.ndarray | None:
+                name = roles.get(role)
+                arr = host.get(name, {}).get(role) if name else None
+                return None if arr is None else np.ascontiguousarray(arr[b])
+
+            results.append(
+                SafetyResult(
+                    labels=labels_np[b],
+                    confidence=conf_np[b],
+                    anomaly=pick("anomaly"),
+                    failure=pick("failure"),
+                    class_iou=pick("class_iou"),
+                    timings_ms=dict(timings),
+                    per_detector={n: {k: v[b] for k, v in d.items()} for n, d in host.items()},
+                )
+            )
+        return results
+
+    # -- helpers --------------------------------------------------------------------
+    @contextmanager
+    def _timed(self, timings: dict[str, float], stage: str):  # noqa: ANN202
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        synchronize(self.device)
+        timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
+
+    def _autocast(self) -> Any:
+        enabled = self.device.type == "cuda" and self.config.half
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
+
+
+def _resize(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)

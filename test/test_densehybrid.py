@@ -1,0 +1,158 @@
+"""DenseHybrid head, score (eq. 6), loss (eq. 15 as in the official code) and bundle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from segmentation_safety.checkpoint import BundleError, load_bundle, save_bundle
+from segmentation_safety.detectors import build
+from segmentation_safety.models.densehybrid_head import (
+    OUTLIER,
+    DenseHybridHead,
+    densehybrid_loss,
+    densehybrid_score,
+)
+from segmentation_safety.models.tiny import TinySegmenter
+
+
+def _lse(*values: float) -> float:
+    return math.log(sum(math.exp(v) for v in values))
+
+
+def test_head_is_bn_relu_conv1x1_to_two_channels():
+    head = DenseHybridHead(6)
+    layers = list(head.children())
+    assert isinstance(layers[0], nn.BatchNorm2d) and layers[0].num_features == 6
+    conv = layers[1]
+    assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1)
+    assert conv.in_channels == 6 and conv.out_channels == 2 and conv.bias is not None
+    # ReLU sits between BN and conv: with BN as identity and negative features, the conv
+    # sees zeros and outputs its bias.
+    head.eval()
+    out = head(-torch.ones(1, 6, 2, 3) * 5.0 - head.norm.running_mean.view(1, -1, 1, 1))
+    assert torch.allclose(out, conv.bias.view(1, 2, 1, 1).expand(1, 2, 2, 3))
+
+
+def test_score_matches_eq6_by_hand():
+    logits = torch.tensor([2.0, 0.0, -1.0]).view(1, 3, 1, 1)
+    head = torch.tensor([0.5, 1.5]).view(1, 2, 1, 1)  # channel 1 = d_out
+    assert OUTLIER == 1
+    log_p_out = 1.5 - _lse(0.5, 1.5)  # ln P(d_out|x) = -0.3133
+    expected = log_p_out - _lse(2.0, 0.0, -1.0)  # minus ln p̂(x) = 2.1698
+    assert densehybrid_score(logits, head).item() == pytest.approx(expected, abs=1e-6)
+    assert densehybrid_score(logits, head).item() == pytest.approx(-2.483108, abs=1e-5)
+
+
+def test_score_is_finite_where_softmax_underflows_and_ranks_outliers_higher():
+    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0]]).view(1, 2, 1, 2)
+    # Pixel 0: head is sure it is an inlier (P(out) = e^-200 underflows in float32).
+    head = torch.tensor([[200.0, 0.0], [0.0, 0.0]]).view(1, 2, 1, 2)
+    score = densehybrid_score(logits, head)
+    assert torch.isfinite(score).all()
+    assert score[0, 0, 0].item() == pytest.approx(-200.0 - math.log(2), abs=1e-3)
+    assert score[0, 0, 1] > score[0, 0, 0]
+    # Lower unnormalised likelihood (smaller logits) -> more anomalous, same head.
+    low = densehybrid_score(torch.full((1, 2, 1, 1), -3.0), torch.zeros(1, 2, 1, 1))
+    high = densehybrid_score(torch.full((1, 2, 1, 1), 3.0), torch.zeros(1, 2, 1, 1))
+    assert low.item() > high.item()
+    assert low.item() - high.item() == pytest.approx(6.0, abs=1e-5)
+
+
+def test_loss_terms_match_hand_computation():
+    # Pixel 0 inlier with class 0; pixel 1 a pasted negative whose target (1) must be ignored.
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [-1.0, 0.5]]).view(1, 3, 1, 2)
+    logits.requires_grad_(True)
+    head = torch.tensor([[0.3, -0.2], [0.1, 0.8]]).view(1, 2, 1, 2)
+    target = torch.tensor([[[0, 1]]])
+    outlier = torch.tensor([[[False, True]]])
+    beta = 0.03
+    total, parts = densehybrid_loss(logits, head, target, outlier, beta=beta)
+
+    seg = _lse(2.0, 0.0, -1.0) - 2.0  # -ln softmax(pixel 0)[0]
+    lse_out = _lse(1.0, 3.0, 0.5)  # ln p̂ of the negative pixel
+    ce_in = _lse(0.3, 0.1) - 0.3  # head, pixel 0, target d_in (channel 0)
+    ce_out = _lse(-0.2, 0.8) - 0.8  # head, pixel 1, target d_out (channel 1)
+    head_ce = (ce_in + ce_out) / 2
+    assert parts["seg"].item() == pytest.approx(seg, abs=1e-6)
+    assert parts["outlier_lse"].item() == pytest.approx(lse_out, abs=1e-6)
+    assert parts["head"].item() == pytest.approx(head_ce, abs=1e-6)
+    assert total.item() == pytest.approx(seg + beta * lse_out + 10 * beta * head_ce, abs=1e-6)
+
+    # Minimising lowers the negative's likelihood: its logit gradient is +beta * softmax
+    # (the segmentation term ignores it), so gradient descent pushes every logit down.
+    total.backward()
+    s = [1.0, 3.0, 0.5]
+    softmax = [math.exp(v - lse_out) for v in s]
+    assert logits.grad[0, :, 0, 1].tolist() == pytest.approx([beta * p for p in softmax])
+
+
+def test_loss_without_negatives_is_finite_and_resizes_low_resolution_outputs():
+    logits = torch.randn(2, 4, 4, 8)
+    head = torch.randn(2, 2, 4, 8)
+    target = torch.randint(0, 4, (2, 16, 32))
+    none = torch.zeros(2, 16, 32, dtype=torch.bool)
+    total, parts = densehybrid_loss(logits, head, target, none)
+    assert parts["outlier_lse"].item() == 0.0
+    assert torch.isfinite(total)
+    # All-ignored segmentation (a fully pasted crop) must not give nan either.
+    total, parts = densehybrid_loss(logits, head, target, torch.ones_like(none))
+    assert parts["seg"].item() == 0.0 and torch.isfinite(total)
+    with pytest.raises(ValueError, match="outlier_mask"):
+        densehybrid_loss(logits, head, target, none[:, :8])
+
+
+def test_detector_runs_end_to_end_and_bundle_round_trips(tmp_path):
+    torch.manual_seed(0)
+    seg = TinySegmenter(num_classes=5, width=8).eval()
+    det = build("densehybrid", seg)
+    # Give the head non-default BN statistics so a lost buffer would show.
+    det.head.norm.running_mean.uniform_(-1, 1)
+    det.head.norm.running_var.uniform_(0.5, 2)
+    det.eval()
+    images = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        out = seg(seg.normalize(images))
+        anomaly = det(out).anomaly
+    assert anomaly.shape == (2, 8, 16) and anomaly.dtype == torch.float32
+    assert torch.isfinite(anomaly).all()
+    # ln P(d_out|x) <= 0, so the score never exceeds -logsumexp(logits).
+    assert (anomaly <= -torch.logsumexp(out.logits, dim=1) + 1e-6).all()
+
+    det.thresholds = {"open_set": float(anomaly.median())}
+    tensors, meta = det.export_part("densehybrid")
+    path = tmp_path / "densehybrid.safetensors"
+    save_bundle(path, tensors, meta)
+    fresh = build("densehybrid", seg).eval()
+    fresh.load_part("densehybrid", load_bundle(path, kind="densehybrid"), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(out).anomaly, anomaly)
+    assert fresh.thresholds == det.thresholds
+
+    labels = out.logits.argmax(dim=1)
+    fused = fresh.open_set_labels(labels, anomaly)
+    assert torch.equal(fused == 5, anomaly >= det.thresholds["open_set"])
+    assert torch.equal(fused[fused != 5], labels[fused != 5])
+
+
+def test_mismatched_densehybrid_bundle_is_refused_by_name(tmp_path):
+    det = build("densehybrid", TinySegmenter(num_classes=5, width=8))
+    tensors, meta = det.export_part()
+    path = tmp_path / "dh.safetensors"
+    save_bundle(path, tensors, meta)
+    wider = build("densehybrid", TinySegmenter(num_classes=5, width=16))
+    with pytest.raises(BundleError, match="dh.safetensors.*feature channels"):
+        wider.load_part("densehybrid", load_bundle(path), path)
+    other_k = build("densehybrid", TinySegmenter(num_classes=7, width=8))
+    with pytest.raises(BundleError, match="classes"):
+        other_k.load_part("densehybrid", load_bundle(path), path)
+    broken = dict(tensors)
+    broken.pop("conv.bias")
+    save_bundle(path, broken, meta)
+    with pytest.raises(BundleError, match="do not match"):
+        det.load_part("densehybrid", load_bundle(path), path)
+    with pytest.raises(KeyError, match="open_set"):
+        det.open_set_labels(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2))

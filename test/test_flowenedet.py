@@ -1,0 +1,287 @@
+"""FlowEneDet (003; DESIGN §4): flow input, layers, mixture base, loss, detectors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+
+from segmentation_safety.checkpoint import BundleError, load_bundle, load_state_strict, save_bundle
+from segmentation_safety.detectors.flowenedet import FlowEneDetC, FlowEneDetU, gaussian_smooth
+from segmentation_safety.detectors.registry import build
+from segmentation_safety.models.flowenedet import (
+    ActNorm,
+    ConvCoupling,
+    FlowEneDet,
+    GaussianMixture,
+    InvConv1x1,
+    MaxLogitStats,
+    energy_flow_input,
+    flowenedet_loss,
+    flowenedet_targets,
+    pool_condition,
+)
+from segmentation_safety.models.tiny import TinySegmenter
+from segmentation_safety.types import SegmenterOutput
+
+torch.set_num_threads(1)
+
+
+def _randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+
+
+def test_flow_input_by_hand() -> None:
+    logits = torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.5, 1.0, 0.0]), torch.tensor([1.0, 2.0, 0.5])
+    # standardised: [0.5, 0.5, 1.0]; -E = logsumexp
+    neg_e = math.log(2 * math.exp(0.5) + math.exp(1.0))
+    sig = 1.0 / (1.0 + math.exp(-neg_e))
+    z = energy_flow_input(logits, mean, std)
+    assert z.shape == (1, 2, 1, 1)
+    assert z[0, 0, 0, 0].item() == pytest.approx(math.log(sig), abs=1e-6)
+    assert z[0, 1, 0, 0].item() == pytest.approx(math.log(1.0 - sig), abs=1e-6)
+
+
+def test_flow_input_stays_finite_for_extreme_logits() -> None:
+    logits = torch.tensor([[200.0, -50.0], [-300.0, -400.0]]).T.reshape(1, 2, 1, 2)
+    z = energy_flow_input(logits, torch.zeros(2), torch.ones(2))
+    assert torch.isfinite(z).all()
+    # Very confident pixel: log σ(-E) ≈ 0, log(1 - σ(-E)) ≈ E = -200.
+    assert z[0, 0, 0, 0].item() == pytest.approx(0.0, abs=1e-6)
+    assert z[0, 1, 0, 0].item() == pytest.approx(-200.0, rel=1e-5)
+
+
+def test_max_logit_stats_by_hand() -> None:
+    # Three classes, four pixels: predictions 0, 0, 2, 0 with max logits 1, 3, 4, 5.
+    logits = torch.tensor(
+        [[1.0, 0.0, 0.0], [3.0, 1.0, 2.0], [0.0, 1.0, 4.0], [5.0, -1.0, 0.0]]
+    ).T.reshape(1, 3, 2, 2)
+    stats = MaxLogitStats(3)
+    stats.update(logits)
+    mean, std = stats.finalize()
+    torch.testing.assert_close(mean, torch.tensor([3.0, 0.0, 4.0]))
+    # class 0: values 1, 3, 5 -> population std sqrt(8/3); class 2: one value -> floor
+    torch.testing.assert_close(std, torch.tensor([math.sqrt(8 / 3), 1.0, 1e-3]))
+    masked = MaxLogitStats(3)
+    masked.update(logits, valid=torch.tensor([[True, False], [True, True]]).view(1, 2, 2))
+    torch.testing.assert_close(masked.finalize()[0], torch.tensor([3.0, 0.0, 4.0]))
+
+
+def test_pool_condition_by_hand() -> None:
+    feats = torch.arange(4.0).view(1, 4, 1, 1)  # channels 0, 1, 2, 3
+    assert pool_condition(feats, 2).flatten().tolist() == [0.5, 2.5]
+    feats5 = torch.arange(5.0).view(1, 5, 1, 1)  # adaptive bins [0:3], [2:5]
+    assert pool_condition(feats5, 2).flatten().tolist() == [1.0, 3.0]
+
+
+def test_actnorm_formula_logdet_and_inverse() -> None:
+    norm = ActNorm(2, data_init=False)
+    with torch.no_grad():
+        norm.bias.copy_(torch.tensor([1.0, -2.0]).view(1, 2, 1, 1))
+        norm.log_scale.copy_(torch.tensor([0.5, -1.5]).view(1, 2, 1, 1))
+    x = torch.tensor([3.0, 4.0]).view(1, 2, 1, 1).expand(2, 2, 3, 3).contiguous()
+    y, logdet = norm(x)
+    expected = torch.tensor([4.0 * math.exp(0.5), 2.0 * math.exp(-1.5)])
+    torch.testing.assert_close(y[0, :, 1, 2], expected)
+    assert logdet.shape == (2, 3, 3)
+    torch.testing.assert_close(logdet, torch.full((2, 3, 3), -1.0))
+    torch.testing.assert_close(norm.inverse(y), x)
+
+
+def test_actnorm_data_init_happens_once() -> None:
+    norm = ActNorm(2).train()
+    x = torch.randn(4, 2, 5, 5) * torch.tensor([3.0, 0.2]).view(1, 2, 1, 1) + 7.0
+    y, _ = norm(x)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std(dim=(0, 2, 3)), torch.ones(2), atol=1e-4, rtol=0)
+    before = norm.log_scale.detach().clone()
+    norm(x * 10.0)
+    assert torch.equal(norm.log_scale.detach(), before)
+    assert norm.initialized.item() == 1.0
+
+
+def test_invconv_logdet_and_inverse() -> None:
+    conv = InvConv1x1(2)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[2.0, 1.0], [0.5, 3.0]]))
+    x = torch.randn(3, 2, 4, 4)
+    y, logdet = conv(x)
+    torch.testing.assert_close(y[:, 0], 2 * x[:, 0] + x[:, 1])
+    torch.testing.assert_close(y[:, 1], 0.5 * x[:, 0] + 3 * x[:, 1])
+    torch.testing.assert_close(logdet, torch.full((3, 4, 4), math.log(5.5)))
+    torch.testing.assert_close(conv.inverse(y), x, atol=1e-5, rtol=0)
+
+
+def _random_model(conditional: bool, seed: int = 0) -> FlowEneDet:
+    torch.manual_seed(seed)
+    model = FlowEneDet(
+        num_classes=4,
+        feature_channels=8,
+        conditional=conditional,
+        blocks=2,
+        kernel_size=3,
+        cond_channels=4,
+        hidden=6,
+        data_init=False,
+    ).double()
+    _randomize(model, seed)
+    return model.eval()
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_flow_logdet_matches_autograd_jacobian_over_the_map(conditional: bool) -> None:
+    model = _random_model(conditional)
+    z = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    ctx = model.context(torch.randn(1, 8, 3, 3, dtype=torch.float64), z.shape[-2:])
+    _, logdet = model.forward_flow(z, ctx)
+    # The K×K subnet mixes neighbouring pixels, but the Jacobian of the whole map stays
+    # triangular, so its log-det is the sum of the per-pixel terms.
+    jac = torch.autograd.functional.jacobian(lambda v: model.forward_flow(v, ctx)[0], z)
+    sign, expected = torch.linalg.slogdet(jac.reshape(18, 18))
+    assert sign.item() != 0
+    assert logdet.sum().item() == pytest.approx(expected.item(), abs=1e-8)
+    assert abs(expected.item()) > 0.1
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_flow_inverse_is_exact(conditional: bool) -> None:
+    model = _random_model(conditional).float()
+    z = torch.randn(2, 2, 5, 6)
+    ctx = model.context(torch.randn(2, 8, 5, 6), z.shape[-2:])
+    u, _ = model.forward_flow(z, ctx)
+    assert not torch.allclose(u, z, atol=1e-2)
+    torch.testing.assert_close(model.inverse_flow(u, ctx), z, atol=1e-5, rtol=0)
+
+
+def test_coupling_starts_as_identity() -> None:
+    coupling = ConvCoupling(2, flip=False, kernel_size=7).eval()
+    x = torch.randn(1, 2, 4, 4)
+    y, logdet = coupling(x)
+    torch.testing.assert_close(y, x)
+    assert torch.equal(logdet, torch.zeros(1, 4, 4))
+
+
+def test_mixture_log_prob_matches_scipy() -> None:
+    base = GaussianMixture(2, 2).double()
+    init_u = base.precision_factor().detach()
+    torch.testing.assert_close(init_u, torch.eye(2, dtype=torch.float64).expand(2, 2, 2))
+    _randomize(base, seed=4, std=0.7)
+    u = torch.randn(1, 2, 2, 3, dtype=torch.float64)
+    got = base.component_log_prob(u).detach()
+    factor = base.precision_factor().detach().numpy()
+    assert np.allclose(np.triu(factor, k=1), 0) and (np.diagonal(factor, 0, 1, 2) > 0).all()
+    log_w = torch.log_softmax(base.w.detach(), 0).numpy()
+    points = u[0].permute(1, 2, 0).reshape(-1, 2).numpy()
+    for k in range(2):
+        cov = np.linalg.inv(factor[k].T @ factor[k])  # precision = Uᵀ U
+        expected = log_w[k] + multivariate_normal(base.mu[k].detach().numpy(), cov).logpdf(points)
+        np.testing.assert_allclose(got[0, k].reshape(-1).numpy(), expected, atol=1e-10)
+
+
+def test_p_wrong_is_the_softmax_of_component_likelihoods() -> None:
+    model = _random_model(False)
+    logits = torch.randn(2, 4, 5, 5, dtype=torch.float64) * 3
+    joint = model(logits)
+    expected = 1.0 / (1.0 + torch.exp(joint[:, 0] - joint[:, 1]))
+    torch.testing.assert_close(model.p_wrong(logits), expected)
+
+
+def test_targets_and_loss_by_hand() -> None:
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 5.0]]).view(1, 2, 1, 3)  # argmax 0,1,1
+    labels = torch.tensor([[0, 0, 255]]).view(1, 1, 3)
+    wrong, ignore = flowenedet_targets(logits, labels)
+    assert wrong.tolist() == [[[False, True, False]]]
+    assert ignore.tolist() == [[[False, False, True]]]
+    out = torch.tensor([[0.0, 1.0, 7.0], [2.0, -1.0, 0.0]]).view(1, 2, 1, 3)
+    loss = flowenedet_loss(out, wrong, ignore)
+    # pixel 0 correct: -log σ(0 - 2); pixel 1 wrong: -log σ(-1 - 1); pixel 2 ignored.
+    expected = 0.5 * (math.log1p(math.exp(2.0)) + math.log1p(math.exp(2.0)))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    nothing = flowenedet_loss(out.requires_grad_(), wrong, torch.ones_like(ignore))
+    nothing.backward()
+    assert nothing.item() == 0.0
+
+
+def test_training_reduces_the_loss_on_a_toy_problem() -> None:
+    torch.manual_seed(0)
+    model = FlowEneDet(num_classes=3, blocks=2, kernel_size=3, hidden=8, dropout=0.0).train()
+    logits = torch.randn(2, 3, 12, 12)
+    wrong = logits.max(dim=1).values < 0.3  # low-confidence pixels are the wrong ones
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    losses = []
+    for _ in range(40):
+        loss = flowenedet_loss(model(logits), wrong)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_gaussian_smooth_keeps_probabilities() -> None:
+    maps = torch.zeros(1, 9, 9)
+    maps[0, 4, 4] = 1.0
+    out = gaussian_smooth(maps, 1.0)
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert out[0, 4, 4] < 1.0 and out[0, 4, 5] > 0
+    const = torch.full((2, 5, 5), 0.3)
+    torch.testing.assert_close(gaussian_smooth(const, 1.0), const)
+    assert gaussian_smooth(maps, 0.0) is maps
+
+
+@pytest.mark.parametrize("name", ["flowenedet_u", "flowenedet_c"])
+def test_detectors_end_to_end_on_tiny_segmenter(name: str) -> None:
+    torch.manual_seed(0)
+    seg = TinySegmenter(num_classes=5, width=8).eval()
+    det = build(name, seg).eval()
+    assert det.produces == {"anomaly", "failure"} and det.trained_parts == ("flowenedet",)
+    _randomize(det, seed=1, std=0.5)
+    with torch.no_grad():
+        result = det(seg(torch.randn(2, 3, 32, 48), det.embeddings))
+    assert result.failure.shape == (2, 8, 12) and result.failure.dtype == torch.float32
+    assert torch.equal(result.anomaly, result.failure)
+    assert (result.failure >= 0).all() and (result.failure <= 1).all()
+    assert result.failure.std() > 0
+    assert result.class_iou is None
+
+
+def test_flow_runs_at_a_quarter_of_the_input_and_only_fed_c_reads_features() -> None:
+    seg = TinySegmenter(num_classes=4, width=4)
+    logits = torch.randn(1, 4, 8, 8)
+    image = torch.zeros(1, 3, 64, 64)
+    out_a = SegmenterOutput(logits=logits, features=torch.randn(1, 8, 8, 8), image=image)
+    out_b = SegmenterOutput(logits=logits, features=torch.randn(1, 8, 8, 8), image=image)
+    for cls, reads_features in ((FlowEneDetU, False), (FlowEneDetC, True)):
+        det = cls(seg, blocks=2, hidden=6).eval()
+        _randomize(det, seed=2, std=0.5)
+        with torch.no_grad():
+            a, b = det(out_a).failure, det(out_b).failure
+        assert a.shape == (1, 16, 16)
+        assert torch.equal(a, b) != reads_features
+
+
+def test_bundle_round_trip_and_variant_mismatch(tmp_path) -> None:
+    seg = TinySegmenter(num_classes=4, width=4).eval()
+    det = FlowEneDetC(seg, blocks=2, hidden=6).eval()
+    _randomize(det, seed=3)
+    with torch.no_grad():
+        det.model.class_mean.copy_(torch.tensor([0.5, 1.0, -1.0, 2.0]))
+    path = tmp_path / "flowenedet.safetensors"
+    save_bundle(path, det.state_dict(), {"kind": "flowenedet", "architecture": det.architecture})
+    bundle = load_bundle(path, kind="flowenedet")
+    arch = dict(bundle.metadata["architecture"])
+    assert arch.pop("variant") == "FED-C"
+    again = FlowEneDetC(seg, **arch).eval()
+    load_state_strict(again, bundle, path)
+    with torch.no_grad():
+        out = seg(torch.randn(1, 3, 32, 32))
+        torch.testing.assert_close(again(out).failure, det(out).failure)
+    with pytest.raises(BundleError, match="flowenedet.safetensors"):
+        load_state_strict(FlowEneDetU(seg, **arch), bundle, path)

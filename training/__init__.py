@@ -1,0 +1,1 @@
+"""Offline tools: datasets, the synthetic world, trainers, evaluation and bag writing."""
