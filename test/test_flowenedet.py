@@ -18,7 +18,6 @@ from segmentation_safety.models.flowenedet import (
     FlowEneDet,
     GaussianMixture,
     InvConv1x1,
-    MaxLogitStats,
     energy_flow_input,
     flowenedet_loss,
     flowenedet_targets,
@@ -56,22 +55,6 @@ def test_flow_input_stays_finite_for_extreme_logits() -> None:
     # Very confident pixel: log σ(-E) ≈ 0, log(1 - σ(-E)) ≈ E = -200.
     assert z[0, 0, 0, 0].item() == pytest.approx(0.0, abs=1e-6)
     assert z[0, 1, 0, 0].item() == pytest.approx(-200.0, rel=1e-5)
-
-
-def test_max_logit_stats_by_hand() -> None:
-    # Three classes, four pixels: predictions 0, 0, 2, 0 with max logits 1, 3, 4, 5.
-    logits = torch.tensor(
-        [[1.0, 0.0, 0.0], [3.0, 1.0, 2.0], [0.0, 1.0, 4.0], [5.0, -1.0, 0.0]]
-    ).T.reshape(1, 3, 2, 2)
-    stats = MaxLogitStats(3)
-    stats.update(logits)
-    mean, std = stats.finalize()
-    torch.testing.assert_close(mean, torch.tensor([3.0, 0.0, 4.0]))
-    # class 0: values 1, 3, 5 -> population std sqrt(8/3); class 2: one value -> floor
-    torch.testing.assert_close(std, torch.tensor([math.sqrt(8 / 3), 1.0, 1e-3]))
-    masked = MaxLogitStats(3)
-    masked.update(logits, valid=torch.tensor([[True, False], [True, True]]).view(1, 2, 2))
-    torch.testing.assert_close(masked.finalize()[0], torch.tensor([3.0, 0.0, 4.0]))
 
 
 def test_pool_condition_by_hand() -> None:

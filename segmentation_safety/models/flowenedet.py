@@ -50,37 +50,6 @@ def energy_flow_input(logits: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return torch.stack([F.logsigmoid(neg_energy), F.logsigmoid(-neg_energy)], dim=1)
 
 
-class MaxLogitStats:
-    """Streaming SML statistics: per-class mean/std of the max logit over the pixels
-    predicted as that class. Classes never predicted keep mean 0, std 1 (no-op)."""
-
-    def __init__(self, num_classes: int) -> None:
-        self.count = torch.zeros(num_classes, dtype=torch.float64)
-        self.total = torch.zeros(num_classes, dtype=torch.float64)
-        self.total_sq = torch.zeros(num_classes, dtype=torch.float64)
-
-    @torch.no_grad()
-    def update(self, logits: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Add a B×K×h×w batch; ``valid`` (B×h×w bool) masks out pixels if given."""
-        max_logit, pred = logits.detach().double().max(dim=1)
-        if valid is not None:
-            max_logit, pred = max_logit[valid], pred[valid]
-        pred, max_logit = pred.reshape(-1).cpu(), max_logit.reshape(-1).cpu()
-        k = self.count.numel()
-        self.count += torch.bincount(pred, minlength=k).double()
-        self.total += torch.bincount(pred, weights=max_logit, minlength=k)
-        self.total_sq += torch.bincount(pred, weights=max_logit.pow(2), minlength=k)
-
-    def finalize(self, min_std: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) as float32 K-vectors (population std, floored at ``min_std``)."""
-        seen = self.count > 0
-        n = self.count.clamp_min(1)
-        mean = torch.where(seen, self.total / n, torch.zeros_like(n))
-        var = (self.total_sq / n - mean.pow(2)).clamp_min(0)
-        std = torch.where(seen, var.sqrt().clamp_min(min_std), torch.ones_like(n))
-        return mean.float(), std.float()
-
-
 def pool_condition(features: torch.Tensor, channels: int) -> torch.Tensor:
     """Average-pool the channel axis of B×C×h×w features to ``channels`` (FED-C's a^P).
 
