@@ -1,0 +1,111 @@
+"""One registry of segmenter architectures: name -> builder, and bundles <-> segmenters.
+
+A bundle names its segmenter by ``metadata["architecture"] = {"name": ..., **kwargs}``
+plus ``mean``/``std``; :func:`segmenter_from_bundle` rebuilds exactly that network and
+loads the weights with strict key matching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from segmentation_safety.checkpoint import Bundle, load_state_strict
+from segmentation_safety.models.segmenter import Segmenter
+
+Builder = Callable[..., Segmenter]
+
+
+def _tiny(**kwargs: Any) -> Segmenter:
+    from segmentation_safety.models.tiny import TinySegmenter
+
+    return TinySegmenter(**kwargs)
+
+
+def _lraspp(**kwargs: Any) -> Segmenter:
+    from segmentation_safety.models.torchvision_backends import LRASPPMobileNetV3
+
+    return LRASPPMobileNetV3(**kwargs)
+
+
+def _deeplab(**kwargs: Any) -> Segmenter:
+    from segmentation_safety.models.torchvision_backends import DeepLabV3ResNet50
+
+    return DeepLabV3ResNet50(**kwargs)
+
+
+def _espnetv2(**kwargs: Any) -> Segmenter:
+    from segmentation_safety.models.espnetv2 import ESPNetv2Segmenter
+
+    return ESPNetv2Segmenter(**kwargs)
+
+
+# Builders import lazily so that asking for the tiny model never imports torchvision.
+_BUILDERS: dict[str, Builder] = {
+    "tiny": _tiny,
+    "lraspp_mobilenet_v3": _lraspp,
+    "deeplabv3_resnet50": _deeplab,
+    "espnetv2": _espnetv2,
+}
+
+
+def available_segmenters() -> list[str]:
+    """Names :func:`build_segmenter` accepts, sorted."""
+    return sorted(_BUILDERS)
+
+
+def build_segmenter(name: str, **kwargs: Any) -> Segmenter:
+    """Build the segmenter ``name`` with freshly initialised weights.
+
+    ``kwargs`` go to the architecture's constructor (``num_classes``, ``mean``/``std``,
+    and per-architecture options such as ``width`` for ``tiny`` or ``scale`` for
+    ``espnetv2``). The result remembers its name and kwargs in ``architecture`` so that
+    :func:`segmenter_metadata` can describe it.
+    """
+    if name not in _BUILDERS:
+        raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(available_segmenters())}")
+    model = _BUILDERS[name](**kwargs)
+    arch = {k: v for k, v in kwargs.items() if k not in ("mean", "std")}
+    model.architecture = {"name": name, **arch}
+    return model
+
+
+def segmenter_metadata(model: Segmenter, kind: str = "segmenter") -> dict[str, Any]:
+    """Bundle metadata that lets :func:`segmenter_from_bundle` rebuild ``model``."""
+    arch = getattr(model, "architecture", None)
+    if not isinstance(arch, dict) or "name" not in arch:
+        raise ValueError(
+            f"{type(model).__name__} carries no architecture description; "
+            "build it with build_segmenter()"
+        )
+    return {
+        "kind": kind,
+        "architecture": dict(arch),
+        "mean": [float(v) for v in model.mean.flatten()],
+        "std": [float(v) for v in model.std.flatten()],
+        "num_classes": int(model.num_classes),
+    }
+
+
+def segmenter_from_bundle(bundle: Bundle, path: str = "<bundle>", prefix: str = "") -> Segmenter:
+    """Rebuild the bundle's segmenter and load its weights (strict keys), in eval mode.
+
+    ``prefix`` selects the segmenter's tensors in a bundle that also holds other
+    modules (keys ``prefix + name``); ``path`` only labels error messages.
+    """
+    from segmentation_safety.checkpoint import BundleError
+
+    arch = bundle.metadata.get("architecture")
+    if not isinstance(arch, dict) or "name" not in arch:
+        raise BundleError(path, "metadata has no 'architecture' with a 'name'")
+    kwargs = {k: v for k, v in arch.items() if k != "name"}
+    for key in ("mean", "std"):
+        if key in bundle.metadata:
+            kwargs[key] = tuple(bundle.metadata[key])
+    try:
+        model = build_segmenter(arch["name"], **kwargs)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(path, f"cannot build segmenter: {e}") from None
+    tensors = {k[len(prefix) :]: v for k, v in bundle.tensors.items() if k.startswith(prefix)}
+    load_state_strict(model, Bundle(tensors=tensors, metadata=bundle.metadata), path)
+    return model.eval()

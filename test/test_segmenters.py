@@ -1,0 +1,218 @@
+"""The segmenter zoo: every architecture builds, runs one pass, exposes taps and bundles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segmentation_safety.checkpoint import BundleError, load_bundle, save_bundle
+from segmentation_safety.models.espnetv2 import ESPNetv2Segmenter
+from segmentation_safety.models.segmenter import Segmenter
+from segmentation_safety.models.tiny import TinySegmenter
+from segmentation_safety.models.zoo import (
+    available_segmenters,
+    build_segmenter,
+    segmenter_from_bundle,
+    segmenter_metadata,
+)
+
+torch.set_num_threads(1)
+
+# Small but valid options per architecture; num_classes differs from 19 on purpose.
+ARCHS = {
+    "tiny": {"num_classes": 5, "width": 8},
+    "lraspp_mobilenet_v3": {"num_classes": 5},
+    "deeplabv3_resnet50": {"num_classes": 5},
+    "espnetv2": {"num_classes": 5, "scale": 0.5},
+}
+
+
+def _images(b: int = 2, h: int = 48, w: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (b, 3, h, w), generator=g, dtype=torch.uint8)
+
+
+def _randomise_norm_stats(model: torch.nn.Module, seed: int) -> None:
+    # Fresh BatchNorm stats are 0/1 in every build; make them differ so round trips count.
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def test_registry_lists_every_architecture():
+    assert set(ARCHS) <= set(available_segmenters())
+    assert available_segmenters() == sorted(available_segmenters())
+
+
+def test_unknown_name_is_refused_with_the_known_ones():
+    with pytest.raises(KeyError) as info:
+        build_segmenter("segformer_b9")
+    message = str(info.value)
+    assert "segformer_b9" in message
+    for name in ARCHS:
+        assert name in message
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_one_forward_pass_gives_logits_features_and_taps(name):
+    torch.manual_seed(0)
+    model = build_segmenter(name, **ARCHS[name]).eval()
+    assert isinstance(model, Segmenter)
+    assert model.num_classes == ARCHS[name]["num_classes"]
+    images = _images()
+    taps = sorted(model.embedding_channels)
+    with torch.no_grad():
+        out = model(model.normalize(images), embeddings=taps)
+    b, k, h, w = out.logits.shape
+    assert (b, k) == (2, model.num_classes)
+    assert 1 <= h <= images.shape[2] and 1 <= w <= images.shape[3]
+    assert out.features.shape == (2, model.feature_channels, h, w)
+    assert set(out.embeddings) == set(taps)
+    for tap, channels in model.embedding_channels.items():
+        emb = out.embeddings[tap]
+        assert emb.shape[:2] == (2, channels), tap
+        assert torch.isfinite(emb).all(), tap
+    assert torch.isfinite(out.logits).all()
+    # Samples are processed independently in eval mode.
+    with torch.no_grad():
+        single = model(model.normalize(images[1:]))
+    torch.testing.assert_close(single.logits[0], out.logits[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_taps_are_read_before_the_activation(name):
+    model = build_segmenter(name, **ARCHS[name]).eval()
+    _randomise_norm_stats(model, 1)
+    encoder_taps = [t for t in model.embedding_channels if t not in ("background",)]
+    with torch.no_grad():
+        out = model(model.normalize(_images(1)), embeddings=encoder_taps)
+    for tap in encoder_taps:
+        # A map taken after ReLU could not hold negative values.
+        assert (out.embeddings[tap] < 0).any(), tap
+
+
+def test_only_requested_taps_come_back_and_unknown_ones_are_refused():
+    model = build_segmenter("espnetv2", scale=0.5).eval()
+    with torch.no_grad():
+        out = model(model.normalize(_images(1)), embeddings=["level3"])
+        assert set(out.embeddings) == {"level3"}
+        with pytest.raises(KeyError, match="available"):
+            model(model.normalize(_images(1)), embeddings=["nope"])
+
+
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3", "deeplabv3_resnet50"])
+def test_torchvision_wrappers_match_torchvision_forward(name):
+    torch.manual_seed(1)
+    model = build_segmenter(name, **ARCHS[name]).eval()
+    _randomise_norm_stats(model, 2)
+    x = model.normalize(_images(1, 64, 80))
+    with torch.no_grad():
+        ours = model(x).logits
+        reference = model.net(x)["out"]
+    ours = F.interpolate(ours, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_espnetv2_keeps_the_extra_channel_as_background_tap_and_takes_odd_sizes():
+    torch.manual_seed(0)
+    model = build_segmenter("espnetv2", scale=1.0, num_classes=19).eval()
+    assert model.embedding_channels["background"] == 1
+    x = model.normalize(_images(1, 75, 101))
+    with torch.no_grad():
+        out = model(x, embeddings=["background", "level4"])
+        full = model.net(x)["logits"]
+    # Stride 2 output, rounded up like the strided convs.
+    assert out.logits.shape == (1, 19, 38, 51)
+    torch.testing.assert_close(full[:, :19], out.logits)
+    torch.testing.assert_close(full[:, 19:], out.embeddings["background"])
+    assert out.embeddings["level4"].shape == (1, 256, 5, 7)
+
+
+def test_espnetv2_rejects_unknown_scale():
+    with pytest.raises(ValueError, match="scale"):
+        ESPNetv2Segmenter(scale=3.0)
+
+
+@pytest.mark.parametrize("name", ["tiny", "lraspp_mobilenet_v3", "espnetv2"])
+def test_bundle_round_trip_rebuilds_the_same_network(name, tmp_path):
+    torch.manual_seed(3)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    model = build_segmenter(name, mean=mean, std=std, **ARCHS[name]).eval()
+    _randomise_norm_stats(model, 4)
+    path = tmp_path / f"{name}.safetensors"
+    save_bundle(path, model.state_dict(), segmenter_metadata(model))
+
+    bundle = load_bundle(path, kind="segmenter")
+    assert bundle.metadata["architecture"] == {"name": name, **ARCHS[name]}
+    torch.manual_seed(99)  # a different random init that loading must overwrite
+    rebuilt = segmenter_from_bundle(bundle, str(path))
+    assert type(rebuilt) is type(model) and not rebuilt.training
+    torch.testing.assert_close(rebuilt.mean.flatten(), torch.tensor(mean))
+    images = _images(1)
+    with torch.no_grad():
+        a = model(model.normalize(images)).logits
+        b = rebuilt(rebuilt.normalize(images)).logits
+        fresh = build_segmenter(name, mean=mean, std=std, **ARCHS[name]).eval()
+        c = fresh(fresh.normalize(images)).logits
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_bundle_with_other_weights_or_no_architecture_is_refused(tmp_path):
+    model = build_segmenter("tiny", width=8)
+    meta = segmenter_metadata(model)
+    other = build_segmenter("tiny", width=4)
+    path = tmp_path / "mismatch.safetensors"
+    save_bundle(path, other.state_dict(), meta)
+    with pytest.raises(BundleError, match="mismatch.safetensors"):
+        segmenter_from_bundle(load_bundle(path), str(path))
+
+    path2 = tmp_path / "noarch.safetensors"
+    save_bundle(path2, model.state_dict(), {"kind": "segmenter"})
+    with pytest.raises(BundleError, match="architecture"):
+        segmenter_from_bundle(load_bundle(path2), str(path2))
+
+    meta_bad = {**meta, "architecture": {"name": "nonexistent"}}
+    save_bundle(path2, model.state_dict(), meta_bad)
+    with pytest.raises(BundleError, match="nonexistent"):
+        segmenter_from_bundle(load_bundle(path2), str(path2))
+
+
+def test_bundle_prefix_selects_the_segmenter_tensors(tmp_path):
+    model = build_segmenter("tiny", width=4).eval()
+    tensors = {f"segmenter.{k}": v for k, v in model.state_dict().items()}
+    tensors["head.weight"] = torch.zeros(2, 3)
+    path = tmp_path / "combo.safetensors"
+    save_bundle(path, tensors, {**segmenter_metadata(model), "kind": "densehybrid"})
+    rebuilt = segmenter_from_bundle(load_bundle(path), str(path), prefix="segmenter.")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[k], v)
+
+
+def test_metadata_needs_an_architecture_description():
+    with pytest.raises(ValueError, match="build_segmenter"):
+        segmenter_metadata(TinySegmenter())
+
+
+def test_espnetv2_taps_are_the_maps_entering_each_prelu():
+    torch.manual_seed(5)
+    model = build_segmenter("espnetv2", scale=1.0).eval()
+    _randomise_norm_stats(model, 6)
+    x = model.normalize(_images(1, 64, 64))
+    taps = ["level1", "level2", "level3", "level4"]
+    with torch.no_grad():
+        out = model(x, embeddings=taps)
+        encoded, _ = model.net.base_net(x)
+        enc = model.net.base_net
+        acts = [
+            enc.level1.act,
+            enc.level2_0.act,
+            enc.level3[-1].module_act,
+            enc.level4[-1].module_act,
+        ]
+        for tap, act, level_out in zip(taps, acts, encoded):
+            torch.testing.assert_close(act(out.embeddings[tap]), level_out)
+            assert not torch.allclose(out.embeddings[tap], level_out), tap
