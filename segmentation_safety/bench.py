@@ -37,6 +37,7 @@ class BenchReport:
     segmentation_ms: float
     repeats: int
     detectors: dict[str, DetectorTiming] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why it was not timed
 
     def to_json(self) -> dict:
         """The DESIGN.md §5.2 keys (plus a few extra fields)."""

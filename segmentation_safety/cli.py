@@ -10,7 +10,12 @@ from collections.abc import Sequence
 # name -> module providing `add_parser(subparsers)`; imported lazily so `segsafe --help`
 # stays fast and a subcommand's heavy imports (torch, rosbags, rclpy) load only when used.
 SUBCOMMANDS: dict[str, str] = {
+    "world": "training.world.cli",
+    "train": "training.cli",
+    "evaluate": "training.evaluate_cli",
     "bench": "segmentation_safety.commands.bench",
+    "make-bag": "segmentation_safety.commands.make_bag",
+    "replay": "segmentation_safety.commands.replay",
 }
 
 

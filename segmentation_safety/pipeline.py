@@ -98,7 +98,7 @@ class Pipeline:
         seg_path = root / "segmenter.safetensors"
         seg_bundle = load_bundle(seg_path, kind="segmenter")
         try:
-            segmenter = segmenter_from_bundle(seg_bundle)
+            segmenter = segmenter_from_bundle(seg_bundle, path=str(seg_path))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise BundleError(seg_path, f"cannot build the segmenter: {e}") from None
         detectors = {}

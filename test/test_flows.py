@@ -116,10 +116,11 @@ def test_batchnorm_normalises_in_training_and_tracks_running_stats() -> None:
 
 def test_default_layers_follow_the_segmenter() -> None:
     seg = TinySegmenter(num_classes=4, width=4)
-    assert default_flow_layers(seg) == ("dec",)  # last tap
-    seg.default_flow_layers = ("enc3",)
-    assert default_flow_layers(seg) == ("enc3",)
-    assert build("flow_density", seg).embeddings == ("enc3",)
+    assert default_flow_layers(seg) == ("enc3",)  # declared by the segmenter
+    seg.default_flow_layers = ("enc2",)
+    assert build("flow_density", seg).embeddings == ("enc2",)
+    seg.default_flow_layers = ()
+    assert default_flow_layers(seg) == ("dec",)  # nothing declared: the last tap
 
 
 def _segmenter_and_output(layers: tuple[str, ...]) -> tuple[TinySegmenter, object]:

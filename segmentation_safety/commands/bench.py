@@ -62,12 +62,19 @@ def run(args: argparse.Namespace) -> int:
         parts_usable = False  # trained parts belong to another segmenter
     else:
         bundle = load_bundle(root / "segmenter.safetensors", kind="segmenter")
-        segmenter = segmenter_from_bundle(bundle)
+        segmenter = segmenter_from_bundle(bundle, path=str(root / "segmenter.safetensors"))
         seg_name = bundle.metadata.get("architecture", {}).get("name", "segmenter")
         parts_usable = True
-    detectors, untrained = {}, []
+    detectors, untrained, skipped = {}, [], {}
     for name in names:
-        det = registry.build(name, segmenter)
+        try:
+            det = registry.build(name, segmenter)
+        except ValueError as e:  # e.g. MC dropout on a segmenter without dropout
+            if args.detectors != "all":
+                raise
+            skipped[name] = str(e)
+            print(f"skipping {name}: {e}", file=sys.stderr)
+            continue
         for kind in det.trained_parts:
             path = root / f"{kind}.safetensors"
             if parts_usable and path.is_file():
@@ -97,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         progress=step,
     )
     bar.close()
+    report.skipped = skipped
     write_json(args.out, report.to_json())
     print(format_table(report))
     print(f"wrote {args.out}")
@@ -115,4 +123,6 @@ def format_table(report: object) -> str:
     ]
     for n, t in r.detectors.items():
         lines.append(f"| {n} | {t.ms:.2f} | {100 * t.overhead:.1f}% | {t.note} |")
+    for n, why in r.skipped.items():
+        lines.append(f"| {n} | - | - | skipped: {why} |")
     return "\n".join(lines)

@@ -39,6 +39,7 @@ class TinySegmenter(Segmenter):
         self.classifier = nn.Conv2d(2 * w, num_classes, 1)
         self.feature_channels = 2 * w
         self.embedding_channels = {"enc1": w, "enc2": 2 * w, "enc3": 4 * w, "dec": 2 * w}
+        self.default_flow_layers = ("enc3",)
 
     def compute(
         self, x: torch.Tensor, taps: frozenset[str]

@@ -53,6 +53,7 @@ class LRASPPMobileNetV3(Segmenter):
         inter = head.cbr[0].out_channels
         low_ch = head.low_classifier.in_channels
         self.feature_channels = low_ch + inter
+        self.default_flow_layers = ("mid",)
         self.embedding_channels = {
             "stride4": _out_channels(blocks[low_pos - 1]),
             "low": low_ch,
@@ -109,6 +110,7 @@ class DeepLabV3ResNet50(Segmenter):
             weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False
         )
         self.feature_channels = self.net.classifier[4].in_channels
+        self.default_flow_layers = ("layer2",)
         self.embedding_channels = {
             "layer1": 256,
             "layer2": 512,

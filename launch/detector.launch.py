@@ -1,0 +1,82 @@
+"""Launch the segmentation safety detector, optionally with RViz.
+
+    ros2 launch segmentation_safety detector.launch.py image:=/camera/image_raw rviz:=true
+
+Arguments: image, camera_info (input topics), config (parameter YAML), device (overrides
+the YAML when given), namespace, use_sim_time, rviz.
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.conditions import IfCondition
+from launch.launch_description import LaunchDescription
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+PACKAGE = "segmentation_safety"
+
+
+def _detector(context):
+    # An OpaqueFunction so that `device` overrides the YAML only when it was given.
+    def arg(name):
+        return LaunchConfiguration(name).perform(context)
+
+    overrides = {"use_sim_time": arg("use_sim_time").lower() in ("true", "1", "yes")}
+    if arg("device"):
+        overrides["device"] = arg("device")
+    return [
+        Node(
+            package=PACKAGE,
+            executable="detector_node",
+            name="segmentation_safety",
+            namespace=arg("namespace"),
+            parameters=[arg("config"), overrides],
+            remappings=[("image", arg("image")), ("camera_info", arg("camera_info"))],
+            output="screen",
+            emulate_tty=True,
+        )
+    ]
+
+
+def generate_launch_description():
+    share = get_package_share_directory(PACKAGE)
+    return LaunchDescription(
+        [
+            DeclareLaunchArgument(
+                "image", default_value="/camera/image_raw", description="Input image topic"
+            ),
+            DeclareLaunchArgument(
+                "camera_info",
+                default_value="/camera/camera_info",
+                description="Camera info topic (for hazard markers on the ground)",
+            ),
+            DeclareLaunchArgument(
+                "config",
+                default_value=os.path.join(share, "config", "detector.yaml"),
+                description="Parameter file of the detector node",
+            ),
+            DeclareLaunchArgument(
+                "device",
+                default_value="",
+                description="auto, cpu, cuda or cuda:N; empty keeps the config file's value",
+            ),
+            DeclareLaunchArgument(
+                "namespace", default_value="segmentation_safety", description="Node namespace"
+            ),
+            DeclareLaunchArgument(
+                "use_sim_time", default_value="false", description="Use the /clock topic"
+            ),
+            DeclareLaunchArgument("rviz", default_value="false", description="Start RViz2"),
+            OpaqueFunction(function=_detector),
+            Node(
+                package="rviz2",
+                executable="rviz2",
+                name="rviz2",
+                arguments=["-d", os.path.join(share, "config", "detector.rviz")],
+                parameters=[{"use_sim_time": LaunchConfiguration("use_sim_time")}],
+                condition=IfCondition(LaunchConfiguration("rviz")),
+            ),
+        ]
+    )

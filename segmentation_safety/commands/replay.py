@@ -1,0 +1,122 @@
+"""`segsafe replay`: play a rosbag2 through the real detector node; write T.json + a plot.
+
+Images are published at the bag's timing divided by --rate; latency is measured on a
+monotonic clock from publish to receipt of the node's `safety` output (matched by header
+stamp). T.json: frames_sent, frames_processed, frames_dropped, rate_hz, latency_ms
+{p50, p95, p99, max}, plus anomaly metrics where the bag has ground truth and the rate
+search with --find-max-rate. The latency plot is written beside it (T_latency.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from segmentation_safety.commands.common import add_models_arg, write_json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="replay a rosbag2 through the detector node (timing report T.json + plot)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--bag", type=Path, required=True, help="rosbag2 directory (sqlite3 or mcap)")
+    add_models_arg(p)
+    p.add_argument("--rate", type=float, default=1.0, help="playback speed factor (2 = twice)")
+    p.add_argument("--config", type=Path, default=None, help="node parameters YAML")
+    p.add_argument("--device", default=None, help="override the node's device parameter")
+    p.add_argument("--topic", default=None, help="camera image topic (default: found in the bag)")
+    p.add_argument("--out", type=Path, required=True, help="T.json to write")
+    p.add_argument(
+        "--find-max-rate",
+        action="store_true",
+        help="also search the highest input rate with < 5%% drops (ros2_benchmark style)",
+    )
+    p.add_argument("--search-seconds", type=float, default=3.0, help="length of each rate trial")
+    p.add_argument("--search-trials", type=int, default=8, help="at most this many rate trials")
+    p.add_argument("--drain", type=float, default=3.0, help="seconds to wait for late outputs")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up frames")
+    p.add_argument(
+        "--outputs",
+        default="all",
+        help="node outputs to subscribe to, comma-separated (safety always), or 'all'; the "
+        "node skips work for outputs without subscribers",
+    )
+    p.add_argument("--output-bag", type=Path, default=None, help="record input + outputs here")
+    p.add_argument("--output-format", choices=("sqlite3", "mcap"), default="sqlite3")
+    p.add_argument("--overlays", type=Path, default=None, help="save hazard overlays here")
+    p.add_argument("--overlay-count", type=int, default=4, help="how many overlay PNGs")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from segmentation_safety.ros.detector_node import TOPICS
+    from segmentation_safety.ros.replay import (
+        ReplayError,
+        ReplayOptions,
+        plot_latency,
+        replay,
+        save_overlays,
+    )
+
+    outputs = None
+    if args.outputs.strip() != "all":
+        outputs = frozenset(o.strip() for o in args.outputs.split(",") if o.strip())
+        unknown = sorted(outputs - set(TOPICS))
+        if unknown:
+            print(f"error: --outputs: unknown {unknown}; known: {', '.join(TOPICS)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        if args.overlays is not None:
+            outputs |= {"hazard_overlay"}
+    options = ReplayOptions(
+        outputs=outputs,
+        models_dir=args.models,
+        config=args.config,
+        device=args.device,
+        rate=args.rate,
+        warmup=args.warmup,
+        drain_s=args.drain,
+        find_max_rate=args.find_max_rate,
+        search_seconds=args.search_seconds,
+        search_trials=args.search_trials,
+        output_bag=args.output_bag,
+        output_format=args.output_format,
+    )
+    print(f"replaying {args.bag} through the detector node ...", file=sys.stderr)
+    try:
+        report = replay(args.bag, options, args.topic)
+    except ReplayError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_json(args.out, report.data)
+    plot = args.out.with_name(f"{args.out.stem}_latency.png")
+    d = report.data
+    plot_latency(
+        report.trial,
+        plot,
+        f"{args.bag.name}: {d['frames_processed']}/{d['frames_sent']} frames answered",
+    )
+    lat = d["latency_ms"]
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    print(
+        f"frames sent {d['frames_sent']}, processed {d['frames_processed']}, dropped "
+        f"{d['frames_dropped']}; latency ms p50 {fmt(lat['p50'])} p95 {fmt(lat['p95'])} "
+        f"p99 {fmt(lat['p99'])} max {fmt(lat['max'])}"
+    )
+    if "max_rate_hz" in d:
+        print(f"max input rate with < 5% drops: {fmt(d['max_rate_hz'])} Hz")
+    if "anomaly" in d:
+        a = d["anomaly"]
+        print(f"anomaly ({a['detector']}, {a['frames']} frames): AP {fmt(a['ap'])} "
+              f"AUROC {fmt(a['auroc'])} FPR95 {fmt(a['fpr95'])}")  # fmt: skip
+    if args.overlays is not None:
+        saved = save_overlays(report.overlays, args.overlays, args.overlay_count)
+        print(f"wrote {len(saved)} overlay images to {args.overlays}")
+    print(f"wrote {args.out} and {plot}")
+    if args.output_bag is not None:
+        print(f"wrote {args.output_bag}")
+    return 0

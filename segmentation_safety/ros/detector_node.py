@@ -1,0 +1,439 @@
+"""The segmentation safety node: camera image in, segmentation, anomaly/failure maps out.
+
+Topics (relative, so they live under the node's namespace; DESIGN §5.3):
+
+- in: ``image`` (sensor_msgs/Image: rgb8, bgr8, mono8, rgba8, bgra8), ``camera_info``
+  (optional, only for hazard markers);
+- out, each with the input header: ``segmentation`` (mono8 train ids),
+  ``segmentation/color`` (rgb8), ``anomaly`` and ``failure`` (32FC1), ``hazard_overlay``
+  (rgb8), ``safety`` (SafetyFrame), ``hazards`` (MarkerArray) and ``/diagnostics``.
+
+Newest frame only, never a backlog: the subscription callback just stores the message in
+a one-slot buffer (overwriting, and counting as dropped, a frame the worker had not taken
+yet); a worker thread processes whatever is newest. Only outputs that are enabled and
+have a subscriber are computed and published.
+
+Why no LifecycleNode variant: the node's only expensive transition is loading the models,
+which happens once in the constructor and fails fast with a clear message and a non-zero
+exit; an orchestrator that needs managed start-up can launch it when wanted, and rclpy's
+lifecycle publishers would double the publishing code for no behaviour a test could tell
+apart. The start-up is split into ``_load`` (configure) and ``_start`` (activate) so a
+lifecycle wrapper can be added without restructuring.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, KeyValue
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.executors import ExternalShutdownException
+from rclpy.logging import get_logger
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image
+from visualization_msgs.msg import MarkerArray
+
+from segmentation_safety import visualize
+from segmentation_safety.checkpoint import BundleError
+from segmentation_safety.detectors import registry
+from segmentation_safety.detectors.registry import UnknownDetectorError
+from segmentation_safety.device import DeviceError, resolve_device
+from segmentation_safety.msg import HazardAlarm, SafetyFrame, StageTiming
+from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig
+from segmentation_safety.ros import image_codec, markers
+from segmentation_safety.ros.diagnostics import FrameStats, diagnostic_status
+from segmentation_safety.ros.params import DetectorParams, check_parameters, declare_parameters
+from segmentation_safety.types import SafetyResult
+
+NODE_NAME = "segmentation_safety"
+
+#: Output key (``publish.<key>``) -> (topic, message type).
+TOPICS: dict[str, tuple[str, type]] = {
+    "segmentation": ("segmentation", Image),
+    "segmentation_color": ("segmentation/color", Image),
+    "anomaly": ("anomaly", Image),
+    "failure": ("failure", Image),
+    "hazard_overlay": ("hazard_overlay", Image),
+    "safety": ("safety", SafetyFrame),
+    "hazards": ("hazards", MarkerArray),
+}
+
+#: Which pipeline outputs each published output needs.
+NEEDS: dict[str, frozenset[str]] = {
+    "anomaly": frozenset({"anomaly"}),
+    "failure": frozenset({"failure"}),
+    "hazard_overlay": frozenset({"anomaly"}),
+    "hazards": frozenset({"anomaly"}),
+    "safety": frozenset({"anomaly", "failure", "class_iou"}),
+}
+
+
+class StartupError(RuntimeError):
+    """The node cannot start (bad parameter, missing bundle, unknown detector, device)."""
+
+
+class LatestSlot:
+    """A one-message buffer: ``put`` replaces what is there, ``take`` waits for something."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._closed = False
+
+    def put(self, item: Any, on_put: Callable[[bool], None]) -> None:
+        # on_put(replaced) runs under the lock so counters never see a half-done hand-over.
+        with self._cond:
+            replaced = self._item is not None
+            self._item = item
+            on_put(replaced)
+            self._cond.notify()
+
+    def take(self, timeout: float) -> Any:
+        with self._cond:
+            self._cond.wait_for(lambda: self._item is not None or self._closed, timeout)
+            item, self._item = self._item, None
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class WarningThrottle:
+    """Rate-limits warnings per kind of problem.
+
+    rclpy's ``throttle_duration_sec`` is keyed by call site, so one site reporting many
+    kinds of bad input would hide all but the first; this keys by kind instead.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def due(self, kind: str, period_s: float) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(kind, -np.inf) < period_s:
+                return False
+            self._last[kind] = now
+            return True
+
+
+def load_pipeline(p: DetectorParams) -> Pipeline:
+    """Build the pipeline the parameters ask for; every failure becomes a StartupError."""
+    roles = {
+        "anomaly_detector": p.anomaly_detector,
+        "failure_detector": p.failure_detector,
+        "class_iou_detector": p.class_iou_detector,
+    }
+    known = registry.available()
+    for param, name in roles.items():
+        if name and name not in known:
+            raise StartupError(
+                f"parameter '{param}': unknown detector {name!r}; known: {', '.join(known)}"
+            )
+    try:
+        resolve_device(p.device)
+    except DeviceError as e:
+        raise StartupError(f"parameter 'device': {e}") from None
+    config = PipelineConfig(
+        anomaly=p.anomaly_detector or None,
+        failure=p.failure_detector or None,
+        class_iou=p.class_iou_detector or None,
+        device=p.device,
+        input_size=p.input_size,
+    )
+    try:
+        return Pipeline.from_models_dir(p.models_dir or DEMO_MODELS, config)
+    except BundleError as e:
+        raise StartupError(f"parameter 'models_dir': {e}") from None
+    except (UnknownDetectorError, DeviceError, ValueError) as e:
+        raise StartupError(f"cannot build the pipeline: {e}") from None
+
+
+def compute_alarm(
+    result: SafetyResult,
+    threshold: float,
+    fraction_threshold: float,
+    drivable: tuple[int, ...],
+) -> HazardAlarm:
+    """Frame-level decision: share of the drivable area whose anomaly score is high.
+
+    A NaN score counts as anomalous: a map that cannot be trusted must not hide a hazard.
+    """
+    alarm = HazardAlarm(anomaly_threshold=float(threshold), fraction_threshold=fraction_threshold)
+    alarm.max_score = float("nan")
+    alarm.mean_failure = float("nan")
+    if result.failure is not None and result.failure.size:
+        alarm.mean_failure = float(np.nanmean(result.failure))
+    if result.anomaly is None:
+        return alarm
+    area = np.isin(result.labels, drivable)
+    n_area = int(area.sum())
+    if n_area == 0:
+        return alarm
+    scores = result.anomaly[area]
+    bad = int(np.count_nonzero(~(scores <= threshold)))  # NaN compares false -> anomalous
+    alarm.anomalous_pixels = bad
+    alarm.anomalous_fraction = bad / n_area
+    finite = scores[np.isfinite(scores)]
+    alarm.max_score = float(finite.max()) if finite.size else float("nan")
+    alarm.active = bool(alarm.anomalous_fraction > fraction_threshold)
+    return alarm
+
+
+class DetectorNode(Node):
+    """Subscribes to ``image``, runs the pipeline on the newest frame, publishes the results."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        self._ready = False
+        try:
+            self.params = self._load()
+            self._start()
+        except BaseException:
+            super().destroy_node()  # a node that failed to start must not linger in the graph
+            raise
+
+    # -- start-up ----------------------------------------------------------------------
+    def _load(self) -> DetectorParams:
+        """Declare and check parameters, load the models (a lifecycle 'configure')."""
+        # Registered before declaring, so values from the YAML are checked like later sets.
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        try:
+            declare_parameters(self)
+        except (InvalidParameterValueException, InvalidParameterTypeException) as e:
+            raise StartupError(str(e)) from None
+        params = DetectorParams.from_node(self)
+        self.pipeline = load_pipeline(params)
+        self.codec = image_codec.ImageCodec()
+        self.stats = FrameStats(params.diagnostics_window)
+        self.throttle = WarningThrottle()
+        self.last_problem = ""  # newest bad-input message, also reported on /diagnostics
+        self.camera_k: tuple[np.ndarray, tuple[int, int]] | None = None
+        self.get_logger().info(
+            f"models from {params.models_dir or DEMO_MODELS} on {self.pipeline.device}; "
+            f"anomaly={params.anomaly_detector or '-'} failure={params.failure_detector or '-'} "
+            f"class_iou={params.class_iou_detector or '-'}; codec={self.codec.backend}"
+        )
+        return params
+
+    def _start(self) -> None:
+        """Create publishers, subscriptions, the worker and the diagnostics timer."""
+        p = self.params
+        out_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+        self.pubs = {k: self.create_publisher(t, name, out_qos) for k, (name, t) in TOPICS.items()}
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        in_qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=p.qos_depth,
+            reliability=ReliabilityPolicy.BEST_EFFORT
+            if p.qos_reliability == "best_effort"
+            else ReliabilityPolicy.RELIABLE,
+        )
+        self.slot = LatestSlot()
+        self._stop = threading.Event()
+        self.create_subscription(Image, "image", self._on_image, in_qos)
+        self.create_subscription(
+            CameraInfo, "camera_info", self._on_camera_info, qos_profile_sensor_data
+        )
+        self.create_timer(p.diagnostics_period, self._publish_diagnostics)
+        self._ready = True
+        self.worker = threading.Thread(target=self._work, name="segsafe-worker", daemon=True)
+        self.worker.start()
+
+    # -- callbacks (short: store and return) ----------------------------------------------
+    def _on_image(self, msg: Image) -> None:
+        self.slot.put((msg, time.monotonic()), self.stats.on_received)
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        self.camera_k = (np.asarray(msg.k, dtype=np.float64), (msg.width, msg.height))
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        result = check_parameters(params)
+        # Not a post-set callback: Humble's rclpy has none. Only this callback can refuse,
+        # so a successful check means the values are about to be stored.
+        if result.successful and self._ready:
+            self.params = DetectorParams.from_node(self, params)
+        return result
+
+    def _publish_diagnostics(self) -> None:
+        status = diagnostic_status(
+            f"{self.get_name()}: segmentation safety",
+            self.get_fully_qualified_name(),
+            self.stats.snapshot(),
+            str(self.pipeline.device),
+        )
+        if self.last_problem:
+            status.values.append(KeyValue(key="last_problem", value=self.last_problem))
+        self.diag_pub.publish(DiagnosticArray(header=self._stamp_now(), status=[status]))
+
+    # -- worker thread -------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set() and rclpy.ok(context=self.context):
+            item = self.slot.take(timeout=0.2)
+            if item is None:
+                continue
+            msg, received_at = item
+            started = time.monotonic()
+            latency = None
+            try:
+                if self._handle(msg):
+                    latency = (time.monotonic() - received_at) * 1e3
+            except Exception as e:  # keep running whatever one frame does
+                self._warn("processing", f"frame failed: {type(e).__name__}: {e}")
+            self.stats.on_finished(latency)
+            rate = self.params.max_rate
+            if rate > 0:  # frames arriving meanwhile replace each other in the slot
+                self._stop.wait(started + 1.0 / rate - time.monotonic())
+
+    def _wanted(self, p: DetectorParams) -> set[str]:
+        return {k for k in p.publish if self.pubs[k].get_subscription_count() > 0}
+
+    def _handle(self, msg: Image) -> bool:
+        """Process one frame; False when it was refused as bad input."""
+        p = self.params
+        wanted = self._wanted(p)
+        t0 = time.perf_counter()
+        self.codec.max_pixels = p.max_pixels
+        try:
+            rgb = self.codec.decode(msg)
+        except image_codec.CodecError as e:
+            self._warn(f"input/{e.kind}", f"bad image on {self._image_topic()}: {e}")
+            return False
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        if not wanted:
+            return True  # nobody listens: decoding checked the input, nothing else to do
+        outputs = set().union(*(NEEDS.get(k, frozenset()) for k in wanted))
+        result = self.pipeline.process(rgb, outputs)
+        self._check_finite(result)
+        t1 = time.perf_counter()
+        header = msg.header
+        encoded: dict[str, Image] = {}
+
+        def enc(key: str) -> Image:
+            if key not in encoded:
+                encoded[key] = self._encode(key, result, rgb, header, p)
+            return encoded[key]
+
+        for key in ("segmentation", "segmentation_color", "hazard_overlay"):
+            if key in wanted:
+                self.pubs[key].publish(enc(key))
+        for key in ("anomaly", "failure"):  # only maps a configured detector produced
+            if key in wanted and getattr(result, key) is not None:
+                self.pubs[key].publish(enc(key))
+        if "hazards" in wanted:
+            self.pubs["hazards"].publish(self._markers(result, header, p))
+        if "safety" in wanted:
+            timings = {"decode": decode_ms, **result.timings_ms}
+            timings["publish"] = (time.perf_counter() - t1) * 1e3
+            timings["total"] = (time.perf_counter() - t0) * 1e3
+            self.pubs["safety"].publish(self._safety(result, header, p, enc, timings))
+        return True
+
+    # -- building outputs ------------------------------------------------------------------
+    def _encode(
+        self, key: str, r: SafetyResult, rgb: np.ndarray, header: Any, p: DetectorParams
+    ) -> Image:
+        if key == "segmentation":
+            return image_codec.encode_mono8(r.labels, header)
+        if key == "segmentation_color":
+            return image_codec.encode_rgb8(visualize.colorize_labels(r.labels), header)
+        if key == "hazard_overlay":
+            overlay = visualize.hazard_overlay(rgb, r.anomaly, p.anomaly_threshold)
+            return image_codec.encode_rgb8(overlay, header)
+        values = getattr(r, key)
+        if values is None:
+            return image_codec.empty_image(header)
+        return image_codec.encode_32fc1(values, header)
+
+    def _markers(self, r: SafetyResult, header: Any, p: DetectorParams) -> MarkerArray:
+        regions = []
+        k = None
+        if r.anomaly is not None and self.camera_k is not None:
+            h, w = r.anomaly.shape
+            k = markers.scale_intrinsics(self.camera_k[0], self.camera_k[1], (w, h))
+            regions = markers.hazard_regions(r.anomaly, p.anomaly_threshold, p.hazard_min_pixels)
+        return markers.hazard_markers(
+            regions, k, header, p.camera_height, p.camera_pitch, p.max_marker_range
+        )
+
+    def _safety(
+        self,
+        r: SafetyResult,
+        header: Any,
+        p: DetectorParams,
+        enc: Callable[[str], Image],
+        timings: dict[str, float],
+    ) -> SafetyFrame:
+        frame = SafetyFrame(
+            header=header,
+            segmentation=enc("segmentation"),
+            anomaly=enc("anomaly"),
+            failure=enc("failure"),
+            anomaly_detector=p.anomaly_detector if r.anomaly is not None else "",
+            failure_detector=p.failure_detector if r.failure is not None else "",
+            alarm=compute_alarm(r, p.anomaly_threshold, p.alarm_fraction, p.drivable_classes),
+            timings=[StageTiming(stage=s, ms=float(ms)) for s, ms in timings.items()],
+        )
+        if r.class_iou is not None:
+            frame.class_names = list(self.pipeline.class_names)
+            frame.class_iou = [float(v) for v in r.class_iou]
+        return frame
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _check_finite(self, r: SafetyResult) -> None:
+        for key in ("anomaly", "failure"):
+            values = getattr(r, key)
+            if values is not None:
+                bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+                if bad:
+                    self._warn(f"nonfinite/{key}", f"{key} map has {bad} non-finite values")
+
+    def _warn(self, kind: str, text: str) -> None:
+        self.last_problem = text
+        if self.throttle.due(kind, self.params.warn_throttle_sec):
+            self.get_logger().warning(text)
+
+    def _image_topic(self) -> str:
+        return self.resolve_topic_name("image")
+
+    def _stamp_now(self) -> Any:
+        from std_msgs.msg import Header
+
+        return Header(stamp=self.get_clock().now().to_msg())
+
+    def destroy_node(self) -> None:
+        if getattr(self, "worker", None) is not None:
+            self._stop.set()
+            self.slot.close()
+            self.worker.join(timeout=5.0)
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """``ros2 run segmentation_safety detector_node``; returns the process exit status."""
+    rclpy.init(args=args)
+    try:
+        node = DetectorNode()
+    except StartupError as e:
+        get_logger(NODE_NAME).fatal(f"cannot start: {e}")
+        rclpy.try_shutdown()
+        return 1
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0

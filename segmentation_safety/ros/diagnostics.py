@@ -1,0 +1,117 @@
+"""Frame counters and a sliding window of latencies, reported on /diagnostics.
+
+The subscription callback and the worker thread both update the counters, so every
+update takes the lock. ``frames_received == processed + dropped + rejected + in_flight``
+holds at every instant a reader takes the lock, which is what the tests and the replay
+report rely on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+
+
+@dataclass(frozen=True)
+class StatsSnapshot:
+    """Consistent copy of the counters and window summaries."""
+
+    received: int
+    processed: int
+    dropped: int
+    rejected: int
+    in_flight: int
+    rate_hz: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_max_ms: float
+    idle_s: float  # since the last processed frame (inf before the first)
+
+
+class FrameStats:
+    """Counts frames through the node and keeps the last ``window`` processing latencies."""
+
+    def __init__(self, window: int = 100) -> None:
+        self._lock = threading.Lock()
+        self._done_at: deque[float] = deque(maxlen=window)
+        self._latency_ms: deque[float] = deque(maxlen=window)
+        self.received = 0
+        self.processed = 0
+        self.dropped = 0  # overwritten in the one-slot buffer before the worker took them
+        self.rejected = 0  # taken, but refused as bad input or failed in processing
+        self.in_flight = 0  # in the slot or being processed right now
+
+    def on_received(self, replaced_pending: bool) -> None:
+        with self._lock:
+            self.received += 1
+            if replaced_pending:
+                self.dropped += 1  # the pending frame left the slot unprocessed
+            else:
+                self.in_flight += 1
+
+    def on_finished(self, latency_ms: float | None, now: float | None = None) -> None:
+        """A taken frame left the worker: published (latency given) or refused (None)."""
+        with self._lock:
+            self.in_flight -= 1
+            if latency_ms is None:
+                self.rejected += 1
+                return
+            self.processed += 1
+            self._done_at.append(time.monotonic() if now is None else now)
+            self._latency_ms.append(latency_ms)
+
+    def snapshot(self) -> StatsSnapshot:
+        with self._lock:
+            done = list(self._done_at)
+            lat = np.asarray(self._latency_ms, dtype=np.float64)
+            counts = (self.received, self.processed, self.dropped, self.rejected, self.in_flight)
+        span = done[-1] - done[0] if len(done) > 1 else 0.0
+        rate = (len(done) - 1) / span if span > 0 else 0.0
+        if lat.size:
+            p50, p95 = np.percentile(lat, [50, 95])
+            mx = float(lat.max())
+        else:
+            p50 = p95 = mx = float("nan")
+        idle = time.monotonic() - done[-1] if done else float("inf")
+        return StatsSnapshot(*counts, rate, float(p50), float(p95), mx, idle)
+
+
+def diagnostic_status(
+    name: str, hardware_id: str, snap: StatsSnapshot, device: str, stale_after_s: float = 5.0
+) -> DiagnosticStatus:
+    """One DiagnosticStatus for the node: OK while frames flow, WARN when none came lately."""
+    level, message = DiagnosticStatus.OK, "processing"
+    if snap.processed == 0:
+        level, message = DiagnosticStatus.WARN, "no frame processed yet"
+    elif snap.idle_s > stale_after_s:
+        level, message = DiagnosticStatus.WARN, f"no frame processed for {snap.idle_s:.1f} s"
+    elif snap.rejected and snap.rejected >= snap.processed:
+        level, message = DiagnosticStatus.WARN, "most frames are refused as bad input"
+
+    def kv(key: str, value: float | int | str) -> KeyValue:
+        text = f"{value:.2f}" if isinstance(value, float) else str(value)
+        return KeyValue(key=key, value=text)
+
+    return DiagnosticStatus(
+        level=level,
+        name=name,
+        message=message,
+        hardware_id=hardware_id,
+        values=[
+            kv("device", device),
+            kv("rate_hz", snap.rate_hz),
+            kv("latency_p50_ms", snap.latency_p50_ms),
+            kv("latency_p95_ms", snap.latency_p95_ms),
+            kv("latency_max_ms", snap.latency_max_ms),
+            kv("frames_received", snap.received),
+            kv("frames_processed", snap.processed),
+            kv("frames_dropped", snap.dropped),
+            kv("frames_rejected", snap.rejected),
+            kv("frames_in_flight", snap.in_flight),
+        ],
+    )

@@ -1,0 +1,177 @@
+"""sensor_msgs/Image <-> numpy, without depending on cv_bridge.
+
+cv_bridge's Python binding crashes under NumPy 2 on Humble/Jazzy (vision_opencv #535)
+and is not installable everywhere, so the numpy path is the one we rely on; cv_bridge is
+used only where it imports and round-trips a probe image correctly, and a test checks
+that both paths agree.
+
+Decoding is a zero-copy view of ``msg.data`` for ``rgb8`` and ``rgba8`` (padding rows
+are skipped through strides, the alpha channel through a slice). ``bgr8``, ``bgra8`` and
+``mono8`` need one ``cv2.cvtColor`` copy: a reversed-channel view would have a negative
+stride, which ``torch.as_tensor`` refuses, and a broadcast grey view is read-only.
+All supported encodings are 8-bit, so ``is_bigendian`` does not matter.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import cv2
+import numpy as np
+from sensor_msgs.msg import Image
+
+#: Input encodings the detector accepts -> bytes per pixel.
+DECODABLE: dict[str, int] = {"rgb8": 3, "bgr8": 3, "mono8": 1, "rgba8": 4, "bgra8": 4}
+
+_TO_RGB = {
+    "bgr8": cv2.COLOR_BGR2RGB,
+    "bgra8": cv2.COLOR_BGRA2RGB,
+    "mono8": cv2.COLOR_GRAY2RGB,
+}
+
+
+class CodecError(ValueError):
+    """An image message that cannot be decoded; the message says what is wrong with it.
+
+    ``kind`` names the class of problem (encoding, empty, size, step, length, shape) so a
+    node can rate-limit its warnings per kind.
+    """
+
+    def __init__(self, message: str, kind: str = "input") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def check_layout(msg: Image, max_pixels: int | None = None) -> int:
+    """Validate encoding, size, step and data length; return the bytes per pixel."""
+    enc = msg.encoding.lower()
+    if enc not in DECODABLE:
+        raise CodecError(
+            f"unsupported encoding {msg.encoding!r}; supported: {', '.join(DECODABLE)}",
+            f"encoding/{enc}",
+        )
+    h, w = int(msg.height), int(msg.width)
+    if h == 0 or w == 0:
+        raise CodecError(f"empty image ({w}x{h})", "empty")
+    if max_pixels is not None and h * w > max_pixels:
+        raise CodecError(
+            f"image too large: {w}x{h} = {h * w} pixels > max_pixels {max_pixels}", "size"
+        )
+    bpp = DECODABLE[enc]
+    if msg.step < w * bpp:
+        raise CodecError(f"step {msg.step} < width*channels {w * bpp} for {w}x{h} {enc}", "step")
+    if len(msg.data) != msg.step * h:
+        raise CodecError(
+            f"data has {len(msg.data)} bytes, expected step*height = {msg.step * h} "
+            f"({w}x{h} {enc}, step {msg.step})",
+            "length",
+        )
+    return bpp
+
+
+def decode_rgb(msg: Image, max_pixels: int | None = None) -> np.ndarray:
+    """sensor_msgs/Image -> RGB uint8 H×W×3 (a view of ``msg.data`` where possible).
+
+    The result may be non-contiguous (padded rows, dropped alpha); it must not outlive
+    ``msg`` being modified. Raises :class:`CodecError` naming the problem.
+    """
+    bpp = check_layout(msg, max_pixels)
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    buf = np.frombuffer(msg.data, dtype=np.uint8)
+    # Row-strided view: padding bytes at the end of each row are never read.
+    rows = np.lib.stride_tricks.as_strided(buf, shape=(h, w, bpp), strides=(step, bpp, 1))
+    enc = msg.encoding.lower()
+    if enc in ("rgb8", "rgba8"):
+        return rows[:, :, :3]
+    src = rows[:, :, 0] if enc == "mono8" else rows
+    # cvtColor wants rows with unit pixel stride; a padded view satisfies that.
+    return cv2.cvtColor(src, _TO_RGB[enc])
+
+
+def _to_msg(array: np.ndarray, encoding: str, header: Any) -> Image:
+    array = np.ascontiguousarray(array)
+    h, w = array.shape[:2]
+    msg = Image(
+        height=h,
+        width=w,
+        encoding=encoding,
+        is_bigendian=int(sys.byteorder == "big"),  # float maps go out in host order
+        step=array.strides[0],
+    )
+    if header is not None:
+        msg.header = header
+    msg.data = array.reshape(-1).view(np.uint8).tobytes()
+    return msg
+
+
+def encode_mono8(labels: np.ndarray, header: Any = None) -> Image:
+    """H×W uint8 (train ids) -> mono8 Image carrying ``header``."""
+    if labels.ndim != 2:
+        raise CodecError(f"mono8 needs an H×W array, got shape {labels.shape}", "shape")
+    return _to_msg(labels.astype(np.uint8, copy=False), "mono8", header)
+
+
+def encode_32fc1(values: np.ndarray, header: Any = None) -> Image:
+    """H×W float map -> 32FC1 Image carrying ``header``."""
+    if values.ndim != 2:
+        raise CodecError(f"32FC1 needs an H×W array, got shape {values.shape}", "shape")
+    return _to_msg(values.astype(np.float32, copy=False), "32FC1", header)
+
+
+def encode_rgb8(image: np.ndarray, header: Any = None) -> Image:
+    """H×W×3 uint8 RGB -> rgb8 Image carrying ``header``."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise CodecError(f"rgb8 needs an H×W×3 array, got shape {image.shape}", "shape")
+    return _to_msg(image.astype(np.uint8, copy=False), "rgb8", header)
+
+
+def empty_image(header: Any = None) -> Image:
+    """A height-0 Image: how SafetyFrame says "this map was not produced"."""
+    msg = Image()
+    if header is not None:
+        msg.header = header
+    return msg
+
+
+# -- cv_bridge where it works ---------------------------------------------------------
+
+
+def load_cv_bridge() -> Any | None:
+    """A working ``CvBridge`` instance, or None where it is absent or broken.
+
+    Broken means it imports but mis-converts or raises (the NumPy 2 crash), so a probe
+    image is round-tripped before it is trusted.
+    """
+    try:
+        from cv_bridge import CvBridge  # optional: absent or broken on many systems
+
+        bridge = CvBridge()
+        probe = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+        back = bridge.imgmsg_to_cv2(bridge.cv2_to_imgmsg(probe, "rgb8"), "rgb8")
+        return bridge if np.array_equal(back, probe) else None
+    except Exception:  # any failure at all means: use the numpy path
+        return None
+
+
+class ImageCodec:
+    """Decoder/encoder that prefers cv_bridge where it works and numpy elsewhere.
+
+    The numpy path is the default even when cv_bridge works: it is zero-copy for rgb8
+    and already validated. ``prefer_cv_bridge=True`` routes decoding through cv_bridge
+    (after our own validation, so errors read the same either way).
+    """
+
+    def __init__(self, prefer_cv_bridge: bool = False, max_pixels: int | None = None) -> None:
+        self.bridge = load_cv_bridge() if prefer_cv_bridge else None
+        self.max_pixels = max_pixels
+
+    @property
+    def backend(self) -> str:
+        return "cv_bridge" if self.bridge is not None else "numpy"
+
+    def decode(self, msg: Image) -> np.ndarray:
+        if self.bridge is None:
+            return decode_rgb(msg, self.max_pixels)
+        check_layout(msg, self.max_pixels)
+        return self.bridge.imgmsg_to_cv2(msg, "rgb8")

@@ -1,0 +1,138 @@
+"""Anomalous image regions -> boxes on a flat ground plane, as a visualization MarkerArray.
+
+There is no depth, so each region is placed where its lowest row meets the ground (the
+contact point of an object lying on the road), assuming a flat ground at ``height`` metres
+below the camera, pitched down by ``pitch`` radians. Points are expressed in the camera's
+optical frame (x right, y down, z forward; REP 103), i.e. the image's own ``frame_id``, so
+RViz places them correctly through TF without this node knowing the robot.
+
+The geometry functions are pure numpy; only :func:`hazard_markers` builds messages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from builtin_interfaces.msg import Duration
+from geometry_msgs.msg import Point, Pose, Quaternion, Vector3
+from std_msgs.msg import ColorRGBA, Header
+from visualization_msgs.msg import Marker, MarkerArray
+
+NAMESPACE = "hazards"
+
+
+@dataclass(frozen=True)
+class Region:
+    """One connected anomalous region in pixel coordinates."""
+
+    left: int
+    top: int
+    width: int
+    height: int
+    pixels: int
+    max_score: float
+
+    @property
+    def contact(self) -> tuple[float, float]:
+        """(u, v) of the bottom-centre pixel: where the object touches the ground."""
+        return self.left + 0.5 * self.width, float(self.top + self.height)
+
+
+def hazard_regions(anomaly: np.ndarray, threshold: float, min_pixels: int) -> list[Region]:
+    """Connected components of ``anomaly > threshold`` with at least ``min_pixels`` pixels."""
+    scores = np.nan_to_num(np.asarray(anomaly, dtype=np.float32), nan=-np.inf)
+    mask = (scores > threshold).astype(np.uint8)
+    count, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    regions = []
+    for i in range(1, count):  # 0 is the background
+        x, y, w, h, n = (int(v) for v in stats[i])
+        if n < min_pixels:
+            continue
+        patch = scores[y : y + h, x : x + w][comp[y : y + h, x : x + w] == i]
+        regions.append(Region(x, y, w, h, n, float(patch.max())))
+    return regions
+
+
+def camera_up(pitch: float) -> np.ndarray:
+    """World 'up' in the optical frame of a camera pitched down by ``pitch`` radians."""
+    return np.array([0.0, -math.cos(pitch), -math.sin(pitch)])
+
+
+def scale_intrinsics(
+    k: np.ndarray, info_size: tuple[int, int], image_size: tuple[int, int]
+) -> np.ndarray:
+    """Rescale a 3×3 K calibrated at ``info_size`` (w, h) to an image of ``image_size`` (w, h)."""
+    k = np.asarray(k, dtype=np.float64).reshape(3, 3).copy()
+    iw, ih = info_size
+    w, h = image_size
+    if iw > 0 and ih > 0 and (iw, ih) != (w, h):
+        k[0] *= w / iw
+        k[1] *= h / ih
+    return k
+
+
+def project_to_ground(
+    u: float, v: float, k: np.ndarray, height: float, pitch: float
+) -> np.ndarray | None:
+    """Pixel (u, v) -> 3-D point on the ground in the optical frame; None above the horizon."""
+    ray = np.linalg.solve(np.asarray(k, dtype=np.float64).reshape(3, 3), [u, v, 1.0])
+    down = float(ray @ camera_up(pitch))
+    if down >= -1e-9:
+        return None  # the ray never reaches the ground in front of the camera
+    return ray * (-height / down)
+
+
+def _pitch_quaternion(pitch: float) -> Quaternion:
+    # Rotating the optical frame by +pitch about x brings its y axis to world-down and its
+    # z axis to the horizontal, so boxes stand upright instead of tilting with the camera.
+    return Quaternion(x=math.sin(pitch / 2), y=0.0, z=0.0, w=math.cos(pitch / 2))
+
+
+def hazard_markers(
+    regions: list[Region],
+    k: np.ndarray | None,
+    header: Header,
+    height: float,
+    pitch: float,
+    max_range: float = 50.0,
+    lifetime_s: float = 0.5,
+) -> MarkerArray:
+    """One upright box per region on the ground; a DELETEALL first clears the last frame's."""
+    out = MarkerArray(markers=[Marker(header=header, ns=NAMESPACE, action=Marker.DELETEALL)])
+    if k is None:
+        return out
+    k = np.asarray(k, dtype=np.float64).reshape(3, 3)
+    fx, fy = k[0, 0], k[1, 1]
+    up = camera_up(pitch)
+    for i, r in enumerate(regions):
+        ground = project_to_ground(*r.contact, k, height, pitch)
+        if ground is None:
+            continue
+        dist = float(np.linalg.norm(ground))
+        if dist > max_range:
+            continue
+        # Pinhole size at that distance; clamped so a thin or huge region stays readable.
+        width = float(np.clip(r.width * dist / fx, 0.1, 10.0))
+        tall = float(np.clip(r.height * dist / fy, 0.1, 5.0))
+        centre = ground + up * (tall / 2)
+        out.markers.append(
+            Marker(
+                header=header,
+                ns=NAMESPACE,
+                id=i,
+                type=Marker.CUBE,
+                action=Marker.ADD,
+                pose=Pose(
+                    position=Point(x=centre[0], y=centre[1], z=centre[2]),
+                    orientation=_pitch_quaternion(pitch),
+                ),
+                scale=Vector3(x=width, y=tall, z=width),
+                color=ColorRGBA(r=1.0, g=0.1, b=0.0, a=0.6),
+                lifetime=Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1) * 1e9)),
+                text=f"anomaly {r.max_score:.2f} at {dist:.1f} m",
+            )
+        )
+    return out

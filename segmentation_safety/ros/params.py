@@ -1,0 +1,314 @@
+"""Every parameter of the detector node, declared in one place with its description and range.
+
+``SPECS`` is the single table: ``declare_parameters`` turns it into ROS declarations
+(descriptors carry the description, the range and ``read_only`` for what needs a restart),
+``validate`` checks one value against it and names the parameter when it refuses, and
+``DetectorParams.from_node`` reads a typed snapshot the node's callbacks use. Defaults here
+match ``config/detector.yaml``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    SetParametersResult,
+)
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+#: Output topics the node can publish, each switched by ``publish.<key>``.
+OUTPUTS: tuple[str, ...] = (
+    "segmentation",
+    "segmentation_color",
+    "anomaly",
+    "failure",
+    "hazard_overlay",
+    "safety",
+    "hazards",
+)
+
+DEVICE_WORDS = ("auto", "cpu", "cuda")
+RELIABILITY = ("best_effort", "reliable")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One parameter: default (its type fixes the ROS type), meaning and limits."""
+
+    name: str
+    default: Any
+    description: str
+    #: True where a change takes effect while running; False ones are read-only.
+    runtime: bool = False
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] | None = None
+    check: Callable[[Any], str | None] | None = None
+
+
+def _device_ok(value: str) -> str | None:
+    v = value.strip().lower()
+    if v in DEVICE_WORDS or (v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return "use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+def _input_size_ok(value: list[int]) -> str | None:
+    if len(value) != 2:
+        return "give [height, width] ([0, 0] keeps the image size)"
+    h, w = value
+    if (h, w) == (0, 0):
+        return None
+    if h < 8 or w < 8 or h > 8192 or w > 8192:
+        return "height and width must be within 8..8192 (or [0, 0])"
+    return None
+
+
+def _class_ids_ok(value: list[int]) -> str | None:
+    if not value:
+        return "name at least one drivable train id (road is 0)"
+    bad = [c for c in value if not 0 <= c <= 254]
+    return f"train ids must be within 0..254, got {bad}" if bad else None
+
+
+SPECS: tuple[Spec, ...] = (
+    # -- models (read at start; changing them needs a restart) -------------------------
+    Spec("models_dir", "", "Directory of model bundles; empty = the shipped demo models."),
+    Spec("anomaly_detector", "max_softmax", "Registry name filling the anomaly map; empty = none."),
+    Spec("failure_detector", "max_softmax", "Registry name filling the failure map; empty = none."),
+    Spec("class_iou_detector", "", "Registry name predicting per-class IoU; empty = none."),
+    Spec("device", "auto", "Torch device: auto, cpu, cuda or cuda:N.", check=_device_ok),
+    Spec(
+        "input_size",
+        [0, 0],
+        "Network input [height, width]; [0, 0] runs at the image size.",
+        check=_input_size_ok,
+    ),
+    # -- input ---------------------------------------------------------------------------
+    Spec(
+        "qos.reliability",
+        "best_effort",
+        "Image subscription reliability (best_effort = sensor-data QoS).",
+        choices=RELIABILITY,
+    ),
+    Spec("qos.depth", 1, "Image subscription keep-last depth.", low=1, high=100),
+    Spec(
+        "max_pixels",
+        8_388_608,
+        "Largest accepted image (width*height); larger frames are refused.",
+        runtime=True,
+        low=1,
+        high=1 << 30,
+    ),
+    Spec(
+        "max_rate",
+        0.0,
+        "Most frames processed per second; 0 = as fast as the device allows.",
+        runtime=True,
+        low=0.0,
+        high=1000.0,
+    ),
+    # -- hazard decision -------------------------------------------------------------------
+    Spec(
+        "anomaly_threshold",
+        0.5,
+        "Anomaly score above which a pixel counts as anomalous (detector units).",
+        runtime=True,
+        low=-1e6,
+        high=1e6,
+    ),
+    Spec(
+        "alarm_fraction",
+        0.02,
+        "Fraction of the drivable area that must be anomalous to raise the alarm.",
+        runtime=True,
+        low=0.0,
+        high=1.0,
+    ),
+    Spec(
+        "drivable_classes",
+        [0],
+        "Train ids that count as drivable area (0 = road).",
+        runtime=True,
+        check=_class_ids_ok,
+    ),
+    # -- hazard markers ----------------------------------------------------------------------
+    Spec(
+        "camera_height",
+        1.5,
+        "Camera height above the flat ground plane in metres (for hazard markers).",
+        runtime=True,
+        low=0.05,
+        high=20.0,
+    ),
+    Spec(
+        "camera_pitch",
+        0.0,
+        "Camera pitch below the horizon in radians (positive = looking down).",
+        runtime=True,
+        low=-1.5,
+        high=1.5,
+    ),
+    Spec(
+        "hazard_min_pixels",
+        16,
+        "Smallest anomalous region (pixels) that becomes a hazard marker.",
+        runtime=True,
+        low=1,
+        high=1 << 24,
+    ),
+    Spec(
+        "max_marker_range",
+        50.0,
+        "Hazards projected farther than this (metres) are not drawn.",
+        runtime=True,
+        low=1.0,
+        high=1000.0,
+    ),
+    # -- diagnostics and logging -------------------------------------------------------------
+    Spec(
+        "diagnostics_period",
+        1.0,
+        "Seconds between /diagnostics messages.",
+        low=0.1,
+        high=60.0,
+    ),
+    Spec("diagnostics_window", 100, "Frames in the rate/latency window.", low=2, high=100_000),
+    Spec(
+        "warn_throttle_sec",
+        5.0,
+        "Least seconds between two warnings about bad input.",
+        runtime=True,
+        low=0.0,
+        high=3600.0,
+    ),
+    *(
+        Spec(f"publish.{key}", True, f"Publish the '{key}' output (when subscribed).", runtime=True)
+        for key in OUTPUTS
+    ),
+)
+
+SPEC_BY_NAME: dict[str, Spec] = {s.name: s for s in SPECS}
+
+
+def descriptor(spec: Spec) -> ParameterDescriptor:
+    """ROS descriptor for one spec: description, range, read-only where a restart is needed."""
+    d = ParameterDescriptor(description=spec.description, read_only=not spec.runtime)
+    if spec.low is not None and spec.high is not None and not isinstance(spec.default, bool):
+        if isinstance(spec.default, int):
+            d.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high))]
+        else:
+            d.floating_point_range = [FloatingPointRange(from_value=spec.low, to_value=spec.high)]
+    if spec.choices:
+        d.additional_constraints = "one of: " + ", ".join(spec.choices)
+    return d
+
+
+def validate(name: str, value: Any) -> str | None:
+    """None when ``value`` is acceptable for ``name``, else a message naming the parameter."""
+    spec = SPEC_BY_NAME.get(name)
+    if spec is None:
+        return None  # not ours (e.g. use_sim_time): rclpy handles it
+    problem = _problem(spec, value)
+    return None if problem is None else f"parameter '{name}' = {value!r}: {problem}"
+
+
+def _problem(spec: Spec, value: Any) -> str | None:
+    if isinstance(spec.default, bool) != isinstance(value, bool):
+        return f"expected {type(spec.default).__name__}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be finite"
+    if spec.low is not None and isinstance(value, int | float) and not isinstance(value, bool):
+        if not spec.low <= value <= spec.high:
+            return f"must be within [{spec.low:g}, {spec.high:g}]"
+    if spec.choices and value not in spec.choices:
+        return f"must be one of {', '.join(spec.choices)}"
+    if spec.check is not None:
+        return spec.check(
+            list(value) if isinstance(value, Iterable) and not isinstance(value, str) else value
+        )
+    return None
+
+
+def check_parameters(params: Iterable[Parameter]) -> SetParametersResult:
+    """``add_on_set_parameters_callback`` body: refuse the batch if any value is invalid."""
+    for p in params:
+        problem = validate(p.name, p.value)
+        if problem is not None:
+            return SetParametersResult(successful=False, reason=problem)
+    return SetParametersResult(successful=True)
+
+
+def declare_parameters(node: Node) -> None:
+    """Declare every spec on ``node`` (values from the YAML/launch overrides win)."""
+    node.declare_parameters("", [(s.name, s.default, descriptor(s)) for s in SPECS])
+
+
+@dataclass(frozen=True)
+class DetectorParams:
+    """Typed snapshot of the node's parameters."""
+
+    models_dir: str
+    anomaly_detector: str
+    failure_detector: str
+    class_iou_detector: str
+    device: str
+    input_size: tuple[int, int] | None
+    qos_reliability: str
+    qos_depth: int
+    max_pixels: int
+    max_rate: float
+    anomaly_threshold: float
+    alarm_fraction: float
+    drivable_classes: tuple[int, ...]
+    camera_height: float
+    camera_pitch: float
+    hazard_min_pixels: int
+    max_marker_range: float
+    diagnostics_period: float
+    diagnostics_window: int
+    warn_throttle_sec: float
+    publish: frozenset[str]
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> DetectorParams:
+        """Build from ``{name: value}``; missing names take their defaults."""
+        v = {s.name: values.get(s.name, s.default) for s in SPECS}
+        size = tuple(int(x) for x in v["input_size"])
+        return cls(
+            models_dir=v["models_dir"],
+            anomaly_detector=v["anomaly_detector"].strip(),
+            failure_detector=v["failure_detector"].strip(),
+            class_iou_detector=v["class_iou_detector"].strip(),
+            device=v["device"].strip().lower(),
+            input_size=None if size == (0, 0) else (size[0], size[1]),
+            qos_reliability=v["qos.reliability"],
+            qos_depth=int(v["qos.depth"]),
+            max_pixels=int(v["max_pixels"]),
+            max_rate=float(v["max_rate"]),
+            anomaly_threshold=float(v["anomaly_threshold"]),
+            alarm_fraction=float(v["alarm_fraction"]),
+            drivable_classes=tuple(int(c) for c in v["drivable_classes"]),
+            camera_height=float(v["camera_height"]),
+            camera_pitch=float(v["camera_pitch"]),
+            hazard_min_pixels=int(v["hazard_min_pixels"]),
+            max_marker_range=float(v["max_marker_range"]),
+            diagnostics_period=float(v["diagnostics_period"]),
+            diagnostics_window=int(v["diagnostics_window"]),
+            warn_throttle_sec=float(v["warn_throttle_sec"]),
+            publish=frozenset(k for k in OUTPUTS if v[f"publish.{k}"]),
+        )
+
+    @classmethod
+    def from_node(cls, node: Node, changed: Iterable[Parameter] = ()) -> DetectorParams:
+        """Snapshot of ``node``'s values, with ``changed`` (not yet stored) applied on top."""
+        values = {s.name: node.get_parameter(s.name).value for s in SPECS}
+        values.update({p.name: p.value for p in changed if p.name in SPEC_BY_NAME})
+        return cls.from_values(values)

@@ -1,0 +1,186 @@
+"""`segsafe make-bag`: world and Lost & Found sequences -> rosbag2, read back with rosbags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("rosbags", reason="rosbags is not installed")
+from rosbags.rosbag2 import Reader  # noqa: E402
+from rosbags.typesys import Stores, get_typestore  # noqa: E402
+
+from segmentation_safety.cli import main  # noqa: E402
+from training.bags import DEFAULT_START_S, discover_sequences  # noqa: E402
+
+H, W, N = 32, 64, 3
+STORE = get_typestore(Stores.ROS2_JAZZY)
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    assert cv2.imwrite(str(path), array)
+
+
+def write_world_sequence(root: Path, name: str, frames: int = N) -> Path:
+    """The layout `segsafe world` writes under sequences/<name>/ (see training/world)."""
+    rng = np.random.default_rng(len(name))
+    d = root / "sequences" / name
+    for i in range(frames):
+        f = f"{i:06d}.png"
+        _png(d / "images" / f, rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+        _png(d / "labels" / f, rng.integers(0, 19, (H, W), dtype=np.uint8))
+        _png(d / "anomaly" / f, rng.choice(np.array([0, 1, 255], np.uint8), (H, W)))
+    (d / "timestamps.txt").write_text("".join(f"{i / 10:.6f}\n" for i in range(frames)))
+    camera = {"fx": 50.0, "fy": 50.0, "cx": 31.5, "cy": 12.0, "width": W, "height": H}
+    (d / "sequence.json").write_text(json.dumps({"name": name, "camera": camera}))
+    return d
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Path:
+    root = tmp_path / "world"
+    write_world_sequence(root, "seq_000")
+    write_world_sequence(root, "seq_001", frames=2)
+    return root
+
+
+def read_back(bag: Path) -> dict[str, list[tuple[int, object]]]:
+    out: dict[str, list[tuple[int, object]]] = {}
+    with Reader(bag) as reader:
+        for conn, t, raw in reader.messages():
+            out.setdefault(conn.topic, []).append((t, STORE.deserialize_cdr(raw, conn.msgtype)))
+    return out
+
+
+def stamp_ns(msg: object) -> int:
+    return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+
+
+@pytest.mark.parametrize("fmt", ["sqlite3", "mcap"])
+def test_world_sequence_to_bag(world: Path, tmp_path: Path, fmt: str):
+    bag = tmp_path / f"bag_{fmt}"
+    args = ["make-bag", "--root", str(world), "--sequence", "seq_000", "--out", str(bag)]
+    assert main([*args, "--format", fmt, "--frame-id", "cam0"]) == 0
+    msgs = read_back(bag)
+    topics = ["/camera/image_raw", "/camera/camera_info", "/ground_truth/labels"]
+    assert sorted(msgs) == sorted([*topics, "/ground_truth/anomaly"])
+    expected = [round((DEFAULT_START_S + i / 10) * 1e9) for i in range(N)]
+    seq = world / "sequences" / "seq_000"
+    for topic, items in msgs.items():
+        assert len(items) == N, topic
+        assert [t for t, _ in items] == expected, topic
+        assert [stamp_ns(m) for _, m in items] == expected, topic
+        assert all(m.header.frame_id == "cam0" for _, m in items)
+    for i, (_, img) in enumerate(msgs["/camera/image_raw"]):
+        assert (img.encoding, img.height, img.width, img.step) == ("rgb8", H, W, 3 * W)
+        want = cv2.cvtColor(cv2.imread(str(seq / "images" / f"{i:06d}.png")), cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(img.data.reshape(H, W, 3), want)
+    for topic, folder in (("/ground_truth/labels", "labels"), ("/ground_truth/anomaly", "anomaly")):
+        for i, (_, img) in enumerate(msgs[topic]):
+            assert (img.encoding, img.step) == ("mono8", W)
+            want = cv2.imread(str(seq / folder / f"{i:06d}.png"), cv2.IMREAD_UNCHANGED)
+            np.testing.assert_array_equal(img.data.reshape(H, W), want)
+    info = msgs["/camera/camera_info"][0][1]
+    assert (info.width, info.height, info.distortion_model) == (W, H, "plumb_bob")
+    np.testing.assert_allclose(info.k, [50, 0, 31.5, 0, 50, 12, 0, 0, 1])
+
+    meta = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert meta["version"] == 8
+    assert meta["storage_identifier"] == fmt
+    assert meta["message_count"] == 4 * N
+    assert meta["starting_time"]["nanoseconds_since_epoch"] == expected[0]
+    assert meta["duration"]["nanoseconds"] == expected[-1] - expected[0]
+    assert all((bag / p).is_file() for p in meta["relative_file_paths"])
+    for entry in meta["topics_with_message_count"]:
+        topic = entry["topic_metadata"]
+        assert topic["serialization_format"] == "cdr"
+        assert entry["message_count"] == N
+        assert topic["type"] in ("sensor_msgs/msg/Image", "sensor_msgs/msg/CameraInfo")
+        assert topic["type_description_hash"].startswith("RIHS01_")
+        qos = yaml.safe_load(topic["offered_qos_profiles"])  # v8: a YAML string
+        assert qos[0]["reliability"] == 1 and qos[0]["depth"] == 10
+    assert not list(tmp_path.glob(".*partial*")), "staging directory left behind"
+
+
+def _laf(root: Path, split: str, city: str, seq: int, frames: list[int]) -> None:
+    for f in frames:
+        stem = f"{city}_{seq:06d}_{f:06d}"
+        _png(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
+             np.full((H, W, 3), f, np.uint8))  # fmt: skip
+        ids = np.zeros((H, W), np.uint8)
+        ids[H // 2 :] = 1  # free space
+        ids[H // 2 :, :4] = 2  # an obstacle on it
+        _png(root / "gtCoarse" / split / city / f"{stem}_gtCoarse_labelIds.png", ids)
+
+
+def test_lost_and_found_layout(tmp_path: Path):
+    root = tmp_path / "laf"
+    _laf(root, "test", "04_Maurener_Weg_8", 1, [60, 30, 50])
+    _laf(root, "train", "01_Hanns_Klemm_Str_45", 0, [10, 20])
+    ts = root / "timestamp" / "train" / "01_Hanns_Klemm_Str_45"
+    ts.mkdir(parents=True)
+    for f, ns in ((10, 5_000_000_123), (20, 5_050_000_123)):
+        (ts / f"01_Hanns_Klemm_Str_45_000000_{f:06d}_timestamp.txt").write_text(f"{ns}\n")
+    seqs = discover_sequences(root)
+    assert sorted(seqs) == ["01_Hanns_Klemm_Str_45_000000", "04_Maurener_Weg_8_000001"]
+
+    bag = tmp_path / "bag"
+    args = ["make-bag", "--root", str(root), "--sequence", "04_Maurener_Weg_8_000001"]
+    assert main([*args, "--out", str(bag)]) == 0
+    msgs = read_back(bag)
+    images = msgs["/camera/image_raw"]
+    # Ordered by frame number, stamped from it at 10 Hz without timestamp files.
+    assert [int(m.data[0]) for _, m in images] == [30, 50, 60]
+    assert [stamp_ns(m) for _, m in images] == [
+        round((DEFAULT_START_S + f / 10) * 1e9) for f in (30, 50, 60)
+    ]
+    labels = msgs["/ground_truth/labels"][0][1].data.reshape(H, W)
+    anomaly = msgs["/ground_truth/anomaly"][0][1].data.reshape(H, W)
+    assert labels[0, 0] == 255 and labels[-1, -1] == 0  # free space -> road
+    assert (anomaly[0, 0], anomaly[-1, -1], anomaly[-1, 0]) == (255, 0, 1)
+    info = msgs["/camera/camera_info"][0][1]
+    assert info.k[0] == pytest.approx(2262.52 * W / 2048)  # documented default camera
+
+    bag2 = tmp_path / "bag2"
+    assert main(["make-bag", "--root", str(root), "--sequence", "01_Hanns_Klemm_Str_45_000000",
+                 "--out", str(bag2), "--format", "mcap"]) == 0  # fmt: skip
+    stamps = [stamp_ns(m) for _, m in read_back(bag2)["/camera/image_raw"]]
+    assert stamps == [5_000_000_123, 5_050_000_123]  # from the timestamp files
+
+
+def test_bad_inputs_are_refused(world: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    bag = tmp_path / "bag"
+    base = ["make-bag", "--root", str(world), "--out", str(bag)]
+    assert main([*base, "--sequence", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown sequence 'nope'" in err and "seq_000" in err and "seq_001" in err
+    assert not bag.exists()
+
+    (world / "sequences" / "empty" / "images").mkdir(parents=True)
+    assert main([*base, "--sequence", "empty"]) == 2
+    assert "has no frames" in capsys.readouterr().err
+
+    assert main(["make-bag", "--root", str(tmp_path / "missing"), "--out", str(bag)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    assert main(["make-bag", "--root", str(tmp_path / "plain"), "--out", str(bag)]) == 2
+    assert "no sequences found" in capsys.readouterr().err
+
+    bag.mkdir()
+    assert main([*base, "--sequence", "seq_000"]) == 2
+    assert "exists already" in capsys.readouterr().err
+    bag.rmdir()
+
+    # A frame that cannot be read half-way: an error, and no half bag anywhere.
+    (world / "sequences" / "seq_000" / "images" / "000001.png").write_bytes(b"not a png")
+    assert main([*base, "--sequence", "seq_000"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert not bag.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "world"]

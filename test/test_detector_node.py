@@ -1,0 +1,442 @@
+"""The detector node over real rclpy: outputs, no backlog, bad input, parameters, start-up."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rclpy
+import torch
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import Header
+
+if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
+    pytest.skip("install space not sourced: run through `make test`", allow_module_level=True)
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from segmentation_safety.msg import SafetyFrame  # noqa: E402
+from visualization_msgs.msg import MarkerArray  # noqa: E402
+
+from segmentation_safety.checkpoint import save_bundle  # noqa: E402
+from segmentation_safety.labels import TRAIN_NAMES  # noqa: E402
+from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata  # noqa: E402
+from segmentation_safety.ros import markers  # noqa: E402
+from segmentation_safety.ros.detector_node import (  # noqa: E402
+    DetectorNode,
+    compute_alarm,
+    main,
+)
+from segmentation_safety.types import SafetyResult  # noqa: E402
+
+pytestmark = pytest.mark.ros
+REPO = Path(__file__).resolve().parents[1]
+H, W = 32, 64
+_ns = itertools.count()
+OUTPUT_TOPICS = {
+    "segmentation": Image,
+    "segmentation/color": Image,
+    "anomaly": Image,
+    "failure": Image,
+    "hazard_overlay": Image,
+    "safety": SafetyFrame,
+    "hazards": MarkerArray,
+}
+
+
+# -- fixtures ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    """An untrained TinySegmenter bundle: max_softmax needs nothing else."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    save_bundle(
+        root / "segmenter.safetensors",
+        seg.state_dict(),
+        {**segmenter_metadata(seg), "class_names": list(TRAIN_NAMES)},
+    )
+    return root
+
+
+@pytest.fixture
+def ros():
+    rclpy.init()
+    yield
+    rclpy.try_shutdown()
+
+
+class Harness:
+    """The node under test plus a helper node, spun by one executor in a thread."""
+
+    def __init__(self, models: Path, **params: object) -> None:
+        # A namespace of our own: other test processes on this machine share DDS.
+        self.ns = f"/segsafe_test_{os.getpid()}_{next(_ns)}"
+        overrides = {"models_dir": str(models), "device": "cpu", "diagnostics_period": 0.2}
+        overrides.update(params)
+        self.node = DetectorNode(
+            namespace=self.ns,
+            parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()],
+        )
+        self.helper = rclpy.create_node("segsafe_test_helper", namespace=self.ns)
+        reliable = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+        self.image_pub = self.helper.create_publisher(Image, "image", reliable)
+        self.info_pub = self.helper.create_publisher(CameraInfo, "camera_info", reliable)
+        self.got: dict[str, list] = {}
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(self.node)
+        self.executor.add_node(self.helper)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def listen(self, *topics: str) -> None:
+        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        for topic in topics:
+            self.got[topic] = []
+            msg_type = DiagnosticArray if topic == "/diagnostics" else OUTPUT_TOPICS[topic]
+            self.helper.create_subscription(msg_type, topic, self.got[topic].append, qos)
+        # Outputs are only computed for subscribers, so wait until the node sees ours.
+        key = {"segmentation/color": "segmentation_color"}
+        wait_for(
+            lambda: (
+                all(
+                    self.node.pubs[key.get(t, t)].get_subscription_count() > 0
+                    for t in topics
+                    if t != "/diagnostics"
+                )
+                and self.image_pub.get_subscription_count() > 0
+            ),
+            "node and helper to discover each other",
+        )
+
+    def stamped(self, topic: str, sec: int) -> list:
+        return [m for m in self.got[topic] if m.header.stamp.sec == sec]
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=2.0)
+        self.node.destroy_node()
+        self.helper.destroy_node()
+        self.thread.join(timeout=5.0)
+
+
+@pytest.fixture
+def harness(ros, models_dir):
+    made = []
+
+    def make(**params):
+        h = Harness(models_dir, **params)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def wait_for(condition, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def image_msg(sec: int, height: int = H, width: int = W) -> Image:
+    pixels = np.random.default_rng(sec).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    msg = Image(height=height, width=width, encoding="rgb8", step=width * 3)
+    msg.header.frame_id = "camera_optical"
+    msg.header.stamp.sec, msg.header.stamp.nanosec = sec, 500
+    msg.data = pixels.tobytes()
+    return msg
+
+
+def camera_info(height: int = H, width: int = W) -> CameraInfo:
+    f = float(width)
+    return CameraInfo(
+        height=height, width=width, k=[f, 0.0, width / 2, 0.0, f, height / 2, 0.0, 0.0, 1.0]
+    )
+
+
+# -- outputs ----------------------------------------------------------------------------
+def test_one_image_in_gives_every_output_with_its_stamp(harness):
+    h = harness(anomaly_threshold=0.0, camera_pitch=0.3, hazard_min_pixels=1)
+    h.listen(*OUTPUT_TOPICS, "/diagnostics")
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    sent = image_msg(sec=42)
+    h.image_pub.publish(sent)
+    wait_for(lambda: all(h.got[t] for t in OUTPUT_TOPICS), "every output")
+    for topic in OUTPUT_TOPICS:
+        msg = h.got[topic][0]
+        header = msg.markers[0].header if topic == "hazards" else msg.header
+        assert header == sent.header, topic
+    seg, color = h.got["segmentation"][0], h.got["segmentation/color"][0]
+    anomaly, failure = h.got["anomaly"][0], h.got["failure"][0]
+    assert (seg.encoding, seg.height, seg.width) == ("mono8", H, W)
+    assert (color.encoding, h.got["hazard_overlay"][0].encoding) == ("rgb8", "rgb8")
+    assert (anomaly.encoding, failure.encoding, anomaly.step) == ("32FC1", "32FC1", W * 4)
+    assert np.frombuffer(seg.data, np.uint8).max() < 19
+    frame = h.got["safety"][0]
+    stages = [t.stage for t in frame.timings]
+    for stage in ("decode", "segmenter", "detector/max_softmax", "publish", "total"):
+        assert stage in stages
+    assert frame.anomaly_detector == "max_softmax" and frame.anomaly.height == H
+    # Threshold 0: every drivable pixel is anomalous for 1 - MSP > 0.
+    road = int((np.frombuffer(seg.data, np.uint8) == 0).sum())
+    assert frame.alarm.anomalous_pixels == road and frame.alarm.anomaly_threshold == 0.0
+    hazards = h.got["hazards"][0].markers
+    assert hazards[0].action == hazards[0].DELETEALL and len(hazards) >= 2
+    wait_for(
+        lambda: any(
+            s.hardware_id == h.node.get_fully_qualified_name()
+            for a in h.got["/diagnostics"]
+            for s in a.status
+        ),
+        "diagnostics",
+    )
+    status = [s for a in h.got["/diagnostics"] for s in a.status if h.ns in s.hardware_id][-1]
+    keys = {kv.key for kv in status.values}
+    assert {"rate_hz", "latency_p50_ms", "latency_p95_ms", "frames_dropped", "device"} <= keys
+
+
+def test_fifty_fast_frames_give_no_backlog_and_bounded_memory(harness):
+    big_h, big_w = 256, 512
+    frame_bytes = big_h * big_w * 3
+    h = harness(max_rate=5.0, **{"qos.reliability": "reliable"})
+    h.listen("segmentation")
+
+    def burst(first_sec: int) -> None:
+        for sec in range(first_sec, first_sec + 50):
+            h.image_pub.publish(image_msg(sec, big_h, big_w))
+        wait_for(lambda: h.node.stats.snapshot().in_flight == 0, "the node to go idle")
+        wait_for(lambda: h.stamped("segmentation", first_sec + 49), "the newest frame's answer")
+
+    burst(100)  # warm-up: first-use allocations are not a leak
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        burst(200)
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    s = h.node.stats.snapshot()
+    assert s.received == s.processed + s.dropped + s.rejected + s.in_flight
+    assert s.processed < 25 and s.dropped > 0, s
+    answered = [m.header.stamp.sec for m in h.got["segmentation"] if m.header.stamp.sec >= 200]
+    assert answered[-1] == 249 and len(answered) < 25
+    # A backlog of 50 frames would hold 50 * frame_bytes; the node keeps one or two.
+    assert peak - base < 15 * frame_bytes, (peak - base) / frame_bytes
+    assert current - base < 6 * frame_bytes, (current - base) / frame_bytes
+
+
+def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
+    h = harness()
+    asked = []
+    process = h.node.pipeline.process
+    monkeypatch.setattr(
+        h.node.pipeline,
+        "process",
+        lambda rgb, outputs: asked.append(set(outputs)) or process(rgb, outputs),
+    )
+    wait_for(lambda: h.image_pub.get_subscription_count() > 0, "discovery")
+    h.image_pub.publish(image_msg(1))
+    wait_for(lambda: h.node.stats.snapshot().processed == 1, "the unheard frame")
+    assert asked == []  # nobody listens: no network pass at all
+    h.listen("segmentation")
+    h.image_pub.publish(image_msg(2))
+    wait_for(lambda: h.stamped("segmentation", 2), "segmentation")
+    assert asked == [set()]  # labels only: no detector ran
+
+
+# -- bad input --------------------------------------------------------------------------
+def _bad_inputs():
+    good = image_msg(0)
+    nan = np.full((H, W), np.nan, dtype=np.float32)
+    cases = {
+        "32FC1 (NaN data)": (
+            Image(height=H, width=W, encoding="32FC1", step=W * 4, data=nan.tobytes()),
+            "unsupported encoding '32FC1'",
+        ),
+        "yuv422": (
+            Image(height=H, width=W, encoding="yuv422", step=W * 2, data=bytes(H * W * 2)),
+            "unsupported encoding 'yuv422'",
+        ),
+        "empty": (Image(height=0, width=0, encoding="rgb8", step=0, data=b""), "empty image"),
+        "wrong step": (
+            Image(
+                height=H,
+                width=W,
+                encoding="rgb8",
+                step=W * 3 - 2,
+                data=bytes(good.data)[: H * (W * 3 - 2)],
+            ),
+            "step",
+        ),
+        "truncated": (
+            Image(height=H, width=W, encoding="rgb8", step=W * 3, data=bytes(good.data)[:-7]),
+            "expected step*height",
+        ),
+        "mis-sized": (
+            Image(height=H, width=W - 1, encoding="rgb8", step=W * 3, data=bytes(good.data)[:-3]),
+            "expected step*height",
+        ),
+        "huge": (image_msg(0, 64, 128), "too large"),
+    }
+    return cases
+
+
+def test_bad_input_is_refused_by_name_and_the_node_keeps_answering(harness, capfd):
+    h = harness(max_pixels=H * W)
+    h.listen("segmentation")
+    for i, (label, (msg, words)) in enumerate(_bad_inputs().items()):
+        rejected = h.node.stats.snapshot().rejected
+        msg.header.stamp.sec = 1000 + i
+        h.image_pub.publish(msg)
+        wait_for(lambda r=rejected: h.node.stats.snapshot().rejected > r, f"{label} refusal")
+        assert words in h.node.last_problem, (label, h.node.last_problem)
+        h.image_pub.publish(image_msg(2000 + i))
+        wait_for(lambda s=2000 + i: h.stamped("segmentation", s), f"a good frame after {label}")
+        assert not h.stamped("segmentation", 1000 + i)
+    logged = capfd.readouterr().err
+    for _, words in _bad_inputs().values():
+        assert words in logged  # one warning per kind of problem reached the log
+
+
+def test_parameters_are_checked_at_run_time_by_name(harness):
+    h = harness()
+    refused = {
+        "alarm_fraction": 2.0,
+        "anomaly_threshold": math.nan,
+        "drivable_classes": [0, 300],
+        "qos.depth": 5,  # read-only: needs a restart
+        "device": "cuda",
+        "camera_pitch": 3.0,
+    }
+    for name, value in refused.items():
+        (result,) = h.node.set_parameters([Parameter(name, value=value)])
+        assert not result.successful, name
+        assert name in result.reason, result.reason
+    (wrong_type,) = h.node.set_parameters([Parameter("max_rate", value="fast")])
+    assert not wrong_type.successful
+    ok = h.node.set_parameters(
+        [Parameter("anomaly_threshold", value=0.25), Parameter("publish.anomaly", value=False)]
+    )
+    assert all(r.successful for r in ok)
+    assert h.node.params.anomaly_threshold == 0.25 and "anomaly" not in h.node.params.publish
+    h.listen("safety", "segmentation")
+    h.got["anomaly"] = []
+    h.helper.create_subscription(Image, "anomaly", h.got["anomaly"].append, 10)
+    wait_for(lambda: h.node.pubs["anomaly"].get_subscription_count() > 0, "anomaly subscriber")
+    h.image_pub.publish(image_msg(7))
+    wait_for(lambda: h.stamped("safety", 7), "the safety frame")
+    assert h.got["safety"][0].alarm.anomaly_threshold == 0.25
+    assert not h.got["anomaly"]  # switched off at run time, although subscribed
+
+
+# -- start-up errors: main() exits non-zero with a message, not a traceback ----------------
+def _run_main(capfd, **params) -> tuple[int, str]:
+    args = ["--ros-args"]
+    for k, v in params.items():
+        args += ["-p", f"{k}:={v}"]
+    capfd.readouterr()
+    code = main(args)
+    return code, capfd.readouterr().err
+
+
+def test_missing_bundle_exits_non_zero_naming_the_file(tmp_path, capfd):
+    code, err = _run_main(capfd, models_dir=tmp_path / "nowhere", device="cpu")
+    assert code == 1
+    assert "segmenter.safetensors" in err and "file not found" in err and "Traceback" not in err
+
+
+def test_corrupt_bundle_exits_non_zero_naming_the_file(tmp_path, models_dir, capfd):
+    data = (models_dir / "segmenter.safetensors").read_bytes()
+    (tmp_path / "segmenter.safetensors").write_bytes(data[: len(data) // 2])
+    code, err = _run_main(capfd, models_dir=tmp_path, device="cpu")
+    assert code == 1 and "segmenter.safetensors" in err and "Traceback" not in err
+    assert "truncated" in err or "not a readable safetensors file" in err
+
+
+def test_unknown_detector_exits_non_zero_listing_known_ones(models_dir, capfd):
+    code, err = _run_main(capfd, models_dir=models_dir, anomaly_detector="no_such_detector")
+    assert code == 1 and "'anomaly_detector'" in err and "no_such_detector" in err
+    assert "max_softmax" in err  # the known names are listed
+
+
+def test_invalid_parameter_at_start_exits_non_zero_naming_it(models_dir, capfd):
+    code, err = _run_main(capfd, models_dir=models_dir, alarm_fraction=5.0)
+    assert code == 1 and "alarm_fraction" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: nothing to refuse")
+def test_cuda_device_without_cuda_exits_with_a_clear_message(models_dir, capfd):
+    code, err = _run_main(capfd, models_dir=models_dir, device="cuda")
+    assert code == 1 and "'device'" in err and "CUDA is not available" in err
+
+
+def test_installed_executable_exits_non_zero_without_traceback(tmp_path):
+    exe = REPO / "install" / "segmentation_safety" / "lib" / "segmentation_safety" / "detector_node"
+    if not exe.exists():
+        pytest.skip(f"{exe} not installed (run scripts/setup.sh)")
+    proc = subprocess.run(
+        [sys.executable, str(exe), "--ros-args", "-p", f"models_dir:={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert proc.returncode == 1
+    assert "file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- pure parts: alarm and ground-plane geometry ------------------------------------------
+def test_alarm_counts_the_anomalous_share_of_the_drivable_area():
+    labels = np.array([[0, 0, 0, 0], [1, 1, 0, 13]], dtype=np.uint8)
+    anomaly = np.array([[0.9, 0.1, np.nan, 0.2], [0.99, 0.99, 0.8, 0.99]], dtype=np.float32)
+    r = SafetyResult(labels, np.ones_like(anomaly), anomaly, np.full_like(anomaly, 0.5), None)
+    alarm = compute_alarm(r, threshold=0.5, fraction_threshold=0.5, drivable=(0,))
+    # road pixels: 0.9, 0.1, NaN (counts as anomalous), 0.2, 0.8 -> 3 of 5
+    assert alarm.anomalous_pixels == 3 and alarm.anomalous_fraction == pytest.approx(0.6)
+    assert alarm.active and alarm.max_score == pytest.approx(0.9)
+    assert alarm.mean_failure == pytest.approx(0.5)
+    quiet = compute_alarm(r, threshold=0.5, fraction_threshold=0.7, drivable=(0,))
+    assert not quiet.active
+    none = compute_alarm(r, threshold=0.5, fraction_threshold=0.5, drivable=(5,))
+    assert none.anomalous_pixels == 0 and math.isnan(none.max_score) and not none.active
+
+
+def test_ground_projection_with_and_without_pitch():
+    k = np.array([[100.0, 0, 64], [0, 100.0, 32], [0, 0, 1]])
+    # Level camera 1.5 m up: a pixel 15 rows below the centre sees the ground 10 m ahead.
+    p = markers.project_to_ground(64, 32 + 15, k, height=1.5, pitch=0.0)
+    np.testing.assert_allclose(p, [0.0, 1.5, 10.0], atol=1e-9)
+    assert markers.project_to_ground(64, 32, k, 1.5, 0.0) is None  # the horizon
+    assert markers.project_to_ground(64, 10, k, 1.5, 0.0) is None  # the sky
+    # Pitched down 30 degrees: the optical axis meets the ground h / sin(30) = 3 m away.
+    q = markers.project_to_ground(64, 32, k, height=1.5, pitch=math.radians(30))
+    np.testing.assert_allclose(q, [0.0, 0.0, 3.0], atol=1e-9)
+
+
+def test_regions_become_boxes_on_the_ground():
+    k = np.array([[100.0, 0, 64], [0, 100.0, 32], [0, 0, 1]])
+    anomaly = np.zeros((64, 128), dtype=np.float32)
+    anomaly[40:47, 60:70] = 2.0  # lower edge at row 47 -> 10 m ahead
+    anomaly[0:2, 0:2] = 2.0  # too small
+    regions = markers.hazard_regions(anomaly, threshold=1.0, min_pixels=10)
+    assert len(regions) == 1 and regions[0].pixels == 70 and regions[0].max_score == 2.0
+    arr = markers.hazard_markers(regions, k, Header(frame_id="cam"), height=1.5, pitch=0.0)
+    assert arr.markers[0].action == arr.markers[0].DELETEALL
+    box = arr.markers[1]
+    assert box.header.frame_id == "cam" and box.pose.position.z == pytest.approx(10.0)
+    assert box.pose.position.y < 1.5  # centre above the ground (y points down)
+    assert markers.hazard_markers(regions, None, Header(), 1.5, 0.0).markers[0].action == 3

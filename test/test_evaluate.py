@@ -1,0 +1,275 @@
+"""`segsafe evaluate`: the evaluation loop, the report files and the command's refusals."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segmentation_safety.checkpoint import save_bundle
+from segmentation_safety.detectors import Detector, registry
+from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata
+from segmentation_safety.pipeline import Pipeline, PipelineConfig
+from segmentation_safety.types import DetectorOutput, SegmenterOutput
+from training import evaluate_cli
+from training.evaluate import check_sample, closed_set_label, evaluate
+from training.report import report_json, write_report
+
+H, W = 32, 64
+ROAD, SKY, CAR = 0, 10, 13
+DESIGN_BLOCKS = {
+    "anomaly": {"ap", "fpr95", "auroc"},
+    "failure": {"aupr_error", "aupr_success", "auroc", "fpr95"},
+    "iou": {"mae", "pearson", "spearman"},
+}
+# Parts in the bundle win anyway; the tiny preset only avoids building the paper-size ones.
+TINY_RESYNTHESIS = json.dumps(
+    {n: {"preset": "tiny"} for n in ("resynthesis", "resynthesis_anomaly")}
+)
+BLOCK_OF = {"anomaly": "anomaly", "failure": "failure", "class_iou": "iou"}
+
+
+def _scene(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A street-ish image, its train ids and a 0/1/255 anomaly map with a red box on the road."""
+    rng = np.random.default_rng(i)
+    image = np.zeros((H, W, 3), np.uint8)
+    image[: H // 2] = (70, 130, 180)
+    image[H // 2 :] = (128, 64, 128)
+    label = np.full((H, W), ROAD, np.uint8)
+    label[: H // 2] = SKY
+    x = 4 + 8 * i
+    label[H // 2 : H // 2 + 6, x + 20 : x + 30] = CAR
+    image[H // 2 : H // 2 + 6, x + 20 : x + 30] = (0, 0, 142)
+    anomaly = np.zeros((H, W), np.uint8)
+    anomaly[H - 10 : H - 4, x : x + 8] = 1
+    image[anomaly == 1] = (255, 0, 0)
+    anomaly[-2:] = 255  # the "hood"
+    label[-2:] = 255
+    semantic = label.copy()
+    semantic[anomaly == 1] = 255
+    image = np.clip(image + rng.integers(0, 20, image.shape), 0, 255).astype(np.uint8)
+    return image, semantic, anomaly
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A three-image world in the layout `segsafe world` writes (val and anomaly splits)."""
+    root = tmp_path_factory.mktemp("world")
+    (root / "world.json").write_text("{}")
+    for i in range(3):
+        image, semantic, anomaly = _scene(i)
+        stem = f"voxelstadt_{i:06d}_000019"
+        _png(root / "leftImg8bit/val/voxelstadt" / f"{stem}_leftImg8bit.png", image)
+        _png(root / "gtFine/val/voxelstadt" / f"{stem}_gtFine_labelTrainIds.png", semantic)
+        name = f"anomaly_{i:06d}.png"
+        _png(root / "anomaly/images" / name, image)
+        _png(root / "anomaly/labels" / name, anomaly)
+        _png(root / "anomaly/semantic" / name, semantic)
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny segmenter bundle plus trained parts of sml, densehybrid, resynthesis."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    with torch.no_grad():  # mostly "road": right on the road, wrong elsewhere
+        seg.classifier.bias[ROAD] += 3.0
+    save_bundle(root / "segmenter.safetensors", seg.state_dict(), segmenter_metadata(seg))
+    for name, opts in (("sml", {}), ("densehybrid", {}), ("resynthesis", {"preset": "tiny"})):
+        det = registry.build(name, seg, **opts)
+        for kind in det.trained_parts:
+            tensors, meta = det.export_part(kind)
+            save_bundle(root / f"{kind}.safetensors", tensors, meta)
+    return root
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    evaluate_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["evaluate", *argv])
+    return args.run(args)
+
+
+def _check_blocks(report: dict) -> None:
+    for name, blocks in report["detectors"].items():
+        produces = registry.detector_class(name).produces
+        assert set(blocks) <= {BLOCK_OF[k] for k in produces}, name
+        for block, values in blocks.items():
+            assert set(values) == DESIGN_BLOCKS[block], (name, block)
+            for key, v in values.items():
+                low = -1.0 if key in ("pearson", "spearman") else 0.0
+                assert v is None or low <= v <= 1.0, (name, block, key, v)
+
+
+def test_end_to_end_anomaly_split_writes_design_report(world: Path, models: Path, tmp_path: Path):
+    out = tmp_path / "eval" / "R.json"
+    rc = _cli(
+        "--root", str(world), "--split", "anomaly", "--models", str(models),
+        "--out", str(out), "--device", "cpu", "--metrics", "exact", "--quiet",
+        "--batch-size", "2", "--detector-options", TINY_RESYNTHESIS,
+        "--detectors", "all",
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"dataset", "images", "segmentation", "detectors", "skipped"}
+    assert report["dataset"] == "world" and report["images"] == 3
+    assert set(report["segmentation"]) == {"miou"}
+    assert 0.0 <= report["segmentation"]["miou"] <= 1.0
+    _check_blocks(report)
+    dets = report["detectors"]
+    assert set(dets["max_softmax"]) == {"anomaly", "failure"}
+    assert set(dets["sml"]) == {"anomaly"} and set(dets["densehybrid"]) == {"anomaly"}
+    assert set(dets["resynthesis"]) == {"anomaly", "failure", "iou"}
+    assert all(v is not None for v in dets["max_softmax"]["anomaly"].values())
+    # Parts absent from --models: skipped with the file named, not fatal under "all".
+    assert "flow_density" in report["skipped"] and "flow.safetensors" in str(report["skipped"])
+    assert (out.parent / "R.md").read_text().startswith("# Evaluation on world/anomaly")
+    for png in ("R_anomaly.png", "R_failure.png"):
+        assert (out.parent / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_val_split_without_anomaly_labels_has_no_anomaly_blocks(
+    world: Path, models: Path, tmp_path: Path
+):
+    out = tmp_path / "R.json"
+    rc = _cli(
+        "--root", str(world), "--split", "val", "--models", str(models), "--out", str(out),
+        "--detectors", "max_softmax,entropy", "--metrics", "exact", "--quiet", "--limit", "2",
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 2
+    assert set(report["detectors"]) == {"max_softmax"}
+    assert set(report["detectors"]["max_softmax"]) == {"failure"}
+    assert "entropy" in report["skipped"]  # anomaly-only detector, nothing to score on val
+    _check_blocks(report)
+
+
+class _RedOracle(Detector):
+    """Anomaly = the red channel of the network input: perfect on the red-box scenes."""
+
+    name: ClassVar[str] = "test_red_oracle"
+    produces: ClassVar[frozenset[str]] = frozenset({"anomaly"})
+
+    def forward(self, out: SegmenterOutput) -> DetectorOutput:
+        red = out.image[:, 0] - out.image[:, 1] - out.image[:, 2]
+        return DetectorOutput(anomaly=(red > red.amax() * 0.5).float())
+
+
+def test_perfect_detector_scores_ap_one_fpr95_zero():
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    pipeline = Pipeline(
+        seg, {"oracle": _RedOracle(seg)}, PipelineConfig(anomaly=None, device="cpu")
+    )
+    samples = []
+    for i in range(3):
+        image, _, anomaly = _scene(i)
+        image[anomaly != 1] = np.minimum(image[anomaly != 1], 140)  # no other strong red
+        samples.append({"image": image, "anomaly": anomaly})
+    report = evaluate(pipeline, samples, dataset="oracle", metrics_mode="exact", progress=False)
+    result = report.detectors["oracle"].anomaly
+    assert result.ap == pytest.approx(1.0)
+    assert result.fpr95 == pytest.approx(0.0)
+    assert result.auroc == pytest.approx(1.0)
+    assert report.miou is None and "segmentation" not in report_json(report)
+
+
+def test_registered_fake_detector_runs_through_the_command(
+    world: Path, models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setitem(registry._REGISTRY, _RedOracle.name, _RedOracle)
+    out = tmp_path / "R.json"
+    rc = _cli(
+        "--root", str(world), "--split", "anomaly", "--models", str(models), "--out", str(out),
+        "--detectors", _RedOracle.name, "--metrics", "exact", "--quiet",
+    )  # fmt: skip
+    assert rc == 0
+    block = json.loads(out.read_text())["detectors"][_RedOracle.name]["anomaly"]
+    assert block["ap"] == pytest.approx(1.0) and block["fpr95"] == pytest.approx(0.0)
+
+
+def test_unknown_detector_is_refused_with_the_known_list(world: Path, tmp_path: Path, capsys):
+    rc = _cli("--root", str(world), "--split", "val", "--detectors", "nope", "--out",
+              str(tmp_path / "R.json"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "unknown detector 'nope'" in err and "max_softmax" in err and "densehybrid" in err
+    assert not (tmp_path / "R.json").exists()
+
+
+def test_named_detector_with_missing_part_names_the_file(
+    world: Path, models: Path, tmp_path: Path, capsys
+):
+    rc = _cli("--root", str(world), "--split", "anomaly", "--models", str(models),
+              "--detectors", "sml,flow_density", "--out", str(tmp_path / "R.json"))  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(models / "flow.safetensors") in err and "flow_density" in err
+
+
+def test_split_a_dataset_lacks_is_refused(world: Path, tmp_path: Path, capsys):
+    rc = _cli("--root", str(world), "--dataset", "roadanomaly", "--split", "val",
+              "--out", str(tmp_path / "R.json"))  # fmt: skip
+    assert rc == 2
+    assert "--split anomaly" in capsys.readouterr().err
+
+
+def test_bad_samples_are_refused_by_name():
+    image = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="frame7.*neither"):
+        check_sample({"image": image, "name": "frame7"})
+    with pytest.raises(ValueError, match="uint8"):
+        check_sample({"image": image.astype(np.float32), "anomaly": np.zeros((4, 4))})
+    with pytest.raises(ValueError, match="differ in size"):
+        check_sample({"image": image, "label": np.zeros((4, 4)), "anomaly": np.zeros((2, 4))})
+
+
+def test_anomaly_class_beyond_k_is_void_for_closed_set_scores():
+    # StreetHazards labels anomalies as class K; closed-set metrics skip them.
+    label = np.array([[0, 12], [11, 255]], np.uint8)
+    anomaly = np.array([[0, 1], [0, 255]], np.uint8)
+    np.testing.assert_array_equal(closed_set_label(label, anomaly, 12), [[0, 255], [11, 255]])
+
+
+def test_report_writes_null_for_undefined_metrics(tmp_path: Path):
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    pipeline = Pipeline(seg, {"max_softmax": registry.build("max_softmax", seg)},
+                        PipelineConfig(anomaly=None, device="cpu"))  # fmt: skip
+    image, _, _ = _scene(0)
+    samples = [{"image": image, "anomaly": np.zeros((H, W), np.uint8)}]  # no anomaly pixel
+    report = evaluate(pipeline, samples, dataset="empty", metrics_mode="exact", progress=False)
+    written = write_report(report, tmp_path / "R.json")
+    data = json.loads((tmp_path / "R.json").read_text())  # strict JSON: no NaN
+    assert data["detectors"]["max_softmax"]["anomaly"]["ap"] is None
+    assert tmp_path / "R.md" in written
+
+
+@pytest.mark.real
+def test_real_espnetv2_on_road_anomaly(real_data: Path, tmp_path: Path):
+    weights = real_data / "espnetv2" / "espnetv2_s_1.0_city_1024x512.pth"
+    root = real_data / "roadanomaly"
+    if not weights.is_file() or not root.is_dir():
+        pytest.skip(f"needs {weights} and {root}")
+    out = tmp_path / "R.json"
+    rc = _cli(
+        "--dataset", "roadanomaly", "--root", str(root), "--split", "anomaly",
+        "--segmenter-weights", str(weights), "--detectors", "max_logit", "--limit", "1",
+        "--out", str(out), "--quiet", "--device", "cpu",
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 1 and "segmentation" not in report
+    assert 0.0 < report["detectors"]["max_logit"]["anomaly"]["ap"] < 1.0

@@ -1,0 +1,142 @@
+"""sensor_msgs/Image <-> numpy: every supported encoding, padded rows, and refusals by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sensor_msgs", reason="ROS 2 message packages are not installed")
+from sensor_msgs.msg import Image  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
+
+from segmentation_safety.ros import image_codec  # noqa: E402
+from segmentation_safety.ros.image_codec import CodecError, decode_rgb  # noqa: E402
+
+H, W = 5, 7
+
+
+def _rgb() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(H, W, 3), dtype=np.uint8)
+
+
+def _msg(pixels: np.ndarray, encoding: str, pad: int = 0) -> Image:
+    """Pack H×W×C pixels into an Image, with ``pad`` junk bytes after every row."""
+    h, w = pixels.shape[:2]
+    rows = pixels.reshape(h, -1)
+    junk = np.full((h, pad), 0xAB, dtype=np.uint8)
+    data = np.concatenate([rows, junk], axis=1)
+    return Image(
+        height=h,
+        width=w,
+        encoding=encoding,
+        step=data.shape[1],
+        data=data.tobytes(),
+        is_bigendian=1,
+    )
+
+
+def _as(encoding: str, rgb: np.ndarray) -> np.ndarray:
+    alpha = np.full(rgb.shape[:2] + (1,), 200, dtype=np.uint8)
+    return {
+        "rgb8": rgb,
+        "bgr8": rgb[..., ::-1],
+        "rgba8": np.concatenate([rgb, alpha], axis=2),
+        "bgra8": np.concatenate([rgb[..., ::-1], alpha], axis=2),
+    }[encoding]
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8"])
+def test_colour_encodings_decode_to_rgb(encoding, pad):
+    rgb = _rgb()
+    out = decode_rgb(_msg(_as(encoding, rgb), encoding, pad))
+    assert out.shape == (H, W, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, rgb)
+
+
+@pytest.mark.parametrize("pad", [0, 5])
+def test_mono8_is_replicated_to_three_channels(pad):
+    grey = _rgb()[..., 0]
+    out = decode_rgb(_msg(grey[..., None], "mono8", pad))
+    np.testing.assert_array_equal(out, np.repeat(grey[..., None], 3, axis=2))
+
+
+def test_rgb8_decodes_as_a_view_of_the_message_data():
+    msg = _msg(_rgb(), "rgb8", pad=4)
+    out = decode_rgb(msg)
+    assert np.shares_memory(out, np.frombuffer(msg.data, dtype=np.uint8))
+    assert not out.flags.c_contiguous  # padded rows are skipped through the strides
+
+
+def test_decoded_view_feeds_torch_without_a_copy_error():
+    torch = pytest.importorskip("torch")
+    out = decode_rgb(_msg(_as("rgba8", _rgb()), "rgba8", pad=2))
+    assert torch.as_tensor(out).shape == (H, W, 3)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"encoding": "32FC1"}, "unsupported encoding '32FC1'"),
+        ({"encoding": "yuv422"}, "unsupported encoding"),
+        ({"height": 0, "step": 0, "data": b""}, "empty image"),
+        ({"step": W * 3 - 1}, "step"),
+        ({"data": bytes(H * W * 3 - 4)}, "expected step*height"),
+        ({"data": bytes(H * W * 3 + 1)}, "expected step*height"),
+    ],
+)
+def test_bad_messages_are_refused_with_the_problem_named(change, words):
+    msg = _msg(_rgb(), "rgb8")
+    for key, value in change.items():
+        setattr(msg, key, value)
+    with pytest.raises(CodecError, match=words.replace("*", r"\*").replace("(", r"\(")):
+        decode_rgb(msg)
+
+
+def test_huge_images_are_refused_by_pixel_count():
+    with pytest.raises(CodecError, match="too large.*max_pixels 20"):
+        decode_rgb(_msg(_rgb(), "rgb8"), max_pixels=20)
+
+
+def test_encoders_keep_the_header_and_round_trip():
+    header = Header(frame_id="cam")
+    header.stamp.sec, header.stamp.nanosec = 7, 11
+    labels = np.arange(H * W, dtype=np.uint8).reshape(H, W)
+    values = np.linspace(-1, 1, H * W, dtype=np.float32).reshape(H, W)
+    rgb = _rgb()
+    m = image_codec.encode_mono8(labels, header)
+    f = image_codec.encode_32fc1(values, header)
+    c = image_codec.encode_rgb8(rgb, header)
+    assert (m.encoding, m.step, m.header) == ("mono8", W, header)
+    assert (f.encoding, f.step, f.header) == ("32FC1", W * 4, header)
+    assert (c.encoding, c.step, c.header) == ("rgb8", W * 3, header)
+    np.testing.assert_array_equal(np.frombuffer(m.data, np.uint8).reshape(H, W), labels)
+    np.testing.assert_array_equal(np.frombuffer(f.data, np.float32).reshape(H, W), values)
+    np.testing.assert_array_equal(decode_rgb(c), rgb)
+
+
+def test_encoders_refuse_wrong_shapes():
+    with pytest.raises(CodecError, match="mono8 needs"):
+        image_codec.encode_mono8(np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(CodecError, match="rgb8 needs"):
+        image_codec.encode_rgb8(np.zeros((2, 2), np.uint8))
+
+
+def test_numpy_path_is_used_where_cv_bridge_is_absent_or_broken():
+    codec = image_codec.ImageCodec(prefer_cv_bridge=True)
+    if image_codec.load_cv_bridge() is None:
+        assert codec.backend == "numpy"
+    np.testing.assert_array_equal(codec.decode(_msg(_rgb(), "rgb8")), _rgb())
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "mono8", "rgba8", "bgra8"])
+def test_cv_bridge_and_numpy_paths_agree(encoding, pad):
+    bridge = image_codec.load_cv_bridge()
+    if bridge is None:
+        pytest.skip(
+            "cv_bridge is not importable here (or broken under NumPy 2, vision_opencv #535)"
+        )
+    pixels = _rgb()[..., :1] if encoding == "mono8" else _as(encoding, _rgb())
+    msg = _msg(pixels, encoding, pad)
+    np.testing.assert_array_equal(bridge.imgmsg_to_cv2(msg, "rgb8"), decode_rgb(msg))

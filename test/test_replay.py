@@ -1,0 +1,115 @@
+"""`segsafe replay`: a tiny bag through the real detector node, over real rclpy."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+rclpy = pytest.importorskip("rclpy", reason="rclpy (ROS 2 Kilted wheels) is not installed")
+pytest.importorskip("rosbags", reason="rosbags is not installed")
+if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
+    pytest.skip("install space not sourced: run through `make test`", allow_module_level=True)
+
+from test_bags import write_world_sequence  # noqa: E402
+
+from segmentation_safety.cli import main  # noqa: E402
+from segmentation_safety.ros.replay import ReplayError, read_bag  # noqa: E402
+from training.bags import discover_sequences, write_bag  # noqa: E402
+
+pytestmark = pytest.mark.ros
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained TinySegmenter bundle: enough for the softmax detectors the node runs."""
+    import torch
+
+    from segmentation_safety.checkpoint import save_bundle
+    from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata
+
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    root = tmp_path_factory.mktemp("models")
+    save_bundle(root / "segmenter.safetensors", seg.state_dict(), segmenter_metadata(seg))
+    return root
+
+
+@pytest.fixture(scope="module")
+def bags(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("world")
+    write_world_sequence(root, "seq_000", frames=FRAMES)
+    seq = discover_sequences(root)["seq_000"]
+    out = tmp_path_factory.mktemp("bags")
+    return {fmt: write_bag(seq, out / fmt, storage=fmt).path for fmt in ("sqlite3", "mcap")}
+
+
+def test_replay_through_the_node(bags: dict[str, Path], models: Path, tmp_path: Path):
+    out = tmp_path / "T.json"
+    out_bag = tmp_path / "out_bag"
+    rc = main([
+        "replay", "--bag", str(bags["mcap"]), "--models", str(models), "--out", str(out),
+        "--rate", "2", "--drain", "1.5", "--output-bag", str(out_bag),
+        "--overlays", str(tmp_path / "overlays"), "--overlay-count", "2",
+        "--find-max-rate", "--search-trials", "2", "--search-seconds", "0.5",
+    ])  # fmt: skip
+    assert rc == 0
+    t = json.loads(out.read_text())
+    for key in ("frames_sent", "frames_processed", "frames_dropped", "rate_hz", "latency_ms"):
+        assert key in t
+    assert set(t["latency_ms"]) >= {"p50", "p95", "p99", "max"}
+    assert t["frames_sent"] == FRAMES
+    assert t["frames_sent"] == t["frames_processed"] + t["frames_dropped"]
+    assert t["frames_processed"] >= 1  # the node answers the newest frame at least
+    lat = t["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert t["rate_hz"] > 0
+    # The bag carries ground-truth anomaly masks: metrics over the answered frames.
+    assert t["anomaly"]["frames"] == t["frames_processed"]
+    assert 0.0 <= t["anomaly"]["auroc"] <= 1.0
+    assert 1 <= len(t["rate_search"]["trials"]) <= 2
+    assert "max_rate_hz" in t
+    assert (tmp_path / "T_latency.png").stat().st_size > 1000
+    assert 1 <= len(list((tmp_path / "overlays").glob("*.png"))) <= 2
+
+    from rosbags.rosbag2 import Reader
+
+    with Reader(out_bag) as reader:
+        counts = {c.topic: c.msgcount for c in reader.connections}
+        types = {c.topic: c.msgtype for c in reader.connections}
+    assert counts["/camera/image_raw"] == FRAMES
+    assert counts["/segmentation_safety/safety"] == t["frames_processed"]
+    assert types["/segmentation_safety/safety"] == "segmentation_safety/msg/SafetyFrame"
+    for topic in ("anomaly", "failure", "hazard_overlay", "segmentation", "hazards"):
+        assert counts[f"/segmentation_safety/{topic}"] == t["frames_processed"], topic
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.parametrize("fmt", ["sqlite3", "mcap"])
+def test_truncated_bag_is_a_clear_error(
+    bags: dict[str, Path], tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture
+):
+    import shutil
+
+    bag = tmp_path / "cut"
+    shutil.copytree(bags[fmt], bag)
+    (data,) = [p for p in bag.iterdir() if p.name != "metadata.yaml"]
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+    with pytest.raises(ReplayError, match="cannot read bag"):
+        read_bag(bag)
+    assert main(["replay", "--bag", str(bag), "--out", str(tmp_path / "T.json")]) == 2
+    assert "cannot read bag" in capsys.readouterr().err
+    assert not (tmp_path / "T.json").exists()
+
+
+def test_missing_bag_and_models(bags: dict[str, Path], tmp_path: Path, capsys):
+    assert main(["replay", "--bag", str(tmp_path / "nope"), "--out", str(tmp_path / "T.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    rc = main(["replay", "--bag", str(bags["sqlite3"]), "--models", str(tmp_path / "none"),
+               "--out", str(tmp_path / "T.json")])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "cannot start" in err and "segmenter.safetensors" in err

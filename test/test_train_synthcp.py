@@ -1,0 +1,195 @@
+"""SynthCP trainers end to end: generator and comparison bundles load into the pipeline.
+
+A tiny world (32×64 images), tiny presets and 2-4 iterations: the file checks plumbing,
+resume and bundle contracts, not learning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from segmentation_safety.checkpoint import load_bundle
+from segmentation_safety.pipeline import Pipeline, PipelineConfig
+from training import cli
+
+H, W = 32, 64
+COMMON = {"device": "cpu", "workers": 0, "checkpoint_every": 1, "log_every": 1}
+SEGMENTER = {
+    **COMMON,
+    "architecture_options": {"width": 4, "dropout": 0.1},
+    "iterations": 2,
+    "batch_size": 2,
+    "crop_size": [H, W],
+}
+# Smaller than the tiny preset still: the bundles carry their architecture, so the
+# detector rebuilds whatever was trained.
+GENERATOR = {
+    **COMMON,
+    "generator_options": {"ngf": 4, "hidden": 8, "num_upsampling": 2},
+    "discriminator_options": {"ndf": 8, "n_layers": 2, "num_d": 1},
+    "iterations": 2,
+    "batch_size": 2,
+    "eval_max_images": 1,
+}
+COMPARISON = {
+    **COMMON,
+    "iterations": 2,
+    "batch_size": 2,
+    "eval_max_images": 2,
+    "comparison_options": {"width": 4, "fuse_channels": 4},
+    "fold_segmenter_options": {"iterations": 2, "batch_size": 2, "workers": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.world import write_world
+
+    root = tmp_path_factory.mktemp("world")
+    write_world(root, seed=0, train=4, val=2, anomaly=1, sequences=0, height=H, width=W,
+                negatives=1, progress=False)  # fmt: skip
+    return root
+
+
+def write_config(path: Path, values: dict) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def train(model: str, data: Path, out: Path, config: Path, *extra: str) -> int:
+    return cli.main(
+        [model, "--data", str(data), "--out", str(out), "--config", str(config), *extra]
+    )
+
+
+@pytest.fixture(scope="module")
+def models(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models directory with a tiny segmenter and a tiny generator."""
+    root = tmp_path_factory.mktemp("models")
+    cfg = tmp_path_factory.mktemp("configs")
+    seg = write_config(cfg / "segmenter.yaml", SEGMENTER)
+    assert train("segmenter", world, root / "segmenter.safetensors", seg) == 0
+    gen = write_config(cfg / "generator.yaml", GENERATOR)
+    assert train("generator", world, root / "generator.safetensors", gen) == 0
+    return root
+
+
+def resynthesis_pipeline(models_dir: Path) -> Pipeline:
+    config = PipelineConfig(
+        anomaly="resynthesis",
+        failure="resynthesis",
+        class_iou="resynthesis",
+        device="cpu",
+        detector_options={"resynthesis": {"preset": "tiny"}},
+    )
+    return Pipeline.from_models_dir(models_dir, config)
+
+
+def test_generator_bundle(models: Path):
+    bundle = load_bundle(models / "generator.safetensors", kind="generator")
+    meta = bundle.metadata
+    assert meta["architecture"]["name"] == "spade"
+    assert meta["architecture"]["num_classes"] == 19
+    assert meta["input_size"] == [H, W]
+    assert 0.0 <= meta["metrics"]["val_l1"] <= 1.0
+    assert meta["training"]["config"]["iterations"] == GENERATOR["iterations"]
+    # Only the generator ships: no discriminator weights in the bundle.
+    assert not any(k.startswith("discriminator") for k in bundle.tensors)
+
+
+def test_generator_resume_matches_uninterrupted(world: Path, models: Path, tmp_path: Path):
+    config = write_config(tmp_path / "generator.yaml", GENERATOR)
+    out = tmp_path / "generator.safetensors"
+    assert train("generator", world, out, config, "--stop-after", "1") == 0
+    assert not out.exists() and (tmp_path / "generator.safetensors.ckpt").is_file()
+    assert train("generator", world, out, config, "--resume") == 0
+    resumed = load_bundle(out, kind="generator").tensors
+    uninterrupted = load_bundle(models / "generator.safetensors", kind="generator").tensors
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def comparison(world: Path, models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """comparison.safetensors in the models directory, trained once with 2 folds."""
+    config = write_config(tmp_path_factory.mktemp("cfg") / "c.yaml", {**COMPARISON, "folds": 2})
+    out = models / "comparison.safetensors"
+    assert train("comparison", world, out, config) == 0
+    return out
+
+
+def test_comparison_with_folds_loads_into_pipeline(models: Path, comparison: Path):
+    out = comparison
+    for i in range(2):
+        fold = load_bundle(Path(f"{out}.folds") / f"fold{i}.safetensors", kind="segmenter")
+        assert set(fold.metadata["holdout_indices"]).isdisjoint(fold.metadata["train_indices"])
+    meta = load_bundle(out, kind="comparison").metadata
+    assert meta["architecture"]["name"] == "synthcp_comparison"
+    assert meta["predictions"] == "folds"
+    assert 0.0 <= meta["metrics"]["fold0_holdout_miou"] <= 1.0
+    assert "eval_failure_auroc" in meta["metrics"] and "eval_iou_mae" in meta["metrics"]
+
+    pipeline = resynthesis_pipeline(models)
+    image = np.random.default_rng(1).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    result = pipeline.process(image)
+    assert result.failure.shape == (H, W) and result.anomaly.shape == (H, W)
+    assert (
+        np.isfinite(result.failure).all() and ((0 <= result.failure) & (result.failure <= 1)).all()
+    )
+    assert result.class_iou.shape == (19,)
+
+
+def test_comparison_given_predictions(world: Path, models: Path, tmp_path: Path):
+    values = {
+        **COMPARISON,
+        "predictions": "given",
+        "given_eval_fraction": 0.5,
+        "segmenter": str(models / "segmenter.safetensors"),
+        "generator": str(models / "generator.safetensors"),
+    }
+    out = tmp_path / "comparison.safetensors"
+    assert train("comparison", world, out, write_config(tmp_path / "c.yaml", values)) == 0
+    assert not Path(f"{out}.folds").exists()  # no fold segmenters in this mode
+    bundle = load_bundle(out, kind="comparison")
+    assert bundle.metadata["predictions"] == "given"
+
+
+def test_comparison_resume_matches_uninterrupted(
+    world: Path, models: Path, comparison: Path, tmp_path: Path
+):
+    values = {
+        **COMPARISON,
+        "segmenter": str(models / "segmenter.safetensors"),
+        "generator": str(models / "generator.safetensors"),
+    }
+    config = write_config(tmp_path / "c.yaml", values)
+    out = tmp_path / "comparison.safetensors"
+    assert train("comparison", world, out, config, "--stop-after", "1") == 0
+    assert not out.exists() and Path(f"{out}.folds/fold0.safetensors.ckpt").is_file()
+    assert train("comparison", world, out, config, "--resume") == 0
+    resumed = load_bundle(out, kind="comparison").tensors
+    reference = load_bundle(comparison, kind="comparison").tensors
+    for key, value in reference.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("model", "values"),
+    [
+        ("comparison", {"predictions": "sometimes"}),
+        ("comparison", {"preset": "huge"}),
+        ("generator", {"bn": "frozen"}),
+        ("generator", {"lr_gen": 0.1}),  # a typo is refused, not ignored
+    ],
+)
+def test_bad_config_is_refused(model: str, values: dict, world: Path, tmp_path: Path, capsys):
+    config = write_config(tmp_path / "bad.yaml", {**COMMON, **values})
+    assert train(model, world, tmp_path / "x.safetensors", config) == 2
+    assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

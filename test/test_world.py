@@ -1,0 +1,213 @@
+"""The synthetic world: determinism, layout, label validity, anomalies, sequences, negatives."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from segmentation_safety.labels import LABEL_TO_TRAIN, NUM_CLASSES
+from training.world import ANOMALY_KINDS, NEGATIVE_KINDS, render_negative, render_scene
+from training.world.cli import add_parser as add_world_parser
+from training.world.layout import sample_layout
+from training.world.writer import write_world
+
+H, W = 96, 192
+SMALL = dict(train=3, val=2, anomaly=3, sequences=2, sequence_length=4, negatives=2)
+VALID_TRAIN_IDS = set(range(NUM_CLASSES)) | {255}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    write_world(out, seed=7, height=H, width=W, progress=False, **SMALL)
+    return out
+
+
+def test_same_seed_same_bytes_other_seed_differs(world: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    write_world(again, seed=7, height=H, width=W, progress=False, **SMALL)
+    assert _files(world) == _files(again)
+    other = tmp_path / "other"
+    write_world(
+        other,
+        seed=8,
+        height=H,
+        width=W,
+        progress=False,
+        train=1,
+        val=0,
+        anomaly=0,
+        sequences=0,
+        negatives=0,
+    )
+    name = "leftImg8bit/train/synthberg/synthberg_000000_000019_leftImg8bit.png"
+    assert (other / name).read_bytes() != (world / name).read_bytes()
+
+
+def test_cityscapes_layout_and_counts(world: Path) -> None:
+    info = json.loads((world / "world.json").read_text())
+    assert info["seed"] == 7 and info["counts"]["train"] == SMALL["train"]
+    pattern = re.compile(r"^leftImg8bit/(train|val)/([a-z]+)/\2_\d{6}_\d{6}_leftImg8bit\.png$")
+    images = sorted(p.relative_to(world).as_posix() for p in (world / "leftImg8bit").rglob("*.png"))
+    assert len(images) == SMALL["train"] + SMALL["val"]
+    for rel in images:
+        m = pattern.match(rel)
+        assert m, rel
+        stem = Path(rel).name[: -len("_leftImg8bit.png")]
+        gt = world / "gtFine" / m.group(1) / m.group(2)
+        assert (gt / f"{stem}_gtFine_labelIds.png").is_file()
+        assert (gt / f"{stem}_gtFine_labelTrainIds.png").is_file()
+        assert _read(world / rel).shape == (H, W, 3)
+    assert {p.parent.name for p in (world / "leftImg8bit" / "val").rglob("*.png")} == set(
+        info["cities"]["val"]
+    )
+
+
+def test_labels_are_valid_and_consistent(world: Path) -> None:
+    for path in (world / "gtFine").rglob("*_labelTrainIds.png"):
+        train = _read(path)
+        ids = _read(Path(str(path).replace("_labelTrainIds", "_labelIds")))
+        assert train.shape == (H, W) and train.dtype == np.uint8
+        assert set(np.unique(train)) <= VALID_TRAIN_IDS
+        np.testing.assert_array_equal(LABEL_TO_TRAIN[ids], train)
+        assert len(np.unique(train)) >= 4  # a street, not a blank frame
+
+
+def test_anomaly_split_labels_and_placement(world: Path) -> None:
+    below_road, below_total = 0, 0
+    for path in sorted((world / "anomaly" / "labels").glob("*.png")):
+        anomaly = _read(path)
+        semantic = _read(world / "anomaly" / "semantic" / path.name)
+        assert set(np.unique(anomaly)) <= {0, 1, 255}
+        assert (anomaly == 1).sum() > 0
+        assert (semantic[anomaly == 1] == 255).all()
+        assert not (anomaly[: int(H * 0.3)] == 1).any()  # cargo lies below the sky
+        # The pixel right under the bottom edge of cargo is mostly road.
+        cargo = anomaly == 1
+        edge = cargo[:-1] & ~cargo[1:]
+        under = semantic[1:][edge]
+        below_road += int((under == 0).sum())
+        below_total += int((under != 255).sum())
+    assert below_total > 0 and below_road / below_total > 0.6
+
+
+def test_anomaly_kinds_never_in_training_or_negatives() -> None:
+    assert set(ANOMALY_KINDS).isdisjoint(NEGATIVE_KINDS)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        assert sample_layout(rng, H, W).cargo == ()
+        _, train_ids, anomaly = render_scene(rng, H, W)
+        assert anomaly is None
+        assert set(np.unique(train_ids)) <= VALID_TRAIN_IDS
+
+
+def test_render_scene_contract() -> None:
+    image, train_ids, anomaly = render_scene(np.random.default_rng(5), H, W, cargo=2)
+    assert image.shape == (H, W, 3) and image.dtype == np.uint8
+    assert train_ids.shape == (H, W) and anomaly.shape == (H, W)
+    assert (anomaly == 1).any()
+    # Void is shared: cargo and the hood are void in the train ids, hood void in anomaly.
+    assert ((anomaly == 255) <= (train_ids == 255)).all()
+    assert image.std() > 10
+
+
+def test_sequences(world: Path) -> None:
+    names = sorted(p.name for p in (world / "sequences").iterdir())
+    assert len(names) == SMALL["sequences"]
+    for name in names:
+        root = world / "sequences" / name
+        stamps = [float(s) for s in (root / "timestamps.txt").read_text().split()]
+        assert len(stamps) == SMALL["sequence_length"]
+        assert all(b > a for a, b in zip(stamps, stamps[1:]))
+        meta = json.loads((root / "sequence.json").read_text())
+        assert meta["frames"] == len(stamps) and meta["fps"] > 0
+        frames = sorted((root / "images").glob("*.png"))
+        assert len(frames) == len(stamps)
+        assert (_read(frames[0]) != _read(frames[-1])).any()  # the camera moves
+        for f in frames:
+            assert set(np.unique(_read(root / "anomaly" / f.name))) <= {0, 1, 255}
+            assert set(np.unique(_read(root / "labels" / f.name))) <= VALID_TRAIN_IDS
+    first = json.loads((world / "sequences" / names[0] / "sequence.json").read_text())
+    assert first["cargo"] and set(first["cargo"]) <= set(ANOMALY_KINDS)
+
+
+def test_cargo_approaches_in_a_sequence(tmp_path: Path) -> None:
+    write_world(
+        tmp_path,
+        seed=2,
+        height=H,
+        width=W,
+        progress=False,
+        train=0,
+        val=0,
+        anomaly=0,
+        sequences=1,
+        sequence_length=12,
+        negatives=0,
+    )
+    frames = sorted((tmp_path / "sequences" / "seq_000" / "anomaly").glob("*.png"))
+    counts = [int((_read(f) == 1).sum()) for f in frames]
+    assert counts[-1] > 0 and counts[-1] > counts[0]
+
+
+def test_negatives(world: Path) -> None:
+    masks = sorted((world / "negatives" / "masks").glob("*.png"))
+    assert len(masks) == SMALL["negatives"]
+    for m in masks:
+        inst = _read(m)
+        ids = sorted(set(np.unique(inst)) - {0})
+        assert ids == list(range(1, len(ids) + 1)) and ids
+        assert _read(world / "negatives" / "images" / m.name).shape == (H, W, 3)
+    image, inst, kinds = render_negative(np.random.default_rng(1), 64, 64)
+    assert len(kinds) == inst.max() and set(kinds) <= set(NEGATIVE_KINDS)
+
+
+def test_cli_parser_writes_world(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_world_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "world",
+            "--out",
+            str(tmp_path),
+            "--seed",
+            "1",
+            "--train",
+            "1",
+            "--val",
+            "1",
+            "--anomaly",
+            "1",
+            "--sequences",
+            "0",
+            "--height",
+            "64",
+            "--width",
+            "128",
+            "--negatives",
+            "0",
+            "--no-progress",
+        ]
+    )
+    assert args.run(args) == 0
+    info = json.loads((tmp_path / "world.json").read_text())
+    assert info["height"] == 64 and info["counts"]["anomaly"] == 1
+    image = cv2.imread(str(next((tmp_path / "leftImg8bit" / "val").rglob("*.png"))))
+    assert image.shape == (64, 128, 3)

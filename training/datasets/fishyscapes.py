@@ -1,0 +1,88 @@
+"""Fishyscapes (Blum et al., IJCV 2021): Lost & Found and Static, labels 0/1/255.
+
+Two public layouts are read:
+
+* ``FishyscapesLostAndFound``: the official validation zip
+  (``fishyscapes_lostandfound.zip``): a flat folder of
+  ``<index:04d>_<city>_<seq>_<frame>_labels.png`` (0 inlier, 1 anomaly, 255 void); the
+  images are not in the zip and are read from the Lost and Found release
+  (``<laf_root>/leftImg8bit/{train,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png``).
+* ``FishyscapesProcessed``: the preprocessed release used by most public methods
+  (SynBoost's ``data_processed``: ``<root>/original/<name>.png`` images and
+  ``<root>/labels/<name>.png`` labels, 0/1/255). FS Static has no official image
+  download (its images are Cityscapes frames), so this is the layout we read it in;
+  FS Lost & Found in the same layout is read by the same class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from training.datasets.common import (
+    FileDataset,
+    Sample,
+    Transform,
+    read_label,
+    read_rgb,
+    require_dir,
+)
+
+LABEL_SUFFIX = "_labels.png"
+
+
+def _checked(anomaly, path: Path):  # noqa: ANN001, ANN202 - tiny private helper
+    bad = set(map(int, set(anomaly.ravel().tolist()))) - {0, 1, 255}
+    if bad:
+        raise ValueError(f"{path}: anomaly labels must be 0/1/255, found {sorted(bad)}")
+    return anomaly
+
+
+class FishyscapesLostAndFound(FileDataset):
+    """Samples ``{"image", "anomaly": 0/1/255, "name"}`` from the official label zip."""
+
+    def __init__(
+        self, labels_dir: str | Path, laf_root: str | Path, transform: Transform | None = None
+    ) -> None:
+        self.labels_dir = require_dir(Path(labels_dir), "Fishyscapes L&F labels")
+        self.laf_root = Path(laf_root)
+        require_dir(self.laf_root / "leftImg8bit", "Lost and Found images")
+        super().__init__(sorted(self.labels_dir.glob(f"*{LABEL_SUFFIX}")), transform)
+
+    def image_path(self, label: Path) -> Path:
+        """The Lost and Found image of a label file (searched in train, then test)."""
+        stem = label.name.split("_", 1)[1][: -len(LABEL_SUFFIX)]  # drop the index prefix
+        city = stem.rsplit("_", 2)[0]
+        for split in ("train", "test"):
+            path = self.laf_root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
+            if path.exists():
+                return path
+        raise FileNotFoundError(f"no Lost and Found image for {label.name} (city {city})")
+
+    def load(self, item: Path) -> Sample:
+        image = read_rgb(self.image_path(item))
+        return {"image": image, "anomaly": _checked(read_label(item), item), "name": item.stem}
+
+
+class FishyscapesProcessed(FileDataset):
+    """Samples ``{"image", "anomaly": 0/1/255, "name"}`` from ``original/`` + ``labels/``."""
+
+    def __init__(self, root: str | Path, transform: Transform | None = None) -> None:
+        self.root = Path(root)
+        images = require_dir(self.root / "original", "Fishyscapes images")
+        require_dir(self.root / "labels", "Fishyscapes labels")
+        items = [p for p in sorted(images.iterdir()) if p.suffix.lower() in (".png", ".jpg")]
+        super().__init__(items, transform)
+
+    def load(self, item: Path) -> Sample:
+        path = self.root / "labels" / f"{item.stem}.png"
+        if not path.exists():
+            raise FileNotFoundError(f"no label for {item}: expected {path}")
+        return {
+            "image": read_rgb(item),
+            "anomaly": _checked(read_label(path), path),
+            "name": item.stem,
+        }
+
+
+#: FS Static is read in the processed layout.
+FishyscapesStatic = FishyscapesProcessed

@@ -1,0 +1,214 @@
+"""Pieces every trainer needs: data splits, segmenter bundles, evaluation, bundle writing."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from segmentation_safety.checkpoint import Bundle, BundleError, load_bundle, save_bundle
+from segmentation_safety.detectors.base import Detector
+from segmentation_safety.models.segmenter import Segmenter
+from training.engine.loop import LoopConfig, RunContext
+from training.engine.transforms import to_tensors
+
+
+class DataError(ValueError):
+    """A data directory or split that cannot be trained on; the message names it."""
+
+
+def loop_config(config: dict[str, Any], args: argparse.Namespace) -> LoopConfig:
+    """The engine's loop settings from a trainer config and the CLI arguments."""
+    return LoopConfig(
+        iterations=int(config["iterations"]),
+        out=Path(args.out),
+        resume=bool(getattr(args, "resume", False)),
+        checkpoint_every=int(config["checkpoint_every"]),
+        log_every=int(config["log_every"]),
+        grad_clip=float(config.get("grad_clip", 0.0) or 0.0),
+        workers=int(config.get("workers", 0)),
+        stop_after=getattr(args, "stop_after", None),
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def open_split(root: str | os.PathLike[str], split: str) -> Sequence[dict[str, Any]]:
+    """The ``split`` of the Cityscapes-layout dataset under ``root``.
+
+    Items are dicts with ``image`` (uint8 H×W×3) and ``label`` (uint8 train ids, 255
+    void). A missing directory or an empty split raises a DataError naming the path.
+    """
+    from training.datasets.cityscapes import Cityscapes
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist")
+    try:
+        dataset = Cityscapes(root, split)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise DataError(f"data directory {root}: cannot read split {split!r}: {e}") from None
+    if len(dataset) == 0:
+        raise DataError(f"data directory {root}: split {split!r} has no images")
+    return dataset
+
+
+def sample_tensors(item: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset item -> (3×H×W uint8 image, H×W int64 label) tensors."""
+    return to_tensors(item["image"], item.get("label"))
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of ``range(n)`` into (kept, held out) with ``fraction`` held out."""
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    n_out = min(n - 1, max(1, round(n * fraction))) if n > 1 else 0
+    return sorted(order[n_out:]), sorted(order[:n_out])
+
+
+# --------------------------------------------------------------------------- segmenters
+
+
+def load_segmenter(path: str | os.PathLike[str]) -> tuple[Segmenter, Bundle]:
+    """A segmenter and its bundle from a ``segmenter`` bundle file."""
+    from segmentation_safety.models.zoo import segmenter_from_bundle
+
+    bundle = load_bundle(path, kind="segmenter")
+    try:
+        return segmenter_from_bundle(bundle, path=str(path)), bundle
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise BundleError(path, f"cannot build the segmenter: {e}") from None
+
+
+def segmenter_path(config: dict[str, Any], out: str | os.PathLike[str]) -> Path:
+    """``config["segmenter"]``, else ``segmenter.safetensors`` beside ``out`` (models dir)."""
+    if config.get("segmenter"):
+        return Path(config["segmenter"])
+    return Path(out).parent / "segmenter.safetensors"
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients and eval mode (dropout off, BN statistics fixed)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    segmenter: Segmenter,
+    dataset: Sequence[dict[str, Any]],
+    device: torch.device,
+    max_images: int | None = None,
+    indices: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Closed-set mIoU and pixel accuracy on full images (one at a time)."""
+    from segmentation_safety.metrics import ConfusionMatrix
+
+    was_training = segmenter.training
+    segmenter.eval()
+    confusion = ConfusionMatrix(segmenter.num_classes)
+    chosen = list(indices) if indices is not None else list(range(len(dataset)))
+    for i in chosen[:max_images]:
+        image, label = sample_tensors(dataset[i])
+        logits = predict_logits(segmenter, image, device)
+        confusion.update(logits.argmax(1)[0].cpu().numpy(), label.numpy())
+    segmenter.train(was_training)
+    scores = confusion.compute()
+    return {"miou": scores.miou, "pixel_accuracy": scores.pixel_accuracy}
+
+
+def predict_logits(segmenter: Segmenter, image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """1×K×H×W logits at the image's resolution for one 3×H×W uint8 image."""
+    x = segmenter.normalize(image[None].to(device))
+    logits = segmenter(x).logits.float()
+    return nn.functional.interpolate(
+        logits, size=image.shape[-2:], mode="bilinear", align_corners=False
+    )
+
+
+# --------------------------------------------------------------------------- bundles
+
+
+def training_metadata(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """What every bundle records about how it was trained."""
+    return {"config": config, "data": str(Path(args.data).resolve()), "model": args.model}
+
+
+def export_part(detector: Detector, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The detector's own ``export_part``; its full state when it does not provide one."""
+    try:
+        return detector.export_part(kind)
+    except KeyError:
+        if kind not in detector.trained_parts:
+            raise
+    metadata = {
+        "kind": kind,
+        "detector": detector.name,
+        "architecture": dict(getattr(detector, "architecture", {})),
+        "num_classes": detector.segmenter.num_classes,
+    }
+    return dict(detector.state_dict()), metadata
+
+
+def write_bundle(
+    ctx: RunContext,
+    path: str | os.PathLike[str],
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+) -> None:
+    """``save_bundle`` on rank 0 only (every rank holds the same weights)."""
+    if ctx.is_main:
+        save_bundle(path, tensors, _jsonable(metadata))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and value != value:  # NaN is not JSON
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class NegativeImages:
+    """The world's ``negatives/`` split: RGB images with instance masks (DenseHybrid).
+
+    ``negatives/images/<name>.png`` (RGB) and ``negatives/masks/<name>.png`` (instance
+    ids, 0 = background); a missing mask means "rectangle pasting only".
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root) / "negatives"
+        self.images = sorted((self.root / "images").glob("*.png"))
+        if not self.images:
+            raise DataError(
+                f"no negative images in {self.root / 'images'} (DenseHybrid needs them)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(3×h×w uint8 image, h×w int64 instance ids or None)."""
+        import cv2
+
+        path = self.images[index]
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise DataError(f"cannot read negative image {path}")
+        image = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1)
+        mask_path = self.root / "masks" / path.name
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED) if mask_path.is_file() else None
+        return image.contiguous(), None if mask is None else torch.from_numpy(mask).long()

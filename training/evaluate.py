@@ -1,0 +1,373 @@
+"""Evaluation loop: samples -> one shared forward pass per batch -> streaming metrics.
+
+Pure apart from the progress bar: it takes an iterable of sample dicts and a
+:class:`~segmentation_safety.pipeline.Pipeline` and returns an :class:`EvaluationReport`.
+Loading datasets and models and writing the report are the caller's business
+(``training/evaluate_cli.py``, ``training/report.py``).
+
+A sample is a mapping with
+- ``"image"``: H×W×3 uint8 RGB (required);
+- ``"label"``: H×W train ids, 255 void (optional): segmentation mIoU, failure and IoU
+  prediction metrics;
+- ``"anomaly"``: H×W 0 inlier / 1 anomaly / 255 void (optional): anomaly metrics;
+- ``"name"``: used in error messages (optional).
+Every metric the labels of a sample allow is computed; a detector is scored on each kind of
+map it produces for which the split has ground truth.
+
+Maps and logits are upsampled to the label resolution (bilinear, align_corners=False)
+before scoring; the segmentation is the argmax of the upsampled logits. The metric state
+is bounded: pixel metrics use the fixed-size histograms of ``segmentation_safety.metrics``
+(``metrics_mode="histogram"``) unless ``"exact"`` is asked for, and IoU prediction keeps a
+few floats per image.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segmentation_safety.metrics import (
+    AnomalyMetrics,
+    AnomalyResult,
+    ConfusionMatrix,
+    FailureMetrics,
+    FailureResult,
+    IoUPredictionMetrics,
+    IoUPredictionResult,
+    per_image_class_iou,
+)
+from segmentation_safety.pipeline import Pipeline
+from segmentation_safety.types import DetectorOutput
+
+VOID = 255
+
+
+@dataclass
+class DetectorScores:
+    """What one detector reached; ``None`` for a kind it does not produce or the split lacks."""
+
+    anomaly: AnomalyResult | None = None
+    failure: FailureResult | None = None
+    iou: IoUPredictionResult | None = None
+
+    def blocks(self) -> dict[str, dict[str, float]]:
+        """The detector's blocks of the evaluate report (DESIGN.md 5.2), NaN kept."""
+        out = {}
+        for key in ("anomaly", "failure", "iou"):
+            result = getattr(self, key)
+            if result is not None:
+                out[key] = result.as_dict()
+        return out
+
+
+@dataclass
+class EvaluationReport:
+    """Everything ``segsafe evaluate`` reports, as plain data (fractions, not percent)."""
+
+    dataset: str
+    split: str
+    images: int
+    miou: float | None  # None when the split has no segmentation labels
+    pixel_accuracy: float | None
+    class_iou: np.ndarray | None  # per class, NaN where a class never occurred
+    class_names: list[str]
+    detectors: dict[str, DetectorScores]
+    skipped: dict[str, str] = field(default_factory=dict)  # detector -> why it has no scores
+    seconds: float = 0.0
+    segmenter: str = ""
+    metrics_mode: str = "histogram"
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+class MetricAccumulators:
+    """Streaming metric state for one evaluation: segmentation plus each detector's kinds.
+
+    Accumulators are created on first use, so a split without segmentation labels never
+    allocates failure histograms.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        produces: Mapping[str, frozenset[str]],
+        metrics_mode: str = "histogram",
+    ) -> None:
+        self.num_classes = num_classes
+        self.produces = dict(produces)
+        self.metrics_mode = metrics_mode
+        self.confusion: ConfusionMatrix | None = None
+        self.anomaly: dict[str, AnomalyMetrics] = {}
+        self.failure: dict[str, FailureMetrics] = {}
+        self.iou: dict[str, IoUPredictionMetrics] = {}
+        self.images = 0
+
+    def update(
+        self,
+        logits: torch.Tensor,
+        outputs: Mapping[str, DetectorOutput],
+        label: np.ndarray | None,
+        anomaly: np.ndarray | None,
+    ) -> None:
+        """Score one image: ``logits`` K×h×w and each detector's maps (h'×w', any size).
+
+        ``label``/``anomaly`` are the image's ground truth (H×W, either may be None).
+        """
+        target = label if label is not None else anomaly
+        if target is None:
+            raise ValueError("an evaluated image needs a 'label' or an 'anomaly' map")
+        size = tuple(target.shape)
+        self.images += 1
+        if label is not None and anomaly is not None:
+            label = closed_set_label(label, anomaly, self.num_classes)
+        if label is not None:
+            pred = _upsample(logits.float(), size).argmax(0).cpu().numpy()
+            if self.confusion is None:
+                self.confusion = ConfusionMatrix(self.num_classes)
+            self.confusion.update(pred, label)
+        for name, out in outputs.items():
+            kinds = self.produces.get(name, frozenset())
+            if anomaly is not None and "anomaly" in kinds and out.anomaly is not None:
+                score = _upsample(out.anomaly.float(), size).cpu().numpy()
+                self._anomaly(name).update(score, anomaly)
+            if label is None:
+                continue
+            if "failure" in kinds and out.failure is not None:
+                score = _upsample(out.failure.float(), size).cpu().numpy()
+                self._failure(name).update(score, pred, label)
+            if "class_iou" in kinds and out.class_iou is not None:
+                true = per_image_class_iou(pred, label, self.num_classes)
+                self._iou(name).update(out.class_iou.float().cpu().numpy(), true)
+
+    def scores(self) -> dict[str, DetectorScores]:
+        """Per-detector results over everything seen so far (detectors without any: empty)."""
+        return {
+            name: DetectorScores(
+                anomaly=self.anomaly[name].compute() if name in self.anomaly else None,
+                failure=self.failure[name].compute() if name in self.failure else None,
+                iou=self.iou[name].compute() if name in self.iou else None,
+            )
+            for name in self.produces
+        }
+
+    def _anomaly(self, name: str) -> AnomalyMetrics:
+        if name not in self.anomaly:
+            self.anomaly[name] = AnomalyMetrics(mode=self.metrics_mode)
+        return self.anomaly[name]
+
+    def _failure(self, name: str) -> FailureMetrics:
+        if name not in self.failure:
+            self.failure[name] = FailureMetrics(mode=self.metrics_mode)
+        return self.failure[name]
+
+    def _iou(self, name: str) -> IoUPredictionMetrics:
+        if name not in self.iou:
+            self.iou[name] = IoUPredictionMetrics(self.num_classes)
+        return self.iou[name]
+
+
+def evaluate(
+    pipeline: Pipeline,
+    samples: Iterable[Mapping[str, Any]],
+    detectors: Sequence[str] | None = None,
+    *,
+    dataset: str = "dataset",
+    split: str = "",
+    batch_size: int = 1,
+    limit: int | None = None,
+    total: int | None = None,
+    metrics_mode: str = "histogram",
+    progress: bool = True,
+    skipped: Mapping[str, str] | None = None,
+    segmenter: str = "",
+) -> EvaluationReport:
+    """Run ``pipeline`` over ``samples`` and score its ``detectors`` (default: all it has).
+
+    Consecutive samples of equal image size are batched (up to ``batch_size``) through
+    one :meth:`Pipeline.run`, which serves every detector. ``limit`` stops after that many
+    images; ``total`` sizes the progress bar. ``skipped`` (name -> reason) is carried into
+    the report for detectors the caller could not load.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    names = list(pipeline.detectors if detectors is None else detectors)
+    unknown = [n for n in names if n not in pipeline.detectors]
+    if unknown:
+        raise ValueError(f"detectors {unknown} are not loaded in the pipeline")
+    produces = {n: frozenset(pipeline.detectors[n].produces) for n in names}
+    acc = MetricAccumulators(pipeline.segmenter.num_classes, produces, metrics_mode)
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+    bar = tqdm(
+        total=total,
+        desc=f"evaluate {dataset}{'/' + split if split else ''}",
+        unit="img",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    t0 = time.perf_counter()
+    try:
+        for batch in _batches(_checked(samples, limit), batch_size):
+            images = np.stack([s["image"] for s in batch])
+            seg, outs, _ = pipeline.run(pipeline.to_input(images), names)
+            for b, sample in enumerate(batch):
+                try:
+                    acc.update(
+                        seg.logits[b],
+                        {n: _pick(o, b) for n, o in outs.items()},
+                        sample["label"],
+                        sample["anomaly"],
+                    )
+                except ValueError as e:
+                    raise ValueError(f"{sample['name']}: {e}") from None
+            bar.update(len(batch))
+            # tqdm flips to s/img below 1 img/s; the throughput people compare is img/s.
+            bar.set_postfix_str(f"{acc.images / (time.perf_counter() - t0):.2f} img/s")
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    if acc.images == 0:
+        raise ValueError(f"no images to evaluate in {dataset}{'/' + split if split else ''}")
+    return _report(acc, pipeline, dataset, split, seconds, skipped, segmenter, metrics_mode)
+
+
+def _pick(out: DetectorOutput, b: int) -> DetectorOutput:
+    """Image ``b`` of a batched detector output."""
+    return DetectorOutput(
+        *(None if m is None else m[b] for m in (out.anomaly, out.failure, out.class_iou))
+    )
+
+
+def _report(
+    acc: MetricAccumulators,
+    pipeline: Pipeline,
+    dataset: str,
+    split: str,
+    seconds: float,
+    skipped: Mapping[str, str] | None,
+    segmenter: str,
+    metrics_mode: str,
+) -> EvaluationReport:
+    scores = acc.scores()
+    skipped = dict(skipped or {})
+    for name, s in list(scores.items()):
+        if not s.blocks():
+            # Produces nothing this split has ground truth for (e.g. failure maps on an
+            # anomaly-only split): say so instead of listing an empty entry.
+            skipped[name] = (
+                f"produces {sorted(acc.produces[name])}, none of which this split can score"
+            )
+            del scores[name]
+    seg = acc.confusion.compute() if acc.confusion is not None else None
+    return EvaluationReport(
+        dataset=dataset,
+        split=split,
+        images=acc.images,
+        miou=None if seg is None else seg.miou,
+        pixel_accuracy=None if seg is None else seg.pixel_accuracy,
+        class_iou=None if seg is None else seg.iou,
+        class_names=list(pipeline.class_names),
+        detectors=scores,
+        skipped=skipped,
+        seconds=seconds,
+        segmenter=segmenter,
+        metrics_mode=metrics_mode,
+    )
+
+
+def closed_set_label(label: np.ndarray, anomaly: np.ndarray, num_classes: int) -> np.ndarray:
+    """Void the anomaly pixels of a label map that encodes them as an extra class.
+
+    StreetHazards labels its anomalies as class K (open-set style); closed-set mIoU and
+    failure detection score the K known classes only, as the benchmark does. Other ids
+    outside the segmenter's classes are left alone, so a mismatched label set still fails.
+    """
+    extra = (label >= num_classes) & (label != VOID) & (anomaly == 1)
+    if not extra.any():
+        return label
+    return np.where(extra, np.uint8(VOID), label).astype(label.dtype)
+
+
+def _checked(samples: Iterable[Mapping[str, Any]], limit: int | None) -> Iterator[dict]:
+    """Validate each sample (clear errors naming it) and stop after ``limit``."""
+    for i, sample in enumerate(samples):
+        if limit is not None and i >= limit:
+            return
+        yield check_sample(sample, i)
+
+
+def check_sample(sample: Mapping[str, Any], index: int = 0) -> dict[str, Any]:
+    """Return the sample with numpy arrays, or raise ValueError naming what is wrong."""
+    what = f"sample {sample.get('name', index)!s}"
+    if "image" not in sample:
+        raise ValueError(f"{what} has no 'image'")
+    image = np.asarray(sample["image"])
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"{what}: image must be H×W×3 uint8 RGB, got {image.dtype} {image.shape}")
+    out: dict[str, Any] = {"image": image, "name": what}
+    for key in ("label", "anomaly"):
+        if sample.get(key) is None:
+            out[key] = None
+            continue
+        arr = np.asarray(sample[key])
+        if arr.ndim != 2:
+            raise ValueError(f"{what}: {key} must be H×W, got shape {arr.shape}")
+        out[key] = arr
+    if out["label"] is None and out["anomaly"] is None:
+        raise ValueError(f"{what} has neither a 'label' nor an 'anomaly' map")
+    if (
+        out["label"] is not None
+        and out["anomaly"] is not None
+        and out["label"].shape != out["anomaly"].shape
+    ):
+        raise ValueError(
+            f"{what}: label {out['label'].shape} and anomaly {out['anomaly'].shape} differ in size"
+        )
+    return out
+
+
+def _batches(samples: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
+    """Group consecutive samples of one image size (a batch must stack)."""
+    batch: list[dict] = []
+    for s in samples:
+        if batch and (len(batch) == batch_size or s["image"].shape != batch[0]["image"].shape):
+            yield batch
+            batch = []
+        batch.append(s)
+    if batch:
+        yield batch
+
+
+def _upsample(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """C×h×w or h×w -> same at ``size`` (bilinear, align_corners=False)."""
+    squeeze = t.ndim == 2
+    x = t[None, None] if squeeze else t[None]
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x[0, 0] if squeeze else x[0]
+
+
+def nan_to_none(value: float | None, low: float = 0.0, high: float = 1.0) -> float | None:
+    """A metric for JSON: NaN (undefined, e.g. no anomaly pixel) -> None, clipped to its range.
+
+    Clipping only removes summation rounding (an AP of 1.0000000000000002); the metrics
+    themselves lie in [low, high] by construction.
+    """
+    if value is None or math.isnan(value):
+        return None
+    return min(max(float(value), low), high)

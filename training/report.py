@@ -1,0 +1,176 @@
+"""Writing an :class:`~training.evaluate.EvaluationReport`: R.json, R.md and PR/ROC plots.
+
+R.json follows DESIGN.md 5.2 exactly::
+
+    {"dataset": str, "images": int, "segmentation": {"miou": f},
+     "detectors": {NAME: {"anomaly": {...}, "failure": {...}, "iou": {...}}},
+     "skipped": {NAME: reason}}
+
+Choices where the contract is silent: a block the split cannot measure is left out
+("segmentation" on an anomaly-only split, as a detector lists only the blocks it
+produces); an undefined metric (e.g. no anomaly pixel at all) is ``null``, since JSON has
+no NaN; "skipped" names detectors that were not scored, with the reason. Fractions, not
+percent. The plots are ``R_anomaly.png`` and ``R_failure.png`` (PR left, ROC right) beside
+R.json. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from segmentation_safety.checkpoint import atomic_write_bytes
+from training.evaluate import EvaluationReport, nan_to_none
+
+
+def report_json(report: EvaluationReport) -> dict[str, Any]:
+    """The DESIGN.md 5.2 dictionary of ``report`` (NaN -> None)."""
+    out: dict[str, Any] = {"dataset": report.dataset, "images": int(report.images)}
+    if report.miou is not None:
+        out["segmentation"] = {"miou": nan_to_none(report.miou)}
+    out["detectors"] = {
+        name: {
+            block: {
+                k: nan_to_none(v, -1.0 if k in _CORRELATIONS else 0.0) for k, v in values.items()
+            }
+            for block, values in scores.blocks().items()
+        }
+        for name, scores in report.detectors.items()
+    }
+    out["skipped"] = dict(report.skipped)
+    return out
+
+
+def report_markdown(report: EvaluationReport) -> str:
+    """A human-readable summary: one table per kind of map, values in percent."""
+    title = f"{report.dataset}/{report.split}" if report.split else report.dataset
+    lines = [f"# Evaluation on {title}", ""]
+    facts = [f"{report.images} images"]
+    if report.segmenter:
+        facts.append(f"segmenter {report.segmenter}")
+    if report.seconds > 0:
+        facts.append(f"{report.images_per_second:.2f} images/s")
+    facts.append(f"pixel metrics: {report.metrics_mode}")
+    lines += [", ".join(facts) + ".", ""]
+    if report.miou is not None:
+        lines += [
+            f"Segmentation: mIoU {_pct(report.miou)}, pixel accuracy "
+            f"{_pct(report.pixel_accuracy)}.",
+            "",
+        ]
+        if report.class_iou is not None:
+            lines += ["| class | IoU |", "| --- | ---: |"]
+            for i, v in enumerate(report.class_iou):
+                name = report.class_names[i] if i < len(report.class_names) else str(i)
+                lines.append(f"| {name} | {_pct(v)} |")
+            lines.append("")
+    tables = [
+        ("anomaly", "Anomaly detection (pixel level, pooled)", ["ap", "auroc", "fpr95"]),
+        (
+            "failure",
+            "Failure detection (pixel level, pooled)",
+            ["aupr_error", "aupr_success", "auroc", "fpr95"],
+        ),
+        ("iou", "Per-class IoU prediction (image level)", ["mae", "pearson", "spearman"]),
+    ]
+    headers = {
+        "ap": "AP ↑",
+        "auroc": "AUROC ↑",
+        "fpr95": "FPR95 ↓",
+        "aupr_error": "AUPR-Error ↑",
+        "aupr_success": "AUPR-Success ↑",
+        "mae": "MAE ↓",
+        "pearson": "Pearson ↑",
+        "spearman": "Spearman ↑",
+    }
+    for block, heading, keys in tables:
+        rows = [(n, s.blocks()[block]) for n, s in report.detectors.items() if block in s.blocks()]
+        if not rows:
+            continue
+        header = " | ".join(headers[k] for k in keys)
+        lines += [f"## {heading}", "", f"| detector | {header} |"]
+        lines.append("| --- |" + " ---: |" * len(keys))
+        for name, values in rows:
+            cells = [_corr(values[k]) if k in _CORRELATIONS else _pct(values[k]) for k in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if report.skipped:
+        lines += ["## Not scored", ""]
+        lines += [f"- {name}: {why}" for name, why in report.skipped.items()]
+        lines.append("")
+    lines.append(
+        "Values in percent (correlations as coefficients); pixel metrics pool every valid "
+        "pixel of every image (Fishyscapes rules); IoU prediction averages over classes."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(report: EvaluationReport, block: str) -> bytes | None:
+    """PNG of PR (left) and ROC (right) curves of every detector with a ``block`` result."""
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
+
+    results = {
+        n: getattr(s, block) for n, s in report.detectors.items() if getattr(s, block) is not None
+    }
+    if not results:
+        return None
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    ax_pr, ax_roc = fig.subplots(1, 2)
+    positive = "anomaly" if block == "anomaly" else "error"
+    for name, r in results.items():
+        main = r.ap if block == "anomaly" else r.aupr_error
+        if r.recall.size:
+            ax_pr.plot(r.recall, r.precision, label=f"{name} ({_pct(main)})")
+        if r.fpr.size:
+            ax_roc.plot(r.fpr, r.tpr, label=f"{name} ({_pct(r.auroc)})")
+    ax_roc.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
+    ax_roc.axhline(0.95, color="0.7", linestyle="--", linewidth=1)
+    ax_pr.set(xlabel=f"recall ({positive})", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1))
+    ax_pr.set_title("PR (legend: AP %)" if block == "anomaly" else "PR (legend: AUPR-Error %)")
+    ax_roc.set_title("ROC (legend: AUROC %)")
+    for ax in (ax_pr, ax_roc):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+    title = f"{block} detection on {report.dataset}"
+    fig.suptitle(f"{title}/{report.split}" if report.split else title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def write_report(report: EvaluationReport, out: str | Path) -> list[Path]:
+    """Write R.json at ``out``, R.md and the PNG plots beside it; return the paths written."""
+    out = Path(out)
+    written = [out]
+    text = json.dumps(report_json(report), indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(out, text.encode())
+    md = out.with_suffix(".md")
+    atomic_write_bytes(md, report_markdown(report).encode())
+    written.append(md)
+    for block in ("anomaly", "failure"):
+        png = plot_curves(report, block)
+        if png is not None:
+            path = out.with_name(f"{out.stem}_{block}.png")
+            atomic_write_bytes(path, png)
+            written.append(path)
+    return written
+
+
+_CORRELATIONS = ("pearson", "spearman")
+
+
+def _corr(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.3f}"
+
+
+def _pct(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{100 * value:.2f}"

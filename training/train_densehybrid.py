@@ -1,0 +1,230 @@
+"""Fine-tune a segmenter with the DenseHybrid head on mixed-content crops (004 §3.2, §7.4).
+
+Each inlier crop (rescale [0.5, 2], flip, crop) gets part of a negative image from the
+world's ``negatives/`` pasted on it (training/negatives.py): a random rectangle or the
+union of the negative's instances, at a random position. The loss is
+``CE_seg + β·mean_neg logsumexp(logits) + head_weight·β·CE_head`` (densehybrid_loss).
+Adam with a cosine decay to 1% of the learning rate, as §7.4 (1e-5 -> 1e-7).
+
+Open-set threshold (eq. 16): the paper picks the threshold at 95% TPR on held-out data
+with anomalies (StreetHazards: one test town, evaluated on the other). We never touch
+the benchmark's anomalies in training: the held-out data is the **val split** (not used
+for fine-tuning) with negatives pasted on it, i.e. the threshold reaches 95% TPR on
+unseen images of the training negatives' family. It is stored as
+``thresholds.open_set`` together with the AP/FPR95 measured on those images.
+
+Outputs: ``--out`` (kind ``densehybrid``: head + threshold) and the fine-tuned segmenter
+(kind ``segmenter``) at ``segmenter_out`` (default ``<out stem>_segmenter.safetensors``;
+use it as ``segmenter.safetensors`` of a DenseHybrid models directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segmentation_safety.calibration import threshold_at_tpr
+from segmentation_safety.detectors.densehybrid import DenseHybridDetector
+from segmentation_safety.metrics import AnomalyMetrics
+from segmentation_safety.models.densehybrid_head import densehybrid_loss, densehybrid_score
+from segmentation_safety.models.segmenter import Segmenter
+from segmentation_safety.models.zoo import segmenter_metadata
+from training import engine
+from training.negatives import paste_negative
+
+
+class DenseHybridTraining(nn.Module):
+    """Segmenter + head and the hybrid loss: ``forward(batch) -> (loss, parts)``."""
+
+    def __init__(self, segmenter: Segmenter, head: nn.Module, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+        self.head = head
+        self.beta = float(config["beta"])
+        self.head_weight = float(config["head_weight"])
+        self.bn = config["bn"]
+
+    def train(self, mode: bool = True) -> DenseHybridTraining:
+        super().train(mode)
+        if mode and self.bn == "frozen":
+            engine.freeze_batchnorm(self.segmenter)
+        return self
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = self.segmenter(self.segmenter.normalize(batch["image"]))
+        head_logits = self.head(out.features)
+        return densehybrid_loss(
+            out.logits.float(),
+            head_logits.float(),
+            batch["label"],
+            batch["outlier"],
+            beta=self.beta,
+            head_weight=self.head_weight,
+        )
+
+
+def paste(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    negatives: engine.NegativeImages,
+    generator: torch.Generator,
+    config: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paste a random negative on the crop, as §7.4: the negative is resized to the crop
+    and a jittered crop of ``negative_scale`` of that size is what gets pasted."""
+    index = int(torch.randint(len(negatives), (), generator=generator))
+    neg, instances = negatives[index]
+    h, w = image.shape[-2:]
+    fake = torch.zeros(neg.shape[-2:], dtype=torch.long) if instances is None else instances
+    neg, fake = engine.resize(neg, fake, (h, w))
+    ph, pw = (
+        max(1, round(h * config["negative_scale"])),
+        max(1, round(w * config["negative_scale"])),
+    )
+    top = int(torch.randint(0, h - ph + 1, (), generator=generator))
+    left = int(torch.randint(0, w - pw + 1, (), generator=generator))
+    neg = neg[:, top : top + ph, left : left + pw]
+    instances = None if instances is None else fake[top : top + ph, left : left + pw]
+    sample = paste_negative(
+        image, label, neg, generator, instances, p_rect=float(config["p_rect"]), min_size=4
+    )
+    return sample.image, sample.target, sample.outlier_mask
+
+
+def augmenter(dataset: Any, negatives: engine.NegativeImages, config: dict[str, Any]) -> Any:
+    def make_sample(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        image, label = engine.sample_tensors(dataset[index])
+        crop = config["crop_size"] or image.shape[-2:]
+        image, label = engine.random_scale_crop_flip(
+            image, label, generator, crop, config["scale_range"], float(config["flip"])
+        )
+        # Draw always, so the stream of draws is the same whatever the outcome.
+        if float(torch.rand((), generator=generator)) < float(config["paste_probability"]):
+            image, label, outlier = paste(image, label, negatives, generator, config)
+        else:
+            outlier = torch.zeros(label.shape, dtype=torch.bool)
+        return {"image": image, "label": label, "outlier": outlier}
+
+    return make_sample
+
+
+@torch.no_grad()
+def calibrate(
+    detector: DenseHybridDetector,
+    val_set: Any,
+    negatives: engine.NegativeImages,
+    config: dict[str, Any],
+    device: torch.device,
+) -> dict[str, float]:
+    """Threshold at ``threshold_tpr`` and AP/AUROC/FPR95 on val images with pasted negatives.
+
+    Every val image gets one negative, from a generator seeded by the image's index, so
+    the calibration set is the same on every run.
+    """
+    segmenter = detector.segmenter.eval()
+    detector.eval()
+    metrics = AnomalyMetrics()
+    scores, labels = [], []
+    count = config["calibration_images"] or len(val_set)
+    for i in range(min(count, len(val_set))):
+        image, label = engine.sample_tensors(val_set[i])
+        gen = engine.sample_generator(int(config["seed"]) + 7919, i)  # 7919: apart from training
+        image, label, outlier = paste(image, label, negatives, gen, config)
+        out = segmenter(segmenter.normalize(image[None].to(device)))
+        score = densehybrid_score(out.logits, detector.head(out.features))
+        score = F.interpolate(score[:, None], size=label.shape, mode="bilinear")[0, 0].cpu()
+        target = torch.full_like(label, 255)
+        target[label != 255] = 0
+        target[outlier] = 1
+        metrics.update(score, target)
+        scores.append(score.flatten())
+        labels.append(target.flatten())
+    threshold = threshold_at_tpr(
+        torch.cat(scores), torch.cat(labels), float(config["threshold_tpr"])
+    )
+    result = metrics.compute()
+    return {"open_set": threshold, "ap": result.ap, "auroc": result.auroc, "fpr95": result.fpr95}
+
+
+def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    ctx = engine.init_run(config["device"], int(config["seed"]), bool(config["amp"]))
+    train_set = engine.open_split(args.data, "train")
+    val_set = engine.open_split(args.data, "val")
+    negatives = engine.NegativeImages(args.data)
+    base_path = engine.segmenter_path(config, args.out)
+    segmenter, base_bundle = engine.load_segmenter(base_path)
+    segmenter = engine.apply_bn_mode(segmenter, config["bn"], ctx)
+    detector = DenseHybridDetector(segmenter)
+    module = DenseHybridTraining(segmenter, detector.head, config)
+
+    lr, iterations = float(config["lr"]), int(config["iterations"])
+    optimizer = torch.optim.Adam(
+        [
+            {"params": list(segmenter.parameters()), "lr": lr},
+            {"params": list(detector.head.parameters()), "lr": lr * config["head_lr_factor"]},
+        ],
+        weight_decay=float(config["weight_decay"]),
+    )
+    floor = float(config["lr_min_factor"])
+
+    def cosine(i: int) -> float:  # cosine decay from 1 to ``floor``
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    stream = engine.SampleStream(len(train_set), int(config["batch_size"]), int(config["seed"]))
+    done = engine.fit(
+        ctx,
+        engine.Trainable(module, optimizer, scheduler),
+        stream,
+        augmenter(train_set, negatives, config),
+        engine.loop_config(config, args),
+        desc="densehybrid",
+    )
+    if not done:
+        engine.close_run(ctx)
+        return {"stopped": True}
+
+    detector.to(ctx.device)
+    calibration = calibrate(detector, val_set, negatives, config, ctx.device)
+    detector.thresholds = {"open_set": calibration["open_set"]}
+    segmentation = engine.evaluate_segmentation(
+        segmenter, val_set, ctx.device, config["calibration_images"]
+    )
+    training = engine.training_metadata(config, args)
+    training["segmenter"] = str(base_path)
+
+    seg_out = Path(
+        config["segmenter_out"]
+        or Path(args.out).with_name(f"{Path(args.out).stem}_segmenter.safetensors")
+    )
+    seg_meta = {**base_bundle.metadata, **segmenter_metadata(segmenter)}
+    seg_meta.pop("format", None)
+    seg_meta.update(
+        training=training,
+        metrics={f"val_{k}": v for k, v in segmentation.items()},
+        fine_tuned_for="densehybrid",
+    )
+    engine.write_bundle(ctx, seg_out, segmenter.state_dict(), seg_meta)
+
+    tensors, metadata = engine.export_part(detector, "densehybrid")
+    metadata.update(
+        training=training,
+        segmenter_bundle=seg_out.name,
+        threshold_tpr=float(config["threshold_tpr"]),
+        calibration="val split with pasted negatives (never the benchmark's anomalies)",
+        metrics={
+            "calibration_ap": calibration["ap"],
+            "calibration_auroc": calibration["auroc"],
+            "calibration_fpr95": calibration["fpr95"],
+            **{f"val_{k}": v for k, v in segmentation.items()},
+        },
+    )
+    engine.write_bundle(ctx, args.out, tensors, metadata)
+    engine.close_run(ctx)
+    return {**calibration, **segmentation, "segmenter_out": str(seg_out)}

@@ -1,0 +1,51 @@
+"""``segsafe world``: argparse wiring for the synthetic-world writer."""
+
+from __future__ import annotations
+
+import argparse
+
+from training.world.writer import write_world
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``world`` on a ``segsafe`` subparsers object; the handler is ``main_world``."""
+    p = subparsers.add_parser(
+        "world",
+        help="write the synthetic world (Cityscapes layout, anomalies, sequences, negatives)",
+        description="Render procedural street scenes with Cityscapes train ids.",
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=1000, help="training frames")
+    p.add_argument("--val", type=int, default=200, help="validation frames")
+    p.add_argument("--anomaly", type=int, default=100, help="frames with lost cargo")
+    p.add_argument("--sequences", type=int, default=4, help="ego-motion sequences")
+    p.add_argument("--sequence-length", type=int, default=30, help="frames per sequence (10 Hz)")
+    p.add_argument("--negatives", type=int, default=None, help="negatives (default: train/2)")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=main_world)
+    return p
+
+
+def main_world(args: argparse.Namespace) -> int:
+    """Handler of ``segsafe world``."""
+    stats = write_world(
+        args.out,
+        seed=args.seed,
+        train=args.train,
+        val=args.val,
+        anomaly=args.anomaly,
+        sequences=args.sequences,
+        height=args.height,
+        width=args.width,
+        sequence_length=args.sequence_length,
+        negatives=args.negatives,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {stats['images']} images to {args.out} in {stats['seconds']:.1f} s "
+        f"({stats['images_per_s']:.1f} images/s)"
+    )
+    return 0

@@ -1,0 +1,235 @@
+"""Writing the synthetic world to disk in the Cityscapes layout plus the extra splits.
+
+```
+OUT/world.json
+OUT/leftImg8bit/{train,val}/<city>/<city>_<seq>_000019_leftImg8bit.png
+OUT/gtFine/{train,val}/<city>/<city>_<seq>_000019_gtFine_labelIds.png
+OUT/gtFine/{train,val}/<city>/<city>_<seq>_000019_gtFine_labelTrainIds.png
+OUT/anomaly/images/anomaly_<i>.png     RGB with lost cargo on the road
+OUT/anomaly/labels/anomaly_<i>.png     0 inlier, 1 anomaly, 255 void (ego-vehicle hood)
+OUT/anomaly/semantic/anomaly_<i>.png   train ids (255 on cargo and hood), for open-set mIoU
+OUT/sequences/seq_<i>/{images,labels,anomaly}/<frame>.png, timestamps.txt, sequence.json
+OUT/negatives/images/negative_<i>.png  DenseHybrid negatives
+OUT/negatives/masks/negative_<i>.png   instance ids 1..n, 0 background
+```
+
+Every item draws from its own generator seeded by (seed, split, index), so the output
+is byte-identical for a seed and an item does not depend on how many others are written.
+The only void in the train/val labels is the ego-vehicle hood, written as label id 1
+("ego vehicle") in ``*_labelIds.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from segmentation_safety.labels import LABELS, NUM_CLASSES, VOID, train_ids_to_label_ids
+from training.world.cargo import ANOMALY_KINDS
+from training.world.layout import sample_layout
+from training.world.negatives import NEGATIVE_KINDS, render_negative
+from training.world.render import intrinsics, render_scene, render_view
+
+TRAIN_CITIES = ("synthberg", "polyville", "rasterheim")
+VAL_CITIES = ("voxelstadt",)
+#: Cityscapes annotates the 20th frame of each 30-frame snippet; we keep its number.
+FRAME = 19
+EGO_VEHICLE_LABEL_ID = 1
+FPS = 10.0
+_SPLIT_CODES = {"train": 1, "val": 2, "anomaly": 3, "sequences": 4, "negatives": 5}
+# Fast settings; both lossless. Huffman-only suits noisy photos, deflate suits label maps.
+_PNG_IMAGE = [
+    cv2.IMWRITE_PNG_COMPRESSION,
+    1,
+    cv2.IMWRITE_PNG_STRATEGY,
+    cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
+]
+_PNG_LABEL = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+
+
+def item_rng(seed: int, split: str, index: int, *extra: int) -> np.random.Generator:
+    """The generator of one item: independent of every other item and of the counts."""
+    return np.random.default_rng([seed, _SPLIT_CODES[split], index, *extra])
+
+
+def cityscapes_name(city: str, seq: int, frame: int = FRAME) -> str:
+    """``<city>_<seq:06d>_<frame:06d>``, the Cityscapes stem."""
+    return f"{city}_{seq:06d}_{frame:06d}"
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = _PNG_LABEL
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+        params = _PNG_IMAGE
+    if not cv2.imwrite(str(path), array, params):
+        raise OSError(f"could not write {path}")
+
+
+def _label_ids(train_ids: np.ndarray) -> np.ndarray:
+    ids = train_ids_to_label_ids(train_ids)
+    ids[train_ids == VOID] = EGO_VEHICLE_LABEL_ID
+    return ids
+
+
+def write_cityscapes_item(out: Path, split: str, index: int, seed: int, h: int, w: int) -> None:
+    """One train/val frame with its two label files."""
+    cities = TRAIN_CITIES if split == "train" else VAL_CITIES
+    city = cities[index % len(cities)]
+    stem = cityscapes_name(city, index // len(cities))
+    image, train_ids, _ = render_scene(item_rng(seed, split, index), h, w)
+    _write_png(out / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", image)
+    gt = out / "gtFine" / split / city
+    _write_png(gt / f"{stem}_gtFine_labelTrainIds.png", train_ids)
+    _write_png(gt / f"{stem}_gtFine_labelIds.png", _label_ids(train_ids))
+
+
+def write_anomaly_item(out: Path, index: int, seed: int, h: int, w: int) -> None:
+    """One frame with 1-3 pieces of lost cargo and its Fishyscapes-style labels."""
+    rng = item_rng(seed, "anomaly", index)
+    image, train_ids, anomaly = render_scene(rng, h, w, cargo=int(rng.integers(1, 4)))
+    name = f"anomaly_{index:06d}.png"
+    _write_png(out / "anomaly" / "images" / name, image)
+    _write_png(out / "anomaly" / "labels" / name, anomaly)
+    _write_png(out / "anomaly" / "semantic" / name, train_ids)
+
+
+def write_sequence(
+    out: Path, index: int, seed: int, h: int, w: int, length: int, fps: float = FPS
+) -> dict:
+    """One ego-motion sequence; every other sequence carries lost cargo ahead."""
+    rng = item_rng(seed, "sequences", index)
+    cargo = int(rng.integers(1, 3)) if index % 2 == 0 else 0
+    duration = (length - 1) / fps
+    layout = sample_layout(rng, h, w, duration=duration, cargo=cargo, cargo_ahead=(8.0, 25.0))
+    name = f"seq_{index:03d}"
+    root = out / "sequences" / name
+    stamps = []
+    for f in range(length):
+        t = f / fps
+        image, train_ids, anomaly = render_view(layout, t, item_rng(seed, "sequences", index, f))
+        frame = f"{f:06d}.png"
+        _write_png(root / "images" / frame, image)
+        _write_png(root / "labels" / frame, train_ids)
+        _write_png(root / "anomaly" / frame, anomaly)
+        stamps.append(f"{t:.6f}")
+    (root / "timestamps.txt").write_text("\n".join(stamps) + "\n")
+    meta = {
+        "name": name,
+        "frames": length,
+        "fps": fps,
+        "ego_speed_mps": round(layout.ego_speed, 4),
+        "cargo": sorted(c.kind for c in layout.cargo),
+        "camera": {k: round(float(v), 4) for k, v in intrinsics(layout).items()},
+        "files": {
+            "images": "images/%06d.png",
+            "labels": "labels/%06d.png",
+            "anomaly": "anomaly/%06d.png",
+            "timestamps": "timestamps.txt",
+        },
+    }
+    (root / "sequence.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def write_negative(out: Path, index: int, seed: int, h: int, w: int) -> None:
+    """One negative image and its instance mask."""
+    image, inst, _ = render_negative(item_rng(seed, "negatives", index), h, w)
+    name = f"negative_{index:06d}.png"
+    _write_png(out / "negatives" / "images" / name, image)
+    _write_png(out / "negatives" / "masks" / name, inst)
+
+
+def world_description(
+    seed: int, counts: dict[str, int], height: int, width: int, sequence_length: int
+) -> dict:
+    """The content of ``world.json``."""
+    return {
+        "format": "segmentation_safety synthetic world",
+        "version": 1,
+        "seed": seed,
+        "height": height,
+        "width": width,
+        "counts": counts,
+        "sequence_length": sequence_length,
+        "fps": FPS,
+        "cities": {"train": list(TRAIN_CITIES), "val": list(VAL_CITIES)},
+        "num_classes": NUM_CLASSES,
+        "classes": [
+            {
+                "train_id": lb.train_id,
+                "name": lb.name,
+                "label_id": lb.label_id,
+                "color": list(lb.color),
+            }
+            for lb in sorted(LABELS, key=lambda lb: lb.train_id)
+            if lb.train_id != VOID
+        ],
+        "void": {"train_id": VOID, "label_id": EGO_VEHICLE_LABEL_ID, "what": "ego-vehicle hood"},
+        "anomaly_labels": {"0": "inlier", "1": "anomaly (lost cargo)", "255": "void (hood)"},
+        "anomaly_kinds": sorted(ANOMALY_KINDS),
+        "negative_kinds": sorted(NEGATIVE_KINDS),
+    }
+
+
+def write_world(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    train: int = 1000,
+    val: int = 200,
+    anomaly: int = 100,
+    sequences: int = 4,
+    height: int = 256,
+    width: int = 512,
+    sequence_length: int = 30,
+    negatives: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Render the whole world into ``out_dir``; returns timing and counts.
+
+    ``negatives`` defaults to half the training count (at least 1 when ``train`` > 0).
+    ``world.json`` is written last, atomically, so its presence marks a complete world.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if negatives is None:
+        negatives = max(train // 2, 1) if train else 0
+    counts = {
+        "train": train,
+        "val": val,
+        "anomaly": anomaly,
+        "sequences": sequences,
+        "negatives": negatives,
+    }
+    if min(counts.values()) < 0 or height < 32 or width < 32 or sequence_length < 1:
+        raise ValueError(f"bad world size: counts={counts}, {height}x{width}, {sequence_length}")
+    total = train + val + anomaly + sequences * sequence_length + negatives
+    bar = tqdm(total=total, disable=not progress, unit="img", desc="world")
+    start = time.perf_counter()
+    for split, n in (("train", train), ("val", val)):
+        for i in range(n):
+            write_cityscapes_item(out, split, i, seed, height, width)
+            bar.update(1)
+    for i in range(anomaly):
+        write_anomaly_item(out, i, seed, height, width)
+        bar.update(1)
+    for i in range(sequences):
+        write_sequence(out, i, seed, height, width, sequence_length)
+        bar.update(sequence_length)
+    for i in range(negatives):
+        write_negative(out, i, seed, height, width)
+        bar.update(1)
+    bar.close()
+    seconds = time.perf_counter() - start
+    desc = world_description(seed, counts, height, width, sequence_length)
+    tmp = out / "world.json.tmp"
+    tmp.write_text(json.dumps(desc, indent=2) + "\n")
+    tmp.replace(out / "world.json")
+    return {"images": total, "seconds": seconds, "images_per_s": total / max(seconds, 1e-9)}
