@@ -31,16 +31,8 @@ mkdir -p "$OUT"
 start=$SECONDS
 
 say "rendering one world sequence with lost cargo ($FRAMES frames, ${WIDTH}x${HEIGHT})"
-if python -c "import sys; from segmentation_safety.cli import SUBCOMMANDS as S; \
-sys.exit('world' not in S)"; then
-  segsafe world --out "$OUT/world" --sequences 1 --train 0 --val 0 --anomaly 0 \
-    --sequence-length "$FRAMES" --height "$HEIGHT" --width "$WIDTH" --no-progress
-else  # `segsafe world` not registered in this checkout: call the writer directly
-  python -c "import sys; from training.world.writer import write_world; \
-write_world(sys.argv[1], train=0, val=0, anomaly=0, sequences=1, negatives=0, \
-height=int(sys.argv[2]), width=int(sys.argv[3]), sequence_length=int(sys.argv[4]), \
-progress=False)" "$OUT/world" "$HEIGHT" "$WIDTH" "$FRAMES"
-fi
+segsafe world --out "$OUT/world" --sequences 1 --train 0 --val 0 --anomaly 0 --negatives 0 \
+  --sequence-length "$FRAMES" --height "$HEIGHT" --width "$WIDTH" --no-progress
 
 say "writing the rosbag2"
 segsafe make-bag --root "$OUT/world" --sequence seq_000 --out "$OUT/bag" --format mcap

@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segmentation_safety.checkpoint import BundleError, load_bundle, save_bundle
+from segmentation_safety.checkpoint import Bundle, BundleError, load_bundle, save_bundle
 from segmentation_safety.detectors import build
 from segmentation_safety.detectors.resynthesis import (
     feature_cosine_distance,
     labels_to_network_input,
     msp_postprocess,
+    resynthesize,
 )
 from segmentation_safety.losses_synthcp import (
     correct_targets,
@@ -354,3 +355,36 @@ def test_cross_validation_folds_disjoint_covering_and_seeded() -> None:
         cross_validation_folds(3, k=4)
     with pytest.raises(ValueError):
         cross_validation_folds(10, k=1)
+
+
+def test_resynthesize_runs_the_generator_at_its_scale_and_returns_frame_size():
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, labels):
+            seen.append(labels.clone())
+            return torch.zeros(labels.shape[0], 3, *labels.shape[-2:])
+
+    seg = TinySegmenter(num_classes=3, width=4)
+    labels = torch.zeros(1, 32, 64, dtype=torch.long)
+    labels[:, :, 32:] = 2
+    labels[:, 0, 0] = 255  # void survives nearest downsampling where it is sampled
+    out = resynthesize(Recorder(), labels, seg, scale=0.5)
+    assert tuple(seen[0].shape) == (1, 16, 32)
+    assert set(seen[0].unique().tolist()) <= {0, 2, 255}
+    assert tuple(out.shape) == (1, 3, 32, 64)
+    # generator output 0 in [-1, 1] is grey 0.5, normalised with the segmenter's mean/std
+    expected = ((0.5 - seg.mean) / seg.std).expand(1, 3, 32, 64)
+    torch.testing.assert_close(out, expected)
+
+
+def test_generator_bundle_carries_the_synthesis_scale():
+    seg = TinySegmenter(num_classes=3, width=4)
+    det = build("resynthesis_anomaly", seg, synthesis_scale=0.5)
+    tensors, meta = det.export_part("generator")
+    assert meta["synthesis_scale"] == 0.5
+    other = build("resynthesis_anomaly", seg)
+    other.load_part("generator", Bundle(tensors, meta), "g.safetensors")
+    assert other.synthesis_scale == 0.5
+    with pytest.raises(ValueError, match="synthesis_scale"):
+        build("resynthesis_anomaly", seg, synthesis_scale=0.0)

@@ -48,7 +48,7 @@ from segmentation_safety.checkpoint import BundleError, load_bundle, load_state_
 from segmentation_safety.detectors.resynthesis import (
     PRESETS,
     ResynthesisDetector,
-    labels_to_network_input,
+    resynthesize,
 )
 from segmentation_safety.losses_synthcp import comparison_loss
 from segmentation_safety.metrics import FailureMetrics, IoUPredictionMetrics, per_image_class_iou
@@ -197,7 +197,11 @@ def fold_segmenters(
 
 
 def load_generator(path: str | os.PathLike[str], num_classes: int) -> SpadeGenerator:
-    """The trained generator of a ``generator`` bundle, checked against the segmenter."""
+    """The trained generator of a ``generator`` bundle, checked against the segmenter.
+
+    Its ``synthesis_scale`` (the bundle's, as the detector reads it) rides along on the
+    module so predictions here match the detector's at run time.
+    """
     bundle = load_bundle(path, kind="generator")
     arch = bundle.metadata.get("architecture")
     if not isinstance(arch, dict):
@@ -208,6 +212,7 @@ def load_generator(path: str | os.PathLike[str], num_classes: int) -> SpadeGener
         )
     generator = build_generator(arch)
     load_state_strict(generator, bundle, path)
+    generator.synthesis_scale = float(bundle.metadata.get("synthesis_scale", 1.0))
     return generator
 
 
@@ -256,7 +261,8 @@ class ComparisonTraining(nn.Module):
                 logits = predictor(predictor.normalize(image[chosen])).logits.float()
                 logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
                 probs[chosen] = logits.softmax(dim=1)
-        synth = labels_to_network_input(self.generator(probs.argmax(dim=1)), self.deployed)
+        scale = getattr(self.generator, "synthesis_scale", 1.0)
+        synth = resynthesize(self.generator, probs.argmax(dim=1), self.deployed, scale)
         return self.deployed.normalize(image), synth.float(), probs
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -384,6 +390,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     # trained on (val with folds; the held-out part of given_split otherwise).
     detector = ResynthesisDetector(segmenter, preset="tiny").to(ctx.device).eval()
     detector.generator = module.generator
+    detector.synthesis_scale = module.generator.synthesis_scale
     detector.comparison = comparison.eval()
     metrics.update(
         {f"eval_{k}": v for k, v in evaluate(detector, eval_set, eval_indices, ctx.device).items()}

@@ -229,6 +229,8 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     metadata = {
         "kind": "generator",
         "architecture": generator.architecture(),
+        # The detector runs the generator at this fraction of the frame's size.
+        "synthesis_scale": float(config["synthesis_scale"]),
         "class_names": list(TRAIN_NAMES),
         "input_size": list(load_pair(val_set[0], config)[0].shape[-2:]),
         "training": engine.training_metadata(config, args),

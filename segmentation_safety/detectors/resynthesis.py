@@ -49,6 +49,27 @@ def labels_to_network_input(synth: torch.Tensor, segmenter: Segmenter) -> torch.
     return ((synth + 1.0) * 0.5 - segmenter.mean) / segmenter.std
 
 
+def resynthesize(
+    generator: nn.Module, labels: torch.Tensor, segmenter: Segmenter, scale: float = 1.0
+) -> torch.Tensor:
+    """G(labels) in the segmenter's normalised input space, at the label map's size.
+
+    ``scale`` < 1 runs the generator on a nearest-downsampled label map and upsamples
+    its image: SPADE synthesises Cityscapes at 256×512, a quarter of the frame, and the
+    generator then sees label maps at the scale it was trained on. The generator bundle
+    records its scale (``synthesis_scale``) so training and run time agree.
+    """
+    size = tuple(labels.shape[-2:])
+    if scale != 1.0:
+        small = (max(8, round(size[0] * scale)), max(8, round(size[1] * scale)))
+        labels = F.interpolate(labels[:, None].float(), size=small, mode="nearest")
+        labels = labels[:, 0].long()
+    synth = generator(labels)
+    if tuple(synth.shape[-2:]) != size:
+        synth = F.interpolate(synth, size=size, mode="bilinear", align_corners=False)
+    return labels_to_network_input(synth, segmenter)
+
+
 _BUILDERS = {"generator": build_generator, "comparison": build_comparison}
 
 #: Architectures by name. "paper" is SPADE's default generator (ngf 64, ~93 M parameters)
@@ -69,7 +90,10 @@ class ResynthesisDetector(Detector):
 
     Options:
         msp_threshold: t of the MSP post-processing (1.0 turns it off).
-        preset: a key of :data:`PRESETS` giving both parts' architectures.
+        preset: a key of :data:`PRESETS` giving both parts' architectures ("tiny" by
+            default: what the demo ships; "paper" builds SPADE's and ResNet-18's sizes).
+        synthesis_scale: generator resolution relative to the frame (default: the
+            generator bundle's ``synthesis_scale``, else 1.0); see :func:`resynthesize`.
         generator: :class:`SpadeGenerator` kwargs, overriding the preset's.
         comparison: :class:`ComparisonNet` kwargs, overriding the preset's.
     Trained weights replace the random ones with :meth:`load_part`, which rebuilds each part
@@ -85,12 +109,17 @@ class ResynthesisDetector(Detector):
         self,
         segmenter: Segmenter,
         msp_threshold: float = DEFAULT_MSP_THRESHOLD,
-        preset: str = "paper",
+        preset: str = "tiny",
         generator: dict[str, Any] | None = None,
         comparison: dict[str, Any] | None = None,
+        synthesis_scale: float | None = None,
         **options: Any,
     ) -> None:
         super().__init__(segmenter, **options)
+        if synthesis_scale is not None and not 0.0 < synthesis_scale <= 1.0:
+            raise ValueError(f"synthesis_scale must be in (0, 1], got {synthesis_scale}")
+        self._scale_option = synthesis_scale
+        self.synthesis_scale = 1.0 if synthesis_scale is None else float(synthesis_scale)
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
         if comparison is not None and "comparison" not in self.trained_parts:
@@ -128,17 +157,22 @@ class ResynthesisDetector(Detector):
         load_state_strict(module, bundle, path)
         device = self.segmenter.mean.device
         setattr(self, kind, module.to(device).eval())
+        if kind == "generator" and self._scale_option is None:
+            self.synthesis_scale = float(bundle.metadata.get("synthesis_scale", 1.0))
 
     def export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, metadata) to pass to ``save_bundle`` for part ``kind``."""
         if kind not in self.trained_parts:
             raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
         module = getattr(self, kind)
-        return dict(module.state_dict()), {"kind": kind, "architecture": module.architecture()}
+        metadata = {"kind": kind, "architecture": module.architecture()}
+        if kind == "generator":
+            metadata["synthesis_scale"] = self.synthesis_scale
+        return dict(module.state_dict()), metadata
 
     def synthesize(self, labels: torch.Tensor) -> torch.Tensor:
         """B×H×W labels -> G(labels) in the segmenter's normalised input space."""
-        return labels_to_network_input(self.generator(labels), self.segmenter)
+        return resynthesize(self.generator, labels, self.segmenter, self.synthesis_scale)
 
     def forward(self, out: SegmenterOutput) -> DetectorOutput:
         if out.image is None:
@@ -176,10 +210,16 @@ class ResynthesisAnomalyDetector(ResynthesisDetector):
         self,
         segmenter: Segmenter,
         msp_threshold: float = DEFAULT_MSP_THRESHOLD,
-        preset: str = "paper",
+        preset: str = "tiny",
         generator: dict[str, Any] | None = None,
+        synthesis_scale: float | None = None,
         **options: Any,
     ) -> None:
         super().__init__(
-            segmenter, msp_threshold=msp_threshold, preset=preset, generator=generator, **options
+            segmenter,
+            msp_threshold=msp_threshold,
+            preset=preset,
+            generator=generator,
+            synthesis_scale=synthesis_scale,
+            **options,
         )
