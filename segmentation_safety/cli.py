@@ -32,10 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from segmentation_safety.checkpoint import BundleError
+    from segmentation_safety.detectors.registry import UnknownDetectorError
+    from segmentation_safety.device import DeviceError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
+    except (BundleError, UnknownDetectorError, DeviceError, FileNotFoundError) as e:
+        # Problems with what the user asked for: one line naming it, no traceback.
+        print(f"segsafe {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -9,7 +9,13 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from segmentation_safety.checkpoint import BundleError, load_bundle, load_state_strict, save_bundle
+from segmentation_safety.checkpoint import (
+    Bundle,
+    BundleError,
+    load_bundle,
+    load_state_strict,
+    save_bundle,
+)
 from segmentation_safety.detectors.flowenedet import FlowEneDetC, FlowEneDetU, gaussian_smooth
 from segmentation_safety.detectors.registry import build
 from segmentation_safety.models.flowenedet import (
@@ -224,7 +230,8 @@ def test_detectors_end_to_end_on_tiny_segmenter(name: str) -> None:
     torch.manual_seed(0)
     seg = TinySegmenter(num_classes=5, width=8).eval()
     det = build(name, seg).eval()
-    assert det.produces == {"anomaly", "failure"} and det.trained_parts == ("flowenedet",)
+    kind = "flowenedet" if name == "flowenedet_u" else "flowenedet_c"
+    assert det.produces == {"anomaly", "failure"} and det.trained_parts == (kind,)
     _randomize(det, seed=1, std=0.5)
     with torch.no_grad():
         result = det(seg(torch.randn(2, 3, 32, 48), det.embeddings))
@@ -268,3 +275,61 @@ def test_bundle_round_trip_and_variant_mismatch(tmp_path) -> None:
         torch.testing.assert_close(again(out).failure, det(out).failure)
     with pytest.raises(BundleError, match="flowenedet.safetensors"):
         load_state_strict(FlowEneDetU(seg, **arch), bundle, path)
+
+
+@pytest.mark.parametrize("cls", [FlowEneDetU, FlowEneDetC])
+def test_export_load_part_rebuilds_the_trained_architecture(tmp_path, cls) -> None:
+    seg = TinySegmenter(num_classes=4, width=4).eval()
+    det = cls(seg, blocks=2, kernel_size=3, cond_channels=4, hidden=6, smooth_sigma=0.5).eval()
+    _randomize(det, seed=4)
+    with torch.no_grad():
+        det.model.class_mean.copy_(torch.tensor([0.5, 1.0, -1.0, 2.0]))
+        det.model.class_std.copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
+    kind = det.trained_parts[0]
+    tensors, meta = det.export_part()
+    assert meta["kind"] == kind and meta["architecture"]["variant"] == det.variant
+    path = tmp_path / f"{kind}.safetensors"
+    save_bundle(path, tensors, meta)
+    fresh = cls(seg).eval()  # defaults: 4 blocks, 7×7, 32 condition channels, hidden 16
+    fresh.load_part(kind, load_bundle(path), path)
+    assert fresh.architecture == det.architecture and fresh.smooth_sigma == 0.5
+    assert not fresh.model.training
+    with torch.no_grad():
+        out = seg(torch.randn(2, 3, 32, 32))
+        torch.testing.assert_close(fresh(out).failure, det(out).failure, rtol=0, atol=0)
+    explicit = cls(seg, smooth_sigma=0.0).eval()  # an explicit option beats the bundle's
+    explicit.load_part(kind, load_bundle(path), path)
+    assert explicit.smooth_sigma == 0.0
+
+
+def test_load_part_refusals_name_the_file(tmp_path) -> None:
+    seg = TinySegmenter(num_classes=4, width=4)
+    fed_c = FlowEneDetC(seg, blocks=1, hidden=4)
+    tensors, meta = fed_c.export_part()
+    assert meta["kind"] == "flowenedet_c"
+    path = str(tmp_path / "flowenedet.safetensors")
+    arch = meta["architecture"]
+    bad = {
+        "kind": {**meta, "kind": "flow"},
+        "no architecture": {k: v for k, v in meta.items() if k != "architecture"},
+        "lacks": {**meta, "architecture": {k: v for k, v in arch.items() if k != "blocks"}},
+        "weights": {**meta, "architecture": {**arch, "hidden": 8}},
+    }
+    for why, metadata in bad.items():
+        with pytest.raises(BundleError, match="flowenedet.safetensors") as err:
+            fed_c.load_part("flowenedet_c", Bundle(tensors, metadata), path)
+        assert err.value.path == path, why
+    with pytest.raises(BundleError, match="'FED-C'.*flowenedet_c"):
+        FlowEneDetU(seg).load_part(
+            "flowenedet", Bundle(tensors, {**meta, "kind": "flowenedet"}), path
+        )
+    with pytest.raises(BundleError, match="4 classes, the segmenter has 5"):
+        FlowEneDetC(TinySegmenter(num_classes=5, width=4)).load_part(
+            "flowenedet_c", Bundle(tensors, meta), path
+        )
+    with pytest.raises(BundleError, match="8 feature channels, the segmenter has 16"):
+        FlowEneDetC(TinySegmenter(num_classes=4, width=8)).load_part(
+            "flowenedet_c", Bundle(tensors, meta), path
+        )
+    with pytest.raises(KeyError):
+        fed_c.load_part("flow", Bundle(tensors, meta), path)

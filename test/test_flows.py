@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import multivariate_normal
 
-from segmentation_safety.checkpoint import load_bundle, load_state_strict, save_bundle
+from segmentation_safety.checkpoint import (
+    Bundle,
+    BundleError,
+    load_bundle,
+    load_state_strict,
+    save_bundle,
+)
 from segmentation_safety.detectors.flow_density import (
     FlowDensityDetector,
     combine_scores,
@@ -219,3 +225,54 @@ def test_bundle_round_trip(tmp_path) -> None:
     load_state_strict(again, bundle, path)
     with torch.no_grad():
         torch.testing.assert_close(again(out).anomaly, det(out).anomaly)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"layers": ("enc2", "enc3"), "combine": "logreg", "steps": 2, "hidden": 8, "seed": 3},
+        {"layers": ("dec",), "combine": "min", "steps": 1, "hidden": 4, "seed": 1},
+    ],
+)
+def test_export_load_part_rebuilds_the_trained_architecture(tmp_path, options) -> None:
+    seg, out = _segmenter_and_output(("enc1", "enc2", "enc3", "dec"))
+    det = FlowDensityDetector(seg, **options).eval()
+    _randomize(det, seed=5)  # flows, train_nll and the logistic weights all move
+    path = tmp_path / "flow.safetensors"
+    tensors, meta = det.export_part("flow")
+    assert meta["kind"] == "flow" and meta["architecture"]["hidden"] == options["hidden"]
+    save_bundle(path, tensors, meta)
+    fresh = FlowDensityDetector(seg).eval()  # defaults: enc3, 8 steps, hidden 32
+    fresh.load_part("flow", load_bundle(path), path)
+    assert fresh.architecture == det.architecture and fresh.embeddings == options["layers"]
+    assert not fresh.training
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(out).anomaly, det(out).anomaly, rtol=0, atol=0)
+
+
+def test_load_part_refusals_name_the_file(tmp_path) -> None:
+    seg = TinySegmenter(num_classes=4, width=4)
+    det = FlowDensityDetector(seg, layers=("enc2",), steps=1, hidden=4)
+    tensors, meta = det.export_part("flow")
+    path = str(tmp_path / "flow.safetensors")
+    arch = meta["architecture"]
+    bad = {
+        "kind": {**meta, "kind": "sml"},
+        "no architecture": {k: v for k, v in meta.items() if k != "architecture"},
+        "lacks": {**meta, "architecture": {k: v for k, v in arch.items() if k != "steps"}},
+        "classes": {**meta, "num_classes": 19},
+        "layers": {**meta, "architecture": {**arch, "layers": ["nope"]}},
+    }
+    for why, metadata in bad.items():
+        with pytest.raises(BundleError, match="flow.safetensors") as err:
+            det.load_part("flow", Bundle(tensors, metadata), path)
+        assert err.value.path == path, why
+    wider = FlowDensityDetector(TinySegmenter(num_classes=4, width=8), layers=("enc2",))
+    with pytest.raises(BundleError, match="channels"):
+        wider.load_part("flow", Bundle(tensors, meta), path)
+    with pytest.raises(BundleError, match="do not match"):  # weights of another architecture
+        det.load_part(
+            "flow", Bundle(tensors, {**meta, "architecture": {**arch, "hidden": 8}}), path
+        )
+    with pytest.raises(KeyError):
+        det.load_part("flowenedet", Bundle(tensors, meta), path)

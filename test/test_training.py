@@ -16,9 +16,7 @@ import pytest
 import torch
 import yaml
 
-from segmentation_safety.checkpoint import load_bundle
-from segmentation_safety.detectors import registry
-from segmentation_safety.detectors.base import Detector
+from segmentation_safety.checkpoint import BundleError, load_bundle
 from segmentation_safety.pipeline import Pipeline, PipelineConfig
 from training import cli, engine
 
@@ -94,16 +92,6 @@ def test_resume_equals_uninterrupted(world: Path, tmp_path: Path):
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=key)
 
 
-def _loadable(name: str) -> bool:
-    return type(registry.build(name, _tiny_segmenter())).load_part is not Detector.load_part
-
-
-def _tiny_segmenter():
-    from segmentation_safety.models.zoo import build_segmenter
-
-    return build_segmenter("tiny", num_classes=19, width=4)
-
-
 def test_detector_trainers_write_loadable_bundles(world: Path, models: Path, tmp_path: Path):
     base = {k: v for k, v in TINY.items() if k != "architecture_options"}
     base["iterations"] = 2
@@ -133,17 +121,20 @@ def test_detector_trainers_write_loadable_bundles(world: Path, models: Path, tmp
     assert pipe.detectors["densehybrid"].thresholds["open_set"] == meta["thresholds"]["open_set"]
     assert pipe.process(image).anomaly.shape == (H, W)
 
-    options = {"flow_density": {"steps": 2, "hidden": 8, "combine": "logreg"},
+    # Default options on purpose: load_part rebuilds each flow from its bundle's architecture.
+    trained = {"flow_density": {"steps": 2, "hidden": 8, "combine": "logreg"},
                "flowenedet_u": {"blocks": 2, "hidden": 8}}  # fmt: skip
     for name, kind in (("flow_density", "flow"), ("flowenedet_u", "flowenedet")):
-        bundle = load_bundle(models / f"{kind}.safetensors", kind=kind)
-        if _loadable(name):
-            config = PipelineConfig(anomaly=name, device="cpu", detector_options=options)
-            pipe = Pipeline.from_models_dir(models, config)
-            assert pipe.process(image).anomaly.shape == (H, W)
-        else:  # the detector has no load_part yet: its full state must still fit
-            det = registry.build(name, _tiny_segmenter(), **options[name])
-            det.load_state_dict(bundle.tensors, strict=True)
+        meta = load_bundle(models / f"{kind}.safetensors", kind=kind).metadata
+        assert meta["training"]["config"]["hidden"] == 8 and len(meta["class_names"]) == 19
+        assert "metrics" in meta
+        pipe = Pipeline.from_models_dir(models, PipelineConfig(anomaly=name, device="cpu"))
+        arch = pipe.detectors[name].architecture
+        assert {k: arch[k] for k in trained[name]} == trained[name]
+        assert pipe.process(image).anomaly.shape == (H, W)
+    # FED-C has its own bundle kind and file, so a FED-U directory lacks it by name.
+    with pytest.raises(BundleError, match="flowenedet_c.safetensors: file not found"):
+        Pipeline.from_models_dir(models, PipelineConfig(anomaly="flowenedet_c", device="cpu"))
 
 
 def test_bad_config_key_and_data_dir_are_named(world: Path, tmp_path: Path, capsys):

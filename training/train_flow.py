@@ -135,7 +135,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     ctx = engine.init_run(config["device"], int(config["seed"]), bool(config["amp"]))
     train_set = engine.open_split(args.data, "train")
     path = engine.segmenter_path(config, args.out)
-    segmenter, _ = engine.load_segmenter(path)
+    segmenter, seg_bundle = engine.load_segmenter(path)
     detector = FlowDensityDetector(
         segmenter,
         layers=config["layers"],
@@ -176,10 +176,14 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         detector.logreg_bias.copy_(bias)
         metrics["logreg_fitted_on"] = "val split with pasted negatives"
 
-    tensors, metadata = engine.export_part(detector, "flow")
+    tensors, metadata = detector.export_part("flow")
     training = engine.training_metadata(config, args)
     training["segmenter"] = str(path)
-    metadata.update(training=training, metrics=metrics)
+    metadata.update(
+        training=training,
+        metrics=metrics,
+        class_names=list(seg_bundle.metadata.get("class_names") or []),
+    )
     engine.write_bundle(ctx, args.out, tensors, metadata)
     engine.close_run(ctx)
     return metrics

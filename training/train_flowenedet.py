@@ -99,7 +99,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     train_set = engine.open_split(args.data, "train")
     flow_set = _Splits([engine.open_split(args.data, s) for s in config["splits"]])
     path = engine.segmenter_path(config, args.out)
-    segmenter, _ = engine.load_segmenter(path)
+    segmenter, seg_bundle = engine.load_segmenter(path)
     segmenter.to(ctx.device)
 
     # 1. SML statistics on the train split (the same pass as `segsafe train sml`).
@@ -142,11 +142,13 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         engine.close_run(ctx)
         return {"stopped": True}
 
-    tensors, metadata = engine.export_part(detector, "flowenedet")
+    tensors, metadata = detector.export_part()
     training = engine.training_metadata(config, args)
     training["segmenter"] = str(path)
     metadata.update(
-        training=training, variant=config["variant"], detector=detector.name, metrics={}
+        training=training,
+        metrics={},
+        class_names=list(seg_bundle.metadata.get("class_names") or []),
     )
     engine.write_bundle(ctx, args.out, tensors, metadata)
     engine.close_run(ctx)

@@ -11,12 +11,15 @@ left out to keep the detector a single forward pass.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segmentation_safety.checkpoint import Bundle, BundleError, load_state_strict
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.detectors.registry import register
 from segmentation_safety.models.realnvp import RealNVP
@@ -24,6 +27,9 @@ from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
 
 COMBINE_MODES = ("min", "logreg")
+#: Keys of a ``flow`` bundle's ``architecture`` that :meth:`FlowDensityDetector.load_part`
+#: rebuilds the flows from (``channels``, the tap widths, is checked when present).
+ARCHITECTURE_KEYS = ("layers", "combine", "steps", "hidden", "seed")
 
 
 def default_flow_layers(segmenter: Segmenter) -> tuple[str, ...]:
@@ -107,6 +113,10 @@ class FlowDensityDetector(Detector):
         layers: segmenter taps to model (default: :func:`default_flow_layers`).
         combine: ``"min"`` or ``"logreg"`` for several layers.
         steps, hidden, seed: flow architecture (see :class:`RealNVP`).
+
+    A ``flow`` bundle replaces all of these: :meth:`load_part` rebuilds the flows from the
+    bundle's ``architecture`` (its ``combine`` included, since the logistic weights are
+    fitted for it), whatever options the detector was built with.
     """
 
     name = "flow_density"
@@ -119,7 +129,7 @@ class FlowDensityDetector(Detector):
         layers: Sequence[str] | None = None,
         combine: str = "min",
         steps: int = 8,
-        hidden: int = 64,
+        hidden: int = 32,
         seed: int = 0,
     ) -> None:
         super().__init__(segmenter)
@@ -154,6 +164,71 @@ class FlowDensityDetector(Detector):
             "hidden": hidden,
             "seed": seed,
         }
+
+    def export_part(self, kind: str = "flow") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, metadata) for ``save_bundle``: the flows plus the ``train_nll`` and
+        logistic-combination buffers, and the architecture :meth:`load_part` rebuilds."""
+        if kind not in self.trained_parts:
+            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        channels = {n: int(self.segmenter.embedding_channels[n]) for n in self.layers}
+        metadata: dict[str, Any] = {
+            "kind": "flow",
+            "detector": self.name,
+            "architecture": {**self.architecture, "channels": channels},
+            "num_classes": self.segmenter.num_classes,
+        }
+        return dict(self.state_dict()), metadata
+
+    def load_part(self, kind: str, bundle: Bundle, path: str | os.PathLike[str]) -> None:
+        """Rebuild the flows from a ``flow`` bundle's architecture, then load its weights
+        strictly; a mismatch with the segmenter raises ``BundleError`` naming ``path``."""
+        if kind not in self.trained_parts:
+            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        if bundle.kind != "flow":
+            raise BundleError(path, f"holds a {bundle.kind!r} model, expected 'flow'")
+        arch = bundle.metadata.get("architecture")
+        if not isinstance(arch, dict):
+            raise BundleError(path, "metadata has no 'architecture' dict")
+        missing = [k for k in ARCHITECTURE_KEYS if k not in arch]
+        if missing:
+            raise BundleError(path, f"architecture lacks {missing}")
+        seg = self.segmenter
+        classes = bundle.metadata.get("num_classes")
+        if classes is not None and classes != seg.num_classes:
+            raise BundleError(
+                path, f"trained for {classes} classes, the segmenter has {seg.num_classes}"
+            )
+        layers = arch["layers"]
+        if not isinstance(layers, list) or not layers:
+            raise BundleError(
+                path, f"architecture 'layers' must be a non-empty list, got {layers!r}"
+            )
+        unknown = [n for n in layers if n not in seg.embedding_channels]
+        if unknown:
+            raise BundleError(
+                path,
+                f"flows for layers {unknown} the segmenter does not expose "
+                f"(it has {sorted(seg.embedding_channels)})",
+            )
+        for name, c in (arch.get("channels") or {}).items():
+            if name in seg.embedding_channels and c != seg.embedding_channels[name]:
+                raise BundleError(
+                    path,
+                    f"flow for layer {name!r} expects {c} channels, "
+                    f"the segmenter's tap has {seg.embedding_channels[name]}",
+                )
+        options = {k: arch[k] for k in ARCHITECTURE_KEYS}
+        try:
+            fresh = FlowDensityDetector(seg, **{**options, "layers": tuple(layers)})
+        except (TypeError, ValueError) as e:
+            raise BundleError(path, f"bad architecture {arch}: {e}") from None
+        load_state_strict(fresh, bundle, path)
+        fresh.to(self.train_nll.device).train(self.training)
+        self.layers, self.combine, self.embeddings = fresh.layers, fresh.combine, fresh.layers
+        self.architecture = fresh.architecture
+        self.flows = fresh.flows
+        for name in ("train_nll", "logreg_weight", "logreg_bias"):
+            setattr(self, name, getattr(fresh, name))
 
     def layer_nll(self, out: SegmenterOutput) -> list[torch.Tensor]:
         """Raw NLL N(z_l) per layer, B×h_l×w_l; the trainer averages it into ``train_nll``."""

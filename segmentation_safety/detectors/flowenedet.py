@@ -2,17 +2,23 @@
 
 Both read the shared forward pass's logits (and FED-C its pre-logit features), run
 the flow at 1/4 of the input resolution and report P(segmentation wrong) as both the
-failure and the anomaly map. Both variants load a bundle of kind ``flowenedet``; its
-metadata names the variant, and loading the other variant's weights fails by name.
+failure and the anomaly map. FED-U loads a bundle of kind ``flowenedet``
+(``flowenedet.safetensors``), FED-C one of kind ``flowenedet_c``, so one models directory
+can hold both; the metadata also names the variant, and the wrong one fails by name.
+``load_part`` rebuilds the flow from the bundle's ``architecture`` (blocks, kernel size,
+condition channels, hidden width), so the detector's construction options only matter
+for an untrained detector.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import os
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from segmentation_safety.checkpoint import Bundle, BundleError, load_state_strict
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.detectors.registry import register
 from segmentation_safety.models.flowenedet import FlowEneDet
@@ -21,6 +27,10 @@ from segmentation_safety.types import DetectorOutput, SegmenterOutput
 
 #: FED runs at this fraction of the input resolution (003 §1: "1/4× spatial dimensions").
 FLOW_STRIDE = 4
+#: Keys of a ``flowenedet`` bundle's ``architecture`` that the flow is rebuilt from.
+ARCHITECTURE_KEYS = ("blocks", "kernel_size", "cond_channels", "hidden")
+#: The official test-time smoothing (7×7 Gaussian, σ = 1).
+DEFAULT_SMOOTH_SIGMA = 1.0
 
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float, kernel_size: int = 7) -> torch.Tensor:
@@ -40,7 +50,12 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float, kernel_size: int = 7) -> t
 
 
 class _FlowEneDetDetector(Detector):
-    """Shared body of FED-U and FED-C; subclasses set ``conditional``."""
+    """Shared body of FED-U and FED-C; subclasses set ``conditional``.
+
+    Options: ``blocks``, ``kernel_size``, ``cond_channels``, ``hidden`` (the flow; a
+    loaded bundle replaces them) and ``smooth_sigma`` (test-time Gaussian smoothing;
+    None: the loaded bundle's value, else 1.0).
+    """
 
     produces = frozenset({"anomaly", "failure"})
     trained_parts = ("flowenedet",)
@@ -52,27 +67,107 @@ class _FlowEneDetDetector(Detector):
         blocks: int = 4,
         kernel_size: int = 7,
         cond_channels: int = 32,
-        hidden: int = 32,
-        smooth_sigma: float = 1.0,
+        hidden: int = 16,
+        smooth_sigma: float | None = None,
     ) -> None:
         super().__init__(segmenter)
-        self.model = FlowEneDet(
-            num_classes=segmenter.num_classes,
-            feature_channels=segmenter.feature_channels,
+        if smooth_sigma is not None and smooth_sigma < 0:
+            raise ValueError(f"smooth_sigma must be >= 0, got {smooth_sigma}")
+        self._sigma_option = smooth_sigma
+        self.smooth_sigma = DEFAULT_SMOOTH_SIGMA if smooth_sigma is None else float(smooth_sigma)
+        self.model = self._build(blocks, kernel_size, cond_channels, hidden)
+        self.architecture = {
+            "variant": self.variant,
+            "blocks": blocks,
+            "kernel_size": kernel_size,
+            "cond_channels": cond_channels,
+            "hidden": hidden,
+        }
+
+    @property
+    def variant(self) -> str:
+        return "FED-C" if self.conditional else "FED-U"
+
+    def _build(self, blocks: int, kernel_size: int, cond_channels: int, hidden: int) -> FlowEneDet:
+        return FlowEneDet(
+            num_classes=self.segmenter.num_classes,
+            feature_channels=self.segmenter.feature_channels,
             conditional=self.conditional,
             blocks=blocks,
             kernel_size=kernel_size,
             cond_channels=cond_channels,
             hidden=hidden,
         )
-        self.smooth_sigma = smooth_sigma
-        self.architecture = {
-            "variant": "FED-C" if self.conditional else "FED-U",
-            "blocks": blocks,
-            "kernel_size": kernel_size,
-            "cond_channels": cond_channels,
-            "hidden": hidden,
+
+    def export_part(
+        self, kind: str | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, metadata) for ``save_bundle``: the flow with its SML statistics and
+        mixture, and the architecture :meth:`load_part` rebuilds it from."""
+        kind = kind or self.trained_parts[0]
+        if kind not in self.trained_parts:
+            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        metadata: dict[str, Any] = {
+            "kind": kind,
+            "detector": self.name,
+            "variant": self.variant,
+            "architecture": {
+                **self.architecture,
+                "num_classes": self.segmenter.num_classes,
+                "feature_channels": self.segmenter.feature_channels,
+            },
+            "num_classes": self.segmenter.num_classes,
+            "smooth_sigma": self.smooth_sigma,
         }
+        return dict(self.state_dict()), metadata
+
+    def load_part(self, kind: str, bundle: Bundle, path: str | os.PathLike[str]) -> None:
+        """Rebuild the flow from a ``flowenedet`` bundle of this variant and load its weights
+        strictly; any mismatch raises ``BundleError`` naming ``path``."""
+        if kind not in self.trained_parts:
+            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        if bundle.kind != kind:
+            raise BundleError(path, f"holds a {bundle.kind!r} model, expected {kind!r}")
+        arch = bundle.metadata.get("architecture")
+        if not isinstance(arch, dict):
+            raise BundleError(path, "metadata has no 'architecture' dict")
+        variant = arch.get("variant", bundle.metadata.get("variant"))
+        if variant != self.variant:
+            other = {"FED-U": "flowenedet_u", "FED-C": "flowenedet_c"}.get(str(variant))
+            hint = f" (load it with {other!r})" if other else ""
+            raise BundleError(
+                path,
+                f"holds a {variant!r} flow, detector {self.name!r} needs {self.variant!r}{hint}",
+            )
+        missing = [k for k in ARCHITECTURE_KEYS if k not in arch]
+        if missing:
+            raise BundleError(path, f"architecture lacks {missing}")
+        seg = self.segmenter
+        classes = arch.get("num_classes", bundle.metadata.get("num_classes"))
+        if classes is not None and classes != seg.num_classes:
+            raise BundleError(
+                path, f"trained for {classes} classes, the segmenter has {seg.num_classes}"
+            )
+        channels = arch.get("feature_channels")
+        if self.conditional and channels is not None and channels != seg.feature_channels:
+            raise BundleError(
+                path,
+                f"conditioned on {channels} feature channels, "
+                f"the segmenter has {seg.feature_channels}",
+            )
+        options = {k: arch[k] for k in ARCHITECTURE_KEYS}
+        try:
+            model = self._build(**options)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise BundleError(path, f"bad architecture {arch}: {e}") from None
+        holder = torch.nn.Module()
+        holder.model = model
+        load_state_strict(holder, bundle, path)
+        device = next(self.model.parameters()).device
+        self.model = model.to(device).train(self.training)
+        self.architecture = {"variant": self.variant, **options}
+        if self._sigma_option is None:
+            self.smooth_sigma = float(bundle.metadata.get("smooth_sigma", DEFAULT_SMOOTH_SIGMA))
 
     def flow_size(self, out: SegmenterOutput) -> tuple[int, int]:
         """1/4 of the input image's size; the logits' size when no image is attached."""
@@ -105,3 +200,4 @@ class FlowEneDetC(_FlowEneDetDetector):
 
     name = "flowenedet_c"
     conditional = True
+    trained_parts = ("flowenedet_c",)

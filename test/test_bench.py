@@ -1,0 +1,54 @@
+"""segsafe bench: one run times the segmenter and each detector; B.json has the DESIGN keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from segmentation_safety.bench import bench
+from segmentation_safety.checkpoint import save_bundle
+from segmentation_safety.cli import main
+from segmentation_safety.detectors import registry
+from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata
+
+
+def test_bench_reports_overhead_as_ratio_of_the_same_run():
+    seg = build_segmenter("tiny", num_classes=4, width=4)
+    dets = {n: registry.build(n, seg) for n in ("max_softmax", "energy")}
+    report = bench(seg, dets, 32, 64, torch.device("cpu"), repeats=2, warmup=1)
+    data = report.to_json()
+    assert {"device", "height", "width", "segmentation_ms", "detectors"} <= set(data)
+    assert data["height"] == 32 and data["width"] == 64 and data["segmentation_ms"] > 0
+    for name in ("max_softmax", "energy"):
+        t = data["detectors"][name]
+        assert t["ms"] > 0
+        assert t["overhead"] == pytest.approx(t["ms"] / data["segmentation_ms"])
+
+
+def test_cli_writes_b_json_and_marks_untrained_parts(tmp_path, capsys):
+    models = tmp_path / "models"
+    seg = build_segmenter("tiny", num_classes=4, width=4)
+    save_bundle(models / "segmenter.safetensors", seg.state_dict(), segmenter_metadata(seg))
+    out = tmp_path / "B.json"
+    rc = main(
+        ["bench", "--models", str(models), "--height", "32", "--width", "64",
+         "--detectors", "max_logit,densehybrid", "--repeats", "1", "--warmup", "0",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert set(data["detectors"]) == {"max_logit", "densehybrid"}
+    assert data["detectors"]["densehybrid"]["trained"] is False
+    assert data["detectors"]["max_logit"]["trained"] is True
+    assert "| densehybrid |" in capsys.readouterr().out
+
+
+def test_cli_refuses_unknown_detector_and_missing_models(tmp_path, capsys):
+    rc = main(["bench", "--segmenter", "tiny", "--detectors", "nope", "--out", str(tmp_path / "b")])
+    assert rc == 2
+    assert "unknown detector 'nope'; known detectors:" in capsys.readouterr().err
+    rc = main(["bench", "--models", str(tmp_path / "none"), "--out", str(tmp_path / "b")])
+    assert rc == 2
+    assert "segmenter.safetensors: file not found" in capsys.readouterr().err

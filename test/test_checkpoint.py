@@ -1,0 +1,106 @@
+"""Model bundles: safe to load, metadata inside, clear refusals naming the file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from segmentation_safety.checkpoint import (
+    BundleError,
+    atomic_write_bytes,
+    load_bundle,
+    load_state_strict,
+    save_bundle,
+)
+from segmentation_safety.models.tiny import TinySegmenter
+
+
+def _save(path, kind="segmenter", **meta):
+    model = TinySegmenter(num_classes=3, width=4)
+    save_bundle(path, model.state_dict(), {"kind": kind, "class_names": ["a", "b", "c"], **meta})
+    return model
+
+
+def test_round_trip_keeps_weights_and_metadata(tmp_path):
+    path = tmp_path / "seg.safetensors"
+    model = _save(path, thresholds={"open_set": 1.25}, metrics={"miou": 0.5})
+    bundle = load_bundle(path, kind="segmenter")
+    assert bundle.kind == "segmenter"
+    assert bundle.metadata["class_names"] == ["a", "b", "c"]
+    assert bundle.metadata["thresholds"] == {"open_set": 1.25}
+    other = TinySegmenter(num_classes=3, width=4)
+    load_state_strict(other, bundle, path)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(other.state_dict()[k], v)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(BundleError, match=r"nothere\.safetensors: file not found"):
+        load_bundle(tmp_path / "nothere.safetensors")
+
+
+@pytest.mark.parametrize("keep", [0, 5, 100, -10])
+def test_truncated_file_is_refused(tmp_path, keep):
+    path = tmp_path / "seg.safetensors"
+    _save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    with pytest.raises(BundleError, match="seg.safetensors") as err:
+        load_bundle(path)
+    assert "truncated" in str(err.value) or "not a readable" in str(err.value)
+
+
+def test_foreign_safetensors_and_pickles_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, plain)
+    with pytest.raises(BundleError, match="no segsafe metadata"):
+        load_bundle(plain)
+    pickled = tmp_path / "model.pth"
+    torch.save({"w": torch.zeros(2)}, pickled)
+    with pytest.raises(BundleError, match="model.pth"):
+        load_bundle(pickled)
+
+
+def test_wrong_kind_and_mismatched_weights_are_refused(tmp_path):
+    path = tmp_path / "seg.safetensors"
+    _save(path)
+    with pytest.raises(BundleError, match="holds a 'segmenter' model, expected 'densehybrid'"):
+        load_bundle(path, kind="densehybrid")
+    wider = TinySegmenter(num_classes=3, width=8)
+    with pytest.raises(BundleError, match="weights do not match"):
+        load_state_strict(wider, load_bundle(path), path)
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "future.safetensors"
+    meta = {"segsafe": json.dumps({"format": "segsafe-bundle/99", "kind": "segmenter"})}
+    save_file({"w": torch.zeros(1)}, path, metadata=meta)
+    with pytest.raises(BundleError, match="unsupported format"):
+        load_bundle(path)
+
+
+def test_metadata_needs_a_kind(tmp_path):
+    with pytest.raises(ValueError, match="kind"):
+        save_bundle(tmp_path / "x.safetensors", {"w": torch.zeros(1)}, {})
+
+
+def test_failed_write_leaves_the_good_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "seg.safetensors"
+    _save(path)
+    good = path.read_bytes()
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(path, b"half")
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.safetensors"]
