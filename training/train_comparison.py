@@ -119,20 +119,13 @@ def train_fold_segmenter(
     optimizer, scheduler = train_segmenter.make_optimizer(
         [p for p in module.parameters() if p.requires_grad], fold_config
     )
-    seed = int(fold_config["seed"])
-    stream = engine.SampleStream(len(dataset), int(fold_config["batch_size"]), seed)
+    make_sample = engine.augmented_samples(dataset, fold_config)
+    fold_args = argparse.Namespace(**{**vars(args), "out": out})
     # A fold that never started has no checkpoint: --resume starts it afresh.
-    resume = bool(getattr(args, "resume", False)) and engine.checkpoint_path(out).is_file()
-    fold_args = argparse.Namespace(**{**vars(args), "out": out, "resume": resume})
-    loop = engine.loop_config(fold_config, fold_args)
-    done = engine.fit(
-        ctx,
-        engine.Trainable(module, optimizer, scheduler),
-        stream,
-        train_segmenter.augmenter(dataset, fold_config),
-        loop,
-        desc=desc,
-    )
+    done = engine.run_stage(
+        ctx, module, optimizer, scheduler, make_sample, len(dataset), fold_config, fold_args,
+        desc, fresh_without_checkpoint=True, close_on_stop=False,
+    )  # fmt: skip
     return segmenter if done else None
 
 
@@ -242,8 +235,7 @@ class ComparisonTraining(nn.Module):
 
     def train(self, mode: bool = True) -> ComparisonTraining:
         super().train(mode)
-        if mode and self.bn == "frozen":
-            engine.freeze_batchnorm(self.comparison)
+        engine.train_bn_mode(self.comparison, mode, self.bn)
         for frozen in (*self.predictors, self.generator, self.deployed):
             frozen.eval()
         return self
@@ -279,13 +271,10 @@ class ComparisonTraining(nn.Module):
 def augmenter(dataset: Any, fold_of: list[int], config: dict[str, Any]) -> Any:
     """``make_sample(index, generator)``: crop / flip, and which predictor to use."""
 
+    augmented = engine.augmented_samples(dataset, config)
+
     def make_sample(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        image, label = engine.sample_tensors(dataset[index])
-        crop = config["crop_size"] or image.shape[-2:]
-        image, label = engine.random_scale_crop_flip(
-            image, label, generator, crop, config["scale_range"], float(config["flip"])
-        )
-        return {"image": image, "label": label, "fold": torch.tensor(fold_of[index])}
+        return {**augmented(index, generator), "fold": torch.tensor(fold_of[index])}
 
     return make_sample
 
@@ -363,27 +352,13 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     module = ComparisonTraining(
         comparison, predictors, generator, segmenter, ctx.device, config["bn"]
     )
-    optimizer = torch.optim.Adam(
-        comparison.parameters(),
-        lr=float(config["lr"]),
-        betas=(float(config["betas"][0]), float(config["betas"][1])),
-        weight_decay=float(config["weight_decay"]),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # paper: constant
-    loop = engine.loop_config(config, args)
+    optimizer, scheduler = engine.constant_adam(comparison.parameters(), config)  # paper
+    make_sample = augmenter(train_set, fold_of, config)
     # --resume after a stop among the folds: the comparison stage has not started yet.
-    loop.resume = loop.resume and engine.checkpoint_path(args.out).is_file()
-    stream = engine.SampleStream(len(train_set), int(config["batch_size"]), int(config["seed"]))
-    done = engine.fit(
-        ctx,
-        engine.Trainable(module, optimizer, scheduler),
-        stream,
-        augmenter(train_set, fold_of, config),
-        loop,
-        desc="comparison",
-    )
-    if not done:
-        engine.close_run(ctx)
+    if not engine.run_stage(
+        ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args,
+        "comparison", fresh_without_checkpoint=True,
+    ):  # fmt: skip
         return {"stopped": True}
 
     # Assemble the detector as the pipeline will, and measure it on images nobody

@@ -52,8 +52,7 @@ class DenseHybridTraining(nn.Module):
 
     def train(self, mode: bool = True) -> DenseHybridTraining:
         super().train(mode)
-        if mode and self.bn == "frozen":
-            engine.freeze_batchnorm(self.segmenter)
+        engine.train_bn_mode(self.segmenter, mode, self.bn)
         return self
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -98,12 +97,11 @@ def paste(
 
 
 def augmenter(dataset: Any, negatives: engine.NegativeImages, config: dict[str, Any]) -> Any:
+    augmented = engine.augmented_samples(dataset, config)
+
     def make_sample(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        image, label = engine.sample_tensors(dataset[index])
-        crop = config["crop_size"] or image.shape[-2:]
-        image, label = engine.random_scale_crop_flip(
-            image, label, generator, crop, config["scale_range"], float(config["flip"])
-        )
+        sample = augmented(index, generator)
+        image, label = sample["image"], sample["label"]
         # Draw always, so the stream of draws is the same whatever the outcome.
         if float(torch.rand((), generator=generator)) < float(config["paste_probability"]):
             image, label, outlier = paste(image, label, negatives, generator, config)
@@ -177,17 +175,10 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-    stream = engine.SampleStream(len(train_set), int(config["batch_size"]), int(config["seed"]))
-    done = engine.fit(
-        ctx,
-        engine.Trainable(module, optimizer, scheduler),
-        stream,
-        augmenter(train_set, negatives, config),
-        engine.loop_config(config, args),
-        desc="densehybrid",
-    )
-    if not done:
-        engine.close_run(ctx)
+    make_sample = augmenter(train_set, negatives, config)
+    if not engine.run_stage(
+        ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args, "densehybrid"
+    ):
         return {"stopped": True}
 
     detector.to(ctx.device)

@@ -64,13 +64,11 @@ class FlowTraining(nn.Module):
 
 
 def augmenter(dataset: Any, config: dict[str, Any]) -> Any:
+    """``make_sample`` for the engine: scale / crop / flip, the image alone."""
+    augmented = engine.augmented_samples(dataset, config)
+
     def make_sample(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        image, label = engine.sample_tensors(dataset[index])
-        crop = config["crop_size"] or image.shape[-2:]
-        image, _ = engine.random_scale_crop_flip(
-            image, label, generator, crop, config["scale_range"], float(config["flip"])
-        )
-        return {"image": image}
+        return {"image": augmented(index, generator)["image"]}
 
     return make_sample
 
@@ -145,23 +143,11 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         seed=int(config["flow_seed"]),
     )
     module = FlowTraining(segmenter, detector, int(config["pixels_per_image"]))
-    optimizer = torch.optim.Adam(
-        detector.flows.parameters(),
-        lr=float(config["lr"]),
-        weight_decay=float(config["weight_decay"]),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)  # constant
-    stream = engine.SampleStream(len(train_set), int(config["batch_size"]), int(config["seed"]))
-    done = engine.fit(
-        ctx,
-        engine.Trainable(module, optimizer, scheduler),
-        stream,
-        augmenter(train_set, config),
-        engine.loop_config(config, args),
-        desc="flow",
-    )
-    if not done:
-        engine.close_run(ctx)
+    optimizer, scheduler = engine.constant_adam(detector.flows.parameters(), config)
+    make_sample = augmenter(train_set, config)
+    if not engine.run_stage(
+        ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args, "flow"
+    ):
         return {"stopped": True}
 
     detector.to(ctx.device)

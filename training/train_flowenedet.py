@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import default_collate
 
 from segmentation_safety.detectors.flowenedet import FLOW_STRIDE, FlowEneDetC, FlowEneDetU
 from segmentation_safety.models.flowenedet import (
@@ -78,18 +77,6 @@ class _Splits:
         raise IndexError(index)
 
 
-def augmenter(dataset: Any, config: dict[str, Any]) -> Any:
-    def make_sample(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        image, label = engine.sample_tensors(dataset[index])
-        crop = config["crop_size"] or image.shape[-2:]
-        image, label = engine.random_scale_crop_flip(
-            image, label, generator, crop, config["scale_range"], float(config["flip"])
-        )
-        return {"image": image, "label": label}
-
-    return make_sample
-
-
 def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     ctx = engine.init_run(config["device"], int(config["seed"]), bool(config["amp"]))
     if config["variant"] not in VARIANTS:
@@ -119,27 +106,13 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
     # 2. The flow, trained against "segmentation wrong here".
     module = FlowEneDetTraining(segmenter, detector.model).to(ctx.device)
-    optimizer = torch.optim.Adam(
-        detector.model.parameters(),
-        lr=float(config["lr"]),
-        weight_decay=float(config["weight_decay"]),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)  # constant
-    stream = engine.SampleStream(len(flow_set), int(config["batch_size"]), int(config["seed"]))
-    make_sample = augmenter(flow_set, config)
-    loop = engine.loop_config(config, args)
-    if not loop.resume:
-        # ActNorm data init on the first *global* batch, identical on every rank.
-        first = [make_sample(stream.index(p), engine.sample_generator(stream.seed, p))
-                 for p in range(stream.batch_size * ctx.world_size)]  # fmt: skip
-        with torch.no_grad():
-            module.train()
-            module(engine.loop._to_device(default_collate(first), ctx.device))
-    done = engine.fit(
-        ctx, engine.Trainable(module, optimizer, scheduler), stream, make_sample, loop, "flowenedet"
-    )
-    if not done:
-        engine.close_run(ctx)
+    optimizer, scheduler = engine.constant_adam(detector.model.parameters(), config)
+    make_sample = engine.augmented_samples(flow_set, config)
+    # ActNorm data init on the first *global* batch, identical on every rank.
+    if not engine.run_stage(
+        ctx, module, optimizer, scheduler, make_sample, len(flow_set), config, args,
+        "flowenedet", data_init=True,
+    ):  # fmt: skip
         return {"stopped": True}
 
     tensors, metadata = detector.export_part()

@@ -147,16 +147,7 @@ def load_pair(item: dict[str, Any], config: dict[str, Any]) -> tuple[torch.Tenso
 
 def augmenter(dataset: Any, config: dict[str, Any]) -> Any:
     """``make_sample(index, generator)`` for the engine: resize, then crop / flip."""
-
-    def make_sample(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        image, label = load_pair(dataset[index], config)
-        crop = config["crop_size"] or image.shape[-2:]
-        image, label = engine.random_scale_crop_flip(
-            image, label, generator, crop, config["scale_range"], float(config["flip"])
-        )
-        return {"image": image, "label": label}
-
-    return make_sample
+    return engine.augmented_samples(dataset, config, load=lambda item: load_pair(item, config))
 
 
 @torch.no_grad()
@@ -209,18 +200,10 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     generator = engine.apply_bn_mode(generator, config["bn"], ctx)
     module = GanTraining(generator, discriminator, float(config["feat_weight"]))
     optimizer, scheduler = make_optimizer(generator, discriminator, config)
-
-    stream = engine.SampleStream(len(train_set), int(config["batch_size"]), int(config["seed"]))
-    done = engine.fit(
-        ctx,
-        engine.Trainable(module, optimizer, scheduler),
-        stream,
-        augmenter(train_set, config),
-        engine.loop_config(config, args),
-        desc="generator",
-    )
-    if not done:
-        engine.close_run(ctx)
+    make_sample = augmenter(train_set, config)
+    if not engine.run_stage(
+        ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args, "generator"
+    ):
         return {"stopped": True}
 
     metrics = evaluate_reconstruction(generator, val_set, config, ctx.device)

@@ -42,8 +42,7 @@ class SegmenterTraining(nn.Module):
 
     def train(self, mode: bool = True) -> SegmenterTraining:
         super().train(mode)
-        if mode and self.bn == "frozen":
-            engine.freeze_batchnorm(self.segmenter)
+        engine.train_bn_mode(self.segmenter, mode, self.bn)
         return self
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -65,20 +64,6 @@ def make_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
 
 
-def augmenter(dataset: Any, config: dict[str, Any]) -> Any:
-    """``make_sample(index, generator)`` for the engine: load, then scale / crop / flip."""
-
-    def make_sample(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        image, label = engine.sample_tensors(dataset[index])
-        crop = config["crop_size"] or image.shape[-2:]
-        image, label = engine.random_scale_crop_flip(
-            image, label, generator, crop, config["scale_range"], float(config["flip"])
-        )
-        return {"image": image, "label": label}
-
-    return make_sample
-
-
 def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     ctx = engine.init_run(config["device"], int(config["seed"]), bool(config["amp"]))
     train_set = engine.open_split(args.data, "train")
@@ -92,17 +77,10 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     optimizer, scheduler = make_optimizer(
         [p for p in module.parameters() if p.requires_grad], config
     )
-    stream = engine.SampleStream(len(train_set), int(config["batch_size"]), int(config["seed"]))
-    done = engine.fit(
-        ctx,
-        engine.Trainable(module, optimizer, scheduler),
-        stream,
-        augmenter(train_set, config),
-        engine.loop_config(config, args),
-        desc="segmenter",
-    )
-    if not done:
-        engine.close_run(ctx)
+    make_sample = engine.augmented_samples(train_set, config)
+    if not engine.run_stage(
+        ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args, "segmenter"
+    ):
         return {"stopped": True}
 
     metrics = engine.evaluate_segmentation(

@@ -99,11 +99,11 @@ class _PooledRanking:
 
     def __init__(
         self,
-        mode: str,
-        mantissa_bits: int,
-        score_range: tuple[float, float] | None,
-        num_bins: int,
-        curve_points: int,
+        mode: str = "histogram",
+        mantissa_bits: int = 11,
+        score_range: tuple[float, float] | None = None,
+        num_bins: int = 2**20,
+        curve_points: int = 1000,
     ) -> None:
         self.counter = make_counter(mode, mantissa_bits, score_range, num_bins)
         self.curve_points = curve_points
@@ -118,8 +118,23 @@ class _PooledRanking:
         check_finite_or_inf(scores, what)
         self.counter.add(scores, positive)
 
-    def _curves(self) -> RankingCurves:
-        return RankingCurves.from_counts(self.counter.counts())
+    def _curves(self) -> tuple[RankingCurves, dict[str, Any]]:
+        """The pooled curves and the result fields both metrics share: AUROC, FPR95 and
+        its threshold, thinned PR and ROC curves."""
+        curves = RankingCurves.from_counts(self.counter.counts())
+        fpr95, threshold95 = curves.fpr_at_tpr(TPR_TARGET)
+        recall, precision = curves.pr_curve(self.curve_points)
+        fpr, tpr = curves.roc_curve(self.curve_points)
+        shared = {
+            "auroc": curves.auroc(),
+            "fpr95": fpr95,
+            "threshold95": threshold95,
+            "recall": recall,
+            "precision": precision,
+            "fpr": fpr,
+            "tpr": tpr,
+        }
+        return curves, shared
 
 
 class AnomalyMetrics(_PooledRanking):
@@ -129,16 +144,6 @@ class AnomalyMetrics(_PooledRanking):
     values); labels of the same shape with 0 inlier, 1 anomaly, 255 void (excluded).
     NumPy arrays or torch tensors. Metrics are NaN while a class is missing.
     """
-
-    def __init__(
-        self,
-        mode: str = "histogram",
-        mantissa_bits: int = 11,
-        score_range: tuple[float, float] | None = None,
-        num_bins: int = 2**20,
-        curve_points: int = 1000,
-    ) -> None:
-        super().__init__(mode, mantissa_bits, score_range, num_bins, curve_points)
 
     def update(self, scores: Any, labels: Any) -> None:
         """Add one frame (or batch) of anomaly scores and 0/1/255 labels."""
@@ -150,21 +155,12 @@ class AnomalyMetrics(_PooledRanking):
 
     def compute(self) -> AnomalyResult:
         """Metrics over everything seen so far (the state is kept)."""
-        curves = self._curves()
-        fpr95, threshold95 = curves.fpr_at_tpr(TPR_TARGET)
-        recall, precision = curves.pr_curve(self.curve_points)
-        fpr, tpr = curves.roc_curve(self.curve_points)
+        curves, shared = self._curves()
         return AnomalyResult(
             ap=curves.average_precision(),
-            auroc=curves.auroc(),
-            fpr95=fpr95,
-            threshold95=threshold95,
             num_anomaly=curves.num_pos,
             num_inlier=curves.num_neg,
-            recall=recall,
-            precision=precision,
-            fpr=fpr,
-            tpr=tpr,
+            **shared,
         )
 
 
@@ -199,21 +195,12 @@ class FailureMetrics(_PooledRanking):
 
     def compute(self) -> FailureResult:
         """Metrics over everything seen so far (the state is kept)."""
-        curves = self._curves()
+        curves, shared = self._curves()
         success = RankingCurves.from_counts(self.counter.counts().swapped())
-        fpr95, threshold95 = curves.fpr_at_tpr(TPR_TARGET)
-        recall, precision = curves.pr_curve(self.curve_points)
-        fpr, tpr = curves.roc_curve(self.curve_points)
         return FailureResult(
             aupr_error=curves.average_precision(),
             aupr_success=success.average_precision(),
-            auroc=curves.auroc(),
-            fpr95=fpr95,
-            threshold95=threshold95,
             num_error=curves.num_pos,
             num_correct=curves.num_neg,
-            recall=recall,
-            precision=precision,
-            fpr=fpr,
-            tpr=tpr,
+            **shared,
         )

@@ -4,6 +4,8 @@ and helpers every trainer uses (:mod:`.common`)."""
 from training.engine.common import (
     DataError,
     NegativeImages,
+    augmented_samples,
+    constant_adam,
     evaluate_segmentation,
     export_part,
     freeze,
@@ -12,6 +14,7 @@ from training.engine.common import (
     loop_config,
     open_split,
     predict_logits,
+    run_stage,
     sample_tensors,
     segmenter_path,
     training_metadata,
@@ -32,6 +35,7 @@ from training.engine.loop import (
     poly_lambda,
     sample_generator,
     seed_everything,
+    train_bn_mode,
 )
 from training.engine.transforms import random_scale_crop_flip, resize, to_tensors
 
@@ -43,8 +47,10 @@ __all__ = [
     "SampleStream",
     "Trainable",
     "apply_bn_mode",
+    "augmented_samples",
     "checkpoint_path",
     "close_run",
+    "constant_adam",
     "evaluate_segmentation",
     "export_part",
     "fit",
@@ -60,11 +66,13 @@ __all__ = [
     "predict_logits",
     "random_scale_crop_flip",
     "resize",
+    "run_stage",
     "sample_generator",
     "sample_tensors",
     "seed_everything",
     "segmenter_path",
     "to_tensors",
+    "train_bn_mode",
     "training_metadata",
     "write_bundle",
 ]

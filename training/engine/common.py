@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from segmentation_safety.checkpoint import Bundle, BundleError, load_bundle, save_bundle
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.models.segmenter import Segmenter
-from training.engine.loop import LoopConfig, RunContext
-from training.engine.transforms import to_tensors
+from training.engine.loop import (
+    LoopConfig,
+    RunContext,
+    SampleStream,
+    Trainable,
+    _to_device,
+    checkpoint_path,
+    close_run,
+    fit,
+    sample_generator,
+)
+from training.engine.transforms import random_scale_crop_flip, to_tensors
 
 
 class DataError(ValueError):
@@ -35,6 +46,60 @@ def loop_config(config: dict[str, Any], args: argparse.Namespace) -> LoopConfig:
         workers=int(config.get("workers", 0)),
         stop_after=getattr(args, "stop_after", None),
     )
+
+
+def constant_adam(
+    params: Any, config: dict[str, Any]
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam with ``config``'s lr, weight_decay (and betas, where the config has them) and a
+    constant learning rate."""
+    extra = {}
+    if config.get("betas") is not None:
+        extra["betas"] = (float(config["betas"][0]), float(config["betas"][1]))
+    optimizer = torch.optim.Adam(
+        params, lr=float(config["lr"]), weight_decay=float(config["weight_decay"]), **extra
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def run_stage(
+    ctx: RunContext,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    make_sample: Callable[[int, torch.Generator], Any],
+    n_items: int,
+    config: dict[str, Any],
+    args: argparse.Namespace,
+    desc: str,
+    *,
+    data_init: bool = False,
+    fresh_without_checkpoint: bool = False,
+    close_on_stop: bool = True,
+) -> bool:
+    """Train ``module`` on a seeded stream over ``n_items`` dataset items with ``fit``.
+
+    The stream takes ``config``'s batch_size and seed, the loop :func:`loop_config`.
+    ``data_init``: before a fresh (not resumed) run, one forward pass in train mode over
+    the first *global* batch, identical on every rank (data-dependent initialisation
+    such as ActNorm's). ``fresh_without_checkpoint``: ``--resume`` starts a stage that
+    has no checkpoint yet afresh. Returns True when every iteration is done; False when
+    ``--stop-after`` cut it short, after closing the run unless ``close_on_stop`` is off.
+    """
+    stream = SampleStream(n_items, int(config["batch_size"]), int(config["seed"]))
+    loop = loop_config(config, args)
+    if fresh_without_checkpoint:
+        loop.resume = loop.resume and checkpoint_path(loop.out).is_file()
+    if data_init and not loop.resume:
+        positions = range(stream.batch_size * ctx.world_size)
+        first = [make_sample(stream.index(p), sample_generator(stream.seed, p)) for p in positions]
+        with torch.no_grad():
+            module.train()
+            module(_to_device(default_collate(first), ctx.device))
+    done = fit(ctx, Trainable(module, optimizer, scheduler), stream, make_sample, loop, desc)
+    if not done and close_on_stop:
+        close_run(ctx)
+    return done
 
 
 # --------------------------------------------------------------------------- data
@@ -63,6 +128,26 @@ def open_split(root: str | os.PathLike[str], split: str) -> Sequence[dict[str, A
 def sample_tensors(item: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """A dataset item -> (3×H×W uint8 image, H×W int64 label) tensors."""
     return to_tensors(item["image"], item.get("label"))
+
+
+def augmented_samples(
+    dataset: Sequence[dict[str, Any]],
+    config: dict[str, Any],
+    load: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]] = sample_tensors,
+) -> Callable[[int, torch.Generator], dict[str, torch.Tensor]]:
+    """``make_sample(index, generator)`` for the engine: ``load`` the item (by default
+    :func:`sample_tensors`), then random rescale / crop / flip with ``config``'s
+    crop_size (none: the image's size), scale_range and flip -> ``{"image", "label"}``."""
+
+    def make_sample(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        image, label = load(dataset[index])
+        crop = config["crop_size"] or image.shape[-2:]
+        image, label = random_scale_crop_flip(
+            image, label, generator, crop, config["scale_range"], float(config["flip"])
+        )
+        return {"image": image, "label": label}
+
+    return make_sample
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

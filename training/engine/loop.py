@@ -218,6 +218,13 @@ def freeze_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
+def train_bn_mode(model: nn.Module, training: bool, mode: str) -> None:
+    """After ``train(training)`` of a module holding ``model``: with bn ``mode`` "frozen",
+    put ``model``'s BatchNorm layers back in eval mode while training."""
+    if training and mode == "frozen":
+        freeze_batchnorm(model)
+
+
 def poly_lambda(iterations: int, power: float = 0.9) -> Callable[[int], float]:
     """The poly learning-rate factor (1 - i/N)^power used by torchvision's references."""
     return lambda i: (1.0 - min(i, iterations) / iterations) ** power
