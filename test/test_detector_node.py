@@ -144,12 +144,15 @@ def harness(ros, models_dir):
         h.close()
 
 
+POLL_S = 0.01  # condition polling period: a wait with a deadline, never a fixed sleep
+
+
 def wait_for(condition, what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(POLL_S)
 
 
 def image_msg(sec: int, height: int = H, width: int = W) -> Image:
