@@ -24,8 +24,23 @@ from segmentation_safety.device import resolve_device, synchronize
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import DetectorOutput, SafetyResult, SegmenterOutput
 
+def _demo_models_dir() -> Path:
+    """Where the shipped demo models are: the checkout's models/demo, else the colcon
+    install's share/segmentation_safety/models/demo (``SEGSAFE_DEMO_MODELS`` overrides)."""
+    if os.environ.get("SEGSAFE_DEMO_MODELS"):
+        return Path(os.environ["SEGSAFE_DEMO_MODELS"])
+    here = Path(__file__).resolve().parent.parent / "models" / "demo"
+    if here.is_dir():
+        return here
+    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
+        shared = Path(prefix) / "share" / "segmentation_safety" / "models" / "demo"
+        if prefix and shared.is_dir():
+            return shared
+    return here  # absent everywhere: errors will name the checkout's path
+
+
 #: Shipped demo models, used when no models directory is given.
-DEMO_MODELS = Path(__file__).resolve().parent.parent / "models" / "demo"
+DEMO_MODELS = _demo_models_dir()
 ALL_OUTPUTS = frozenset({"anomaly", "failure", "class_iou"})
 
 

@@ -24,13 +24,12 @@ explicitly must have its parts, or the command stops naming the missing file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from segmentation_safety.commands.common import add_models_arg
+from segmentation_safety.commands.common import add_models_arg, parse_detector_options
 
 DATASETS = ("world", "cityscapes", "lostandfound", "fishyscapes", "streethazards", "roadanomaly")
 #: Network input (H, W) of the upstream ESPNetv2 Cityscapes weights (trained at 1024×512).
@@ -133,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--input-size H W must both be at least 16")
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = _parse_options(args.detector_options)
+    options = parse_detector_options(args.detector_options)
     names = parse_detectors(args.detectors)
     explicit = args.detectors.strip() != "all"
     # Cheap checks first: a wrong root or split should not wait for models to load.
@@ -176,18 +175,6 @@ def _run(args: argparse.Namespace) -> int:
     print(report_markdown(report))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
-
-
-def _parse_options(text: str | None) -> dict[str, dict[str, Any]]:
-    if not text:
-        return {}
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--detector-options is not valid JSON: {e}") from None
-    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-        raise ValueError('--detector-options must map names to objects: {"name": {...}}')
-    return options
 
 
 def load_segmenter(weights: Path | None, models: Path | None) -> tuple[Any, dict[str, Any], str]:

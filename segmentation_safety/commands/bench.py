@@ -8,6 +8,7 @@ from pathlib import Path
 
 from segmentation_safety.commands.common import (
     add_models_arg,
+    parse_detector_options,
     parse_detectors,
     write_json,
 )
@@ -28,6 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="time this architecture (random weights) instead of the bundle's segmenter, "
         "e.g. espnetv2, lraspp_mobilenet_v3",
+    )
+    p.add_argument(
+        "--detector-options",
+        default=None,
+        help='JSON of per-detector options, e.g. \'{"resynthesis": {"synthesis_scale": 0.5}}\'',
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--repeats", type=int, default=10)
@@ -55,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     names = parse_detectors(args.detectors)
+    options = parse_detector_options(args.detector_options)
     root = args.models or DEMO_MODELS
     if args.segmenter:
         segmenter = build_segmenter(args.segmenter)
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     detectors, untrained, skipped = {}, [], {}
     for name in names:
         try:
-            det = registry.build(name, segmenter)
+            det = registry.build(name, segmenter, **options.get(name, {}))
         except ValueError as e:  # e.g. MC dropout on a segmenter without dropout
             if args.detectors != "all":
                 raise

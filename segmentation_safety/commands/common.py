@@ -31,6 +31,19 @@ def parse_detectors(text: str | None) -> list[str]:
     return names
 
 
+def parse_detector_options(text: str | None) -> dict[str, dict[str, Any]]:
+    """``--detector-options '{"name": {...}}'`` -> per-detector keyword options."""
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--detector-options is not valid JSON: {e}") from None
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise ValueError('--detector-options must map names to objects: {"name": {...}}')
+    return options
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically, so a killed run never leaves half a report."""
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
