@@ -49,11 +49,12 @@ class MaxLogitStats:
         self.m2 = self.m2 + m2_b + delta**2 * self.count * n_b / safe_n
         self.count = n
 
-    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def mean_std(self, min_count: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 K-vectors (mu_c, sigma_c); population std (divides by the count).
 
-        A class never predicted gets the statistics of all pixels pooled, so it scores
-        like an average class instead of dividing by zero.
+        A class predicted on fewer than ``min_count`` pixels gets the statistics of all
+        pixels pooled, so it scores like an average class: a handful of pixels gives no
+        usable spread (one pixel has std 0), and dividing by it blows scores up.
         """
         total = self.count.sum()
         if total == 0:
@@ -61,7 +62,7 @@ class MaxLogitStats:
         pooled_mean = (self.count * self.mean).sum() / total
         pooled_m2 = (self.m2 + self.count * (self.mean - pooled_mean) ** 2).sum()
         pooled_std = torch.sqrt(pooled_m2 / total)
-        seen = self.count > 0
+        seen = self.count >= max(1, min_count)
         mean = torch.where(seen, self.mean, pooled_mean)
         std = torch.where(seen, torch.sqrt(self.m2 / self.count.clamp_min(1.0)), pooled_std)
         return mean.float(), std.float()

@@ -107,6 +107,20 @@ def test_max_logit_stats_match_numpy_over_batches_and_pool_unseen_classes():
     assert mean.dtype == torch.float32
 
 
+def test_a_class_seen_on_too_few_pixels_takes_the_pooled_statistics():
+    # Class 1 wins on one pixel only: its own std would be 0 and SML would divide by it.
+    logits = torch.zeros(1, 2, 1, 40)
+    logits[0, 0] = torch.linspace(1.0, 5.0, 40)
+    logits[0, 1, 0, 7] = 50.0
+    stats = MaxLogitStats(num_classes=2)
+    stats.update(logits)
+    mean, std = stats.mean_std(min_count=2)
+    top = logits.max(dim=1).values.flatten().double()
+    assert mean[1].item() == pytest.approx(top.mean().item(), rel=1e-5)
+    assert std[1].item() == pytest.approx(top.std(unbiased=False).item(), rel=1e-5)
+    assert std[0].item() > 0
+
+
 def test_max_logit_stats_refuse_empty_and_wrong_channels():
     stats = MaxLogitStats(num_classes=3)
     with pytest.raises(ValueError, match="no pixels"):

@@ -104,6 +104,27 @@ def _pattern(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return (c1 * m[..., None] + c2 * (1 - m[..., None])).astype(np.float32)
 
 
+def _natural(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A full-frame muted, mottled texture (stone, fabric, bark-like).
+
+    Half of the negatives' surfaces look like this so the DenseHybrid head cannot learn
+    "saturated regular pattern" as its notion of outlier: negatives must share the
+    scene's low-level statistics and differ by content.
+    """
+    base = rng.uniform(30, 200) + rng.normal(0, 25, 3)
+    tint = rng.normal(0, 30, 3)
+    cells = (int(rng.integers(3, 12)), int(rng.integers(3, 12)))
+    coarse = rng.uniform(-1, 1, cells).astype(np.float32)
+    field = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+    fine = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 1.2)
+    m = 0.7 * field + 0.3 * fine
+    return np.clip(base + tint * m[..., None] + 18 * fine[..., None], 0, 255).astype(np.float32)
+
+
+def _surface(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    return _natural(rng, h, w) if rng.random() < 0.5 else _pattern(rng, h, w)
+
+
 def render_negative(
     rng: np.random.Generator, height: int, width: int, max_instances: int = 6
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -112,18 +133,21 @@ def render_negative(
     Instance ids are 1..n with every id present (occluded-away shapes are dropped and
     the rest renumbered); also returns each instance's kind name.
     """
-    img = _pattern(rng, height, width) * 0.6 + rng.uniform(40, 200, 3) * 0.4
+    img = _surface(rng, height, width) * 0.6 + rng.uniform(40, 200, 3) * 0.4
     inst = np.zeros((height, width), np.uint8)
     kinds: list[str] = []
     names = sorted(NEGATIVE_KINDS)
     for _ in range(int(rng.integers(1, max_instances + 1))):
         kind = names[int(rng.integers(len(names)))]
-        r = rng.uniform(0.08, 0.3) * min(height, width)
+        r = rng.uniform(0.04, 0.3) * min(height, width)
         cx, cy = rng.uniform(0, width), rng.uniform(0, height)
         poly = np.round(NEGATIVE_KINDS[kind](rng, cx, cy, r)).astype(np.int32)
         mask = np.zeros((height, width), np.uint8)
         cv2.fillPoly(mask, [poly], 1)
-        tex = _pattern(rng, height, width)
+        tex = _surface(rng, height, width)
+        # Shade each shape top to bottom, like a lit object, not a flat sticker.
+        ramp = np.linspace(1.15, 0.75, height, dtype=np.float32)[:, None, None]
+        tex = np.clip(tex * ramp, 0, 255)
         m = mask.astype(bool)
         img[m] = tex[m]
         kinds.append(kind)
