@@ -24,6 +24,7 @@ from segmentation_safety.device import resolve_device, synchronize
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import DetectorOutput, SafetyResult, SegmenterOutput
 
+
 def _demo_models_dir() -> Path:
     """Where the shipped demo models are: the checkout's models/demo, else the colcon
     install's share/segmentation_safety/models/demo (``SEGSAFE_DEMO_MODELS`` overrides)."""

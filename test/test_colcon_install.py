@@ -88,3 +88,10 @@ def test_executables_launch_and_config_are_installed(install_space):
         assert (share / name).exists(), name
     done = _run_in(install_space, "import training; print(training.__file__)")
     assert done.returncode == 0, done.stderr
+    # The demo models ship in share/ and are what `--models` defaults to from an install.
+    assert (share / "models" / "demo" / "segmenter.safetensors").is_file()
+    done = _run_in(
+        install_space, "from segmentation_safety.pipeline import DEMO_MODELS; print(DEMO_MODELS)"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(share / "models" / "demo")

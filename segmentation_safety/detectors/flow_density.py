@@ -129,7 +129,7 @@ class FlowDensityDetector(Detector):
         layers: Sequence[str] | None = None,
         combine: str = "min",
         steps: int = 8,
-        hidden: int = 32,
+        hidden: int = 16,
         seed: int = 0,
     ) -> None:
         super().__init__(segmenter)

@@ -389,7 +389,7 @@ class ESPNetv2Segmenter(Segmenter):
         self.net = ESPNetv2Net(self.scale, num_classes + extra_channels)
         c1, c2, c3, c4 = self.net.base_net.channels
         self.feature_channels = self.net.proj_channels
-        self.default_flow_layers = ("level3",)
+        self.default_flow_layers = ("level4",)  # stride 16: within the CPU budget
         self.embedding_channels = {
             "level1": c1,
             "level2": c2,
