@@ -111,8 +111,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"max input rate with < 5% drops: {fmt(d['max_rate_hz'])} Hz")
     if "anomaly" in d:
         a = d["anomaly"]
-        print(f"anomaly ({a['detector']}, {a['frames']} frames): AP {fmt(a['ap'])} "
-              f"AUROC {fmt(a['auroc'])} FPR95 {fmt(a['fpr95'])}")  # fmt: skip
+        pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+        print(
+            f"anomaly ({a['detector']}, {a['frames']} frames): AP {pct(a['ap'])} "
+            f"AUROC {pct(a['auroc'])} FPR95 {pct(a['fpr95'])}"
+        )
     if args.overlays is not None:
         saved = save_overlays(report.overlays, args.overlays, args.overlay_count)
         print(f"wrote {len(saved)} overlay images to {args.overlays}")
