@@ -71,10 +71,14 @@ def test_config_sets_only_declared_parameters_with_valid_values():
 
     values = flat(params)
     assert set(values) == set(SPEC_BY_NAME)  # the YAML documents every parameter
+    # The shipped file picks detectors (and their threshold) for the shipped demo models;
+    # params.py keeps the defaults that work with any segmenter bundle alone.
+    chosen_for_demo_models = {"anomaly_detector", "failure_detector", "anomaly_threshold"}
     for name, value in values.items():
         assert type(value) is type(SPEC_BY_NAME[name].default), name
         assert validate(name, value) is None, validate(name, value)
-        assert value == SPEC_BY_NAME[name].default, f"{name}: YAML and params.py disagree"
+        if name not in chosen_for_demo_models:
+            assert value == SPEC_BY_NAME[name].default, f"{name}: YAML and params.py disagree"
 
 
 def test_rviz_config_shows_overlay_segmentation_maps_and_hazards():
