@@ -270,10 +270,12 @@ class FlowEneDet(nn.Module):
             return None
         if features is None:
             raise ValueError("FED-C needs the segmenter's pre-logit features")
-        pooled = pool_condition(features.float(), self.cond_channels)
-        if pooled.shape[-2:] != size:
-            pooled = F.interpolate(pooled, size=size, mode="bilinear", align_corners=False)
-        return self.context_norm(pooled)[0]
+        features = features.float()
+        # Resizing and channel pooling are both linear, so they commute; resizing first
+        # pools 4x fewer pixels when the features are finer than the flow's 1/4 grid.
+        if features.shape[-2:] != size:
+            features = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+        return self.context_norm(pool_condition(features, self.cond_channels))[0]
 
     def forward_flow(
         self, z: torch.Tensor, context: torch.Tensor | None = None
