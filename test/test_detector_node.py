@@ -32,7 +32,7 @@ from visualization_msgs.msg import MarkerArray  # noqa: E402
 from segmentation_safety.checkpoint import save_bundle  # noqa: E402
 from segmentation_safety.labels import TRAIN_NAMES  # noqa: E402
 from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata  # noqa: E402
-from segmentation_safety.ros import markers  # noqa: E402
+from segmentation_safety.ros import image_codec, markers  # noqa: E402
 from segmentation_safety.ros.detector_node import (  # noqa: E402
     DetectorNode,
     compute_alarm,
@@ -211,6 +211,40 @@ def test_one_image_in_gives_every_output_with_its_stamp(harness):
     status = [s for a in h.got["/diagnostics"] for s in a.status if h.ns in s.hardware_id][-1]
     keys = {kv.key for kv in status.values}
     assert {"rate_hz", "latency_p50_ms", "latency_p95_ms", "frames_dropped", "device"} <= keys
+
+
+def depth_msg(mm: int, sec: int, height: int = H, width: int = W) -> Image:
+    """A 16UC1 depth image (millimetres) of one constant value."""
+    values = np.full((height, width), mm, dtype=np.uint16)
+    msg = Image(height=height, width=width, encoding="16UC1", step=width * 2)
+    msg.is_bigendian = int(sys.byteorder == "big")
+    msg.header.frame_id = "camera_optical"
+    msg.header.stamp.sec, msg.header.stamp.nanosec = sec, 500
+    msg.data = values.tobytes()
+    return msg
+
+
+def test_hazard_markers_are_placed_at_the_paired_depth(harness):
+    # Threshold 0: the whole image is one anomalous region centred on the principal point,
+    # so its depth point is (0, 0, depth); the pitched ground would put it elsewhere.
+    h = harness(use_depth=True, anomaly_threshold=0.0, camera_pitch=0.3, hazard_min_pixels=1)
+    reliable = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+    depth_pub = h.helper.create_publisher(Image, "depth", reliable)
+    h.listen("hazards")
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    depth_pub.publish(depth_msg(7000, sec=42))
+    # Without message_filters the node keeps the newest depth; with it, the synchroniser
+    # holds the depth until the image with the same stamp arrives.
+    wait_for(lambda: h.node.latest_depth is not None or h.node.depth_sync is not None, "the depth")
+    h.image_pub.publish(image_msg(sec=42))
+    wait_for(lambda: h.got["hazards"], "hazard markers")
+    assert h.got["hazards"][0].markers[0].header.stamp.sec == 42
+    boxes = [m for m in h.got["hazards"][0].markers if m.action == m.ADD]
+    assert len(boxes) == 1 and "(depth)" in boxes[0].text, [b.text for b in boxes]
+    p = boxes[0].pose.position
+    np.testing.assert_allclose([p.x, p.y, p.z], [0.0, 0.0, 7.0], atol=1e-6)
 
 
 def test_fifty_fast_frames_give_no_backlog_and_bounded_memory(harness):
@@ -443,3 +477,62 @@ def test_regions_become_boxes_on_the_ground():
     assert box.header.frame_id == "cam" and box.pose.position.z == pytest.approx(10.0)
     assert box.pose.position.y < 1.5  # centre above the ground (y points down)
     assert markers.hazard_markers(regions, None, Header(), 1.5, 0.0).markers[0].action == 3
+
+
+K_TEST = np.array([[100.0, 0, 64], [0, 100.0, 32], [0, 0, 1]])
+
+
+def test_depth_point_back_projects_the_median_depth_with_k_inverse():
+    depth = np.full((64, 128), 4.0, dtype=np.float32)  # a fronto-parallel plane 4 m ahead
+    region = markers.Region(left=74, top=42, width=10, height=10, pixels=100, max_score=2.0)
+    # Centre pixel (79, 47): x = (79 - 64) / 100 * 4 = 0.6, y = (47 - 32) / 100 * 4 = 0.6.
+    np.testing.assert_allclose(markers.depth_point(region, depth, K_TEST), [0.6, 0.6, 4.0])
+    arr = markers.hazard_markers([region], K_TEST, Header(), 1.5, 0.0, depth=depth)
+    p = arr.markers[1].pose.position
+    np.testing.assert_allclose([p.x, p.y, p.z], [0.6, 0.6, 4.0])
+    # Invalid values are left out of the median: half the region NaN/0/inf, the rest 5 m.
+    depth[42:47, 74:84] = [np.nan, 0.0, np.inf, -1.0, np.nan, 0, 0, 0, 0, 0]
+    depth[47:52, 74:84] = 5.0
+    assert markers.depth_point(region, depth, K_TEST)[2] == pytest.approx(5.0)
+
+
+def test_region_without_valid_depth_falls_back_to_the_ground():
+    anomaly = np.zeros((64, 128), dtype=np.float32)
+    anomaly[40:47, 60:70] = 2.0  # lower edge at row 47 -> 10 m ahead on the ground
+    (region,) = markers.hazard_regions(anomaly, threshold=1.0, min_pixels=10)
+    depth = np.full((64, 128), 3.0, dtype=np.float32)
+    depth[40:47, 60:70] = [[0.0, np.nan, np.inf, 0, 0, 0, 0, 0, 0, 0]] * 7
+    assert markers.depth_point(region, depth, K_TEST) is None
+    (box,) = markers.hazard_markers([region], K_TEST, Header(), 1.5, 0.0, depth=depth).markers[1:]
+    assert box.pose.position.z == pytest.approx(10.0) and "(ground)" in box.text
+    # Only the region's own pixels count, not the rest of its bounding box.
+    ring = np.zeros((64, 128), dtype=np.float32)
+    ring[20:30, 20:30] = 2.0
+    ring[21:29, 21:29] = 0.0  # 36 ring pixels around a 64-pixel hole
+    (hollow,) = markers.hazard_regions(ring, threshold=1.0, min_pixels=10)
+    depth[20:30, 20:30] = 3.0
+    depth[21:29, 21:29] = 9.0  # the box's median would be 9 m; the ring's is 3 m
+    assert markers.depth_point(hollow, depth, K_TEST)[2] == pytest.approx(3.0)
+
+
+def test_depth_images_decode_to_metres():
+    mm = np.array([[0, 1500], [4000, 65535]], dtype=np.uint16)
+    for order in ("<", ">"):
+        msg = Image(height=2, width=2, encoding="16UC1", step=4 + 2, is_bigendian=order == ">")
+        padded = np.zeros((2, 3), dtype=np.dtype("u2").newbyteorder(order))
+        padded[:, :2] = mm
+        msg.data = padded.tobytes()
+        got = image_codec.decode_depth(msg)
+        np.testing.assert_allclose(got, [[0.0, 1.5], [4.0, 65.535]], rtol=1e-6)
+        assert got.dtype == np.float32
+    assert markers.valid_depth(got).tolist() == [[False, True], [True, True]]
+    metres = np.array([[np.nan, 2.5]], dtype=np.float32)
+    msg = Image(height=1, width=2, encoding="32FC1", step=8, is_bigendian=sys.byteorder == "big")
+    msg.data = metres.tobytes()
+    np.testing.assert_array_equal(image_codec.decode_depth(msg), metres)
+    with pytest.raises(image_codec.CodecError, match="unsupported depth encoding"):
+        image_codec.decode_depth(Image(height=1, width=1, encoding="mono8", step=1, data=b"x"))
+    np.testing.assert_array_equal(
+        markers.match_depth(np.array([[1.0, np.nan]], np.float32), (2, 4)),
+        [[1, 1, np.nan, np.nan]] * 2,
+    )

@@ -3,7 +3,10 @@
 Topics (relative, so they live under the node's namespace; DESIGN §5.3):
 
 - in: ``image`` (sensor_msgs/Image: rgb8, bgr8, mono8, rgba8, bgra8), ``camera_info``
-  (optional, only for hazard markers);
+  (optional, only for hazard markers), ``depth`` (only with ``use_depth``: 32FC1 metres or
+  16UC1 millimetres, registered to ``image``; paired by message_filters'
+  ApproximateTimeSynchronizer where it imports, else the newest depth within
+  ``depth_max_age`` of the image's stamp);
 - out, each with the input header: ``segmentation`` (mono8 train ids),
   ``segmentation/color`` (rgb8), ``anomaly`` and ``failure`` (32FC1), ``hazard_overlay``
   (rgb8), ``safety`` (SafetyFrame), ``hazards`` (MarkerArray) and ``/diagnostics``.
@@ -220,6 +223,8 @@ class DetectorNode(Node):
         self.throttle = WarningThrottle()
         self.last_problem = ""  # newest bad-input message, also reported on /diagnostics
         self.camera_k: tuple[np.ndarray, tuple[int, int]] | None = None
+        self.latest_depth: Image | None = None  # newest depth, when not synchronised
+        self.depth_sync: Any = None  # message_filters synchroniser, where it imports
         self.get_logger().info(
             f"models from {params.models_dir or DEMO_MODELS} on {self.pipeline.device}; "
             f"anomaly={params.anomaly_detector or '-'} failure={params.failure_detector or '-'} "
@@ -242,7 +247,10 @@ class DetectorNode(Node):
         )
         self.slot = LatestSlot()
         self._stop = threading.Event()
-        self.create_subscription(Image, "image", self._on_image, in_qos)
+        if p.use_depth:
+            self._subscribe_with_depth(in_qos)
+        else:
+            self.create_subscription(Image, "image", self._on_image, in_qos)
         self.create_subscription(
             CameraInfo, "camera_info", self._on_camera_info, qos_profile_sensor_data
         )
@@ -251,9 +259,38 @@ class DetectorNode(Node):
         self.worker = threading.Thread(target=self._work, name="segsafe-worker", daemon=True)
         self.worker.start()
 
+    def _subscribe_with_depth(self, qos: QoSProfile) -> None:
+        """Image + depth: synchronised pairs where message_filters imports, else newest."""
+        try:
+            import message_filters  # optional: not every ROS install ships its Python module
+        except ImportError:
+            self.create_subscription(Image, "image", self._on_image, qos)
+            self.create_subscription(Image, "depth", self._on_depth, qos)
+            pairing = f"newest depth within depth_max_age ({self.params.depth_max_age} s)"
+        else:
+            subs = [
+                message_filters.Subscriber(self, Image, t, qos_profile=qos)
+                for t in ("image", "depth")
+            ]
+            self.depth_sync = message_filters.ApproximateTimeSynchronizer(
+                subs, queue_size=5, slop=self.params.depth_max_age
+            )
+            self.depth_sync.registerCallback(self._on_pair)
+            self._depth_subs = subs  # keep them alive with the node
+            pairing = "message_filters.ApproximateTimeSynchronizer"
+        self.get_logger().info(
+            f"hazard markers use depth from {self.resolve_topic_name('depth')}: {pairing}"
+        )
+
     # -- callbacks (short: store and return) ----------------------------------------------
     def _on_image(self, msg: Image) -> None:
-        self.slot.put((msg, time.monotonic()), self.stats.on_received)
+        self.slot.put((msg, time.monotonic(), None), self.stats.on_received)
+
+    def _on_pair(self, msg: Image, depth: Image) -> None:
+        self.slot.put((msg, time.monotonic(), depth), self.stats.on_received)
+
+    def _on_depth(self, msg: Image) -> None:
+        self.latest_depth = msg
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self.camera_k = (np.asarray(msg.k, dtype=np.float64), (msg.width, msg.height))
@@ -283,11 +320,11 @@ class DetectorNode(Node):
             item = self.slot.take(timeout=0.2)
             if item is None:
                 continue
-            msg, received_at = item
+            msg, received_at, depth = item
             started = time.monotonic()
             latency = None
             try:
-                if self._handle(msg):
+                if self._handle(msg, depth):
                     latency = (time.monotonic() - received_at) * 1e3
             except Exception as e:  # keep running whatever one frame does
                 self._warn("processing", f"frame failed: {type(e).__name__}: {e}")
@@ -299,8 +336,8 @@ class DetectorNode(Node):
     def _wanted(self, p: DetectorParams) -> set[str]:
         return {k for k in p.publish if self.pubs[k].get_subscription_count() > 0}
 
-    def _handle(self, msg: Image) -> bool:
-        """Process one frame; False when it was refused as bad input."""
+    def _handle(self, msg: Image, depth: Image | None = None) -> bool:
+        """Process one frame (and its paired depth, if any); False for refused input."""
         p = self.params
         wanted = self._wanted(p)
         t0 = time.perf_counter()
@@ -332,7 +369,7 @@ class DetectorNode(Node):
             if key in wanted and getattr(result, key) is not None:
                 self.pubs[key].publish(enc(key))
         if "hazards" in wanted:
-            self.pubs["hazards"].publish(self._markers(result, header, p))
+            self.pubs["hazards"].publish(self._markers(result, header, p, depth))
         if "safety" in wanted:
             timings = {"decode": decode_ms, **result.timings_ms}
             timings["publish"] = (time.perf_counter() - t1) * 1e3
@@ -356,16 +393,43 @@ class DetectorNode(Node):
             return image_codec.empty_image(header)
         return image_codec.encode_32fc1(values, header)
 
-    def _markers(self, r: SafetyResult, header: Any, p: DetectorParams) -> MarkerArray:
+    def _markers(
+        self, r: SafetyResult, header: Any, p: DetectorParams, depth_msg: Image | None = None
+    ) -> MarkerArray:
         regions = []
         k = None
+        depth = None
         if r.anomaly is not None and self.camera_k is not None:
             h, w = r.anomaly.shape
             k = markers.scale_intrinsics(self.camera_k[0], self.camera_k[1], (w, h))
             regions = markers.hazard_regions(r.anomaly, p.anomaly_threshold, p.hazard_min_pixels)
+            if p.use_depth and regions:
+                depth = self._depth_for(header, depth_msg or self.latest_depth, (h, w), p)
         return markers.hazard_markers(
-            regions, k, header, p.camera_height, p.camera_pitch, p.max_marker_range
+            regions, k, header, p.camera_height, p.camera_pitch, p.max_marker_range, depth=depth
         )
+
+    def _depth_for(
+        self, header: Any, msg: Image | None, shape: tuple[int, int], p: DetectorParams
+    ) -> np.ndarray | None:
+        """Depth (metres, at ``shape``) for the image with ``header``; None = use the ground."""
+        if msg is None:
+            self._warn("depth/none", "no depth image yet: hazard markers on the flat ground")
+            return None
+        age = abs(_seconds(header.stamp) - _seconds(msg.header.stamp))
+        if age > p.depth_max_age:
+            self._warn(
+                "depth/age",
+                f"newest depth is {age:.3f} s from the image > depth_max_age "
+                f"{p.depth_max_age} s: hazard markers on the flat ground",
+            )
+            return None
+        try:
+            depth = image_codec.decode_depth(msg, p.max_pixels)
+        except image_codec.CodecError as e:
+            self._warn(f"depth/{e.kind}", f"bad depth image: {e}")
+            return None
+        return markers.match_depth(depth, shape)
 
     def _safety(
         self,
@@ -418,6 +482,10 @@ class DetectorNode(Node):
             self.slot.close()
             self.worker.join(timeout=5.0)
         super().destroy_node()
+
+
+def _seconds(stamp: Any) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
 
 
 def main(args: list[str] | None = None) -> int:

@@ -89,6 +89,40 @@ def decode_rgb(msg: Image, max_pixels: int | None = None) -> np.ndarray:
     return cv2.cvtColor(src, _TO_RGB[enc])
 
 
+#: Depth encodings accepted -> (numpy dtype, metres per unit).
+DEPTH_ENCODINGS: dict[str, tuple[str, float]] = {"32fc1": ("f4", 1.0), "16uc1": ("u2", 1e-3)}
+
+
+def decode_depth(msg: Image, max_pixels: int | None = None) -> np.ndarray:
+    """Depth Image (32FC1 metres or 16UC1 millimetres) -> H×W float32 metres (a copy).
+
+    Values are converted as they are; telling valid from invalid (0, NaN, inf) is left to
+    :func:`segmentation_safety.ros.markers.valid_depth`. Raises :class:`CodecError`.
+    """
+    enc = msg.encoding.lower()
+    if enc not in DEPTH_ENCODINGS:
+        raise CodecError(
+            f"unsupported depth encoding {msg.encoding!r}; supported: 32FC1, 16UC1",
+            f"depth_encoding/{enc}",
+        )
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if h == 0 or w == 0:
+        raise CodecError(f"empty depth image ({w}x{h})", "depth_empty")
+    if max_pixels is not None and h * w > max_pixels:
+        raise CodecError(f"depth image too large: {w}x{h} > max_pixels {max_pixels}", "size")
+    kind, scale = DEPTH_ENCODINGS[enc]
+    dtype = np.dtype(kind).newbyteorder(">" if msg.is_bigendian else "<")
+    if step < w * dtype.itemsize or len(msg.data) != step * h:
+        raise CodecError(
+            f"depth data has {len(msg.data)} bytes, step {step}, for {w}x{h} {msg.encoding}",
+            "depth_length",
+        )
+    buf = np.frombuffer(msg.data, dtype=np.uint8)
+    rows = np.lib.stride_tricks.as_strided(buf, shape=(h, w * dtype.itemsize), strides=(step, 1))
+    values = np.ascontiguousarray(rows).view(dtype).astype(np.float32)
+    return values * np.float32(scale) if scale != 1.0 else values
+
+
 def _to_msg(array: np.ndarray, encoding: str, header: Any) -> Image:
     array = np.ascontiguousarray(array)
     h, w = array.shape[:2]

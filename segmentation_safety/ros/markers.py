@@ -1,10 +1,12 @@
-"""Anomalous image regions -> boxes on a flat ground plane, as a visualization MarkerArray.
+"""Anomalous image regions -> boxes in 3-D, as a visualization MarkerArray.
 
-There is no depth, so each region is placed where its lowest row meets the ground (the
-contact point of an object lying on the road), assuming a flat ground at ``height`` metres
-below the camera, pitched down by ``pitch`` radians. Points are expressed in the camera's
-optical frame (x right, y down, z forward; REP 103), i.e. the image's own ``frame_id``, so
-RViz places them correctly through TF without this node knowing the robot.
+With a depth image (:func:`depth_point`), a region is placed at the 3-D point of its
+median valid depth. Without one, or where the region has no valid depth, it is placed
+where its lowest row meets the ground (the contact point of an object lying on the road),
+assuming a flat ground at ``height`` metres below the camera, pitched down by ``pitch``
+radians. Points are expressed in the camera's optical frame (x right, y down, z forward;
+REP 103), i.e. the image's own ``frame_id``, so RViz places them correctly through TF
+without this node knowing the robot.
 
 The geometry functions are pure numpy; only :func:`hazard_markers` builds messages.
 """
@@ -12,7 +14,7 @@ The geometry functions are pure numpy; only :func:`hazard_markers` builds messag
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -34,11 +36,18 @@ class Region:
     height: int
     pixels: int
     max_score: float
+    #: Which pixels of the bounding box belong to the region (None = all of them).
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def contact(self) -> tuple[float, float]:
         """(u, v) of the bottom-centre pixel: where the object touches the ground."""
         return self.left + 0.5 * self.width, float(self.top + self.height)
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """(u, v) of the bounding box's centre."""
+        return self.left + 0.5 * self.width, self.top + 0.5 * self.height
 
 
 def hazard_regions(anomaly: np.ndarray, threshold: float, min_pixels: int) -> list[Region]:
@@ -51,8 +60,9 @@ def hazard_regions(anomaly: np.ndarray, threshold: float, min_pixels: int) -> li
         x, y, w, h, n = (int(v) for v in stats[i])
         if n < min_pixels:
             continue
-        patch = scores[y : y + h, x : x + w][comp[y : y + h, x : x + w] == i]
-        regions.append(Region(x, y, w, h, n, float(patch.max())))
+        mask = comp[y : y + h, x : x + w] == i
+        patch = scores[y : y + h, x : x + w][mask]
+        regions.append(Region(x, y, w, h, n, float(patch.max()), mask))
     return regions
 
 
@@ -85,6 +95,38 @@ def project_to_ground(
     return ray * (-height / down)
 
 
+def valid_depth(depth: np.ndarray) -> np.ndarray:
+    """True where a depth value (metres) is usable: finite and positive (0 = no return)."""
+    depth = np.asarray(depth)
+    return np.isfinite(depth) & (depth > 0)
+
+
+def match_depth(depth: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Depth resized to ``shape`` (h, w) by nearest neighbour, so invalid values stay so."""
+    depth = np.asarray(depth, dtype=np.float32)
+    if depth.shape == tuple(shape):
+        return depth
+    return cv2.resize(depth, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+
+
+def depth_point(region: Region, depth: np.ndarray, k: np.ndarray) -> np.ndarray | None:
+    """3-D point (optical frame) of ``region`` from its median valid depth, or None.
+
+    ``depth`` is H×W metres along the optical axis (REP 118) aligned with the image the
+    region came from; the region's centre pixel is back-projected with K's inverse and
+    scaled to that depth. None when no pixel of the region has a valid depth.
+    """
+    box = np.asarray(depth)[
+        region.top : region.top + region.height, region.left : region.left + region.width
+    ]
+    values = box[region.mask] if region.mask is not None else box.reshape(-1)
+    values = values[valid_depth(values)]
+    if values.size == 0:
+        return None
+    ray = np.linalg.solve(np.asarray(k, dtype=np.float64).reshape(3, 3), [*region.centre, 1.0])
+    return ray * (float(np.median(values)) / ray[2])
+
+
 def _pitch_quaternion(pitch: float) -> Quaternion:
     # Rotating the optical frame by +pitch about x brings its y axis to world-down and its
     # z axis to the horizontal, so boxes stand upright instead of tilting with the camera.
@@ -99,8 +141,13 @@ def hazard_markers(
     pitch: float,
     max_range: float = 50.0,
     lifetime_s: float = 0.5,
+    depth: np.ndarray | None = None,
 ) -> MarkerArray:
-    """One upright box per region on the ground; a DELETEALL first clears the last frame's."""
+    """One upright box per region; a DELETEALL first clears the last frame's.
+
+    With ``depth`` (metres, aligned with the regions' image) a region with valid depth is
+    centred on :func:`depth_point`; otherwise it stands on the flat ground.
+    """
     out = MarkerArray(markers=[Marker(header=header, ns=NAMESPACE, action=Marker.DELETEALL)])
     if k is None:
         return out
@@ -108,16 +155,21 @@ def hazard_markers(
     fx, fy = k[0, 0], k[1, 1]
     up = camera_up(pitch)
     for i, r in enumerate(regions):
-        ground = project_to_ground(*r.contact, k, height, pitch)
-        if ground is None:
+        point = None if depth is None else depth_point(r, depth, k)
+        source = "depth"
+        if point is None:
+            point = project_to_ground(*r.contact, k, height, pitch)
+            source = "ground"
+        if point is None:
             continue
-        dist = float(np.linalg.norm(ground))
+        dist = float(np.linalg.norm(point))
         if dist > max_range:
             continue
         # Pinhole size at that distance; clamped so a thin or huge region stays readable.
         width = float(np.clip(r.width * dist / fx, 0.1, 10.0))
         tall = float(np.clip(r.height * dist / fy, 0.1, 5.0))
-        centre = ground + up * (tall / 2)
+        # A depth point is the region's centre; a ground point is where it stands.
+        centre = point if source == "depth" else point + up * (tall / 2)
         out.markers.append(
             Marker(
                 header=header,
@@ -132,7 +184,7 @@ def hazard_markers(
                 scale=Vector3(x=width, y=tall, z=width),
                 color=ColorRGBA(r=1.0, g=0.1, b=0.0, a=0.6),
                 lifetime=Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1) * 1e9)),
-                text=f"anomaly {r.max_score:.2f} at {dist:.1f} m",
+                text=f"anomaly {r.max_score:.2f} at {dist:.1f} m ({source})",
             )
         )
     return out

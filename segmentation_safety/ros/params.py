@@ -172,6 +172,20 @@ SPECS: tuple[Spec, ...] = (
         low=1.0,
         high=1000.0,
     ),
+    Spec(
+        "use_depth",
+        False,
+        "Place hazard markers with a depth image on 'depth' (32FC1 m or 16UC1 mm) "
+        "paired with each image; regions without valid depth fall back to the ground.",
+    ),
+    Spec(
+        "depth_max_age",
+        0.1,
+        "Most seconds between an image's and its depth image's stamps (pairing slop).",
+        runtime=True,
+        low=0.0,
+        high=10.0,
+    ),
     # -- diagnostics and logging -------------------------------------------------------------
     Spec(
         "diagnostics_period",
@@ -272,6 +286,8 @@ class DetectorParams:
     camera_pitch: float
     hazard_min_pixels: int
     max_marker_range: float
+    use_depth: bool
+    depth_max_age: float
     diagnostics_period: float
     diagnostics_window: int
     warn_throttle_sec: float
@@ -300,6 +316,8 @@ class DetectorParams:
             camera_pitch=float(v["camera_pitch"]),
             hazard_min_pixels=int(v["hazard_min_pixels"]),
             max_marker_range=float(v["max_marker_range"]),
+            use_depth=bool(v["use_depth"]),
+            depth_max_age=float(v["depth_max_age"]),
             diagnostics_period=float(v["diagnostics_period"]),
             diagnostics_window=int(v["diagnostics_window"]),
             warn_throttle_sec=float(v["warn_throttle_sec"]),
