@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.stats import multivariate_normal
 
 from segmentation_safety.checkpoint import (
@@ -333,3 +334,11 @@ def test_load_part_refusals_name_the_file(tmp_path) -> None:
         )
     with pytest.raises(KeyError):
         fed_c.load_part("flow", Bundle(tensors, meta), path)
+
+
+@pytest.mark.parametrize("channels_in", [10, 48, 7])
+def test_pool_condition_matches_adaptive_pooling_over_channels(channels_in: int) -> None:
+    x = torch.randn(2, channels_in, 5, 7)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 1, channels_in)
+    expected = F.adaptive_avg_pool1d(rows, 32).reshape(2, 5, 7, 32).permute(0, 3, 1, 2)
+    torch.testing.assert_close(pool_condition(x, 32), expected, rtol=1e-5, atol=1e-6)

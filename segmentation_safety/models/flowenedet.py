@@ -59,9 +59,14 @@ def pool_condition(features: torch.Tensor, channels: int) -> torch.Tensor:
     b, c, h, w = features.shape
     if c % channels == 0:
         return features.reshape(b, channels, c // channels, h, w).mean(dim=2)
-    rows = features.permute(0, 2, 3, 1).reshape(-1, 1, c)
-    pooled = F.adaptive_avg_pool1d(rows, channels)
-    return pooled.reshape(b, h, w, channels).permute(0, 3, 1, 2)
+    # Adaptive pooling over channels is a fixed linear map: output j averages input
+    # channels floor(j·C/P) .. ceil((j+1)·C/P) - 1. As a 1×1 convolution it avoids
+    # reshaping every pixel into a row.
+    weight = torch.zeros(channels, c, dtype=features.dtype, device=features.device)
+    for j in range(channels):
+        lo, hi = (j * c) // channels, -((-(j + 1) * c) // channels)
+        weight[j, lo:hi] = 1.0 / (hi - lo)
+    return F.conv2d(features, weight[:, :, None, None])
 
 
 # --------------------------------------------------------------------------- flow layers
