@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from segmentation_safety.checkpoint import Bundle
+from segmentation_safety.checkpoint import Bundle, BundleError
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
 
@@ -46,14 +46,40 @@ class Detector(nn.Module):
     def forward(self, out: SegmenterOutput) -> DetectorOutput:
         raise NotImplementedError
 
+    def check_part(
+        self,
+        kind: str,
+        bundle: Bundle | None = None,
+        path: str | os.PathLike[str] = "<bundle>",
+        needs_architecture: bool = False,
+    ) -> dict[str, Any]:
+        """The checks every ``load_part``/``export_part`` starts with.
+
+        ``kind`` must be one of this detector's trained parts (``KeyError``); a ``bundle``
+        must hold that kind and, with ``needs_architecture``, an ``architecture`` dict
+        (``BundleError`` naming ``path``). Returns that dict (empty when not needed).
+        """
+        if kind not in self.trained_parts:
+            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        if bundle is None:
+            return {}
+        if bundle.kind != kind:
+            raise BundleError(path, f"holds a {bundle.kind!r} model, expected {kind!r}")
+        arch = bundle.metadata.get("architecture")
+        if needs_architecture and not isinstance(arch, dict):
+            raise BundleError(path, "metadata has no 'architecture' dict")
+        return arch if isinstance(arch, dict) else {}
+
     def load_part(self, kind: str, bundle: Bundle, path: str | os.PathLike[str]) -> None:
         """Load the trained part ``kind`` from ``bundle`` (read from ``path``).
 
         Detectors with ``trained_parts`` override this; mismatches raise ``BundleError``
         naming ``path``.
         """
-        raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        self.check_part(kind)
+        raise NotImplementedError(f"detector {self.name!r} declares {kind!r} but cannot load it")
 
     def export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and metadata of the trained part ``kind``, for ``save_bundle``."""
-        raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        self.check_part(kind)
+        raise NotImplementedError(f"detector {self.name!r} declares {kind!r} but cannot export it")

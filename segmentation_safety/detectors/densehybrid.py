@@ -53,8 +53,7 @@ class DenseHybridDetector(Detector):
         self, kind: str = "densehybrid"
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and metadata for ``save_bundle`` (add training config and metrics)."""
-        if kind not in self.trained_parts:
-            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        self.check_part(kind)
         metadata: dict[str, Any] = {
             "kind": "densehybrid",
             "architecture": {"name": "densehybrid_head", "in_channels": self.head.in_channels},
@@ -65,11 +64,7 @@ class DenseHybridDetector(Detector):
 
     def load_part(self, kind: str, bundle: Bundle, path: str | os.PathLike[str]) -> None:
         """Load the head (and thresholds) from a ``densehybrid`` bundle, refusing mismatches."""
-        if kind not in self.trained_parts:
-            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
-        if bundle.kind != "densehybrid":
-            raise BundleError(path, f"holds a {bundle.kind!r} model, expected 'densehybrid'")
-        arch = bundle.metadata.get("architecture", {})
+        arch = self.check_part(kind, bundle, path)
         channels = arch.get("in_channels")
         if channels != self.head.in_channels:
             raise BundleError(

@@ -168,8 +168,7 @@ class FlowDensityDetector(Detector):
     def export_part(self, kind: str = "flow") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, metadata) for ``save_bundle``: the flows plus the ``train_nll`` and
         logistic-combination buffers, and the architecture :meth:`load_part` rebuilds."""
-        if kind not in self.trained_parts:
-            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        self.check_part(kind)
         channels = {n: int(self.segmenter.embedding_channels[n]) for n in self.layers}
         metadata: dict[str, Any] = {
             "kind": "flow",
@@ -182,13 +181,7 @@ class FlowDensityDetector(Detector):
     def load_part(self, kind: str, bundle: Bundle, path: str | os.PathLike[str]) -> None:
         """Rebuild the flows from a ``flow`` bundle's architecture, then load its weights
         strictly; a mismatch with the segmenter raises ``BundleError`` naming ``path``."""
-        if kind not in self.trained_parts:
-            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
-        if bundle.kind != "flow":
-            raise BundleError(path, f"holds a {bundle.kind!r} model, expected 'flow'")
-        arch = bundle.metadata.get("architecture")
-        if not isinstance(arch, dict):
-            raise BundleError(path, "metadata has no 'architecture' dict")
+        arch = self.check_part(kind, bundle, path, needs_architecture=True)
         missing = [k for k in ARCHITECTURE_KEYS if k not in arch]
         if missing:
             raise BundleError(path, f"architecture lacks {missing}")

@@ -105,8 +105,7 @@ class _FlowEneDetDetector(Detector):
         """(tensors, metadata) for ``save_bundle``: the flow with its SML statistics and
         mixture, and the architecture :meth:`load_part` rebuilds it from."""
         kind = kind or self.trained_parts[0]
-        if kind not in self.trained_parts:
-            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        self.check_part(kind)
         metadata: dict[str, Any] = {
             "kind": kind,
             "detector": self.name,
@@ -124,13 +123,7 @@ class _FlowEneDetDetector(Detector):
     def load_part(self, kind: str, bundle: Bundle, path: str | os.PathLike[str]) -> None:
         """Rebuild the flow from a ``flowenedet`` bundle of this variant and load its weights
         strictly; any mismatch raises ``BundleError`` naming ``path``."""
-        if kind not in self.trained_parts:
-            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
-        if bundle.kind != kind:
-            raise BundleError(path, f"holds a {bundle.kind!r} model, expected {kind!r}")
-        arch = bundle.metadata.get("architecture")
-        if not isinstance(arch, dict):
-            raise BundleError(path, "metadata has no 'architecture' dict")
+        arch = self.check_part(kind, bundle, path, needs_architecture=True)
         variant = arch.get("variant", bundle.metadata.get("variant"))
         if variant != self.variant:
             other = {"FED-U": "flowenedet_u", "FED-C": "flowenedet_c"}.get(str(variant))

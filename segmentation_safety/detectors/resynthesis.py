@@ -137,13 +137,7 @@ class ResynthesisDetector(Detector):
 
     def load_part(self, kind: str, bundle: Bundle, path: str | os.PathLike[str]) -> None:
         """Rebuild part ``kind`` from its bundle's architecture and load its weights strictly."""
-        if kind not in self.trained_parts:
-            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
-        if bundle.kind != kind:
-            raise BundleError(path, f"holds a {bundle.kind!r} model, expected {kind!r}")
-        arch = bundle.metadata.get("architecture")
-        if not isinstance(arch, dict):
-            raise BundleError(path, "metadata has no 'architecture' dict")
+        arch = self.check_part(kind, bundle, path, needs_architecture=True)
         if arch.get("num_classes") != self.segmenter.num_classes:
             raise BundleError(
                 path,
@@ -162,8 +156,7 @@ class ResynthesisDetector(Detector):
 
     def export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, metadata) to pass to ``save_bundle`` for part ``kind``."""
-        if kind not in self.trained_parts:
-            raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
+        self.check_part(kind)
         module = getattr(self, kind)
         metadata = {"kind": kind, "architecture": module.architecture()}
         if kind == "generator":

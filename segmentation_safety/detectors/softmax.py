@@ -155,15 +155,13 @@ class StandardizedMaxLogitDetector(_LogitScoreDetector):
 
     def export_part(self, kind: str = "sml") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and metadata for ``save_bundle`` of this detector's trained part."""
-        _check_kind(self, kind)
+        self.check_part(kind)
         tensors = {"class_mean": self.class_mean, "class_std": self.class_std}
         return tensors, {"kind": "sml", "num_classes": int(self.class_mean.numel())}
 
     def load_part(self, kind: str, bundle: Bundle, path: str | os.PathLike[str]) -> None:
         """Load the statistics from an ``"sml"`` bundle; refuse a mismatched one by name."""
-        _check_kind(self, kind)
-        if bundle.kind != "sml":
-            raise BundleError(path, f"holds a {bundle.kind!r} model, expected 'sml'")
+        self.check_part(kind, bundle, path)
         missing = {"class_mean", "class_std"} - set(bundle.tensors)
         if missing:
             raise BundleError(path, f"missing tensors {sorted(missing)}")
@@ -171,8 +169,3 @@ class StandardizedMaxLogitDetector(_LogitScoreDetector):
             self.set_statistics(bundle.tensors["class_mean"], bundle.tensors["class_std"])
         except ValueError as e:
             raise BundleError(path, str(e)) from None
-
-
-def _check_kind(detector: Detector, kind: str) -> None:
-    if kind not in detector.trained_parts:
-        raise KeyError(f"detector {detector.name!r} has no trained part {kind!r}")
