@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segmentation_safety.checkpoint import BundleError, load_bundle
+from segmentation_safety.checkpoint import load_bundle
 from segmentation_safety.detectors import Detector, registry
 from segmentation_safety.device import resolve_device, synchronize
 from segmentation_safety.models.segmenter import Segmenter
@@ -107,24 +107,15 @@ class Pipeline:
 
         A missing or mismatched bundle raises :class:`BundleError` naming the file.
         """
-        from segmentation_safety.models.zoo import segmenter_from_bundle
+        from segmentation_safety.models.zoo import load_segmenter
 
         config = config or PipelineConfig()
         root = Path(models_dir) if models_dir else DEMO_MODELS
-        seg_path = root / "segmenter.safetensors"
-        seg_bundle = load_bundle(seg_path, kind="segmenter")
-        try:
-            segmenter = segmenter_from_bundle(seg_bundle, path=str(seg_path))
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise BundleError(seg_path, f"cannot build the segmenter: {e}") from None
+        segmenter, seg_bundle = load_segmenter(part_path(root, "segmenter"))
         detectors = {}
         for name in config.detector_names():
             options = config.detector_options.get(name, {})
-            det = registry.build(name, segmenter, **options)
-            for kind in det.trained_parts:
-                path = root / f"{kind}.safetensors"
-                det.load_part(kind, load_bundle(path), path)
-            detectors[name] = det
+            detectors[name] = load_parts(registry.build(name, segmenter, **options), root)
         return cls(segmenter, detectors, config, seg_bundle.metadata.get("class_names"))
 
     # -- running --------------------------------------------------------------------
@@ -183,8 +174,8 @@ class Pipeline:
         size = tuple(x.shape[-2:])
         seg, outs, timings = self.run(x, names)
         with self._timed(timings, "postprocess"):
-            logits = _resize(seg.logits.float(), size)
-            probs_max, labels = logits.softmax(1).max(1)
+            # argmax of the logits is the argmax of the softmax: no K×H×W softmax per frame
+            labels = _resize(seg.logits.float(), size).argmax(1)
             maps: dict[str, dict[str, torch.Tensor]] = {}
             for n, o in outs.items():
                 maps[n] = {}
@@ -196,7 +187,6 @@ class Pipeline:
                     maps[n]["class_iou"] = o.class_iou.float()
             host = {n: {k: v.cpu().numpy() for k, v in d.items()} for n, d in maps.items()}
             labels_np = labels.to(torch.uint8).cpu().numpy()
-            conf_np = probs_max.cpu().numpy()
         timings["total"] = (time.perf_counter() - t0) * 1e3
         results = []
         for b in range(labels_np.shape[0]):
@@ -209,7 +199,6 @@ class Pipeline:
             results.append(
                 SafetyResult(
                     labels=labels_np[b],
-                    confidence=conf_np[b],
                     anomaly=pick("anomaly"),
                     failure=pick("failure"),
                     class_iou=pick("class_iou"),
@@ -231,6 +220,20 @@ class Pipeline:
     def _autocast(self) -> Any:
         enabled = self.device.type == "cuda" and self.config.half
         return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
+
+
+def part_path(models_dir: str | os.PathLike[str], kind: str) -> Path:
+    """Where a models directory keeps the bundle of ``kind``: ``<dir>/<kind>.safetensors``."""
+    return Path(models_dir) / f"{kind}.safetensors"
+
+
+def load_parts(detector: Detector, models_dir: str | os.PathLike[str]) -> Detector:
+    """Load every trained part of ``detector`` from ``models_dir``; a missing or
+    mismatched file raises :class:`BundleError` naming it. Returns the detector."""
+    for kind in detector.trained_parts:
+        path = part_path(models_dir, kind)
+        detector.load_part(kind, load_bundle(path), path)
+    return detector
 
 
 def _resize(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:

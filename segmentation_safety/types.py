@@ -38,7 +38,6 @@ class SafetyResult:
     """One frame's result at the input resolution, on the host."""
 
     labels: np.ndarray  # H×W uint8 train ids
-    confidence: np.ndarray  # H×W float32 max-softmax
     anomaly: np.ndarray | None  # H×W float32 from the configured anomaly detector
     failure: np.ndarray | None  # H×W float32 from the configured failure detector
     class_iou: np.ndarray | None  # K float32

@@ -179,9 +179,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def load_segmenter(weights: Path | None, models: Path | None) -> tuple[Any, dict[str, Any], str]:
     """(segmenter, bundle metadata, description) from --segmenter-weights or --models."""
-    from segmentation_safety.checkpoint import BundleError, load_bundle
-    from segmentation_safety.models.zoo import segmenter_from_bundle
-    from segmentation_safety.pipeline import DEMO_MODELS
+    from segmentation_safety.models.zoo import load_segmenter
+    from segmentation_safety.pipeline import DEMO_MODELS, part_path
 
     if weights is not None and weights.suffix == ".pth":
         from segmentation_safety.models.espnetv2 import load_espnetv2
@@ -195,12 +194,8 @@ def load_segmenter(weights: Path | None, models: Path | None) -> tuple[Any, dict
             raise ValueError(f"{weights}: not loadable as upstream ESPNetv2 weights: {e}") from None
         meta = {"input_size": list(ESPNETV2_INPUT_SIZE)}
         return model, meta, f"espnetv2 s={model.architecture['scale']} ({weights.name})"
-    path = weights if weights is not None else (models or DEMO_MODELS) / "segmenter.safetensors"
-    bundle = load_bundle(path, kind="segmenter")
-    try:
-        model = segmenter_from_bundle(bundle, str(path))
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(path, f"cannot build the segmenter: {e}") from None
+    path = weights if weights is not None else part_path(models or DEMO_MODELS, "segmenter")
+    model, bundle = load_segmenter(path)
     arch = bundle.metadata.get("architecture", {}).get("name", "segmenter")
     return model, bundle.metadata, f"{arch} ({path})"
 
@@ -218,8 +213,8 @@ def load_detectors(
     in which case :class:`MissingPartError` names the file. A corrupt or mismatched part
     file is always an error (``BundleError``): it is a broken install, not an absent one.
     """
-    from segmentation_safety.checkpoint import load_bundle
     from segmentation_safety.detectors import registry
+    from segmentation_safety.pipeline import load_parts, part_path
 
     unknown = set(options) - set(names)
     if unknown:
@@ -228,7 +223,7 @@ def load_detectors(
     for name in names:
         cls = registry.detector_class(name)
         paths = [
-            (kind, parts_root / f"{kind}.safetensors" if parts_root else None)
+            (kind, part_path(parts_root, kind) if parts_root else None)
             for kind in cls.trained_parts
         ]
         missing = [(k, p) for k, p in paths if p is None or not p.is_file()]
@@ -244,10 +239,9 @@ def load_detectors(
                 raise MissingPartError(f"detector {name!r}: {why}")
             skipped[name] = why
             continue
-        det = registry.build(name, segmenter, **options.get(name, {}))
-        for kind, path in paths:
-            det.load_part(kind, load_bundle(path), path)
-        detectors[name] = det
+        detectors[name] = load_parts(
+            registry.build(name, segmenter, **options.get(name, {})), parts_root
+        )
     return detectors, skipped
 
 

@@ -48,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from segmentation_safety.bench import bench
-    from segmentation_safety.checkpoint import BundleError, load_bundle
+    from segmentation_safety.checkpoint import BundleError
     from segmentation_safety.detectors import registry
     from segmentation_safety.device import resolve_device
-    from segmentation_safety.models.zoo import build_segmenter, segmenter_from_bundle
-    from segmentation_safety.pipeline import DEMO_MODELS
+    from segmentation_safety.models.zoo import build_segmenter, load_segmenter
+    from segmentation_safety.pipeline import DEMO_MODELS, load_parts, part_path
 
     if args.height < 16 or args.width < 16:
         print("error: --height and --width must be at least 16", file=sys.stderr)
@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
         seg_name = f"{args.segmenter} (random weights)"
         parts_usable = False  # trained parts belong to another segmenter
     else:
-        bundle = load_bundle(root / "segmenter.safetensors", kind="segmenter")
-        segmenter = segmenter_from_bundle(bundle, path=str(root / "segmenter.safetensors"))
+        segmenter, bundle = load_segmenter(part_path(root, "segmenter"))
         seg_name = bundle.metadata.get("architecture", {}).get("name", "segmenter")
         parts_usable = True
     detectors, untrained, skipped = {}, [], {}
@@ -82,16 +81,15 @@ def run(args: argparse.Namespace) -> int:
             skipped[name] = str(e)
             print(f"skipping {name}: {e}", file=sys.stderr)
             continue
-        for kind in det.trained_parts:
-            path = root / f"{kind}.safetensors"
-            if parts_usable and path.is_file():
-                try:
-                    det.load_part(kind, load_bundle(path), path)
-                    continue
-                except BundleError as e:
-                    print(f"warning: {e}; timing untrained weights", file=sys.stderr)
-            if name not in untrained:
+        present = all(part_path(root, k).is_file() for k in det.trained_parts)
+        if parts_usable and present:
+            try:
+                load_parts(det, root)
+            except BundleError as e:
+                print(f"warning: {e}; timing untrained weights", file=sys.stderr)
                 untrained.append(name)
+        elif det.trained_parts:
+            untrained.append(name)
         detectors[name] = det
     bar = tqdm(total=args.warmup + args.repeats, desc="bench", unit="round", file=sys.stderr)
 

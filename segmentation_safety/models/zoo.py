@@ -7,10 +7,11 @@ loads the weights with strict key matching.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
-from segmentation_safety.checkpoint import Bundle, load_state_strict
+from segmentation_safety.checkpoint import Bundle, BundleError, load_bundle, load_state_strict
 from segmentation_safety.models.segmenter import Segmenter
 
 Builder = Callable[..., Segmenter]
@@ -109,3 +110,14 @@ def segmenter_from_bundle(bundle: Bundle, path: str = "<bundle>", prefix: str = 
     tensors = {k[len(prefix) :]: v for k, v in bundle.tensors.items() if k.startswith(prefix)}
     load_state_strict(model, Bundle(tensors=tensors, metadata=bundle.metadata), path)
     return model.eval()
+
+
+def load_segmenter(path: str | os.PathLike[str]) -> tuple[Segmenter, Bundle]:
+    """The segmenter of a ``segmenter`` bundle file and the bundle; every problem with the
+    file (missing, corrupt, wrong kind, unbuildable architecture, mismatched weights) is a
+    :class:`BundleError` naming it."""
+    bundle = load_bundle(path, kind="segmenter")
+    try:
+        return segmenter_from_bundle(bundle, path=str(path)), bundle
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise BundleError(path, f"cannot build the segmenter: {e}") from None

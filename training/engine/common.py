@@ -13,9 +13,10 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from segmentation_safety.checkpoint import Bundle, BundleError, load_bundle, save_bundle
+from segmentation_safety.checkpoint import save_bundle
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.models.segmenter import Segmenter
+from segmentation_safety.models.zoo import load_segmenter  # noqa: F401  (engine API)
 from training.engine.loop import (
     LoopConfig,
     RunContext,
@@ -158,17 +159,6 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
 
 
 # --------------------------------------------------------------------------- segmenters
-
-
-def load_segmenter(path: str | os.PathLike[str]) -> tuple[Segmenter, Bundle]:
-    """A segmenter and its bundle from a ``segmenter`` bundle file."""
-    from segmentation_safety.models.zoo import segmenter_from_bundle
-
-    bundle = load_bundle(path, kind="segmenter")
-    try:
-        return segmenter_from_bundle(bundle, path=str(path)), bundle
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise BundleError(path, f"cannot build the segmenter: {e}") from None
 
 
 def segmenter_path(config: dict[str, Any], out: str | os.PathLike[str]) -> Path:
