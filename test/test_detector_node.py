@@ -440,7 +440,7 @@ def test_installed_executable_exits_non_zero_without_traceback(tmp_path):
 def test_alarm_counts_the_anomalous_share_of_the_drivable_area():
     labels = np.array([[0, 0, 0, 0], [1, 1, 0, 13]], dtype=np.uint8)
     anomaly = np.array([[0.9, 0.1, np.nan, 0.2], [0.99, 0.99, 0.8, 0.99]], dtype=np.float32)
-    r = SafetyResult(labels, np.ones_like(anomaly), anomaly, np.full_like(anomaly, 0.5), None)
+    r = SafetyResult(labels, anomaly, np.full_like(anomaly, 0.5), None)
     alarm = compute_alarm(r, threshold=0.5, fraction_threshold=0.5, drivable=(0,))
     # road pixels: 0.9, 0.1, NaN (counts as anomalous), 0.2, 0.8 -> 3 of 5
     assert alarm.anomalous_pixels == 3 and alarm.anomalous_fraction == pytest.approx(0.6)
