@@ -342,3 +342,49 @@ def test_pool_condition_matches_adaptive_pooling_over_channels(channels_in: int)
     rows = x.permute(0, 2, 3, 1).reshape(-1, 1, channels_in)
     expected = F.adaptive_avg_pool1d(rows, 32).reshape(2, 5, 7, 32).permute(0, 3, 1, 2)
     torch.testing.assert_close(pool_condition(x, 32), expected, rtol=1e-5, atol=1e-6)
+
+
+def _reference_flow(
+    model: FlowEneDet, z: torch.Tensor, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FED-C written the plain way: the pooled, normalised condition concatenated to
+    every coupling's input, as the paper draws it."""
+    feats = F.interpolate(features, size=z.shape[-2:], mode="bilinear", align_corners=False)
+    ctx = model.context_norm(pool_condition(feats, model.cond_channels))[0]
+    logdet = torch.zeros(z.shape[0], *z.shape[-2:], dtype=z.dtype)
+    for norm, conv, cp in zip(model.actnorms, model.invconvs, model.couplings, strict=True):
+        z, ld_norm = norm(z)
+        z, ld_conv = conv(z)
+        h = torch.sigmoid(cp.inp(torch.cat([z[:, cp.cond_slice], ctx], dim=1)))
+        h = torch.sigmoid(cp.mid(F.pad(h, (cp.pad,) * 4, mode="replicate")))
+        raw_s, t = cp.out(h).chunk(2, dim=1)
+        log_s = 2.0 * torch.tanh(raw_s / 2.0)
+        y = z.clone()
+        y[:, cp.trans_slice] = z[:, cp.trans_slice] * torch.exp(log_s) + t
+        z = y
+        logdet = logdet + ld_norm + ld_conv + log_s.sum(dim=1)
+    return z, logdet
+
+
+@pytest.mark.parametrize(
+    ("channels_in", "feature_size"),
+    [(8, (5, 6)), (8, (3, 4)), (40, (3, 4)), (40, (5, 6))],
+)
+def test_folded_condition_equals_concatenating_it_to_every_coupling(
+    channels_in: int, feature_size: tuple[int, int]
+) -> None:
+    # 4 blocks × hidden 6 = 24 condition terms: 8 feature channels are resized first,
+    # 40 are projected first; both must equal the plain computation.
+    model = FlowEneDet(
+        num_classes=3, conditional=True, blocks=4, kernel_size=3, cond_channels=4, hidden=6
+    ).double()
+    model.context_norm.initialized.fill_(1.0)
+    _randomize(model, 3)
+    model.eval()
+    z = torch.randn(2, 2, 5, 6, dtype=torch.float64)
+    features = torch.randn(2, channels_in, *feature_size, dtype=torch.float64)
+    u, logdet = model.forward_flow(z, model.context(features, z.shape[-2:]))
+    u_ref, logdet_ref = _reference_flow(model, z, features)
+    assert not torch.allclose(u, z, atol=1e-2)
+    torch.testing.assert_close(u, u_ref, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(logdet, logdet_ref, rtol=1e-9, atol=1e-10)

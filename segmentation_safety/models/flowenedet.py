@@ -50,22 +50,28 @@ def energy_flow_input(logits: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return torch.stack([F.logsigmoid(neg_energy), F.logsigmoid(-neg_energy)], dim=1)
 
 
-def pool_condition(features: torch.Tensor, channels: int) -> torch.Tensor:
-    """Average-pool the channel axis of B×C×h×w features to ``channels`` (FED-C's a^P).
+def pool_matrix(
+    channels_in: int,
+    channels: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """The P×C matrix of channel average pooling (FED-C's a^P).
 
-    With C divisible by P this is the official mean over groups of C/P consecutive
-    channels; otherwise adaptive pooling over channels.
+    Output j averages input channels floor(j·C/P) .. ceil((j+1)·C/P) - 1: adaptive pooling
+    over channels, which for C divisible by P is the official mean over groups of C/P
+    consecutive channels.
     """
-    b, c, h, w = features.shape
-    if c % channels == 0:
-        return features.reshape(b, channels, c // channels, h, w).mean(dim=2)
-    # Adaptive pooling over channels is a fixed linear map: output j averages input
-    # channels floor(j·C/P) .. ceil((j+1)·C/P) - 1. As a 1×1 convolution it avoids
-    # reshaping every pixel into a row.
-    weight = torch.zeros(channels, c, dtype=features.dtype, device=features.device)
+    weight = torch.zeros(channels, channels_in, dtype=dtype, device=device)
     for j in range(channels):
-        lo, hi = (j * c) // channels, -((-(j + 1) * c) // channels)
+        lo, hi = (j * channels_in) // channels, -((-(j + 1) * channels_in) // channels)
         weight[j, lo:hi] = 1.0 / (hi - lo)
+    return weight
+
+
+def pool_condition(features: torch.Tensor, channels: int) -> torch.Tensor:
+    """Average-pool the channel axis of B×C×h×w features to ``channels`` (FED-C's a^P)."""
+    weight = pool_matrix(features.shape[1], channels, features.dtype, features.device)
     return F.conv2d(features, weight[:, :, None, None])
 
 
@@ -128,6 +134,9 @@ class InvConv1x1(nn.Module):
 class ConvCoupling(nn.Module):
     """Affine coupling on a map: one channel half conditions (plus the FED-C context),
     the other is scaled and shifted. Subnet: 1×1 conv, K×K conv, 1×1 conv (zero init).
+
+    The first conv reads [conditioning half, P condition channels]; the condition part
+    arrives already applied (``context``: hidden channels, see FlowEneDet.context).
     """
 
     def __init__(
@@ -147,6 +156,7 @@ class ConvCoupling(nn.Module):
         self.trans_slice = slice(0, half) if flip else slice(half, channels)
         n_cond = channels - half if flip else half
         n_trans = channels - n_cond
+        self.n_cond = n_cond
         self.pad = kernel_size // 2
         self.inp = nn.Conv2d(n_cond + cond_channels, hidden, 1)
         self.mid = nn.Conv2d(hidden, hidden, kernel_size)
@@ -155,12 +165,20 @@ class ConvCoupling(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def context_weight(self) -> torch.Tensor:
+        """The part of the first 1×1 conv that reads the FED-C condition (hidden×P)."""
+        return self.inp.weight[:, self.n_cond :, 0, 0]
+
     def _log_scale_shift(
         self, xa: torch.Tensor, context: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h = xa if context is None else torch.cat([xa, context], dim=1)
+        # ``context`` is the condition already pushed through this coupling's share of
+        # the first conv (FlowEneDet.context), so only the flow channel is convolved here.
+        h = F.conv2d(xa, self.inp.weight[:, : self.n_cond], self.inp.bias)
+        if context is not None:
+            h = h + context
         # Sigmoid activations follow the official subnet.
-        h = torch.sigmoid(self.inp(h))
+        h = torch.sigmoid(h)
         h = F.pad(h, (self.pad,) * 4, mode="replicate") if self.pad else h
         h = self.drop(torch.sigmoid(self.mid(h)))
         raw_s, t = self.out(h).chunk(2, dim=1)
@@ -270,37 +288,75 @@ class FlowEneDet(nn.Module):
         return energy_flow_input(logits, self.class_mean, self.class_std)
 
     def context(self, features: torch.Tensor | None, size: torch.Size) -> torch.Tensor | None:
-        """FED-C condition at the flow's resolution (None for FED-U)."""
+        """FED-C condition at the flow's resolution, as each coupling's first conv sees it
+        (B×(L·hidden)×h×w, coupling i in the i-th block of channels); None for FED-U.
+
+        Channel pooling, the condition's ActNorm and the couplings' 1×1 convs over the
+        condition are all affine per pixel, so they are folded into one C -> L·hidden
+        map; bilinear resizing commutes with it, so whichever of the two has fewer
+        channels is resized. Mathematically the same as concatenating the pooled,
+        normalised condition to every coupling's input, at a fraction of the cost.
+        """
         if not self.conditional:
             return None
         if features is None:
             raise ValueError("FED-C needs the segmenter's pre-logit features")
-        features = features.float()
-        # Resizing and channel pooling are both linear, so they commute; resizing first
-        # pools 4x fewer pixels when the features are finer than the flow's 1/4 grid.
-        if features.shape[-2:] != size:
+        features = features.to(self.context_norm.bias.dtype)  # fp16 under autocast: out
+        if self.training and not bool(self.context_norm.initialized):
+            self.context_norm(pool_condition(features, self.cond_channels))  # data init
+        weight, bias = self._context_projection(features.shape[1], features.device)
+        resize = features.shape[-2:] != size
+        if resize and features.shape[1] <= weight.shape[0]:
             features = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
-        return self.context_norm(pool_condition(features, self.cond_channels))[0]
+            resize = False
+        terms = F.conv2d(features, weight[:, :, None, None], bias)
+        if resize:
+            terms = F.interpolate(terms, size=size, mode="bilinear", align_corners=False)
+        return terms
+
+    def _context_projection(
+        self, channels_in: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (L·hidden)×C, bias) of features -> every coupling's condition term."""
+        norm = self.context_norm
+        scale = torch.exp(norm.log_scale).view(1, -1)
+        heads = torch.cat([c.context_weight() for c in self.couplings]) * scale
+        pool = pool_matrix(channels_in, self.cond_channels, heads.dtype, device)
+        return heads @ pool, heads @ norm.bias.view(-1)
 
     def forward_flow(
         self, z: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """z -> (u, log|det du/dz| per pixel B×h×w)."""
         logdet = z.new_zeros(z.shape[0], z.shape[2], z.shape[3])
-        for norm, conv, coupling in zip(self.actnorms, self.invconvs, self.couplings, strict=True):
+        terms = self._split_context(context)
+        for norm, conv, coupling, term in zip(
+            self.actnorms, self.invconvs, self.couplings, terms, strict=True
+        ):
             z, ld_norm = norm(z)
             z, ld_conv = conv(z)
-            z, ld_coupling = coupling(z, context)
+            z, ld_coupling = coupling(z, term)
             logdet = logdet + ld_norm + ld_conv + ld_coupling
         return z, logdet
 
     def inverse_flow(self, u: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """u -> z (exact inverse of :meth:`forward_flow` for the same context)."""
-        for norm, conv, coupling in zip(
-            reversed(self.actnorms), reversed(self.invconvs), reversed(self.couplings), strict=True
+        terms = self._split_context(context)
+        for norm, conv, coupling, term in zip(
+            reversed(self.actnorms),
+            reversed(self.invconvs),
+            reversed(self.couplings),
+            reversed(terms),
+            strict=True,
         ):
-            u = norm.inverse(conv.inverse(coupling.inverse(u, context)))
+            u = norm.inverse(conv.inverse(coupling.inverse(u, term)))
         return u
+
+    def _split_context(self, context: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """:meth:`context`'s output -> one condition term per coupling."""
+        if context is None:
+            return [None] * len(self.couplings)
+        return list(context.chunk(len(self.couplings), dim=1))
 
     def forward(self, logits: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Joint log-likelihoods log p(z, k) for k in (correct, wrong): B×2×h×w.
