@@ -115,3 +115,28 @@ def test_float_images_and_shape_errors():
         paste_negative(image, target[:4], negative, gen)
     with pytest.raises(ValueError, match="instances"):
         paste_negative(image, target, negative, gen, instances=torch.ones(3, 3))
+
+
+def test_scene_sample_keeps_decoys_as_outliers_through_augmentation():
+    from training.train_densehybrid import scene_sample
+
+    image = torch.arange(3 * 16 * 32, dtype=torch.float32).reshape(3, 16, 32).to(torch.uint8)
+    label = torch.zeros(16, 32, dtype=torch.long)
+    label[:4] = 10  # sky on top
+    decoys = torch.zeros(16, 32, dtype=torch.bool)
+    decoys[8:12, 20:26] = True
+    config = {"crop_size": [16, 32], "scale_range": [1.0, 1.0], "flip": 1.0}
+    sample = scene_sample([(image, label, decoys)], torch.Generator().manual_seed(0), config)
+    flipped = decoys.flip(-1)
+    assert torch.equal(sample["outlier"], flipped)  # flipped with the image
+    assert (sample["label"][flipped] == 255).all()
+    assert set(sample["label"].unique().tolist()) == {0, 10, 255}
+    assert torch.equal(sample["image"], image.flip(-1))
+    # Rescaled: the mask follows (nearest), and no marker value leaks into the labels.
+    config["scale_range"] = [2.0, 2.0]
+    sample = scene_sample([(image, label, decoys)], torch.Generator().manual_seed(1), config)
+    assert 0 < int(sample["outlier"].sum()) and set(sample["label"].unique().tolist()) <= {
+        0,
+        10,
+        255,
+    }

@@ -179,6 +179,42 @@ def test_negatives(world: Path) -> None:
     assert len(kinds) == inst.max() and set(kinds) <= set(NEGATIVE_KINDS)
 
 
+def test_negative_scenes_have_decoys_on_the_road(world: Path) -> None:
+    root = world / "negatives" / "scenes"
+    masks = sorted((root / "masks").glob("*.png"))
+    assert len(masks) == SMALL["negatives"]
+    on_road = total = 0
+    for m in masks:
+        decoys = _read(m)
+        labels = _read(root / "labels" / m.name)
+        assert _read(root / "images" / m.name).shape == (H, W, 3)
+        assert set(np.unique(decoys)) == {0, 1}
+        assert set(np.unique(labels)) <= VALID_TRAIN_IDS
+        assert (labels[decoys == 1] == 255).all()  # decoys never train as a class
+        # Standing on the road: the pixel under each decoy column's bottom edge is road.
+        edge = (decoys[:-1] == 1) & (decoys[1:] == 0)
+        under = labels[1:][edge]
+        on_road += int((under == 0).sum())
+        total += int((under != 255).sum())
+    assert total > 0 and on_road / total > 0.5
+
+
+def test_decoys_are_negative_kinds_drawn_only_when_asked() -> None:
+    from training.world.decoys import DECOY_CODE, Decoy
+    from training.world.render import draw_layout
+
+    rng = np.random.default_rng(4)
+    layout = sample_layout(rng, H, W, decoys=3)
+    decoys = [p for p in layout.props if isinstance(p, Decoy)]
+    assert len(decoys) == 3 and {d.kind for d in decoys} <= set(NEGATIVE_KINDS)
+    assert layout.cargo == ()
+    assert not any(isinstance(p, Decoy) for p in sample_layout(rng, H, W).props)
+    # The same decoy draws the same outline every frame (its shape has its own seed).
+    np.testing.assert_array_equal(decoys[0].outline(), decoys[0].outline())
+    canvas, _ = draw_layout(layout, 0.0)
+    assert (canvas.label == DECOY_CODE).any()
+
+
 def test_cli_parser_writes_world(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_world_parser(parser.add_subparsers())

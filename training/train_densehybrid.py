@@ -2,7 +2,11 @@
 
 Each inlier crop (rescale [0.5, 2], flip, crop) gets part of a negative image from the
 world's ``negatives/`` pasted on it (training/negatives.py): a random rectangle or the
-union of the negative's instances, at a random position. The loss is
+union of the negative's instances, at a random position. With probability
+``scene_probability`` the sample is instead a street with decoys (negative kinds drawn
+in the scene, ``negatives/scenes/``, training.world.decoys), augmented the same way: the
+decoys are the outliers and carry no seam, as lost cargo carries none (docs/decisions.md).
+The loss is
 ``CE_seg + β·mean_neg logsumexp(logits) + head_weight·β·CE_head`` (densehybrid_loss).
 Adam with a cosine decay to 1% of the learning rate, as §7.4 (1e-5 -> 1e-7).
 
@@ -96,10 +100,36 @@ def paste(
     return sample.image, sample.target, sample.outlier_mask
 
 
-def augmenter(dataset: Any, negatives: engine.NegativeImages, config: dict[str, Any]) -> Any:
+_DECOY = 254  # marks decoy pixels in the label through augmentation (never a train id)
+
+
+def scene_sample(
+    scenes: engine.NegativeScenes, generator: torch.Generator, config: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """A random street with decoys, rescaled / cropped / flipped like the inlier crops."""
+    image, label, decoys = scenes[int(torch.randint(len(scenes), (), generator=generator))]
+    label = label.masked_fill(decoys, _DECOY)
+    crop = config["crop_size"] or image.shape[-2:]
+    image, label = engine.random_scale_crop_flip(
+        image, label, generator, crop, config["scale_range"], float(config["flip"])
+    )
+    outlier = label == _DECOY
+    return {"image": image, "label": label.masked_fill(outlier, 255), "outlier": outlier}
+
+
+def augmenter(
+    dataset: Any,
+    negatives: engine.NegativeImages,
+    config: dict[str, Any],
+    scenes: engine.NegativeScenes | None = None,
+) -> Any:
     augmented = engine.augmented_samples(dataset, config)
+    p_scene = float(config.get("scene_probability", 0.0)) if scenes is not None else 0.0
 
     def make_sample(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        # Draw always, so the stream of draws does not depend on the configuration.
+        if float(torch.rand((), generator=generator)) < p_scene:
+            return scene_sample(scenes, generator, config)
         sample = augmented(index, generator)
         image, label = sample["image"], sample["label"]
         # Draw always, so the stream of draws is the same whatever the outcome.
@@ -155,6 +185,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     train_set = engine.open_split(args.data, "train")
     val_set = engine.open_split(args.data, "val")
     negatives = engine.NegativeImages(args.data)
+    scenes = engine.NegativeScenes(args.data) if config.get("scene_probability", 0) > 0 else None
     base_path = engine.segmenter_path(config, args.out)
     segmenter, base_bundle = engine.load_segmenter(base_path)
     segmenter = engine.apply_bn_mode(segmenter, config["bn"], ctx)
@@ -175,7 +206,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-    make_sample = augmenter(train_set, negatives, config)
+    make_sample = augmenter(train_set, negatives, config, scenes)
     if not engine.run_stage(
         ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args, "densehybrid"
     ):

@@ -4,6 +4,7 @@ and helpers every trainer uses (:mod:`.common`)."""
 from training.engine.common import (
     DataError,
     NegativeImages,
+    NegativeScenes,
     augmented_samples,
     constant_adam,
     evaluate_segmentation,
@@ -43,6 +44,7 @@ __all__ = [
     "DataError",
     "LoopConfig",
     "NegativeImages",
+    "NegativeScenes",
     "RunContext",
     "SampleStream",
     "Trainable",

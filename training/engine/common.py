@@ -287,3 +287,38 @@ class NegativeImages:
         mask_path = self.root / "masks" / path.name
         mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED) if mask_path.is_file() else None
         return image.contiguous(), None if mask is None else torch.from_numpy(mask).long()
+
+
+class NegativeScenes:
+    """The world's ``negatives/scenes/``: streets with decoys (DenseHybrid scene negatives).
+
+    ``images/<name>.png`` (RGB), ``labels/<name>.png`` (train ids, void on decoys) and
+    ``masks/<name>.png`` (1 on decoys). Every image needs both label files.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root) / "negatives" / "scenes"
+        self.images = sorted((self.root / "images").glob("*.png"))
+        if not self.images:
+            raise DataError(
+                f"no scene negatives in {self.root / 'images'}: render the world again with "
+                "this version of `segsafe world`, or set scene_probability: 0"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(3×H×W uint8 image, H×W int64 train ids, H×W bool decoy mask)."""
+        import cv2
+
+        path = self.images[index]
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        label = cv2.imread(str(self.root / "labels" / path.name), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(self.root / "masks" / path.name), cv2.IMREAD_UNCHANGED)
+        if bgr is None or label is None or mask is None:
+            raise DataError(f"cannot read scene negative {path} with its labels and mask")
+        if label.shape != bgr.shape[:2] or mask.shape != bgr.shape[:2]:
+            raise DataError(f"scene negative {path}: labels or mask do not match the image size")
+        image = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1)
+        return image.contiguous(), torch.from_numpy(label).long(), torch.from_numpy(mask > 0)

@@ -22,6 +22,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--sequences", type=int, default=4, help="ego-motion sequences")
     p.add_argument("--sequence-length", type=int, default=30, help="frames per sequence (10 Hz)")
     p.add_argument("--negatives", type=int, default=None, help="negatives (default: train/2)")
+    p.add_argument(
+        "--negative-scenes",
+        type=int,
+        default=None,
+        help="streets with decoys, DenseHybrid's scene negatives (default: --negatives)",
+    )
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -42,6 +48,7 @@ def main_world(args: argparse.Namespace) -> int:
         width=args.width,
         sequence_length=args.sequence_length,
         negatives=args.negatives,
+        negative_scenes=args.negative_scenes,
         progress=not args.no_progress,
     )
     print(

@@ -15,6 +15,7 @@ import numpy as np
 
 from training.world.camera import Camera, Road
 from training.world.cargo import Cargo, sample_cargo
+from training.world.decoys import sample_decoy
 from training.world.props import Car, Person, Pole, Prop, Tree
 from training.world.scenery import (
     BUILDING,
@@ -396,10 +397,12 @@ def sample_layout(
     duration: float = 0.0,
     cargo: int = 0,
     cargo_ahead: tuple[float, float] = (6.0, 35.0),
+    decoys: int = 0,
 ) -> Layout:
-    """Sample a street seen for ``duration`` seconds, with ``cargo`` pieces of lost cargo.
+    """Sample a street seen for ``duration`` seconds, with ``cargo`` pieces of lost cargo
+    and ``decoys`` negative-kind objects (training.world.decoys).
 
-    Cargo lies ``cargo_ahead`` metres ahead of where the camera is at the end.
+    Cargo and decoys lie ``cargo_ahead`` metres ahead of where the camera is at the end.
     """
     camera = Camera(
         height=height,
@@ -423,6 +426,11 @@ def sample_layout(
         off = float(rng.uniform(-1, 1) * (road.half_width - 0.5))
         z = travel + float(rng.uniform(*cargo_ahead))
         props.append(sample_cargo(rng, off, z))
+        avoid.append((off, z))
+    for _ in range(decoys):
+        off = float(rng.uniform(-1, 1) * (road.half_width - 0.5))
+        z = travel + float(rng.uniform(*cargo_ahead))
+        props.append(sample_decoy(rng, off, z))
         avoid.append((off, z))
     props += _sample_cars(rng, road, ground, lane_offset, ego_speed, 4.0, travel + 90.0, avoid)
     props += _sample_people(rng, road, 2.0, travel + 60.0)

@@ -14,6 +14,7 @@ import numpy as np
 
 from training.world.camera import Camera, Canvas
 from training.world.cargo import ANOMALY_CODE
+from training.world.decoys import DECOY_CODE
 from training.world.layout import Layout, sample_layout
 from training.world.scenery import (
     FAR,
@@ -34,7 +35,7 @@ _TEXTURE[8] = 0.28
 _TEXTURE[9] = 0.14
 _TEXTURE[10] = 0.015
 _TEXTURE[[11, 13]] = 0.06
-_TEXTURE[ANOMALY_CODE] = 0.10
+_TEXTURE[[ANOMALY_CODE, DECOY_CODE]] = 0.10
 
 
 def _draw_hood(canvas: Canvas, layout: Layout, cam: Camera) -> None:
@@ -123,7 +124,7 @@ def render_view(
     anomaly = np.where(codes == VOID, VOID, 0).astype(np.uint8)
     anomaly[cargo] = 1
     train_ids = codes.copy()
-    train_ids[cargo] = VOID
+    train_ids[cargo | (codes == DECOY_CODE)] = VOID
     return image, train_ids, anomaly
 
 
@@ -149,6 +150,28 @@ def render_scene(
     else:
         raise RuntimeError(f"could not place visible cargo in {max_tries} layouts")
     return image, train_ids, (anomaly if cargo else None)
+
+
+def render_decoy_scene(
+    rng: np.random.Generator, height: int = 256, width: int = 512, max_tries: int = 8
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One street with 1-4 decoys (negative kinds standing on the road).
+
+    Returns (image H×W×3 uint8 RGB, train ids H×W uint8 with void on decoys, decoy
+    mask H×W uint8 0/1). Layouts whose decoys end up invisible are resampled.
+    """
+    for _ in range(max_tries):
+        layout = sample_layout(rng, height, width, decoys=int(rng.integers(1, 5)))
+        canvas, _ = draw_layout(layout, 0.0)
+        mask = (canvas.label == DECOY_CODE).astype(np.uint8)
+        if mask.sum() >= 4:
+            break
+    else:
+        raise RuntimeError(f"could not place a visible decoy in {max_tries} layouts")
+    image = finish(canvas, layout, rng)
+    train_ids = canvas.label.copy()
+    train_ids[(mask > 0) | (train_ids == ANOMALY_CODE)] = VOID
+    return image, train_ids, mask
 
 
 def intrinsics(layout: Layout) -> dict[str, float]:

@@ -11,6 +11,9 @@ OUT/anomaly/semantic/anomaly_<i>.png   train ids (255 on cargo and hood), for op
 OUT/sequences/seq_<i>/{images,labels,anomaly}/<frame>.png, timestamps.txt, sequence.json
 OUT/negatives/images/negative_<i>.png  DenseHybrid negatives
 OUT/negatives/masks/negative_<i>.png   instance ids 1..n, 0 background
+OUT/negatives/scenes/images/scene_<i>.png  streets with decoys (negative kinds) on the road
+OUT/negatives/scenes/labels/scene_<i>.png  train ids, 255 on decoys and hood
+OUT/negatives/scenes/masks/scene_<i>.png   1 on decoys, 0 elsewhere
 ```
 
 Every item draws from its own generator seeded by (seed, split, index), so the output
@@ -34,7 +37,7 @@ from segmentation_safety.labels import LABELS, NUM_CLASSES, VOID, train_ids_to_l
 from training.world.cargo import ANOMALY_KINDS
 from training.world.layout import sample_layout
 from training.world.negatives import NEGATIVE_KINDS, render_negative
-from training.world.render import intrinsics, render_scene, render_view
+from training.world.render import intrinsics, render_decoy_scene, render_scene, render_view
 
 TRAIN_CITIES = ("synthberg", "polyville", "rasterheim")
 VAL_CITIES = ("voxelstadt",)
@@ -42,7 +45,14 @@ VAL_CITIES = ("voxelstadt",)
 FRAME = 19
 EGO_VEHICLE_LABEL_ID = 1
 FPS = 10.0
-_SPLIT_CODES = {"train": 1, "val": 2, "anomaly": 3, "sequences": 4, "negatives": 5}
+_SPLIT_CODES = {
+    "train": 1,
+    "val": 2,
+    "anomaly": 3,
+    "sequences": 4,
+    "negatives": 5,
+    "negative_scenes": 6,
+}
 # Fast settings; both lossless. Huffman-only suits noisy photos, deflate suits label maps.
 _PNG_IMAGE = [
     cv2.IMWRITE_PNG_COMPRESSION,
@@ -147,6 +157,16 @@ def write_negative(out: Path, index: int, seed: int, h: int, w: int) -> None:
     _write_png(out / "negatives" / "masks" / name, inst)
 
 
+def write_negative_scene(out: Path, index: int, seed: int, h: int, w: int) -> None:
+    """One street with decoys, its train ids and its decoy mask."""
+    image, train_ids, mask = render_decoy_scene(item_rng(seed, "negative_scenes", index), h, w)
+    name = f"scene_{index:06d}.png"
+    root = out / "negatives" / "scenes"
+    _write_png(root / "images" / name, image)
+    _write_png(root / "labels" / name, train_ids)
+    _write_png(root / "masks" / name, mask)
+
+
 def world_description(
     seed: int, counts: dict[str, int], height: int, width: int, sequence_length: int
 ) -> dict:
@@ -190,27 +210,32 @@ def write_world(
     width: int = 512,
     sequence_length: int = 30,
     negatives: int | None = None,
+    negative_scenes: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Render the whole world into ``out_dir``; returns timing and counts.
 
-    ``negatives`` defaults to half the training count (at least 1 when ``train`` > 0).
+    ``negatives`` defaults to half the training count (at least 1 when ``train`` > 0),
+    ``negative_scenes`` (streets with decoys) to ``negatives``.
     ``world.json`` is written last, atomically, so its presence marks a complete world.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if negatives is None:
         negatives = max(train // 2, 1) if train else 0
+    if negative_scenes is None:
+        negative_scenes = negatives
     counts = {
         "train": train,
         "val": val,
         "anomaly": anomaly,
         "sequences": sequences,
         "negatives": negatives,
+        "negative_scenes": negative_scenes,
     }
     if min(counts.values()) < 0 or height < 32 or width < 32 or sequence_length < 1:
         raise ValueError(f"bad world size: counts={counts}, {height}x{width}, {sequence_length}")
-    total = train + val + anomaly + sequences * sequence_length + negatives
+    total = train + val + anomaly + sequences * sequence_length + negatives + negative_scenes
     bar = tqdm(total=total, disable=not progress, unit="img", desc="world")
     start = time.perf_counter()
     for split, n in (("train", train), ("val", val)):
@@ -225,6 +250,9 @@ def write_world(
         bar.update(sequence_length)
     for i in range(negatives):
         write_negative(out, i, seed, height, width)
+        bar.update(1)
+    for i in range(negative_scenes):
+        write_negative_scene(out, i, seed, height, width)
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - start
