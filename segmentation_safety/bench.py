@@ -19,6 +19,19 @@ from segmentation_safety.detectors import Detector
 from segmentation_safety.device import synchronize
 from segmentation_safety.models.segmenter import Segmenter
 
+#: Overhead budgets of DESIGN.md §7 (at 512×1024, over the segmentation pass of the same
+#: run). Resynthesis's budget covers its anomaly and failure maps together; MC dropout
+#: has none.
+BUDGETS: dict[str, float] = {
+    **dict.fromkeys(("max_softmax", "entropy", "max_logit", "energy", "sml"), 0.03),
+    "densehybrid": 0.03,
+    "flowenedet_u": 0.10,
+    "flowenedet_c": 0.10,
+    "flow_density": 0.25,
+    "resynthesis": 2.0,
+    "resynthesis_anomaly": 2.0,
+}
+
 
 @dataclass
 class DetectorTiming:
@@ -26,6 +39,11 @@ class DetectorTiming:
     overhead: float  # ms / segmentation_ms
     trained: bool = True
     note: str = ""
+    budget: float | None = None  # DESIGN §7 overhead budget, where it names one
+
+    @property
+    def within_budget(self) -> bool | None:
+        return None if self.budget is None else self.overhead <= self.budget
 
 
 @dataclass
@@ -42,7 +60,9 @@ class BenchReport:
     def to_json(self) -> dict:
         """The DESIGN.md §5.2 keys (plus a few extra fields)."""
         out = asdict(self)
-        out["detectors"] = {n: asdict(t) for n, t in self.detectors.items()}
+        out["detectors"] = {
+            n: {**asdict(t), "within_budget": t.within_budget} for n, t in self.detectors.items()
+        }
         return out
 
 
@@ -119,5 +139,6 @@ def bench(
             overhead=ms / seg_ms,
             trained=n not in untrained,
             note="untrained weights (timing only)" if n in untrained else "",
+            budget=BUDGETS.get(n),
         )
     return report

@@ -25,6 +25,18 @@ def test_bench_reports_overhead_as_ratio_of_the_same_run():
         t = data["detectors"][name]
         assert t["ms"] > 0
         assert t["overhead"] == pytest.approx(t["ms"] / data["segmentation_ms"])
+        assert t["budget"] == 0.03  # DESIGN §7: softmax family
+        assert t["within_budget"] == (t["overhead"] <= 0.03)
+
+
+def test_budget_flags_follow_the_measured_overhead():
+    from segmentation_safety.bench import BUDGETS, DetectorTiming
+    from segmentation_safety.detectors.registry import available
+
+    assert set(BUDGETS) <= set(available())  # no budget for a detector that does not exist
+    assert DetectorTiming(ms=9.0, overhead=0.09, budget=0.10).within_budget is True
+    assert DetectorTiming(ms=11.0, overhead=0.11, budget=0.10).within_budget is False
+    assert DetectorTiming(ms=11.0, overhead=0.11).within_budget is None
 
 
 def test_cli_writes_b_json_and_marks_untrained_parts(tmp_path, capsys):

@@ -123,11 +123,14 @@ def format_table(report: object) -> str:
         f"segmenter {r.segmenter} on {r.device} at {r.height}x{r.width}: "
         f"{r.segmentation_ms:.1f} ms per frame (median of {r.repeats})",
         "",
-        "| detector | added ms | overhead | note |",
-        "| --- | ---: | ---: | --- |",
+        "| detector | added ms | overhead | budget | note |",
+        "| --- | ---: | ---: | ---: | --- |",
     ]
     for n, t in r.detectors.items():
-        lines.append(f"| {n} | {t.ms:.2f} | {100 * t.overhead:.1f}% | {t.note} |")
+        budget = "-" if t.budget is None else f"{100 * t.budget:.0f}%"
+        if t.within_budget is False:
+            budget += " **over**"
+        lines.append(f"| {n} | {t.ms:.2f} | {100 * t.overhead:.1f}% | {budget} | {t.note} |")
     for n, why in r.skipped.items():
-        lines.append(f"| {n} | - | - | skipped: {why} |")
+        lines.append(f"| {n} | - | - | - | skipped: {why} |")
     return "\n".join(lines)
