@@ -106,6 +106,7 @@ def test_detector_trainers_write_loadable_bundles(world: Path, models: Path, tmp
     assert train("densehybrid", world, dh_dir / "densehybrid.safetensors", dh) == 0
     meta = load_bundle(dh_dir / "densehybrid.safetensors", kind="densehybrid").metadata
     assert np.isfinite(meta["thresholds"]["open_set"])
+    assert meta["calibration"].startswith("1 held-out streets with decoys")
 
     flow = write_config(tmp_path / "flow.yaml", **{**base, "batch_size": 1}, segmenter=seg,
                         steps=2, hidden=8, combine="logreg")  # fmt: skip

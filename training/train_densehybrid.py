@@ -12,9 +12,10 @@ Adam with a cosine decay to 1% of the learning rate, as §7.4 (1e-5 -> 1e-7).
 
 Open-set threshold (eq. 16): the paper picks the threshold at 95% TPR on held-out data
 with anomalies (StreetHazards: one test town, evaluated on the other). We never touch
-the benchmark's anomalies in training: the held-out data is the **val split** (not used
-for fine-tuning) with negatives pasted on it, i.e. the threshold reaches 95% TPR on
-unseen images of the training negatives' family. It is stored as
+the benchmark's anomalies in training: the held-out data is ``scene_holdout`` of the
+streets with decoys, never trained on, or, without scene negatives, the **val split**
+(not used for fine-tuning) with negatives pasted on it; either way the threshold reaches
+95% TPR on unseen images of the training negatives' family. It is stored as
 ``thresholds.open_set`` together with the AP/FPR95 measured on those images.
 
 Outputs: ``--out`` (kind ``densehybrid``: head + threshold) and the fine-tuned segmenter
@@ -26,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Subset
 
 from segmentation_safety.calibration import threshold_at_tpr
 from segmentation_safety.detectors.densehybrid import DenseHybridDetector
@@ -142,34 +145,48 @@ def augmenter(
     return make_sample
 
 
-@torch.no_grad()
-def calibrate(
-    detector: DenseHybridDetector,
-    val_set: Any,
-    negatives: engine.NegativeImages,
-    config: dict[str, Any],
-    device: torch.device,
-) -> dict[str, float]:
-    """Threshold at ``threshold_tpr`` and AP/AUROC/FPR95 on val images with pasted negatives.
-
-    Every val image gets one negative, from a generator seeded by the image's index, so
-    the calibration set is the same on every run.
-    """
-    segmenter = detector.segmenter.eval()
-    detector.eval()
-    metrics = AnomalyMetrics()
-    scores, labels = [], []
+def pasted_calibration(
+    val_set: Any, negatives: engine.NegativeImages, config: dict[str, Any]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, target) pairs: val images with one pasted negative each (target 0 inlier,
+    1 pasted, 255 void), from a generator seeded by the image's index, so the set is the
+    same on every run."""
     count = config["calibration_images"] or len(val_set)
     for i in range(min(count, len(val_set))):
         image, label = engine.sample_tensors(val_set[i])
         gen = engine.sample_generator(int(config["seed"]) + 7919, i)  # 7919: apart from training
         image, label, outlier = paste(image, label, negatives, gen, config)
-        out = segmenter(segmenter.normalize(image[None].to(device)))
-        score = densehybrid_score(out.logits, detector.head(out.features))
-        score = F.interpolate(score[:, None], size=label.shape, mode="bilinear")[0, 0].cpu()
         target = torch.full_like(label, 255)
         target[label != 255] = 0
         target[outlier] = 1
+        yield image, target
+
+
+def scene_calibration(scenes: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, target) pairs from held-out streets with decoys, as rendered."""
+    for i in range(len(scenes)):
+        image, label, decoys = scenes[i]
+        target = torch.where(label == 255, 255, 0)
+        target[decoys] = 1
+        yield image, target
+
+
+@torch.no_grad()
+def calibrate(
+    detector: DenseHybridDetector,
+    samples: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    config: dict[str, Any],
+    device: torch.device,
+) -> dict[str, float]:
+    """Threshold at ``threshold_tpr`` and AP/AUROC/FPR95 on held-out images with outliers."""
+    segmenter = detector.segmenter.eval()
+    detector.eval()
+    metrics = AnomalyMetrics()
+    scores, labels = [], []
+    for image, target in samples:
+        out = segmenter(segmenter.normalize(image[None].to(device)))
+        score = densehybrid_score(out.logits, detector.head(out.features))
+        score = F.interpolate(score[:, None], size=target.shape, mode="bilinear")[0, 0].cpu()
         metrics.update(score, target)
         scores.append(score.flatten())
         labels.append(target.flatten())
@@ -185,7 +202,12 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     train_set = engine.open_split(args.data, "train")
     val_set = engine.open_split(args.data, "val")
     negatives = engine.NegativeImages(args.data)
-    scenes = engine.NegativeScenes(args.data) if config.get("scene_probability", 0) > 0 else None
+    scenes = held_out = None
+    if config.get("scene_probability", 0) > 0:
+        scenes = engine.NegativeScenes(args.data)
+        # Streets never trained on calibrate the open-set threshold.
+        kept, out = engine.holdout_split(len(scenes), float(config["scene_holdout"]), 0)
+        scenes, held_out = Subset(scenes, kept), Subset(scenes, out)
     base_path = engine.segmenter_path(config, args.out)
     segmenter, base_bundle = engine.load_segmenter(base_path)
     segmenter = engine.apply_bn_mode(segmenter, config["bn"], ctx)
@@ -213,7 +235,13 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         return {"stopped": True}
 
     detector.to(ctx.device)
-    calibration = calibrate(detector, val_set, negatives, config, ctx.device)
+    if held_out is not None and len(held_out):
+        samples = scene_calibration(held_out)
+        calibrated_on = f"{len(held_out)} held-out streets with decoys (never trained on)"
+    else:
+        samples = pasted_calibration(val_set, negatives, config)
+        calibrated_on = "val split with pasted negatives"
+    calibration = calibrate(detector, samples, config, ctx.device)
     detector.thresholds = {"open_set": calibration["open_set"]}
     segmentation = engine.evaluate_segmentation(
         segmenter, val_set, ctx.device, config["calibration_images"]
@@ -239,7 +267,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         training=training,
         segmenter_bundle=seg_out.name,
         threshold_tpr=float(config["threshold_tpr"]),
-        calibration="val split with pasted negatives (never the benchmark's anomalies)",
+        calibration=f"{calibrated_on}; never the benchmark's anomalies",
         metrics={
             "calibration_ap": calibration["ap"],
             "calibration_auroc": calibration["auroc"],
