@@ -61,6 +61,11 @@ def test_same_seed_same_bytes_other_seed_differs(world: Path, tmp_path: Path) ->
     assert (other / name).read_bytes() != (world / name).read_bytes()
 
 
+def test_worker_processes_write_the_same_bytes(world: Path, tmp_path: Path) -> None:
+    write_world(tmp_path, seed=7, height=H, width=W, progress=False, workers=2, **SMALL)
+    assert _files(tmp_path) == _files(world)
+
+
 def test_cityscapes_layout_and_counts(world: Path) -> None:
     info = json.loads((world / "world.json").read_text())
     assert info["seed"] == 7 and info["counts"]["train"] == SMALL["train"]

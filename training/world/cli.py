@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from training.world.writer import write_world
 
@@ -30,6 +31,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=512)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="rendering processes (default: one per CPU core; the output is the same)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=main_world)
     return p
@@ -50,6 +57,7 @@ def main_world(args: argparse.Namespace) -> int:
         negatives=args.negatives,
         negative_scenes=args.negative_scenes,
         progress=not args.no_progress,
+        workers=args.workers,
     )
     print(
         f"wrote {stats['images']} images to {args.out} in {stats['seconds']:.1f} s "

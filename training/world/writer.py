@@ -25,8 +25,10 @@ The only void in the train/val labels is the ego-vehicle hood, written as label 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import cv2
@@ -167,6 +169,41 @@ def write_negative_scene(out: Path, index: int, seed: int, h: int, w: int) -> No
     _write_png(root / "masks" / name, mask)
 
 
+_CHUNK = 16  # items per job handed to a worker process
+
+#: One unit of work: (writer, split, index, images it writes).
+Task = tuple[str, str, int, int]
+
+
+def _tasks(counts: dict[str, int], sequence_length: int) -> list[Task]:
+    tasks: list[Task] = []
+    for split in ("train", "val"):
+        tasks += [("cityscapes", split, i, 1) for i in range(counts[split])]
+    tasks += [("anomaly", "anomaly", i, 1) for i in range(counts["anomaly"])]
+    tasks += [("sequence", "sequences", i, sequence_length) for i in range(counts["sequences"])]
+    tasks += [("negative", "negatives", i, 1) for i in range(counts["negatives"])]
+    tasks += [("negative_scene", "negatives", i, 1) for i in range(counts["negative_scenes"])]
+    return tasks
+
+
+def _write_chunk(
+    tasks: list[Task], out: Path, seed: int, h: int, w: int, sequence_length: int
+) -> int:
+    """Write ``tasks``; returns the number of images written."""
+    for kind, split, i, _ in tasks:
+        if kind == "cityscapes":
+            write_cityscapes_item(out, split, i, seed, h, w)
+        elif kind == "anomaly":
+            write_anomaly_item(out, i, seed, h, w)
+        elif kind == "sequence":
+            write_sequence(out, i, seed, h, w, sequence_length)
+        elif kind == "negative":
+            write_negative(out, i, seed, h, w)
+        else:
+            write_negative_scene(out, i, seed, h, w)
+    return sum(t[3] for t in tasks)
+
+
 def world_description(
     seed: int, counts: dict[str, int], height: int, width: int, sequence_length: int
 ) -> dict:
@@ -212,11 +249,13 @@ def write_world(
     negatives: int | None = None,
     negative_scenes: int | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict:
     """Render the whole world into ``out_dir``; returns timing and counts.
 
     ``negatives`` defaults to half the training count (at least 1 when ``train`` > 0),
     ``negative_scenes`` (streets with decoys) to ``negatives``.
+    ``workers`` > 1 renders in that many processes (same bytes as one).
     ``world.json`` is written last, atomically, so its presence marks a complete world.
     """
     out = Path(out_dir)
@@ -235,25 +274,26 @@ def write_world(
     }
     if min(counts.values()) < 0 or height < 32 or width < 32 or sequence_length < 1:
         raise ValueError(f"bad world size: counts={counts}, {height}x{width}, {sequence_length}")
-    total = train + val + anomaly + sequences * sequence_length + negatives + negative_scenes
+    tasks = _tasks(counts, sequence_length)
+    total = sum(t[3] for t in tasks)
     bar = tqdm(total=total, disable=not progress, unit="img", desc="world")
     start = time.perf_counter()
-    for split, n in (("train", train), ("val", val)):
-        for i in range(n):
-            write_cityscapes_item(out, split, i, seed, height, width)
-            bar.update(1)
-    for i in range(anomaly):
-        write_anomaly_item(out, i, seed, height, width)
-        bar.update(1)
-    for i in range(sequences):
-        write_sequence(out, i, seed, height, width, sequence_length)
-        bar.update(sequence_length)
-    for i in range(negatives):
-        write_negative(out, i, seed, height, width)
-        bar.update(1)
-    for i in range(negative_scenes):
-        write_negative_scene(out, i, seed, height, width)
-        bar.update(1)
+    job = (out, seed, height, width, sequence_length)
+    if workers <= 1:
+        for task in tasks:
+            bar.update(_write_chunk([task], *job))
+    else:
+        # Items draw from their own seeded generators, so the bytes do not depend on
+        # which process writes what. Spawned (not forked) workers: the caller may hold
+        # torch or OpenCV thread pools that do not survive a fork.
+        chunks = [tasks[i : i + _CHUNK] for i in range(0, len(tasks), _CHUNK)]
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            workers, context, initializer=cv2.setNumThreads, initargs=(1,)
+        ) as pool:
+            futures = [pool.submit(_write_chunk, c, *job) for c in chunks]
+            for future in as_completed(futures):
+                bar.update(future.result())
     bar.close()
     seconds = time.perf_counter() - start
     desc = world_description(seed, counts, height, width, sequence_length)
