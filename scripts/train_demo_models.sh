@@ -9,7 +9,8 @@ W=${WORLD:-out/world}
 M=models/demo
 RESUME=${RESUME:-}   # RESUME=--resume continues interrupted trainings
 
-[ -f "$W/world.json" ] || segsafe world --out "$W" --seed 1 --train 800 --val 150 --anomaly 60 --sequences 2
+[ -f "$W/world.json" ] || segsafe world --out "$W" --seed 1 --train 800 --val 150 --anomaly 60 --sequences 2 \
+  --negative-scenes 800
 mkdir -p "$M"
 segsafe train segmenter --data "$W" --config config/demo/segmenter.yaml \
   --out "$M/segmenter_base.safetensors" $RESUME
@@ -21,7 +22,20 @@ segsafe train sml --data "$W" --out "$M/sml.safetensors"
 segsafe train flow --data "$W" --config config/demo/flow.yaml --out "$M/flow.safetensors" $RESUME
 segsafe train flowenedet --data "$W" --config config/demo/flowenedet.yaml \
   --out "$M/flowenedet.safetensors" $RESUME
+segsafe train flowenedet --data "$W" --config config/demo/flowenedet_c.yaml \
+  --out "$M/flowenedet_c.safetensors" $RESUME
 segsafe train generator --data "$W" --config config/demo/generator.yaml \
   --out "$M/generator.safetensors" $RESUME
 segsafe train comparison --data "$W" --config config/demo/comparison.yaml \
   --out "$M/comparison.safetensors" $RESUME
+
+# The evaluations models/demo/REPORT.md quotes.
+E="$M/eval"
+segsafe evaluate --root "$W" --split anomaly --quiet --out "$E/anomaly.json" \
+  --detectors max_softmax,entropy,max_logit,energy,sml,mc_dropout,densehybrid,flow_density,flowenedet_u,flowenedet_c
+segsafe evaluate --root "$W" --split anomaly --quiet --out "$E/anomaly_base.json" \
+  --detectors max_softmax,entropy,max_logit,energy --segmenter-weights "$M/segmenter_base.safetensors"
+segsafe evaluate --root "$W" --split anomaly --quiet --out "$E/anomaly_resynthesis.json" \
+  --detectors resynthesis,resynthesis_anomaly
+segsafe evaluate --root "$W" --split val --quiet --out "$E/val.json" \
+  --detectors max_softmax,flowenedet_u,resynthesis

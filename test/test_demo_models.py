@@ -24,8 +24,8 @@ def _subset_block() -> dict:
 def test_demo_models_are_shipped_small_and_load():
     files = sorted(DEMO_MODELS.glob("*.safetensors"))
     kinds = {f.stem for f in files}
-    assert {"segmenter", "densehybrid", "sml", "flow", "flowenedet", "generator",
-            "comparison"} <= kinds  # fmt: skip
+    assert {"segmenter", "densehybrid", "sml", "flow", "flowenedet", "flowenedet_c",
+            "generator", "comparison"} <= kinds  # fmt: skip
     assert sum(f.stat().st_size for f in files) < 25 * 2**20
     config = PipelineConfig(
         anomaly="densehybrid", failure="flowenedet_u", class_iou="resynthesis", device="cpu"
