@@ -52,10 +52,9 @@ class Cargo(Prop):
     def draw(
         self, canvas: Canvas, cam: Camera, road: Road, t: float, light: float, hz: tuple
     ) -> None:
-        x, z = self.where(road, t)
-        dep = cam.depth(x, z)
-        if dep < 1.0:
+        if (anchor := self.anchor(cam, road, t)) is None:
             return
+        x, z, dep = anchor
         ANOMALY_KINDS[self.kind](canvas, cam, self, x, z, dep, light, hz)
 
 

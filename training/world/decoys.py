@@ -47,10 +47,9 @@ class Decoy(Prop):
     def draw(
         self, canvas: Canvas, cam: Camera, road: Road, t: float, light: float, hz: tuple
     ) -> None:
-        x, z = self.where(road, t)
-        dep = cam.depth(x, z)
-        if dep < 1.0:
+        if (anchor := self.anchor(cam, road, t)) is None:
             return
+        x, z, dep = anchor
         pts = self.outline()
         width = float(np.ptp(pts[:, 0]))
         contact_shadow(canvas, cam, x, z, width + 0.2, 0.4 * width + 0.2, 0.5)

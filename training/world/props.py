@@ -33,6 +33,15 @@ class Prop:
         z = self.z + self.speed * t
         return float(road.center(z)) + self.offset, z
 
+    def anchor(
+        self, cam: Camera, road: Road, t: float, near: float = 1.0
+    ) -> tuple[float, float, float] | None:
+        """(X, Z, depth) of the ground anchor, or None when it is nearer than ``near`` m
+        (behind or at the camera, where the prop is not drawn)."""
+        x, z = self.where(road, t)
+        dep = cam.depth(x, z)
+        return None if dep < near else (x, z, dep)
+
     def draw(
         self, canvas: Canvas, cam: Camera, road: Road, t: float, light: float, hz: tuple
     ) -> None:
@@ -295,10 +304,9 @@ class Tree(Prop):
     def draw(
         self, canvas: Canvas, cam: Camera, road: Road, t: float, light: float, hz: tuple
     ) -> None:
-        x, z = self.where(road, t)
-        dep = cam.depth(x, z)
-        if dep < 0.5:
+        if (anchor := self.anchor(cam, road, t, near=0.5)) is None:
             return
+        x, z, dep = anchor
         bark = haze(_shade((80, 65, 50), light), dep, hz)
         canvas.fill(
             cam.polygons(billboard(x, z, rect(-0.14, 0, 0.14, self.trunk + 0.5))[None]),
