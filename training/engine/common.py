@@ -257,6 +257,16 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _read_rgb(path: Path) -> torch.Tensor | None:
+    """3×H×W uint8 RGB tensor of an image file, or None when it cannot be read."""
+    import cv2
+
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1).contiguous()
+
+
 class NegativeImages:
     """The world's ``negatives/`` split: RGB images with instance masks (DenseHybrid).
 
@@ -280,13 +290,12 @@ class NegativeImages:
         import cv2
 
         path = self.images[index]
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if bgr is None:
+        image = _read_rgb(path)
+        if image is None:
             raise DataError(f"cannot read negative image {path}")
-        image = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1)
         mask_path = self.root / "masks" / path.name
         mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED) if mask_path.is_file() else None
-        return image.contiguous(), None if mask is None else torch.from_numpy(mask).long()
+        return image, None if mask is None else torch.from_numpy(mask).long()
 
 
 class NegativeScenes:
@@ -313,12 +322,11 @@ class NegativeScenes:
         import cv2
 
         path = self.images[index]
-        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        image = _read_rgb(path)
         label = cv2.imread(str(self.root / "labels" / path.name), cv2.IMREAD_UNCHANGED)
         mask = cv2.imread(str(self.root / "masks" / path.name), cv2.IMREAD_UNCHANGED)
-        if bgr is None or label is None or mask is None:
+        if image is None or label is None or mask is None:
             raise DataError(f"cannot read scene negative {path} with its labels and mask")
-        if label.shape != bgr.shape[:2] or mask.shape != bgr.shape[:2]:
+        if label.shape != image.shape[1:] or mask.shape != image.shape[1:]:
             raise DataError(f"scene negative {path}: labels or mask do not match the image size")
-        image = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1)
-        return image.contiguous(), torch.from_numpy(label).long(), torch.from_numpy(mask > 0)
+        return image, torch.from_numpy(label).long(), torch.from_numpy(mask > 0)
