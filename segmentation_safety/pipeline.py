@@ -179,10 +179,13 @@ class Pipeline:
             maps: dict[str, dict[str, torch.Tensor]] = {}
             for n, o in outs.items():
                 maps[n] = {}
+                resized: dict[int, torch.Tensor] = {}  # FED returns one map as both outputs
                 for kind in ("anomaly", "failure"):
                     m = getattr(o, kind)
                     if m is not None:
-                        maps[n][kind] = _resize(m.float().unsqueeze(1), size).squeeze(1)
+                        if id(m) not in resized:
+                            resized[id(m)] = _resize(m.float().unsqueeze(1), size).squeeze(1)
+                        maps[n][kind] = resized[id(m)]
                 if o.class_iou is not None:
                     maps[n]["class_iou"] = o.class_iou.float()
             host = {n: {k: v.cpu().numpy() for k, v in d.items()} for n, d in maps.items()}

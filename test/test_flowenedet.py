@@ -226,6 +226,17 @@ def test_gaussian_smooth_keeps_probabilities() -> None:
     assert gaussian_smooth(maps, 0.0) is maps
 
 
+def test_gaussian_smooth_is_the_7x7_gaussian_with_replicate_border() -> None:
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 6, 11, generator=g, dtype=torch.float64)  # smaller than 7 rows too
+    x = torch.arange(-3, 4, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / 1.5) ** 2)
+    kernel = torch.outer(k, k) / k.sum() ** 2
+    padded = F.pad(maps[:, None], (3, 3, 3, 3), mode="replicate")
+    expected = F.conv2d(padded, kernel[None, None])[:, 0]
+    torch.testing.assert_close(gaussian_smooth(maps, 1.5), expected)
+
+
 @pytest.mark.parametrize("name", ["flowenedet_u", "flowenedet_c"])
 def test_detectors_end_to_end_on_tiny_segmenter(name: str) -> None:
     torch.manual_seed(0)

@@ -23,6 +23,8 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from segmentation_safety.models.pointwise import PointwiseConv2d, pointwise
+
 RESNET18_LAYERS = (2, 2, 2, 2)
 
 
@@ -110,20 +112,20 @@ class ComparisonNet(nn.Module):
         self.num_classes = num_classes
         self._arch = {"width": width, "layers": list(layers), "fuse_channels": fuse_channels}
         self.pred_proj = nn.Sequential(
-            nn.Conv2d(num_classes, 1, 1), nn.BatchNorm2d(1), nn.ReLU(inplace=True)
+            PointwiseConv2d(num_classes, 1), nn.BatchNorm2d(1), nn.ReLU(inplace=True)
         )
         self.encoder_image = ResNetEncoder(4, width, layers)
         self.encoder_synth = ResNetEncoder(4, width, layers)
         chans = self.encoder_image.channels
         self.fuse = nn.ModuleList(
             nn.Sequential(
-                nn.Conv2d(2 * c, fuse_channels, 1, bias=False),
+                PointwiseConv2d(2 * c, fuse_channels, bias=False),
                 nn.BatchNorm2d(fuse_channels),
                 nn.ReLU(inplace=True),
             )
             for c in chans
         )
-        self.pixel_head = nn.Conv2d(len(chans) * fuse_channels, 1, 1)
+        self.pixel_head = PointwiseConv2d(len(chans) * fuse_channels, 1)
         self.iou_head = nn.Linear(2 * chans[-1], num_classes)
 
     def architecture(self) -> dict[str, Any]:
@@ -150,7 +152,7 @@ class ComparisonNet(nn.Module):
             # Bilinear resizing and a 1×1 conv are both linear and commute, so applying
             # the head's slice for this stage first and upsampling one channel equals the
             # official upsample-concat-conv, without upsampling 4×C full-size maps.
-            part = F.conv2d(fused, fw[:, i * c : (i + 1) * c])
+            part = pointwise(fused, fw[:, i * c : (i + 1) * c, 0, 0])
             logit = logit + F.interpolate(part, size=size, mode="bilinear", align_corners=False)
 
         pooled = torch.cat([feats_x[-1].mean(dim=(2, 3)), feats_s[-1].mean(dim=(2, 3))], dim=1)

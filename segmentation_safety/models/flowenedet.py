@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segmentation_safety.models.pointwise import PointwiseConv2d, pointwise
+
 _LOG_2PI = math.log(2.0 * math.pi)
 _INV_SOFTPLUS0 = 1.0 / math.log(2.0)  # softplus(0)·this = 1
 
@@ -120,15 +122,12 @@ class InvConv1x1(nn.Module):
         self.weight = nn.Parameter(q)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.weight.shape[0]
-        y = F.conv2d(x, self.weight.view(c, c, 1, 1))
+        y = pointwise(x, self.weight)
         logdet = torch.linalg.slogdet(self.weight)[1].expand(x.shape[0], x.shape[2], x.shape[3])
         return y, logdet
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        c = self.weight.shape[0]
-        inv = torch.linalg.inv(self.weight.double()).to(y.dtype)
-        return F.conv2d(y, inv.view(c, c, 1, 1))
+        return pointwise(y, torch.linalg.inv(self.weight.double()).to(y.dtype))
 
 
 class ConvCoupling(nn.Module):
@@ -161,7 +160,7 @@ class ConvCoupling(nn.Module):
         self.inp = nn.Conv2d(n_cond + cond_channels, hidden, 1)
         self.mid = nn.Conv2d(hidden, hidden, kernel_size)
         self.drop = nn.Dropout2d(dropout)
-        self.out = nn.Conv2d(hidden, 2 * n_trans, 1)
+        self.out = PointwiseConv2d(hidden, 2 * n_trans)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -174,7 +173,7 @@ class ConvCoupling(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # ``context`` is the condition already pushed through this coupling's share of
         # the first conv (FlowEneDet.context), so only the flow channel is convolved here.
-        h = F.conv2d(xa, self.inp.weight[:, : self.n_cond], self.inp.bias)
+        h = pointwise(xa, self.inp.weight[:, : self.n_cond, 0, 0], self.inp.bias)
         if context is not None:
             h = h + context
         # Sigmoid activations follow the official subnet.

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from segmentation_safety.models.pointwise import PointwiseConv2d
+
 IGNORE_INDEX = 255
 
 
@@ -66,7 +68,9 @@ class SPADE(nn.Module):
     def forward(self, x: torch.Tensor, segmap: torch.Tensor) -> torch.Tensor:
         normalized = self.norm(x)
         # Nearest keeps the map one-hot; bilinear would invent mixed classes at borders.
-        seg = F.interpolate(segmap, size=x.shape[-2:], mode="nearest")
+        seg = segmap
+        if seg.shape[-2:] != x.shape[-2:]:
+            seg = F.interpolate(segmap, size=x.shape[-2:], mode="nearest")
         hidden = self.shared(seg)
         return normalized * (1.0 + self.gamma(hidden)) + self.beta(hidden)
 
@@ -93,7 +97,7 @@ class SpadeResBlock(nn.Module):
         if self.learned_shortcut:
             self.norm_s = SPADE(in_channels, label_channels, hidden, norm)
             self.conv_s = _maybe_spectral(
-                nn.Conv2d(in_channels, out_channels, 1, bias=False), spectral
+                PointwiseConv2d(in_channels, out_channels, bias=False), spectral
             )
 
     def forward(self, x: torch.Tensor, segmap: torch.Tensor) -> torch.Tensor:
@@ -164,13 +168,15 @@ class SpadeGenerator(nn.Module):
         if segmap.shape[1] != self.num_classes:
             raise ValueError(f"expected {self.num_classes} label channels, got {segmap.shape[1]}")
         sizes = _pyramid_sizes(segmap.shape[-2], segmap.shape[-1], self.num_upsampling)
-        x = self.fc(F.interpolate(segmap, size=sizes[0], mode="nearest"))
-        x = self.head(x, segmap)
+        # The label map at each level, resized once for all the SPADE layers there.
+        levels = [F.interpolate(segmap, size=s, mode="nearest") for s in sizes[:-1]] + [segmap]
+        x = self.fc(levels[0])
+        x = self.head(x, levels[0])
         for i, up in enumerate(self.ups):
             x = F.interpolate(x, size=sizes[i + 1], mode="nearest")
             if i == 0:
-                x = self.middle(x, segmap)
-            x = up(x, segmap)
+                x = self.middle(x, levels[1])
+            x = up(x, levels[i + 1])
         return torch.tanh(self.conv_img(F.leaky_relu(x, 0.2)))
 
 
