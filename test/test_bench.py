@@ -29,6 +29,21 @@ def test_bench_reports_overhead_as_ratio_of_the_same_run():
         assert t["within_budget"] == (t["overhead"] <= 0.03)
 
 
+def test_bench_feeds_frames_laid_out_as_the_pipeline_does(monkeypatch):
+    # The node's frames are H×W×3 memory seen as 3×H×W; networks run faster on that
+    # layout, so timing a contiguous 3×H×W tensor would misstate the segmentation pass.
+    from segmentation_safety.pipeline import Pipeline, PipelineConfig
+
+    seg = build_segmenter("tiny", num_classes=4, width=4)
+    pipe = Pipeline(seg, {}, PipelineConfig(anomaly=None, device="cpu"))
+    node_frame = pipe.to_input(torch.zeros(8, 16, 3, dtype=torch.uint8))
+    seen = []
+    normalize = seg.normalize
+    monkeypatch.setattr(seg, "normalize", lambda x: seen.append(x.stride()) or normalize(x))
+    bench(seg, {}, 8, 16, torch.device("cpu"), repeats=1, warmup=0)
+    assert seen and seen[0] == node_frame.stride()
+
+
 def test_budget_flags_follow_the_measured_overhead():
     from segmentation_safety.bench import BUDGETS, DetectorTiming
     from segmentation_safety.detectors.registry import available

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segmentation_safety.models.pointwise import PointwiseConv2d
+
 INLIER = 0
 OUTLIER = 1
 DEFAULT_BETA = 0.03
@@ -28,7 +30,7 @@ class DenseHybridHead(nn.Module):
         # momentum 0.01 as the official head's batch norm: the head is fine-tuned for a few
         # epochs only, so running statistics should average over many batches.
         self.norm = nn.BatchNorm2d(in_channels, momentum=0.01)
-        self.conv = nn.Conv2d(in_channels, 2, kernel_size=1, bias=True)
+        self.conv = PointwiseConv2d(in_channels, 2)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """B×C×h×w pre-logit features -> B×2×h×w dataset-posterior logits."""
