@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuilds the shipped demo models in models/demo/ from scratch with the project's own
 # trainers on the synthetic world, then evaluates them (models/demo/REPORT.md quotes the
-# results). About an hour on 2 CPU cores; each step resumes with --resume after a kill.
+# results). About two and a half hours on 2 CPU cores; each step resumes with --resume
+# after a kill.
 # Usage: source scripts/env.sh && bash scripts/train_demo_models.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
