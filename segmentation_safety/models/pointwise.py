@@ -3,8 +3,8 @@
 PyTorch's CPU convolution kernels handle a 1×1 convolution with few channels poorly:
 19 -> 1 channels over a 512×1024 map took about 120 ms through ``F.conv2d`` and 7 ms as
 a matrix product on the 2-core machine this project runs on, and never slower for the
-shapes our detectors use. The detectors' small heads (FlowEneDet couplings, the SynthCP
-comparison net, SPADE shortcuts) therefore use these instead.
+shapes our detectors use. The detectors' small layers (FlowEneDet couplings, the SynthCP
+comparison net, SPADE shortcuts, the DenseHybrid head) therefore use these instead.
 """
 
 from __future__ import annotations
