@@ -17,6 +17,7 @@ from segmentation_safety.checkpoint import save_bundle
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.models.zoo import load_segmenter  # noqa: F401  (engine API)
+from training.datasets.common import read_rgb
 from training.engine.loop import (
     LoopConfig,
     RunContext,
@@ -259,12 +260,11 @@ def _jsonable(value: Any) -> Any:
 
 def _read_rgb(path: Path) -> torch.Tensor | None:
     """3×H×W uint8 RGB tensor of an image file, or None when it cannot be read."""
-    import cv2
-
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
+    try:
+        rgb = read_rgb(path)
+    except OSError:  # missing, truncated or not an image
         return None
-    return torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
 class NegativeImages:
