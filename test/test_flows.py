@@ -109,9 +109,9 @@ def test_density_of_a_non_trivial_flow_integrates_to_one() -> None:
 def test_batchnorm_normalises_in_training_and_tracks_running_stats() -> None:
     bn = FlowBatchNorm(3, momentum=0.5).train()
     x = torch.randn(400, 3) * torch.tensor([2.0, 0.5, 1.0]) + torch.tensor([1.0, -3.0, 0.0])
-    y, logdet = bn(x)
-    torch.testing.assert_close(y.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(y.var(0, unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
+    y, logdet = bn(x.t())  # the flow's layers take C×N columns
+    torch.testing.assert_close(y.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(1, unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
     var = x.var(0, unbiased=False)
     expected_logdet = -0.5 * torch.log(var + bn.eps).sum()
     torch.testing.assert_close(logdet, expected_logdet.expand(400))
