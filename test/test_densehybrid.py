@@ -62,6 +62,22 @@ def test_score_is_finite_where_softmax_underflows_and_ranks_outliers_higher():
     assert low.item() - high.item() == pytest.approx(6.0, abs=1e-5)
 
 
+def test_detector_reads_the_head_through_its_logit_margin():
+    # The detector computes ln P(d_out|x) from one difference row of the head's conv; it
+    # must equal eq. 6 on the head's full two-channel output.
+    torch.manual_seed(0)
+    seg = TinySegmenter(num_classes=5, width=4).eval()
+    det = build("densehybrid", seg).eval()
+    with torch.no_grad():
+        for p in det.head.parameters():
+            p.normal_()
+        det.head.norm.running_mean.normal_()
+        det.head.norm.running_var.uniform_(0.5, 2.0)
+        out = seg(torch.randn(1, 3, 32, 48))
+        expected = densehybrid_score(out.logits, det.head(out.features))
+        torch.testing.assert_close(det(out).anomaly, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_loss_terms_match_hand_computation():
     # Pixel 0 inlier with class 0; pixel 1 a pasted negative whose target (1) must be ignored.
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [-1.0, 0.5]]).view(1, 3, 1, 2)

@@ -17,7 +17,7 @@ from segmentation_safety.calibration import fuse_open_set
 from segmentation_safety.checkpoint import Bundle, BundleError, load_state_strict
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.detectors.registry import register
-from segmentation_safety.models.densehybrid_head import DenseHybridHead, densehybrid_score
+from segmentation_safety.models.densehybrid_head import DenseHybridHead, hybrid_score
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
 
@@ -39,7 +39,7 @@ class DenseHybridDetector(Detector):
         self.thresholds: dict[str, float] = {}
 
     def forward(self, out: SegmenterOutput) -> DetectorOutput:
-        return DetectorOutput(anomaly=densehybrid_score(out.logits, self.head(out.features)))
+        return DetectorOutput(anomaly=hybrid_score(out.logits, self.head.log_p_out(out.features)))
 
     def open_set_labels(self, labels: torch.Tensor, anomaly: torch.Tensor) -> torch.Tensor:
         """Fuse the thresholded anomaly map into ``labels`` as class K (needs a threshold)."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segmentation_safety.models.pointwise import PointwiseConv2d
+from segmentation_safety.models.pointwise import PointwiseConv2d, pointwise
 
 INLIER = 0
 OUTLIER = 1
@@ -36,6 +36,21 @@ class DenseHybridHead(nn.Module):
         """B×C×h×w pre-logit features -> B×2×h×w dataset-posterior logits."""
         return self.conv(F.relu(self.norm(features)))
 
+    def log_p_out(self, features: torch.Tensor) -> torch.Tensor:
+        """ln P(d_out | x) as B×1×h×w, equal to ``log_softmax(self(features))[:, OUTLIER]``.
+
+        A log-softmax over two logits is logsigmoid of their difference, so only that
+        difference row of the 1×1 conv is computed: half the product and no two-channel
+        softmax (the head is most of DenseHybrid's cost over the segmentation pass).
+        """
+        w, b = self.conv.weight[:, :, 0, 0], self.conv.bias
+        margin = pointwise(
+            F.relu(self.norm(features)),
+            (w[OUTLIER] - w[INLIER])[None],
+            (b[OUTLIER] - b[INLIER])[None],
+        )
+        return F.logsigmoid(margin)
+
 
 def _resize_to(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
@@ -51,9 +66,15 @@ def densehybrid_score(logits: torch.Tensor, head_logits: torch.Tensor) -> torch.
     keeps ln P(d_out | x) finite where the softmax would underflow to 0. The head output
     is resized bilinearly to the logits' resolution when the two differ.
     """
+    log_p_out = torch.log_softmax(head_logits.float(), dim=1)[:, OUTLIER : OUTLIER + 1]
+    return hybrid_score(logits, log_p_out)
+
+
+def hybrid_score(logits: torch.Tensor, log_p_out: torch.Tensor) -> torch.Tensor:
+    """:func:`densehybrid_score` from ln P(d_out | x) given as B×1×h×w (see
+    :meth:`DenseHybridHead.log_p_out`), resized to the logits' resolution if needed."""
     logits = logits.float()
-    head_logits = _resize_to(head_logits.float(), logits.shape[-2:])
-    log_p_out = torch.log_softmax(head_logits, dim=1)[:, OUTLIER]
+    log_p_out = _resize_to(log_p_out.float(), logits.shape[-2:])[:, 0]
     return log_p_out - torch.logsumexp(logits, dim=1)
 
 
