@@ -259,8 +259,9 @@ def test_detector_end_to_end_shapes_dtypes_ranges() -> None:
     images = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)
     with torch.no_grad():
         out = det(seg(seg.normalize(images)))
-    for m in (out.anomaly, out.failure):
-        assert m.shape == (2, 32, 64) and m.dtype == torch.float32
+    # anomaly at the logits' resolution (the pipeline resizes it), failure at the frame's
+    for m, shape in ((out.anomaly, (2, 8, 16)), (out.failure, (2, 32, 64))):
+        assert m.shape == shape and m.dtype == torch.float32
         assert torch.isfinite(m).all()
     assert float(out.anomaly.min()) >= 0 and float(out.anomaly.max()) <= 2
     assert float(out.failure.min()) >= 0 and float(out.failure.max()) <= 1
@@ -273,11 +274,10 @@ def test_detector_anomaly_zero_for_perfect_resynthesis_and_msp_threshold_wired()
     x = torch.randn(1, 3, 32, 64)
     with torch.no_grad():
         base = seg(x)
-        det.synthesize = lambda labels: x  # a generator that reproduces the input exactly
+        det.synthesize = lambda logits, size: x  # a generator reproducing the input exactly
         assert float(det(base).anomaly.abs().max()) < 1e-5
         det.msp_threshold = 0.0  # every pixel's MSP exceeds 0: score is 1 - MSP everywhere
-        logits = F.interpolate(base.logits, size=(32, 64), mode="bilinear")
-        expected = 1 - logits.softmax(1).max(1).values
+        expected = 1 - base.logits.softmax(1).max(1).values  # at the logits' resolution
         torch.testing.assert_close(det(base).anomaly, expected)
 
 
@@ -286,7 +286,7 @@ def test_anomaly_only_variant_needs_only_the_generator() -> None:
     assert det.trained_parts == ("generator",) and det.comparison is None
     with torch.no_grad():
         out = det(seg(torch.randn(1, 3, 32, 64)))
-    assert out.anomaly.shape == (1, 32, 64)
+    assert out.anomaly.shape == (1, 8, 16)  # the logits' resolution
     assert out.failure is None and out.class_iou is None
     with pytest.raises(TypeError):
         build("resynthesis_anomaly", seg, comparison=TINY_C)
@@ -366,16 +366,35 @@ def test_resynthesize_runs_the_generator_at_its_scale_and_returns_frame_size():
             return torch.zeros(labels.shape[0], 3, *labels.shape[-2:])
 
     seg = TinySegmenter(num_classes=3, width=4)
-    labels = torch.zeros(1, 32, 64, dtype=torch.long)
-    labels[:, :, 32:] = 2
-    labels[:, 0, 0] = 255  # void survives nearest downsampling where it is sampled
-    out = resynthesize(Recorder(), labels, seg, scale=0.5)
+    logits = torch.zeros(1, 3, 8, 16)  # stride-4 logits of a 32×64 frame
+    logits[:, 0, :, :8] = 5.0  # class 0 on the left half, class 2 on the right
+    logits[:, 2, :, 8:] = 5.0
+    out = resynthesize(Recorder(), logits, seg, size=(32, 64), scale=0.5)
+    # ŷ is predicted at the generator's resolution (half the frame), not the logits'
     assert tuple(seen[0].shape) == (1, 16, 32)
-    assert set(seen[0].unique().tolist()) <= {0, 2, 255}
+    assert (seen[0][:, :, :16] == 0).all() and (seen[0][:, :, 16:] == 2).all()
     assert tuple(out.shape) == (1, 3, 32, 64)
     # generator output 0 in [-1, 1] is grey 0.5, normalised with the segmenter's mean/std
     expected = ((0.5 - seg.mean) / seg.std).expand(1, 3, 32, 64)
     torch.testing.assert_close(out, expected)
+    resynthesize(Recorder(), logits, seg, size=(32, 64))
+    assert tuple(seen[1].shape) == (1, 32, 64)  # scale 1: the frame's size
+
+
+def test_comparison_reads_a_low_resolution_prediction_as_its_bilinear_upsampling():
+    torch.manual_seed(0)
+    net = ComparisonNet(4, width=4, layers=[1, 1, 1, 1], fuse_channels=4).eval()
+    with torch.no_grad():
+        net.pred_proj[1].running_mean.fill_(0.3)
+        net.pred_proj[1].running_var.fill_(0.5)
+        image, synth = torch.randn(1, 3, 32, 64), torch.randn(1, 3, 32, 64)
+        probs = torch.randn(1, 4, 8, 16).softmax(dim=1)
+        upsampled = F.interpolate(probs, size=(32, 64), mode="bilinear", align_corners=False)
+        low, full = net(image, synth, probs), net(image, synth, upsampled)
+    torch.testing.assert_close(low.correct_logit, full.correct_logit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(low.class_iou, full.class_iou, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="larger"):
+        net(image[..., :16, :32], synth[..., :16, :32], probs.repeat(1, 1, 4, 4))
 
 
 def test_generator_bundle_carries_the_synthesis_scale():
@@ -388,3 +407,23 @@ def test_generator_bundle_carries_the_synthesis_scale():
     assert other.synthesis_scale == 0.5
     with pytest.raises(ValueError, match="synthesis_scale"):
         build("resynthesis_anomaly", seg, synthesis_scale=0.0)
+
+
+def test_generator_runs_at_the_frame_height_it_was_trained_at():
+    seg = TinySegmenter(num_classes=3, width=4)
+    tensors, meta = build("resynthesis_anomaly", seg).export_part("generator")
+    meta = {**meta, "synthesis_scale": 0.5, "input_size": [16, 32]}
+    det = build("resynthesis_anomaly", seg)
+    det.load_part("generator", Bundle(tensors, meta), "g.safetensors")
+    assert det.scale_for((32, 64)) == 0.5  # the frames it was trained on
+    assert det.scale_for((64, 128)) == 0.25  # a finer camera: objects as large as in training
+    assert det.scale_for((8, 16)) == 1.0  # never above the frame
+    assert det.export_part("generator")[1]["input_size"] == [16, 32]
+    fixed = build("resynthesis_anomaly", seg, synthesis_scale=0.5)
+    fixed.load_part("generator", Bundle(tensors, meta), "g.safetensors")
+    assert fixed.scale_for((64, 128)) == 0.5  # an explicit option wins
+    seen = []
+    det.generator.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    with torch.no_grad():
+        det(seg(torch.randn(1, 3, 64, 128)))
+    assert seen == [(1, 16, 32)]

@@ -48,6 +48,7 @@ from segmentation_safety.checkpoint import BundleError, load_bundle, load_state_
 from segmentation_safety.detectors.resynthesis import (
     PRESETS,
     ResynthesisDetector,
+    prediction_at,
     resynthesize,
 )
 from segmentation_safety.losses_synthcp import comparison_loss
@@ -243,23 +244,25 @@ class ComparisonTraining(nn.Module):
     @torch.no_grad()
     def predict(
         self, image: torch.Tensor, fold: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(normalised x, x̂ = G(ŷ), softmax p) as the detector computes them at run time."""
-        size = image.shape[-2:]
-        probs = torch.empty(image.shape[0], self.comparison.num_classes, *size, device=image.device)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised x, x̂ = G(ŷ), softmax p, ŷ at the image size) as the detector and
+        the pipeline compute them at run time (p at the logits' resolution)."""
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        logits = None
         for f, predictor in enumerate(self.predictors):
             chosen = fold == f
             if bool(chosen.any()):
-                logits = predictor(predictor.normalize(image[chosen])).logits.float()
-                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-                probs[chosen] = logits.softmax(dim=1)
+                out = predictor(predictor.normalize(image[chosen])).logits.float()
+                if logits is None:
+                    logits = out.new_empty(image.shape[0], *out.shape[1:])
+                logits[chosen] = out
         scale = getattr(self.generator, "synthesis_scale", 1.0)
-        synth = resynthesize(self.generator, probs.argmax(dim=1), self.deployed, scale)
-        return self.deployed.normalize(image), synth.float(), probs
+        synth = resynthesize(self.generator, logits, self.deployed, size, scale)
+        probs = logits.softmax(dim=1)
+        return self.deployed.normalize(image), synth.float(), probs, prediction_at(logits, size)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        image, synth, probs = self.predict(batch["image"], batch["fold"])
-        pred = probs.argmax(dim=1)
+        image, synth, probs, pred = self.predict(batch["image"], batch["fold"])
         out = self.comparison(image, synth, probs)
         loss = comparison_loss(
             out.class_iou.float(), out.correct_logit.float(), pred, batch["label"]

@@ -1,12 +1,14 @@
 """Image resynthesis detectors (SynthCP, 001 §3; DESIGN §4).
 
-From the shared forward pass: ŷ = argmax of the logits at input size, x̂ = G(ŷ) mapped
-into the segmenter's normalised input space, and one extra segmenter pass on x̂ (the
-method needs the features of the resynthesised image; nothing else is re-run).
+From the shared forward pass: ŷ = argmax of the logits at the generator's resolution,
+x̂ = G(ŷ) mapped into the segmenter's normalised input space at the input size, and one
+extra segmenter pass on x̂ (the method needs the features of the resynthesised image;
+nothing else is re-run). Softmax p and MSP are taken at the logits' resolution.
 
-- anomaly (eq. 9): 1 - cos(f(x), f(x̂)) per pixel, upsampled to the input size, then MSP
-  post-processing: where MSP > t the score becomes 1 - MSP.
-- failure: 1 - sigmoid(comparison pixel head), the probability that ŷ is wrong.
+- anomaly (eq. 9): 1 - cos(f(x), f(x̂)) per pixel, then MSP post-processing: where
+  MSP > t the score becomes 1 - MSP (resized to the input size by the caller).
+- failure: 1 - sigmoid(comparison pixel head), the probability that ŷ is wrong; the
+  comparison net reads p bilinearly upsampled to the input size.
 - class_iou: the comparison IoU head.
 """
 
@@ -49,22 +51,37 @@ def labels_to_network_input(synth: torch.Tensor, segmenter: Segmenter) -> torch.
     return ((synth + 1.0) * 0.5 - segmenter.mean) / segmenter.std
 
 
-def resynthesize(
-    generator: nn.Module, labels: torch.Tensor, segmenter: Segmenter, scale: float = 1.0
-) -> torch.Tensor:
-    """G(labels) in the segmenter's normalised input space, at the label map's size.
+def synthesis_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """The generator's resolution for a frame of ``size`` at ``scale`` (at least 8×8)."""
+    if scale == 1.0:
+        return size
+    return max(8, round(size[0] * scale)), max(8, round(size[1] * scale))
 
-    ``scale`` < 1 runs the generator on a nearest-downsampled label map and upsamples
-    its image: SPADE synthesises Cityscapes at 256×512, a quarter of the frame, and the
-    generator then sees label maps at the scale it was trained on. The generator bundle
-    records its scale (``synthesis_scale``) so training and run time agree.
+
+def prediction_at(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """ŷ = argmax of the logits resized bilinearly to ``size`` (B×h×w class ids)."""
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    return logits.argmax(dim=1)
+
+
+def resynthesize(
+    generator: nn.Module,
+    logits: torch.Tensor,
+    segmenter: Segmenter,
+    size: tuple[int, int],
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """x̂ = G(ŷ) in the segmenter's normalised input space, at the frame ``size``.
+
+    ŷ is predicted straight at the generator's resolution (``size`` × ``scale``): the
+    generator then sees label maps at the scale it was trained on (SPADE synthesises
+    Cityscapes at 256×512, a quarter of the frame), and no full-size argmax is
+    computed just to be subsampled. The generator bundle records its scale
+    (``synthesis_scale``) so training and run time agree; x̂ is upsampled to ``size``.
     """
-    size = tuple(labels.shape[-2:])
-    if scale != 1.0:
-        small = (max(8, round(size[0] * scale)), max(8, round(size[1] * scale)))
-        labels = F.interpolate(labels[:, None].float(), size=small, mode="nearest")
-        labels = labels[:, 0].long()
-    synth = generator(labels)
+    size = (int(size[0]), int(size[1]))
+    synth = generator(prediction_at(logits, synthesis_size(size, scale)))
     if tuple(synth.shape[-2:]) != size:
         synth = F.interpolate(synth, size=size, mode="bilinear", align_corners=False)
     return labels_to_network_input(synth, segmenter)
@@ -92,8 +109,12 @@ class ResynthesisDetector(Detector):
         msp_threshold: t of the MSP post-processing (1.0 turns it off).
         preset: a key of :data:`PRESETS` giving both parts' architectures ("tiny" by
             default: what the demo ships; "paper" builds SPADE's and ResNet-18's sizes).
-        synthesis_scale: generator resolution relative to the frame (default: the
-            generator bundle's ``synthesis_scale``, else 1.0); see :func:`resynthesize`.
+        synthesis_scale: generator resolution relative to the frame, fixed. By default
+            the generator runs at the frame height it was trained at (its bundle's
+            ``input_size``: a frame twice as large is synthesised at half its scale, so
+            the generator sees objects as large as in training), else at the bundle's
+            ``synthesis_scale``, else at 1.0; never above the frame's size. See
+            :func:`resynthesize`.
         generator: :class:`SpadeGenerator` kwargs, overriding the preset's.
         comparison: :class:`ComparisonNet` kwargs, overriding the preset's.
     Trained weights replace the random ones with :meth:`load_part`, which rebuilds each part
@@ -120,6 +141,9 @@ class ResynthesisDetector(Detector):
             raise ValueError(f"synthesis_scale must be in (0, 1], got {synthesis_scale}")
         self._scale_option = synthesis_scale
         self.synthesis_scale = 1.0 if synthesis_scale is None else float(synthesis_scale)
+        #: Frame height the generator was trained at (from its bundle), or None.
+        self.synthesis_height: int | None = None
+        self._trained_size: list[int] | None = None
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
         if comparison is not None and "comparison" not in self.trained_parts:
@@ -153,6 +177,14 @@ class ResynthesisDetector(Detector):
         setattr(self, kind, module.to(device).eval())
         if kind == "generator" and self._scale_option is None:
             self.synthesis_scale = float(bundle.metadata.get("synthesis_scale", 1.0))
+            self._trained_size = bundle.metadata.get("input_size")
+            self.synthesis_height = int(self._trained_size[0]) if self._trained_size else None
+
+    def scale_for(self, size: tuple[int, int]) -> float:
+        """The generator's scale for a frame of ``size`` (see the ``synthesis_scale`` option)."""
+        if self._scale_option is None and self.synthesis_height:
+            return min(1.0, self.synthesis_height / size[0])
+        return self.synthesis_scale
 
     def export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, metadata) to pass to ``save_bundle`` for part ``kind``."""
@@ -161,27 +193,32 @@ class ResynthesisDetector(Detector):
         metadata = {"kind": kind, "architecture": module.architecture()}
         if kind == "generator":
             metadata["synthesis_scale"] = self.synthesis_scale
+            if self._trained_size:
+                metadata["input_size"] = list(self._trained_size)
         return dict(module.state_dict()), metadata
 
-    def synthesize(self, labels: torch.Tensor) -> torch.Tensor:
-        """B×H×W labels -> G(labels) in the segmenter's normalised input space."""
-        return resynthesize(self.generator, labels, self.segmenter, self.synthesis_scale)
+    def synthesize(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Logits -> G(ŷ) at the frame ``size``, in the segmenter's normalised input space."""
+        return resynthesize(self.generator, logits, self.segmenter, size, self.scale_for(size))
 
     def forward(self, out: SegmenterOutput) -> DetectorOutput:
         if out.image is None:
             raise ValueError("resynthesis needs SegmenterOutput.image (the network input)")
         image = out.image
-        size = image.shape[-2:]
-        logits = F.interpolate(out.logits, size=size, mode="bilinear", align_corners=False)
-        probs = logits.softmax(dim=1)
-        msp, pred = probs.max(dim=1)
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        # Softmax and MSP at the logits' resolution, like the softmax detectors: the maps
+        # are resized to the frame afterwards, and a 19-channel softmax of full-size
+        # logits cost about as much as the whole segmentation pass of the demo model.
+        probs = out.logits.float().softmax(dim=1)
+        msp = probs.amax(dim=1)
 
-        synth = self.synthesize(pred)
+        synth = self.synthesize(out.logits, size)
         synth_out = self.segmenter(synth)
         distance = feature_cosine_distance(out.features, synth_out.features)
-        distance = F.interpolate(
-            distance.unsqueeze(1), size=size, mode="bilinear", align_corners=False
-        ).squeeze(1)
+        if distance.shape[-2:] != msp.shape[-2:]:
+            distance = F.interpolate(
+                distance.unsqueeze(1), size=msp.shape[-2:], mode="bilinear", align_corners=False
+            ).squeeze(1)
         anomaly = msp_postprocess(distance, msp, self.msp_threshold)
 
         if self.comparison is None:

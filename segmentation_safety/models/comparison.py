@@ -136,14 +136,29 @@ class ComparisonNet(nn.Module):
         self, image: torch.Tensor, synthesized: torch.Tensor, pred_probs: torch.Tensor
     ) -> ComparisonOutput:
         """``image``, ``synthesized``: B×3×H×W (same normalisation); ``pred_probs``:
-        B×K×H×W softmax (or one-hot) of the prediction ŷ at the same size."""
-        if pred_probs.shape[-2:] != image.shape[-2:] or synthesized.shape != image.shape:
+        B×K×h×w softmax (or one-hot) of the prediction ŷ, at the image size or below.
+
+        A smaller ``pred_probs`` stands for its bilinear upsampling to H×W. The 1×1
+        projection and the (eval-mode) batch norm of ``pred_proj`` are affine per pixel
+        and commute with that upsampling, so they run first and one channel is
+        upsampled instead of K: the same result at a fraction of the cost.
+        """
+        if synthesized.shape != image.shape or pred_probs.shape[0] != image.shape[0]:
             raise ValueError("image, synthesized image and prediction must share B×H×W")
-        pred = self.pred_proj(pred_probs)
+        if pred_probs.shape[-2] > image.shape[-2] or pred_probs.shape[-1] > image.shape[-1]:
+            raise ValueError("the prediction must not be larger than the image")
+        size = image.shape[-2:]
+        if pred_probs.shape[-2:] == size:
+            pred = self.pred_proj(pred_probs)
+        else:
+            proj, norm, act = self.pred_proj
+            pred = F.interpolate(
+                norm(proj(pred_probs)), size=size, mode="bilinear", align_corners=False
+            )
+            pred = act(pred)
         feats_x = self.encoder_image(torch.cat([image, pred], dim=1))
         feats_s = self.encoder_synth(torch.cat([synthesized, pred], dim=1))
 
-        size = image.shape[-2:]
         fw = self.pixel_head.weight
         c = fw.shape[1] // len(self.fuse)
         logit = self.pixel_head.bias.view(1, 1, 1, 1)
