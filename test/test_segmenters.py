@@ -131,6 +131,22 @@ def test_espnetv2_keeps_the_extra_channel_as_background_tap_and_takes_odd_sizes(
     assert out.embeddings["level4"].shape == (1, 256, 5, 7)
 
 
+def test_espnetv2_weights_are_channels_last_and_give_the_plain_layout_result():
+    import copy
+
+    torch.manual_seed(1)
+    model = build_segmenter("espnetv2", scale=0.5, num_classes=19).eval()
+    _randomise_norm_stats(model, 2)
+    conv = model.net.base_net.level1.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    x = model.normalize(_images(1, 64, 96))
+    with torch.no_grad():
+        a, b = model(x, embeddings=["level3"]), plain(x, embeddings=["level3"])
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.embeddings["level3"], b.embeddings["level3"], atol=1e-4, rtol=1e-4)
+
+
 def test_espnetv2_rejects_unknown_scale():
     with pytest.raises(ValueError, match="scale"):
         ESPNetv2Segmenter(scale=3.0)
