@@ -308,7 +308,10 @@ class FlowEneDet(nn.Module):
         if resize and features.shape[1] <= weight.shape[0]:
             features = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
             resize = False
-        terms = F.conv2d(features, weight[:, :, None, None], bias)
+        # The couplings add these terms to maps in the plain layout; a channels-last
+        # condition (the node's frames make the features so) would make every one of
+        # those adds a slow strided one, so the narrower input is made plain here.
+        terms = F.conv2d(features.contiguous(), weight[:, :, None, None], bias)
         if resize:
             terms = F.interpolate(terms, size=size, mode="bilinear", align_corners=False)
         return terms
