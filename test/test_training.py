@@ -92,51 +92,6 @@ def test_resume_equals_uninterrupted(world: Path, tmp_path: Path):
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=key)
 
 
-def test_flowenedet_scene_samples_mark_decoys_wrong(world: Path):
-    from segmentation_safety.models.flowenedet import FlowEneDet
-    from segmentation_safety.models.tiny import TinySegmenter
-    from training.train_flowenedet import FlowEneDetTraining, with_scenes
-
-    config = {"crop_size": None, "scale_range": [1.0, 1.0], "flip": 0.0}
-    plain = engine.augmented_samples(engine.open_split(world, "train"), config)
-    assert with_scenes(plain, str(world), {**config, "scene_probability": 0.0}) is plain
-    mixed = with_scenes(plain, str(world), {**config, "scene_probability": 1.0})
-    sample = mixed(0, torch.Generator().manual_seed(0))
-    assert sample["outlier"].any() and (sample["label"][sample["outlier"]] == 255).all()
-
-    # A batch whose only labelled pixels are decoys: without the outlier mask there is
-    # nothing to learn; with it, a step raises P(wrong) there.
-    torch.manual_seed(0)
-    module = FlowEneDetTraining(TinySegmenter(width=4).eval(), FlowEneDet(19, blocks=2, hidden=8))
-    module.train()
-    image = sample["image"][None]
-    outlier = torch.zeros(1, H, W, dtype=torch.bool)
-    outlier[:, 8:24, 16:48] = True
-    batch = {"image": image, "label": torch.full((1, H, W), 255)}
-    assert module(batch)[0].item() == 0.0  # every pixel void: no target at all
-    batch["outlier"] = outlier
-    optimizer = torch.optim.Adam(module.model.parameters(), lr=0.05)
-    module.model.eval()
-
-    def p_wrong() -> float:
-        with torch.no_grad():
-            out = module.segmenter(module.segmenter.normalize(image))
-            return module.model.p_wrong(out.logits)[:, 2:6, 4:12].mean().item()
-
-    before = p_wrong()
-    module.model.train()
-    losses = []
-    for _ in range(5):
-        optimizer.zero_grad()
-        loss, _ = module(batch)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    module.model.eval()
-    assert losses[0] > 0.5 and losses[-1] < losses[0]
-    assert p_wrong() > before + 0.05
-
-
 def test_detector_trainers_write_loadable_bundles(world: Path, models: Path, tmp_path: Path):
     base = {k: v for k, v in TINY.items() if k != "architecture_options"}
     base["iterations"] = 2

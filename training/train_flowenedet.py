@@ -8,12 +8,6 @@
    1/4 of the input resolution as the detector runs. The segmenter is most wrong on
    images it was not trained on, so by default the flow learns from train *and* val.
 
-``scene_probability`` > 0 (off by default; a departure from 003, which trains on
-in-distribution errors only) makes that share of the samples streets with decoys from
-the world's ``negatives/scenes/`` (as DenseHybrid's fine-tuning uses), with every decoy
-pixel a target "wrong". Without it nothing in training reaches the low-confidence
-energies of anomalies, and where a fitted flow puts them depends on its seed.
-
 ActNorm's data-dependent initialisation runs once, before the loop, on the first
 global batch of the stream, so every DDP rank starts from the same weights.
 """
@@ -35,7 +29,6 @@ from segmentation_safety.models.flowenedet import (
 )
 from segmentation_safety.models.segmenter import Segmenter
 from training import engine
-from training.train_densehybrid import scene_sample
 from training.train_sml import max_logit_statistics
 
 VARIANTS = {"FED-U": FlowEneDetU, "FED-C": FlowEneDetC}
@@ -59,8 +52,6 @@ class FlowEneDetTraining(nn.Module):
         with torch.no_grad():
             out = self.segmenter(self.segmenter.normalize(image))
             wrong, ignore = flowenedet_targets(out.logits.float(), label)
-            if "outlier" in batch:  # decoys: no class is right there
-                wrong, ignore = wrong | batch["outlier"], ignore & ~batch["outlier"]
         size = (max(1, image.shape[-2] // FLOW_STRIDE), max(1, image.shape[-1] // FLOW_STRIDE))
         logits = F.interpolate(out.logits.float(), size=size, mode="bilinear")
         features = out.features.float() if self.model.conditional else None
@@ -84,23 +75,6 @@ class _Splits:
                 return part[index]
             index -= len(part)
         raise IndexError(index)
-
-
-def with_scenes(make_sample: Any, data: str, config: dict[str, Any]) -> Any:
-    """``make_sample`` where a ``scene_probability`` share of the samples are streets
-    with decoys (``outlier`` marks the decoys; all zeros on the other samples)."""
-    p_scene = float(config.get("scene_probability", 0.0))
-    if p_scene <= 0:
-        return make_sample
-    scenes = engine.NegativeScenes(data)
-
-    def mixed(index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        if float(torch.rand((), generator=generator)) < p_scene:
-            return scene_sample(scenes, generator, config)
-        sample = make_sample(index, generator)
-        return {**sample, "outlier": torch.zeros(sample["label"].shape, dtype=torch.bool)}
-
-    return mixed
 
 
 def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -133,7 +107,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     # 2. The flow, trained against "segmentation wrong here".
     module = FlowEneDetTraining(segmenter, detector.model).to(ctx.device)
     optimizer, scheduler = engine.constant_adam(detector.model.parameters(), config)
-    make_sample = with_scenes(engine.augmented_samples(flow_set, config), args.data, config)
+    make_sample = engine.augmented_samples(flow_set, config)
     # ActNorm data init on the first *global* batch, identical on every rank.
     if not engine.run_stage(
         ctx, module, optimizer, scheduler, make_sample, len(flow_set), config, args,
