@@ -129,6 +129,9 @@ def test_detector_trainers_write_loadable_bundles(world: Path, models: Path, tmp
         meta = load_bundle(models / f"{kind}.safetensors", kind=kind).metadata
         assert meta["training"]["config"]["hidden"] == 8 and len(meta["class_names"]) == 19
         assert "metrics" in meta
+        if kind == "flowenedet":  # measured on the held-out street with decoys
+            assert meta["metrics"]["decoy_images"] == 1
+            assert 0.0 <= meta["metrics"]["decoy_ap"] <= 1.0
         pipe = Pipeline.from_models_dir(models, PipelineConfig(anomaly=name, device="cpu"))
         arch = pipe.detectors[name].architecture
         assert {k: arch[k] for k in trained[name]} == trained[name]
