@@ -16,8 +16,9 @@ global batch of the stream, so every DDP rank starts from the same weights.
    DenseHybrid calibrates on with the defaults): anomaly AP / AUROC / FPR95 of the
    run-time map go into the bundle's metrics as ``decoy_*``. Training sees only
    in-distribution errors, and whether a fit ranks unknown objects above them depends
-   on its seed (seeds 0-2 of the demo: decoy AP 4.2 / 29.5 / 0.6), so this is how fits
-   are compared without touching a benchmark.
+   on its seed (demo FED-U, seeds 0-2, on 40 of those streets: AP 4.2 / 29.5 / 0.6, the
+   same order as on the tuning world), so this is how fits are compared without
+   touching a benchmark.
 """
 
 from __future__ import annotations
