@@ -256,6 +256,8 @@ class ComparisonTraining(nn.Module):
                 if logits is None:
                     logits = out.new_empty(image.shape[0], *out.shape[1:])
                 logits[chosen] = out
+        # The bundle's scale is relative to the data's full frames, so a crop keeps the
+        # scale of the frame it came from (the detector derives the same 0.5 on them).
         scale = getattr(self.generator, "synthesis_scale", 1.0)
         synth = resynthesize(self.generator, logits, self.deployed, size, scale)
         probs = logits.softmax(dim=1)
