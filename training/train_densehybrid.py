@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
@@ -42,6 +41,7 @@ from segmentation_safety.metrics import AnomalyMetrics
 from segmentation_safety.models.densehybrid_head import densehybrid_loss, densehybrid_score
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.models.zoo import segmenter_metadata
+from segmentation_safety.types import SegmenterOutput
 from training import engine
 from training.negatives import paste_negative
 
@@ -179,14 +179,14 @@ def calibrate(
     device: torch.device,
 ) -> dict[str, float]:
     """Threshold at ``threshold_tpr`` and AP/AUROC/FPR95 on held-out images with outliers."""
-    segmenter = detector.segmenter.eval()
     detector.eval()
     metrics = AnomalyMetrics()
     scores, labels = [], []
-    for image, target in samples:
-        out = segmenter(segmenter.normalize(image[None].to(device)))
-        score = densehybrid_score(out.logits, detector.head(out.features))
-        score = F.interpolate(score[:, None], size=target.shape, mode="bilinear")[0, 0].cpu()
+
+    def hybrid(out: SegmenterOutput) -> torch.Tensor:
+        return densehybrid_score(out.logits, detector.head(out.features))
+
+    for score, target in engine.scored_samples(detector.segmenter, hybrid, samples, device):
         metrics.update(score, target)
         scores.append(score.flatten())
         labels.append(target.flatten())

@@ -41,6 +41,7 @@ from segmentation_safety.models.flowenedet import (
     flowenedet_targets,
 )
 from segmentation_safety.models.segmenter import Segmenter
+from segmentation_safety.types import SegmenterOutput
 from training import engine
 from training.train_densehybrid import scene_calibration
 from training.train_sml import max_logit_statistics
@@ -98,14 +99,14 @@ def held_out_metrics(
     device: torch.device,
 ) -> dict[str, float]:
     """Anomaly AP / AUROC / FPR95 of the detector's map on (image, 0/1/255 target) pairs."""
-    segmenter = detector.segmenter.eval()
     detector.eval()
     metrics = AnomalyMetrics()
-    for image, target in samples:
-        out = segmenter(segmenter.normalize(image[None].to(device)))
-        score = detector(out).anomaly[:, None].float()
-        score = F.interpolate(score, size=target.shape, mode="bilinear", align_corners=False)
-        metrics.update(score[0, 0].cpu(), target)
+
+    def anomaly(out: SegmenterOutput) -> torch.Tensor:
+        return detector(out).anomaly
+
+    for score, target in engine.scored_samples(detector.segmenter, anomaly, samples, device):
+        metrics.update(score, target)
     result = metrics.compute()
     return {"decoy_ap": result.ap, "decoy_auroc": result.auroc, "decoy_fpr95": result.fpr95}
 

@@ -141,9 +141,8 @@ class ResynthesisDetector(Detector):
             raise ValueError(f"synthesis_scale must be in (0, 1], got {synthesis_scale}")
         self._scale_option = synthesis_scale
         self.synthesis_scale = 1.0 if synthesis_scale is None else float(synthesis_scale)
-        #: Frame height the generator was trained at (from its bundle), or None.
-        self.synthesis_height: int | None = None
-        self._trained_size: list[int] | None = None
+        #: Frame size the generator was trained at (its bundle's ``input_size``), or None.
+        self.trained_size: list[int] | None = None
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
         if comparison is not None and "comparison" not in self.trained_parts:
@@ -177,13 +176,12 @@ class ResynthesisDetector(Detector):
         setattr(self, kind, module.to(device).eval())
         if kind == "generator" and self._scale_option is None:
             self.synthesis_scale = float(bundle.metadata.get("synthesis_scale", 1.0))
-            self._trained_size = bundle.metadata.get("input_size")
-            self.synthesis_height = int(self._trained_size[0]) if self._trained_size else None
+            self.trained_size = bundle.metadata.get("input_size")
 
     def scale_for(self, size: tuple[int, int]) -> float:
         """The generator's scale for a frame of ``size`` (see the ``synthesis_scale`` option)."""
-        if self._scale_option is None and self.synthesis_height:
-            return min(1.0, self.synthesis_height / size[0])
+        if self._scale_option is None and self.trained_size:
+            return min(1.0, self.trained_size[0] / size[0])
         return self.synthesis_scale
 
     def export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -193,8 +191,8 @@ class ResynthesisDetector(Detector):
         metadata = {"kind": kind, "architecture": module.architecture()}
         if kind == "generator":
             metadata["synthesis_scale"] = self.synthesis_scale
-            if self._trained_size:
-                metadata["input_size"] = list(self._trained_size)
+            if self.trained_size:
+                metadata["input_size"] = list(self.trained_size)
         return dict(module.state_dict()), metadata
 
     def synthesize(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from segmentation_safety.checkpoint import save_bundle
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.models.zoo import load_segmenter  # noqa: F401  (engine API)
+from segmentation_safety.types import SegmenterOutput
 from training.datasets.common import read_rgb
 from training.engine.loop import (
     LoopConfig,
@@ -198,6 +199,24 @@ def evaluate_segmentation(
     segmenter.train(was_training)
     scores = confusion.compute()
     return {"miou": scores.miou, "pixel_accuracy": scores.pixel_accuracy}
+
+
+@torch.no_grad()
+def scored_samples(
+    segmenter: Segmenter,
+    score: Callable[[SegmenterOutput], torch.Tensor],
+    samples: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(score map resized to the target, on the CPU; target) for each (3×H×W uint8
+    image, H×W target) pair: the segmenter in eval mode, one image at a time, and
+    ``score`` turning its output into a B×h×w map (a detector's anomaly, say)."""
+    segmenter.eval()
+    for image, target in samples:
+        out = segmenter(segmenter.normalize(image[None].to(device)))
+        m = score(out)[:, None].float()
+        m = nn.functional.interpolate(m, size=target.shape, mode="bilinear", align_corners=False)
+        yield m[0, 0].cpu(), target
 
 
 def predict_logits(segmenter: Segmenter, image: torch.Tensor, device: torch.device) -> torch.Tensor:
