@@ -4,7 +4,7 @@ The flow works on flattened pixel vectors: a B×C×h×w embedding map becomes (B
 rows, so every pixel is one sample and there is no Python loop over pixels. Inside, the
 layers see the vectors channel-major (C×N): a channel slice or permutation is then a
 block of contiguous rows and the coupling MLPs are plain matrix products, where the N×C
-layout gathered columns (about 3× slower at 512×1024, same numbers). Each step
+layout gathered columns (about 2× slower at 512×1024, same numbers). Each step
 is, in the order of B.6, an affine coupling, a Real-NVP batch normalisation and a fixed
 random permutation. Couplings start as the identity (last layer zero), as Glow
 recommends, so an untrained flow is a standard normal up to batch-norm's epsilon.
