@@ -92,6 +92,32 @@ def test_resume_equals_uninterrupted(world: Path, tmp_path: Path):
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=key)
 
 
+def test_flowenedet_keeps_the_seed_best_on_held_out_decoy_streets(
+    world: Path, models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from training.world import write_world
+
+    base = {k: v for k, v in TINY.items() if k != "architecture_options"}
+    out = tmp_path / "flowenedet.safetensors"
+    config = write_config(tmp_path / "fed.yaml", **{**base, "iterations": 2, "batch_size": 1},
+                          segmenter=str(models / "segmenter.safetensors"), blocks=2, hidden=8,
+                          select_seeds=[0, 1])  # fmt: skip
+    assert train("flowenedet", world, out, config) == 0
+    metrics = load_bundle(out, kind="flowenedet").metadata["metrics"]
+    candidates = metrics["selected_from"]
+    assert set(candidates) == {"0", "1"}
+    assert metrics["decoy_ap"] == max(candidates.values())
+    assert candidates[str(metrics["seed"])] == metrics["decoy_ap"]
+    assert (tmp_path / "flowenedet.seed0.ckpt").is_file()
+    assert (tmp_path / "flowenedet.seed1.ckpt").is_file()
+
+    bare = tmp_path / "bare"  # no streets with decoys: nothing to choose by
+    write_world(bare, seed=0, train=2, val=1, anomaly=0, sequences=0, height=H, width=W,
+                negatives=0, progress=False)  # fmt: skip
+    assert train("flowenedet", bare, tmp_path / "bare.safetensors", config) == 2
+    assert "select_seeds chooses by the held-out streets" in capsys.readouterr().err
+
+
 def test_detector_trainers_write_loadable_bundles(world: Path, models: Path, tmp_path: Path):
     base = {k: v for k, v in TINY.items() if k != "architecture_options"}
     base["iterations"] = 2

@@ -18,7 +18,9 @@ global batch of the stream, so every DDP rank starts from the same weights.
    in-distribution errors, and whether a fit ranks unknown objects above them depends
    on its seed (demo FED-U, seeds 0-2, on 40 of those streets: AP 4.2 / 29.5 / 0.6, the
    same order as on the tuning world), so this is how fits are compared without
-   touching a benchmark.
+   touching a benchmark. ``select_seeds: [0, 1, 2]`` trains one fit per seed (each
+   with its own ``<out stem>.seed<k>.ckpt``, so ``--resume`` works per fit) and keeps
+   the best by that AP; the bundle lists every candidate's AP.
 """
 
 from __future__ import annotations
@@ -117,6 +119,15 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         from training.config import ConfigError
 
         raise ConfigError(f"variant must be one of {sorted(VARIANTS)}, got {config['variant']!r}")
+    seeds = [int(s) for s in config.get("select_seeds") or []]
+    scenes_dir = Path(args.data) / "negatives" / "scenes" / "images"
+    if len(seeds) > 1 and not scenes_dir.is_dir():
+        from training.config import ConfigError
+
+        raise ConfigError(
+            f"select_seeds chooses by the held-out streets with decoys, and {scenes_dir} "
+            "has none: train one seed (select_seeds: null)"
+        )
     train_set = engine.open_split(args.data, "train")
     flow_set = _Splits([engine.open_split(args.data, s) for s in config["splits"]])
     path = engine.segmenter_path(config, args.out)
@@ -127,40 +138,44 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     mean, std, _ = max_logit_statistics(
         segmenter, train_set, ctx.device, config["stats_images"], show_progress=ctx.is_main
     )
-    detector = VARIANTS[config["variant"]](
-        segmenter,
-        blocks=int(config["blocks"]),
-        kernel_size=int(config["kernel_size"]),
-        cond_channels=int(config["cond_channels"]),
-        hidden=int(config["hidden"]),
-        smooth_sigma=float(config["smooth_sigma"]),
-    )
-    detector.model.class_mean.copy_(mean)
-    detector.model.class_std.copy_(std)
-
-    # 2. The flow, trained against "segmentation wrong here".
-    module = FlowEneDetTraining(segmenter, detector.model).to(ctx.device)
-    optimizer, scheduler = engine.constant_adam(detector.model.parameters(), config)
-    make_sample = engine.augmented_samples(flow_set, config)
-    # ActNorm data init on the first *global* batch, identical on every rank.
-    if not engine.run_stage(
-        ctx, module, optimizer, scheduler, make_sample, len(flow_set), config, args,
-        "flowenedet", data_init=True,
-    ):  # fmt: skip
-        return {"stopped": True}
-
-    metrics: dict[str, Any] = {}
-    if (Path(args.data) / "negatives" / "scenes" / "images").is_dir():
+    held_out = None
+    if scenes_dir.is_dir():
         scenes = engine.NegativeScenes(args.data)
         _, out = engine.holdout_split(len(scenes), float(config["scene_holdout"]), 0)
-        detector.to(ctx.device)
-        metrics = held_out_metrics(detector, scene_calibration(Subset(scenes, out)), ctx.device)
-        metrics["decoy_images"] = len(out)
-        if ctx.is_main:
-            print(
-                f"held-out streets with decoys ({len(out)}): AP {100 * metrics['decoy_ap']:.2f}, "
-                f"FPR95 {100 * metrics['decoy_fpr95']:.2f}"
-            )
+        held_out = Subset(scenes, out)
+
+    # 2. The flow, trained against "segmentation wrong here"; with select_seeds, one fit
+    # per seed, each with its own checkpoint, and the best on the held-out streets kept.
+    best: tuple[FlowEneDetU | FlowEneDetC, dict[str, Any]] | None = None
+    candidates: dict[str, float] = {}
+    for seed in seeds or [int(config["seed"])]:
+        run_config, run_args = config, args
+        if len(seeds) > 1:
+            engine.seed_everything(seed)  # the same start as a run with `seed: <seed>`
+            run_config = {**config, "seed": seed}
+            run_args = argparse.Namespace(**vars(args))
+            run_args.out = str(Path(args.out).with_name(f"{Path(args.out).stem}.seed{seed}"))
+        desc = f"flowenedet seed {seed}" if len(seeds) > 1 else "flowenedet"
+        detector = fit_flow(ctx, segmenter, mean, std, flow_set, run_config, run_args, desc)
+        if detector is None:
+            return {"stopped": True}
+        metrics: dict[str, Any] = {}
+        if held_out is not None:
+            detector.to(ctx.device)
+            metrics = held_out_metrics(detector, scene_calibration(held_out), ctx.device)
+            metrics["decoy_images"] = len(held_out)
+            candidates[str(seed)] = metrics["decoy_ap"]
+            if ctx.is_main:
+                print(
+                    f"seed {seed}: held-out streets with decoys ({len(held_out)}): AP "
+                    f"{100 * metrics['decoy_ap']:.2f}, FPR95 {100 * metrics['decoy_fpr95']:.2f}"
+                )
+        if best is None or metrics.get("decoy_ap", 0.0) > best[1].get("decoy_ap", 0.0):
+            best = (detector, {**metrics, "seed": seed})
+    assert best is not None
+    detector, metrics = best
+    if len(seeds) > 1:
+        metrics["selected_from"] = candidates  # seed -> held-out decoy AP
     tensors, metadata = detector.export_part()
     training = engine.training_metadata(config, args)
     training["segmenter"] = str(path)
@@ -172,3 +187,36 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     engine.write_bundle(ctx, args.out, tensors, metadata)
     engine.close_run(ctx)
     return {"variant": config["variant"], **metrics}
+
+
+def fit_flow(
+    ctx: engine.RunContext,
+    segmenter: Segmenter,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    flow_set: _Splits,
+    config: dict[str, Any],
+    args: argparse.Namespace,
+    desc: str,
+) -> FlowEneDetU | FlowEneDetC | None:
+    """One FED fit on the frozen segmenter (None when ``--stop-after`` cut it short)."""
+    detector = VARIANTS[config["variant"]](
+        segmenter,
+        blocks=int(config["blocks"]),
+        kernel_size=int(config["kernel_size"]),
+        cond_channels=int(config["cond_channels"]),
+        hidden=int(config["hidden"]),
+        smooth_sigma=float(config["smooth_sigma"]),
+    )
+    detector.model.class_mean.copy_(mean)
+    detector.model.class_std.copy_(std)
+    module = FlowEneDetTraining(segmenter, detector.model).to(ctx.device)
+    optimizer, scheduler = engine.constant_adam(detector.model.parameters(), config)
+    make_sample = engine.augmented_samples(flow_set, config)
+    # ActNorm data init on the first *global* batch, identical on every rank.
+    if not engine.run_stage(
+        ctx, module, optimizer, scheduler, make_sample, len(flow_set), config, args,
+        desc, data_init=True,
+    ):  # fmt: skip
+        return None
+    return detector
