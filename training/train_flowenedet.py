@@ -20,7 +20,8 @@ global batch of the stream, so every DDP rank starts from the same weights.
    same order as on the tuning world), so this is how fits are compared without
    touching a benchmark. ``select_seeds: [0, 1, 2]`` trains one fit per seed (each
    with its own ``<out stem>.seed<k>.ckpt``, so ``--resume`` works per fit) and keeps
-   the best by that AP; the bundle lists every candidate's AP.
+   the best by that AP; the bundle lists every candidate's AP (demo FED-U, seeds 0-2:
+   19.3 / 33.6 / 6.4 on the 80 streets, seed 1 kept).
 """
 
 from __future__ import annotations
@@ -151,7 +152,9 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     for seed in seeds or [int(config["seed"])]:
         run_config, run_args = config, args
         if len(seeds) > 1:
-            engine.seed_everything(seed)  # the same start as a run with `seed: <seed>`
+            # Seeded after the SML pass (whose data loader draws from the global RNG), so
+            # candidate k is not the very fit a single run with `seed: k` makes.
+            engine.seed_everything(seed)
             run_config = {**config, "seed": seed}
             run_args = argparse.Namespace(**vars(args))
             run_args.out = str(Path(args.out).with_name(f"{Path(args.out).stem}.seed{seed}"))
