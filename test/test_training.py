@@ -116,6 +116,9 @@ def test_flowenedet_keeps_the_seed_best_on_held_out_decoy_streets(
                 negatives=0, progress=False)  # fmt: skip
     assert train("flowenedet", bare, tmp_path / "bare.safetensors", config) == 2
     assert "select_seeds chooses by the held-out streets" in capsys.readouterr().err
+    one = write_config(tmp_path / "one.yaml", **{**base, "iterations": 2}, select_seeds=[3])
+    assert train("flowenedet", world, tmp_path / "one.safetensors", one) == 2
+    assert "two or more distinct seeds" in capsys.readouterr().err
 
 
 def test_detector_trainers_write_loadable_bundles(world: Path, models: Path, tmp_path: Path):

@@ -122,7 +122,11 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"variant must be one of {sorted(VARIANTS)}, got {config['variant']!r}")
     seeds = [int(s) for s in config.get("select_seeds") or []]
     scenes_dir = Path(args.data) / "negatives" / "scenes" / "images"
-    if len(seeds) > 1 and not scenes_dir.is_dir():
+    if len(seeds) == 1 or len(set(seeds)) != len(seeds):
+        from training.config import ConfigError
+
+        raise ConfigError(f"select_seeds needs two or more distinct seeds, got {seeds}")
+    if seeds and not scenes_dir.is_dir():
         from training.config import ConfigError
 
         raise ConfigError(
