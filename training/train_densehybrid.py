@@ -162,15 +162,6 @@ def pasted_calibration(
         yield image, target
 
 
-def scene_calibration(scenes: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(image, target) pairs from held-out streets with decoys, as rendered."""
-    for i in range(len(scenes)):
-        image, label, decoys = scenes[i]
-        target = torch.where(label == 255, 255, 0)
-        target[decoys] = 1
-        yield image, target
-
-
 @torch.no_grad()
 def calibrate(
     detector: DenseHybridDetector,
@@ -236,7 +227,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
     detector.to(ctx.device)
     if held_out is not None and len(held_out):
-        samples = scene_calibration(held_out)
+        samples = engine.decoy_targets(held_out)
         calibrated_on = f"{len(held_out)} held-out streets with decoys (never trained on)"
     else:
         samples = pasted_calibration(val_set, negatives, config)

@@ -162,14 +162,9 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         detector.logreg_bias.copy_(bias)
         metrics["logreg_fitted_on"] = "val split with pasted negatives"
 
-    tensors, metadata = detector.export_part("flow")
-    training = engine.training_metadata(config, args)
-    training["segmenter"] = str(path)
-    metadata.update(
-        training=training,
-        metrics=metrics,
+    engine.write_part_bundle(
+        ctx, args, config, detector, "flow", path, metrics,
         class_names=list(seg_bundle.metadata.get("class_names") or []),
-    )
-    engine.write_bundle(ctx, args.out, tensors, metadata)
+    )  # fmt: skip
     engine.close_run(ctx)
     return metrics

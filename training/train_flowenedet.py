@@ -46,7 +46,6 @@ from segmentation_safety.models.flowenedet import (
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import SegmenterOutput
 from training import engine
-from training.train_densehybrid import scene_calibration
 from training.train_sml import max_logit_statistics
 
 VARIANTS = {"FED-U": FlowEneDetU, "FED-C": FlowEneDetC}
@@ -169,7 +168,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
         if held_out is not None:
             detector.to(ctx.device)
-            metrics = held_out_metrics(detector, scene_calibration(held_out), ctx.device)
+            metrics = held_out_metrics(detector, engine.decoy_targets(held_out), ctx.device)
             metrics["decoy_images"] = len(held_out)
             candidates[str(seed)] = metrics["decoy_ap"]
             if ctx.is_main:
@@ -183,15 +182,10 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     detector, metrics = best
     if len(seeds) > 1:
         metrics["selected_from"] = candidates  # seed -> held-out decoy AP
-    tensors, metadata = detector.export_part()
-    training = engine.training_metadata(config, args)
-    training["segmenter"] = str(path)
-    metadata.update(
-        training=training,
-        metrics=metrics,
+    engine.write_part_bundle(
+        ctx, args, config, detector, detector.trained_parts[0], path, metrics,
         class_names=list(seg_bundle.metadata.get("class_names") or []),
-    )
-    engine.write_bundle(ctx, args.out, tensors, metadata)
+    )  # fmt: skip
     engine.close_run(ctx)
     return {"variant": config["variant"], **metrics}
 

@@ -65,11 +65,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     )
     detector = registry.build("sml", segmenter)
     detector.set_statistics(mean, std)
-    tensors, metadata = engine.export_part(detector, "sml")
-    training = engine.training_metadata(config, args)
-    training["segmenter"] = str(path)
     metrics = {"pixels": pixels, "mean_of_class_means": float(mean.mean())}
-    metadata.update(training=training, metrics=metrics)
-    engine.write_bundle(ctx, args.out, tensors, metadata)
+    engine.write_part_bundle(ctx, args, config, detector, "sml", path, metrics)
     engine.close_run(ctx)
     return metrics

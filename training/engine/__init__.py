@@ -7,6 +7,7 @@ from training.engine.common import (
     NegativeScenes,
     augmented_samples,
     constant_adam,
+    decoy_targets,
     evaluate_segmentation,
     export_part,
     freeze,
@@ -21,6 +22,7 @@ from training.engine.common import (
     segmenter_path,
     training_metadata,
     write_bundle,
+    write_part_bundle,
 )
 from training.engine.loop import (
     LoopConfig,
@@ -54,6 +56,7 @@ __all__ = [
     "checkpoint_path",
     "close_run",
     "constant_adam",
+    "decoy_targets",
     "evaluate_segmentation",
     "export_part",
     "fit",
@@ -79,4 +82,5 @@ __all__ = [
     "train_bn_mode",
     "training_metadata",
     "write_bundle",
+    "write_part_bundle",
 ]

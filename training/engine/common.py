@@ -133,6 +133,18 @@ def sample_tensors(item: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return to_tensors(item["image"], item.get("label"))
 
 
+def decoy_targets(
+    scenes: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(image, target) pairs from streets with decoys (:class:`NegativeScenes` items) as
+    rendered: target 1 on decoys, 0 on the rest, 255 where the label is void."""
+    for i in range(len(scenes)):
+        image, label, decoys = scenes[i]
+        target = torch.where(label == 255, 255, 0)
+        target[decoys] = 1
+        yield image, target
+
+
 def augmented_samples(
     dataset: Sequence[dict[str, Any]],
     config: dict[str, Any],
@@ -250,6 +262,26 @@ def export_part(detector: Detector, kind: str) -> tuple[dict[str, torch.Tensor],
         "num_classes": detector.segmenter.num_classes,
     }
     return dict(detector.state_dict()), metadata
+
+
+def write_part_bundle(
+    ctx: RunContext,
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    detector: Detector,
+    kind: str,
+    segmenter_path: str | os.PathLike[str],
+    metrics: dict[str, Any],
+    **extra: Any,
+) -> None:
+    """Write ``detector``'s part ``kind`` to ``args.out`` with the metadata every
+    detector trainer records: the training run, the segmenter it was fitted on, its
+    metrics, and ``extra`` keys."""
+    tensors, metadata = export_part(detector, kind)
+    training = training_metadata(config, args)
+    training["segmenter"] = str(segmenter_path)
+    metadata.update(training=training, metrics=metrics, **extra)
+    write_bundle(ctx, args.out, tensors, metadata)
 
 
 def write_bundle(
