@@ -149,3 +149,29 @@ def test_bad_options_are_refused():
     no_dropout.dropout = nn.Identity()
     with pytest.raises(ValueError, match="no dropout"):
         build("mc_dropout", no_dropout)
+
+
+def test_espnetv2_dropout_is_sampled_on_the_shared_features_and_absent_when_off():
+    from segmentation_safety.models.zoo import build_segmenter
+
+    torch.manual_seed(0)
+    off = build_segmenter("espnetv2", scale=0.5, num_classes=5, extra_channels=0)
+    with pytest.raises(ValueError, match="no dropout layer"):
+        build("mc_dropout", off)
+    seg = build_segmenter(
+        "espnetv2", scale=0.5, num_classes=5, extra_channels=0, dropout=0.5
+    ).eval()
+    # Dropout has no tensors: the bundle keys equal those of the network without it.
+    assert seg.state_dict().keys() == off.state_dict().keys()
+    x = seg.normalize(_images(1))
+    with torch.no_grad():
+        out = seg(x)
+        seg.net.dropout.train()
+        noisy = seg(x).logits
+        seg.net.dropout.eval()
+    det = build("mc_dropout", seg, samples=3, score="mutual_information")
+    anomaly = det(out).anomaly
+    assert det._classifier_only is True
+    assert anomaly.shape == out.logits[:, 0].shape and anomaly.max().item() > 0
+    assert not torch.allclose(noisy, out.logits)  # the layer is wired in when on
+    assert not seg.net.dropout.training

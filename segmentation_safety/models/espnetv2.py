@@ -310,9 +310,18 @@ class SqueezeWeightedProjection(nn.Module):
 class ESPNetv2Net(nn.Module):
     """The bare network; its ``state_dict`` keys equal those of the public checkpoints."""
 
-    def __init__(self, scale: float = 2.0, out_channels: int = 20, decoder_base: int = 16) -> None:
+    def __init__(
+        self,
+        scale: float = 2.0,
+        out_channels: int = 20,
+        decoder_base: int = 16,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.base_net = ESPNetv2Encoder(scale)
+        # No parameters, so the state dict keys stay those of the public checkpoints;
+        # Identity when off, so that MC dropout refuses a network without any.
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         c1, c2, c3, c4 = self.base_net.channels
         d1, d2, d3 = 4 * decoder_base, 3 * decoder_base, 2 * decoder_base
         proj = min(out_channels // 2, decoder_base)
@@ -329,6 +338,11 @@ class ESPNetv2Net(nn.Module):
         self.bu_br_l3 = nn.Sequential(nn.BatchNorm2d(d2), nn.PReLU(d2))
         self.bu_br_l4 = nn.Sequential(nn.BatchNorm2d(d3), nn.PReLU(d3))
 
+    @property
+    def classifier(self) -> nn.Module:
+        """The final biased 1×1 conv (a property: registering it twice would add keys)."""
+        return self.bu_dec_l4.merge_layer[-1]
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return logits (all channels, stride 2), their input features and the taps."""
         (e1, e2, e3, e4), pre = self.base_net(x)
@@ -342,7 +356,7 @@ class ESPNetv2Net(nn.Module):
             y = block(norm_act(y))
         dec = self.bu_br_l4[0](_up_to(y, e1) + self.merge_enc_dec_l4(e1))
         features = self.bu_dec_l4.pyramid(self.bu_br_l4[1](dec))
-        logits = self.bu_dec_l4.merge_layer[-1](features)
+        logits = self.classifier(self.dropout(features))
         return {
             "logits": logits,
             "features": features,
@@ -367,7 +381,8 @@ class ESPNetv2Segmenter(Segmenter):
     own output resolution; upstream resizes them to the input with align_corners=True).
     Any further channels (the Cityscapes checkpoints' background class) come out as the
     ``background`` tap. ``features`` are the input of the final 1×1 classifier conv
-    (post-PReLU, ``net.proj_channels`` wide).
+    (post-PReLU, ``net.proj_channels`` wide). ``dropout`` > 0 puts a Dropout2d on them
+    (upstream has none; it gives MC dropout the one layer it samples).
 
     Taps (all pre-PReLU): ``level1`` (stride 2), ``level2`` (stride 4), ``level3``
     (stride 8), ``level4`` (stride 16) are the encoder levels' last units; ``decoder`` is
@@ -379,6 +394,7 @@ class ESPNetv2Segmenter(Segmenter):
         scale: float = 2.0,
         num_classes: int = 19,
         extra_channels: int = 1,
+        dropout: float = 0.0,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -386,7 +402,7 @@ class ESPNetv2Segmenter(Segmenter):
         self.scale = float(scale)
         self.num_classes = num_classes
         self.extra_channels = extra_channels
-        self.net = ESPNetv2Net(self.scale, num_classes + extra_channels)
+        self.net = ESPNetv2Net(self.scale, num_classes + extra_channels, dropout=dropout)
         c1, c2, c3, c4 = self.net.base_net.channels
         self.feature_channels = self.net.proj_channels
         self.default_flow_layers = ("level4",)  # stride 16: within the CPU budget
@@ -403,6 +419,15 @@ class ESPNetv2Segmenter(Segmenter):
         # weights carry it instead: the 512×1024 CPU pass went from about 550 to 370 ms
         # with outputs equal to 1e-6 (loaded weights keep this layout).
         self.net.to(memory_format=torch.channels_last)
+
+    @property
+    def dropout(self) -> nn.Module:
+        """Dropout on the classifier's input (``dropout`` > 0; MC dropout samples it)."""
+        return self.net.dropout
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.net.classifier
 
     def compute(
         self, x: torch.Tensor, taps: frozenset[str]
