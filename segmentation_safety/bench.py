@@ -54,6 +54,7 @@ class BenchReport:
     segmenter: str
     segmentation_ms: float
     repeats: int
+    half: bool = False  # fp16 autocast (CUDA only, as the node runs there)
     detectors: dict[str, DetectorTiming] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it was not timed
 
@@ -77,13 +78,16 @@ def bench(
     untrained: Sequence[str] = (),
     segmenter_name: str = "",
     progress: Callable[[int, int], None] | None = None,
+    half: bool = True,
 ) -> BenchReport:
     """Median per-frame times at ``height``×``width`` on ``device`` (batch of one).
 
     The segmentation pass is normalisation, the network, logits upsampled to the input
     size and the argmax: what publishing a segmentation costs. A detector's time is its
-    forward on that pass's outputs plus upsampling its maps to the input size.
+    forward on that pass's outputs plus upsampling its maps to the input size. On CUDA
+    both run under fp16 autocast unless ``half`` is false, as in the pipeline.
     """
+    half = half and device.type == "cuda"
     segmenter = segmenter.to(device).eval()
     detectors = {n: d.to(device).eval() for n, d in detectors.items()}
     # A frame as Pipeline.to_input delivers it: H×W×3 memory seen as 3×H×W, so the
@@ -111,7 +115,8 @@ def bench(
     seg_times: list[float] = []
     det_times: dict[str, list[float]] = {n: [] for n in detectors}
     total = warmup + repeats
-    with torch.inference_mode():
+    autocast = torch.autocast(device_type=device.type, dtype=torch.float16, enabled=half)
+    with torch.inference_mode(), autocast:
         for i in range(total):
             synchronize(device)
             t0 = time.perf_counter()
@@ -137,6 +142,7 @@ def bench(
         segmenter=segmenter_name or type(segmenter).__name__,
         segmentation_ms=seg_ms,
         repeats=repeats,
+        half=half,
     )
     for n, ts in det_times.items():
         ms = statistics.median(ts)

@@ -36,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help='JSON of per-detector options, e.g. \'{"resynthesis": {"synthesis_scale": 0.5}}\'',
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument(
+        "--fp32", action="store_true", help="on CUDA, time fp32 instead of fp16 autocast"
+    )
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         untrained=untrained,
         segmenter_name=seg_name,
         progress=step,
+        half=not args.fp32,
     )
     bar.close()
     report.skipped = skipped
@@ -120,7 +124,8 @@ def format_table(report: object) -> str:
     """A Markdown table of a BenchReport."""
     r = report
     lines = [
-        f"segmenter {r.segmenter} on {r.device} at {r.height}x{r.width}: "
+        f"segmenter {r.segmenter} on {r.device}{' (fp16 autocast)' if r.half else ''} "
+        f"at {r.height}x{r.width}: "
         f"{r.segmentation_ms:.1f} ms per frame (median of {r.repeats})",
         "",
         "| detector | added ms | overhead | budget | note |",

@@ -1,0 +1,79 @@
+"""The CUDA path: every detector on the GPU agrees with the CPU, fp16 autocast included.
+
+Skipped where CUDA is absent (CI has no GPU); run by hand on a GPU machine with
+``python -m pytest test/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segmentation_safety.bench import bench
+from segmentation_safety.detectors import registry
+from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+# MC dropout samples its own masks on each device, so its maps are not comparable.
+DETECTORS = [n for n in registry.available() if n != "mc_dropout"]
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    import cv2
+
+    from training.world import write_world
+
+    root = tmp_path_factory.mktemp("world")
+    write_world(root, seed=7, train=0, val=0, anomaly=2, sequences=0, negatives=0,
+                height=256, width=512, progress=False)  # fmt: skip
+    paths = sorted((root / "anomaly" / "images").glob("*.png"))
+    return np.stack([cv2.imread(str(p))[..., ::-1] for p in paths])
+
+
+def _pipeline(device: str, half: bool) -> Pipeline:
+    config = PipelineConfig(device=device, half=half, extra=tuple(DETECTORS))
+    return Pipeline.from_models_dir(DEMO_MODELS, config)
+
+
+def _maps(pipe: Pipeline, frames: np.ndarray) -> list:
+    return pipe.process_batch(frames, outputs=("labels", "per_detector"))
+
+
+def _rank_corr(a: np.ndarray, b: np.ndarray) -> float:
+    ra = np.argsort(np.argsort(a.ravel())).astype(np.float64)
+    rb = np.argsort(np.argsort(b.ravel())).astype(np.float64)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16-autocast"])
+def test_every_detector_on_cuda_matches_the_cpu(frames, half):
+    cpu = _maps(_pipeline("cpu", False), frames)
+    gpu = _maps(_pipeline("cuda", half), frames)
+    # fp32 differs from the CPU by summation order only; fp16 by rounding too.
+    min_agree, min_rank = (0.999, 0.999) if not half else (0.99, 0.98)
+    for c, g in zip(cpu, gpu, strict=True):
+        assert (c.labels == g.labels).mean() >= min_agree
+        assert set(c.per_detector) == set(g.per_detector) == set(DETECTORS)
+        for name, maps in c.per_detector.items():
+            for kind, ref in maps.items():
+                got = g.per_detector[name][kind]
+                assert got.shape == ref.shape and got.dtype == ref.dtype, (name, kind)
+                assert np.isfinite(got).all(), (name, kind, "non-finite values")
+                if kind == "class_iou":
+                    assert np.abs(got - ref).max() < (1e-3 if not half else 2e-2), name
+                else:
+                    assert _rank_corr(got, ref) >= min_rank, (name, kind)
+
+
+def test_bench_on_cuda_times_fp16_autocast_by_default():
+    seg_pipe = _pipeline("cuda", True)
+    dets = {n: seg_pipe.detectors[n] for n in ("max_softmax", "densehybrid", "flowenedet_u")}
+    device = torch.device("cuda")
+    report = bench(seg_pipe.segmenter, dets, 128, 256, device, repeats=2, warmup=1)
+    assert report.half and report.device.startswith("cuda")
+    assert set(report.detectors) == set(dets)
+    fp32 = bench(seg_pipe.segmenter, dets, 128, 256, device, repeats=2, warmup=1, half=False)
+    assert not fp32.half
