@@ -15,6 +15,7 @@ import torch
 from segmentation_safety.checkpoint import Bundle, BundleError
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.detectors.registry import register
+from segmentation_safety.models.class_reductions import logsumexp_classes
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
 
@@ -45,7 +46,7 @@ def free_energy(logits: torch.Tensor) -> torch.Tensor:
 
     Inliers get low energy; the energy itself is therefore already an anomaly score.
     """
-    return -torch.logsumexp(logits.float(), dim=1)
+    return -logsumexp_classes(logits.float())
 
 
 def standardized_max_logit(

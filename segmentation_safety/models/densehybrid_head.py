@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segmentation_safety.models.class_reductions import logsumexp_classes
 from segmentation_safety.models.pointwise import PointwiseConv2d, pointwise
 
 INLIER = 0
@@ -75,7 +76,7 @@ def hybrid_score(logits: torch.Tensor, log_p_out: torch.Tensor) -> torch.Tensor:
     :meth:`DenseHybridHead.log_p_out`), resized to the logits' resolution if needed."""
     logits = logits.float()
     log_p_out = _resize_to(log_p_out.float(), logits.shape[-2:])[:, 0]
-    return log_p_out - torch.logsumexp(logits, dim=1)
+    return log_p_out - logsumexp_classes(logits)
 
 
 def densehybrid_loss(

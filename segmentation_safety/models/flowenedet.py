@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segmentation_safety.models.class_reductions import logsumexp_classes
 from segmentation_safety.models.pointwise import PointwiseConv2d, pointwise
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -48,7 +49,7 @@ def energy_flow_input(logits: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     log(1 - σ(a)) = log σ(-a), so both entries come from logsigmoid without the
     cancellation of computing 1 - σ.
     """
-    neg_energy = torch.logsumexp(standardize_logits(logits.float(), mean, std), dim=1)
+    neg_energy = logsumexp_classes(standardize_logits(logits.float(), mean, std))
     return torch.stack([F.logsigmoid(neg_energy), F.logsigmoid(-neg_energy)], dim=1)
 
 
