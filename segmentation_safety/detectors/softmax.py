@@ -15,7 +15,11 @@ import torch
 from segmentation_safety.checkpoint import Bundle, BundleError
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.detectors.registry import register
-from segmentation_safety.models.class_reductions import logsumexp_classes
+from segmentation_safety.models.class_reductions import (
+    entropy_classes,
+    logsumexp_classes,
+    max_softmax_classes,
+)
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
 
@@ -26,14 +30,12 @@ MIN_STD = 1e-6
 
 def max_softmax_probability(logits: torch.Tensor) -> torch.Tensor:
     """B×K×h×w logits -> B×h×w maximum softmax probability (MSP) in [1/K, 1]."""
-    return torch.softmax(logits.float(), dim=1).amax(dim=1)
+    return max_softmax_classes(logits.float())
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     """B×K×h×w logits -> B×h×w entropy of the softmax in nats, in [0, ln K]."""
-    # log_softmax keeps p·log p finite where p underflows to 0 (0·-inf would be nan).
-    log_p = torch.log_softmax(logits.float(), dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1)
+    return entropy_classes(logits.float())
 
 
 def max_logit(logits: torch.Tensor) -> torch.Tensor:
