@@ -44,6 +44,20 @@ def test_bench_feeds_frames_laid_out_as_the_pipeline_does(monkeypatch):
     assert seen and seen[0] == node_frame.stride()
 
 
+def test_fp16_autocast_is_cuda_only_and_named_in_the_table():
+    from segmentation_safety.commands.bench import format_table
+
+    seg = build_segmenter("tiny", num_classes=4, width=4)
+    dtypes = []
+    seg.register_forward_hook(lambda m, i, o: dtypes.append(o.logits.dtype))
+    report = bench(seg, {}, 16, 32, torch.device("cpu"), repeats=1, warmup=0, half=True)
+    assert report.half is False and report.to_json()["half"] is False
+    assert set(dtypes) == {torch.float32}  # no autocast on the CPU
+    assert "autocast" not in format_table(report)
+    report.half = True  # as a CUDA run reports it
+    assert "(fp16 autocast)" in format_table(report)
+
+
 def test_budget_flags_follow_the_measured_overhead():
     from segmentation_safety.bench import BUDGETS, DetectorTiming
     from segmentation_safety.detectors.registry import available

@@ -166,12 +166,25 @@ def test_espnetv2_dropout_is_sampled_on_the_shared_features_and_absent_when_off(
     x = seg.normalize(_images(1))
     with torch.no_grad():
         out = seg(x)
-        seg.net.dropout.train()
-        noisy = seg(x).logits
-        seg.net.dropout.eval()
+        with dropout_active(seg.net.dropout):
+            noisy = seg(x).logits
     det = build("mc_dropout", seg, samples=3, score="mutual_information")
     anomaly = det(out).anomaly
     assert det._classifier_only is True
     assert anomaly.shape == out.logits[:, 0].shape and anomaly.max().item() > 0
     assert not torch.allclose(noisy, out.logits)  # the layer is wired in when on
     assert not seg.net.dropout.training
+
+
+def test_espnetv2_with_a_background_channel_still_samples_only_the_classifier():
+    from segmentation_safety.models.zoo import build_segmenter
+
+    torch.manual_seed(0)
+    seg = build_segmenter("espnetv2", scale=0.5, num_classes=5, extra_channels=1, dropout=0.5)
+    seg.eval()
+    with torch.no_grad():
+        out = seg(seg.normalize(_images(1)))
+    det = build("mc_dropout", seg, samples=2)
+    anomaly = det(out).anomaly
+    assert det._classifier_only is True  # the 6-channel conv, cut to the 5 logits
+    assert anomaly.shape == out.logits[:, 0].shape

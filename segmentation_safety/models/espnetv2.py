@@ -374,6 +374,19 @@ def _up_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=True)
 
 
+class _FirstChannels(nn.Module):
+    """``module`` keeping only its first ``count`` output channels (built on demand, so
+    the wrapped conv is not registered twice in the segmenter's state dict)."""
+
+    def __init__(self, module: nn.Module, count: int) -> None:
+        super().__init__()
+        self.module = module
+        self.count = count
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)[:, : self.count]
+
+
 class ESPNetv2Segmenter(Segmenter):
     """ESPNetv2 behind the :class:`Segmenter` interface.
 
@@ -427,7 +440,10 @@ class ESPNetv2Segmenter(Segmenter):
 
     @property
     def classifier(self) -> nn.Module:
-        return self.net.classifier
+        """features -> ``logits``: the final conv, without the extra (background) channels."""
+        if not self.extra_channels:
+            return self.net.classifier
+        return _FirstChannels(self.net.classifier, self.num_classes)
 
     def compute(
         self, x: torch.Tensor, taps: frozenset[str]

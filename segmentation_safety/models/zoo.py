@@ -7,6 +7,7 @@ loads the weights with strict key matching.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -61,14 +62,30 @@ def build_segmenter(name: str, **kwargs: Any) -> Segmenter:
     ``kwargs`` go to the architecture's constructor (``num_classes``, ``mean``/``std``,
     and per-architecture options such as ``width`` for ``tiny`` or ``scale`` for
     ``espnetv2``). The result remembers its name and kwargs in ``architecture`` so that
-    :func:`segmenter_metadata` can describe it.
+    :func:`segmenter_metadata` can describe it, with the constructor's defaults for
+    options not given: a bundle then rebuilds the same network even if a default
+    changes later.
     """
     if name not in _BUILDERS:
         raise KeyError(f"unknown segmenter {name!r}; known: {', '.join(available_segmenters())}")
     model = _BUILDERS[name](**kwargs)
-    arch = {k: v for k, v in kwargs.items() if k not in ("mean", "std")}
-    model.architecture = {"name": name, **arch}
+    arch = {**_simple_defaults(type(model)), **kwargs}
+    model.architecture = {
+        "name": name,
+        **{k: v for k, v in arch.items() if k not in ("mean", "std")},
+    }
     return model
+
+
+def _simple_defaults(cls: type) -> dict[str, Any]:
+    """Keyword defaults of ``cls.__init__`` that are plain numbers, strings or booleans."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and isinstance(p.default, (bool, int, float, str))
+    }
 
 
 def segmenter_metadata(model: Segmenter, kind: str = "segmenter") -> dict[str, Any]:
