@@ -38,7 +38,7 @@ from torch.utils.data import Subset
 from segmentation_safety.calibration import threshold_at_tpr
 from segmentation_safety.detectors.densehybrid import DenseHybridDetector
 from segmentation_safety.metrics import AnomalyMetrics
-from segmentation_safety.models.densehybrid_head import densehybrid_loss, densehybrid_score
+from segmentation_safety.models.densehybrid_head import densehybrid_loss
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.models.zoo import segmenter_metadata
 from segmentation_safety.types import SegmenterOutput
@@ -174,10 +174,11 @@ def calibrate(
     metrics = AnomalyMetrics()
     scores, labels = [], []
 
-    def hybrid(out: SegmenterOutput) -> torch.Tensor:
-        return densehybrid_score(out.logits, detector.head(out.features))
+    # The run-time map itself, so the threshold is set on exactly what the node scores.
+    def anomaly(out: SegmenterOutput) -> torch.Tensor:
+        return detector(out).anomaly
 
-    for score, target in engine.scored_samples(detector.segmenter, hybrid, samples, device):
+    for score, target in engine.scored_samples(detector.segmenter, anomaly, samples, device):
         metrics.update(score, target)
         scores.append(score.flatten())
         labels.append(target.flatten())

@@ -46,6 +46,7 @@ from segmentation_safety.models.flowenedet import (
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import SegmenterOutput
 from training import engine
+from training.config import ConfigError
 from training.train_sml import max_logit_statistics
 
 VARIANTS = {"FED-U": FlowEneDetU, "FED-C": FlowEneDetC}
@@ -116,18 +117,12 @@ def held_out_metrics(
 def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     ctx = engine.init_run(config["device"], int(config["seed"]), bool(config["amp"]))
     if config["variant"] not in VARIANTS:
-        from training.config import ConfigError
-
         raise ConfigError(f"variant must be one of {sorted(VARIANTS)}, got {config['variant']!r}")
     seeds = [int(s) for s in config.get("select_seeds") or []]
     scenes_dir = Path(args.data) / "negatives" / "scenes" / "images"
     if len(seeds) == 1 or len(set(seeds)) != len(seeds):
-        from training.config import ConfigError
-
         raise ConfigError(f"select_seeds needs two or more distinct seeds, got {seeds}")
     if seeds and not scenes_dir.is_dir():
-        from training.config import ConfigError
-
         raise ConfigError(
             f"select_seeds chooses by the held-out streets with decoys, and {scenes_dir} "
             "has none: train one seed (select_seeds: null)"
