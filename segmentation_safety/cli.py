@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, str] = {
     "world": "training.world.cli",
     "train": "training.cli",
     "evaluate": "training.evaluate_cli",
+    "import-weights": "segmentation_safety.commands.import_weights",
     "bench": "segmentation_safety.commands.bench",
     "make-bag": "segmentation_safety.commands.make_bag",
     "replay": "segmentation_safety.commands.replay",

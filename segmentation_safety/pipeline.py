@@ -10,7 +10,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,8 @@ class PipelineConfig:
     class_iou: str | None = None
     extra: tuple[str, ...] = ()
     device: str = "auto"
-    #: Network input (H, W); None keeps the image size. Maps come back at the image size.
+    #: Network input (H, W); None keeps the image size (``from_models_dir`` fills it from
+    #: the segmenter bundle's ``input_size``). Maps come back at the image size.
     input_size: tuple[int, int] | None = None
     #: fp16 autocast on CUDA (ignored on CPU).
     half: bool = True
@@ -112,6 +113,9 @@ class Pipeline:
         config = config or PipelineConfig()
         root = Path(models_dir) if models_dir else DEMO_MODELS
         segmenter, seg_bundle = load_segmenter(part_path(root, "segmenter"))
+        if config.input_size is None and seg_bundle.metadata.get("input_size"):
+            # The size the network was trained at: other sizes score worse.
+            config = replace(config, input_size=tuple(seg_bundle.metadata["input_size"]))
         detectors = {}
         for name in config.detector_names():
             options = config.detector_options.get(name, {})
@@ -141,11 +145,9 @@ class Pipeline:
         names = list(self.detectors if detectors is None else detectors)
         timings: dict[str, float] = {}
         with self._timed(timings, "preprocess"):
+            if self.config.input_size:
+                images = resize_input(images, self.config.input_size)
             x = self.segmenter.normalize(images)
-            if self.config.input_size and tuple(x.shape[-2:]) != tuple(self.config.input_size):
-                x = F.interpolate(
-                    x, size=self.config.input_size, mode="bilinear", align_corners=False
-                )
         taps = sorted({t for n in names for t in self.detectors[n].embeddings})
         with self._timed(timings, "segmenter"), self._autocast():
             seg = self.segmenter(x, taps)
@@ -175,7 +177,7 @@ class Pipeline:
         seg, outs, timings = self.run(x, names)
         with self._timed(timings, "postprocess"):
             # argmax of the logits is the argmax of the softmax: no K×H×W softmax per frame
-            labels = _resize(seg.logits.float(), size).argmax(1)
+            labels = resize_map(seg.logits.float(), size).argmax(1)
             maps: dict[str, dict[str, torch.Tensor]] = {}
             for n, o in outs.items():
                 maps[n] = {}
@@ -184,7 +186,7 @@ class Pipeline:
                     m = getattr(o, kind)
                     if m is not None:
                         if id(m) not in resized:
-                            resized[id(m)] = _resize(m.float().unsqueeze(1), size).squeeze(1)
+                            resized[id(m)] = resize_map(m.float().unsqueeze(1), size).squeeze(1)
                         maps[n][kind] = resized[id(m)]
                 if o.class_iou is not None:
                     maps[n]["class_iou"] = o.class_iou.float()
@@ -239,7 +241,29 @@ def load_parts(detector: Detector, models_dir: str | os.PathLike[str]) -> Detect
     return detector
 
 
-def _resize(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+def resize_input(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """B×3×H×W uint8 (or [0, 255]) images -> ``size`` (H, W) as PIL's bilinear resize,
+    with which the public checkpoints were trained and evaluated: antialiased when
+    shrinking, width first, then height, each pass rounded to whole intensities (half
+    up); aspect ratio not kept. Pixels agree with PIL to ±1 on about 1% of them.
+
+    Each step was measured on the 10 Road Anomaly images (ESPNetv2 s = 2.0): without the
+    antialiasing filter the softmax scores move up to 0.4 AUROC points from the
+    reference, and with one unrounded pass up to 0.5 AP points (the network is that
+    sensitive to ±1 intensity steps).
+    """
+    h, w = int(size[0]), int(size[1])
+    x = images.float()
+    for step in ((x.shape[-2], w), (h, w)):
+        if tuple(x.shape[-2:]) != step:
+            x = F.interpolate(x, size=step, mode="bilinear", align_corners=False, antialias=True)
+            x = x.add_(0.5).floor_().clamp_(0.0, 255.0)
+    return x
+
+
+def resize_map(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """B×C×h×w network-resolution maps -> ``size``: bilinear, align_corners=False. The node
+    and ``segsafe evaluate`` both resize through this, so their maps are the same."""
     if tuple(t.shape[-2:]) == tuple(size):
         return t
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)

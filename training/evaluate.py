@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from segmentation_safety.metrics import (
     AnomalyMetrics,
@@ -44,7 +43,7 @@ from segmentation_safety.metrics import (
     IoUPredictionResult,
     per_image_class_iou,
 )
-from segmentation_safety.pipeline import Pipeline
+from segmentation_safety.pipeline import Pipeline, resize_map
 from segmentation_safety.types import DetectorOutput
 
 VOID = 255
@@ -356,9 +355,7 @@ def _batches(samples: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
 def _upsample(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """C×h×w or h×w -> same at ``size`` (bilinear, align_corners=False)."""
     squeeze = t.ndim == 2
-    x = t[None, None] if squeeze else t[None]
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    x = resize_map(t[None, None] if squeeze else t[None], size)
     return x[0, 0] if squeeze else x[0]
 
 

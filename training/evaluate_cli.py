@@ -16,9 +16,11 @@ The real ESPNetv2 Cityscapes weights (no bundle needed) on Road Anomaly, softmax
 (matches the upstream reference in ../shared/real/README.md to within 0.5 points;
 ``--metrics exact`` agrees with the default histograms to 0.02 points, at ~4x the time).
 
-With ``--detectors all`` (the default) a detector whose trained parts are missing from
---models is skipped with a warning and listed under "skipped" in R.json; a detector named
-explicitly must have its parts, or the command stops naming the missing file.
+With ``--detectors all`` (the default) every detector that cannot run here is skipped
+and listed, with the reason, in the output, R.json ("skipped") and R.md: a trained part
+missing from --models, a part trained on another segmenter (its fingerprint differs),
+or a segmenter the detector does not fit. A detector named explicitly must run, or the
+command stops with that reason.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ from typing import Any
 from segmentation_safety.commands.common import add_models_arg, parse_detector_options
 
 DATASETS = ("world", "cityscapes", "lostandfound", "fishyscapes", "streethazards", "roadanomaly")
-#: Network input (H, W) of the upstream ESPNetv2 Cityscapes weights (trained at 1024×512).
-ESPNETV2_INPUT_SIZE = (512, 1024)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar=("H", "W"),
         default=None,
         help="network input size (default: the bundle's input_size, else the image size; "
-        f"{ESPNETV2_INPUT_SIZE[0]} {ESPNETV2_INPUT_SIZE[1]} for upstream ESPNetv2 weights)",
+        "512 1024 for upstream ESPNetv2 Cityscapes weights)",
     )
     p.add_argument(
         "--laf-root",
@@ -79,8 +79,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="use this segmenter instead of --models/segmenter.safetensors: a segmenter "
-        "bundle (.safetensors) or upstream ESPNetv2 weights (.pth, e.g. "
-        "../shared/real/espnetv2/espnetv2_s_2.0_city_1024x512.pth)",
+        "bundle (.safetensors) or upstream weights that segsafe import-weights reads (.pth, "
+        "e.g. ../shared/real/espnetv2/espnetv2_s_2.0_city_1024x512.pth)",
     )
     p.add_argument(
         "--metrics",
@@ -104,9 +104,17 @@ def run(args: argparse.Namespace) -> int:
     from segmentation_safety.detectors.registry import UnknownDetectorError
     from segmentation_safety.device import DeviceError
 
+    from segmentation_safety.models.importers import ImportWeightsError
+
     try:
         return _run(args)
-    except (BundleError, UnknownDetectorError, DeviceError, MissingPartError) as e:
+    except (
+        BundleError,
+        UnknownDetectorError,
+        DeviceError,
+        MissingPartError,
+        ImportWeightsError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
@@ -139,9 +147,8 @@ def _run(args: argparse.Namespace) -> int:
     samples, total = open_dataset(args.dataset, args.root, args.split, args.laf_root)
 
     segmenter, meta, description = load_segmenter(args.segmenter_weights, args.models)
-    # Trained parts belong to the segmenter they were trained with: with a foreign
-    # segmenter, read them only from a --models directory given on purpose.
-    parts_root = args.models or (None if args.segmenter_weights else DEMO_MODELS)
+    # Parts trained on another segmenter are refused by their fingerprint.
+    parts_root = args.models or DEMO_MODELS
     detectors, skipped = load_detectors(segmenter, names, parts_root, explicit, options)
     for name, why in skipped.items():
         print(f"warning: skipping detector {name}: {why}", file=sys.stderr)
@@ -178,22 +185,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def load_segmenter(weights: Path | None, models: Path | None) -> tuple[Any, dict[str, Any], str]:
-    """(segmenter, bundle metadata, description) from --segmenter-weights or --models."""
+    """(segmenter, bundle metadata, description) from --segmenter-weights or --models.
+
+    Upstream ``.pth`` weights go through the same import as ``segsafe import-weights``,
+    so they get the metadata (input size, class names) their bundle would carry.
+    """
     from segmentation_safety.models.zoo import load_segmenter
     from segmentation_safety.pipeline import DEMO_MODELS, part_path
 
-    if weights is not None and weights.suffix == ".pth":
-        from segmentation_safety.models.espnetv2 import load_espnetv2
+    if weights is not None and weights.suffix in (".pth", ".pt"):
+        from segmentation_safety.models.importers import import_checkpoint
 
-        if not weights.is_file():
-            raise FileNotFoundError(f"segmenter weights {weights}: file not found")
-        try:
-            model = load_espnetv2(weights)
-        except (KeyError, RuntimeError, ValueError) as e:
-            # Only ESPNetv2 has an upstream-weights loader; anything else is refused here.
-            raise ValueError(f"{weights}: not loadable as upstream ESPNetv2 weights: {e}") from None
-        meta = {"input_size": list(ESPNETV2_INPUT_SIZE)}
-        return model, meta, f"espnetv2 s={model.architecture['scale']} ({weights.name})"
+        imported = import_checkpoint(weights)
+        meta = {"input_size": imported.input_size, "class_names": imported.class_names}
+        return imported.model, meta, imported.description
     path = weights if weights is not None else part_path(models or DEMO_MODELS, "segmenter")
     model, bundle = load_segmenter(path)
     arch = bundle.metadata.get("architecture", {}).get("name", "segmenter")
@@ -203,16 +208,19 @@ def load_segmenter(weights: Path | None, models: Path | None) -> tuple[Any, dict
 def load_detectors(
     segmenter: Any,
     names: list[str],
-    parts_root: Path | None,
+    parts_root: Path,
     explicit: bool,
     options: dict[str, dict[str, Any]],
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Build detectors and load their trained parts from ``parts_root``.
 
-    A missing part skips the detector (reason returned) unless it was named explicitly,
-    in which case :class:`MissingPartError` names the file. A corrupt or mismatched part
-    file is always an error (``BundleError``): it is a broken install, not an absent one.
+    A detector named explicitly must load, or the command stops with the reason (a
+    missing part raises :class:`MissingPartError` naming the file). With ``all``, every
+    detector that cannot run here is skipped and its reason returned: a missing part, a
+    part trained on another segmenter, or a segmenter it does not fit (MC dropout needs
+    a dropout layer).
     """
+    from segmentation_safety.checkpoint import BundleError
     from segmentation_safety.detectors import registry
     from segmentation_safety.pipeline import load_parts, part_path
 
@@ -222,26 +230,17 @@ def load_detectors(
     detectors, skipped = {}, {}
     for name in names:
         cls = registry.detector_class(name)
-        paths = [
-            (kind, part_path(parts_root, kind) if parts_root else None)
-            for kind in cls.trained_parts
-        ]
-        missing = [(k, p) for k, p in paths if p is None or not p.is_file()]
-        if missing:
-            kind, path = missing[0]
-            why = (
-                f"trained part {path} not found"
-                if path is not None
-                else f"needs its trained part {kind!r}; give --models DIR holding "
-                f"{kind}.safetensors for this segmenter"
-            )
+        missing = [part_path(parts_root, k) for k in cls.trained_parts]
+        missing = [p for p in missing if not p.is_file()]
+        try:
+            if missing:
+                raise MissingPartError(f"detector {name!r}: trained part {missing[0]} not found")
+            detector = registry.build(name, segmenter, **options.get(name, {}))
+            detectors[name] = load_parts(detector, parts_root)
+        except (MissingPartError, BundleError, ValueError) as e:
             if explicit:
-                raise MissingPartError(f"detector {name!r}: {why}")
-            skipped[name] = why
-            continue
-        detectors[name] = load_parts(
-            registry.build(name, segmenter, **options.get(name, {})), parts_root
-        )
+                raise
+            skipped[name] = str(e)
     return detectors, skipped
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +31,9 @@ class Detector(nn.Module):
     name: ClassVar[str] = ""
     produces: ClassVar[frozenset[str]] = frozenset()
     trained_parts: ClassVar[tuple[str, ...]] = ()
+    #: Trained parts that never see the segmenter (resynthesis' label-to-image generator),
+    #: so they carry no segmenter fingerprint.
+    segmenter_free_parts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, segmenter: Segmenter, **options: Any) -> None:
         super().__init__()
@@ -56,8 +60,10 @@ class Detector(nn.Module):
         """The checks every ``load_part``/``export_part`` starts with.
 
         ``kind`` must be one of this detector's trained parts (``KeyError``); a ``bundle``
-        must hold that kind and, with ``needs_architecture``, an ``architecture`` dict
-        (``BundleError`` naming ``path``). Returns that dict (empty when not needed).
+        must hold that kind, have been trained on this segmenter (its recorded fingerprint
+        equals this segmenter's) and, with ``needs_architecture``, carry an
+        ``architecture`` dict (``BundleError`` naming ``path``). Returns that dict (empty
+        when not needed).
         """
         if kind not in self.trained_parts:
             raise KeyError(f"detector {self.name!r} has no trained part {kind!r}")
@@ -65,10 +71,34 @@ class Detector(nn.Module):
             return {}
         if bundle.kind != kind:
             raise BundleError(path, f"holds a {bundle.kind!r} model, expected {kind!r}")
+        if kind not in self.segmenter_free_parts:
+            self._check_segmenter(bundle, path)
         arch = bundle.metadata.get("architecture")
         if needs_architecture and not isinstance(arch, dict):
             raise BundleError(path, "metadata has no 'architecture' dict")
         return arch if isinstance(arch, dict) else {}
+
+    def _check_segmenter(self, bundle: Bundle, path: str | os.PathLike[str]) -> None:
+        from segmentation_safety.models.zoo import describe_segmenter
+
+        trained_on = bundle.metadata.get("segmenter")
+        if not isinstance(trained_on, dict) or "fingerprint" not in trained_on:
+            # Bundles from before fingerprints: loadable, but say the check was not made.
+            warnings.warn(
+                f"{path}: records no segmenter fingerprint, so it cannot be checked that it "
+                "was trained on this segmenter (re-train it to record one)",
+                stacklevel=3,
+            )
+            return
+        ours = describe_segmenter(self.segmenter)
+        if trained_on["fingerprint"] != ours["fingerprint"]:
+            raise BundleError(
+                path,
+                f"was trained on segmenter {trained_on['fingerprint']} "
+                f"({trained_on.get('name') or 'unnamed'}), not on the segmenter loaded here, "
+                f"{ours['fingerprint']} ({ours['name']}); its {self.name} maps would be "
+                "meaningless: train it for this segmenter",
+            )
 
     def load_part(self, kind: str, bundle: Bundle, path: str | os.PathLike[str]) -> None:
         """Load the trained part ``kind`` from ``bundle`` (read from ``path``).

@@ -125,6 +125,7 @@ class ResynthesisDetector(Detector):
     name: ClassVar[str] = "resynthesis"
     produces: ClassVar[frozenset[str]] = frozenset({"anomaly", "failure", "class_iou"})
     trained_parts: ClassVar[tuple[str, ...]] = ("generator", "comparison")
+    segmenter_free_parts: ClassVar[tuple[str, ...]] = ("generator",)
 
     def __init__(
         self,

@@ -476,19 +476,26 @@ def load_espnetv2(
     ``num_classes`` plus the extra channels.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return espnetv2_from_state(state, scale, num_classes)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def espnetv2_from_state(
+    state: dict[str, torch.Tensor], scale: float | None = None, num_classes: int = 19
+) -> ESPNetv2Segmenter:
+    """An :class:`ESPNetv2Segmenter` holding an upstream state dict (strict keys)."""
+    from segmentation_safety.models.zoo import build_segmenter
+
     if scale is None:
         scale = infer_scale(state)
     out_channels = state["bu_dec_l4.merge_layer.3.weight"].shape[0]
     if out_channels < num_classes:
-        raise ValueError(f"{path}: {out_channels} output channels < num_classes={num_classes}")
-    extra = out_channels - num_classes
-    model = ESPNetv2Segmenter(scale, num_classes, extra)
+        raise ValueError(f"{out_channels} output channels < num_classes={num_classes}")
+    # build_segmenter records the architecture (defaults included), so it can be bundled.
+    model = build_segmenter(
+        "espnetv2", scale=scale, num_classes=num_classes, extra_channels=out_channels - num_classes
+    )
     model.net.load_state_dict(state, strict=True)
-    # Same description build_segmenter() would attach, so the model can be bundled.
-    model.architecture = {
-        "name": "espnetv2",
-        "scale": scale,
-        "num_classes": num_classes,
-        "extra_channels": extra,
-    }
     return model.eval()

@@ -7,10 +7,13 @@ loads the weights with strict key matching.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 from collections.abc import Callable
 from typing import Any
+
+import torch
 
 from segmentation_safety.checkpoint import Bundle, BundleError, load_bundle, load_state_strict
 from segmentation_safety.models.segmenter import Segmenter
@@ -88,6 +91,29 @@ def _simple_defaults(cls: type) -> dict[str, Any]:
     }
 
 
+def segmenter_fingerprint(model: Segmenter) -> str:
+    """A short hash of the segmenter's weights and buffers (names, dtypes, shapes, values).
+
+    Trained detector parts record the fingerprint of the segmenter they were fitted on, so
+    a part is never silently run on another network: its statistics, heads and flows
+    describe one set of weights. Hashing the tensors (not the file) keeps the fingerprint
+    stable when only a bundle's metadata is rewritten.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def describe_segmenter(model: Segmenter) -> dict[str, Any]:
+    """What a trained part records about its segmenter: fingerprint and a readable name."""
+    arch = dict(getattr(model, "architecture", None) or {})
+    label = getattr(model, "source", "") or ", ".join(f"{k}={v}" for k, v in arch.items())
+    return {"fingerprint": segmenter_fingerprint(model), "name": label}
+
+
 def segmenter_metadata(model: Segmenter, kind: str = "segmenter") -> dict[str, Any]:
     """Bundle metadata that lets :func:`segmenter_from_bundle` rebuild ``model``."""
     arch = getattr(model, "architecture", None)
@@ -102,6 +128,7 @@ def segmenter_metadata(model: Segmenter, kind: str = "segmenter") -> dict[str, A
         "mean": [float(v) for v in model.mean.flatten()],
         "std": [float(v) for v in model.std.flatten()],
         "num_classes": int(model.num_classes),
+        "fingerprint": segmenter_fingerprint(model),
     }
 
 
@@ -111,8 +138,6 @@ def segmenter_from_bundle(bundle: Bundle, path: str = "<bundle>", prefix: str = 
     ``prefix`` selects the segmenter's tensors in a bundle that also holds other
     modules (keys ``prefix + name``); ``path`` only labels error messages.
     """
-    from segmentation_safety.checkpoint import BundleError
-
     arch = bundle.metadata.get("architecture")
     if not isinstance(arch, dict) or "name" not in arch:
         raise BundleError(path, "metadata has no 'architecture' with a 'name'")
@@ -126,6 +151,8 @@ def segmenter_from_bundle(bundle: Bundle, path: str = "<bundle>", prefix: str = 
         raise BundleError(path, f"cannot build segmenter: {e}") from None
     tensors = {k[len(prefix) :]: v for k, v in bundle.tensors.items() if k.startswith(prefix)}
     load_state_strict(model, Bundle(tensors=tensors, metadata=bundle.metadata), path)
+    # How error messages name this segmenter: its bundle's description, else the file.
+    model.source = str(bundle.metadata.get("description") or path)
     return model.eval()
 
 

@@ -16,7 +16,10 @@ from torch.utils.data import default_collate
 from segmentation_safety.checkpoint import save_bundle
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.models.segmenter import Segmenter
-from segmentation_safety.models.zoo import load_segmenter  # noqa: F401  (engine API)
+from segmentation_safety.models.zoo import (
+    describe_segmenter,
+    load_segmenter,  # noqa: F401  (engine API)
+)
 from segmentation_safety.types import SegmenterOutput
 from training.datasets.common import read_rgb
 from training.engine.loop import (
@@ -249,19 +252,23 @@ def training_metadata(config: dict[str, Any], args: argparse.Namespace) -> dict[
 
 
 def export_part(detector: Detector, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The detector's own ``export_part``; its full state when it does not provide one."""
+    """The detector's own ``export_part`` (its full state when it does not provide one),
+    stamped with the fingerprint of the segmenter it was trained on."""
     try:
-        return detector.export_part(kind)
+        tensors, metadata = detector.export_part(kind)
     except KeyError:
         if kind not in detector.trained_parts:
             raise
-    metadata = {
-        "kind": kind,
-        "detector": detector.name,
-        "architecture": dict(getattr(detector, "architecture", {})),
-        "num_classes": detector.segmenter.num_classes,
-    }
-    return dict(detector.state_dict()), metadata
+        tensors = dict(detector.state_dict())
+        metadata = {
+            "kind": kind,
+            "detector": detector.name,
+            "architecture": dict(getattr(detector, "architecture", {})),
+            "num_classes": detector.segmenter.num_classes,
+        }
+    if kind not in detector.segmenter_free_parts:
+        metadata["segmenter"] = describe_segmenter(detector.segmenter)
+    return tensors, metadata
 
 
 def write_part_bundle(
