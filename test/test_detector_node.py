@@ -562,6 +562,20 @@ def test_invalid_parameter_at_start_exits_non_zero_naming_it(models_dir, capfd):
     assert code == 1 and "alarm_fraction" in err
 
 
+def test_transport_is_fixed_at_start_and_jpeg_quality_checked(harness):
+    h = harness()
+    for name, value in (("input_transport", "compressed"), ("jpeg_quality", 0)):
+        (result,) = h.node.set_parameters([Parameter(name, value=value)])
+        assert not result.successful and name in result.reason, name
+    (ok,) = h.node.set_parameters([Parameter("jpeg_quality", value=40)])
+    assert ok.successful and h.node.params.jpeg_quality == 40
+
+
+def test_unknown_input_transport_exits_non_zero_naming_it(models_dir, capfd):
+    code, err = _run_main(capfd, models_dir=models_dir, input_transport="theora")
+    assert code == 1 and "input_transport" in err and "raw, compressed" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: nothing to refuse")
 def test_cuda_device_without_cuda_exits_with_a_clear_message(models_dir, capfd):
     code, err = _run_main(capfd, models_dir=models_dir, device="cuda")
