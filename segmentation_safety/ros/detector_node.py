@@ -20,8 +20,8 @@ Topics (relative, so they live under the node's namespace; DESIGN §5.3):
 Newest frame only, never a backlog: the subscription callback just stores the message in
 a one-slot buffer (overwriting, and counting as dropped, a frame the worker had not taken
 yet); a worker thread decodes and processes whatever is newest, so a replaced compressed
-frame is never decoded. Only outputs that are enabled and
-have a subscriber are computed and published.
+frame is never decoded. Only outputs that are enabled and have a subscriber are computed
+and published.
 
 Why no LifecycleNode variant: the node's only expensive transition is loading the models,
 which happens once in the constructor and fails fast with a clear message and a non-zero
