@@ -3,7 +3,9 @@
     ros2 launch segmentation_safety detector.launch.py image:=/camera/image_raw rviz:=true
 
 Arguments: image, camera_info (input topics), config (parameter YAML), device (overrides
-the YAML when given), namespace, use_sim_time, rviz.
+the YAML when given), transport (raw or compressed: then the node reads
+``<image>/compressed``, image_transport's name; overrides the YAML when given), namespace,
+use_sim_time, rviz.
 """
 
 import os
@@ -26,6 +28,9 @@ def _detector(context):
     overrides = {"use_sim_time": arg("use_sim_time").lower() in ("true", "1", "yes")}
     if arg("device"):
         overrides["device"] = arg("device")
+    if arg("transport"):
+        overrides["input_transport"] = arg("transport")
+    image = arg("image")
     return [
         Node(
             package=PACKAGE,
@@ -33,7 +38,12 @@ def _detector(context):
             name="segmentation_safety",
             namespace=arg("namespace"),
             parameters=[arg("config"), overrides],
-            remappings=[("image", arg("image")), ("camera_info", arg("camera_info"))],
+            remappings=[
+                ("image", image),
+                # Remapping is by exact name: the compressed topic needs its own rule.
+                ("image/compressed", f"{image}/compressed"),
+                ("camera_info", arg("camera_info")),
+            ],
             output="screen",
             emulate_tty=True,
         )
@@ -61,6 +71,12 @@ def generate_launch_description():
                 "device",
                 default_value="",
                 description="auto, cpu, cuda or cuda:N; empty keeps the config file's value",
+            ),
+            DeclareLaunchArgument(
+                "transport",
+                default_value="",
+                description="raw or compressed (reads <image>/compressed); empty keeps the "
+                "config file's input_transport",
             ),
             DeclareLaunchArgument(
                 "namespace", default_value="segmentation_safety", description="Node namespace"

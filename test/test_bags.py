@@ -184,3 +184,128 @@ def test_bad_inputs_are_refused(world: Path, tmp_path: Path, capsys: pytest.Capt
     assert "cannot read image" in capsys.readouterr().err
     assert not bag.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "world"]
+
+
+# -- frame folders and videos -----------------------------------------------------------
+def write_frames(folder: Path, count: int, ext: str = ".png", h: int = H, w: int = W) -> list:
+    """Frames named without zero padding (frame_2 before frame_10); returns their RGB."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(count)
+    frames = []
+    for i in range(count):
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        assert cv2.imwrite(
+            str(folder / f"frame_{i + 1}{ext}"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        )
+        frames.append(rgb)
+    return frames
+
+
+def write_mp4(path: Path, count: int, fps: float, h: int = H, w: int = W) -> list[int]:
+    """An mp4 of flat grey frames (grey levels returned); skips where OpenCV cannot."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write mp4 (no FFmpeg with mpeg4)")
+    levels = [20 + 20 * i for i in range(count)]
+    for level in levels:
+        writer.write(np.full((h, w, 3), level, np.uint8))
+    writer.release()
+    cap = cv2.VideoCapture(str(path))
+    readable = cap.isOpened() and cap.read()[0]
+    cap.release()
+    if not readable:
+        pytest.skip("this OpenCV build cannot read back the mp4 it wrote")
+    return levels
+
+
+def test_frames_folder_to_bag_in_name_order_at_the_rate(tmp_path: Path):
+    frames = write_frames(tmp_path / "frames", 11)
+    (tmp_path / "frames" / "notes.txt").write_text("not a frame")
+    bag = tmp_path / "bag"
+    assert main(["make-bag", "--frames", str(tmp_path / "frames"), "--out", str(bag),
+                 "--rate", "5"]) == 0  # fmt: skip
+    msgs = read_back(bag)
+    assert sorted(msgs) == ["/camera/camera_info", "/camera/image_raw"]
+    images = msgs["/camera/image_raw"]
+    expected = [round(DEFAULT_START_S * 1e9) + i * 200_000_000 for i in range(11)]
+    assert [t for t, _ in images] == expected and [stamp_ns(m) for _, m in images] == expected
+    for (_, img), rgb in zip(images, frames):  # frame_1, frame_2, ..., frame_10, frame_11
+        assert (img.encoding, img.height, img.width) == ("rgb8", H, W)
+        np.testing.assert_array_equal(img.data.reshape(H, W, 3), rgb)
+    info = msgs["/camera/camera_info"][0][1]
+    assert (info.width, info.height) == (W, H) and info.k[0] == pytest.approx(2262.52 * W / 2048)
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_jpeg_frames_go_in_as_they_are_with_compressed(tmp_path: Path):
+    write_frames(tmp_path / "frames", 4, ".jpg")
+    bag = tmp_path / "bag"
+    assert main(["make-bag", "--frames", str(tmp_path / "frames"), "--out", str(bag),
+                 "--compressed", "--limit", "3", "--format", "mcap"]) == 0  # fmt: skip
+    msgs = read_back(bag)
+    assert sorted(msgs) == ["/camera/camera_info", "/camera/image_raw/compressed"]
+    images = msgs["/camera/image_raw/compressed"]
+    assert len(images) == 3 and len(msgs["/camera/camera_info"]) == 3
+    assert [t for t, _ in images][1] - [t for t, _ in images][0] == 100_000_000  # 10 Hz
+    for i, (_, msg) in enumerate(images):
+        assert msg.format == "jpeg"
+        assert bytes(msg.data) == (tmp_path / "frames" / f"frame_{i + 1}.jpg").read_bytes()
+    # Resized frames cannot keep the file's bytes: they are encoded again.
+    bag2 = tmp_path / "bag2"
+    assert main(["make-bag", "--frames", str(tmp_path / "frames"), "--out", str(bag2),
+                 "--compressed", "--resize", "32x16"]) == 0  # fmt: skip
+    (_, msg), *_ = read_back(bag2)["/camera/image_raw/compressed"]
+    assert msg.format == "rgb8; jpeg compressed bgr8"
+    assert cv2.imdecode(msg.data, cv2.IMREAD_COLOR).shape == (16, 32, 3)
+
+
+def test_video_to_bag_at_its_own_rate_or_the_given_one(tmp_path: Path):
+    levels = write_mp4(tmp_path / "clip.mp4", 5, fps=12.5)
+    bag = tmp_path / "bag"
+    assert main(["make-bag", "--video", str(tmp_path / "clip.mp4"), "--out", str(bag)]) == 0
+    images = read_back(bag)["/camera/image_raw"]
+    assert len(images) == 5
+    assert [t for t, _ in images] == [
+        round(DEFAULT_START_S * 1e9) + i * 80_000_000 for i in range(5)
+    ]  # 12.5 fps, the file's own
+    for (_, img), level in zip(images, levels):
+        assert (img.encoding, img.height, img.width) == ("rgb8", H, W)
+        assert abs(float(img.data.mean()) - level) < 6  # lossy, but the right frame
+
+    bag2 = tmp_path / "bag2"
+    args = ["--rate", "4", "--limit", "3", "--compressed", "--resize", "32x16"]
+    assert main(["make-bag", "--video", str(tmp_path / "clip.mp4"), "--out", str(bag2), *args]) == 0
+    images = read_back(bag2)["/camera/image_raw/compressed"]
+    assert [t - images[0][0] for t, _ in images] == [0, 250_000_000, 500_000_000]
+    decoded = [cv2.imdecode(m.data, cv2.IMREAD_COLOR) for _, m in images]
+    assert all(d.shape == (16, 32, 3) for d in decoded)
+    assert [abs(float(d.mean()) - lv) < 6 for d, lv in zip(decoded, levels)] == [True] * 3
+
+
+def test_bad_frame_folders_videos_and_rates_are_refused(tmp_path: Path, capsys):
+    bag = tmp_path / "bag"
+
+    def refused(*args: str) -> str:
+        assert main(["make-bag", *args, "--out", str(bag)]) == 2
+        assert not bag.exists() and not list(tmp_path.glob(".*partial*"))
+        return capsys.readouterr().err
+
+    (tmp_path / "empty").mkdir()
+    assert "no .png/.jpg/.jpeg images" in refused("--frames", str(tmp_path / "empty"))
+    assert "not a directory" in refused("--frames", str(tmp_path / "nowhere"))
+    frames = tmp_path / "frames"
+    write_frames(frames, 3)
+    for rate in ("0", "-2", "nan", "inf"):
+        assert "must be a frame rate" in refused("--frames", str(frames), "--rate", rate)
+    assert "WIDTHxHEIGHT" in refused("--frames", str(frames), "--resize", "big")
+    assert "at least 1" in refused("--frames", str(frames), "--limit", "0")
+    assert "apply to --frames/--video only" in refused("--root", str(tmp_path), "--rate", "5")
+    write_frames(frames, 1, h=H * 2)  # overwrites frame_1 with a taller one
+    err = refused("--frames", str(frames))
+    assert "frame_2.png" in err and "use --resize" in err
+    (frames / "frame_1.png").write_bytes(b"not a png")
+    assert "cannot read image" in refused("--frames", str(frames))
+
+    (tmp_path / "fake.mp4").write_text("not a video")
+    assert "cannot be opened as a video" in refused("--video", str(tmp_path / "fake.mp4"))
+    assert "no such file" in refused("--video", str(tmp_path / "none.mp4"))

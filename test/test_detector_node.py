@@ -12,14 +12,15 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import rclpy
 import torch
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
-from rclpy.qos import QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 
 if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
@@ -52,6 +53,12 @@ OUTPUT_TOPICS = {
     "hazard_overlay": Image,
     "safety": SafetyFrame,
     "hazards": MarkerArray,
+    "hazard_overlay/compressed": CompressedImage,
+}
+#: Output topic -> its ``publish.<key>`` / ``pubs`` key, where the two differ.
+OUTPUT_KEYS = {
+    "segmentation/color": "segmentation_color",
+    "hazard_overlay/compressed": "hazard_overlay_compressed",
 }
 
 
@@ -93,6 +100,11 @@ class Harness:
         reliable = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
         self.image_pub = self.helper.create_publisher(Image, "image", reliable)
         self.info_pub = self.helper.create_publisher(CameraInfo, "camera_info", reliable)
+        self.compressed_pub = self.helper.create_publisher(
+            CompressedImage, "image/compressed", reliable
+        )
+        compressed = overrides.get("input_transport") == "compressed"
+        self.input_pub = self.compressed_pub if compressed else self.image_pub
         self.got: dict[str, list] = {}
         self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
@@ -107,15 +119,14 @@ class Harness:
             msg_type = DiagnosticArray if topic == "/diagnostics" else OUTPUT_TOPICS[topic]
             self.helper.create_subscription(msg_type, topic, self.got[topic].append, qos)
         # Outputs are only computed for subscribers, so wait until the node sees ours.
-        key = {"segmentation/color": "segmentation_color"}
         wait_for(
             lambda: (
                 all(
-                    self.node.pubs[key.get(t, t)].get_subscription_count() > 0
+                    self.node.pubs[OUTPUT_KEYS.get(t, t)].get_subscription_count() > 0
                     for t in topics
                     if t != "/diagnostics"
                 )
-                and self.image_pub.get_subscription_count() > 0
+                and self.input_pub.get_subscription_count() > 0
             ),
             "node and helper to discover each other",
         )
@@ -381,6 +392,141 @@ def test_parameters_are_checked_at_run_time_by_name(harness):
     assert not h.got["anomaly"]  # switched off at run time, although subscribed
 
 
+# -- compressed input, compressed overlay, label info ----------------------------------------
+def compressed_msg(sec: int, ext: str = ".png", height: int = H, width: int = W):
+    """A CompressedImage as a camera driver sends it, plus the RGB pixels it holds."""
+    rgb = np.random.default_rng(sec).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    fmt = {".png": "bgr8; png compressed bgr8", ".jpg": "jpeg"}[ext]
+    msg = CompressedImage(format=fmt, data=buf.tobytes())
+    msg.header.frame_id = "camera_optical"
+    msg.header.stamp.sec, msg.header.stamp.nanosec = sec, 500
+    return msg, rgb
+
+
+def _check_every_output(h: Harness, sent, height: int, width: int) -> None:
+    sec = sent.header.stamp.sec
+    wait_for(lambda: all(h.stamped(t, sec) for t in OUTPUT_TOPICS if t != "hazards") and any(
+        m.markers and m.markers[0].header.stamp.sec == sec for m in h.got["hazards"]
+    ), f"every output of frame {sec}")  # fmt: skip
+    seg = h.stamped("segmentation", sec)[0]
+    assert seg.header == sent.header and (seg.height, seg.width) == (height, width)
+    for topic in ("segmentation/color", "anomaly", "failure", "hazard_overlay"):
+        msg = h.stamped(topic, sec)[0]
+        assert (msg.height, msg.width) == (height, width), topic
+    jpeg = h.stamped("hazard_overlay/compressed", sec)[0]
+    assert jpeg.header == sent.header and jpeg.format == "rgb8; jpeg compressed bgr8"
+    overlay = image_codec.decode_rgb(h.stamped("hazard_overlay", sec)[0])
+    from_jpeg = image_codec.decode_compressed(jpeg)
+    assert from_jpeg.shape == overlay.shape
+    # The same picture: jpeg keeps each channel's mean even where noise defeats it.
+    np.testing.assert_allclose(from_jpeg.mean((0, 1)), overlay.mean((0, 1)), atol=4)
+    assert h.stamped("safety", sec)[0].header == sent.header
+
+
+def test_compressed_png_and_jpeg_frames_give_every_output(harness):
+    h = harness(input_transport="compressed", anomaly_threshold=0.0, hazard_min_pixels=1)
+    h.listen(*OUTPUT_TOPICS)
+    assert h.image_pub.get_subscription_count() == 0  # only image/compressed is read
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    for sec, ext in ((1, ".png"), (2, ".jpg")):
+        sent, rgb = compressed_msg(sec, ext)
+        h.compressed_pub.publish(sent)
+        _check_every_output(h, sent, H, W)
+    # A lossless png reaches the network as the exact pixels: the overlay keeps them
+    # wherever nothing is highlighted, so compare against a run on the raw image.
+    sent, rgb = compressed_msg(3, ".png")
+    h.compressed_pub.publish(sent)
+    wait_for(lambda: h.stamped("segmentation", 3), "the third frame")
+    labels = h.node.pipeline.process(rgb, set()).labels
+    np.testing.assert_array_equal(
+        np.frombuffer(h.stamped("segmentation", 3)[0].data, np.uint8).reshape(H, W), labels
+    )
+
+
+def test_real_road_anomaly_jpegs_as_compressed_images_give_every_output(harness, real_data):
+    frames = sorted((real_data / "roadanomaly" / "frames").glob("*.jpg"))[:3]
+    if not frames:
+        pytest.skip(f"no Road Anomaly JPEGs under {real_data / 'roadanomaly' / 'frames'}")
+    h = harness(input_transport="compressed", **{"qos.reliability": "reliable"})
+    h.listen(*OUTPUT_TOPICS)
+    for sec, path in enumerate(frames, start=10):
+        data = path.read_bytes()  # the file's bytes as they are: no re-encoding, no resize
+        height, width = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape[:2]
+        sent = CompressedImage(format="jpeg", data=data)
+        sent.header.frame_id = "camera_optical"
+        sent.header.stamp.sec = sec
+        h.compressed_pub.publish(sent)
+        _check_every_output(h, sent, height, width)
+    assert h.node.stats.snapshot().rejected == 0
+
+
+def test_bad_compressed_input_is_refused_by_name_and_the_node_keeps_answering(harness):
+    h = harness(input_transport="compressed", max_pixels=H * W)
+    h.listen("segmentation")
+    big, _ = compressed_msg(0, ".png", H * 2, W)
+    cases = {
+        "undecodable": (CompressedImage(format="jpeg", data=b"\xff\xd8junk"), "not a readable"),
+        "empty": (CompressedImage(format="png", data=b""), "no data"),
+        "h264": (CompressedImage(format="h264", data=b"\x00\x00\x01"), "format 'h264'"),
+        "huge": (big, "too large"),
+    }
+    for i, (label, (msg, words)) in enumerate(cases.items()):
+        rejected = h.node.stats.snapshot().rejected
+        msg.header.stamp.sec = 1000 + i
+        h.compressed_pub.publish(msg)
+        wait_for(lambda r=rejected: h.node.stats.snapshot().rejected > r, f"{label} refusal")
+        assert words in h.node.last_problem and "image/compressed" in h.node.last_problem
+        good, _ = compressed_msg(2000 + i)
+        h.compressed_pub.publish(good)
+        wait_for(lambda s=2000 + i: h.stamped("segmentation", s), f"a good frame after {label}")
+        assert not h.stamped("segmentation", 1000 + i)
+
+
+def test_replaced_compressed_frames_are_never_decoded(harness):
+    # Deep queues on both sides, so every frame reaches the callback and only the node's
+    # one-slot buffer can drop them.
+    params = {"qos.reliability": "reliable", "qos.depth": 50}
+    h = harness(input_transport="compressed", max_rate=5.0, **params)
+    h.listen("segmentation")
+    deep = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+    pub = h.helper.create_publisher(CompressedImage, "image/compressed", deep)
+    wait_for(lambda: pub.get_subscription_count() > 0, "discovery")
+    decoded = []
+    decode = h.node.codec.decode
+    h.node.codec.decode = lambda msg: decoded.append(msg.header.stamp.sec) or decode(msg)
+    frames = [compressed_msg(sec)[0] for sec in range(100, 120)]
+    for msg in frames:
+        pub.publish(msg)
+    wait_for(lambda: h.stamped("segmentation", 119), "the newest frame's answer")
+    wait_for(lambda: h.node.stats.snapshot().in_flight == 0, "the node to go idle")
+    s = h.node.stats.snapshot()
+    assert s.dropped > 0 and len(decoded) == s.processed + s.rejected < len(frames)
+    assert decoded[-1] == 119
+
+
+def test_label_info_reaches_a_late_subscriber_once(harness):
+    from segmentation_safety.ros.detector_node import label_info_types
+
+    h = harness()
+    label_info, _ = label_info_types()
+    got: list = []
+    latched = QoSProfile(
+        depth=1,
+        reliability=ReliabilityPolicy.RELIABLE,
+        durability=DurabilityPolicy.TRANSIENT_LOCAL,
+    )
+    # Subscribed after the node published: only transient local can deliver it.
+    h.helper.create_subscription(label_info, "label_info", got.append, latched)
+    wait_for(lambda: got, "label_info")
+    (msg,) = got
+    assert [c.class_id for c in msg.class_map] == [*range(len(TRAIN_NAMES)), 255]
+    assert [c.class_name for c in msg.class_map] == [*TRAIN_NAMES, "unlabeled"]
+    assert msg.threshold == 0.0
+
+
 # -- start-up errors: main() exits non-zero with a message, not a traceback ----------------
 def _run_main(capfd, **params) -> tuple[int, str]:
     args = ["--ros-args"]
@@ -414,6 +560,20 @@ def test_unknown_detector_exits_non_zero_listing_known_ones(models_dir, capfd):
 def test_invalid_parameter_at_start_exits_non_zero_naming_it(models_dir, capfd):
     code, err = _run_main(capfd, models_dir=models_dir, alarm_fraction=5.0)
     assert code == 1 and "alarm_fraction" in err
+
+
+def test_transport_is_fixed_at_start_and_jpeg_quality_checked(harness):
+    h = harness()
+    for name, value in (("input_transport", "compressed"), ("jpeg_quality", 0)):
+        (result,) = h.node.set_parameters([Parameter(name, value=value)])
+        assert not result.successful and name in result.reason, name
+    (ok,) = h.node.set_parameters([Parameter("jpeg_quality", value=40)])
+    assert ok.successful and h.node.params.jpeg_quality == 40
+
+
+def test_unknown_input_transport_exits_non_zero_naming_it(models_dir, capfd):
+    code, err = _run_main(capfd, models_dir=models_dir, input_transport="theora")
+    assert code == 1 and "input_transport" in err and "raw, compressed" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present: nothing to refuse")

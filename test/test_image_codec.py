@@ -1,12 +1,14 @@
-"""sensor_msgs/Image <-> numpy: every supported encoding, padded rows, and refusals by name."""
+"""sensor_msgs/Image and CompressedImage <-> numpy: every supported encoding, padded rows,
+jpeg/png, and refusals by name."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
 pytest.importorskip("sensor_msgs", reason="ROS 2 message packages are not installed")
-from sensor_msgs.msg import Image  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
 from segmentation_safety.ros import image_codec  # noqa: E402
@@ -140,3 +142,97 @@ def test_cv_bridge_and_numpy_paths_agree(encoding, pad):
     pixels = _rgb()[..., :1] if encoding == "mono8" else _as(encoding, _rgb())
     msg = _msg(pixels, encoding, pad)
     np.testing.assert_array_equal(bridge.imgmsg_to_cv2(msg, "rgb8"), decode_rgb(msg))
+
+
+# -- CompressedImage -------------------------------------------------------------------
+def _compressed(rgb: np.ndarray, ext: str, fmt: str, swap: bool = True) -> CompressedImage:
+    """Encode RGB pixels as a camera would: imencode expects BGR unless ``swap`` is off."""
+    pixels = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if swap else rgb
+    ok, buf = cv2.imencode(ext, pixels)
+    assert ok
+    return CompressedImage(format=fmt, data=buf.tobytes())
+
+
+@pytest.mark.parametrize(
+    ("ext", "fmt"), [(".png", "png"), (".png", "bgr8; png compressed bgr8"), (".png", "PNG")]
+)
+def test_png_compressed_decodes_to_the_exact_rgb(ext, fmt):
+    rgb = _rgb()
+    out = image_codec.decode_compressed(_compressed(rgb, ext, fmt))
+    assert out.shape == (H, W, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_rgb_data_compressed_unconverted_is_put_back_in_rgb_order():
+    rgb = _rgb()
+    # A publisher that handed rgb8 bytes to the encoder as they were says so in the format.
+    msg = _compressed(rgb, ".png", "rgb8; png compressed rgb8", swap=False)
+    np.testing.assert_array_equal(image_codec.decode_compressed(msg), rgb)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "jpg", "rgb8; jpeg compressed bgr8"])
+def test_jpeg_compressed_decodes_close_to_the_source(fmt):
+    # A smooth image: jpeg's loss stays small, and a channel swap would not.
+    y, x = np.mgrid[0:32, 0:48]
+    rgb = np.stack([x * 5, y * 7, np.full_like(x, 30)], axis=2).astype(np.uint8)
+    out = image_codec.decode_compressed(_compressed(rgb, ".jpg", fmt))
+    assert out.shape == (32, 48, 3)
+    assert np.abs(out.astype(int) - rgb).mean() < 4
+
+
+def test_codec_dispatches_compressed_messages():
+    rgb = _rgb()
+    codec = image_codec.ImageCodec(max_pixels=H * W)
+    np.testing.assert_array_equal(codec.decode(_compressed(rgb, ".png", "png")), rgb)
+    codec.max_pixels = H * W - 1
+    with pytest.raises(CodecError, match="too large") as e:
+        codec.decode(_compressed(rgb, ".png", "png"))
+    assert e.value.kind == "size"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "data", "kind", "words"),
+    [
+        ("jpeg", b"", "empty", "no data"),
+        ("jpeg", b"\xff\xd8\xff not really a jpeg", "undecodable", "not a readable jpeg/png"),
+        ("png", b"hello world", "undecodable", "not a readable"),
+        ("h264", b"\x00\x00\x01", "format/h264", "unsupported CompressedImage format 'h264'"),
+        ("", b"x", "format", "empty CompressedImage format"),
+        ("16UC1; compressedDepth png", b"x", "format/compresseddepth", "unsupported"),
+        ("bgr16; png compressed bgr16", b"x", "format/bgr16", "encoding 'bgr16' not supported"),
+    ],
+)
+def test_bad_compressed_images_are_refused_by_kind(fmt, data, kind, words):
+    with pytest.raises(CodecError, match=words) as e:
+        image_codec.decode_compressed(CompressedImage(format=fmt, data=data))
+    assert e.value.kind == kind
+
+
+def test_truncated_png_is_refused_as_undecodable():
+    msg = _compressed(_rgb(), ".png", "png")
+    msg.data = bytes(msg.data)[: len(msg.data) // 2]  # header intact, pixels cut
+    with pytest.raises(CodecError) as e:
+        image_codec.decode_compressed(msg)
+    assert e.value.kind == "undecodable"
+
+
+def test_oversized_compressed_image_is_refused_before_decoding(monkeypatch):
+    msg = _compressed(np.zeros((40, 50, 3), np.uint8), ".jpg", "jpeg")
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded despite its size"))
+    with pytest.raises(CodecError, match=r"50x40 = 2000 pixels > max_pixels 1999") as e:
+        image_codec.decode_compressed(msg, max_pixels=1999)
+    assert e.value.kind == "size"
+
+
+def test_jpeg_encoder_names_the_format_and_round_trips():
+    header = Header(frame_id="cam")
+    header.stamp.sec = 9
+    y, x = np.mgrid[0:16, 0:24]
+    rgb = np.stack([x * 9, y * 12, np.full_like(x, 200)], axis=2).astype(np.uint8)
+    msg = image_codec.encode_jpeg(rgb, header, quality=95)
+    assert msg.format == "rgb8; jpeg compressed bgr8" and msg.header == header
+    assert bytes(msg.data[:2]) == b"\xff\xd8"  # JPEG start-of-image marker
+    back = image_codec.decode_compressed(msg)
+    assert np.abs(back.astype(int) - rgb).mean() < 3
+    with pytest.raises(CodecError, match="jpeg needs"):
+        image_codec.encode_jpeg(np.zeros((2, 2), np.uint8))

@@ -13,7 +13,7 @@ pytest.importorskip("rosbags", reason="rosbags is not installed")
 if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
     pytest.skip("install space not sourced: run through `make test`", allow_module_level=True)
 
-from test_bags import write_world_sequence  # noqa: E402
+from test_bags import write_frames, write_mp4, write_world_sequence  # noqa: E402
 
 from segmentation_safety.cli import main  # noqa: E402
 from segmentation_safety.ros.replay import ReplayError, read_bag  # noqa: E402
@@ -113,3 +113,61 @@ def test_missing_bag_and_models(bags: dict[str, Path], tmp_path: Path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "cannot start" in err and "segmenter.safetensors" in err
+
+
+# -- bags made from frame folders and videos --------------------------------------------
+def _replay(bag: Path, models: Path, out_dir: Path, *extra: str) -> dict:
+    out = out_dir / "T.json"
+    rc = main(["replay", "--bag", str(bag), "--models", str(models), "--out", str(out),
+               "--drain", "1.5", "--warmup", "1", *extra])  # fmt: skip
+    assert rc == 0
+    t = json.loads(out.read_text())
+    assert t["frames_sent"] == t["frames_processed"] + t["frames_dropped"]
+    assert t["frames_processed"] >= 1  # the node answers the newest frame at least
+    return t
+
+
+def test_compressed_bag_from_a_frames_folder_replays(models: Path, tmp_path: Path):
+    from rosbags.rosbag2 import Reader
+
+    write_frames(tmp_path / "frames", 4, ".jpg")
+    bag = tmp_path / "bag"
+    assert main(["make-bag", "--frames", str(tmp_path / "frames"), "--out", str(bag),
+                 "--compressed"]) == 0  # fmt: skip
+    assert read_bag(bag).compressed
+    out_bag = tmp_path / "out_bag"
+    t = _replay(bag, models, tmp_path, "--output-bag", str(out_bag))
+    assert t["image_topic"] == "/camera/image_raw/compressed" and t["frames_sent"] == 4
+    with Reader(out_bag) as reader:
+        counts = {c.topic: c.msgcount for c in reader.connections}
+        types = {c.topic: c.msgtype for c in reader.connections}
+    assert types["/camera/image_raw/compressed"] == "sensor_msgs/msg/CompressedImage"
+    assert counts["/camera/image_raw/compressed"] == 4 and counts["/camera/camera_info"] == 4
+    for topic in ("safety", "segmentation", "hazard_overlay", "hazard_overlay/compressed"):
+        assert counts[f"/segmentation_safety/{topic}"] == t["frames_processed"], topic
+
+
+def test_bag_from_an_mp4_replays(models: Path, tmp_path: Path):
+    write_mp4(tmp_path / "clip.mp4", 5, fps=12.5)
+    bag = tmp_path / "bag"
+    assert main(["make-bag", "--video", str(tmp_path / "clip.mp4"), "--out", str(bag)]) == 0
+    t = _replay(bag, models, tmp_path)
+    assert t["image_topic"] == "/camera/image_raw" and t["frames_sent"] == 5
+    assert t["bag_rate_hz"] == pytest.approx(12.5)
+
+
+def test_real_road_anomaly_frames_replay_as_compressed_images(
+    models: Path, tmp_path: Path, real_data: Path
+):
+    frames = real_data / "roadanomaly" / "frames"
+    if not list(frames.glob("*.jpg")):
+        pytest.skip(f"no Road Anomaly JPEGs under {frames}")
+    bag = tmp_path / "bag"
+    assert main(["make-bag", "--frames", str(frames), "--out", str(bag), "--compressed",
+                 "--limit", "3", "--rate", "2"]) == 0  # fmt: skip
+    t = _replay(bag, models, tmp_path, "--overlays", str(tmp_path / "overlays"))
+    assert t["image_topic"] == "/camera/image_raw/compressed" and t["frames_sent"] == 3
+    (overlay, *_) = sorted((tmp_path / "overlays").glob("*.png"))
+    import cv2
+
+    assert cv2.imread(str(overlay)).shape[:2] == (720, 1280)  # the real size, no downscale

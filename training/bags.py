@@ -18,15 +18,25 @@ Topics: the image (rgb8) on ``topic``, ``sensor_msgs/CameraInfo`` on the sibling
 255 void) and ``/ground_truth/anomaly`` (mono8, 0 inlier, 1 anomaly, 255 void), all with
 the image's header. The bag is written into a hidden directory beside ``out`` and renamed
 when complete, so a failure never leaves half a bag.
+
+Real recordings come as a folder of consecutive frames (png/jpg, ordered by name with
+numbers compared as numbers) or a video file (mp4 etc., read with cv2.VideoCapture):
+:func:`frames_source` and :func:`video_source` turn them into a :class:`StreamSource`
+that :func:`write_stream_bag` writes at an even frame rate (no ground truth). With
+``compressed`` the frames go out as sensor_msgs/CompressedImage on ``<topic>/compressed``
+(image_transport's name), as real camera bags carry them: a jpg/png file's own bytes
+where the frame is not resized, else a jpeg encoded here.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +62,15 @@ _LAF_IMAGE = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})_leftImg8
 # Lost & Found gtCoarse label ids: 0 unlabeled / out of ROI, 1 free space (road), >= 2 an
 # obstacle. Converted as the Fishyscapes L&F benchmark does.
 _LAF_FREE_SPACE = 1
+
+
+#: Frame rate of a frames folder when none is given.
+FRAMES_RATE = 10.0
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: Format strings of CompressedImage: a file's own bytes, and a jpeg encoded from rgb8 the
+#: way compressed_image_transport names it.
+_FILE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+ENCODED_JPEG_FORMAT = "rgb8; jpeg compressed bgr8"
 
 
 class BagSourceError(ValueError):
@@ -265,6 +284,137 @@ def _laf_sequences(root: Path, fps: float) -> dict[str, SequenceSource]:
     return out
 
 
+# -- frame folders and videos -------------------------------------------------------------------
+@dataclass(frozen=True)
+class StreamFrame:
+    """One decoded frame, with the source file's bytes where they can be written as they are."""
+
+    rgb: np.ndarray
+    origin: str  # the file, or "<video> frame N", for error messages
+    encoded: bytes | None = None
+    format: str = ""  # CompressedImage format of ``encoded``
+
+
+@dataclass
+class StreamSource:
+    """Consecutive frames without stamps of their own, written at ``rate_hz``."""
+
+    name: str
+    layout: str  # "frames" or "video"
+    rate_hz: float
+    total: int | None  # frames expected (a video's own count is an estimate); None: unknown
+    read: Callable[[], Iterator[StreamFrame]] = field(repr=False)
+
+
+def check_rate(rate: float | None, what: str = "--rate") -> float | None:
+    """None stays None; anything else must be a finite, positive rate in Hz."""
+    if rate is None:
+        return None
+    if not (isinstance(rate, int | float) and math.isfinite(rate) and 0 < rate <= 10_000):
+        raise BagSourceError(f"{what} {rate!r}: must be a frame rate in Hz within (0, 10000]")
+    return float(rate)
+
+
+def check_limit(limit: int | None) -> int | None:
+    if limit is not None and limit < 1:
+        raise BagSourceError(f"--limit {limit}: must be at least 1 frame")
+    return limit
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"640x360"`` -> (640, 360)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if m is None or not (8 <= int(m[1]) <= 16384 and 8 <= int(m[2]) <= 16384):
+        raise BagSourceError(
+            f"--resize {text!r}: expected WIDTHxHEIGHT within 8..16384, e.g. 640x360"
+        )
+    return int(m[1]), int(m[2])
+
+
+def _natural_key(path: Path) -> list[Any]:
+    # frame_2 before frame_10, as a camera numbering its files without zero padding means.
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+
+
+def frames_source(
+    folder: str | os.PathLike[str], rate: float | None = None, limit: int | None = None
+) -> StreamSource:
+    """A folder of consecutive png/jpg frames, in name order, at ``rate`` (default 10 Hz)."""
+    folder = Path(folder)
+    rate = check_rate(rate) or FRAMES_RATE
+    limit = check_limit(limit)
+    if not folder.is_dir():
+        raise BagSourceError(f"--frames {folder}: not a directory")
+    files = sorted(
+        (p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file()),
+        key=_natural_key,
+    )
+    if not files:
+        raise BagSourceError(
+            f"--frames {folder}: no {'/'.join(FRAME_SUFFIXES)} images in it (frames are "
+            "read from the folder itself, not its subfolders)"
+        )
+    files = files[:limit] if limit else files
+
+    def read() -> Iterator[StreamFrame]:
+        for path in files:
+            data = path.read_bytes()
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise BagSourceError(f"cannot read image {path} (not a png/jpg, or damaged)")
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            yield StreamFrame(rgb, str(path), data, _FILE_FORMATS[path.suffix.lower()])
+
+    return StreamSource(folder.name, "frames", rate, len(files), read)
+
+
+def video_source(
+    path: str | os.PathLike[str], rate: float | None = None, limit: int | None = None
+) -> StreamSource:
+    """A video file's frames at ``rate``, or at the rate the file states when None."""
+    path = Path(path)
+    rate = check_rate(rate)
+    limit = check_limit(limit)
+    if not path.is_file():
+        raise BagSourceError(f"--video {path}: no such file")
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise BagSourceError(
+                f"--video {path}: cannot be opened as a video (not a video file, or a codec "
+                "this OpenCV build cannot decode)"
+            )
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    finally:
+        cap.release()
+    if rate is None:
+        if not (math.isfinite(fps) and 0 < fps <= 10_000):
+            raise BagSourceError(f"--video {path}: the file states no usable frame rate "
+                                 f"({fps}); give one with --rate")  # fmt: skip
+        rate = float(fps)
+    total = count if count > 0 else None
+    if limit and total:
+        total = min(total, limit)
+    elif limit:
+        total = limit
+
+    def read() -> Iterator[StreamFrame]:
+        cap = cv2.VideoCapture(str(path))
+        try:
+            for i in itertools.count() if limit is None else range(limit):
+                ok, bgr = cap.read()
+                if not ok:
+                    if i == 0:
+                        raise BagSourceError(f"--video {path}: no frame could be decoded")
+                    return
+                yield StreamFrame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), f"{path} frame {i}")
+        finally:
+            cap.release()
+
+    return StreamSource(path.stem, "video", rate, total, read)
+
+
 # -- messages -------------------------------------------------------------------------------
 def typestore() -> Any:
     """The rosbags typestore used for writing (standard message types, Jazzy)."""
@@ -330,6 +480,11 @@ class MessageFactory:
             data=array.reshape(-1).view(np.uint8),
         )
 
+    def compressed(self, header: Any, data: bytes, fmt: str) -> Any:
+        return self.t["sensor_msgs/msg/CompressedImage"](
+            header=header, format=fmt, data=np.frombuffer(data, np.uint8)
+        )
+
     def camera_info(self, header: Any, cam: CameraModel) -> Any:
         k = np.array([cam.fx, 0, cam.cx, 0, cam.fy, cam.cy, 0, 0, 1], np.float64)
         p = np.array([cam.fx, 0, cam.cx, 0, 0, cam.fy, cam.cy, 0, 0, 0, 1, 0], np.float64)
@@ -374,15 +529,23 @@ def write_bag(
 ) -> BagSummary:
     """Write ``seq`` to the rosbag2 directory ``out`` (which must not exist)."""
     out = Path(out)
-    if storage not in FORMATS:
-        raise BagSourceError(f"--format {storage!r}: choose one of {', '.join(FORMATS)}")
-    if out.exists():
-        raise BagSourceError(f"--out {out} exists already; remove it or choose another path")
+    _check_out(out, storage)
     if not seq.frames:
         raise BagSourceError(f"sequence {seq.name!r} has no frames")
     stamps = [f.stamp_ns for f in seq.frames]
     if any(b <= a for a, b in zip(stamps, stamps[1:])):
         raise BagSourceError(f"sequence {seq.name!r}: timestamps do not increase")
+    return _staged(out, lambda path: _write(seq, path, storage, topic, frame_id, version, progress))
+
+
+def _check_out(out: Path, storage: str) -> None:
+    if storage not in FORMATS:
+        raise BagSourceError(f"--format {storage!r}: choose one of {', '.join(FORMATS)}")
+    if out.exists():
+        raise BagSourceError(f"--out {out} exists already; remove it or choose another path")
+
+
+def _staged(out: Path, write: Callable[[Path], BagSummary]) -> BagSummary:
     out.parent.mkdir(parents=True, exist_ok=True)
     # The bag directory's name also names its storage file, so build it under its final
     # name inside a hidden staging directory and move it into place when complete.
@@ -390,11 +553,111 @@ def write_bag(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        summary = _write(seq, staging / out.name, storage, topic, frame_id, version, progress)
+        summary = write(staging / out.name)
         os.replace(staging / out.name, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return BagSummary(**{**summary.__dict__, "path": out})
+
+
+def write_stream_bag(
+    src: StreamSource,
+    out: str | os.PathLike[str],
+    storage: str = "sqlite3",
+    topic: str = "/camera/image_raw",
+    frame_id: str = "camera",
+    version: int = DEFAULT_BAG_VERSION,
+    compressed: bool = False,
+    resize: tuple[int, int] | None = None,
+    jpeg_quality: int = 90,
+    progress: Callable[[int], None] | None = None,
+) -> BagSummary:
+    """Write a frames folder or video to the rosbag2 ``out`` (which must not exist).
+
+    Frames are stamped ``DEFAULT_START_S + i / rate``. Raw frames go out as rgb8 on
+    ``topic``; with ``compressed`` as CompressedImage on ``<topic>/compressed``. CameraInfo
+    (the default camera, scaled to the frame) goes on the sibling ``camera_info``.
+    """
+    out = Path(out)
+    _check_out(out, storage)
+    if not 1 <= jpeg_quality <= 100:
+        raise BagSourceError(f"--jpeg-quality {jpeg_quality}: must be within 1..100")
+    return _staged(
+        out,
+        lambda path: _write_stream(
+            src, path, storage, topic, frame_id, version, compressed, resize, jpeg_quality,
+            progress,
+        ),
+    )  # fmt: skip
+
+
+def _write_stream(
+    src: StreamSource,
+    path: Path,
+    storage: str,
+    topic: str,
+    frame_id: str,
+    version: int,
+    compressed: bool,
+    resize: tuple[int, int] | None,
+    jpeg_quality: int,
+    progress: Callable[[int], None] | None,
+) -> BagSummary:
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    store = typestore()
+    make = MessageFactory(store, frame_id)
+    qos = [offered_qos()]
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    image_topic = f"{topic}/compressed" if compressed else topic
+    image_type = "sensor_msgs/msg/CompressedImage" if compressed else "sensor_msgs/msg/Image"
+    info_topic = camera_info_topic(topic)
+    start_ns = round(DEFAULT_START_S * 1e9)
+    counts: dict[str, int] = {}
+    shape = (0, 0)
+    n = 0
+    with Writer(path, version=version, storage_plugin=plugin) as writer:  # type: ignore[arg-type]
+        image_conn = writer.add_connection(
+            image_topic, image_type, typestore=store, offered_qos_profiles=qos
+        )
+        info_conn = writer.add_connection(
+            info_topic, "sensor_msgs/msg/CameraInfo", typestore=store, offered_qos_profiles=qos
+        )
+        for n, frame in enumerate(src.read(), start=1):
+            rgb, encoded = frame.rgb, frame.encoded
+            if resize is not None and (rgb.shape[1], rgb.shape[0]) != resize:
+                rgb = cv2.resize(rgb, resize, interpolation=cv2.INTER_AREA)
+                encoded = None  # the file's bytes hold the old size
+            h, w = rgb.shape[:2]
+            if n == 1:
+                shape = (h, w)
+            elif (h, w) != shape:
+                raise BagSourceError(f"{frame.origin}: {w}x{h}, but the frames before it are "
+                                     f"{shape[1]}x{shape[0]} (use --resize)")  # fmt: skip
+            stamp_ns = start_ns + round((n - 1) * 1e9 / src.rate_hz)
+            header = make.header(stamp_ns)
+            if not compressed:
+                msg = make.image(header, rgb, "rgb8")
+            elif encoded is not None:
+                msg = make.compressed(header, encoded, frame.format)
+            else:
+                bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+                ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+                if not ok:
+                    raise BagSourceError(f"{frame.origin}: jpeg encoding failed")
+                msg = make.compressed(header, buf.tobytes(), ENCODED_JPEG_FORMAT)
+            writer.write(image_conn, stamp_ns, store.serialize_cdr(msg, image_type))
+            info = make.camera_info(header, CameraModel.default(w, h))
+            writer.write(
+                info_conn, stamp_ns, store.serialize_cdr(info, "sensor_msgs/msg/CameraInfo")
+            )
+            counts[image_topic] = counts[info_topic] = n
+            if progress:
+                progress(n)
+        if n == 0:
+            raise BagSourceError(f"{src.layout} {src.name!r}: no frames to write")
+    duration = (n - 1) / src.rate_hz
+    return BagSummary(path, src.name, n, storage, counts, duration, *shape)
 
 
 def _write(

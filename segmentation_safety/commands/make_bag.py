@@ -1,8 +1,15 @@
-"""`segsafe make-bag`: one dataset sequence -> a rosbag2 that `ros2 bag play` and `replay` read.
+"""`segsafe make-bag`: a sequence of frames -> a rosbag2 that `ros2 bag play` and `replay` read.
 
-Reads the synthetic world's ``sequences/<name>/`` or the Lost & Found layout and writes
-the image (rgb8) at the original timestamps, CameraInfo and, where present, ground-truth
-labels and anomaly masks (see ``training/bags.py``).
+With --root: the synthetic world's ``sequences/<name>/`` or the Lost & Found layout,
+written as the image (rgb8) at the original timestamps, CameraInfo and, where present,
+ground-truth labels and anomaly masks.
+
+With --frames DIR (consecutive png/jpg frames, in name order) or --video FILE (mp4 and
+whatever else OpenCV's FFmpeg reads): the frames stamped evenly at --rate Hz (frames: 10
+by default; video: the file's own rate), with CameraInfo for the default camera. Add
+--compressed to write sensor_msgs/CompressedImage on <topic>/compressed as real camera
+bags do (jpg/png files go in as they are), then `segsafe replay` feeds the node
+compressed images. See ``training/bags.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from training.bags import BagSummary
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--root", type=Path, required=True, help="world or Lost & Found root")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--root", type=Path, help="world or Lost & Found root")
+    source.add_argument("--frames", type=Path, help="folder of consecutive png/jpg frames")
+    source.add_argument("--video", type=Path, help="video file (mp4, ...)")
     p.add_argument(
         "--out", type=Path, required=True, help="bag directory to create (must not exist)"
     )
@@ -38,6 +52,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="rosbag2 metadata version (8: Jazzy and later; 9: Kilted and later)",
     )
     p.add_argument("--list", action="store_true", help="list the sequences under --root and exit")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="--frames/--video: frames per second (default: 10 for frames, the video's own)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="--frames/--video: first N frames")
+    p.add_argument(
+        "--resize", default=None, help="--frames/--video: resize every frame to WIDTHxHEIGHT"
+    )
+    p.add_argument(
+        "--compressed",
+        action="store_true",
+        help="--frames/--video: write CompressedImage (jpeg/png) on <topic>/compressed",
+    )
+    p.add_argument(
+        "--jpeg-quality", type=int, default=90, help="quality of jpegs encoded by --compressed"
+    )
     p.set_defaults(run=run)
 
 
@@ -46,6 +78,15 @@ def run(args: argparse.Namespace) -> int:
 
     from training.bags import BagSourceError, discover_sequences, select_sequence, write_bag
 
+    if args.root is None:
+        return _run_stream(args)
+    stream_only = ("rate", "limit", "resize")
+    given = [f"--{k}" for k in stream_only if getattr(args, k) is not None]
+    if args.compressed:
+        given.append("--compressed")
+    if given:
+        print(f"error: {', '.join(given)} apply to --frames/--video only", file=sys.stderr)
+        return 2
     try:
         sequences = discover_sequences(args.root, fps=args.fps)
         if args.list:
@@ -69,10 +110,56 @@ def run(args: argparse.Namespace) -> int:
     except BagSourceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _report(summary)
+    return 0
+
+
+def _run_stream(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from training.bags import (
+        BagSourceError,
+        frames_source,
+        parse_size,
+        video_source,
+        write_stream_bag,
+    )
+
+    try:
+        if args.list or args.sequence is not None:
+            raise BagSourceError("--list and --sequence apply to --root only")
+        if args.frames is not None:
+            src = frames_source(args.frames, args.rate, args.limit)
+        else:
+            src = video_source(args.video, args.rate, args.limit)
+        resize = parse_size(args.resize) if args.resize is not None else None
+        bar = tqdm(total=src.total, desc="make-bag", unit="frame", file=sys.stderr)
+        try:
+            summary = write_stream_bag(
+                src,
+                args.out,
+                storage=args.format,
+                topic=args.topic,
+                frame_id=args.frame_id,
+                version=args.bag_version,
+                compressed=args.compressed,
+                resize=resize,
+                jpeg_quality=args.jpeg_quality,
+                progress=lambda n: bar.update(n - bar.n),
+            )
+        finally:
+            bar.close()
+    except BagSourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _report(summary, f" at {src.rate_hz:g} Hz")
+    return 0
+
+
+def _report(summary: BagSummary, rate: str = "") -> None:
     topics = ", ".join(f"{t} ({n})" for t, n in summary.topics.items())
     print(
         f"wrote {summary.path} ({summary.storage}): sequence {summary.sequence}, "
         f"{summary.frames} frames of {summary.width}x{summary.height}, "
-        f"{summary.duration_s:.2f} s; topics: {topics}"
+        f"{summary.duration_s:.2f} s{rate}; topics: {topics}"
     )
-    return 0

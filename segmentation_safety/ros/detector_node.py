@@ -2,19 +2,26 @@
 
 Topics (relative, so they live under the node's namespace; DESIGN §5.3):
 
-- in: ``image`` (sensor_msgs/Image: rgb8, bgr8, mono8, rgba8, bgra8), ``camera_info``
+- in: ``image`` (sensor_msgs/Image: rgb8, bgr8, mono8, rgba8, bgra8) or, with
+  ``input_transport: compressed``, ``image/compressed`` (sensor_msgs/CompressedImage,
+  jpeg/png, image_transport's naming; decoded by OpenCV, no cv_bridge), ``camera_info``
   (optional, only for hazard markers), ``depth`` (only with ``use_depth``: 32FC1 metres or
   16UC1 millimetres, registered to ``image``; paired by message_filters'
   ApproximateTimeSynchronizer where it imports, else the newest depth within
   ``depth_max_age`` of the image's stamp);
 - out, each with the input header: ``segmentation`` (mono8 train ids),
   ``segmentation/color`` (rgb8), ``anomaly`` and ``failure`` (32FC1), ``hazard_overlay``
-  (rgb8), ``safety`` (SafetyFrame), ``hazards`` (MarkerArray) and ``/diagnostics``.
+  (rgb8), ``hazard_overlay/compressed`` (CompressedImage jpeg), ``safety`` (SafetyFrame),
+  ``hazards`` (MarkerArray) and ``/diagnostics``;
+- ``label_info``: the class names of ``segmentation``, published once with a
+  transient-local QoS so late subscribers get it (vision_msgs/LabelInfo where vision_msgs
+  is installed, else this package's LabelInfo with the same fields).
 
 Newest frame only, never a backlog: the subscription callback just stores the message in
 a one-slot buffer (overwriting, and counting as dropped, a frame the worker had not taken
-yet); a worker thread processes whatever is newest. Only outputs that are enabled and
-have a subscriber are computed and published.
+yet); a worker thread decodes and processes whatever is newest, so a replaced compressed
+frame is never decoded. Only outputs that are enabled and have a subscriber are computed
+and published.
 
 Why no LifecycleNode variant: the node's only expensive transition is loading the models,
 which happens once in the constructor and fails fast with a clear message and a non-zero
@@ -40,8 +47,14 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, Image
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_profile_sensor_data,
+)
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from visualization_msgs.msg import MarkerArray
 
 from segmentation_safety import visualize
@@ -67,16 +80,39 @@ TOPICS: dict[str, tuple[str, type]] = {
     "hazard_overlay": ("hazard_overlay", Image),
     "safety": ("safety", SafetyFrame),
     "hazards": ("hazards", MarkerArray),
+    "hazard_overlay_compressed": ("hazard_overlay/compressed", CompressedImage),
 }
+
+#: ``input_transport`` -> (image topic, message type), as image_transport names them.
+INPUTS: dict[str, tuple[str, type]] = {
+    "raw": ("image", Image),
+    "compressed": ("image/compressed", CompressedImage),
+}
+LABEL_INFO_TOPIC = "label_info"
+#: Train id of pixels the segmentation leaves unlabeled.
+UNLABELED_ID = 255
 
 #: Which pipeline outputs each published output needs.
 NEEDS: dict[str, frozenset[str]] = {
     "anomaly": frozenset({"anomaly"}),
     "failure": frozenset({"failure"}),
     "hazard_overlay": frozenset({"anomaly"}),
+    "hazard_overlay_compressed": frozenset({"anomaly"}),
     "hazards": frozenset({"anomaly"}),
     "safety": frozenset({"anomaly", "failure", "class_iou"}),
 }
+
+
+def label_info_types() -> tuple[type, type]:
+    """(LabelInfo, class entry) types: vision_msgs' where it imports, else this package's."""
+    try:
+        from vision_msgs.msg import LabelInfo, VisionClass  # optional: not on every distro
+
+        return LabelInfo, VisionClass
+    except ImportError:
+        from segmentation_safety.msg import ClassLabel, LabelInfo
+
+        return LabelInfo, ClassLabel
 
 
 class StartupError(RuntimeError):
@@ -238,6 +274,7 @@ class DetectorNode(Node):
         out_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
         self.pubs = {k: self.create_publisher(t, name, out_qos) for k, (name, t) in TOPICS.items()}
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._publish_label_info()
         in_qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST,
             depth=p.qos_depth,
@@ -247,10 +284,11 @@ class DetectorNode(Node):
         )
         self.slot = LatestSlot()
         self._stop = threading.Event()
+        image_topic, image_type = INPUTS[p.input_transport]
         if p.use_depth:
             self._subscribe_with_depth(in_qos)
         else:
-            self.create_subscription(Image, "image", self._on_image, in_qos)
+            self.create_subscription(image_type, image_topic, self._on_image, in_qos)
         self.create_subscription(
             CameraInfo, "camera_info", self._on_camera_info, qos_profile_sensor_data
         )
@@ -261,16 +299,17 @@ class DetectorNode(Node):
 
     def _subscribe_with_depth(self, qos: QoSProfile) -> None:
         """Image + depth: synchronised pairs where message_filters imports, else newest."""
+        image_topic, image_type = INPUTS[self.params.input_transport]
         try:
             import message_filters  # optional: not every ROS install ships its Python module
         except ImportError:
-            self.create_subscription(Image, "image", self._on_image, qos)
+            self.create_subscription(image_type, image_topic, self._on_image, qos)
             self.create_subscription(Image, "depth", self._on_depth, qos)
             pairing = f"newest depth within depth_max_age ({self.params.depth_max_age} s)"
         else:
             subs = [
-                message_filters.Subscriber(self, Image, t, qos_profile=qos)
-                for t in ("image", "depth")
+                message_filters.Subscriber(self, t, name, qos_profile=qos)
+                for t, name in ((image_type, image_topic), (Image, "depth"))
             ]
             self.depth_sync = message_filters.ApproximateTimeSynchronizer(
                 subs, queue_size=5, slop=self.params.depth_max_age
@@ -282,11 +321,29 @@ class DetectorNode(Node):
             f"hazard markers use depth from {self.resolve_topic_name('depth')}: {pairing}"
         )
 
+    def _publish_label_info(self) -> None:
+        """The class names, once: transient local keeps them for later subscribers."""
+        label_info, entry = label_info_types()
+        qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=1,
+            reliability=ReliabilityPolicy.RELIABLE,
+            durability=DurabilityPolicy.TRANSIENT_LOCAL,
+        )
+        self.label_info_pub = self.create_publisher(label_info, LABEL_INFO_TOPIC, qos)
+        names = list(self.pipeline.class_names)
+        classes = [entry(class_id=i, class_name=str(n)) for i, n in enumerate(names)]
+        if len(names) < UNLABELED_ID:
+            classes.append(entry(class_id=UNLABELED_ID, class_name="unlabeled"))
+        self.label_info_pub.publish(
+            label_info(header=self._stamp_now(), class_map=classes, threshold=0.0)
+        )
+
     # -- callbacks (short: store and return) ----------------------------------------------
-    def _on_image(self, msg: Image) -> None:
+    def _on_image(self, msg: Image | CompressedImage) -> None:
         self.slot.put((msg, time.monotonic(), None), self.stats.on_received)
 
-    def _on_pair(self, msg: Image, depth: Image) -> None:
+    def _on_pair(self, msg: Image | CompressedImage, depth: Image) -> None:
         self.slot.put((msg, time.monotonic(), depth), self.stats.on_received)
 
     def _on_depth(self, msg: Image) -> None:
@@ -336,7 +393,7 @@ class DetectorNode(Node):
     def _wanted(self, p: DetectorParams) -> set[str]:
         return {k for k in p.publish if self.pubs[k].get_subscription_count() > 0}
 
-    def _handle(self, msg: Image, depth: Image | None = None) -> bool:
+    def _handle(self, msg: Image | CompressedImage, depth: Image | None = None) -> bool:
         """Process one frame (and its paired depth, if any); False for refused input."""
         p = self.params
         wanted = self._wanted(p)
@@ -368,6 +425,11 @@ class DetectorNode(Node):
         for key in ("anomaly", "failure"):  # only maps a configured detector produced
             if key in wanted and getattr(result, key) is not None:
                 self.pubs[key].publish(enc(key))
+        if "hazard_overlay_compressed" in wanted:
+            # The rgb8 overlay is built once for both overlay outputs; the view is free.
+            overlay = image_codec.decode_rgb(enc("hazard_overlay"))
+            jpeg = image_codec.encode_jpeg(overlay, header, p.jpeg_quality)
+            self.pubs["hazard_overlay_compressed"].publish(jpeg)
         if "hazards" in wanted:
             self.pubs["hazards"].publish(self._markers(result, header, p, depth))
         if "safety" in wanted:
@@ -469,7 +531,7 @@ class DetectorNode(Node):
             self.get_logger().warning(text)
 
     def _image_topic(self) -> str:
-        return self.resolve_topic_name("image")
+        return self.resolve_topic_name(INPUTS[self.params.input_transport][0])
 
     def _stamp_now(self) -> Any:
         from std_msgs.msg import Header

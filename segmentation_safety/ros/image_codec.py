@@ -10,16 +10,22 @@ are skipped through strides, the alpha channel through a slice). ``bgr8``, ``bgr
 ``mono8`` need one ``cv2.cvtColor`` copy: a reversed-channel view would have a negative
 stride, which ``torch.as_tensor`` refuses, and a broadcast grey view is read-only.
 All supported encodings are 8-bit, so ``is_bigendian`` does not matter.
+
+sensor_msgs/CompressedImage (jpeg/png, as image_transport's ``compressed`` plugin or a
+camera driver publishes it) is decoded with ``cv2.imdecode``, not cv_bridge, for the same
+reason; its size is read from the file header first so an oversized frame is refused
+before a large buffer is allocated.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 from typing import Any
 
 import cv2
 import numpy as np
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 
 #: Input encodings the detector accepts -> bytes per pixel.
 DECODABLE: dict[str, int] = {"rgb8": 3, "bgr8": 3, "mono8": 1, "rgba8": 4, "bgra8": 4}
@@ -168,6 +174,115 @@ def empty_image(header: Any = None) -> Image:
     return msg
 
 
+# -- CompressedImage ---------------------------------------------------------------------
+
+#: Codecs a CompressedImage may carry.
+COMPRESSED_CODECS = ("jpeg", "png")
+#: Pixel layouts the compressed data may have been encoded from (8-bit only: imdecode
+#: with IMREAD_COLOR would silently scale 16-bit data down).
+COMPRESSED_ENCODINGS = ("bgr8", "rgb8", "mono8", "bgra8", "rgba8")
+
+
+def parse_compressed_format(fmt: str) -> tuple[str, bool]:
+    """CompressedImage ``format`` -> (codec, whether the decoded BGR array is really RGB).
+
+    Accepts what compressed_image_transport writes, ``"<encoding>; <codec> compressed
+    <encoding of the compressed data>"`` (e.g. ``"rgb8; jpeg compressed bgr8"``), and the
+    bare ``"jpeg"``/``"jpg"``/``"png"`` many drivers write. imdecode assumes the file held
+    BGR data; a publisher that compressed rgb8 bytes as they were ("... compressed rgb8")
+    has therefore swapped the channels once already, and decoding swaps them back.
+    """
+    text = fmt.strip().lower()
+    if not text:
+        raise CodecError("empty CompressedImage format; expected e.g. 'jpeg' or 'png'", "format")
+    head, _, rest = text.partition(";")
+    words = (rest if rest else head).split()
+    codec = {"jpg": "jpeg"}.get(words[0], words[0]) if words else ""
+    if codec not in COMPRESSED_CODECS:
+        raise CodecError(
+            f"unsupported CompressedImage format {fmt!r}; supported codecs: jpeg, png",
+            f"format/{codec or text}",
+        )
+    source = head.strip() if rest else ""
+    packed = ""
+    if len(words) >= 3 and words[1] == "compressed":
+        packed = words[2]
+    elif len(words) != 1:
+        raise CodecError(f"cannot read CompressedImage format {fmt!r}", "format")
+    for enc in (source, packed):
+        if enc and enc not in COMPRESSED_ENCODINGS:
+            raise CodecError(
+                f"CompressedImage format {fmt!r}: encoding {enc!r} not supported; "
+                f"supported: {', '.join(COMPRESSED_ENCODINGS)}",
+                f"format/{enc}",
+            )
+    return codec, packed in ("rgb8", "rgba8")
+
+
+def compressed_size(data: bytes | memoryview) -> tuple[int, int]:
+    """(width, height) from a jpeg/png header, without decoding the pixels."""
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(io.BytesIO(data)) as im:
+            return im.size
+    except PILImage.DecompressionBombError as e:
+        raise CodecError(f"compressed image too large: {e}", "size") from None
+    except Exception as e:  # PIL raises several types for unreadable headers
+        raise CodecError(
+            f"compressed data is not a readable jpeg/png ({len(data)} bytes): {e}",
+            "undecodable",
+        ) from None
+
+
+def decode_compressed(msg: CompressedImage, max_pixels: int | None = None) -> np.ndarray:
+    """sensor_msgs/CompressedImage (jpeg/png) -> RGB uint8 H×W×3 (a new array).
+
+    Raises :class:`CodecError` for an empty, unreadable, oversized or unsupported image.
+    """
+    _, is_rgb = parse_compressed_format(msg.format)
+    data = msg.data
+    if len(data) == 0:
+        raise CodecError("empty CompressedImage (no data)", "empty")
+    if not isinstance(data, bytes | bytearray | memoryview):
+        data = bytes(data)  # rclpy may hand over array('B') or a list
+    w, h = compressed_size(data)
+    if w == 0 or h == 0:
+        raise CodecError(f"empty compressed image ({w}x{h})", "empty")
+    if max_pixels is not None and w * h > max_pixels:
+        raise CodecError(
+            f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}", "size"
+        )
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if decoded is None:
+        raise CodecError(
+            f"compressed data ({len(data)} bytes, {msg.format!r}) could not be decoded",
+            "undecodable",
+        )
+    if decoded.shape[:2] != (h, w):  # a header that lies about the size
+        raise CodecError(
+            f"compressed image decodes to {decoded.shape[1]}x{decoded.shape[0]}, "
+            f"header says {w}x{h}",
+            "undecodable",
+        )
+    return decoded if is_rgb else cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+
+
+def encode_jpeg(image: np.ndarray, header: Any = None, quality: int = 90) -> CompressedImage:
+    """H×W×3 uint8 RGB -> CompressedImage (jpeg) named as compressed_image_transport does."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise CodecError(f"jpeg needs an H×W×3 array, got shape {image.shape}", "shape")
+    bgr = cv2.cvtColor(np.ascontiguousarray(image, dtype=np.uint8), cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise CodecError(f"jpeg encoding of a {image.shape} image failed", "encode")
+    msg = CompressedImage(format="rgb8; jpeg compressed bgr8")
+    if header is not None:
+        msg.header = header
+    msg.data = buf.tobytes()
+    return msg
+
+
 # -- cv_bridge where it works ---------------------------------------------------------
 
 
@@ -204,7 +319,9 @@ class ImageCodec:
     def backend(self) -> str:
         return "cv_bridge" if self.bridge is not None else "numpy"
 
-    def decode(self, msg: Image) -> np.ndarray:
+    def decode(self, msg: Image | CompressedImage) -> np.ndarray:
+        if isinstance(msg, CompressedImage):
+            return decode_compressed(msg, self.max_pixels)
         if self.bridge is None:
             return decode_rgb(msg, self.max_pixels)
         check_layout(msg, self.max_pixels)

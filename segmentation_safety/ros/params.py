@@ -32,10 +32,14 @@ OUTPUTS: tuple[str, ...] = (
     "hazard_overlay",
     "safety",
     "hazards",
+    "hazard_overlay_compressed",
 )
 
 DEVICE_WORDS = ("auto", "cpu", "cuda")
 RELIABILITY = ("best_effort", "reliable")
+#: image_transport names: raw = sensor_msgs/Image on `image`, compressed =
+#: sensor_msgs/CompressedImage (jpeg/png) on `image/compressed`.
+TRANSPORTS = ("raw", "compressed")
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,13 @@ SPECS: tuple[Spec, ...] = (
         choices=RELIABILITY,
     ),
     Spec("qos.depth", 1, "Image subscription keep-last depth.", low=1, high=100),
+    Spec(
+        "input_transport",
+        "raw",
+        "raw: sensor_msgs/Image on 'image'; compressed: sensor_msgs/CompressedImage "
+        "(jpeg/png) on 'image/compressed'.",
+        choices=TRANSPORTS,
+    ),
     Spec(
         "max_pixels",
         8_388_608,
@@ -203,6 +214,15 @@ SPECS: tuple[Spec, ...] = (
         low=0.0,
         high=3600.0,
     ),
+    # -- outputs -------------------------------------------------------------------------------
+    Spec(
+        "jpeg_quality",
+        90,
+        "JPEG quality of the compressed hazard overlay (1-100).",
+        runtime=True,
+        low=1,
+        high=100,
+    ),
     *(
         Spec(f"publish.{key}", True, f"Publish the '{key}' output (when subscribed).", runtime=True)
         for key in OUTPUTS
@@ -277,6 +297,7 @@ class DetectorParams:
     input_size: tuple[int, int] | None
     qos_reliability: str
     qos_depth: int
+    input_transport: str
     max_pixels: int
     max_rate: float
     anomaly_threshold: float
@@ -291,6 +312,7 @@ class DetectorParams:
     diagnostics_period: float
     diagnostics_window: int
     warn_throttle_sec: float
+    jpeg_quality: int
     publish: frozenset[str]
 
     @classmethod
@@ -307,6 +329,7 @@ class DetectorParams:
             input_size=None if size == (0, 0) else (size[0], size[1]),
             qos_reliability=v["qos.reliability"],
             qos_depth=int(v["qos.depth"]),
+            input_transport=v["input_transport"],
             max_pixels=int(v["max_pixels"]),
             max_rate=float(v["max_rate"]),
             anomaly_threshold=float(v["anomaly_threshold"]),
@@ -321,6 +344,7 @@ class DetectorParams:
             diagnostics_period=float(v["diagnostics_period"]),
             diagnostics_window=int(v["diagnostics_window"]),
             warn_throttle_sec=float(v["warn_throttle_sec"]),
+            jpeg_quality=int(v["jpeg_quality"]),
             publish=frozenset(k for k in OUTPUTS if v[f"publish.{k}"]),
         )
 

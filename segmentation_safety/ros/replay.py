@@ -1,7 +1,9 @@
 """Replay a rosbag2 through the real detector node and measure what comes out.
 
 The bag is read with rosbags (no rosbag2_py needed) and its images are published, still
-serialized, at the bag's timing divided by ``rate`` on a monotonic schedule. The node is
+serialized, at the bag's timing divided by ``rate`` on a monotonic schedule. A bag whose
+camera topic holds sensor_msgs/CompressedImage (``<base>/compressed``, as real camera
+bags do) is fed to the node's ``image/compressed`` with ``input_transport: compressed``. The node is
 the real :class:`DetectorNode`, run in this process on its own executor thread, in its own
 rclpy context and a private namespace (so replays running side by side never hear each
 other). A collector node subscribes to every output (the node skips work for outputs
@@ -41,13 +43,15 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 #: Ground-truth topics written by ``segsafe make-bag``.
 GT_LABELS_TOPIC = "/ground_truth/labels"
 GT_ANOMALY_TOPIC = "/ground_truth/anomaly"
 #: Namespace the outputs are recorded under in an output bag (the replay's own is private).
 RECORDED_NAMESPACE = "/segmentation_safety"
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 
 
 class ReplayError(RuntimeError):
@@ -75,6 +79,11 @@ class BagContents:
     camera_info: dict[int, bytes] = field(default_factory=dict)  # stamp -> CDR
     gt_labels: dict[int, np.ndarray] = field(default_factory=dict)
     gt_anomaly: dict[int, np.ndarray] = field(default_factory=dict)
+    image_msgtype: str = IMAGE_TYPE
+
+    @property
+    def compressed(self) -> bool:
+        return self.image_msgtype == COMPRESSED_TYPE
 
     @property
     def rate_hz(self) -> float:
@@ -120,7 +129,7 @@ def read_bag(path: str | os.PathLike[str], image_topic: str | None = None) -> Ba
         raise ReplayError(f"bag {path} does not exist")
     try:
         with Reader(path) as reader:
-            images = [c for c in reader.connections if c.msgtype == "sensor_msgs/msg/Image"]
+            images = [c for c in reader.connections if c.msgtype in (IMAGE_TYPE, COMPRESSED_TYPE)]
             cams = [c for c in reader.connections if c.msgtype == "sensor_msgs/msg/CameraInfo"]
             if image_topic is None:
                 candidates = sorted(
@@ -133,12 +142,20 @@ def read_bag(path: str | os.PathLike[str], image_topic: str | None = None) -> Ba
                     )
                 image_topic = candidates[0]
             elif image_topic not in {c.topic for c in images}:
-                raise ReplayError(f"bag {path} has no sensor_msgs/Image topic {image_topic!r}")
-            cam_topic = image_topic.rsplit("/", 1)[0] + "/camera_info"
+                raise ReplayError(
+                    f"bag {path} has no sensor_msgs/Image or CompressedImage topic {image_topic!r}"
+                )
+            msgtype = next(c.msgtype for c in images if c.topic == image_topic)
+            # image_transport puts a compressed stream under its base topic, beside which
+            # the camera_info lives: /camera/image_raw/compressed -> /camera/camera_info.
+            base = image_topic
+            if msgtype == COMPRESSED_TYPE and base.endswith("/compressed"):
+                base = base[: -len("/compressed")]
+            cam_topic = base.rsplit("/", 1)[0] + "/camera_info"
             wanted = [c for c in images if c.topic in (image_topic, GT_LABELS_TOPIC,
                                                         GT_ANOMALY_TOPIC)]  # fmt: skip
             wanted += [c for c in cams if c.topic == cam_topic]
-            contents = BagContents(path, image_topic, [])
+            contents = BagContents(path, image_topic, [], image_msgtype=msgtype)
             for conn, time_ns, raw in reader.messages(connections=wanted):
                 raw = bytes(raw)
                 stamp = cdr_stamp_ns(raw)
@@ -262,6 +279,7 @@ class Collector(Node):
         namespace: str,
         recorder: OutputBag | None,
         outputs: frozenset[str] | None = None,
+        compressed: bool = False,
     ) -> None:
         super().__init__("segsafe_replay_collector", namespace=namespace, context=context)
         from segmentation_safety.ros.detector_node import TOPICS
@@ -272,8 +290,11 @@ class Collector(Node):
         self.answers: dict[int, float] = {}  # safety stamp -> monotonic receipt
         self.keep: dict[str, dict[int, bytes]] = {"safety": {}, "hazard_overlay": {}}
         self.keep_enabled = False
+        image_type, image_topic = (
+            (CompressedImage, "image/compressed") if compressed else (Image, "image")
+        )
         self.image_pub = self.create_publisher(
-            Image, "image", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+            image_type, image_topic, QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
         )
         self.info_pub = self.create_publisher(
             CameraInfo, "camera_info", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
@@ -435,6 +456,8 @@ class Replayer:
                 overrides.append(Parameter("models_dir", value=str(o.models_dir)))
             if o.device is not None:
                 overrides.append(Parameter("device", value=o.device))
+            if self.bag.compressed:  # overrides beat --config: the bag decides the input
+                overrides.append(Parameter("input_transport", value="compressed"))
             cli = ["--ros-args", "--params-file", str(o.config)] if o.config else None
             if o.config is not None and not o.config.is_file():
                 raise ReplayError(f"--config {o.config}: no such file")
@@ -449,7 +472,9 @@ class Replayer:
                 raise ReplayError(f"the detector node cannot start: {e}") from None
             if o.output_bag is not None:
                 self.recorder = OutputBag(o.output_bag, o.output_format)
-            self.collector = Collector(self.context, self.namespace, self.recorder, o.outputs)
+            self.collector = Collector(
+                self.context, self.namespace, self.recorder, o.outputs, self.bag.compressed
+            )
             for node in (self.node, self.collector):
                 ex = SingleThreadedExecutor(context=self.context)
                 ex.add_node(node)
@@ -524,7 +549,7 @@ class Replayer:
             c.image_pub.publish(raw)
             if self.recorder is not None and c.keep_enabled:
                 now = time.time_ns()
-                self.recorder.write(self.bag.image_topic, "sensor_msgs/msg/Image", now, raw)
+                self.recorder.write(self.bag.image_topic, self.bag.image_msgtype, now, raw)
                 if info is not None and self.bag.camera_info_topic:
                     self.recorder.write(
                         self.bag.camera_info_topic, "sensor_msgs/msg/CameraInfo", now, info
