@@ -268,8 +268,13 @@ def test_load_part_refusals_name_the_file(tmp_path) -> None:
             det.load_part("flow", Bundle(tensors, metadata), path)
         assert err.value.path == path, why
     wider = FlowDensityDetector(TinySegmenter(num_classes=4, width=8), layers=("enc2",))
-    with pytest.raises(BundleError, match="channels"):
+    with pytest.raises(BundleError, match="trained on segmenter sha256:.*not on the segmenter"):
         wider.load_part("flow", Bundle(tensors, meta), path)
+    # A bundle from before fingerprints still meets the shape checks (with a warning).
+    legacy = {k: v for k, v in meta.items() if k != "segmenter"}
+    with pytest.warns(UserWarning, match="no segmenter fingerprint"):
+        with pytest.raises(BundleError, match="channels"):
+            wider.load_part("flow", Bundle(tensors, legacy), path)
     with pytest.raises(BundleError, match="do not match"):  # weights of another architecture
         det.load_part(
             "flow", Bundle(tensors, {**meta, "architecture": {**arch, "hidden": 8}}), path

@@ -103,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
     from segmentation_safety.checkpoint import BundleError
     from segmentation_safety.detectors.registry import UnknownDetectorError
     from segmentation_safety.device import DeviceError
-
     from segmentation_safety.models.importers import ImportWeightsError
 
     try:

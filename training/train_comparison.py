@@ -378,7 +378,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
     training = engine.training_metadata(config, args)
     training.update(segmenter=str(seg_path), generator=str(gen_path))
-    tensors, metadata = engine.export_part(detector, "comparison")
+    tensors, metadata = detector.export_part("comparison")
     metadata.update(
         class_names=list(seg_bundle.metadata.get("class_names") or []),
         training=training,

@@ -254,7 +254,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     )
     engine.write_bundle(ctx, seg_out, segmenter.state_dict(), seg_meta)
 
-    tensors, metadata = engine.export_part(detector, "densehybrid")
+    tensors, metadata = detector.export_part("densehybrid")
     metadata.update(
         training=training,
         segmenter_bundle=seg_out.name,

@@ -109,7 +109,20 @@ class Detector(nn.Module):
         self.check_part(kind)
         raise NotImplementedError(f"detector {self.name!r} declares {kind!r} but cannot load it")
 
-    def export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors and metadata of the trained part ``kind``, for ``save_bundle``."""
+    def export_part(
+        self, kind: str | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and metadata of the trained part ``kind`` (default: the first), for
+        ``save_bundle``, stamped with the fingerprint of the segmenter it belongs to."""
+        from segmentation_safety.models.zoo import describe_segmenter
+
+        kind = kind or (self.trained_parts[0] if self.trained_parts else "")
         self.check_part(kind)
+        tensors, metadata = self._export_part(kind)
+        if kind not in self.segmenter_free_parts:
+            metadata["segmenter"] = describe_segmenter(self.segmenter)
+        return tensors, metadata
+
+    def _export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What a detector with ``trained_parts`` saves of part ``kind`` (already checked)."""
         raise NotImplementedError(f"detector {self.name!r} declares {kind!r} but cannot export it")

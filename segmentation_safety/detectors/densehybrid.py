@@ -49,11 +49,8 @@ class DenseHybridDetector(Detector):
             labels, anomaly, self.thresholds["open_set"], self.segmenter.num_classes
         )
 
-    def export_part(
-        self, kind: str = "densehybrid"
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and metadata for ``save_bundle`` (add training config and metrics)."""
-        self.check_part(kind)
         metadata: dict[str, Any] = {
             "kind": "densehybrid",
             "architecture": {"name": "densehybrid_head", "in_channels": self.head.in_channels},

@@ -165,10 +165,9 @@ class FlowDensityDetector(Detector):
             "seed": seed,
         }
 
-    def export_part(self, kind: str = "flow") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, metadata) for ``save_bundle``: the flows plus the ``train_nll`` and
         logistic-combination buffers, and the architecture :meth:`load_part` rebuilds."""
-        self.check_part(kind)
         channels = {n: int(self.segmenter.embedding_channels[n]) for n in self.layers}
         metadata: dict[str, Any] = {
             "kind": "flow",

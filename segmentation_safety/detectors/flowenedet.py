@@ -100,13 +100,9 @@ class _FlowEneDetDetector(Detector):
             hidden=hidden,
         )
 
-    def export_part(
-        self, kind: str | None = None
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, metadata) for ``save_bundle``: the flow with its SML statistics and
         mixture, and the architecture :meth:`load_part` rebuilds it from."""
-        kind = kind or self.trained_parts[0]
-        self.check_part(kind)
         metadata: dict[str, Any] = {
             "kind": kind,
             "detector": self.name,

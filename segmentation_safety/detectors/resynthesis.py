@@ -185,9 +185,8 @@ class ResynthesisDetector(Detector):
             return min(1.0, self.trained_size[0] / size[0])
         return self.synthesis_scale
 
-    def export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, metadata) to pass to ``save_bundle`` for part ``kind``."""
-        self.check_part(kind)
         module = getattr(self, kind)
         metadata = {"kind": kind, "architecture": module.architecture()}
         if kind == "generator":

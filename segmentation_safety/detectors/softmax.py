@@ -156,9 +156,8 @@ class StandardizedMaxLogitDetector(_LogitScoreDetector):
         self.class_mean.copy_(class_mean)
         self.class_std.copy_(class_std)
 
-    def export_part(self, kind: str = "sml") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and metadata for ``save_bundle`` of this detector's trained part."""
-        self.check_part(kind)
         tensors = {"class_mean": self.class_mean, "class_std": self.class_std}
         return tensors, {"kind": "sml", "num_classes": int(self.class_mean.numel())}
 

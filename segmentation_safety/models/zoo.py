@@ -111,6 +111,7 @@ def describe_segmenter(model: Segmenter) -> dict[str, Any]:
     """What a trained part records about its segmenter: fingerprint and a readable name."""
     arch = dict(getattr(model, "architecture", None) or {})
     label = getattr(model, "source", "") or ", ".join(f"{k}={v}" for k, v in arch.items())
+    label = label or type(model).__name__
     return {"fingerprint": segmenter_fingerprint(model), "name": label}
 
 

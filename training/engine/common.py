@@ -16,10 +16,7 @@ from torch.utils.data import default_collate
 from segmentation_safety.checkpoint import save_bundle
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.models.segmenter import Segmenter
-from segmentation_safety.models.zoo import (
-    describe_segmenter,
-    load_segmenter,  # noqa: F401  (engine API)
-)
+from segmentation_safety.models.zoo import load_segmenter  # noqa: F401  (engine API)
 from segmentation_safety.types import SegmenterOutput
 from training.datasets.common import read_rgb
 from training.engine.loop import (
@@ -251,26 +248,6 @@ def training_metadata(config: dict[str, Any], args: argparse.Namespace) -> dict[
     return {"config": config, "data": str(Path(args.data).resolve()), "model": args.model}
 
 
-def export_part(detector: Detector, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The detector's own ``export_part`` (its full state when it does not provide one),
-    stamped with the fingerprint of the segmenter it was trained on."""
-    try:
-        tensors, metadata = detector.export_part(kind)
-    except KeyError:
-        if kind not in detector.trained_parts:
-            raise
-        tensors = dict(detector.state_dict())
-        metadata = {
-            "kind": kind,
-            "detector": detector.name,
-            "architecture": dict(getattr(detector, "architecture", {})),
-            "num_classes": detector.segmenter.num_classes,
-        }
-    if kind not in detector.segmenter_free_parts:
-        metadata["segmenter"] = describe_segmenter(detector.segmenter)
-    return tensors, metadata
-
-
 def write_part_bundle(
     ctx: RunContext,
     args: argparse.Namespace,
@@ -284,7 +261,7 @@ def write_part_bundle(
     """Write ``detector``'s part ``kind`` to ``args.out`` with the metadata every
     detector trainer records: the training run, the segmenter it was fitted on, its
     metrics, and ``extra`` keys."""
-    tensors, metadata = export_part(detector, kind)
+    tensors, metadata = detector.export_part(kind)
     training = training_metadata(config, args)
     training["segmenter"] = str(segmenter_path)
     metadata.update(training=training, metrics=metrics, **extra)
