@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "training.cli",
     "evaluate": "training.evaluate_cli",
     "import-weights": "segmentation_safety.commands.import_weights",
+    "calibrate": "training.calibrate_cli",
     "bench": "segmentation_safety.commands.bench",
     "make-bag": "segmentation_safety.commands.make_bag",
     "replay": "segmentation_safety.commands.replay",

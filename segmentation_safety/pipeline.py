@@ -22,6 +22,7 @@ from segmentation_safety.checkpoint import load_bundle
 from segmentation_safety.detectors import Detector, registry
 from segmentation_safety.device import resolve_device, synchronize
 from segmentation_safety.models.segmenter import Segmenter
+from segmentation_safety.operating_point import SEGMENTER_PART, OperatingPoint
 from segmentation_safety.types import DetectorOutput, SafetyResult, SegmenterOutput
 
 
@@ -119,7 +120,10 @@ class Pipeline:
         detectors = {}
         for name in config.detector_names():
             options = config.detector_options.get(name, {})
-            detectors[name] = load_parts(registry.build(name, segmenter, **options), root)
+            detector = load_parts(registry.build(name, segmenter, **options), root)
+            if detector.calibration_part() == SEGMENTER_PART:
+                detector.operating_point = OperatingPoint.from_metadata(seg_bundle.metadata, name)
+            detectors[name] = detector
         return cls(segmenter, detectors, config, seg_bundle.metadata.get("class_names"))
 
     # -- running --------------------------------------------------------------------
@@ -233,11 +237,15 @@ def part_path(models_dir: str | os.PathLike[str], kind: str) -> Path:
 
 
 def load_parts(detector: Detector, models_dir: str | os.PathLike[str]) -> Detector:
-    """Load every trained part of ``detector`` from ``models_dir``; a missing or
-    mismatched file raises :class:`BundleError` naming it. Returns the detector."""
+    """Load every trained part of ``detector`` from ``models_dir``, with the operating
+    point its bundle stores; a missing or mismatched file raises :class:`BundleError`
+    naming it. Returns the detector."""
     for kind in detector.trained_parts:
         path = part_path(models_dir, kind)
-        detector.load_part(kind, load_bundle(path), path)
+        bundle = load_bundle(path)
+        detector.load_part(kind, bundle, path)
+        if kind == detector.calibration_part():
+            detector.operating_point = OperatingPoint.from_metadata(bundle.metadata, detector.name)
     return detector
 
 

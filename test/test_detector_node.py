@@ -33,6 +33,7 @@ from visualization_msgs.msg import MarkerArray  # noqa: E402
 from segmentation_safety.checkpoint import save_bundle  # noqa: E402
 from segmentation_safety.labels import TRAIN_NAMES  # noqa: E402
 from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata  # noqa: E402
+from segmentation_safety.operating_point import OperatingPoint  # noqa: E402
 from segmentation_safety.ros import image_codec, markers  # noqa: E402
 from segmentation_safety.ros.detector_node import (  # noqa: E402
     DetectorNode,
@@ -69,10 +70,16 @@ def models_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     seg = build_segmenter("tiny", num_classes=19, width=8)
+    # max_softmax's operating point, as `segsafe calibrate` stores it in the segmenter bundle.
+    point = OperatingPoint(0.9, 0.01, (0,), "test", 1, 100)
     save_bundle(
         root / "segmenter.safetensors",
         seg.state_dict(),
-        {**segmenter_metadata(seg), "class_names": list(TRAIN_NAMES)},
+        {
+            **segmenter_metadata(seg),
+            "class_names": list(TRAIN_NAMES),
+            "operating_points": {"max_softmax": point.to_metadata()},
+        },
     )
     return root
 
@@ -365,7 +372,7 @@ def test_parameters_are_checked_at_run_time_by_name(harness):
     h = harness()
     refused = {
         "alarm_fraction": 2.0,
-        "anomaly_threshold": math.nan,
+        "anomaly_threshold": math.inf,
         "drivable_classes": [0, 300],
         "qos.depth": 5,  # read-only: needs a restart
         "device": "cuda",
@@ -390,6 +397,20 @@ def test_parameters_are_checked_at_run_time_by_name(harness):
     wait_for(lambda: h.stamped("safety", 7), "the safety frame")
     assert h.got["safety"][0].alarm.anomaly_threshold == 0.25
     assert not h.got["anomaly"]  # switched off at run time, although subscribed
+
+
+def test_nan_threshold_uses_the_calibrated_operating_point(harness):
+    h = harness()  # anomaly_threshold left at NaN; the bundle stores 0.9 for max_softmax
+    h.listen("safety")
+    h.image_pub.publish(image_msg(11))
+    wait_for(lambda: h.stamped("safety", 11), "the safety frame")
+    assert h.got["safety"][-1].alarm.anomaly_threshold == pytest.approx(0.9)
+    for value, expected, stamp in ((0.25, 0.25, 12), (math.nan, 0.9, 13)):
+        (result,) = h.node.set_parameters([Parameter("anomaly_threshold", value=value)])
+        assert result.successful, result.reason
+        h.image_pub.publish(image_msg(stamp))
+        wait_for(lambda s=stamp: h.stamped("safety", s), "the safety frame")
+        assert h.got["safety"][-1].alarm.anomaly_threshold == pytest.approx(expected)
 
 
 # -- compressed input, compressed overlay, label info ----------------------------------------
@@ -555,6 +576,21 @@ def test_unknown_detector_exits_non_zero_listing_known_ones(models_dir, capfd):
     code, err = _run_main(capfd, models_dir=models_dir, anomaly_detector="no_such_detector")
     assert code == 1 and "'anomaly_detector'" in err and "no_such_detector" in err
     assert "max_softmax" in err  # the known names are listed
+
+
+def test_nan_threshold_without_a_calibrated_one_exits_naming_it_and_the_units(
+    models_dir, capfd
+):
+    # energy has no operating point in the fixture's bundle (only max_softmax has).
+    code, err = _run_main(capfd, models_dir=models_dir, anomaly_detector="energy", device="cpu")
+    assert code == 1 and "'anomaly_threshold'" in err and "segsafe calibrate" in err
+    assert "-logsumexp(logits)" in err and "Traceback" not in err
+
+
+def test_nan_threshold_is_refused_at_run_time_without_a_calibrated_one(harness):
+    h = harness(anomaly_detector="energy", anomaly_threshold=-5.0)  # energy's units: starts
+    (result,) = h.node.set_parameters([Parameter("anomaly_threshold", value=math.nan)])
+    assert not result.successful and "segsafe calibrate" in result.reason
 
 
 def test_invalid_parameter_at_start_exits_non_zero_naming_it(models_dir, capfd):

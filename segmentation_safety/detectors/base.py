@@ -11,6 +11,7 @@ from torch import nn
 
 from segmentation_safety.checkpoint import Bundle, BundleError
 from segmentation_safety.models.segmenter import Segmenter
+from segmentation_safety.operating_point import OperatingPoint, calibration_part
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
 
 
@@ -34,6 +35,8 @@ class Detector(nn.Module):
     #: Trained parts that never see the segmenter (resynthesis' label-to-image generator),
     #: so they carry no segmenter fingerprint.
     segmenter_free_parts: ClassVar[tuple[str, ...]] = ()
+    #: What the anomaly score measures, in its own units (thresholds are in these units).
+    score_units: ClassVar[str] = ""
 
     def __init__(self, segmenter: Segmenter, **options: Any) -> None:
         super().__init__()
@@ -42,6 +45,13 @@ class Detector(nn.Module):
         # Kept outside the module tree so the segmenter's weights are not saved twice.
         self._segmenter = (segmenter,)
         self.embeddings: tuple[str, ...] = ()
+        #: Calibrated default anomaly threshold, read from a bundle (see operating_point).
+        self.operating_point: OperatingPoint | None = None
+
+    @classmethod
+    def calibration_part(cls) -> str:
+        """The bundle kind holding this detector's operating point."""
+        return calibration_part(cls.trained_parts, cls.segmenter_free_parts)
 
     @property
     def segmenter(self) -> Segmenter:

@@ -29,6 +29,7 @@ class DenseHybridDetector(Detector):
     """anomaly = ln P(d_out | x) - logsumexp(logits) (eq. 6); higher = more anomalous."""
 
     name: ClassVar[str] = "densehybrid"
+    score_units: ClassVar[str] = "log p(outlier) - logsumexp(logits) (log units)"
     produces: ClassVar[frozenset[str]] = frozenset({"anomaly"})
     trained_parts: ClassVar[tuple[str, ...]] = ("densehybrid",)
 

@@ -58,6 +58,8 @@ class _FlowEneDetDetector(Detector):
     None: the loaded bundle's value, else 1.0).
     """
 
+    score_units: ClassVar[str] = "P(segmentation wrong), in [0, 1]"
+
     produces = frozenset({"anomaly", "failure"})
     trained_parts = ("flowenedet",)
     conditional: ClassVar[bool] = False

@@ -72,6 +72,7 @@ class MCDropoutDetector(Detector):
     """
 
     name: ClassVar[str] = "mc_dropout"
+    score_units: ClassVar[str] = "entropy or mutual information over dropout samples (nats)"
     produces: ClassVar[frozenset[str]] = frozenset({"anomaly"})
 
     def __init__(

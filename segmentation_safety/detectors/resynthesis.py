@@ -123,6 +123,7 @@ class ResynthesisDetector(Detector):
     """
 
     name: ClassVar[str] = "resynthesis"
+    score_units: ClassVar[str] = "feature cosine distance to G(prediction), in [0, 2]"
     produces: ClassVar[frozenset[str]] = frozenset({"anomaly", "failure", "class_iou"})
     trained_parts: ClassVar[tuple[str, ...]] = ("generator", "comparison")
     segmenter_free_parts: ClassVar[tuple[str, ...]] = ("generator",)

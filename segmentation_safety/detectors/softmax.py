@@ -87,6 +87,7 @@ class MaxSoftmaxDetector(_LogitScoreDetector):
     """
 
     name: ClassVar[str] = "max_softmax"
+    score_units: ClassVar[str] = "1 - max softmax probability, in [0, 1]"
     produces: ClassVar[frozenset[str]] = frozenset({"anomaly", "failure"})
 
     def forward(self, out: SegmenterOutput) -> DetectorOutput:
@@ -99,6 +100,7 @@ class EntropyDetector(_LogitScoreDetector):
     """anomaly = entropy of the softmax (Fishyscapes "Softmax entropy")."""
 
     name: ClassVar[str] = "entropy"
+    score_units: ClassVar[str] = "softmax entropy in nats, in [0, ln K]"
 
     def anomaly_score(self, logits: torch.Tensor) -> torch.Tensor:
         return softmax_entropy(logits)
@@ -109,6 +111,7 @@ class MaxLogitDetector(_LogitScoreDetector):
     """anomaly = -max logit (Hendrycks et al., DenseHybrid Table 4 "Max-logit")."""
 
     name: ClassVar[str] = "max_logit"
+    score_units: ClassVar[str] = "minus the largest logit (logit units)"
 
     def anomaly_score(self, logits: torch.Tensor) -> torch.Tensor:
         return -max_logit(logits)
@@ -119,6 +122,7 @@ class EnergyDetector(_LogitScoreDetector):
     """anomaly = energy = -logsumexp(logits) (Liu et al.; DenseHybrid Table 4 "Energy")."""
 
     name: ClassVar[str] = "energy"
+    score_units: ClassVar[str] = "free energy -logsumexp(logits) (logit units)"
 
     def anomaly_score(self, logits: torch.Tensor) -> torch.Tensor:
         return free_energy(logits)
@@ -134,6 +138,7 @@ class StandardizedMaxLogitDetector(_LogitScoreDetector):
     """
 
     name: ClassVar[str] = "sml"
+    score_units: ClassVar[str] = "minus the class-standardised max logit (class std units)"
     trained_parts: ClassVar[tuple[str, ...]] = ("sml",)
 
     def __init__(self, segmenter: Segmenter, **options: Any) -> None:

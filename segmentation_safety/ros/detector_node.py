@@ -33,6 +33,7 @@ lifecycle wrapper can be added without restructuring.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -192,11 +193,42 @@ def load_pipeline(p: DetectorParams) -> Pipeline:
         input_size=p.input_size,
     )
     try:
-        return Pipeline.from_models_dir(p.models_dir or DEMO_MODELS, config)
+        pipeline = Pipeline.from_models_dir(p.models_dir or DEMO_MODELS, config)
     except BundleError as e:
         raise StartupError(f"parameter 'models_dir': {e}") from None
     except (UnknownDetectorError, DeviceError, ValueError) as e:
         raise StartupError(f"cannot build the pipeline: {e}") from None
+    problem = threshold_problem(
+        pipeline, p.anomaly_detector, p.anomaly_threshold, p.models_dir or DEMO_MODELS
+    )
+    if problem:
+        raise StartupError(problem)
+    return pipeline
+
+
+def threshold_problem(
+    pipeline: Pipeline, detector: str, threshold: float, models_dir: Any
+) -> str | None:
+    """Why ``threshold`` cannot be used with ``detector`` (NaN needs a calibrated one)."""
+    if not detector or not math.isnan(threshold):
+        return None
+    if pipeline.detectors[detector].operating_point is not None:
+        return None
+    units = type(pipeline.detectors[detector]).score_units
+    return (
+        f"parameter 'anomaly_threshold' is NaN, which asks for the calibrated operating point "
+        f"of detector {detector!r}, and its bundle in {models_dir} stores none: run "
+        f"`segsafe calibrate --models {models_dir} --root DATA` on inlier images, or "
+        f"set anomaly_threshold in its units ({units})"
+    )
+
+
+def effective_threshold(pipeline: Pipeline, detector: str, threshold: float) -> float:
+    """``threshold``, or the detector's calibrated operating point where it is NaN."""
+    point = pipeline.detectors[detector].operating_point if detector else None
+    if math.isnan(threshold) and point is not None:
+        return point.threshold
+    return threshold
 
 
 def compute_alarm(
@@ -266,6 +298,18 @@ class DetectorNode(Node):
             f"anomaly={params.anomaly_detector or '-'} failure={params.failure_detector or '-'} "
             f"class_iou={params.class_iou_detector or '-'}; codec={self.codec.backend}"
         )
+        if params.anomaly_detector:
+            detector = self.pipeline.detectors[params.anomaly_detector]
+            point = detector.operating_point
+            source = (
+                f"calibrated: flags {point.inlier_fpr:.1%} of {point.data} road pixels"
+                if math.isnan(params.anomaly_threshold) and point is not None
+                else "set by parameter"
+            )
+            self.get_logger().info(
+                f"anomaly threshold {self.threshold(params):.6g} ({source}); "
+                f"{params.anomaly_detector} scores are {type(detector).score_units}"
+            )
         return params
 
     def _start(self) -> None:
@@ -354,6 +398,17 @@ class DetectorNode(Node):
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         result = check_parameters(params)
+        if result.successful and self._ready:
+            for param in params:
+                if param.name == "anomaly_threshold":
+                    problem = threshold_problem(
+                        self.pipeline,
+                        self.params.anomaly_detector,
+                        param.value,
+                        self.params.models_dir or DEMO_MODELS,
+                    )
+                    if problem:
+                        return SetParametersResult(successful=False, reason=problem)
         # Not a post-set callback: Humble's rclpy has none. Only this callback can refuse,
         # so a successful check means the values are about to be stored.
         if result.successful and self._ready:
@@ -448,7 +503,7 @@ class DetectorNode(Node):
         if key == "segmentation_color":
             return image_codec.encode_rgb8(visualize.colorize_labels(r.labels), header)
         if key == "hazard_overlay":
-            overlay = visualize.hazard_overlay(rgb, r.anomaly, p.anomaly_threshold)
+            overlay = visualize.hazard_overlay(rgb, r.anomaly, self.threshold(p))
             return image_codec.encode_rgb8(overlay, header)
         values = getattr(r, key)
         if values is None:
@@ -464,7 +519,7 @@ class DetectorNode(Node):
         if r.anomaly is not None and self.camera_k is not None:
             h, w = r.anomaly.shape
             k = markers.scale_intrinsics(self.camera_k[0], self.camera_k[1], (w, h))
-            regions = markers.hazard_regions(r.anomaly, p.anomaly_threshold, p.hazard_min_pixels)
+            regions = markers.hazard_regions(r.anomaly, self.threshold(p), p.hazard_min_pixels)
             if p.use_depth and regions:
                 depth = self._depth_for(header, depth_msg or self.latest_depth, (h, w), p)
         return markers.hazard_markers(
@@ -508,7 +563,7 @@ class DetectorNode(Node):
             failure=enc("failure"),
             anomaly_detector=p.anomaly_detector if r.anomaly is not None else "",
             failure_detector=p.failure_detector if r.failure is not None else "",
-            alarm=compute_alarm(r, p.anomaly_threshold, p.alarm_fraction, p.drivable_classes),
+            alarm=compute_alarm(r, self.threshold(p), p.alarm_fraction, p.drivable_classes),
             timings=[StageTiming(stage=s, ms=float(ms)) for s, ms in timings.items()],
         )
         if r.class_iou is not None:
@@ -517,6 +572,10 @@ class DetectorNode(Node):
         return frame
 
     # -- helpers ---------------------------------------------------------------------------
+    def threshold(self, p: DetectorParams) -> float:
+        """The anomaly threshold in force: the parameter, or the calibrated one for NaN."""
+        return effective_threshold(self.pipeline, p.anomaly_detector, p.anomaly_threshold)
+
     def _check_finite(self, r: SafetyResult) -> None:
         for key in ("anomaly", "failure"):
             values = getattr(r, key)

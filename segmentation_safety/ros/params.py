@@ -75,6 +75,13 @@ def _input_size_ok(value: list[int]) -> str | None:
     return None
 
 
+def _threshold_ok(value: float) -> str | None:
+    # NaN is the "use the calibrated operating point" value; only infinities are refused.
+    return (
+        "must be finite, or NaN for the calibrated operating point" if math.isinf(value) else None
+    )
+
+
 def _class_ids_ok(value: list[int]) -> str | None:
     if not value:
         return "name at least one drivable train id (road is 0)"
@@ -129,11 +136,14 @@ SPECS: tuple[Spec, ...] = (
     # -- hazard decision -------------------------------------------------------------------
     Spec(
         "anomaly_threshold",
-        0.5,
-        "Anomaly score above which a pixel counts as anomalous (detector units).",
+        math.nan,
+        "Anomaly score above which a pixel counts as anomalous, in the anomaly detector's "
+        "own units (the node logs them at start-up; e.g. max_softmax: 1 - MSP in [0, 1], "
+        "energy: -logsumexp(logits), densehybrid: log p(outlier) - logsumexp(logits)). "
+        "NaN (default) = the detector's calibrated operating point stored in its bundle "
+        "(segsafe calibrate).",
         runtime=True,
-        low=-1e6,
-        high=1e6,
+        check=_threshold_ok,
     ),
     Spec(
         "alarm_fraction",
@@ -257,7 +267,8 @@ def validate(name: str, value: Any) -> str | None:
 def _problem(spec: Spec, value: Any) -> str | None:
     if isinstance(spec.default, bool) != isinstance(value, bool):
         return f"expected {type(spec.default).__name__}"
-    if isinstance(value, float) and not math.isfinite(value):
+    nan_means_default = isinstance(spec.default, float) and math.isnan(spec.default)
+    if isinstance(value, float) and not math.isfinite(value) and not nan_means_default:
         return "must be finite"
     if spec.low is not None and isinstance(value, int | float) and not isinstance(value, bool):
         if not spec.low <= value <= spec.high:
