@@ -578,9 +578,7 @@ def test_unknown_detector_exits_non_zero_listing_known_ones(models_dir, capfd):
     assert "max_softmax" in err  # the known names are listed
 
 
-def test_nan_threshold_without_a_calibrated_one_exits_naming_it_and_the_units(
-    models_dir, capfd
-):
+def test_nan_threshold_without_a_calibrated_one_exits_naming_it_and_the_units(models_dir, capfd):
     # energy has no operating point in the fixture's bundle (only max_softmax has).
     code, err = _run_main(capfd, models_dir=models_dir, anomaly_detector="energy", device="cpu")
     assert code == 1 and "'anomaly_threshold'" in err and "segsafe calibrate" in err
