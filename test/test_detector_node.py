@@ -635,15 +635,38 @@ def test_alarm_counts_the_anomalous_share_of_the_drivable_area():
     labels = np.array([[0, 0, 0, 0], [1, 1, 0, 13]], dtype=np.uint8)
     anomaly = np.array([[0.9, 0.1, np.nan, 0.2], [0.99, 0.99, 0.8, 0.99]], dtype=np.float32)
     r = SafetyResult(labels, anomaly, np.full_like(anomaly, 0.5), None)
-    alarm = compute_alarm(r, threshold=0.5, fraction_threshold=0.5, drivable=(0,))
+    alarm = compute_alarm(r, 0.5, fraction_threshold=0.5, drivable=(0,), region="drivable")
     # road pixels: 0.9, 0.1, NaN (counts as anomalous), 0.2, 0.8 -> 3 of 5
     assert alarm.anomalous_pixels == 3 and alarm.anomalous_fraction == pytest.approx(0.6)
     assert alarm.active and alarm.max_score == pytest.approx(0.9)
     assert alarm.mean_failure == pytest.approx(0.5)
-    quiet = compute_alarm(r, threshold=0.5, fraction_threshold=0.7, drivable=(0,))
+    quiet = compute_alarm(r, 0.5, fraction_threshold=0.7, drivable=(0,), region="drivable")
     assert not quiet.active
     none = compute_alarm(r, threshold=0.5, fraction_threshold=0.5, drivable=(5,))
     assert none.anomalous_pixels == 0 and math.isnan(none.max_score) and not none.active
+
+
+def test_alarm_corridor_counts_an_object_lying_on_the_road():
+    # A road trapezoid with an object (class 13) in its middle: not road, but on it.
+    labels = np.full((40, 40), 2, dtype=np.uint8)  # building
+    for row in range(10, 40):
+        half = row // 2
+        labels[row, 20 - half : 20 + half] = 0
+    labels[25:32, 16:24] = 13
+    anomaly = np.zeros((40, 40), np.float32)
+    anomaly[25:32, 16:24] = 5.0  # only the object scores high
+    r = SafetyResult(labels, anomaly, None, None)
+    only_road = compute_alarm(r, 1.0, 0.02, drivable=(0,), region="drivable")
+    assert only_road.anomalous_pixels == 0 and not only_road.active
+    corridor = compute_alarm(r, 1.0, 0.02, drivable=(0,), region="corridor")
+    assert corridor.anomalous_pixels == 7 * 8 and corridor.active
+    beside = labels.copy()
+    beside[25:32, 16:24] = 0
+    beside[2:8, 0:6] = 13  # an object off the road, far from it, is not counted
+    far = np.zeros_like(anomaly)
+    far[2:8, 0:6] = 5.0
+    off_road = compute_alarm(SafetyResult(beside, far, None, None), 1.0, 0.02, drivable=(0,))
+    assert off_road.anomalous_pixels == 0
 
 
 def test_ground_projection_with_and_without_pitch():

@@ -63,6 +63,7 @@ from segmentation_safety.checkpoint import BundleError
 from segmentation_safety.detectors import registry
 from segmentation_safety.detectors.registry import UnknownDetectorError
 from segmentation_safety.device import DeviceError, resolve_device
+from segmentation_safety.drivable import drivable_region
 from segmentation_safety.msg import HazardAlarm, SafetyFrame, StageTiming
 from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig
 from segmentation_safety.ros import image_codec, markers
@@ -236,9 +237,12 @@ def compute_alarm(
     threshold: float,
     fraction_threshold: float,
     drivable: tuple[int, ...],
+    region: str = "corridor",
 ) -> HazardAlarm:
     """Frame-level decision: share of the drivable area whose anomaly score is high.
 
+    ``region`` chooses the area (see :mod:`segmentation_safety.drivable`): the drivable
+    corridor, which includes objects lying on the road, or the drivable pixels only.
     A NaN score counts as anomalous: a map that cannot be trusted must not hide a hazard.
     """
     alarm = HazardAlarm(anomaly_threshold=float(threshold), fraction_threshold=fraction_threshold)
@@ -248,7 +252,7 @@ def compute_alarm(
         alarm.mean_failure = float(np.nanmean(result.failure))
     if result.anomaly is None:
         return alarm
-    area = np.isin(result.labels, drivable)
+    area = drivable_region(result.labels, drivable, region)
     n_area = int(area.sum())
     if n_area == 0:
         return alarm
@@ -563,7 +567,9 @@ class DetectorNode(Node):
             failure=enc("failure"),
             anomaly_detector=p.anomaly_detector if r.anomaly is not None else "",
             failure_detector=p.failure_detector if r.failure is not None else "",
-            alarm=compute_alarm(r, self.threshold(p), p.alarm_fraction, p.drivable_classes),
+            alarm=compute_alarm(
+                r, self.threshold(p), p.alarm_fraction, p.drivable_classes, p.alarm_region
+            ),
             timings=[StageTiming(stage=s, ms=float(ms)) for s, ms in timings.items()],
         )
         if r.class_iou is not None:

@@ -23,6 +23,8 @@ from rcl_interfaces.msg import (
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from segmentation_safety.drivable import REGIONS
+
 #: Output topics the node can publish, each switched by ``publish.<key>``.
 OUTPUTS: tuple[str, ...] = (
     "segmentation",
@@ -152,6 +154,15 @@ SPECS: tuple[Spec, ...] = (
         runtime=True,
         low=0.0,
         high=1.0,
+    ),
+    Spec(
+        "alarm_region",
+        "corridor",
+        "Area the alarm fraction is taken over: 'corridor' = the convex hull of the "
+        "drivable pixels (objects lying on the road are inside it), 'drivable' = the "
+        "pixels classified drivable only.",
+        runtime=True,
+        choices=REGIONS,
     ),
     Spec(
         "drivable_classes",
@@ -313,6 +324,7 @@ class DetectorParams:
     max_rate: float
     anomaly_threshold: float
     alarm_fraction: float
+    alarm_region: str
     drivable_classes: tuple[int, ...]
     camera_height: float
     camera_pitch: float
@@ -345,6 +357,7 @@ class DetectorParams:
             max_rate=float(v["max_rate"]),
             anomaly_threshold=float(v["anomaly_threshold"]),
             alarm_fraction=float(v["alarm_fraction"]),
+            alarm_region=v["alarm_region"],
             drivable_classes=tuple(int(c) for c in v["drivable_classes"]),
             camera_height=float(v["camera_height"]),
             camera_pitch=float(v["camera_pitch"]),
