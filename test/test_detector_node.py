@@ -413,6 +413,34 @@ def test_nan_threshold_uses_the_calibrated_operating_point(harness):
         assert h.got["safety"][-1].alarm.anomaly_threshold == pytest.approx(expected)
 
 
+def test_node_maps_equal_evaluate_maps_at_the_bundles_input_size(ros, models_dir, tmp_path):
+    """The node runs the network at the bundle's input_size, resized as evaluate does."""
+    from segmentation_safety.checkpoint import load_bundle
+    from segmentation_safety.pipeline import Pipeline, PipelineConfig
+    from training.evaluate import _upsample
+
+    bundle = load_bundle(models_dir / "segmenter.safetensors")
+    meta = {k: v for k, v in bundle.metadata.items() if k != "format"}
+    save_bundle(
+        tmp_path / "segmenter.safetensors", bundle.tensors, {**meta, "input_size": [24, 40]}
+    )
+    h = Harness(tmp_path, anomaly_detector="energy", anomaly_threshold=-1.0)
+    try:
+        h.listen("anomaly")
+        msg = image_msg(21)
+        h.image_pub.publish(msg)
+        wait_for(lambda: h.stamped("anomaly", 21), "the anomaly map")
+        got = np.frombuffer(bytes(h.stamped("anomaly", 21)[0].data), np.float32).reshape(H, W)
+    finally:
+        h.close()
+    pipeline = Pipeline.from_models_dir(tmp_path, PipelineConfig(anomaly="energy", device="cpu"))
+    assert pipeline.config.input_size == (24, 40)  # taken from the bundle
+    rgb = np.frombuffer(bytes(msg.data), np.uint8).reshape(H, W, 3).copy()
+    _, outs, _ = pipeline.run(pipeline.to_input(rgb), ["energy"])
+    expected = _upsample(outs["energy"].anomaly[0].float(), (H, W)).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
 # -- compressed input, compressed overlay, label info ----------------------------------------
 def compressed_msg(sec: int, ext: str = ".png", height: int = H, width: int = W):
     """A CompressedImage as a camera driver sends it, plus the RGB pixels it holds."""
