@@ -512,6 +512,53 @@ def test_real_road_anomaly_jpegs_as_compressed_images_give_every_output(harness,
     assert h.node.stats.snapshot().rejected == 0
 
 
+@pytest.mark.real
+def test_real_espnetv2_node_raises_the_alarm_on_road_anomaly_frames(ros, real_data, tmp_path):
+    """Issue 12's must-show: the imported real checkpoint, energy calibrated on the real
+    Cityscapes frame, real Road Anomaly JPEGs sent as CompressedImage."""
+    import argparse
+
+    from segmentation_safety.commands import import_weights
+    from training import calibrate_cli
+
+    weights = real_data / "espnetv2" / "espnetv2_s_2.0_city_1024x512.pth"
+    frames = sorted((real_data / "roadanomaly" / "frames").glob("*.jpg"))
+    if not weights.is_file() or not frames or not (real_data / "cityscapes").is_dir():
+        pytest.skip(f"needs the ESPNetv2 weights, Road Anomaly and Cityscapes in {real_data}")
+    for module, argv in (
+        (import_weights, ["import-weights", str(weights), "--out", str(tmp_path)]),
+        (calibrate_cli, ["calibrate", "--models", str(tmp_path), "--dataset", "cityscapes",
+                         "--root", str(real_data / "cityscapes"), "--detectors", "energy",
+                         "--quiet"]),
+    ):  # fmt: skip
+        parser = argparse.ArgumentParser()
+        module.add_parser(parser.add_subparsers())
+        args = parser.parse_args(argv)
+        assert args.run(args) == 0
+    h = Harness(
+        tmp_path,
+        anomaly_detector="energy",
+        failure_detector="",
+        input_transport="compressed",
+        **{"qos.reliability": "reliable"},
+    )
+    try:
+        h.listen("safety")
+        fired = {}
+        for sec, path in enumerate(frames, start=100):
+            sent = CompressedImage(format="jpeg", data=path.read_bytes())
+            sent.header.stamp.sec = sec
+            h.compressed_pub.publish(sent)
+            wait_for(lambda s=sec: h.stamped("safety", s), f"the safety frame of {path.name}", 120)
+            alarm = h.stamped("safety", sec)[0].alarm
+            assert alarm.anomaly_threshold < -1.0  # energy's calibrated point, not a default
+            fired[path.name] = alarm.active
+    finally:
+        h.close()
+    # Every one of these frames holds an anomaly on or beside the road.
+    assert sum(fired.values()) >= 0.8 * len(fired), fired
+
+
 def test_bad_compressed_input_is_refused_by_name_and_the_node_keeps_answering(harness):
     h = harness(input_transport="compressed", max_pixels=H * W)
     h.listen("segmentation")
