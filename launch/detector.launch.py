@@ -4,8 +4,9 @@
 
 Arguments: image, camera_info (input topics), config (parameter YAML), device (overrides
 the YAML when given), transport (raw or compressed: then the node reads
-``<image>/compressed``, image_transport's name; overrides the YAML when given), namespace,
-use_sim_time, rviz.
+``<image>/compressed``, image_transport's name; overrides the YAML when given),
+models_dir and anomaly_detector (override the YAML when given), namespace, use_sim_time,
+rviz.
 """
 
 import os
@@ -30,6 +31,9 @@ def _detector(context):
         overrides["device"] = arg("device")
     if arg("transport"):
         overrides["input_transport"] = arg("transport")
+    for name in ("models_dir", "anomaly_detector"):
+        if arg(name):
+            overrides[name] = arg(name)
     image = arg("image")
     return [
         Node(
@@ -77,6 +81,17 @@ def generate_launch_description():
                 default_value="",
                 description="raw or compressed (reads <image>/compressed); empty keeps the "
                 "config file's input_transport",
+            ),
+            DeclareLaunchArgument(
+                "models_dir",
+                default_value="",
+                description="Directory of model bundles (e.g. from segsafe import-weights); "
+                "empty keeps the config file's value",
+            ),
+            DeclareLaunchArgument(
+                "anomaly_detector",
+                default_value="",
+                description="Detector filling the anomaly map; empty keeps the config file's",
             ),
             DeclareLaunchArgument(
                 "namespace", default_value="segmentation_safety", description="Node namespace"

@@ -20,6 +20,8 @@ ARGUMENTS = {
     "config",
     "device",
     "transport",
+    "models_dir",
+    "anomaly_detector",
     "namespace",
     "use_sim_time",
     "rviz",

@@ -101,7 +101,9 @@ SPECS: tuple[Spec, ...] = (
     Spec(
         "input_size",
         [0, 0],
-        "Network input [height, width]; [0, 0] runs at the image size.",
+        "Network input [height, width]; [0, 0] = the segmenter bundle's input_size (the "
+        "size it was trained at), else the image size. Frames are resized to it as PIL "
+        "does (antialiased bilinear, aspect ratio not kept); maps come back at frame size.",
         check=_input_size_ok,
     ),
     # -- input ---------------------------------------------------------------------------
