@@ -50,8 +50,12 @@ def bags(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_replay_through_the_node(bags: dict[str, Path], models: Path, tmp_path: Path):
     out = tmp_path / "T.json"
     out_bag = tmp_path / "out_bag"
+    # The default anomaly detector (densehybrid) needs a bundle the tiny test models lack.
+    config = tmp_path / "params.yaml"
+    config.write_text('/**:\n  ros__parameters:\n    anomaly_detector: "max_softmax"\n')
     rc = main([
         "replay", "--bag", str(bags["mcap"]), "--models", str(models), "--out", str(out),
+        "--config", str(config),
         "--rate", "2", "--drain", "1.5", "--output-bag", str(out_bag),
         "--overlays", str(tmp_path / "overlays"), "--overlay-count", "2",
         "--find-max-rate", "--search-trials", "2", "--search-seconds", "0.5",
