@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
 import pytest
 
@@ -140,3 +143,40 @@ def test_cv_bridge_and_numpy_paths_agree(encoding, pad):
     pixels = _rgb()[..., :1] if encoding == "mono8" else _as(encoding, _rgb())
     msg = _msg(pixels, encoding, pad)
     np.testing.assert_array_equal(bridge.imgmsg_to_cv2(msg, "rgb8"), decode_rgb(msg))
+
+
+class _FakeBridge:
+    """Stands in for cv_bridge.CvBridge: correct, or broken like upstream under NumPy 2."""
+
+    broken_on_big_endian = False
+
+    def imgmsg_to_cv2(self, msg: Image, desired_encoding: str) -> np.ndarray:
+        assert desired_encoding == "rgb8"
+        if msg.is_bigendian != (sys.byteorder == "big") and self.broken_on_big_endian:
+            raise AttributeError("`newbyteorder` was removed from the ndarray class in NumPy 2.0")
+        return np.ascontiguousarray(decode_rgb(msg))
+
+
+def _install_fake_bridge(monkeypatch, broken: bool) -> None:
+    bridge = type("CvBridge", (_FakeBridge,), {"broken_on_big_endian": broken})
+    monkeypatch.setitem(sys.modules, "cv_bridge", types.SimpleNamespace(CvBridge=bridge))
+
+
+def test_probe_refuses_a_bridge_that_breaks_on_big_endian_messages(monkeypatch):
+    # Its own round trip never sets is_bigendian, so only a flagged probe sees the crash.
+    _install_fake_bridge(monkeypatch, broken=True)
+    assert image_codec.load_cv_bridge() is None
+    codec = image_codec.ImageCodec(prefer_cv_bridge=True)
+    assert codec.backend == "numpy"
+    msg = _msg(_rgb(), "rgb8")  # is_bigendian=1, as the tests above send
+    np.testing.assert_array_equal(codec.decode(msg), _rgb())
+
+
+def test_probe_accepts_a_working_bridge_and_decoding_falls_back_if_it_fails(monkeypatch):
+    _install_fake_bridge(monkeypatch, broken=False)
+    codec = image_codec.ImageCodec(prefer_cv_bridge=True)
+    assert codec.backend == "cv_bridge"
+    np.testing.assert_array_equal(codec.decode(_msg(_as("bgr8", _rgb()), "bgr8", pad=3)), _rgb())
+    codec.bridge.broken_on_big_endian = True  # a case the probe missed
+    np.testing.assert_array_equal(codec.decode(_msg(_rgb(), "rgb8")), _rgb())
+    assert codec.backend == "numpy"
