@@ -2,8 +2,8 @@
 
     ros2 launch segmentation_safety detector.launch.py image:=/camera/image_raw rviz:=true
 
-Arguments: image, camera_info (input topics), config (parameter YAML), device (overrides
-the YAML when given), namespace, use_sim_time, rviz.
+Arguments: image, camera_info, depth (input topics; depth is read with use_depth), config
+(parameter YAML), device (overrides the YAML when given), namespace, use_sim_time, rviz.
 """
 
 import os
@@ -33,7 +33,11 @@ def _detector(context):
             name="segmentation_safety",
             namespace=arg("namespace"),
             parameters=[arg("config"), overrides],
-            remappings=[("image", arg("image")), ("camera_info", arg("camera_info"))],
+            remappings=[
+                ("image", arg("image")),
+                ("camera_info", arg("camera_info")),
+                ("depth", arg("depth")),
+            ],
             output="screen",
             emulate_tty=True,
         )
@@ -51,6 +55,11 @@ def generate_launch_description():
                 "camera_info",
                 default_value="/camera/camera_info",
                 description="Camera info topic (for hazard markers on the ground)",
+            ),
+            DeclareLaunchArgument(
+                "depth",
+                default_value="/camera/depth/image_raw",
+                description="Depth image registered to the image (read when use_depth is true)",
             ),
             DeclareLaunchArgument(
                 "config",

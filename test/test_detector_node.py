@@ -684,7 +684,10 @@ def test_a_best_effort_camera_against_reliable_input_is_named_on_diagnostics(har
     h = harness()  # reliable input (the default)
     h.got["/diagnostics"] = []
     h.helper.create_subscription(DiagnosticArray, "/diagnostics", h.got["/diagnostics"].append, 10)
-    from rclpy.event_handler import PublisherEventCallbacks
+    try:
+        from rclpy.event_handler import PublisherEventCallbacks
+    except ImportError:  # Humble
+        from rclpy.qos_event import PublisherEventCallbacks
 
     h.helper.create_publisher(
         Image,

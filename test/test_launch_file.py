@@ -20,7 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "detector.launch.py"
 CONFIG = REPO / "config" / "detector.yaml"
 RVIZ = REPO / "config" / "detector.rviz"
-ARGUMENTS = {"image", "camera_info", "config", "device", "namespace", "use_sim_time", "rviz"}
+ARGUMENTS = {
+    "image",
+    "camera_info",
+    "depth",
+    "config",
+    "device",
+    "namespace",
+    "use_sim_time",
+    "rviz",
+}
 
 
 def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
