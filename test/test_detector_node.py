@@ -670,7 +670,8 @@ def test_a_big_frame_arrives_with_the_default_reliable_qos(harness):
 
 
 def test_publishers_whose_frames_never_arrive_are_named_on_diagnostics(harness):
-    h = harness(input_timeout=0.3, **{"qos.reliability": "best_effort"})
+    # Long enough that the fault cannot come back before the frame's diagnostics show.
+    h = harness(input_timeout=1.5, **{"qos.reliability": "best_effort"})
     h.listen("segmentation", "/diagnostics")  # the helper's publisher exists, sends nothing
     values = wait_for_fault(h, "no frames from publishers")
     text = values["fault: no frames from publishers"]

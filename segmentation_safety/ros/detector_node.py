@@ -81,7 +81,7 @@ FAULT_CAMERA_INFO = "camera_info invalid"
 FAULT_NO_DEPTH = "no depth"
 FAULT_DEPTH_SYNC = "depth out of sync"
 FAULT_NO_FRAMES = "no frames from publishers"
-FAULT_QOS = "incompatible QoS on image"
+FAULT_QOS = "incompatible QoS on {}"  # the input's name: image or depth
 
 #: Output key (``publish.<key>``) -> (topic, message type).
 TOPICS: dict[str, tuple[str, type]] = {
@@ -281,10 +281,12 @@ class DetectorNode(Node):
         self.slot = LatestSlot()
         self._stop = threading.Event()
         self.image_sub = self.create_subscription(
-            Image, "image", self._on_image, in_qos, event_callbacks=_qos_events(self._on_qos)
+            Image, "image", self._on_image, in_qos, event_callbacks=self._qos_events("image")
         )
         if p.use_depth:
-            self.create_subscription(Image, "depth", self._on_depth, in_qos)
+            self.create_subscription(
+                Image, "depth", self._on_depth, in_qos, event_callbacks=self._qos_events("depth")
+            )
             self.get_logger().info(
                 f"hazard markers use depth from {self.resolve_topic_name('depth')} "
                 f"(nearest stamp within depth_max_age {p.depth_max_age} s)"
@@ -321,14 +323,22 @@ class DetectorNode(Node):
             self.get_logger().info(f"{topic}: valid camera_info again, hazard markers resume")
         self.camera_k = (k, (msg.width, msg.height))
 
-    def _on_qos(self, event: Any) -> None:
+    def _qos_events(self, name: str) -> Any:
+        """Subscription events that report a publisher whose QoS cannot match ours."""
+        try:
+            from rclpy.event_handler import SubscriptionEventCallbacks  # Iron and later
+        except ImportError:
+            from rclpy.qos_event import SubscriptionEventCallbacks  # Humble
+        return SubscriptionEventCallbacks(incompatible_qos=lambda e: self._on_qos(name, e))
+
+    def _on_qos(self, name: str, event: Any) -> None:
         text = (
-            f"a publisher on {self._image_topic()} offers QoS incompatible with ours "
-            f"(qos.reliability {self.params.qos_reliability}; last policy kind "
-            f"{getattr(event, 'last_policy_kind', '?')}): its frames never arrive. A "
+            f"a publisher on {self.resolve_topic_name(name)} offers QoS incompatible with "
+            f"ours (qos.reliability {self.params.qos_reliability}; last policy kind "
+            f"{getattr(event, 'last_policy_kind', '?')}): its messages never arrive. A "
             "best_effort publisher needs qos.reliability: best_effort"
         )
-        if self._set_fault(FAULT_QOS, text):
+        if self._set_fault(FAULT_QOS.format(name), text):
             self.get_logger().warning(text)
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
@@ -609,15 +619,6 @@ class DetectorNode(Node):
 
 def _seconds(stamp: Any) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
-
-
-def _qos_events(callback: Callable[[Any], None]) -> Any:
-    """Subscription event callbacks reporting an incompatible publisher QoS (any distro)."""
-    try:
-        from rclpy.event_handler import SubscriptionEventCallbacks  # Iron and later
-    except ImportError:
-        from rclpy.qos_event import SubscriptionEventCallbacks  # Humble
-    return SubscriptionEventCallbacks(incompatible_qos=callback)
 
 
 def main(args: list[str] | None = None) -> int:
