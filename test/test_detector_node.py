@@ -658,6 +658,25 @@ def test_depth_out_of_sync_falls_back_to_the_ground_and_says_so(harness):
     wait_for_fault(h, "depth out of sync", present=False)
 
 
+def test_a_depth_arriving_after_its_image_is_still_used(harness):
+    # A depth stream exists but lags: the worker waits up to depth_max_age for the depth
+    # stamped like the image rather than falling back at once.
+    h = harness(use_depth=True, depth_max_age=5.0, **HAZARD_PARAMS)
+    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
+    h.listen(*OUTPUT_TOPICS)
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    depth_pub.publish(depth_msg(3000, sec=50))  # 10 s older than the image: out of sync
+    wait_for(lambda: h.node.depths, "the old depth")
+    h.image_pub.publish(image_msg(60))
+    depth_pub.publish(depth_msg(7000, sec=60))  # its own depth, after it
+    wait_for(lambda: h.stamped_markers(60), "hazard markers")
+    (box,) = boxes(h, 60)
+    assert "(depth)" in box.text and box.pose.position.z == pytest.approx(7.0), box.text
+    assert "depth out of sync" not in h.node.faults
+
+
 def test_a_big_frame_arrives_with_the_default_reliable_qos(harness):
     h = harness(**HAZARD_PARAMS)
     assert h.node.params.qos_reliability == "reliable"  # the default suits big frames

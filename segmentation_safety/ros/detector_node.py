@@ -302,7 +302,7 @@ class DetectorNode(Node):
     # -- callbacks (short: store and return) ----------------------------------------------
     def _on_image(self, msg: Image) -> None:
         self._last_frame_at = time.monotonic()
-        self.slot.put((msg, self._last_frame_at, None), self.stats.on_received)
+        self.slot.put((msg, self._last_frame_at), self.stats.on_received)
 
     def _on_depth(self, msg: Image) -> None:
         with self._depth_cond:
@@ -414,7 +414,7 @@ class DetectorNode(Node):
             item = self.slot.take(timeout=0.2)
             if item is None:
                 continue
-            msg, received_at, _ = item
+            msg, received_at = item
             started = time.monotonic()
             latency = None
             unheard = False
