@@ -2,11 +2,11 @@
 
     ros2 launch segmentation_safety detector.launch.py image:=/camera/image_raw rviz:=true
 
-Arguments: image, camera_info (input topics), config (parameter YAML), device (overrides
-the YAML when given), transport (raw or compressed: then the node reads
-``<image>/compressed``, image_transport's name; overrides the YAML when given),
-models_dir and anomaly_detector (override the YAML when given), namespace, use_sim_time,
-rviz.
+Arguments: image, camera_info, depth (input topics; depth is read with use_depth), config
+(parameter YAML), device (overrides the YAML when given), transport (raw or compressed:
+then the node reads ``<image>/compressed``, image_transport's name; overrides the YAML
+when given), models_dir and anomaly_detector (override the YAML when given), namespace,
+use_sim_time, rviz.
 """
 
 import os
@@ -47,6 +47,7 @@ def _detector(context):
                 # Remapping is by exact name: the compressed topic needs its own rule.
                 ("image/compressed", f"{image}/compressed"),
                 ("camera_info", arg("camera_info")),
+                ("depth", arg("depth")),
             ],
             output="screen",
             emulate_tty=True,
@@ -65,6 +66,11 @@ def generate_launch_description():
                 "camera_info",
                 default_value="/camera/camera_info",
                 description="Camera info topic (for hazard markers on the ground)",
+            ),
+            DeclareLaunchArgument(
+                "depth",
+                default_value="/camera/depth/image_raw",
+                description="Depth image registered to the image (read when use_depth is true)",
             ),
             DeclareLaunchArgument(
                 "config",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -97,12 +98,20 @@ class Harness:
     def __init__(self, models: Path, **params: object) -> None:
         # A namespace of our own: other test processes on this machine share DDS.
         self.ns = f"/segsafe_test_{os.getpid()}_{next(_ns)}"
-        overrides = {"models_dir": str(models), "device": "cpu", "diagnostics_period": 0.2}
+        # The default anomaly detector (densehybrid) needs its own bundle; the tiny test
+        # bundle is a segmenter only, which max_softmax needs and nothing else.
+        overrides = {
+            "models_dir": str(models),
+            "device": "cpu",
+            "diagnostics_period": 0.2,
+            "anomaly_detector": "max_softmax",
+        }
         overrides.update(params)
         self.node = DetectorNode(
             namespace=self.ns,
             parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()],
         )
+        self.node_fqn = self.node.get_fully_qualified_name()
         self.helper = rclpy.create_node("segsafe_test_helper", namespace=self.ns)
         reliable = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
         self.image_pub = self.helper.create_publisher(Image, "image", reliable)
@@ -140,6 +149,9 @@ class Harness:
 
     def stamped(self, topic: str, sec: int) -> list:
         return [m for m in self.got[topic] if m.header.stamp.sec == sec]
+
+    def stamped_markers(self, sec: int) -> list:
+        return [a for a in self.got["hazards"] if a.markers[0].header.stamp.sec == sec]
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=2.0)
@@ -253,9 +265,7 @@ def test_hazard_markers_are_placed_at_the_paired_depth(harness):
     h.info_pub.publish(camera_info())
     wait_for(lambda: h.node.camera_k is not None, "camera_info")
     depth_pub.publish(depth_msg(7000, sec=42))
-    # Without message_filters the node keeps the newest depth; with it, the synchroniser
-    # holds the depth until the image with the same stamp arrives.
-    wait_for(lambda: h.node.latest_depth is not None or h.node.depth_sync is not None, "the depth")
+    wait_for(lambda: h.node.depths, "the depth")
     h.image_pub.publish(image_msg(sec=42))
     wait_for(lambda: h.got["hazards"], "hazard markers")
     assert h.got["hazards"][0].markers[0].header.stamp.sec == 42
@@ -286,7 +296,7 @@ def test_fifty_fast_frames_give_no_backlog_and_bounded_memory(harness):
     finally:
         tracemalloc.stop()
     s = h.node.stats.snapshot()
-    assert s.received == s.processed + s.dropped + s.rejected + s.in_flight
+    assert s.received == s.processed + s.dropped + s.rejected + s.unheard + s.in_flight
     assert s.processed < 25 and s.dropped > 0, s
     answered = [m.header.stamp.sec for m in h.got["segmentation"] if m.header.stamp.sec >= 200]
     assert answered[-1] == 249 and len(answered) < 25
@@ -306,8 +316,9 @@ def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
     )
     wait_for(lambda: h.image_pub.get_subscription_count() > 0, "discovery")
     h.image_pub.publish(image_msg(1))
-    wait_for(lambda: h.node.stats.snapshot().processed == 1, "the unheard frame")
+    wait_for(lambda: h.node.stats.snapshot().unheard == 1, "the unheard frame")
     assert asked == []  # nobody listens: no network pass at all
+    assert h.node.stats.snapshot().processed == 0  # nor counted as processed (no latency)
     h.listen("segmentation")
     h.image_pub.publish(image_msg(2))
     wait_for(lambda: h.stamped("segmentation", 2), "segmentation")
@@ -828,3 +839,242 @@ def test_depth_images_decode_to_metres():
         markers.match_depth(np.array([[1.0, np.nan]], np.float32), (2, 4)),
         [[1, 1, np.nan, np.nan]] * 2,
     )
+
+
+# -- faults a real robot produces ----------------------------------------------------------
+def diag_values(h: Harness) -> dict[str, str]:
+    """Key -> value of the node's newest /diagnostics status."""
+    mine = [s for a in h.got["/diagnostics"] for s in a.status if s.hardware_id == h.node_fqn]
+    return {kv.key: kv.value for kv in mine[-1].values} if mine else {}
+
+
+def wait_for_fault(h: Harness, name: str, present: bool = True) -> dict[str, str]:
+    """Wait until /diagnostics lists (or no longer lists) fault ``name``; its values."""
+    h.got["/diagnostics"].clear()
+    wait_for(
+        lambda: (
+            (f"fault: {name}" in diag_values(h)) == present
+            and (name in diag_values(h).get("faults", "")) == present
+        ),
+        f"/diagnostics {'listing' if present else 'no longer listing'} {name!r}",
+    )
+    return diag_values(h)
+
+
+def boxes(h: Harness, sec: int) -> list:
+    (arr,) = h.stamped_markers(sec)
+    return [m for m in arr.markers if m.action == m.ADD]
+
+
+def send_and_wait_all(h: Harness, sec: int, height: int = H, width: int = W) -> None:
+    """Publish one good frame and wait until every output answered it."""
+    h.image_pub.publish(image_msg(sec, height, width))
+    wait_for(
+        lambda: all(
+            h.stamped_markers(sec) if t == "hazards" else h.stamped(t, sec) for t in OUTPUT_TOPICS
+        ),
+        f"every output for the frame stamped {sec}",
+    )
+
+
+HAZARD_PARAMS = {"anomaly_threshold": 0.0, "camera_pitch": 0.3, "hazard_min_pixels": 1}
+BAD_K = {
+    "zero K": ([0.0] * 9, "all zeros"),
+    "NaN K": ([float(W), 0.0, W / 2, 0.0, math.nan, H / 2, 0.0, 0.0, 1.0], "non-finite"),
+    "negative fx": ([-float(W), 0.0, W / 2, 0.0, float(W), H / 2, 0.0, 0.0, 1.0], "positive"),
+}
+
+
+@pytest.mark.parametrize("label", list(BAD_K))
+def test_invalid_camera_info_skips_markers_once_reported_and_the_rest_goes_on(
+    harness, capfd, label
+):
+    k, words = BAD_K[label]
+    # Every class drivable, threshold 0: every pixel is anomalous, the alarm must fire.
+    h = harness(drivable_classes=list(range(19)), **HAZARD_PARAMS)
+    h.listen(*OUTPUT_TOPICS, "/diagnostics")
+    capfd.readouterr()
+    for _ in range(3):  # drivers publish it with every frame
+        h.info_pub.publish(CameraInfo(height=H, width=W, k=k))
+    values = wait_for_fault(h, "camera_info invalid")
+    assert words in values["fault: camera_info invalid"], values
+    send_and_wait_all(h, 10)
+    assert boxes(h, 10) == []  # markers skipped, not placed at NaN or behind the camera
+    assert h.stamped("safety", 10)[0].alarm.active  # the alarm does not need markers
+    # A valid camera_info brings the markers back and clears the fault.
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: h.node.camera_k is not None, "the valid camera_info")
+    send_and_wait_all(h, 11)
+    assert boxes(h, 11) and "(ground)" in boxes(h, 11)[0].text
+    wait_for_fault(h, "camera_info invalid", present=False)
+    logged = capfd.readouterr().err
+    assert logged.count(words) == 1, logged  # reported once, not once per message
+
+
+def test_use_depth_without_depth_falls_back_to_the_ground_and_says_so(harness):
+    h = harness(use_depth=True, **HAZARD_PARAMS)
+    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
+    h.listen(*OUTPUT_TOPICS, "/diagnostics")
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    send_and_wait_all(h, 20)  # no depth stream: every output still answers
+    assert "(ground)" in boxes(h, 20)[0].text
+    values = wait_for_fault(h, "no depth")
+    assert "use_depth" in values["fault: no depth"] and values["faults"] == "no depth"
+    # Depth starts: the next frame is placed with it and the fault clears.
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
+    depth_pub.publish(depth_msg(7000, sec=21))
+    wait_for(lambda: h.node.depths, "the depth")
+    send_and_wait_all(h, 21)
+    assert "(depth)" in boxes(h, 21)[0].text
+    wait_for_fault(h, "no depth", present=False)
+
+
+def test_depth_out_of_sync_falls_back_to_the_ground_and_says_so(harness):
+    h = harness(use_depth=True, depth_max_age=0.1, **HAZARD_PARAMS)
+    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
+    h.listen(*OUTPUT_TOPICS, "/diagnostics")
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    depth_pub.publish(depth_msg(7000, sec=25))  # 5 s behind the image
+    wait_for(lambda: h.node.depths, "the depth")
+    send_and_wait_all(h, 30)
+    assert "(ground)" in boxes(h, 30)[0].text
+    values = wait_for_fault(h, "depth out of sync")
+    assert "depth_max_age" in values["fault: depth out of sync"], values
+    depth_pub.publish(depth_msg(7000, sec=31))
+    wait_for(lambda: h.node.depths[-1].header.stamp.sec == 31, "the synchronised depth")
+    send_and_wait_all(h, 31)
+    assert "(depth)" in boxes(h, 31)[0].text
+    wait_for_fault(h, "depth out of sync", present=False)
+
+
+def test_a_depth_arriving_after_its_image_is_still_used(harness):
+    # A depth stream exists but lags: the worker waits up to depth_max_age for the depth
+    # stamped like the image rather than falling back at once.
+    h = harness(use_depth=True, depth_max_age=5.0, **HAZARD_PARAMS)
+    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
+    h.listen(*OUTPUT_TOPICS)
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    depth_pub.publish(depth_msg(3000, sec=50))  # 10 s older than the image: out of sync
+    wait_for(lambda: h.node.depths, "the old depth")
+    h.image_pub.publish(image_msg(60))
+    depth_pub.publish(depth_msg(7000, sec=60))  # its own depth, after it
+    wait_for(lambda: h.stamped_markers(60), "hazard markers")
+    (box,) = boxes(h, 60)
+    assert "(depth)" in box.text and box.pose.position.z == pytest.approx(7.0), box.text
+    assert "depth out of sync" not in h.node.faults
+
+
+def test_a_big_frame_arrives_with_the_default_reliable_qos(harness):
+    h = harness(**HAZARD_PARAMS)
+    assert h.node.params.qos_reliability == "reliable"  # the default suits big frames
+    h.listen(*OUTPUT_TOPICS)
+    h.info_pub.publish(camera_info(512, 1024))
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    send_and_wait_all(h, 40, 512, 1024)  # 1.5 MB of rgb8
+    assert h.stamped("segmentation", 40)[0].width == 1024
+    send_and_wait_all(h, 41)  # and a small one after it
+
+
+def test_publishers_whose_frames_never_arrive_are_named_on_diagnostics(harness):
+    # Long enough that the fault cannot come back before the frame's diagnostics show.
+    h = harness(input_timeout=1.5, **{"qos.reliability": "best_effort"})
+    h.listen("segmentation", "/diagnostics")  # the helper's publisher exists, sends nothing
+    values = wait_for_fault(h, "no frames from publishers")
+    text = values["fault: no frames from publishers"]
+    assert "best_effort" in text and "qos.reliability: reliable" in text, text
+    h.image_pub.publish(image_msg(50))
+    wait_for(lambda: h.stamped("segmentation", 50), "the frame")
+    wait_for_fault(h, "no frames from publishers", present=False)
+
+
+def test_a_best_effort_camera_against_reliable_input_is_named_on_diagnostics(harness):
+    h = harness()  # reliable input (the default)
+    h.got["/diagnostics"] = []
+    h.helper.create_subscription(DiagnosticArray, "/diagnostics", h.got["/diagnostics"].append, 10)
+    try:
+        from rclpy.event_handler import PublisherEventCallbacks
+    except ImportError:  # Humble
+        from rclpy.qos_event import PublisherEventCallbacks
+
+    h.helper.create_publisher(
+        Image,
+        "image",
+        QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT),
+        # rclpy's default handler would log the mismatch from the camera's side too.
+        event_callbacks=PublisherEventCallbacks(incompatible_qos=lambda _: None),
+    )
+    values = wait_for_fault(h, "incompatible QoS on image")
+    assert "qos.reliability: best_effort" in values["fault: incompatible QoS on image"]
+
+
+def test_drivable_classes_must_be_classes_of_the_loaded_segmenter(harness):
+    h = harness()
+    (result,) = h.node.set_parameters([Parameter("drivable_classes", value=[0, 19])])
+    assert not result.successful and "drivable_classes" in result.reason
+    assert "19 classes" in result.reason, result.reason
+    (ok,) = h.node.set_parameters([Parameter("drivable_classes", value=[0, 18])])
+    assert ok.successful and h.node.params.drivable_classes == (0, 18)
+
+
+def test_drivable_class_the_segmenter_lacks_is_refused_at_start(models_dir, capfd):
+    code, err = _run_main(
+        capfd, models_dir=models_dir, anomaly_detector="max_softmax", drivable_classes="[0,99]"
+    )
+    assert code == 1 and "drivable_classes" in err and "[99]" in err
+
+
+def test_defaults_without_yaml_pick_the_yaml_detectors(models_dir, capfd):
+    # Without the YAML the node must ask for what config/detector.yaml asks for: the
+    # densehybrid bundle, which this segmenter-only directory lacks.
+    code, err = _run_main(capfd, models_dir=models_dir, device="cpu")
+    assert code == 1 and "densehybrid" in err, err
+
+
+def test_ctrl_c_while_the_models_load_exits_cleanly(models_dir):
+    # The signal lands before the node spins (the window where rclpy.spin used to wait
+    # forever); the process must end by itself, with status 0 and no traceback.
+    script = (
+        "import os, signal, sys\n"
+        "from segmentation_safety.ros import detector_node as dn\n"
+        "real = dn.load_pipeline\n"
+        "def load(p):\n"
+        "    pipeline = real(p)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return pipeline\n"
+        "dn.load_pipeline = load\n"
+        f"sys.exit(dn.main(['--ros-args', '-p', 'models_dir:={models_dir}', '-p', "
+        "'anomaly_detector:=max_softmax', '-p', 'device:=cpu', '-r', "
+        f"'__ns:=/segsafe_sigint_{os.getpid()}']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_while_spinning_exits_cleanly(models_dir, tmp_path):
+    exe = REPO / "install" / "segmentation_safety" / "lib" / "segmentation_safety" / "detector_node"
+    if not exe.exists():
+        pytest.skip(f"{exe} not installed (run scripts/setup.sh)")
+    log = tmp_path / "stderr.txt"
+    args = ["-p", f"models_dir:={models_dir}", "-p", "anomaly_detector:=max_softmax"]
+    args += ["-p", "device:=cpu", "-r", f"__ns:=/segsafe_spin_{os.getpid()}"]
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-P", str(exe), "--ros-args", *args], stderr=err, text=True
+        )
+        try:
+            wait_for(lambda: "models from" in log.read_text(), "the node to start", 60)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "Traceback" not in log.read_text(), log.read_text()

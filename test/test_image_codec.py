@@ -3,6 +3,9 @@ jpeg/png, and refusals by name."""
 
 from __future__ import annotations
 
+import sys
+import types
+
 import cv2
 import numpy as np
 import pytest
@@ -236,3 +239,40 @@ def test_jpeg_encoder_names_the_format_and_round_trips():
     assert np.abs(back.astype(int) - rgb).mean() < 3
     with pytest.raises(CodecError, match="jpeg needs"):
         image_codec.encode_jpeg(np.zeros((2, 2), np.uint8))
+
+
+class _FakeBridge:
+    """Stands in for cv_bridge.CvBridge: correct, or broken like upstream under NumPy 2."""
+
+    broken_on_big_endian = False
+
+    def imgmsg_to_cv2(self, msg: Image, desired_encoding: str) -> np.ndarray:
+        assert desired_encoding == "rgb8"
+        if msg.is_bigendian != (sys.byteorder == "big") and self.broken_on_big_endian:
+            raise AttributeError("`newbyteorder` was removed from the ndarray class in NumPy 2.0")
+        return np.ascontiguousarray(decode_rgb(msg))
+
+
+def _install_fake_bridge(monkeypatch, broken: bool) -> None:
+    bridge = type("CvBridge", (_FakeBridge,), {"broken_on_big_endian": broken})
+    monkeypatch.setitem(sys.modules, "cv_bridge", types.SimpleNamespace(CvBridge=bridge))
+
+
+def test_probe_refuses_a_bridge_that_breaks_on_big_endian_messages(monkeypatch):
+    # Its own round trip never sets is_bigendian, so only a flagged probe sees the crash.
+    _install_fake_bridge(monkeypatch, broken=True)
+    assert image_codec.load_cv_bridge() is None
+    codec = image_codec.ImageCodec(prefer_cv_bridge=True)
+    assert codec.backend == "numpy"
+    msg = _msg(_rgb(), "rgb8")  # is_bigendian=1, as the tests above send
+    np.testing.assert_array_equal(codec.decode(msg), _rgb())
+
+
+def test_probe_accepts_a_working_bridge_and_decoding_falls_back_if_it_fails(monkeypatch):
+    _install_fake_bridge(monkeypatch, broken=False)
+    codec = image_codec.ImageCodec(prefer_cv_bridge=True)
+    assert codec.backend == "cv_bridge"
+    np.testing.assert_array_equal(codec.decode(_msg(_as("bgr8", _rgb()), "bgr8", pad=3)), _rgb())
+    codec.bridge.broken_on_big_endian = True  # a case the probe missed
+    np.testing.assert_array_equal(codec.decode(_msg(_rgb(), "rgb8")), _rgb())
+    assert codec.backend == "numpy"

@@ -22,7 +22,6 @@ def test_package_xml_is_format_3_and_names_runtime_dependencies():
         "visualization_msgs",
         "diagnostic_msgs",
         "cv_bridge",
-        "message_filters",
         "launch_ros",
         "rosidl_default_generators",
         "rosidl_default_runtime",

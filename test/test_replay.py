@@ -23,6 +23,10 @@ pytestmark = pytest.mark.ros
 FRAMES = 4
 
 
+#: The default anomaly detector (densehybrid) needs a bundle the tiny test models lack.
+PARAMS = '/**:\n  ros__parameters:\n    anomaly_detector: "max_softmax"\n'
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained TinySegmenter bundle: enough for the softmax detectors the node runs."""
@@ -30,11 +34,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from segmentation_safety.checkpoint import save_bundle
     from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata
+    from segmentation_safety.operating_point import OperatingPoint
 
     torch.manual_seed(0)
     seg = build_segmenter("tiny", num_classes=19, width=8)
     root = tmp_path_factory.mktemp("models")
-    save_bundle(root / "segmenter.safetensors", seg.state_dict(), segmenter_metadata(seg))
+    # max_softmax's operating point, as `segsafe calibrate` would store it.
+    point = OperatingPoint(0.9, 0.01, (0,), "test", 1, 100).to_metadata()
+    meta = {**segmenter_metadata(seg), "operating_points": {"max_softmax": point}}
+    save_bundle(root / "segmenter.safetensors", seg.state_dict(), meta)
     return root
 
 
@@ -50,8 +58,11 @@ def bags(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_replay_through_the_node(bags: dict[str, Path], models: Path, tmp_path: Path):
     out = tmp_path / "T.json"
     out_bag = tmp_path / "out_bag"
+    config = tmp_path / "params.yaml"
+    config.write_text(PARAMS)
     rc = main([
         "replay", "--bag", str(bags["mcap"]), "--models", str(models), "--out", str(out),
+        "--config", str(config),
         "--rate", "2", "--drain", "1.5", "--output-bag", str(out_bag),
         "--overlays", str(tmp_path / "overlays"), "--overlay-count", "2",
         "--find-max-rate", "--search-trials", "2", "--search-seconds", "0.5",
@@ -118,8 +129,10 @@ def test_missing_bag_and_models(bags: dict[str, Path], tmp_path: Path, capsys):
 # -- bags made from frame folders and videos --------------------------------------------
 def _replay(bag: Path, models: Path, out_dir: Path, *extra: str) -> dict:
     out = out_dir / "T.json"
+    config = out_dir / "params.yaml"
+    config.write_text(PARAMS)
     rc = main(["replay", "--bag", str(bag), "--models", str(models), "--out", str(out),
-               "--drain", "1.5", "--warmup", "1", *extra])  # fmt: skip
+               "--config", str(config), "--drain", "1.5", "--warmup", "1", *extra])  # fmt: skip
     assert rc == 0
     t = json.loads(out.read_text())
     assert t["frames_sent"] == t["frames_processed"] + t["frames_dropped"]

@@ -6,9 +6,9 @@ Topics (relative, so they live under the node's namespace; DESIGN §5.3):
   ``input_transport: compressed``, ``image/compressed`` (sensor_msgs/CompressedImage,
   jpeg/png, image_transport's naming; decoded by OpenCV, no cv_bridge), ``camera_info``
   (optional, only for hazard markers), ``depth`` (only with ``use_depth``: 32FC1 metres or
-  16UC1 millimetres, registered to ``image``; paired by message_filters'
-  ApproximateTimeSynchronizer where it imports, else the newest depth within
-  ``depth_max_age`` of the image's stamp);
+  16UC1 millimetres, registered to ``image``; each image takes the buffered depth nearest
+  its stamp, if within ``depth_max_age``; without one, markers fall back to the flat
+  ground and /diagnostics says why);
 - out, each with the input header: ``segmentation`` (mono8 train ids),
   ``segmentation/color`` (rgb8), ``anomaly`` and ``failure`` (32FC1), ``hazard_overlay``
   (rgb8), ``hazard_overlay/compressed`` (CompressedImage jpeg), ``safety`` (SafetyFrame),
@@ -23,6 +23,15 @@ yet); a worker thread decodes and processes whatever is newest, so a replaced co
 frame is never decoded. Only outputs that are enabled and have a subscriber are computed
 and published.
 
+Faults a robot produces (an invalid camera_info, no or unsynchronised depth, publishers
+whose frames never arrive, a QoS mismatch) never stop the outputs that do not need what
+is missing; each is logged when it starts and listed by name on /diagnostics while it
+lasts.
+
+Why not message_filters for depth: its synchroniser only calls back with a pair, so a
+missing or late depth stream silently stopped every output; pairing by stamp from a
+short buffer keeps frames flowing and lets the node say which fault it sees.
+
 Why no LifecycleNode variant: the node's only expensive transition is loading the models,
 which happens once in the constructor and fails fast with a clear message and a non-zero
 exit; an orchestrator that needs managed start-up can launch it when wanted, and rclpy's
@@ -36,6 +45,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +54,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -68,10 +78,25 @@ from segmentation_safety.msg import HazardAlarm, SafetyFrame, StageTiming
 from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig
 from segmentation_safety.ros import image_codec, markers
 from segmentation_safety.ros.diagnostics import FrameStats, diagnostic_status
-from segmentation_safety.ros.params import DetectorParams, check_parameters, declare_parameters
+from segmentation_safety.ros.params import (
+    DetectorParams,
+    check_parameters,
+    declare_parameters,
+    drivable_problem,
+)
 from segmentation_safety.types import SafetyResult
 
 NODE_NAME = "segmentation_safety"
+
+#: Depth images kept for pairing by stamp: a few frames of jitter at camera rates.
+DEPTH_BUFFER = 8
+
+#: Names of the faults /diagnostics lists (``fault: <name>`` keys) while they last.
+FAULT_CAMERA_INFO = "camera_info invalid"
+FAULT_NO_DEPTH = "no depth"
+FAULT_DEPTH_SYNC = "depth out of sync"
+FAULT_NO_FRAMES = "no frames from publishers"
+FAULT_QOS = "incompatible QoS on {}"  # the input's name: image or depth
 
 #: Output key (``publish.<key>``) -> (topic, message type).
 TOPICS: dict[str, tuple[str, type]] = {
@@ -290,13 +315,21 @@ class DetectorNode(Node):
             raise StartupError(str(e)) from None
         params = DetectorParams.from_node(self)
         self.pipeline = load_pipeline(params)
+        problem = drivable_problem(params.drivable_classes, len(self.pipeline.class_names))
+        if problem:
+            raise StartupError(problem)
         self.codec = image_codec.ImageCodec()
         self.stats = FrameStats(params.diagnostics_window)
         self.throttle = WarningThrottle()
         self.last_problem = ""  # newest bad-input message, also reported on /diagnostics
+        self.problems: dict[str, str] = {}  # newest message per kind of bad input
+        self.faults: dict[str, str] = {}  # active fault name -> what and why
+        self._faults_lock = threading.Lock()
         self.camera_k: tuple[np.ndarray, tuple[int, int]] | None = None
-        self.latest_depth: Image | None = None  # newest depth, when not synchronised
-        self.depth_sync: Any = None  # message_filters synchroniser, where it imports
+        self.depths: deque[Image] = deque(maxlen=DEPTH_BUFFER)
+        self._depth_cond = threading.Condition()
+        self._last_frame_at = time.monotonic()
+        self._publishers_seen_at: float | None = None
         self.get_logger().info(
             f"models from {params.models_dir or DEMO_MODELS} on {self.pipeline.device}; "
             f"anomaly={params.anomaly_detector or '-'} failure={params.failure_detector or '-'} "
@@ -333,10 +366,21 @@ class DetectorNode(Node):
         self.slot = LatestSlot()
         self._stop = threading.Event()
         image_topic, image_type = INPUTS[p.input_transport]
+        self.image_sub = self.create_subscription(
+            image_type,
+            image_topic,
+            self._on_image,
+            in_qos,
+            event_callbacks=self._qos_events("image"),
+        )
         if p.use_depth:
-            self._subscribe_with_depth(in_qos)
-        else:
-            self.create_subscription(image_type, image_topic, self._on_image, in_qos)
+            self.create_subscription(
+                Image, "depth", self._on_depth, in_qos, event_callbacks=self._qos_events("depth")
+            )
+            self.get_logger().info(
+                f"hazard markers use depth from {self.resolve_topic_name('depth')} "
+                f"(nearest stamp within depth_max_age {p.depth_max_age} s)"
+            )
         self.create_subscription(
             CameraInfo, "camera_info", self._on_camera_info, qos_profile_sensor_data
         )
@@ -344,30 +388,6 @@ class DetectorNode(Node):
         self._ready = True
         self.worker = threading.Thread(target=self._work, name="segsafe-worker", daemon=True)
         self.worker.start()
-
-    def _subscribe_with_depth(self, qos: QoSProfile) -> None:
-        """Image + depth: synchronised pairs where message_filters imports, else newest."""
-        image_topic, image_type = INPUTS[self.params.input_transport]
-        try:
-            import message_filters  # optional: not every ROS install ships its Python module
-        except ImportError:
-            self.create_subscription(image_type, image_topic, self._on_image, qos)
-            self.create_subscription(Image, "depth", self._on_depth, qos)
-            pairing = f"newest depth within depth_max_age ({self.params.depth_max_age} s)"
-        else:
-            subs = [
-                message_filters.Subscriber(self, t, name, qos_profile=qos)
-                for t, name in ((image_type, image_topic), (Image, "depth"))
-            ]
-            self.depth_sync = message_filters.ApproximateTimeSynchronizer(
-                subs, queue_size=5, slop=self.params.depth_max_age
-            )
-            self.depth_sync.registerCallback(self._on_pair)
-            self._depth_subs = subs  # keep them alive with the node
-            pairing = "message_filters.ApproximateTimeSynchronizer"
-        self.get_logger().info(
-            f"hazard markers use depth from {self.resolve_topic_name('depth')}: {pairing}"
-        )
 
     def _publish_label_info(self) -> None:
         """The class names, once: transient local keeps them for later subscribers."""
@@ -389,30 +409,63 @@ class DetectorNode(Node):
 
     # -- callbacks (short: store and return) ----------------------------------------------
     def _on_image(self, msg: Image | CompressedImage) -> None:
-        self.slot.put((msg, time.monotonic(), None), self.stats.on_received)
-
-    def _on_pair(self, msg: Image | CompressedImage, depth: Image) -> None:
-        self.slot.put((msg, time.monotonic(), depth), self.stats.on_received)
+        self._last_frame_at = time.monotonic()
+        self.slot.put((msg, self._last_frame_at), self.stats.on_received)
 
     def _on_depth(self, msg: Image) -> None:
-        self.latest_depth = msg
+        with self._depth_cond:
+            self.depths.append(msg)
+            self._depth_cond.notify_all()
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
-        self.camera_k = (np.asarray(msg.k, dtype=np.float64), (msg.width, msg.height))
+        k = np.asarray(msg.k, dtype=np.float64)
+        problem = markers.intrinsics_problem(k)
+        topic = self.resolve_topic_name("camera_info")
+        if problem is not None:
+            self.camera_k = None
+            text = f"{topic}: {problem}; hazard markers are skipped until a valid one arrives"
+            if self._set_fault(FAULT_CAMERA_INFO, text):  # once per fault, not per message
+                self.get_logger().warning(text)
+            return
+        if self._clear_fault(FAULT_CAMERA_INFO):
+            self.get_logger().info(f"{topic}: valid camera_info again, hazard markers resume")
+        self.camera_k = (k, (msg.width, msg.height))
+
+    def _qos_events(self, name: str) -> Any:
+        """Subscription events that report a publisher whose QoS cannot match ours."""
+        try:
+            from rclpy.event_handler import SubscriptionEventCallbacks  # Iron and later
+        except ImportError:
+            from rclpy.qos_event import SubscriptionEventCallbacks  # Humble
+        return SubscriptionEventCallbacks(incompatible_qos=lambda e: self._on_qos(name, e))
+
+    def _on_qos(self, name: str, event: Any) -> None:
+        text = (
+            f"a publisher on {self.resolve_topic_name(name)} offers QoS incompatible with "
+            f"ours (qos.reliability {self.params.qos_reliability}; last policy kind "
+            f"{getattr(event, 'last_policy_kind', '?')}): its messages never arrive. A "
+            "best_effort publisher needs qos.reliability: best_effort"
+        )
+        if self._set_fault(FAULT_QOS.format(name), text):
+            self.get_logger().warning(text)
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         result = check_parameters(params)
-        if result.successful and self._ready:
-            for param in params:
-                if param.name == "anomaly_threshold":
-                    problem = threshold_problem(
-                        self.pipeline,
-                        self.params.anomaly_detector,
-                        param.value,
-                        self.params.models_dir or DEMO_MODELS,
-                    )
-                    if problem:
-                        return SetParametersResult(successful=False, reason=problem)
+        pipeline = getattr(self, "pipeline", None)  # None while the YAML is declared
+        for p in params:
+            if result.successful and p.name == "drivable_classes" and pipeline is not None:
+                problem = drivable_problem(p.value, len(pipeline.class_names))
+                if problem:
+                    result = SetParametersResult(successful=False, reason=problem)
+            if result.successful and p.name == "anomaly_threshold" and self._ready:
+                problem = threshold_problem(
+                    self.pipeline,
+                    self.params.anomaly_detector,
+                    p.value,
+                    self.params.models_dir or DEMO_MODELS,
+                )
+                if problem:
+                    result = SetParametersResult(successful=False, reason=problem)
         # Not a post-set callback: Humble's rclpy has none. Only this callback can refuse,
         # so a successful check means the values are about to be stored.
         if result.successful and self._ready:
@@ -420,15 +473,57 @@ class DetectorNode(Node):
         return result
 
     def _publish_diagnostics(self) -> None:
+        self._watch_input()
+        with self._faults_lock:
+            faults = dict(self.faults)
         status = diagnostic_status(
             f"{self.get_name()}: segmentation safety",
             self.get_fully_qualified_name(),
             self.stats.snapshot(),
             str(self.pipeline.device),
+            faults=faults,
         )
         if self.last_problem:
             status.values.append(KeyValue(key="last_problem", value=self.last_problem))
+        for kind, text in sorted(self.problems.copy().items()):
+            status.values.append(KeyValue(key=f"problem: {kind}", value=text))
         self.diag_pub.publish(DiagnosticArray(header=self._stamp_now(), status=[status]))
+
+    def _watch_input(self) -> None:
+        """Fault when ``image`` has publishers but none of their frames has arrived lately."""
+        now = time.monotonic()
+        publishers = self.count_publishers(self._image_topic())
+        if publishers == 0:
+            self._publishers_seen_at = None
+            self._clear_fault(FAULT_NO_FRAMES)
+            return
+        if self._publishers_seen_at is None:
+            self._publishers_seen_at = now
+        idle = now - max(self._last_frame_at, self._publishers_seen_at)
+        if idle <= self.params.input_timeout:
+            self._clear_fault(FAULT_NO_FRAMES)
+            return
+        text = f"{publishers} publisher(s) on {self._image_topic()} but no frame for {idle:.1f} s"
+        if self.params.qos_reliability == "best_effort":
+            text += (
+                ": with best_effort QoS, frames of about 0.5 MB and more (e.g. 1024x512 rgb8) "
+                "often never arrive over Fast DDS defaults; set qos.reliability: reliable"
+            )
+        else:
+            text += ": check that the camera is sending and that its QoS is compatible"
+        if self._set_fault(FAULT_NO_FRAMES, text):
+            self.get_logger().warning(text)
+
+    def _set_fault(self, name: str, text: str) -> bool:
+        """Record an active fault; True when it is new (the caller logs it then, once)."""
+        with self._faults_lock:
+            new = name not in self.faults
+            self.faults[name] = text
+        return new
+
+    def _clear_fault(self, name: str) -> bool:
+        with self._faults_lock:
+            return self.faults.pop(name, None) is not None
 
     # -- worker thread -------------------------------------------------------------------
     def _work(self) -> None:
@@ -436,15 +531,21 @@ class DetectorNode(Node):
             item = self.slot.take(timeout=0.2)
             if item is None:
                 continue
-            msg, received_at, depth = item
+            msg, received_at = item
             started = time.monotonic()
             latency = None
+            unheard = False
             try:
-                if self._handle(msg, depth):
+                outcome = self._handle(msg)
+                if outcome == "unheard":
+                    unheard = True
+                elif outcome:
                     latency = (time.monotonic() - received_at) * 1e3
             except Exception as e:  # keep running whatever one frame does
-                self._warn("processing", f"frame failed: {type(e).__name__}: {e}")
-            self.stats.on_finished(latency)
+                # Keyed by exception type: one recurring failure must not hide another.
+                kind = f"processing/{type(e).__name__}"
+                self._warn(kind, f"frame failed: {type(e).__name__}: {e}")
+            self.stats.on_finished(latency, unheard=unheard)
             rate = self.params.max_rate
             if rate > 0:  # frames arriving meanwhile replace each other in the slot
                 self._stop.wait(started + 1.0 / rate - time.monotonic())
@@ -452,8 +553,8 @@ class DetectorNode(Node):
     def _wanted(self, p: DetectorParams) -> set[str]:
         return {k for k in p.publish if self.pubs[k].get_subscription_count() > 0}
 
-    def _handle(self, msg: Image | CompressedImage, depth: Image | None = None) -> bool:
-        """Process one frame (and its paired depth, if any); False for refused input."""
+    def _handle(self, msg: Image | CompressedImage) -> bool | str:
+        """Process one frame: True, False for refused input, "unheard" with no subscriber."""
         p = self.params
         wanted = self._wanted(p)
         t0 = time.perf_counter()
@@ -465,7 +566,7 @@ class DetectorNode(Node):
             return False
         decode_ms = (time.perf_counter() - t0) * 1e3
         if not wanted:
-            return True  # nobody listens: decoding checked the input, nothing else to do
+            return "unheard"  # decoding checked the input; not a processed frame
         outputs = set().union(*(NEEDS.get(k, frozenset()) for k in wanted))
         result = self.pipeline.process(rgb, outputs)
         self._check_finite(result)
@@ -490,7 +591,12 @@ class DetectorNode(Node):
             jpeg = image_codec.encode_jpeg(overlay, header, p.jpeg_quality)
             self.pubs["hazard_overlay_compressed"].publish(jpeg)
         if "hazards" in wanted:
-            self.pubs["hazards"].publish(self._markers(result, header, p, depth))
+            try:
+                hazards = self._markers(result, header, p)
+            except Exception as e:  # markers are extra: the alarm must still go out
+                self._warn(f"markers/{type(e).__name__}", f"hazard markers failed: {e}")
+                hazards = markers.hazard_markers([], None, header, 0.0, 0.0)
+            self.pubs["hazards"].publish(hazards)
         if "safety" in wanted:
             timings = {"decode": decode_ms, **result.timings_ms}
             timings["publish"] = (time.perf_counter() - t1) * 1e3
@@ -514,37 +620,64 @@ class DetectorNode(Node):
             return image_codec.empty_image(header)
         return image_codec.encode_32fc1(values, header)
 
-    def _markers(
-        self, r: SafetyResult, header: Any, p: DetectorParams, depth_msg: Image | None = None
-    ) -> MarkerArray:
+    def _markers(self, r: SafetyResult, header: Any, p: DetectorParams) -> MarkerArray:
         regions = []
         k = None
         depth = None
-        if r.anomaly is not None and self.camera_k is not None:
+        camera = self.camera_k
+        if r.anomaly is not None and camera is not None:
             h, w = r.anomaly.shape
-            k = markers.scale_intrinsics(self.camera_k[0], self.camera_k[1], (w, h))
+            k = markers.scale_intrinsics(camera[0], camera[1], (w, h))
             regions = markers.hazard_regions(r.anomaly, self.threshold(p), p.hazard_min_pixels)
             if p.use_depth and regions:
-                depth = self._depth_for(header, depth_msg or self.latest_depth, (h, w), p)
+                depth = self._depth_for(header, (h, w), p)
         return markers.hazard_markers(
             regions, k, header, p.camera_height, p.camera_pitch, p.max_marker_range, depth=depth
         )
 
+    def _nearest_depth(self, stamp: float, max_age: float) -> Image | None:
+        """The buffered depth nearest ``stamp``; waits up to ``max_age`` for a late one.
+
+        Depth often arrives a little after its image; a depth stamped after the image
+        already came, or no depth stream at all, means waiting cannot help.
+        """
+        deadline = time.monotonic() + max_age
+        with self._depth_cond:
+            while True:
+                best = min(
+                    self.depths, key=lambda m: abs(_seconds(m.header.stamp) - stamp), default=None
+                )
+                if best is None or abs(_seconds(best.header.stamp) - stamp) <= max_age:
+                    return best
+                newer = any(_seconds(m.header.stamp) > stamp for m in self.depths)
+                remaining = deadline - time.monotonic()
+                if newer or remaining <= 0 or self._stop.is_set():
+                    return best
+                self._depth_cond.wait(remaining)
+
     def _depth_for(
-        self, header: Any, msg: Image | None, shape: tuple[int, int], p: DetectorParams
+        self, header: Any, shape: tuple[int, int], p: DetectorParams
     ) -> np.ndarray | None:
         """Depth (metres, at ``shape``) for the image with ``header``; None = use the ground."""
+        stamp = _seconds(header.stamp)
+        msg = self._nearest_depth(stamp, p.depth_max_age)
+        topic = self.resolve_topic_name("depth")
         if msg is None:
-            self._warn("depth/none", "no depth image yet: hazard markers on the flat ground")
+            text = f"use_depth is set but no depth image on {topic}: markers on the flat ground"
+            if self._set_fault(FAULT_NO_DEPTH, text):
+                self.get_logger().warning(text)
             return None
-        age = abs(_seconds(header.stamp) - _seconds(msg.header.stamp))
+        self._clear_fault(FAULT_NO_DEPTH)
+        age = abs(stamp - _seconds(msg.header.stamp))
         if age > p.depth_max_age:
-            self._warn(
-                "depth/age",
-                f"newest depth is {age:.3f} s from the image > depth_max_age "
-                f"{p.depth_max_age} s: hazard markers on the flat ground",
+            text = (
+                f"nearest depth on {topic} is {age:.3f} s from the image > depth_max_age "
+                f"{p.depth_max_age} s: hazard markers on the flat ground"
             )
+            if self._set_fault(FAULT_DEPTH_SYNC, text):
+                self.get_logger().warning(text)
             return None
+        self._clear_fault(FAULT_DEPTH_SYNC)
         try:
             depth = image_codec.decode_depth(msg, p.max_pixels)
         except image_codec.CodecError as e:
@@ -592,6 +725,7 @@ class DetectorNode(Node):
 
     def _warn(self, kind: str, text: str) -> None:
         self.last_problem = text
+        self.problems[kind] = text
         if self.throttle.due(kind, self.params.warn_throttle_sec):
             self.get_logger().warning(text)
 
@@ -624,11 +758,24 @@ def main(args: list[str] | None = None) -> int:
         get_logger(NODE_NAME).fatal(f"cannot start: {e}")
         rclpy.try_shutdown()
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while the models load is a request, not a crash
+        rclpy.try_shutdown()
+        return 0
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
     try:
-        rclpy.spin(node)
+        # rclpy's handler turns Ctrl-C into a context shutdown; one that lands while the
+        # models load happens before any spin, and rclpy.spin would then wait forever.
+        # Polling ok() exits within one timeout wherever the signal came.
+        while rclpy.ok():
+            executor.spin_once(timeout_sec=0.2)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.destroy_node()
+        try:
+            executor.shutdown(timeout_sec=1.0)
+            node.destroy_node()
+        except KeyboardInterrupt:  # a second Ctrl-C while stopping: stop, quietly
+            pass
         rclpy.try_shutdown()
     return 0

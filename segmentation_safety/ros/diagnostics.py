@@ -1,8 +1,8 @@
 """Frame counters and a sliding window of latencies, reported on /diagnostics.
 
 The subscription callback and the worker thread both update the counters, so every
-update takes the lock. ``frames_received == processed + dropped + rejected + in_flight``
-holds at every instant a reader takes the lock, which is what the tests and the replay
+update takes the lock. ``frames_received == processed + dropped + rejected + unheard +
+in_flight`` holds at every instant a reader takes the lock, which is what the tests and the replay
 report rely on.
 """
 
@@ -25,6 +25,7 @@ class StatsSnapshot:
     processed: int
     dropped: int
     rejected: int
+    unheard: int
     in_flight: int
     rate_hz: float
     latency_p50_ms: float
@@ -44,6 +45,9 @@ class FrameStats:
         self.processed = 0
         self.dropped = 0  # overwritten in the one-slot buffer before the worker took them
         self.rejected = 0  # taken, but refused as bad input or failed in processing
+        # Decoded (so checked) but not processed: no output had a subscriber. Not counted
+        # as processed, so rate and latency describe frames someone received.
+        self.unheard = 0
         self.in_flight = 0  # in the slot or being processed right now
 
     def on_received(self, replaced_pending: bool) -> None:
@@ -54,10 +58,15 @@ class FrameStats:
             else:
                 self.in_flight += 1
 
-    def on_finished(self, latency_ms: float | None, now: float | None = None) -> None:
-        """A taken frame left the worker: published (latency given) or refused (None)."""
+    def on_finished(
+        self, latency_ms: float | None, now: float | None = None, unheard: bool = False
+    ) -> None:
+        """A taken frame left the worker: published (latency given), unheard or refused."""
         with self._lock:
             self.in_flight -= 1
+            if unheard:
+                self.unheard += 1
+                return
             if latency_ms is None:
                 self.rejected += 1
                 return
@@ -69,7 +78,14 @@ class FrameStats:
         with self._lock:
             done = list(self._done_at)
             lat = np.asarray(self._latency_ms, dtype=np.float64)
-            counts = (self.received, self.processed, self.dropped, self.rejected, self.in_flight)
+            counts = (
+                self.received,
+                self.processed,
+                self.dropped,
+                self.rejected,
+                self.unheard,
+                self.in_flight,
+            )
         span = done[-1] - done[0] if len(done) > 1 else 0.0
         rate = (len(done) - 1) / span if span > 0 else 0.0
         if lat.size:
@@ -82,11 +98,25 @@ class FrameStats:
 
 
 def diagnostic_status(
-    name: str, hardware_id: str, snap: StatsSnapshot, device: str, stale_after_s: float = 5.0
+    name: str,
+    hardware_id: str,
+    snap: StatsSnapshot,
+    device: str,
+    stale_after_s: float = 5.0,
+    faults: dict[str, str] | None = None,
 ) -> DiagnosticStatus:
-    """One DiagnosticStatus for the node: OK while frames flow, WARN when none came lately."""
+    """One DiagnosticStatus for the node: OK while frames flow, WARN when none came lately.
+
+    Each active fault is a ``fault: <name>`` value, and the message names them all, so a
+    monitor sees every cause at once rather than the newest only.
+    """
+    faults = faults or {}
     level, message = DiagnosticStatus.OK, "processing"
-    if snap.processed == 0:
+    if faults:
+        level, message = DiagnosticStatus.WARN, "faults: " + ", ".join(sorted(faults))
+    elif snap.processed == 0 and snap.unheard:
+        message = "no output is subscribed: frames are only checked"
+    elif snap.processed == 0:
         level, message = DiagnosticStatus.WARN, "no frame processed yet"
     elif snap.idle_s > stale_after_s:
         level, message = DiagnosticStatus.WARN, f"no frame processed for {snap.idle_s:.1f} s"
@@ -112,6 +142,9 @@ def diagnostic_status(
             kv("frames_processed", snap.processed),
             kv("frames_dropped", snap.dropped),
             kv("frames_rejected", snap.rejected),
+            kv("frames_unheard", snap.unheard),
             kv("frames_in_flight", snap.in_flight),
+            kv("faults", ", ".join(sorted(faults))),
+            *(kv(f"fault: {k}", v) for k, v in sorted(faults.items())),
         ],
     )

@@ -286,19 +286,47 @@ def encode_jpeg(image: np.ndarray, header: Any = None, quality: int = 90) -> Com
 # -- cv_bridge where it works ---------------------------------------------------------
 
 
+def _probe_messages() -> list[Image]:
+    """Every encoding we decode, padded rows, both byte-order flags: what a bridge meets.
+
+    Upstream cv_bridge byte-swaps messages whose ``is_bigendian`` differs from the host
+    with ``ndarray.newbyteorder``, removed in NumPy 2; a round trip of its own output
+    never sets the flag, so the probe must send flagged messages to see the crash.
+    """
+    rng = np.random.default_rng(0)
+    msgs = []
+    for enc, bpp in DECODABLE.items():
+        for big in (0, 1):
+            h, w, pad = 2, 3, 2
+            data = rng.integers(0, 256, (h, w * bpp + pad), dtype=np.uint8)
+            msgs.append(
+                Image(
+                    height=h,
+                    width=w,
+                    encoding=enc,
+                    is_bigendian=big,
+                    step=w * bpp + pad,
+                    data=data.tobytes(),
+                )
+            )
+    return msgs
+
+
 def load_cv_bridge() -> Any | None:
     """A working ``CvBridge`` instance, or None where it is absent or broken.
 
-    Broken means it imports but mis-converts or raises (the NumPy 2 crash), so a probe
-    image is round-tripped before it is trusted.
+    Broken means it imports but mis-converts or raises (the NumPy 2 crash) on any message
+    the node accepts, so it must decode every probe exactly as the numpy path does.
     """
     try:
         from cv_bridge import CvBridge  # optional: absent or broken on many systems
 
         bridge = CvBridge()
-        probe = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-        back = bridge.imgmsg_to_cv2(bridge.cv2_to_imgmsg(probe, "rgb8"), "rgb8")
-        return bridge if np.array_equal(back, probe) else None
+        for msg in _probe_messages():
+            got = np.asarray(bridge.imgmsg_to_cv2(msg, "rgb8"))
+            if not np.array_equal(got, decode_rgb(msg)):
+                return None
+        return bridge
     except Exception:  # any failure at all means: use the numpy path
         return None
 
@@ -325,4 +353,8 @@ class ImageCodec:
         if self.bridge is None:
             return decode_rgb(msg, self.max_pixels)
         check_layout(msg, self.max_pixels)
-        return self.bridge.imgmsg_to_cv2(msg, "rgb8")
+        try:
+            return self.bridge.imgmsg_to_cv2(msg, "rgb8")
+        except Exception:  # a case the probe missed: the numpy path from now on
+            self.bridge = None
+            return decode_rgb(msg, self.max_pixels)

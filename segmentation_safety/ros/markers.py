@@ -71,6 +71,27 @@ def camera_up(pitch: float) -> np.ndarray:
     return np.array([0.0, -math.cos(pitch), -math.sin(pitch)])
 
 
+def intrinsics_problem(k: np.ndarray) -> str | None:
+    """None for a usable pinhole K (row-major 3×3), else what is wrong with it.
+
+    Uncalibrated drivers publish K all zeros; a singular, non-finite or mirrored K would
+    put markers at NaN or behind the camera rather than fail, so it is refused up front.
+    """
+    k = np.asarray(k, dtype=np.float64).reshape(-1)
+    if k.size != 9:
+        return f"K has {k.size} values, expected 9"
+    if not np.all(np.isfinite(k)):
+        return "K has non-finite values (NaN or inf)"
+    if not np.any(k):
+        return "K is all zeros (uncalibrated camera)"
+    fx, fy = k[0], k[4]
+    if fx <= 0 or fy <= 0:
+        return f"focal lengths must be positive, got fx={fx:g} fy={fy:g}"
+    if k[3] != 0 or k[6] != 0 or k[7] != 0 or k[8] != 1:
+        return f"K is not a pinhole matrix: rows 2-3 must be [0, fy, cy], [0, 0, 1], got {k[3:]}"
+    return None
+
+
 def scale_intrinsics(
     k: np.ndarray, info_size: tuple[int, int], image_size: tuple[int, int]
 ) -> np.ndarray:

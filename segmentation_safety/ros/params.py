@@ -3,8 +3,11 @@
 ``SPECS`` is the single table: ``declare_parameters`` turns it into ROS declarations
 (descriptors carry the description, the range and ``read_only`` for what needs a restart),
 ``validate`` checks one value against it and names the parameter when it refuses, and
-``DetectorParams.from_node`` reads a typed snapshot the node's callbacks use. Defaults here
-match ``config/detector.yaml``.
+``DetectorParams.from_node`` reads a typed snapshot the node's callbacks use.
+
+SPECS is the one source of defaults: ``config/detector.yaml`` repeats them so users see
+every setting, and a test fails when the two disagree, so ``ros2 run`` without the YAML
+behaves as ``ros2 launch`` with it.
 """
 
 from __future__ import annotations
@@ -91,10 +94,26 @@ def _class_ids_ok(value: list[int]) -> str | None:
     return f"train ids must be within 0..254, got {bad}" if bad else None
 
 
+def drivable_problem(classes: Iterable[int], num_classes: int) -> str | None:
+    """None when every drivable id is a class the loaded segmenter predicts, else why not.
+
+    The spec's own check only knows the 0..254 label range; the number of classes is known
+    once the segmenter is loaded, and an id it never predicts would silently make the
+    drivable area smaller (an alarm that can never fire for that class).
+    """
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if not bad:
+        return None
+    return (
+        f"parameter 'drivable_classes' = {list(classes)!r}: {bad} not among the segmenter's "
+        f"{num_classes} classes (0..{num_classes - 1})"
+    )
+
+
 SPECS: tuple[Spec, ...] = (
     # -- models (read at start; changing them needs a restart) -------------------------
     Spec("models_dir", "", "Directory of model bundles; empty = the shipped demo models."),
-    Spec("anomaly_detector", "max_softmax", "Registry name filling the anomaly map; empty = none."),
+    Spec("anomaly_detector", "densehybrid", "Registry name filling the anomaly map; empty = none."),
     Spec("failure_detector", "max_softmax", "Registry name filling the failure map; empty = none."),
     Spec("class_iou_detector", "", "Registry name predicting per-class IoU; empty = none."),
     Spec("device", "auto", "Torch device: auto, cpu, cuda or cuda:N.", check=_device_ok),
@@ -109,8 +128,10 @@ SPECS: tuple[Spec, ...] = (
     # -- input ---------------------------------------------------------------------------
     Spec(
         "qos.reliability",
-        "best_effort",
-        "Image subscription reliability (best_effort = sensor-data QoS).",
+        "reliable",
+        "Image (and depth) subscription reliability. reliable: frames of any size arrive "
+        "from reliable publishers (image_transport's default); best_effort: also matches "
+        "best_effort publishers, but frames of about 0.5 MB and more may never arrive.",
         choices=RELIABILITY,
     ),
     Spec("qos.depth", 1, "Image subscription keep-last depth.", low=1, high=100),
@@ -136,6 +157,14 @@ SPECS: tuple[Spec, ...] = (
         runtime=True,
         low=0.0,
         high=1000.0,
+    ),
+    Spec(
+        "input_timeout",
+        3.0,
+        "Seconds without a frame while 'image' has publishers before /diagnostics warns.",
+        runtime=True,
+        low=0.1,
+        high=3600.0,
     ),
     # -- hazard decision -------------------------------------------------------------------
     Spec(
@@ -324,6 +353,7 @@ class DetectorParams:
     input_transport: str
     max_pixels: int
     max_rate: float
+    input_timeout: float
     anomaly_threshold: float
     alarm_fraction: float
     alarm_region: str
@@ -357,6 +387,7 @@ class DetectorParams:
             input_transport=v["input_transport"],
             max_pixels=int(v["max_pixels"]),
             max_rate=float(v["max_rate"]),
+            input_timeout=float(v["input_timeout"]),
             anomaly_threshold=float(v["anomaly_threshold"]),
             alarm_fraction=float(v["alarm_fraction"]),
             alarm_region=v["alarm_region"],
