@@ -64,8 +64,12 @@ def _png(path: Path, array: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_world(tmp_path_factory.mktemp("world"))
+
+
+def write_world(root: Path) -> Path:
     """A three-image world in the layout `segsafe world` writes (val and anomaly splits)."""
-    root = tmp_path_factory.mktemp("world")
+    root.mkdir(parents=True, exist_ok=True)
     (root / "world.json").write_text("{}")
     for i in range(3):
         image, semantic, anomaly = _scene(i)

@@ -166,16 +166,9 @@ def test_threshold_at_fpr_flags_that_share_of_inliers():
 
 
 def test_calibrate_stores_each_detectors_point_in_its_bundle(tmp_path):
-    from test_evaluate import _png, _scene
+    from test_evaluate import write_world
 
-    world = tmp_path / "world"
-    (world / "world.json").parent.mkdir(parents=True)
-    (world / "world.json").write_text("{}")
-    for i in range(3):
-        image, semantic, _ = _scene(i)
-        stem = f"voxelstadt_{i:06d}_000019"
-        _png(world / "leftImg8bit/val/voxelstadt" / f"{stem}_leftImg8bit.png", image)
-        _png(world / "gtFine/val/voxelstadt" / f"{stem}_gtFine_labelTrainIds.png", semantic)
+    world = write_world(tmp_path / "world")
     models = tmp_path / "models"
     torch.manual_seed(0)
     seg = build_segmenter("tiny", num_classes=19, width=8)
@@ -202,6 +195,8 @@ def test_calibrate_stores_each_detectors_point_in_its_bundle(tmp_path):
         sml_bundle.metadata["operating_points"]["sml"]["threshold"]
     )
     road, flagged = 0, 0
+    from test_evaluate import _scene
+
     for i in range(3):
         image, semantic, _ = _scene(i)
         result = pipeline.process(image, {"anomaly"})
