@@ -15,6 +15,7 @@ from torch.utils.data import default_collate
 
 from segmentation_safety.checkpoint import save_bundle
 from segmentation_safety.detectors.base import Detector
+from segmentation_safety.errors import UserError
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.models.zoo import load_segmenter  # noqa: F401  (engine API)
 from segmentation_safety.types import SegmenterOutput
@@ -33,7 +34,7 @@ from training.engine.loop import (
 from training.engine.transforms import random_scale_crop_flip, to_tensors
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data directory or split that cannot be trained on; the message names it."""
 
 

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from segmentation_safety.checkpoint import atomic_write_bytes
 from segmentation_safety.device import resolve_device
+from segmentation_safety.errors import MissingFileError
 
 BN_MODES = ("train", "frozen", "sync")
 
@@ -300,7 +301,7 @@ def load_training_state(
     try:
         state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"--resume: no training state at {path}") from None
+        raise MissingFileError(f"--resume: no training state at {path}") from None
     except Exception as e:  # a truncated or foreign file: say which one
         raise RuntimeError(f"--resume: cannot read training state {path}: {e}") from None
     for key, value in meta.items():
