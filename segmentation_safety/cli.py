@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "import-weights": "segmentation_safety.commands.import_weights",
     "calibrate": "training.calibrate_cli",
     "bench": "segmentation_safety.commands.bench",
-    "make-bag": "segmentation_safety.commands.make_bag",
+    "make-bag": "training.make_bag_cli",
     "replay": "segmentation_safety.commands.replay",
 }
 

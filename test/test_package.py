@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
@@ -69,3 +70,52 @@ def test_core_imports_where_rclpy_cannot_be_found():
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) >= 5
+
+
+def training_imports(source: str) -> list[int]:
+    """Lines of ``source`` that import ``training``, at any depth (functions included).
+
+    A module path held in a string (the CLI's SUBCOMMANDS registry) is data, not an
+    import; ``importlib.import_module`` / ``__import__`` with a literal name is one.
+    """
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            first = node.args[0]
+            if called in ("import_module", "__import__") and isinstance(first, ast.Constant):
+                names = [str(first.value)]
+        if any(n == "training" or n.startswith("training.") for n in names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_import_check_sees_imports_inside_functions_but_not_module_names_in_strings():
+    planted = textwrap.dedent(
+        """
+        import importlib
+        REGISTRY = {"make-bag": "training.make_bag_cli"}
+        def run():
+            from training.bags import write_bag
+            import training.cli as cli
+            return importlib.import_module("training.evaluate")
+        """
+    )
+    assert training_imports(planted) == [5, 6, 7]
+    assert training_imports("from trainingwheels import x\nimport segmentation_safety") == []
+
+
+def test_runtime_never_imports_training():
+    # The import test above only sees module-level imports that run; a `from training...`
+    # inside a function would ship a runtime that breaks where training/ is not installed.
+    offenders = []
+    for path in sorted((REPO / "segmentation_safety").rglob("*.py")):
+        for line in training_imports(path.read_text()):
+            offenders.append(f"{path.relative_to(REPO)}:{line}")
+    assert not offenders, f"the runtime imports training/: {offenders}"

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from segmentation_safety.errors import report_user_errors
+
 if TYPE_CHECKING:
     from training.bags import BagSummary
 
@@ -73,6 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+@report_user_errors("make-bag")
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
