@@ -26,12 +26,11 @@ from segmentation_safety.models.flowenedet import (
     GaussianMixture,
     InvConv1x1,
     energy_flow_input,
-    flowenedet_loss,
-    flowenedet_targets,
     pool_condition,
 )
 from segmentation_safety.models.tiny import TinySegmenter
 from segmentation_safety.types import SegmenterOutput
+from training.losses.flowenedet import flowenedet_loss, flowenedet_targets
 
 torch.set_num_threads(1)
 

@@ -51,7 +51,6 @@ from segmentation_safety.detectors.resynthesis import (
     prediction_at,
     resynthesize,
 )
-from segmentation_safety.losses_synthcp import comparison_loss
 from segmentation_safety.metrics import FailureMetrics, IoUPredictionMetrics, per_image_class_iou
 from segmentation_safety.models.comparison import ComparisonNet
 from segmentation_safety.models.generator import SpadeGenerator, build_generator
@@ -61,6 +60,7 @@ from training import engine, train_segmenter
 from training.config import ConfigError, default_config, merge
 from training.engine.transforms import VOID
 from training.folds import cross_validation_folds
+from training.losses.synthcp import comparison_loss
 
 PREDICTION_MODES = ("folds", "given")
 

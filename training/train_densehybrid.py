@@ -35,14 +35,14 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from segmentation_safety.calibration import threshold_at_tpr
 from segmentation_safety.detectors.densehybrid import DenseHybridDetector
 from segmentation_safety.metrics import AnomalyMetrics
-from segmentation_safety.models.densehybrid_head import densehybrid_loss
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.models.zoo import segmenter_metadata
 from segmentation_safety.types import SegmenterOutput
 from training import engine
+from training.fit_statistics import threshold_at_tpr
+from training.losses.densehybrid import densehybrid_loss
 from training.negatives import paste_negative
 
 

@@ -38,15 +38,12 @@ from torch.utils.data import Subset
 
 from segmentation_safety.detectors.flowenedet import FLOW_STRIDE, FlowEneDetC, FlowEneDetU
 from segmentation_safety.metrics import AnomalyMetrics
-from segmentation_safety.models.flowenedet import (
-    FlowEneDet,
-    flowenedet_loss,
-    flowenedet_targets,
-)
+from segmentation_safety.models.flowenedet import FlowEneDet
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import SegmenterOutput
 from training import engine
 from training.config import ConfigError
+from training.losses.flowenedet import flowenedet_loss, flowenedet_targets
 from training.train_sml import max_logit_statistics
 
 VARIANTS = {"FED-U": FlowEneDetU, "FED-C": FlowEneDetC}

@@ -39,10 +39,10 @@ from torch import nn
 
 from segmentation_safety.detectors.resynthesis import PRESETS
 from segmentation_safety.labels import NUM_CLASSES, TRAIN_NAMES
-from segmentation_safety.losses_synthcp import discriminator_loss, generator_loss
 from segmentation_safety.models.generator import MultiscaleDiscriminator, SpadeGenerator
 from training import engine
 from training.config import ConfigError
+from training.losses.synthcp import discriminator_loss, generator_loss
 
 #: Discriminator per generator preset: "paper" is SPADE's multi-scale discriminator
 #: (ndf 64, 4 layers, 2 scales); "tiny" keeps the two networks in balance for the demo.

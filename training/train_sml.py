@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from segmentation_safety.calibration import MaxLogitStats
 from segmentation_safety.detectors import registry
 from segmentation_safety.models.segmenter import Segmenter
 from training import engine
+from training.fit_statistics import MaxLogitStats
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ def standardized_max_logit(
     """(max logit - mu_c) / sigma_c with c the predicted class, per pixel (B×h×w).
 
     ``class_mean`` and ``class_std`` are K-vectors of the max logit over the training
-    pixels predicted as each class (:class:`~segmentation_safety.calibration.MaxLogitStats`).
+    pixels predicted as each class (:class:`training.fit_statistics.MaxLogitStats`).
     """
     logits = logits.float()
     top, predicted = logits.max(dim=1)
