@@ -1,4 +1,4 @@
-"""FlowEneDet (003; DESIGN §4): flow input, layers, mixture base, loss, detectors."""
+"""FlowEneDet (its supplementary; DESIGN §4): flow input, layers, mixture base, loss, detectors."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -119,3 +120,26 @@ def test_runtime_never_imports_training():
         for line in training_imports(path.read_text()):
             offenders.append(f"{path.relative_to(REPO)}:{line}")
     assert not offenders, f"the runtime imports training/: {offenders}"
+
+
+#: Citations by the number of a file in the creators' paper folder (a three-digit number
+#: before a section sign or in parentheses): a clone has no such numbering; papers are
+#: cited by title and section instead.
+PAPER_NUMBER = re.compile(
+    r"\b00[0-4] §|\(00[0-4][,;)]|; 00[0-4]\)|paper 00[0-4]|\b00[0-4],? Table|\b00[0-4] suppl"
+)
+
+
+def test_papers_are_cited_by_title_not_by_a_file_number():
+    assert PAPER_NUMBER.search("DenseHybrid detector (004 §3)")
+    assert PAPER_NUMBER.search("ablation (003, Table 8)")
+    assert not PAPER_NUMBER.search("lr: 0.001  # DenseHybrid §3.2, Table 5")
+    found = []
+    for folder in ("segmentation_safety", "training", "config", "docs", "launch", "test"):
+        for path in sorted((REPO / folder).rglob("*")):
+            if path.suffix not in {".py", ".md", ".yaml"} or "__pycache__" in path.parts:
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), start=1):
+                if PAPER_NUMBER.search(line) and "PAPER_NUMBER" not in line:
+                    found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not found, "cite papers by title and section:\n" + "\n".join(found)

@@ -1,4 +1,4 @@
-"""Train the SynthCP comparison net: failure map and per-class IoU (001 §3.2, §4.1).
+"""Train the SynthCP comparison net: failure map and per-class IoU (SynthCP §3.2, §4.1).
 
 The comparison net F(x, G(ŷ), ŷ) learns where a prediction ŷ is wrong, so it must be
 trained on predictions that *are* wrong in the way the deployed segmenter's are on

@@ -1,4 +1,4 @@
-"""Fine-tune a segmenter with the DenseHybrid head on mixed-content crops (004 §3.2, §7.4).
+"""Fine-tune a segmenter with the DenseHybrid head on mixed-content crops (DenseHybrid §3.2, §7.4).
 
 Each inlier crop (rescale [0.5, 2], flip, crop) gets part of a negative image from the
 world's ``negatives/`` pasted on it (training/negatives.py): a random rectangle or the

@@ -1,4 +1,4 @@
-"""Learned embedding density (Fishyscapes 002 §4.2, B.6): Real-NVP flows over pre-ReLU
+"""Learned embedding density (Fishyscapes §4.2, B.6): Real-NVP flows over pre-ReLU
 embeddings of chosen layers of a frozen segmenter, trained by maximum likelihood.
 
 Each step draws ``pixels_per_image`` embedding vectors per image and layer and

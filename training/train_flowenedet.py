@@ -1,4 +1,4 @@
-"""FlowEneDet (003; DESIGN §4) on a frozen segmenter: SML statistics, then the flow.
+"""FlowEneDet (its supplementary; DESIGN §4) on a frozen segmenter: SML statistics, then the flow.
 
 1. The per-class max-logit statistics (as ``segsafe train sml``) go into the model's
    ``class_mean``/``class_std``, which standardise the logits before the energy.

@@ -1,4 +1,4 @@
-"""Train the SPADE generator of the resynthesis detector (SynthCP 001 §3.1).
+"""Train the SPADE generator of the resynthesis detector (SynthCP §3.1).
 
 SynthCP trains a semantic-to-image cGAN on ground-truth (label map, image) pairs and
 later feeds it the *predicted* label map. We follow SPADE's recipe as SynthCP uses it

@@ -1,4 +1,4 @@
-"""DenseHybrid detector (004 §3): hybrid score from the logits and a small head.
+"""DenseHybrid detector (DenseHybrid §3): hybrid score from the logits and a small head.
 
 The head reads the shared pre-logit features; its cost is one BN-ReLU-Conv1x1 plus a
 logsumexp over the logits (Table 5: +2.8 ms on 60.9 ms). The fine-tuned segmenter is a

@@ -1,7 +1,7 @@
 """Softmax-family baselines: scores computed from the logits alone.
 
-References: Fishyscapes §4.1 (max-softmax, entropy; 002), DenseHybrid Table 4 (max-logit,
-standardized max-logit, energy; 004). Every anomaly map follows the project convention
+References: Fishyscapes §4.1 (max-softmax, entropy), DenseHybrid Table 4 (max-logit,
+standardized max-logit, energy). Every anomaly map follows the project convention
 "higher = more anomalous" and stays at the logits' resolution; the pipeline resizes.
 """
 

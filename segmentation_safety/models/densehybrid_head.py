@@ -1,4 +1,4 @@
-"""DenseHybrid (Grcić et al., ECCV 2022; 004): dataset-posterior head and score.
+"""DenseHybrid (Grcić et al., ECCV 2022): dataset-posterior head and score.
 
 The loss that trains the head is in ``training/losses/densehybrid.py``.
 

@@ -1,4 +1,4 @@
-"""FlowEneDet (003 supplementary; DESIGN §4): an energy-based normalising flow that
+"""FlowEneDet (FlowEneDet supplementary, UAI 2023; DESIGN §4): an energy-based normalising flow that
 turns the frozen segmenter's logits into P(segmentation wrong) per pixel.
 
 Per pixel: logits are standardised per class as in SML, E = -logsumexp(standardised),
