@@ -9,6 +9,7 @@ import sys
 import textwrap
 import xml.etree.ElementTree as ET
 
+import pytest
 from conftest import REPO
 
 
@@ -143,3 +144,24 @@ def test_papers_are_cited_by_title_not_by_a_file_number():
                 if PAPER_NUMBER.search(line) and "PAPER_NUMBER" not in line:
                     found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not found, "cite papers by title and section:\n" + "\n".join(found)
+
+
+def test_a_user_error_ends_in_one_line_with_exit_2(capsys):
+    from segmentation_safety.cli import main
+
+    # --train -1 is the user's mistake: one line naming it, exit 2.
+    assert main(["world", "--out", "/nonexistent/w", "--train", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("segsafe world: error: bad world size")
+
+
+def test_a_bug_in_a_subcommand_keeps_its_traceback(monkeypatch):
+    from segmentation_safety.cli import main
+    from training.world import cli as world_cli
+
+    def broken(*args, **kwargs):
+        raise ValueError("an invariant broke")  # a bug, not something the user can fix
+
+    monkeypatch.setattr(world_cli, "write_world", broken)
+    with pytest.raises(ValueError, match="invariant"):
+        main(["world", "--out", "/nonexistent/w"])
