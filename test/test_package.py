@@ -160,8 +160,10 @@ def test_a_bug_in_a_subcommand_keeps_its_traceback(monkeypatch):
     from training.world import cli as world_cli
 
     def broken(*args, **kwargs):
-        raise ValueError("an invariant broke")  # a bug, not something the user can fix
+        # A file this package should have shipped: a bug, which `except FileNotFoundError`
+        # in the entry point once turned into exit 2 as if the user had mistyped a path.
+        raise FileNotFoundError("package data missing")
 
     monkeypatch.setattr(world_cli, "write_world", broken)
-    with pytest.raises(ValueError, match="invariant"):
+    with pytest.raises(FileNotFoundError, match="package data"):
         main(["world", "--out", "/nonexistent/w"])
