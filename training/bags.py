@@ -89,7 +89,7 @@ _FILE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 ENCODED_JPEG_FORMAT = "rgb8; jpeg compressed bgr8"
 
 
-class BagSourceError(BagError):
+class BagSourceError(BagError, ValueError):
     """The input cannot become a bag: no sequence, unknown name, empty, existing output."""
 
 
