@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
+from segmentation_safety.errors import UserError
+
 FORMAT = "segsafe-bundle/1"
 _META_KEY = "segsafe"
 
 
-class BundleError(RuntimeError):
+class BundleError(UserError, RuntimeError):
     """A bundle that is missing, unreadable or does not match what was asked for."""
 
     def __init__(self, path: str | os.PathLike[str], problem: str) -> None:

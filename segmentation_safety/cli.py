@@ -7,6 +7,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from segmentation_safety.errors import UserError, report
+
 # name -> module providing `add_parser(subparsers)`; imported lazily so `segsafe --help`
 # stays fast and a subcommand's heavy imports (torch, rosbags, rclpy) load only when used.
 SUBCOMMANDS: dict[str, str] = {
@@ -16,7 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "import-weights": "segmentation_safety.commands.import_weights",
     "calibrate": "training.calibrate_cli",
     "bench": "segmentation_safety.commands.bench",
-    "make-bag": "segmentation_safety.commands.make_bag",
+    "make-bag": "training.make_bag_cli",
     "replay": "segmentation_safety.commands.replay",
 }
 
@@ -34,18 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from segmentation_safety.checkpoint import BundleError
-    from segmentation_safety.detectors.registry import UnknownDetectorError
-    from segmentation_safety.device import DeviceError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (BundleError, UnknownDetectorError, DeviceError, FileNotFoundError) as e:
-        # Problems with what the user asked for: one line naming it, no traceback.
-        print(f"segsafe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        # Subcommands not decorated with report_user_errors end up here.
+        return report(args.command, e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

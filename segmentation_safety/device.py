@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from segmentation_safety.errors import UserError
 
-class DeviceError(ValueError):
+
+class DeviceError(UserError, ValueError):
     """A device that was asked for and is not available here."""
 
 

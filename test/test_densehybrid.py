@@ -13,10 +13,10 @@ from segmentation_safety.detectors import build
 from segmentation_safety.models.densehybrid_head import (
     OUTLIER,
     DenseHybridHead,
-    densehybrid_loss,
     densehybrid_score,
 )
 from segmentation_safety.models.tiny import TinySegmenter
+from training.losses.densehybrid import densehybrid_loss
 
 
 def _lse(*values: float) -> float:

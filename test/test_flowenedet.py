@@ -1,4 +1,4 @@
-"""FlowEneDet (003; DESIGN §4): flow input, layers, mixture base, loss, detectors."""
+"""FlowEneDet (its supplementary; DESIGN §4): flow input, layers, mixture base, loss, detectors."""
 
 from __future__ import annotations
 
@@ -26,12 +26,11 @@ from segmentation_safety.models.flowenedet import (
     GaussianMixture,
     InvConv1x1,
     energy_flow_input,
-    flowenedet_loss,
-    flowenedet_targets,
     pool_condition,
 )
 from segmentation_safety.models.tiny import TinySegmenter
 from segmentation_safety.types import SegmenterOutput
+from training.losses.flowenedet import flowenedet_loss, flowenedet_targets
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Real-NVP flow and the flow-density detector (Fishyscapes 002 §4.2, B.6)."""
+"""Real-NVP flow and the flow-density detector (Fishyscapes §4.2, B.6)."""
 
 from __future__ import annotations
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
 import textwrap
 import xml.etree.ElementTree as ET
 
+import pytest
 from conftest import REPO
 
 
@@ -69,3 +72,98 @@ def test_core_imports_where_rclpy_cannot_be_found():
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) >= 5
+
+
+def training_imports(source: str) -> list[int]:
+    """Lines of ``source`` that import ``training``, at any depth (functions included).
+
+    A module path held in a string (the CLI's SUBCOMMANDS registry) is data, not an
+    import; ``importlib.import_module`` / ``__import__`` with a literal name is one.
+    """
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            first = node.args[0]
+            if called in ("import_module", "__import__") and isinstance(first, ast.Constant):
+                names = [str(first.value)]
+        if any(n == "training" or n.startswith("training.") for n in names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_import_check_sees_imports_inside_functions_but_not_module_names_in_strings():
+    planted = textwrap.dedent(
+        """
+        import importlib
+        REGISTRY = {"make-bag": "training.make_bag_cli"}
+        def run():
+            from training.bags import write_bag
+            import training.cli as cli
+            return importlib.import_module("training.evaluate")
+        """
+    )
+    assert training_imports(planted) == [5, 6, 7]
+    assert training_imports("from trainingwheels import x\nimport segmentation_safety") == []
+
+
+def test_runtime_never_imports_training():
+    # The import test above only sees module-level imports that run; a `from training...`
+    # inside a function would ship a runtime that breaks where training/ is not installed.
+    offenders = []
+    for path in sorted((REPO / "segmentation_safety").rglob("*.py")):
+        for line in training_imports(path.read_text()):
+            offenders.append(f"{path.relative_to(REPO)}:{line}")
+    assert not offenders, f"the runtime imports training/: {offenders}"
+
+
+#: Citations by the number of a file in the creators' paper folder (a three-digit number
+#: before a section sign or in parentheses): a clone has no such numbering; papers are
+#: cited by title and section instead.
+PAPER_NUMBER = re.compile(
+    r"\b00[0-4] §|\(00[0-4][,;)]|; 00[0-4]\)|paper 00[0-4]|\b00[0-4],? Table|\b00[0-4] suppl"
+)
+
+
+def test_papers_are_cited_by_title_not_by_a_file_number():
+    assert PAPER_NUMBER.search("DenseHybrid detector (004 §3)")
+    assert PAPER_NUMBER.search("ablation (003, Table 8)")
+    assert not PAPER_NUMBER.search("lr: 0.001  # DenseHybrid §3.2, Table 5")
+    found = []
+    for folder in ("segmentation_safety", "training", "config", "docs", "launch", "test"):
+        for path in sorted((REPO / folder).rglob("*")):
+            if path.suffix not in {".py", ".md", ".yaml"} or "__pycache__" in path.parts:
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), start=1):
+                if PAPER_NUMBER.search(line) and "PAPER_NUMBER" not in line:
+                    found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not found, "cite papers by title and section:\n" + "\n".join(found)
+
+
+def test_a_user_error_ends_in_one_line_with_exit_2(capsys):
+    from segmentation_safety.cli import main
+
+    # --train -1 is the user's mistake: one line naming it, exit 2.
+    assert main(["world", "--out", "/nonexistent/w", "--train", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("segsafe world: error: bad world size")
+
+
+def test_a_bug_in_a_subcommand_keeps_its_traceback(monkeypatch):
+    from segmentation_safety.cli import main
+    from training.world import cli as world_cli
+
+    def broken(*args, **kwargs):
+        # A file this package should have shipped: a bug, which `except FileNotFoundError`
+        # in the entry point once turned into exit 2 as if the user had mistyped a path.
+        raise FileNotFoundError("package data missing")
+
+    monkeypatch.setattr(world_cli, "write_world", broken)
+    with pytest.raises(FileNotFoundError, match="package data"):
+        main(["world", "--out", "/nonexistent/w"])

@@ -16,15 +16,6 @@ from segmentation_safety.detectors.resynthesis import (
     msp_postprocess,
     resynthesize,
 )
-from segmentation_safety.losses_synthcp import (
-    correct_targets,
-    discriminator_loss,
-    feature_matching_loss,
-    generator_loss,
-    iou_loss,
-    iou_targets,
-    pixel_correct_loss,
-)
 from segmentation_safety.models.comparison import ComparisonNet
 from segmentation_safety.models.generator import (
     SPADE,
@@ -34,6 +25,15 @@ from segmentation_safety.models.generator import (
 )
 from segmentation_safety.models.tiny import TinySegmenter
 from training.folds import cross_validation_folds
+from training.losses.synthcp import (
+    correct_targets,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_loss,
+    iou_loss,
+    iou_targets,
+    pixel_correct_loss,
+)
 
 torch.set_num_threads(1)
 

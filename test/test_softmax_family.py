@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from segmentation_safety.calibration import MaxLogitStats, fuse_open_set, threshold_at_tpr
 from segmentation_safety.checkpoint import BundleError, load_bundle, save_bundle
 from segmentation_safety.detectors import build, detector_class
+from segmentation_safety.detectors.densehybrid import fuse_open_set
 from segmentation_safety.detectors.softmax import (
     free_energy,
     max_logit,
@@ -20,6 +20,7 @@ from segmentation_safety.detectors.softmax import (
 )
 from segmentation_safety.models.tiny import TinySegmenter
 from segmentation_safety.types import SegmenterOutput
+from training.fit_statistics import MaxLogitStats, threshold_at_tpr
 
 FAMILY = ("max_softmax", "entropy", "max_logit", "energy", "sml")
 

@@ -235,3 +235,76 @@ def test_ddp_two_processes_match_one(world: Path, tmp_path: Path):
     b = load_bundle(tmp_path / "two.safetensors").tensors
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+# -- opening and closing a run ------------------------------------------------------------
+def test_every_trainer_opens_its_run_with_the_context_manager():
+    # init_run without open_run is how six trainers once skipped close_run on early stop.
+    for path in sorted((REPO / "training").glob("train_*.py")):
+        source = path.read_text()
+        assert "engine.open_run(" in source, path.name
+        assert "init_run(" not in source and "close_run(" not in source, path.name
+
+
+def test_a_run_stopped_early_is_closed(world: Path, tmp_path: Path, monkeypatch):
+    closed = []
+    monkeypatch.setattr(engine.loop, "close_run", lambda ctx: closed.append(ctx))
+    config = write_config(tmp_path / "c.yaml", **TINY)
+    out = tmp_path / "stopped.safetensors"
+    assert train("segmenter", world, out, config, "--stop-after", "1") == 0
+    assert not out.exists() and len(closed) == 1
+
+
+class _FakeGroup:
+    """torch.distributed as a run of two ranks sees it, recording what is called."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.up = True
+
+    def is_initialized(self) -> bool:
+        return self.up
+
+    def barrier(self) -> None:
+        self.calls.append("barrier")
+
+    def destroy_process_group(self) -> None:
+        self.calls.append("destroy")
+        self.up = False
+
+
+@pytest.mark.parametrize("ending", ["return", "raise"])
+def test_the_process_group_is_destroyed_however_the_run_ends(monkeypatch, ending: str):
+    group = _FakeGroup()
+    monkeypatch.setattr(engine.loop, "dist", group)
+    two_ranks = engine.RunContext(torch.device("cpu"), 0, rank=0, world_size=2)
+    monkeypatch.setattr(engine.loop, "init_run", lambda *a, **k: two_ranks)
+
+    def trainer() -> str:
+        with engine.open_run("cpu", 0, False) as ctx:
+            assert ctx is two_ranks
+            if ending == "raise":
+                raise RuntimeError("a bug in the trainer")
+            return "stopped"
+
+    if ending == "raise":
+        with pytest.raises(RuntimeError, match="a bug"):
+            trainer()
+        # No barrier after a failure: the other rank may never reach it.
+        assert group.calls == ["destroy"]
+    else:
+        assert trainer() == "stopped"
+        assert group.calls == ["barrier", "destroy"]
+
+
+def test_training_without_tensorboard_logs_nothing_and_says_so(
+    world: Path, tmp_path: Path, monkeypatch, capsys
+):
+    # A plain `pip install -e .` has no tensorboard (it comes with the train extra).
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    config = write_config(tmp_path / "c.yaml", **{**TINY, "iterations": 2})
+    out = tmp_path / "plain.safetensors"
+    assert train("segmenter", world, out, config) == 0
+    assert out.is_file() and not engine.log_dir(out).exists()
+    notes = [line for line in capsys.readouterr().err.splitlines() if "TensorBoard" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: no TensorBoard logging")

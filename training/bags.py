@@ -35,7 +35,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,19 +43,36 @@ from typing import Any
 import cv2
 import numpy as np
 
+from segmentation_safety.bags import (
+    ANOMALY_TOPIC,
+    CAMERA_INFO_TYPE,
+    COMPRESSED_TYPE,
+    DEFAULT_BAG_VERSION,
+    FORMATS,
+    IMAGE_TYPE,
+    LABELS_TOPIC,
+    BagError,
+    CameraModel,
+    MessageFactory,
+    camera_info_topic,
+    check_storage,
+    offered_qos,
+    staged_writer,
+)
+
 #: Relative stamps (a sequence starting near 0 s) are shifted to this epoch (s), so header
 #: stamps are never zero ("unset" to many ROS tools) and bags stay reproducible.
 DEFAULT_START_S = 1_700_000_000.0
 #: Frame rate assumed for Lost & Found frame numbers when no timestamp files exist.
 LAF_FPS = 10.0
-#: Cityscapes / Lost & Found camera: fx = fy = 2262.52 px at 2048 px width (~48.7° hfov).
-#: Used, scaled to the image width, when the source carries no intrinsics.
-DEFAULT_FOCAL_AT_2048 = 2262.52
-LABELS_TOPIC = "/ground_truth/labels"
-ANOMALY_TOPIC = "/ground_truth/anomaly"
-FORMATS = ("sqlite3", "mcap")
-#: rosbag2 metadata version: 8 is read by Jazzy and later; 9 (QoS as YAML lists) by Kilted+.
-DEFAULT_BAG_VERSION = 8
+__all__ = [  # the shared bag names, re-exported for callers of this module
+    "ANOMALY_TOPIC",
+    "DEFAULT_BAG_VERSION",
+    "FORMATS",
+    "LABELS_TOPIC",
+    "CameraModel",
+    "camera_info_topic",
+]
 
 _LAF_IMAGE = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})_leftImg8bit\.png$")
 # Lost & Found gtCoarse label ids: 0 unlabeled / out of ROI, 1 free space (road), >= 2 an
@@ -73,32 +89,8 @@ _FILE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 ENCODED_JPEG_FORMAT = "rgb8; jpeg compressed bgr8"
 
 
-class BagSourceError(ValueError):
+class BagSourceError(BagError, ValueError):
     """The input cannot become a bag: no sequence, unknown name, empty, existing output."""
-
-
-@dataclass(frozen=True)
-class CameraModel:
-    """Pinhole intrinsics for ``sensor_msgs/CameraInfo`` (no distortion)."""
-
-    fx: float
-    fy: float
-    cx: float
-    cy: float
-    width: int
-    height: int
-
-    @classmethod
-    def default(cls, width: int, height: int) -> CameraModel:
-        f = DEFAULT_FOCAL_AT_2048 * width / 2048.0
-        return cls(f, f, (width - 1) / 2.0, (height - 1) / 2.0, width, height)
-
-    def scaled_to(self, width: int, height: int) -> CameraModel:
-        """The same camera for an image resized to ``width`` x ``height``."""
-        if (width, height) == (self.width, self.height):
-            return self
-        sx, sy = width / self.width, height / self.height
-        return CameraModel(self.fx * sx, self.fy * sy, self.cx * sx, self.cy * sy, width, height)
 
 
 @dataclass(frozen=True)
@@ -415,97 +407,7 @@ def video_source(
     return StreamSource(path.stem, "video", rate, total, read)
 
 
-# -- messages -------------------------------------------------------------------------------
-def typestore() -> Any:
-    """The rosbags typestore used for writing (standard message types, Jazzy)."""
-    from rosbags.typesys import Stores, get_typestore
-
-    return get_typestore(Stores.ROS2_JAZZY)
-
-
-def offered_qos(depth: int = 10) -> Any:
-    """Reliable, volatile, keep-last: what a camera driver typically offers."""
-    from rosbags.interfaces import (
-        Qos,
-        QosDurability,
-        QosHistory,
-        QosLiveliness,
-        QosReliability,
-        QosTime,
-    )
-
-    zero = QosTime(0, 0)
-    return Qos(
-        QosHistory.KEEP_LAST,
-        depth,
-        QosReliability.RELIABLE,
-        QosDurability.VOLATILE,
-        zero,
-        zero,
-        QosLiveliness.AUTOMATIC,
-        zero,
-        False,
-    )
-
-
-def camera_info_topic(image_topic: str) -> str:
-    """``/camera/image_raw`` -> ``/camera/camera_info`` (image_transport's convention)."""
-    base = image_topic.rsplit("/", 1)[0]
-    return f"{base}/camera_info"
-
-
-class MessageFactory:
-    """Builds rosbags message objects with one header per frame."""
-
-    def __init__(self, store: Any, frame_id: str) -> None:
-        self.t = store.types
-        self.store = store
-        self.frame_id = frame_id
-
-    def header(self, stamp_ns: int) -> Any:
-        sec, nanosec = divmod(stamp_ns, 1_000_000_000)
-        time = self.t["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec)
-        return self.t["std_msgs/msg/Header"](stamp=time, frame_id=self.frame_id)
-
-    def image(self, header: Any, array: np.ndarray, encoding: str) -> Any:
-        array = np.ascontiguousarray(array)
-        h, w = array.shape[:2]
-        return self.t["sensor_msgs/msg/Image"](
-            header=header,
-            height=h,
-            width=w,
-            encoding=encoding,
-            is_bigendian=0,
-            step=array.strides[0],
-            data=array.reshape(-1).view(np.uint8),
-        )
-
-    def compressed(self, header: Any, data: bytes, fmt: str) -> Any:
-        return self.t["sensor_msgs/msg/CompressedImage"](
-            header=header, format=fmt, data=np.frombuffer(data, np.uint8)
-        )
-
-    def camera_info(self, header: Any, cam: CameraModel) -> Any:
-        k = np.array([cam.fx, 0, cam.cx, 0, cam.fy, cam.cy, 0, 0, 1], np.float64)
-        p = np.array([cam.fx, 0, cam.cx, 0, 0, cam.fy, cam.cy, 0, 0, 0, 1, 0], np.float64)
-        roi = self.t["sensor_msgs/msg/RegionOfInterest"](
-            x_offset=0, y_offset=0, height=0, width=0, do_rectify=False
-        )
-        return self.t["sensor_msgs/msg/CameraInfo"](
-            header=header,
-            height=cam.height,
-            width=cam.width,
-            distortion_model="plumb_bob",
-            d=np.zeros(5, np.float64),
-            k=k,
-            r=np.eye(3, dtype=np.float64).reshape(-1),
-            p=p,
-            binning_x=0,
-            binning_y=0,
-            roi=roi,
-        )
-
-
+# -- reading source files ------------------------------------------------------------------
 def _read(path: Path, color: bool) -> np.ndarray:
     array = cv2.imread(str(path), cv2.IMREAD_COLOR if color else cv2.IMREAD_UNCHANGED)
     if array is None:
@@ -535,29 +437,47 @@ def write_bag(
     stamps = [f.stamp_ns for f in seq.frames]
     if any(b <= a for a, b in zip(stamps, stamps[1:])):
         raise BagSourceError(f"sequence {seq.name!r}: timestamps do not increase")
-    return _staged(out, lambda path: _write(seq, path, storage, topic, frame_id, version, progress))
+    shape = (0, 0)
+    with staged_writer(out, storage, version, offered_qos()) as writer:
+        make = MessageFactory(writer.store, frame_id)
+        info_topic = camera_info_topic(topic)
+        for i, frame in enumerate(seq.frames):
+            rgb = _read(frame.image, color=True)
+            h, w = rgb.shape[:2]
+            if i == 0:
+                shape = (h, w)
+            elif (h, w) != shape:
+                raise BagSourceError(f"{frame.image}: {w}x{h}, but the sequence is "
+                                     f"{shape[1]}x{shape[0]}")  # fmt: skip
+            header = make.header(frame.stamp_ns)
+            writer.write(topic, IMAGE_TYPE, frame.stamp_ns, make.image(header, rgb, "rgb8"))
+            cam = seq.camera.scaled_to(w, h) if seq.camera else CameraModel.default(w, h)
+            writer.write(
+                info_topic, CAMERA_INFO_TYPE, frame.stamp_ns, make.camera_info(header, cam)
+            )
+            raw_labels = _read(frame.labels, color=False) if frame.labels else None
+            raw_anomaly = _read(frame.anomaly, color=False) if frame.anomaly else None
+            labels, anomaly = seq.convert(raw_labels, raw_anomaly)
+            for name, array in ((LABELS_TOPIC, labels), (ANOMALY_TOPIC, anomaly)):
+                if array is None:
+                    continue
+                if array.shape != (h, w):
+                    raise BagSourceError(f"{frame.image}: ground truth is {array.shape[::-1]}, "
+                                         f"image {w}x{h}")  # fmt: skip
+                writer.write(name, IMAGE_TYPE, frame.stamp_ns, make.image(header, array, "mono8"))
+            if progress:
+                progress(i + 1)
+    duration = (seq.frames[-1].stamp_ns - seq.frames[0].stamp_ns) / 1e9
+    return BagSummary(out, seq.name, len(seq.frames), storage, writer.counts, duration, *shape)
 
 
 def _check_out(out: Path, storage: str) -> None:
-    if storage not in FORMATS:
-        raise BagSourceError(f"--format {storage!r}: choose one of {', '.join(FORMATS)}")
+    try:
+        check_storage(storage)
+    except BagError as e:
+        raise BagSourceError(str(e)) from None
     if out.exists():
         raise BagSourceError(f"--out {out} exists already; remove it or choose another path")
-
-
-def _staged(out: Path, write: Callable[[Path], BagSummary]) -> BagSummary:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # The bag directory's name also names its storage file, so build it under its final
-    # name inside a hidden staging directory and move it into place when complete.
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        summary = write(staging / out.name)
-        os.replace(staging / out.name, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return BagSummary(**{**summary.__dict__, "path": out})
 
 
 def write_stream_bag(
@@ -582,47 +502,14 @@ def write_stream_bag(
     _check_out(out, storage)
     if not 1 <= jpeg_quality <= 100:
         raise BagSourceError(f"--jpeg-quality {jpeg_quality}: must be within 1..100")
-    return _staged(
-        out,
-        lambda path: _write_stream(
-            src, path, storage, topic, frame_id, version, compressed, resize, jpeg_quality,
-            progress,
-        ),
-    )  # fmt: skip
-
-
-def _write_stream(
-    src: StreamSource,
-    path: Path,
-    storage: str,
-    topic: str,
-    frame_id: str,
-    version: int,
-    compressed: bool,
-    resize: tuple[int, int] | None,
-    jpeg_quality: int,
-    progress: Callable[[int], None] | None,
-) -> BagSummary:
-    from rosbags.rosbag2 import StoragePlugin, Writer
-
-    store = typestore()
-    make = MessageFactory(store, frame_id)
-    qos = [offered_qos()]
-    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     image_topic = f"{topic}/compressed" if compressed else topic
-    image_type = "sensor_msgs/msg/CompressedImage" if compressed else "sensor_msgs/msg/Image"
+    image_type = COMPRESSED_TYPE if compressed else IMAGE_TYPE
     info_topic = camera_info_topic(topic)
     start_ns = round(DEFAULT_START_S * 1e9)
-    counts: dict[str, int] = {}
     shape = (0, 0)
     n = 0
-    with Writer(path, version=version, storage_plugin=plugin) as writer:  # type: ignore[arg-type]
-        image_conn = writer.add_connection(
-            image_topic, image_type, typestore=store, offered_qos_profiles=qos
-        )
-        info_conn = writer.add_connection(
-            info_topic, "sensor_msgs/msg/CameraInfo", typestore=store, offered_qos_profiles=qos
-        )
+    with staged_writer(out, storage, version, offered_qos()) as writer:
+        make = MessageFactory(writer.store, frame_id)
         for n, frame in enumerate(src.read(), start=1):
             rgb, encoded = frame.rgb, frame.encoded
             if resize is not None and (rgb.shape[1], rgb.shape[0]) != resize:
@@ -646,77 +533,12 @@ def _write_stream(
                 if not ok:
                     raise BagSourceError(f"{frame.origin}: jpeg encoding failed")
                 msg = make.compressed(header, buf.tobytes(), ENCODED_JPEG_FORMAT)
-            writer.write(image_conn, stamp_ns, store.serialize_cdr(msg, image_type))
+            writer.write(image_topic, image_type, stamp_ns, msg)
             info = make.camera_info(header, CameraModel.default(w, h))
-            writer.write(
-                info_conn, stamp_ns, store.serialize_cdr(info, "sensor_msgs/msg/CameraInfo")
-            )
-            counts[image_topic] = counts[info_topic] = n
+            writer.write(info_topic, CAMERA_INFO_TYPE, stamp_ns, info)
             if progress:
                 progress(n)
         if n == 0:
             raise BagSourceError(f"{src.layout} {src.name!r}: no frames to write")
     duration = (n - 1) / src.rate_hz
-    return BagSummary(path, src.name, n, storage, counts, duration, *shape)
-
-
-def _write(
-    seq: SequenceSource,
-    path: Path,
-    storage: str,
-    topic: str,
-    frame_id: str,
-    version: int,
-    progress: Callable[[int], None] | None,
-) -> BagSummary:
-    from rosbags.rosbag2 import StoragePlugin, Writer
-
-    store = typestore()
-    make = MessageFactory(store, frame_id)
-    qos = [offered_qos()]
-    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
-    counts: dict[str, int] = {}
-    shape = (0, 0)
-    with Writer(path, version=version, storage_plugin=plugin) as writer:  # type: ignore[arg-type]
-        conns: dict[str, Any] = {}
-
-        def put(name: str, msgtype: str, msg: Any, stamp_ns: int) -> None:
-            if name not in conns:
-                conns[name] = writer.add_connection(
-                    name, msgtype, typestore=store, offered_qos_profiles=qos
-                )
-            writer.write(conns[name], stamp_ns, store.serialize_cdr(msg, msgtype))
-            counts[name] = counts.get(name, 0) + 1
-
-        for i, frame in enumerate(seq.frames):
-            rgb = _read(frame.image, color=True)
-            h, w = rgb.shape[:2]
-            if i == 0:
-                shape = (h, w)
-            elif (h, w) != shape:
-                raise BagSourceError(f"{frame.image}: {w}x{h}, but the sequence is "
-                                     f"{shape[1]}x{shape[0]}")  # fmt: skip
-            header = make.header(frame.stamp_ns)
-            put(topic, "sensor_msgs/msg/Image", make.image(header, rgb, "rgb8"), frame.stamp_ns)
-            cam = seq.camera.scaled_to(w, h) if seq.camera else CameraModel.default(w, h)
-            put(
-                camera_info_topic(topic),
-                "sensor_msgs/msg/CameraInfo",
-                make.camera_info(header, cam),
-                frame.stamp_ns,
-            )
-            raw_labels = _read(frame.labels, color=False) if frame.labels else None
-            raw_anomaly = _read(frame.anomaly, color=False) if frame.anomaly else None
-            labels, anomaly = seq.convert(raw_labels, raw_anomaly)
-            for name, array in ((LABELS_TOPIC, labels), (ANOMALY_TOPIC, anomaly)):
-                if array is None:
-                    continue
-                if array.shape != (h, w):
-                    raise BagSourceError(f"{frame.image}: ground truth is {array.shape[::-1]}, "
-                                         f"image {w}x{h}")  # fmt: skip
-                put(name, "sensor_msgs/msg/Image", make.image(header, array, "mono8"),
-                    frame.stamp_ns)  # fmt: skip
-            if progress:
-                progress(i + 1)
-    duration = (seq.frames[-1].stamp_ns - seq.frames[0].stamp_ns) / 1e9
-    return BagSummary(path, seq.name, len(seq.frames), storage, counts, duration, *shape)
+    return BagSummary(out, src.name, n, storage, writer.counts, duration, *shape)

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from segmentation_safety.commands.common import add_models_arg
+from segmentation_safety.errors import InvalidArgumentError, report_user_errors
 
 #: Datasets with a split that has segmentation labels.
 DATASETS = ("world", "cityscapes", "streethazards")
@@ -57,23 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+@report_user_errors("calibrate")
 def run(args: argparse.Namespace) -> int:
-    from segmentation_safety.checkpoint import BundleError
-    from segmentation_safety.detectors.registry import UnknownDetectorError
-    from segmentation_safety.device import DeviceError
-    from training.evaluate_cli import MissingPartError
-
-    try:
-        return _run(args)
-    except (BundleError, UnknownDetectorError, DeviceError, MissingPartError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, NotADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from itertools import islice
 
     from segmentation_safety.commands.common import parse_detectors
@@ -82,11 +68,11 @@ def _run(args: argparse.Namespace) -> int:
     from training.evaluate_cli import load_detectors, load_segmenter, open_dataset
 
     if not 0.0 < args.inlier_fpr < 1.0:
-        raise ValueError("--inlier-fpr must be within (0, 1)")
+        raise InvalidArgumentError("--inlier-fpr must be within (0, 1)")
     if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be at least 1")
+        raise InvalidArgumentError("--limit must be at least 1")
     if args.pixels_per_image < 1:
-        raise ValueError("--pixels-per-image must be at least 1")
+        raise InvalidArgumentError("--pixels-per-image must be at least 1")
     models = args.models or DEMO_MODELS
     samples, total = open_dataset(args.dataset, args.root, "val")
     if args.limit is not None:
@@ -102,7 +88,7 @@ def _run(args: argparse.Namespace) -> int:
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", file=sys.stderr)
     if not detectors:
-        raise ValueError("no detector to calibrate")
+        raise InvalidArgumentError("no detector to calibrate")
     size = meta.get("input_size")
     config = PipelineConfig(
         anomaly=None,
@@ -122,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     missing = sorted(set(detectors) - set(scores))
     if missing:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"no pixel of classes {args.classes} in {images} images: nothing to calibrate "
             f"{', '.join(missing)} on"
         )

@@ -16,10 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
+from segmentation_safety.errors import UserError, report_user_errors
+
 MODELS = ("segmenter", "densehybrid", "generator", "comparison", "flow", "flowenedet", "sml")
 
 
-class TrainerMissingError(RuntimeError):
+class TrainerMissingError(UserError, RuntimeError):
     """The trainer module for a model is not part of this installation."""
 
 
@@ -72,19 +74,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+@report_user_errors("train")
 def run(args: argparse.Namespace) -> int:
-    from segmentation_safety.checkpoint import BundleError
-    from segmentation_safety.device import DeviceError
-    from training.config import ConfigError, load_config
-    from training.engine import DataError
+    from training.config import load_config
 
-    try:
-        module = trainer_module(args.model)
-        config = load_config(args.model, args.config, {"device": args.device, "seed": args.seed})
-        metrics = module.train(config, args)
-    except (TrainerMissingError, ConfigError, DataError, BundleError, DeviceError) as e:
-        print(f"segsafe train: error: {e}", file=sys.stderr)
-        return 2
+    module = trainer_module(args.model)
+    config = load_config(args.model, args.config, {"device": args.device, "seed": args.seed})
+    metrics = module.train(config, args)
     if metrics:
         print(f"{args.model}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
     return 0

@@ -16,13 +16,15 @@ from typing import Any
 
 import yaml
 
+from segmentation_safety.errors import UserError
+
 #: Defaults shipped with the repository, one file per trainable model.
 DEFAULTS_DIR = Path(__file__).resolve().parent.parent / "config" / "training"
 #: Mappings whose name ends like this are keyword arguments and accept any key.
 FREEFORM_SUFFIX = "_options"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or key that cannot be used; the message names it."""
 
 

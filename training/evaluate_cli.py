@@ -32,6 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from segmentation_safety.commands.common import add_models_arg, parse_detector_options
+from segmentation_safety.errors import (
+    InvalidArgumentError,
+    MissingFileError,
+    UserError,
+    report_user_errors,
+)
 
 DATASETS = ("world", "cityscapes", "lostandfound", "fishyscapes", "streethazards", "roadanomaly")
 
@@ -99,33 +105,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from segmentation_safety.checkpoint import BundleError
-    from segmentation_safety.detectors.registry import UnknownDetectorError
-    from segmentation_safety.device import DeviceError
-    from segmentation_safety.models.importers import ImportWeightsError
-
-    try:
-        return _run(args)
-    except (
-        BundleError,
-        UnknownDetectorError,
-        DeviceError,
-        MissingPartError,
-        ImportWeightsError,
-    ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-class MissingPartError(FileNotFoundError):
+class MissingPartError(UserError, FileNotFoundError):
     """A detector asked for by name whose trained part file is absent."""
 
 
-def _run(args: argparse.Namespace) -> int:
+@report_user_errors("evaluate")
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from segmentation_safety.commands.common import parse_detectors
@@ -134,9 +119,9 @@ def _run(args: argparse.Namespace) -> int:
     from training.report import report_markdown, write_report
 
     if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be at least 1")
+        raise InvalidArgumentError("--limit must be at least 1")
     if args.input_size is not None and min(args.input_size) < 16:
-        raise ValueError("--input-size H W must both be at least 16")
+        raise InvalidArgumentError("--input-size H W must both be at least 16")
     if args.threads:
         torch.set_num_threads(args.threads)
     options = parse_detector_options(args.detector_options)
@@ -152,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
     for name, why in skipped.items():
         print(f"warning: skipping detector {name}: {why}", file=sys.stderr)
     if not detectors:
-        raise ValueError(f"no detector could be loaded (skipped: {', '.join(skipped)})")
+        raise UserError(f"no detector could be loaded (skipped: {', '.join(skipped)})")
 
     input_size = args.input_size or meta.get("input_size")
     config = PipelineConfig(
@@ -225,7 +210,9 @@ def load_detectors(
 
     unknown = set(options) - set(names)
     if unknown:
-        raise ValueError(f"--detector-options names detectors not evaluated: {sorted(unknown)}")
+        raise InvalidArgumentError(
+            f"--detector-options names detectors not evaluated: {sorted(unknown)}"
+        )
     detectors, skipped = {}, {}
     for name in names:
         cls = registry.detector_class(name)
@@ -266,12 +253,12 @@ def open_dataset(
     from training import datasets as ds
 
     if not root.is_dir():
-        raise NotADirectoryError(f"dataset root {root} is not a directory")
+        raise MissingFileError(f"dataset root {root} is not a directory")
     if name == "fishyscapes" and split == "anomaly":
         if (root / "labels").is_dir():
             data = ds.FishyscapesProcessed(root)
         elif laf_root is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{root} has no labels/ folder (the preprocessed Fishyscapes layout); for the "
                 "official label zip pass --laf-root with the Lost and Found images"
             )
@@ -289,7 +276,7 @@ def open_dataset(
         }
         if (name, split) not in openers:
             has = [s for (n, s) in openers if n == name] or ["anomaly"]
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"dataset {name!r} has no {split!r} split here; use --split {' or '.join(has)}"
             )
         data = openers[name, split]()

@@ -1,6 +1,6 @@
 """K-fold splits for training the SynthCP comparison net on imperfect predictions.
 
-001 §4.1: the comparison net must learn from the kind of mistakes the segmenter makes on
+SynthCP §4.1: the comparison net must learn from the kind of mistakes the segmenter makes on
 unseen images, so the training set is split into k folds (4 in the paper); a segmenter
 trained on the other k-1 folds predicts each held-out fold, and those predictions (with
 their resynthesised images) are the comparison net's training data.

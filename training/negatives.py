@@ -1,4 +1,4 @@
-"""Negative pasting for DenseHybrid fine-tuning (004 §3.2 Fig. 4, §7.4; DESIGN §4).
+"""Negative pasting for DenseHybrid fine-tuning (DenseHybrid §3.2 Fig. 4, §7.4; DESIGN §4).
 
 A mixed-content sample is an inlier crop with part of a negative image pasted on it:
 with probability ``p_rect`` a random rectangle of the negative, otherwise the union of

@@ -1,4 +1,4 @@
-"""Train the SynthCP comparison net: failure map and per-class IoU (001 §3.2, §4.1).
+"""Train the SynthCP comparison net: failure map and per-class IoU (SynthCP §3.2, §4.1).
 
 The comparison net F(x, G(ŷ), ŷ) learns where a prediction ŷ is wrong, so it must be
 trained on predictions that *are* wrong in the way the deployed segmenter's are on
@@ -51,7 +51,6 @@ from segmentation_safety.detectors.resynthesis import (
     prediction_at,
     resynthesize,
 )
-from segmentation_safety.losses_synthcp import comparison_loss
 from segmentation_safety.metrics import FailureMetrics, IoUPredictionMetrics, per_image_class_iou
 from segmentation_safety.models.comparison import ComparisonNet
 from segmentation_safety.models.generator import SpadeGenerator, build_generator
@@ -61,6 +60,7 @@ from training import engine, train_segmenter
 from training.config import ConfigError, default_config, merge
 from training.engine.transforms import VOID
 from training.folds import cross_validation_folds
+from training.losses.synthcp import comparison_loss
 
 PREDICTION_MODES = ("folds", "given")
 
@@ -125,7 +125,7 @@ def train_fold_segmenter(
     # A fold that never started has no checkpoint: --resume starts it afresh.
     done = engine.run_stage(
         ctx, module, optimizer, scheduler, make_sample, len(dataset), fold_config, fold_args,
-        desc, fresh_without_checkpoint=True, close_on_stop=False,
+        desc, fresh_without_checkpoint=True,
     )  # fmt: skip
     return segmenter if done else None
 
@@ -319,72 +319,75 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"predictions must be one of {PREDICTION_MODES}")
     if config["preset"] not in PRESETS:
         raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {config['preset']!r}")
-    ctx = engine.init_run(config["device"], int(config["seed"]), bool(config["amp"]))
-    seg_path = engine.segmenter_path(config, args.out)
-    segmenter, seg_bundle = engine.load_segmenter(seg_path)
-    segmenter.to(ctx.device)
-    num_classes = segmenter.num_classes
-    gen_path = Path(config["generator"] or Path(args.out).parent / "generator.safetensors")
-    generator = load_generator(gen_path, num_classes)
+    with engine.open_run(config["device"], int(config["seed"]), bool(config["amp"])) as ctx:
+        seg_path = engine.segmenter_path(config, args.out)
+        segmenter, seg_bundle = engine.load_segmenter(seg_path)
+        segmenter.to(ctx.device)
+        num_classes = segmenter.num_classes
+        gen_path = Path(config["generator"] or Path(args.out).parent / "generator.safetensors")
+        generator = load_generator(gen_path, num_classes)
 
-    metrics: dict[str, float] = {}
-    limit = config["eval_max_images"]
-    if config["predictions"] == "folds":
-        train_set = engine.open_split(args.data, "train")
-        eval_set = engine.open_split(args.data, "val")
-        trained = fold_segmenters(ctx, config, args, train_set, seg_bundle.metadata, num_classes)
-        if trained is None:
-            engine.close_run(ctx)
-            return {"stopped": True}
-        predictors, fold_of, metrics = trained
-        eval_indices = list(range(len(eval_set)))
-    else:
-        eval_set = engine.open_split(args.data, config["given_split"])
-        kept, eval_indices = engine.holdout_split(
-            len(eval_set), float(config["given_eval_fraction"]), int(config["seed"])
+        metrics: dict[str, float] = {}
+        limit = config["eval_max_images"]
+        if config["predictions"] == "folds":
+            train_set = engine.open_split(args.data, "train")
+            eval_set = engine.open_split(args.data, "val")
+            trained = fold_segmenters(
+                ctx, config, args, train_set, seg_bundle.metadata, num_classes
+            )
+            if trained is None:
+                return {"stopped": True}
+            predictors, fold_of, metrics = trained
+            eval_indices = list(range(len(eval_set)))
+        else:
+            eval_set = engine.open_split(args.data, config["given_split"])
+            kept, eval_indices = engine.holdout_split(
+                len(eval_set), float(config["given_eval_fraction"]), int(config["seed"])
+            )
+            train_set = Subset(eval_set, kept)
+            predictors, fold_of = [segmenter], [0] * len(kept)
+        eval_indices = eval_indices if limit is None else eval_indices[: int(limit)]
+
+        engine.seed_everything(int(config["seed"]))  # as in train_fold_segmenter
+        cmp_options = {**PRESETS[config["preset"]]["comparison"], **config["comparison_options"]}
+        try:
+            comparison = ComparisonNet(num_classes, **cmp_options)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"comparison_options: {e}") from None
+        comparison = engine.apply_bn_mode(comparison, config["bn"], ctx)
+        module = ComparisonTraining(
+            comparison, predictors, generator, segmenter, ctx.device, config["bn"]
         )
-        train_set = Subset(eval_set, kept)
-        predictors, fold_of = [segmenter], [0] * len(kept)
-    eval_indices = eval_indices if limit is None else eval_indices[: int(limit)]
+        optimizer, scheduler = engine.constant_adam(comparison.parameters(), config)  # paper
+        make_sample = augmenter(train_set, fold_of, config)
+        # --resume after a stop among the folds: the comparison stage has not started yet.
+        if not engine.run_stage(
+            ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args,
+            "comparison", fresh_without_checkpoint=True,
+        ):  # fmt: skip
+            return {"stopped": True}
 
-    engine.seed_everything(int(config["seed"]))  # as in train_fold_segmenter
-    cmp_options = {**PRESETS[config["preset"]]["comparison"], **config["comparison_options"]}
-    try:
-        comparison = ComparisonNet(num_classes, **cmp_options)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"comparison_options: {e}") from None
-    comparison = engine.apply_bn_mode(comparison, config["bn"], ctx)
-    module = ComparisonTraining(
-        comparison, predictors, generator, segmenter, ctx.device, config["bn"]
-    )
-    optimizer, scheduler = engine.constant_adam(comparison.parameters(), config)  # paper
-    make_sample = augmenter(train_set, fold_of, config)
-    # --resume after a stop among the folds: the comparison stage has not started yet.
-    if not engine.run_stage(
-        ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args,
-        "comparison", fresh_without_checkpoint=True,
-    ):  # fmt: skip
-        return {"stopped": True}
+        # Assemble the detector as the pipeline will, and measure it on images nobody
+        # trained on (val with folds; the held-out part of given_split otherwise).
+        detector = ResynthesisDetector(segmenter, preset="tiny").to(ctx.device).eval()
+        detector.generator = module.generator
+        detector.synthesis_scale = module.generator.synthesis_scale
+        detector.comparison = comparison.eval()
+        metrics.update(
+            {
+                f"eval_{k}": v
+                for k, v in evaluate(detector, eval_set, eval_indices, ctx.device).items()
+            }
+        )
 
-    # Assemble the detector as the pipeline will, and measure it on images nobody
-    # trained on (val with folds; the held-out part of given_split otherwise).
-    detector = ResynthesisDetector(segmenter, preset="tiny").to(ctx.device).eval()
-    detector.generator = module.generator
-    detector.synthesis_scale = module.generator.synthesis_scale
-    detector.comparison = comparison.eval()
-    metrics.update(
-        {f"eval_{k}": v for k, v in evaluate(detector, eval_set, eval_indices, ctx.device).items()}
-    )
-
-    training = engine.training_metadata(config, args)
-    training.update(segmenter=str(seg_path), generator=str(gen_path))
-    tensors, metadata = detector.export_part("comparison")
-    metadata.update(
-        class_names=list(seg_bundle.metadata.get("class_names") or []),
-        training=training,
-        predictions=config["predictions"],
-        metrics=metrics,
-    )
-    engine.write_bundle(ctx, args.out, tensors, metadata)
-    engine.close_run(ctx)
-    return metrics
+        training = engine.training_metadata(config, args)
+        training.update(segmenter=str(seg_path), generator=str(gen_path))
+        tensors, metadata = detector.export_part("comparison")
+        metadata.update(
+            class_names=list(seg_bundle.metadata.get("class_names") or []),
+            training=training,
+            predictions=config["predictions"],
+            metrics=metrics,
+        )
+        engine.write_bundle(ctx, args.out, tensors, metadata)
+        return metrics

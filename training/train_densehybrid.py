@@ -1,4 +1,4 @@
-"""Fine-tune a segmenter with the DenseHybrid head on mixed-content crops (004 §3.2, §7.4).
+"""Fine-tune a segmenter with the DenseHybrid head on mixed-content crops (DenseHybrid §3.2, §7.4).
 
 Each inlier crop (rescale [0.5, 2], flip, crop) gets part of a negative image from the
 world's ``negatives/`` pasted on it (training/negatives.py): a random rectangle or the
@@ -35,14 +35,14 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from segmentation_safety.calibration import threshold_at_tpr
 from segmentation_safety.detectors.densehybrid import DenseHybridDetector
 from segmentation_safety.metrics import AnomalyMetrics
-from segmentation_safety.models.densehybrid_head import densehybrid_loss
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.models.zoo import segmenter_metadata
 from segmentation_safety.types import SegmenterOutput
 from training import engine
+from training.fit_statistics import threshold_at_tpr
+from training.losses.densehybrid import densehybrid_loss
 from training.negatives import paste_negative
 
 
@@ -190,83 +190,92 @@ def calibrate(
 
 
 def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    ctx = engine.init_run(config["device"], int(config["seed"]), bool(config["amp"]))
-    train_set = engine.open_split(args.data, "train")
-    val_set = engine.open_split(args.data, "val")
-    negatives = engine.NegativeImages(args.data)
-    scenes = held_out = None
-    if config.get("scene_probability", 0) > 0:
-        scenes = engine.NegativeScenes(args.data)
-        # Streets never trained on calibrate the open-set threshold.
-        kept, out = engine.holdout_split(len(scenes), float(config["scene_holdout"]), 0)
-        scenes, held_out = Subset(scenes, kept), Subset(scenes, out)
-    base_path = engine.segmenter_path(config, args.out)
-    segmenter, base_bundle = engine.load_segmenter(base_path)
-    segmenter = engine.apply_bn_mode(segmenter, config["bn"], ctx)
-    detector = DenseHybridDetector(segmenter)
-    module = DenseHybridTraining(segmenter, detector.head, config)
+    with engine.open_run(config["device"], int(config["seed"]), bool(config["amp"])) as ctx:
+        train_set = engine.open_split(args.data, "train")
+        val_set = engine.open_split(args.data, "val")
+        negatives = engine.NegativeImages(args.data)
+        scenes = held_out = None
+        if config.get("scene_probability", 0) > 0:
+            scenes = engine.NegativeScenes(args.data)
+            # Streets never trained on calibrate the open-set threshold.
+            kept, out = engine.holdout_split(len(scenes), float(config["scene_holdout"]), 0)
+            scenes, held_out = Subset(scenes, kept), Subset(scenes, out)
+        base_path = engine.segmenter_path(config, args.out)
+        segmenter, base_bundle = engine.load_segmenter(base_path)
+        segmenter = engine.apply_bn_mode(segmenter, config["bn"], ctx)
+        detector = DenseHybridDetector(segmenter)
+        module = DenseHybridTraining(segmenter, detector.head, config)
 
-    lr, iterations = float(config["lr"]), int(config["iterations"])
-    optimizer = torch.optim.Adam(
-        [
-            {"params": list(segmenter.parameters()), "lr": lr},
-            {"params": list(detector.head.parameters()), "lr": lr * config["head_lr_factor"]},
-        ],
-        weight_decay=float(config["weight_decay"]),
-    )
-    floor = float(config["lr_min_factor"])
+        lr, iterations = float(config["lr"]), int(config["iterations"])
+        optimizer = torch.optim.Adam(
+            [
+                {"params": list(segmenter.parameters()), "lr": lr},
+                {"params": list(detector.head.parameters()), "lr": lr * config["head_lr_factor"]},
+            ],
+            weight_decay=float(config["weight_decay"]),
+        )
+        floor = float(config["lr_min_factor"])
 
-    def cosine(i: int) -> float:  # cosine decay from 1 to ``floor``
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations))
+        def cosine(i: int) -> float:  # cosine decay from 1 to ``floor``
+            return floor + (1 - floor) * 0.5 * (
+                1 + math.cos(math.pi * min(i, iterations) / iterations)
+            )
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-    make_sample = augmenter(train_set, negatives, config, scenes)
-    if not engine.run_stage(
-        ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args, "densehybrid"
-    ):
-        return {"stopped": True}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        make_sample = augmenter(train_set, negatives, config, scenes)
+        if not engine.run_stage(
+            ctx,
+            module,
+            optimizer,
+            scheduler,
+            make_sample,
+            len(train_set),
+            config,
+            args,
+            "densehybrid",
+        ):
+            return {"stopped": True}
 
-    detector.to(ctx.device)
-    if held_out is not None and len(held_out):
-        samples = engine.decoy_targets(held_out)
-        calibrated_on = f"{len(held_out)} held-out streets with decoys (never trained on)"
-    else:
-        samples = pasted_calibration(val_set, negatives, config)
-        calibrated_on = "val split with pasted negatives"
-    calibration = calibrate(detector, samples, config, ctx.device)
-    detector.thresholds = {"open_set": calibration["open_set"]}
-    segmentation = engine.evaluate_segmentation(
-        segmenter, val_set, ctx.device, config["calibration_images"]
-    )
-    training = engine.training_metadata(config, args)
-    training["segmenter"] = str(base_path)
+        detector.to(ctx.device)
+        if held_out is not None and len(held_out):
+            samples = engine.decoy_targets(held_out)
+            calibrated_on = f"{len(held_out)} held-out streets with decoys (never trained on)"
+        else:
+            samples = pasted_calibration(val_set, negatives, config)
+            calibrated_on = "val split with pasted negatives"
+        calibration = calibrate(detector, samples, config, ctx.device)
+        detector.thresholds = {"open_set": calibration["open_set"]}
+        segmentation = engine.evaluate_segmentation(
+            segmenter, val_set, ctx.device, config["calibration_images"]
+        )
+        training = engine.training_metadata(config, args)
+        training["segmenter"] = str(base_path)
 
-    seg_out = Path(
-        config["segmenter_out"]
-        or Path(args.out).with_name(f"{Path(args.out).stem}_segmenter.safetensors")
-    )
-    seg_meta = {**base_bundle.metadata, **segmenter_metadata(segmenter)}
-    seg_meta.pop("format", None)
-    seg_meta.update(
-        training=training,
-        metrics={f"val_{k}": v for k, v in segmentation.items()},
-        fine_tuned_for="densehybrid",
-    )
-    engine.write_bundle(ctx, seg_out, segmenter.state_dict(), seg_meta)
+        seg_out = Path(
+            config["segmenter_out"]
+            or Path(args.out).with_name(f"{Path(args.out).stem}_segmenter.safetensors")
+        )
+        seg_meta = {**base_bundle.metadata, **segmenter_metadata(segmenter)}
+        seg_meta.pop("format", None)
+        seg_meta.update(
+            training=training,
+            metrics={f"val_{k}": v for k, v in segmentation.items()},
+            fine_tuned_for="densehybrid",
+        )
+        engine.write_bundle(ctx, seg_out, segmenter.state_dict(), seg_meta)
 
-    tensors, metadata = detector.export_part("densehybrid")
-    metadata.update(
-        training=training,
-        segmenter_bundle=seg_out.name,
-        threshold_tpr=float(config["threshold_tpr"]),
-        calibration=f"{calibrated_on}; never the benchmark's anomalies",
-        metrics={
-            "calibration_ap": calibration["ap"],
-            "calibration_auroc": calibration["auroc"],
-            "calibration_fpr95": calibration["fpr95"],
-            **{f"val_{k}": v for k, v in segmentation.items()},
-        },
-    )
-    engine.write_bundle(ctx, args.out, tensors, metadata)
-    engine.close_run(ctx)
-    return {**calibration, **segmentation, "segmenter_out": str(seg_out)}
+        tensors, metadata = detector.export_part("densehybrid")
+        metadata.update(
+            training=training,
+            segmenter_bundle=seg_out.name,
+            threshold_tpr=float(config["threshold_tpr"]),
+            calibration=f"{calibrated_on}; never the benchmark's anomalies",
+            metrics={
+                "calibration_ap": calibration["ap"],
+                "calibration_auroc": calibration["auroc"],
+                "calibration_fpr95": calibration["fpr95"],
+                **{f"val_{k}": v for k, v in segmentation.items()},
+            },
+        )
+        engine.write_bundle(ctx, args.out, tensors, metadata)
+        return {**calibration, **segmentation, "segmenter_out": str(seg_out)}

@@ -1,4 +1,4 @@
-"""Learned embedding density (Fishyscapes 002 §4.2, B.6): Real-NVP flows over pre-ReLU
+"""Learned embedding density (Fishyscapes §4.2, B.6): Real-NVP flows over pre-ReLU
 embeddings of chosen layers of a frozen segmenter, trained by maximum likelihood.
 
 Each step draws ``pixels_per_image`` embedding vectors per image and layer and
@@ -130,41 +130,40 @@ def config_for_paste(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    ctx = engine.init_run(config["device"], int(config["seed"]), bool(config["amp"]))
-    train_set = engine.open_split(args.data, "train")
-    path = engine.segmenter_path(config, args.out)
-    segmenter, seg_bundle = engine.load_segmenter(path)
-    detector = FlowDensityDetector(
-        segmenter,
-        layers=config["layers"],
-        combine=config["combine"],
-        steps=int(config["steps"]),
-        hidden=int(config["hidden"]),
-        seed=int(config["flow_seed"]),
-    )
-    module = FlowTraining(segmenter, detector, int(config["pixels_per_image"]))
-    optimizer, scheduler = engine.constant_adam(detector.flows.parameters(), config)
-    make_sample = augmenter(train_set, config)
-    if not engine.run_stage(
-        ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args, "flow"
-    ):
-        return {"stopped": True}
-
-    detector.to(ctx.device)
-    detector.train_nll.copy_(mean_nll(detector, train_set, ctx.device, config["nll_images"]))
-    metrics: dict[str, Any] = {"train_nll": detector.train_nll.tolist()}
-    if config["combine"] == "logreg":
-        val_set = engine.open_split(args.data, "val")
-        weight, bias = fit_combination(
-            detector, val_set, engine.NegativeImages(args.data), config, ctx.device
+    with engine.open_run(config["device"], int(config["seed"]), bool(config["amp"])) as ctx:
+        train_set = engine.open_split(args.data, "train")
+        path = engine.segmenter_path(config, args.out)
+        segmenter, seg_bundle = engine.load_segmenter(path)
+        detector = FlowDensityDetector(
+            segmenter,
+            layers=config["layers"],
+            combine=config["combine"],
+            steps=int(config["steps"]),
+            hidden=int(config["hidden"]),
+            seed=int(config["flow_seed"]),
         )
-        detector.logreg_weight.copy_(weight)
-        detector.logreg_bias.copy_(bias)
-        metrics["logreg_fitted_on"] = "val split with pasted negatives"
+        module = FlowTraining(segmenter, detector, int(config["pixels_per_image"]))
+        optimizer, scheduler = engine.constant_adam(detector.flows.parameters(), config)
+        make_sample = augmenter(train_set, config)
+        if not engine.run_stage(
+            ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args, "flow"
+        ):
+            return {"stopped": True}
 
-    engine.write_part_bundle(
-        ctx, args, config, detector, "flow", path, metrics,
-        class_names=list(seg_bundle.metadata.get("class_names") or []),
-    )  # fmt: skip
-    engine.close_run(ctx)
-    return metrics
+        detector.to(ctx.device)
+        detector.train_nll.copy_(mean_nll(detector, train_set, ctx.device, config["nll_images"]))
+        metrics: dict[str, Any] = {"train_nll": detector.train_nll.tolist()}
+        if config["combine"] == "logreg":
+            val_set = engine.open_split(args.data, "val")
+            weight, bias = fit_combination(
+                detector, val_set, engine.NegativeImages(args.data), config, ctx.device
+            )
+            detector.logreg_weight.copy_(weight)
+            detector.logreg_bias.copy_(bias)
+            metrics["logreg_fitted_on"] = "val split with pasted negatives"
+
+        engine.write_part_bundle(
+            ctx, args, config, detector, "flow", path, metrics,
+            class_names=list(seg_bundle.metadata.get("class_names") or []),
+        )  # fmt: skip
+        return metrics

@@ -1,4 +1,4 @@
-"""FlowEneDet (003; DESIGN §4) on a frozen segmenter: SML statistics, then the flow.
+"""FlowEneDet (its supplementary; DESIGN §4) on a frozen segmenter: SML statistics, then the flow.
 
 1. The per-class max-logit statistics (as ``segsafe train sml``) go into the model's
    ``class_mean``/``class_std``, which standardise the logits before the energy.
@@ -38,15 +38,12 @@ from torch.utils.data import Subset
 
 from segmentation_safety.detectors.flowenedet import FLOW_STRIDE, FlowEneDetC, FlowEneDetU
 from segmentation_safety.metrics import AnomalyMetrics
-from segmentation_safety.models.flowenedet import (
-    FlowEneDet,
-    flowenedet_loss,
-    flowenedet_targets,
-)
+from segmentation_safety.models.flowenedet import FlowEneDet
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import SegmenterOutput
 from training import engine
 from training.config import ConfigError
+from training.losses.flowenedet import flowenedet_loss, flowenedet_targets
 from training.train_sml import max_logit_statistics
 
 VARIANTS = {"FED-U": FlowEneDetU, "FED-C": FlowEneDetC}
@@ -115,74 +112,75 @@ def held_out_metrics(
 
 
 def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    ctx = engine.init_run(config["device"], int(config["seed"]), bool(config["amp"]))
-    if config["variant"] not in VARIANTS:
-        raise ConfigError(f"variant must be one of {sorted(VARIANTS)}, got {config['variant']!r}")
-    seeds = [int(s) for s in config.get("select_seeds") or []]
-    scenes_dir = Path(args.data) / "negatives" / "scenes" / "images"
-    if len(seeds) == 1 or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"select_seeds needs two or more distinct seeds, got {seeds}")
-    if seeds and not scenes_dir.is_dir():
-        raise ConfigError(
-            f"select_seeds chooses by the held-out streets with decoys, and {scenes_dir} "
-            "has none: train one seed (select_seeds: null)"
+    with engine.open_run(config["device"], int(config["seed"]), bool(config["amp"])) as ctx:
+        if config["variant"] not in VARIANTS:
+            raise ConfigError(
+                f"variant must be one of {sorted(VARIANTS)}, got {config['variant']!r}"
+            )
+        seeds = [int(s) for s in config.get("select_seeds") or []]
+        scenes_dir = Path(args.data) / "negatives" / "scenes" / "images"
+        if len(seeds) == 1 or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"select_seeds needs two or more distinct seeds, got {seeds}")
+        if seeds and not scenes_dir.is_dir():
+            raise ConfigError(
+                f"select_seeds chooses by the held-out streets with decoys, and {scenes_dir} "
+                "has none: train one seed (select_seeds: null)"
+            )
+        train_set = engine.open_split(args.data, "train")
+        flow_set = _Splits([engine.open_split(args.data, s) for s in config["splits"]])
+        path = engine.segmenter_path(config, args.out)
+        segmenter, seg_bundle = engine.load_segmenter(path)
+        segmenter.to(ctx.device)
+
+        # 1. SML statistics on the train split (the same pass as `segsafe train sml`).
+        mean, std, _ = max_logit_statistics(
+            segmenter, train_set, ctx.device, config["stats_images"], show_progress=ctx.is_main
         )
-    train_set = engine.open_split(args.data, "train")
-    flow_set = _Splits([engine.open_split(args.data, s) for s in config["splits"]])
-    path = engine.segmenter_path(config, args.out)
-    segmenter, seg_bundle = engine.load_segmenter(path)
-    segmenter.to(ctx.device)
+        held_out = None
+        if scenes_dir.is_dir():
+            scenes = engine.NegativeScenes(args.data)
+            _, out = engine.holdout_split(len(scenes), float(config["scene_holdout"]), 0)
+            held_out = Subset(scenes, out)
 
-    # 1. SML statistics on the train split (the same pass as `segsafe train sml`).
-    mean, std, _ = max_logit_statistics(
-        segmenter, train_set, ctx.device, config["stats_images"], show_progress=ctx.is_main
-    )
-    held_out = None
-    if scenes_dir.is_dir():
-        scenes = engine.NegativeScenes(args.data)
-        _, out = engine.holdout_split(len(scenes), float(config["scene_holdout"]), 0)
-        held_out = Subset(scenes, out)
-
-    # 2. The flow, trained against "segmentation wrong here"; with select_seeds, one fit
-    # per seed, each with its own checkpoint, and the best on the held-out streets kept.
-    best: tuple[FlowEneDetU | FlowEneDetC, dict[str, Any]] | None = None
-    candidates: dict[str, float] = {}
-    for seed in seeds or [int(config["seed"])]:
-        run_config, run_args = config, args
+        # 2. The flow, trained against "segmentation wrong here"; with select_seeds, one fit
+        # per seed, each with its own checkpoint, and the best on the held-out streets kept.
+        best: tuple[FlowEneDetU | FlowEneDetC, dict[str, Any]] | None = None
+        candidates: dict[str, float] = {}
+        for seed in seeds or [int(config["seed"])]:
+            run_config, run_args = config, args
+            if len(seeds) > 1:
+                # Seeded after the SML pass (whose data loader draws from the global RNG), so
+                # candidate k is not the very fit a single run with `seed: k` makes.
+                engine.seed_everything(seed)
+                run_config = {**config, "seed": seed}
+                run_args = argparse.Namespace(**vars(args))
+                run_args.out = str(Path(args.out).with_name(f"{Path(args.out).stem}.seed{seed}"))
+            desc = f"flowenedet seed {seed}" if len(seeds) > 1 else "flowenedet"
+            detector = fit_flow(ctx, segmenter, mean, std, flow_set, run_config, run_args, desc)
+            if detector is None:
+                return {"stopped": True}
+            metrics: dict[str, Any] = {}
+            if held_out is not None:
+                detector.to(ctx.device)
+                metrics = held_out_metrics(detector, engine.decoy_targets(held_out), ctx.device)
+                metrics["decoy_images"] = len(held_out)
+                candidates[str(seed)] = metrics["decoy_ap"]
+                if ctx.is_main:
+                    print(
+                        f"seed {seed}: held-out streets with decoys ({len(held_out)}): AP "
+                        f"{100 * metrics['decoy_ap']:.2f}, FPR95 {100 * metrics['decoy_fpr95']:.2f}"
+                    )
+            if best is None or metrics.get("decoy_ap", 0.0) > best[1].get("decoy_ap", 0.0):
+                best = (detector, {**metrics, "seed": seed})
+        assert best is not None
+        detector, metrics = best
         if len(seeds) > 1:
-            # Seeded after the SML pass (whose data loader draws from the global RNG), so
-            # candidate k is not the very fit a single run with `seed: k` makes.
-            engine.seed_everything(seed)
-            run_config = {**config, "seed": seed}
-            run_args = argparse.Namespace(**vars(args))
-            run_args.out = str(Path(args.out).with_name(f"{Path(args.out).stem}.seed{seed}"))
-        desc = f"flowenedet seed {seed}" if len(seeds) > 1 else "flowenedet"
-        detector = fit_flow(ctx, segmenter, mean, std, flow_set, run_config, run_args, desc)
-        if detector is None:
-            return {"stopped": True}
-        metrics: dict[str, Any] = {}
-        if held_out is not None:
-            detector.to(ctx.device)
-            metrics = held_out_metrics(detector, engine.decoy_targets(held_out), ctx.device)
-            metrics["decoy_images"] = len(held_out)
-            candidates[str(seed)] = metrics["decoy_ap"]
-            if ctx.is_main:
-                print(
-                    f"seed {seed}: held-out streets with decoys ({len(held_out)}): AP "
-                    f"{100 * metrics['decoy_ap']:.2f}, FPR95 {100 * metrics['decoy_fpr95']:.2f}"
-                )
-        if best is None or metrics.get("decoy_ap", 0.0) > best[1].get("decoy_ap", 0.0):
-            best = (detector, {**metrics, "seed": seed})
-    assert best is not None
-    detector, metrics = best
-    if len(seeds) > 1:
-        metrics["selected_from"] = candidates  # seed -> held-out decoy AP
-    engine.write_part_bundle(
-        ctx, args, config, detector, detector.trained_parts[0], path, metrics,
-        class_names=list(seg_bundle.metadata.get("class_names") or []),
-    )  # fmt: skip
-    engine.close_run(ctx)
-    return {"variant": config["variant"], **metrics}
+            metrics["selected_from"] = candidates  # seed -> held-out decoy AP
+        engine.write_part_bundle(
+            ctx, args, config, detector, detector.trained_parts[0], path, metrics,
+            class_names=list(seg_bundle.metadata.get("class_names") or []),
+        )  # fmt: skip
+        return {"variant": config["variant"], **metrics}
 
 
 def fit_flow(

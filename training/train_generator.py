@@ -1,4 +1,4 @@
-"""Train the SPADE generator of the resynthesis detector (SynthCP 001 §3.1).
+"""Train the SPADE generator of the resynthesis detector (SynthCP §3.1).
 
 SynthCP trains a semantic-to-image cGAN on ground-truth (label map, image) pairs and
 later feeds it the *predicted* label map. We follow SPADE's recipe as SynthCP uses it
@@ -39,10 +39,10 @@ from torch import nn
 
 from segmentation_safety.detectors.resynthesis import PRESETS
 from segmentation_safety.labels import NUM_CLASSES, TRAIN_NAMES
-from segmentation_safety.losses_synthcp import discriminator_loss, generator_loss
 from segmentation_safety.models.generator import MultiscaleDiscriminator, SpadeGenerator
 from training import engine
 from training.config import ConfigError
+from training.losses.synthcp import discriminator_loss, generator_loss
 
 #: Discriminator per generator preset: "paper" is SPADE's multi-scale discriminator
 #: (ndf 64, 4 layers, 2 scales); "tiny" keeps the two networks in balance for the demo.
@@ -183,43 +183,50 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         # The generator normalises with batch statistics by design; freezing them would
         # leave its BatchNorm at the initial running averages.
         raise ConfigError(f"bn must be 'train' or 'sync' for the generator, got {config['bn']!r}")
-    ctx = engine.init_run(config["device"], int(config["seed"]), bool(config["amp"]))
-    train_set = engine.open_split(args.data, "train")
-    val_set = engine.open_split(args.data, "val")
+    with engine.open_run(config["device"], int(config["seed"]), bool(config["amp"])) as ctx:
+        train_set = engine.open_split(args.data, "train")
+        val_set = engine.open_split(args.data, "val")
 
-    gen_options = {**PRESETS[config["preset"]]["generator"], **config["generator_options"]}
-    disc_options = {
-        **DISCRIMINATOR_PRESETS.get(config["preset"], {}),
-        **config["discriminator_options"],
-    }
-    try:
-        generator = SpadeGenerator(NUM_CLASSES, **gen_options)
-        discriminator = MultiscaleDiscriminator(NUM_CLASSES, **disc_options)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"generator_options / discriminator_options: {e}") from None
-    generator = engine.apply_bn_mode(generator, config["bn"], ctx)
-    module = GanTraining(generator, discriminator, float(config["feat_weight"]))
-    optimizer, scheduler = make_optimizer(generator, discriminator, config)
-    make_sample = augmenter(train_set, config)
-    if not engine.run_stage(
-        ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args, "generator"
-    ):
-        return {"stopped": True}
+        gen_options = {**PRESETS[config["preset"]]["generator"], **config["generator_options"]}
+        disc_options = {
+            **DISCRIMINATOR_PRESETS.get(config["preset"], {}),
+            **config["discriminator_options"],
+        }
+        try:
+            generator = SpadeGenerator(NUM_CLASSES, **gen_options)
+            discriminator = MultiscaleDiscriminator(NUM_CLASSES, **disc_options)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"generator_options / discriminator_options: {e}") from None
+        generator = engine.apply_bn_mode(generator, config["bn"], ctx)
+        module = GanTraining(generator, discriminator, float(config["feat_weight"]))
+        optimizer, scheduler = make_optimizer(generator, discriminator, config)
+        make_sample = augmenter(train_set, config)
+        if not engine.run_stage(
+            ctx,
+            module,
+            optimizer,
+            scheduler,
+            make_sample,
+            len(train_set),
+            config,
+            args,
+            "generator",
+        ):
+            return {"stopped": True}
 
-    metrics = evaluate_reconstruction(generator, val_set, config, ctx.device)
-    # SyncBatchNorm (bn: sync) is an implementation detail of training: save plain
-    # weights under the architecture's own description, as export_part does.
-    metadata = {
-        "kind": "generator",
-        "architecture": generator.architecture(),
-        # The detector runs the generator at this fraction of the frame's size.
-        "synthesis_scale": float(config["synthesis_scale"]),
-        "class_names": list(TRAIN_NAMES),
-        "input_size": list(load_pair(val_set[0], config)[0].shape[-2:]),
-        "training": engine.training_metadata(config, args),
-        "losses": "hinge GAN + 10 x feature matching; no VGG loss (no pretrained weights)",
-        "metrics": metrics,
-    }
-    engine.write_bundle(ctx, args.out, generator.state_dict(), metadata)
-    engine.close_run(ctx)
-    return metrics
+        metrics = evaluate_reconstruction(generator, val_set, config, ctx.device)
+        # SyncBatchNorm (bn: sync) is an implementation detail of training: save plain
+        # weights under the architecture's own description, as export_part does.
+        metadata = {
+            "kind": "generator",
+            "architecture": generator.architecture(),
+            # The detector runs the generator at this fraction of the frame's size.
+            "synthesis_scale": float(config["synthesis_scale"]),
+            "class_names": list(TRAIN_NAMES),
+            "input_size": list(load_pair(val_set[0], config)[0].shape[-2:]),
+            "training": engine.training_metadata(config, args),
+            "losses": "hinge GAN + 10 x feature matching; no VGG loss (no pretrained weights)",
+            "metrics": metrics,
+        }
+        engine.write_bundle(ctx, args.out, generator.state_dict(), metadata)
+        return metrics

@@ -65,34 +65,41 @@ def make_optimizer(
 
 
 def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    ctx = engine.init_run(config["device"], int(config["seed"]), bool(config["amp"]))
-    train_set = engine.open_split(args.data, "train")
-    val_set = engine.open_split(args.data, "val")
+    with engine.open_run(config["device"], int(config["seed"]), bool(config["amp"])) as ctx:
+        train_set = engine.open_split(args.data, "train")
+        val_set = engine.open_split(args.data, "val")
 
-    segmenter = build_segmenter(
-        config["architecture"], num_classes=NUM_CLASSES, **config["architecture_options"]
-    )
-    segmenter = engine.apply_bn_mode(segmenter, config["bn"], ctx)
-    module = SegmenterTraining(segmenter, config["bn"])
-    optimizer, scheduler = make_optimizer(
-        [p for p in module.parameters() if p.requires_grad], config
-    )
-    make_sample = engine.augmented_samples(train_set, config)
-    if not engine.run_stage(
-        ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args, "segmenter"
-    ):
-        return {"stopped": True}
+        segmenter = build_segmenter(
+            config["architecture"], num_classes=NUM_CLASSES, **config["architecture_options"]
+        )
+        segmenter = engine.apply_bn_mode(segmenter, config["bn"], ctx)
+        module = SegmenterTraining(segmenter, config["bn"])
+        optimizer, scheduler = make_optimizer(
+            [p for p in module.parameters() if p.requires_grad], config
+        )
+        make_sample = engine.augmented_samples(train_set, config)
+        if not engine.run_stage(
+            ctx,
+            module,
+            optimizer,
+            scheduler,
+            make_sample,
+            len(train_set),
+            config,
+            args,
+            "segmenter",
+        ):
+            return {"stopped": True}
 
-    metrics = engine.evaluate_segmentation(
-        segmenter, val_set, ctx.device, config["eval_max_images"]
-    )
-    metadata = segmenter_metadata(segmenter)
-    metadata.update(
-        class_names=list(TRAIN_NAMES),
-        input_size=list(val_set[0]["image"].shape[:2]),
-        training=engine.training_metadata(config, args),
-        metrics={f"val_{k}": v for k, v in metrics.items()},
-    )
-    engine.write_bundle(ctx, args.out, segmenter.state_dict(), metadata)
-    engine.close_run(ctx)
-    return metrics
+        metrics = engine.evaluate_segmentation(
+            segmenter, val_set, ctx.device, config["eval_max_images"]
+        )
+        metadata = segmenter_metadata(segmenter)
+        metadata.update(
+            class_names=list(TRAIN_NAMES),
+            input_size=list(val_set[0]["image"].shape[:2]),
+            training=engine.training_metadata(config, args),
+            metrics={f"val_{k}": v for k, v in metrics.items()},
+        )
+        engine.write_bundle(ctx, args.out, segmenter.state_dict(), metadata)
+        return metrics

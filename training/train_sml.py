@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from segmentation_safety.calibration import MaxLogitStats
 from segmentation_safety.detectors import registry
 from segmentation_safety.models.segmenter import Segmenter
 from training import engine
+from training.fit_statistics import MaxLogitStats
 
 
 @torch.no_grad()
@@ -49,23 +49,22 @@ def max_logit_statistics(
 
 
 def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    ctx = engine.init_run(config["device"], int(config["seed"]), amp=False)
-    train_set = engine.open_split(args.data, "train")
-    path = engine.segmenter_path(config, args.out)
-    segmenter, _ = engine.load_segmenter(path)
-    segmenter.to(ctx.device)
+    with engine.open_run(config["device"], int(config["seed"]), amp=False) as ctx:
+        train_set = engine.open_split(args.data, "train")
+        path = engine.segmenter_path(config, args.out)
+        segmenter, _ = engine.load_segmenter(path)
+        segmenter.to(ctx.device)
 
-    mean, std, pixels = max_logit_statistics(
-        segmenter,
-        train_set,
-        ctx.device,
-        config["max_images"],
-        bool(config["ignore_void"]),
-        show_progress=ctx.is_main,
-    )
-    detector = registry.build("sml", segmenter)
-    detector.set_statistics(mean, std)
-    metrics = {"pixels": pixels, "mean_of_class_means": float(mean.mean())}
-    engine.write_part_bundle(ctx, args, config, detector, "sml", path, metrics)
-    engine.close_run(ctx)
-    return metrics
+        mean, std, pixels = max_logit_statistics(
+            segmenter,
+            train_set,
+            ctx.device,
+            config["max_images"],
+            bool(config["ignore_void"]),
+            show_progress=ctx.is_main,
+        )
+        detector = registry.build("sml", segmenter)
+        detector.set_statistics(mean, std)
+        metrics = {"pixels": pixels, "mean_of_class_means": float(mean.mean())}
+        engine.write_part_bundle(ctx, args, config, detector, "sml", path, metrics)
+        return metrics

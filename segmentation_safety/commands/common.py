@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from segmentation_safety.checkpoint import atomic_write_bytes
+from segmentation_safety.errors import InvalidArgumentError
 
 
 def add_models_arg(parser: argparse.ArgumentParser) -> None:
@@ -38,9 +39,9 @@ def parse_detector_options(text: str | None) -> dict[str, dict[str, Any]]:
     try:
         options = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--detector-options is not valid JSON: {e}") from None
+        raise InvalidArgumentError(f"--detector-options is not valid JSON: {e}") from None
     if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-        raise ValueError('--detector-options must map names to objects: {"name": {...}}')
+        raise InvalidArgumentError('--detector-options must map names to objects: {"name": {...}}')
     return options
 
 

@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from segmentation_safety.errors import report_user_errors
 from segmentation_safety.models.importers import SIGNATURES, ImportWeightsError
 
 
@@ -65,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+@report_user_errors("import-weights")
 def run(args: argparse.Namespace) -> int:
     from segmentation_safety.checkpoint import save_bundle
     from segmentation_safety.models.importers import import_checkpoint
@@ -78,12 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if args.input_size is not None and min(args.input_size) < 8:
         print("error: --input-size H W must both be at least 8", file=sys.stderr)
         return 2
-    try:
-        names = _read_names(args.class_names) if args.class_names else None
-        imported = import_checkpoint(args.checkpoint, args.arch, args.input_size, names)
-    except (ImportWeightsError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    names = _read_names(args.class_names) if args.class_names else None
+    imported = import_checkpoint(args.checkpoint, args.arch, args.input_size, names)
     model = imported.model
     metadata = {
         **segmenter_metadata(model),
@@ -111,7 +109,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read_names(path: Path) -> list[str]:
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ImportWeightsError(f"--class-names {path}: {e.strerror or e}") from None
+    lines = [line.strip() for line in text.splitlines()]
     names = [line for line in lines if line]
     if not names:
         raise ImportWeightsError(f"{path}: no class names in the file")

@@ -1,4 +1,4 @@
-"""DenseHybrid detector (004 §3): hybrid score from the logits and a small head.
+"""DenseHybrid detector (DenseHybrid §3): hybrid score from the logits and a small head.
 
 The head reads the shared pre-logit features; its cost is one BN-ReLU-Conv1x1 plus a
 logsumexp over the logits (Table 5: +2.8 ms on 60.9 ms). The fine-tuned segmenter is a
@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from segmentation_safety.calibration import fuse_open_set
 from segmentation_safety.checkpoint import Bundle, BundleError, load_state_strict
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.detectors.registry import register
@@ -22,6 +21,24 @@ from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
 
 __all__ = ["DenseHybridDetector", "fuse_open_set"]
+
+
+def fuse_open_set(
+    labels: torch.Tensor, anomaly: torch.Tensor, threshold: float, num_classes: int
+) -> torch.Tensor:
+    """Open-set label map: pixels with anomaly >= ``threshold`` become class K.
+
+    With K inlier classes 0..K-1 the anomaly class is the (K+1)-th label, index K
+    (DenseHybrid §3.2 and §4). ``labels`` and ``anomaly`` must have the same shape.
+    """
+    if labels.shape != anomaly.shape:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} and anomaly {tuple(anomaly.shape)} differ; "
+            "resize the anomaly map to the label map first"
+        )
+    fused = labels.clone()
+    fused[anomaly >= threshold] = num_classes
+    return fused
 
 
 @register

@@ -1,4 +1,4 @@
-"""Learned embedding density (Fishyscapes 002 §4.2, B.6): a Real-NVP flow per tap.
+"""Learned embedding density (Fishyscapes §4.2, B.6): a Real-NVP flow per tap.
 
 Anomaly = per-pixel NLL minus the mean training NLL of that layer (eq. 8), upsampled
 to the finest layer's resolution; several layers are combined by their minimum or by a

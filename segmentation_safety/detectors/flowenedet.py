@@ -1,4 +1,4 @@
-"""FlowEneDet detectors (003; DESIGN §4): FED-U and FED-C.
+"""FlowEneDet detectors (FlowEneDet supplementary; DESIGN §4): FED-U and FED-C.
 
 Both read the shared forward pass's logits (and FED-C its pre-logit features), run
 the flow at 1/4 of the input resolution and report P(segmentation wrong) as both the
@@ -25,7 +25,8 @@ from segmentation_safety.models.flowenedet import FlowEneDet
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
 
-#: FED runs at this fraction of the input resolution (003 §1: "1/4× spatial dimensions").
+#: FED runs at this fraction of the input resolution (FlowEneDet supplementary §1:
+#: "1/4× spatial dimensions").
 FLOW_STRIDE = 4
 #: Keys of a ``flowenedet`` bundle's ``architecture`` that the flow is rebuilt from.
 ARCHITECTURE_KEYS = ("blocks", "kernel_size", "cond_channels", "hidden")

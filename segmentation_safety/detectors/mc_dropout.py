@@ -1,4 +1,4 @@
-"""MC dropout (Bayesian DeepLab, Fishyscapes §4.1 eq. 1-2; 002): T stochastic passes.
+"""MC dropout (Bayesian DeepLab, Fishyscapes §4.1 eq. 1-2): T stochastic passes.
 
 Cost. When the segmenter's only dropout sits right before its classifier (TinySegmenter:
 ``classifier(dropout(features))``) the T samples re-run just dropout + the 1×1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from segmentation_safety.detectors.base import Detector
+from segmentation_safety.errors import UserError
 from segmentation_safety.models.segmenter import Segmenter
 
 _REGISTRY: dict[str, type[Detector]] = {}
@@ -12,7 +13,7 @@ _REGISTRY: dict[str, type[Detector]] = {}
 D = TypeVar("D", bound=type[Detector])
 
 
-class UnknownDetectorError(KeyError):
+class UnknownDetectorError(UserError, KeyError):
     """Raised for a detector name that is not registered; the message lists the known ones."""
 
     def __str__(self) -> str:  # KeyError would quote the whole message

@@ -1,4 +1,4 @@
-"""Image resynthesis detectors (SynthCP, 001 §3; DESIGN §4).
+"""Image resynthesis detectors (SynthCP §3; DESIGN §4).
 
 From the shared forward pass: ŷ = argmax of the logits at the generator's resolution,
 x̂ = G(ŷ) mapped into the segmenter's normalised input space at the input size, and one
@@ -29,7 +29,7 @@ from segmentation_safety.models.generator import SpadeGenerator, build_generator
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
 
-DEFAULT_MSP_THRESHOLD = 0.999  # 001 §4.2, Table 4
+DEFAULT_MSP_THRESHOLD = 0.999  # SynthCP §4.2, Table 4
 
 
 def feature_cosine_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ def feature_cosine_distance(feat_a: torch.Tensor, feat_b: torch.Tensor) -> torch
 
 
 def msp_postprocess(score: torch.Tensor, msp: torch.Tensor, threshold: float) -> torch.Tensor:
-    """001 §3.3: keep ``score`` where MSP ≤ t, use 1 - MSP where MSP > t.
+    """SynthCP §3.3: keep ``score`` where MSP ≤ t, use 1 - MSP where MSP > t.
 
     Very confident pixels get a tiny score, pruning GAN artefacts on well-recognised
     regions. ``threshold`` = 1 disables it (MSP never exceeds 1).

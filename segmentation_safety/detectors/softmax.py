@@ -1,7 +1,7 @@
 """Softmax-family baselines: scores computed from the logits alone.
 
-References: Fishyscapes §4.1 (max-softmax, entropy; 002), DenseHybrid Table 4 (max-logit,
-standardized max-logit, energy; 004). Every anomaly map follows the project convention
+References: Fishyscapes §4.1 (max-softmax, entropy), DenseHybrid Table 4 (max-logit,
+standardized max-logit, energy). Every anomaly map follows the project convention
 "higher = more anomalous" and stays at the logits' resolution; the pipeline resizes.
 """
 
@@ -57,7 +57,7 @@ def standardized_max_logit(
     """(max logit - mu_c) / sigma_c with c the predicted class, per pixel (B×h×w).
 
     ``class_mean`` and ``class_std`` are K-vectors of the max logit over the training
-    pixels predicted as each class (:class:`~segmentation_safety.calibration.MaxLogitStats`).
+    pixels predicted as each class (:class:`training.fit_statistics.MaxLogitStats`).
     """
     logits = logits.float()
     top, predicted = logits.max(dim=1)

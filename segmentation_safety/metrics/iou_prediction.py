@@ -1,4 +1,4 @@
-"""Image-level failure detection: predicted vs true per-class IoU (SynthCP paper 001).
+"""Image-level failure detection: predicted vs true per-class IoU (SynthCP).
 
 Following the official SynthCP evaluation, every (image, class) pair with a valid true
 IoU is kept (a few floats per image); per class we take MAE, STD of the absolute error,

@@ -165,7 +165,7 @@ class AnomalyMetrics(_PooledRanking):
 
 
 class FailureMetrics(_PooledRanking):
-    """Pixel failure detection (SynthCP paper 001 sec. 4, Table 1).
+    """Pixel failure detection (SynthCP §4, Table 1).
 
     ``update(scores, pred, label)``: ``scores`` is the failure score (higher = more
     likely wrong); a pixel is positive when ``pred != label``; ``label == 255`` is void.

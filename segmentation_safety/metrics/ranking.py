@@ -1,6 +1,6 @@
 """Ranking metrics (AP, AUROC, FPR at a TPR) computed from ``RankedCounts``.
 
-Definitions follow the Fishyscapes benchmark (paper 002) and sklearn:
+Definitions follow the Fishyscapes Benchmark paper and sklearn:
 - AP is the step rule ``sum_i (R_i - R_{i-1}) * P_i`` over thresholds from high to low
   (sklearn ``average_precision_score``), not an interpolated area.
 - AUROC is the trapezoid area under (FPR, TPR) starting at (0, 0).

@@ -48,7 +48,7 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def open_miou(matrix: np.ndarray) -> float:
-    """Open-mIoU (DenseHybrid, paper 004, eq. 16) from a (K+1) x (K+1) confusion matrix.
+    """Open-mIoU (DenseHybrid eq. 16) from a (K+1) x (K+1) confusion matrix.
 
     The last row/column is the anomaly class: label K marks true anomalies, prediction K
     marks pixels the thresholded anomaly detector took over. Open-IoU_k is the ordinary

@@ -1,4 +1,4 @@
-"""Comparison network for failure detection (SynthCP, 001 §3.2, eq. 5).
+"""Comparison network for failure detection (SynthCP §3.2, eq. 5).
 
 Two ResNet-18 encoders that do not share weights (as in the official code, although
 the paper's text says "shared-weight") read (x, ŷ) and (G(ŷ), ŷ). The prediction

@@ -1,10 +1,10 @@
 """SPADE-style semantic-to-image generator and a multi-scale patch discriminator.
 
-The resynthesis detector (SynthCP, 001 §3.1) turns a predicted label map back into an
+The resynthesis detector (SynthCP §3.1) turns a predicted label map back into an
 image. Following SPADE (Park et al., CVPR 2019, as SynthCP uses it) the label map is the
 generator's only input: it is downsampled to a small grid, convolved into features and
 then, at every residual block, re-injected through spatially-adaptive normalisation.
-There is no style encoder and no instance map (001 §4.1, 000 §1.4).
+There is no style encoder and no instance map (SynthCP §4.1, SynthCP supplementary §1.4).
 """
 
 from __future__ import annotations

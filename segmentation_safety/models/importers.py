@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from segmentation_safety.errors import UserError
 from segmentation_safety.labels import TRAIN_NAMES
 
 if TYPE_CHECKING:  # torch loads lazily: `segsafe --help` imports this module for its choices
@@ -41,7 +42,7 @@ SIGNATURES: dict[str, str] = {
 _WRAPPERS = ("model", "state_dict", "model_state_dict", "net")
 
 
-class ImportWeightsError(ValueError):
+class ImportWeightsError(UserError, ValueError):
     """A checkpoint that cannot become a segmenter; the message says why."""
 
 

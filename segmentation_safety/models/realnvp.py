@@ -1,4 +1,4 @@
-"""Real-NVP density over per-pixel embedding vectors (Fishyscapes 002 §4.2, appendix B.6).
+"""Real-NVP density over per-pixel embedding vectors (Fishyscapes §4.2, appendix B.6).
 
 The flow works on flattened pixel vectors: a B×C×h×w embedding map becomes (B·h·w)×C
 rows, so every pixel is one sample and there is no Python loop over pixels. Inside, the

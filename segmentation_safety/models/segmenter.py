@@ -29,7 +29,7 @@ class Segmenter(nn.Module):
     num_classes: int
     feature_channels: int
     embedding_channels: dict[str, int]
-    #: Taps the flow-density detector models by default (a mid-level layer, as in 002 §4.2).
+    #: Taps the flow-density detector models by default (a mid-level layer, as in Fishyscapes §4.2).
     default_flow_layers: tuple[str, ...] = ()
 
     def __init__(

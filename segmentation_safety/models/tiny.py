@@ -10,7 +10,7 @@ from segmentation_safety.models.segmenter import Segmenter
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    # No ReLU here: taps are read pre-ReLU, as the flow-density paper does (002 §4.2).
+    # No ReLU here: taps are read pre-ReLU, as the flow-density paper does (Fishyscapes §4.2).
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout)
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from segmentation_safety.errors import MissingFileError
 from training.datasets.common import FileDataset, Sample, Transform, read_rgb, require_dir
 
 
@@ -47,7 +48,7 @@ class ADE20KInstances(FileDataset):
     def load(self, item: Path) -> Sample:
         path = self.annotations / f"{item.stem}.png"
         if not path.exists():
-            raise FileNotFoundError(f"no instance annotation for {item}: expected {path}")
+            raise MissingFileError(f"no instance annotation for {item}: expected {path}")
         with Image.open(path) as im:
             ann = np.asarray(im.convert("RGB"))
         return {"image": read_rgb(item), "instances": instance_ids(ann), "name": item.stem}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from segmentation_safety.errors import MissingFileError
 from segmentation_safety.labels import label_ids_to_train_ids
 from training.datasets.common import (
     FileDataset,
@@ -59,5 +60,5 @@ class Cityscapes(FileDataset):
         elif ids_path.exists():
             label = label_ids_to_train_ids(read_label(ids_path))
         else:
-            raise FileNotFoundError(f"no label for {item}: expected {ids_path}")
+            raise MissingFileError(f"no label for {item}: expected {ids_path}")
         return {"image": read_rgb(item), "label": label, "name": item.name[: -len(IMAGE_SUFFIX)]}

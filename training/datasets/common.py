@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from segmentation_safety.errors import MissingFileError
+
 Sample = dict[str, Any]
 Transform = Callable[[Sample], Sample]
 
@@ -36,7 +38,7 @@ def read_label(path: str | Path) -> np.ndarray:
 def require_dir(path: Path, what: str) -> Path:
     """``path`` if it is a directory, else a FileNotFoundError that says what was expected."""
     if not path.is_dir():
-        raise FileNotFoundError(f"{what}: directory not found: {path}")
+        raise MissingFileError(f"{what}: directory not found: {path}")
     return path
 
 
@@ -45,7 +47,7 @@ class FileDataset(Dataset):
 
     def __init__(self, items: Sequence[Any], transform: Transform | None = None) -> None:
         if len(items) == 0:
-            raise FileNotFoundError(f"{type(self).__name__}: no samples found")
+            raise MissingFileError(f"{type(self).__name__}: no samples found")
         self.items = list(items)
         self.transform = transform
 

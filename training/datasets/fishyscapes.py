@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from segmentation_safety.errors import MissingFileError
 from training.datasets.common import (
     FileDataset,
     Sample,
@@ -56,7 +57,7 @@ class FishyscapesLostAndFound(FileDataset):
             path = self.laf_root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
             if path.exists():
                 return path
-        raise FileNotFoundError(f"no Lost and Found image for {label.name} (city {city})")
+        raise MissingFileError(f"no Lost and Found image for {label.name} (city {city})")
 
     def load(self, item: Path) -> Sample:
         image = read_rgb(self.image_path(item))
@@ -76,7 +77,7 @@ class FishyscapesProcessed(FileDataset):
     def load(self, item: Path) -> Sample:
         path = self.root / "labels" / f"{item.stem}.png"
         if not path.exists():
-            raise FileNotFoundError(f"no label for {item}: expected {path}")
+            raise MissingFileError(f"no label for {item}: expected {path}")
         return {
             "image": read_rgb(item),
             "anomaly": _checked(read_label(path), path),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segmentation_safety.errors import MissingFileError
 from training.datasets.common import (
     FileDataset,
     Sample,
@@ -67,7 +68,7 @@ class LostAndFound(FileDataset):
             self.root / "gtCoarse" / self.split / item.parent.name / f"{stem}_gtCoarse_labelIds.png"
         )
         if not path.exists():
-            raise FileNotFoundError(f"no label for {item}: expected {path}")
+            raise MissingFileError(f"no label for {item}: expected {path}")
         ids = read_label(path)
         return {
             "image": read_rgb(item),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segmentation_safety.errors import MissingFileError
 from training.datasets.common import (
     FileDataset,
     Sample,
@@ -35,6 +36,6 @@ class RoadAnomaly(FileDataset):
     def load(self, item: Path) -> Sample:
         path = item.parent / f"{item.stem}.labels" / "labels_semantic.png"
         if not path.exists():
-            raise FileNotFoundError(f"no label for {item}: expected {path}")
+            raise MissingFileError(f"no label for {item}: expected {path}")
         anomaly = (read_label(path) == ANOMALY_VALUE).astype(np.uint8)
         return {"image": read_rgb(item), "anomaly": anomaly, "name": item.stem}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segmentation_safety.errors import MissingFileError
 from training.datasets.common import (
     FileDataset,
     Sample,
@@ -83,7 +84,7 @@ class StreetHazards(FileDataset):
         rel = item.relative_to(self.images)
         path = self.annotations / rel
         if not path.exists():
-            raise FileNotFoundError(f"no annotation for {item}: expected {path}")
+            raise MissingFileError(f"no annotation for {item}: expected {path}")
         raw = read_label(path)
         anomaly = binary_anomaly((raw != UNLABELED) & (raw != ANOMALY), raw == ANOMALY)
         name = "_".join(rel.with_suffix("").parts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from segmentation_safety.errors import MissingFileError
 from training.datasets.cityscapes import Cityscapes
 from training.datasets.common import (
     FileDataset,
@@ -24,7 +25,7 @@ def read_world_json(root: str | Path) -> dict:
     """The world's description; a missing file means an incomplete or foreign folder."""
     path = Path(root) / "world.json"
     if not path.exists():
-        raise FileNotFoundError(f"not a complete synthetic world (no world.json): {root}")
+        raise MissingFileError(f"not a complete synthetic world (no world.json): {root}")
     return json.loads(path.read_text())
 
 

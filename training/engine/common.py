@@ -15,6 +15,7 @@ from torch.utils.data import default_collate
 
 from segmentation_safety.checkpoint import save_bundle
 from segmentation_safety.detectors.base import Detector
+from segmentation_safety.errors import UserError
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.models.zoo import load_segmenter  # noqa: F401  (engine API)
 from segmentation_safety.types import SegmenterOutput
@@ -26,14 +27,13 @@ from training.engine.loop import (
     Trainable,
     _to_device,
     checkpoint_path,
-    close_run,
     fit,
     sample_generator,
 )
 from training.engine.transforms import random_scale_crop_flip, to_tensors
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data directory or split that cannot be trained on; the message names it."""
 
 
@@ -78,7 +78,6 @@ def run_stage(
     *,
     data_init: bool = False,
     fresh_without_checkpoint: bool = False,
-    close_on_stop: bool = True,
 ) -> bool:
     """Train ``module`` on a seeded stream over ``n_items`` dataset items with ``fit``.
 
@@ -87,7 +86,7 @@ def run_stage(
     the first *global* batch, identical on every rank (data-dependent initialisation
     such as ActNorm's). ``fresh_without_checkpoint``: ``--resume`` starts a stage that
     has no checkpoint yet afresh. Returns True when every iteration is done; False when
-    ``--stop-after`` cut it short, after closing the run unless ``close_on_stop`` is off.
+    ``--stop-after`` cut it short (the trainer's ``open_run`` block closes the run).
     """
     stream = SampleStream(n_items, int(config["batch_size"]), int(config["seed"]))
     loop = loop_config(config, args)
@@ -100,8 +99,6 @@ def run_stage(
             module.train()
             module(_to_device(default_collate(first), ctx.device))
     done = fit(ctx, Trainable(module, optimizer, scheduler), stream, make_sample, loop, desc)
-    if not done and close_on_stop:
-        close_run(ctx)
     return done
 
 

@@ -32,6 +32,7 @@ import os
 import random
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from tqdm import tqdm
 
 from segmentation_safety.checkpoint import atomic_write_bytes
 from segmentation_safety.device import resolve_device
+from segmentation_safety.errors import MissingFileError
 
 BN_MODES = ("train", "frozen", "sync")
 
@@ -102,6 +104,24 @@ def close_run(ctx: RunContext) -> None:
     if ctx.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def open_run(device: str = "auto", seed: int = 0, amp: bool = True) -> Iterator[RunContext]:
+    """:func:`init_run` for the ``with`` block, :func:`close_run` however the block ends.
+
+    A trainer that returns early (``--stop-after``) closes its run as one that finishes.
+    On an exception the process group is destroyed without the barrier: the other ranks
+    may have failed as well and would never reach it.
+    """
+    ctx = init_run(device, seed, amp)
+    try:
+        yield ctx
+    except BaseException:
+        if ctx.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    close_run(ctx)
 
 
 # --------------------------------------------------------------------------- data order
@@ -300,7 +320,7 @@ def load_training_state(
     try:
         state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"--resume: no training state at {path}") from None
+        raise MissingFileError(f"--resume: no training state at {path}") from None
     except Exception as e:  # a truncated or foreign file: say which one
         raise RuntimeError(f"--resume: cannot read training state {path}: {e}") from None
     for key, value in meta.items():
@@ -386,8 +406,9 @@ def fit(
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss is {float(loss)} at iteration {iteration}")
         progress.update(1)
-        if writer is not None and (iteration % loop.log_every == 0 or iteration == stop):
+        if ctx.is_main and (iteration % loop.log_every == 0 or iteration == stop):
             progress.set_postfix(loss=f"{float(loss):.4f}")
+        if writer is not None and (iteration % loop.log_every == 0 or iteration == stop):
             writer.add_scalar(f"{desc}/loss", float(loss), iteration)
             writer.add_scalar(f"{desc}/lr", trainable.optimizer.param_groups[0]["lr"], iteration)
             for name, value in logs.items():
@@ -404,8 +425,16 @@ def fit(
 
 
 def _summary_writer(out: Path) -> Any:
-    from torch.utils.tensorboard import SummaryWriter
+    """A TensorBoard writer, or None (with a notice) where tensorboard is not installed.
 
+    tensorboard comes with the ``train`` extra only; a plain ``pip install -e .`` must
+    still train, just without the curves.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        print(f"note: no TensorBoard logging ({e}); pip install tensorboard", file=sys.stderr)
+        return None
     return SummaryWriter(log_dir=str(log_dir(out)))
 
 

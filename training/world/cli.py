@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from segmentation_safety.errors import report_user_errors
 from training.world.writer import write_world
 
 
@@ -42,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+@report_user_errors("world")
 def main_world(args: argparse.Namespace) -> int:
     """Handler of ``segsafe world``."""
     stats = write_world(

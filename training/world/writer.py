@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from segmentation_safety.errors import InvalidArgumentError
 from segmentation_safety.labels import LABELS, NUM_CLASSES, VOID, train_ids_to_label_ids
 from training.world.cargo import ANOMALY_KINDS
 from training.world.layout import sample_layout
@@ -273,7 +274,9 @@ def write_world(
         "negative_scenes": negative_scenes,
     }
     if min(counts.values()) < 0 or height < 32 or width < 32 or sequence_length < 1:
-        raise ValueError(f"bad world size: counts={counts}, {height}x{width}, {sequence_length}")
+        raise InvalidArgumentError(
+            f"bad world size: counts={counts}, {height}x{width}, {sequence_length}"
+        )
     tasks = _tasks(counts, sequence_length)
     total = sum(t[3] for t in tasks)
     bar = tqdm(total=total, disable=not progress, unit="img", desc="world")

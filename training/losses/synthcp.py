@@ -1,4 +1,4 @@
-"""Losses and targets for SynthCP (001 §3): the cGAN and the comparison net. Pure functions.
+"""Losses and targets for SynthCP (SynthCP §3): the cGAN and the comparison net. Pure functions.
 
 GAN: SPADE's hinge loss plus discriminator feature matching. SPADE also adds a VGG
 perceptual loss; it needs ImageNet weights, which cannot be downloaded here, so it is

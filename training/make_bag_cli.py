@@ -9,7 +9,7 @@ whatever else OpenCV's FFmpeg reads): the frames stamped evenly at --rate Hz (fr
 by default; video: the file's own rate), with CameraInfo for the default camera. Add
 --compressed to write sensor_msgs/CompressedImage on <topic>/compressed as real camera
 bags do (jpg/png files go in as they are), then `segsafe replay` feeds the node
-compressed images. See ``training/bags.py``.
+compressed images. See ``training/bags.py`` and ``segmentation_safety/bags.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from segmentation_safety.errors import report_user_errors
 
 if TYPE_CHECKING:
     from training.bags import BagSummary
@@ -73,10 +75,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+@report_user_errors("make-bag")
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from training.bags import BagSourceError, discover_sequences, select_sequence, write_bag
+    from training.bags import discover_sequences, select_sequence, write_bag
 
     if args.root is None:
         return _run_stream(args)
@@ -87,16 +90,16 @@ def run(args: argparse.Namespace) -> int:
     if given:
         print(f"error: {', '.join(given)} apply to --frames/--video only", file=sys.stderr)
         return 2
+    sequences = discover_sequences(args.root, fps=args.fps)
+    if args.list:
+        for s in sequences.values():
+            print(f"{s.name}\t{s.layout}\t{len(s.frames)} frames")
+        return 0
+    seq = select_sequence(sequences, args.sequence)
+    if args.sequence is None and len(sequences) > 1:
+        print(f"no --sequence given: using {seq.name!r} of {len(sequences)}", file=sys.stderr)
+    bar = tqdm(total=len(seq.frames), desc="make-bag", unit="frame", file=sys.stderr)
     try:
-        sequences = discover_sequences(args.root, fps=args.fps)
-        if args.list:
-            for s in sequences.values():
-                print(f"{s.name}\t{s.layout}\t{len(s.frames)} frames")
-            return 0
-        seq = select_sequence(sequences, args.sequence)
-        if args.sequence is None and len(sequences) > 1:
-            print(f"no --sequence given: using {seq.name!r} of {len(sequences)}", file=sys.stderr)
-        bar = tqdm(total=len(seq.frames), desc="make-bag", unit="frame", file=sys.stderr)
         summary = write_bag(
             seq,
             args.out,
@@ -106,10 +109,8 @@ def run(args: argparse.Namespace) -> int:
             version=args.bag_version,
             progress=lambda n: bar.update(n - bar.n),
         )
+    finally:
         bar.close()
-    except BagSourceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     _report(summary)
     return 0
 
@@ -125,33 +126,29 @@ def _run_stream(args: argparse.Namespace) -> int:
         write_stream_bag,
     )
 
+    if args.list or args.sequence is not None:
+        raise BagSourceError("--list and --sequence apply to --root only")
+    if args.frames is not None:
+        src = frames_source(args.frames, args.rate, args.limit)
+    else:
+        src = video_source(args.video, args.rate, args.limit)
+    resize = parse_size(args.resize) if args.resize is not None else None
+    bar = tqdm(total=src.total, desc="make-bag", unit="frame", file=sys.stderr)
     try:
-        if args.list or args.sequence is not None:
-            raise BagSourceError("--list and --sequence apply to --root only")
-        if args.frames is not None:
-            src = frames_source(args.frames, args.rate, args.limit)
-        else:
-            src = video_source(args.video, args.rate, args.limit)
-        resize = parse_size(args.resize) if args.resize is not None else None
-        bar = tqdm(total=src.total, desc="make-bag", unit="frame", file=sys.stderr)
-        try:
-            summary = write_stream_bag(
-                src,
-                args.out,
-                storage=args.format,
-                topic=args.topic,
-                frame_id=args.frame_id,
-                version=args.bag_version,
-                compressed=args.compressed,
-                resize=resize,
-                jpeg_quality=args.jpeg_quality,
-                progress=lambda n: bar.update(n - bar.n),
-            )
-        finally:
-            bar.close()
-    except BagSourceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        summary = write_stream_bag(
+            src,
+            args.out,
+            storage=args.format,
+            topic=args.topic,
+            frame_id=args.frame_id,
+            version=args.bag_version,
+            compressed=args.compressed,
+            resize=resize,
+            jpeg_quality=args.jpeg_quality,
+            progress=lambda n: bar.update(n - bar.n),
+        )
+    finally:
+        bar.close()
     _report(summary, f" at {src.rate_hz:g} Hz")
     return 0
 

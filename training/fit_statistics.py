@@ -1,4 +1,4 @@
-"""Calibration from held-out data: SML class statistics and thresholds at a target TPR.
+"""Fitted on held-out data for training: SML class statistics and thresholds at a TPR.
 
 Both work batch by batch with memory bounded by the number of classes (statistics) or
 the number of anomalous pixels (threshold), so they can run over a whole split.
@@ -84,21 +84,3 @@ def threshold_at_tpr(scores: torch.Tensor, labels: torch.Tensor, tpr: float = 0.
         raise ValueError("no anomalous pixels: the threshold at a TPR is undefined")
     k = math.ceil(tpr * positives.numel() - 1e-9)  # tolerance: 0.95 * 20 is 19.000000000000004
     return float(torch.topk(positives, k).values[-1])
-
-
-def fuse_open_set(
-    labels: torch.Tensor, anomaly: torch.Tensor, threshold: float, num_classes: int
-) -> torch.Tensor:
-    """Open-set label map: pixels with anomaly >= ``threshold`` become class K.
-
-    With K inlier classes 0..K-1 the anomaly class is the (K+1)-th label, index K
-    (DenseHybrid §3.2 and §4). ``labels`` and ``anomaly`` must have the same shape.
-    """
-    if labels.shape != anomaly.shape:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} and anomaly {tuple(anomaly.shape)} differ; "
-            "resize the anomaly map to the label map first"
-        )
-    fused = labels.clone()
-    fused[anomaly >= threshold] = num_classes
-    return fused

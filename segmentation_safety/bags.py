@@ -1,0 +1,459 @@
+"""rosbag2 files without rclpy: topic names, the typestore, atomic writing and reading.
+
+Everything that writes or reads a bag goes through here: ``segsafe make-bag`` (dataset
+sequences, ``training/bags.py``) and ``segsafe replay`` (the recorded outputs and the
+bag it plays). rosbags does the storage (sqlite3 or mcap) and the CDR, so a machine
+without ROS can write bags that ``ros2 bag play`` reads.
+
+A bag is built under its final name inside a hidden staging directory beside it and
+moved into place when complete (:class:`StagedBag`), so a failure never leaves half a
+bag where a reader would find it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import shutil
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segmentation_safety.errors import UserError
+
+#: Ground-truth topics written by ``segsafe make-bag`` and scored by ``segsafe replay``.
+LABELS_TOPIC = "/ground_truth/labels"
+ANOMALY_TOPIC = "/ground_truth/anomaly"
+GROUND_TRUTH_PREFIX = "/ground_truth/"
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
+CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
+FORMATS = ("sqlite3", "mcap")
+#: rosbag2 metadata version: 8 is read by Jazzy and later; 9 (QoS as YAML lists) by Kilted+.
+DEFAULT_BAG_VERSION = 8
+#: Cityscapes / Lost & Found camera: fx = fy = 2262.52 px at 2048 px width (~48.7° hfov).
+#: Used, scaled to the image width, when the source carries no intrinsics.
+DEFAULT_FOCAL_AT_2048 = 2262.52
+
+
+class BagError(UserError):
+    """A bag that cannot be read or written as asked; the message names the bag."""
+
+
+# -- topics and types -------------------------------------------------------------------------
+def camera_info_topic(image_topic: str, compressed: bool = False) -> str:
+    """``/camera/image_raw`` -> ``/camera/camera_info`` (image_transport's convention).
+
+    image_transport puts a compressed stream under its base topic, beside which the
+    camera_info lives: ``/camera/image_raw/compressed`` -> ``/camera/camera_info``.
+    """
+    base = image_topic
+    if compressed and base.endswith("/compressed"):
+        base = base[: -len("/compressed")]
+    return base.rsplit("/", 1)[0] + "/camera_info"
+
+
+def msg_dir() -> Path:
+    """The package's .msg files: the install space's share/, else the source tree."""
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        share = Path(get_package_share_directory("segmentation_safety")) / "msg"
+        if share.is_dir():
+            return share
+    except Exception:  # noqa: BLE001 - not installed with colcon: use the checkout
+        pass
+    return Path(__file__).resolve().parents[1] / "msg"
+
+
+def message_typestore() -> Any:
+    """rosbags typestore with the standard types (Jazzy) and this package's messages."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    store = get_typestore(Stores.ROS2_JAZZY)
+    types: dict[str, Any] = {}
+    for f in sorted(msg_dir().glob("*.msg")):
+        types.update(get_types_from_msg(f.read_text(), f"segmentation_safety/msg/{f.stem}"))
+    store.register(types)
+    return store
+
+
+def type_name(msg_class: type) -> str:
+    """rclpy message class -> 'pkg/msg/Name'."""
+    return f"{msg_class.__module__.split('.')[0]}/msg/{msg_class.__name__}"
+
+
+def offered_qos(depth: int = 10) -> Any:
+    """Reliable, volatile, keep-last: what a camera driver typically offers."""
+    from rosbags.interfaces import (
+        Qos,
+        QosDurability,
+        QosHistory,
+        QosLiveliness,
+        QosReliability,
+        QosTime,
+    )
+
+    zero = QosTime(0, 0)
+    return Qos(
+        QosHistory.KEEP_LAST,
+        depth,
+        QosReliability.RELIABLE,
+        QosDurability.VOLATILE,
+        zero,
+        zero,
+        QosLiveliness.AUTOMATIC,
+        zero,
+        False,
+    )
+
+
+# -- stamps in serialized messages ------------------------------------------------------------
+# A CDR message starts with a 4-byte encapsulation header; a std_msgs/Header as the first
+# field puts the stamp's (int32 sec, uint32 nanosec) right after it. Reading it there
+# matches frames to answers without deserializing images.
+def cdr_stamp_ns(raw: bytes | memoryview) -> int:
+    """Header stamp of a serialized message whose first field is a std_msgs/Header."""
+    if len(raw) < 12:
+        raise ValueError("message too short for a header")
+    endian = "<" if raw[1] & 1 else ">"  # encapsulation id: CDR_LE = 0x0001
+    sec, nanosec = struct.unpack_from(endian + "iI", raw, 4)
+    return sec * 1_000_000_000 + nanosec
+
+
+def with_stamp(raw: bytes, stamp_ns: int) -> bytes:
+    """The same serialized message with its header stamp replaced."""
+    endian = "<" if raw[1] & 1 else ">"
+    sec, nanosec = divmod(stamp_ns, 1_000_000_000)
+    out = bytearray(raw)
+    struct.pack_into(endian + "iI", out, 4, sec, nanosec)
+    return bytes(out)
+
+
+# -- building messages ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CameraModel:
+    """Pinhole intrinsics for ``sensor_msgs/CameraInfo`` (no distortion)."""
+
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    width: int
+    height: int
+
+    @classmethod
+    def default(cls, width: int, height: int) -> CameraModel:
+        f = DEFAULT_FOCAL_AT_2048 * width / 2048.0
+        return cls(f, f, (width - 1) / 2.0, (height - 1) / 2.0, width, height)
+
+    def scaled_to(self, width: int, height: int) -> CameraModel:
+        """The same camera for an image resized to ``width`` x ``height``."""
+        if (width, height) == (self.width, self.height):
+            return self
+        sx, sy = width / self.width, height / self.height
+        return CameraModel(self.fx * sx, self.fy * sy, self.cx * sx, self.cy * sy, width, height)
+
+
+class MessageFactory:
+    """Builds rosbags message objects with one header per frame."""
+
+    def __init__(self, store: Any, frame_id: str) -> None:
+        self.t = store.types
+        self.store = store
+        self.frame_id = frame_id
+
+    def header(self, stamp_ns: int) -> Any:
+        sec, nanosec = divmod(stamp_ns, 1_000_000_000)
+        time = self.t["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec)
+        return self.t["std_msgs/msg/Header"](stamp=time, frame_id=self.frame_id)
+
+    def image(self, header: Any, array: np.ndarray, encoding: str) -> Any:
+        array = np.ascontiguousarray(array)
+        h, w = array.shape[:2]
+        return self.t[IMAGE_TYPE](
+            header=header,
+            height=h,
+            width=w,
+            encoding=encoding,
+            is_bigendian=0,
+            step=array.strides[0],
+            data=array.reshape(-1).view(np.uint8),
+        )
+
+    def compressed(self, header: Any, data: bytes, fmt: str) -> Any:
+        return self.t[COMPRESSED_TYPE](
+            header=header, format=fmt, data=np.frombuffer(data, np.uint8)
+        )
+
+    def camera_info(self, header: Any, cam: CameraModel) -> Any:
+        k = np.array([cam.fx, 0, cam.cx, 0, cam.fy, cam.cy, 0, 0, 1], np.float64)
+        p = np.array([cam.fx, 0, cam.cx, 0, 0, cam.fy, cam.cy, 0, 0, 0, 1, 0], np.float64)
+        roi = self.t["sensor_msgs/msg/RegionOfInterest"](
+            x_offset=0, y_offset=0, height=0, width=0, do_rectify=False
+        )
+        return self.t[CAMERA_INFO_TYPE](
+            header=header,
+            height=cam.height,
+            width=cam.width,
+            distortion_model="plumb_bob",
+            d=np.zeros(5, np.float64),
+            k=k,
+            r=np.eye(3, dtype=np.float64).reshape(-1),
+            p=p,
+            binning_x=0,
+            binning_y=0,
+            roi=roi,
+        )
+
+
+# -- writing ----------------------------------------------------------------------------------
+def check_storage(storage: str) -> None:
+    if storage not in FORMATS:
+        raise BagError(f"--format {storage!r}: choose one of {', '.join(FORMATS)}")
+
+
+class StagedBag:
+    """A bag directory built at :attr:`path` and moved to ``out`` only by :meth:`commit`.
+
+    The bag directory's name also names its storage file, so it is built under its final
+    name inside a hidden staging directory beside ``out``. Used as a context manager it
+    commits when the block completes and discards the bag when it raises.
+    """
+
+    def __init__(self, out: Path) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
+        self.path = self.staging / out.name
+
+    def commit(self) -> None:
+        os.replace(self.path, self.out)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> StagedBag:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        try:
+            if exc_type is None:
+                self.commit()
+        finally:
+            self.discard()
+
+
+class TopicWriter:
+    """A rosbags Writer that opens a connection per topic on first use and counts messages."""
+
+    def __init__(
+        self,
+        path: Path,
+        storage: str = "sqlite3",
+        version: int = DEFAULT_BAG_VERSION,
+        store: Any = None,
+        qos: Any = None,
+    ) -> None:
+        from rosbags.rosbag2 import StoragePlugin, Writer
+
+        plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+        self.writer = Writer(path, version=version, storage_plugin=plugin)  # type: ignore[arg-type]
+        self.store = store if store is not None else message_typestore()
+        self.qos = qos
+        self.conns: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def write_raw(self, topic: str, msgtype: str, time_ns: int, raw: bytes) -> None:
+        if topic not in self.conns:
+            extra = {} if self.qos is None else {"offered_qos_profiles": [self.qos]}
+            self.conns[topic] = self.writer.add_connection(
+                topic, msgtype, typestore=self.store, **extra
+            )
+        self.writer.write(self.conns[topic], time_ns, raw)
+        self.counts[topic] = self.counts.get(topic, 0) + 1
+
+    def write(self, topic: str, msgtype: str, time_ns: int, msg: Any) -> None:
+        self.write_raw(topic, msgtype, time_ns, self.store.serialize_cdr(msg, msgtype))
+
+    def open(self) -> None:
+        self.writer.open()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+@contextmanager
+def staged_writer(
+    out: Path, storage: str = "sqlite3", version: int = DEFAULT_BAG_VERSION, qos: Any = None
+) -> Iterator[TopicWriter]:
+    """A :class:`TopicWriter` whose bag appears at ``out`` only if the block completes."""
+    with StagedBag(out) as staged:
+        writer = TopicWriter(staged.path, storage, version, qos=qos)
+        writer.open()
+        try:
+            yield writer
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+
+
+class OutputBag:
+    """A rosbag2 written from serialized messages as they arrive; renamed when complete.
+
+    rosbags' sqlite3 storage may only be used from the thread that opened it, and
+    callbacks arrive on several threads: one writer thread owns the bag and drains a queue.
+    """
+
+    def __init__(self, path: Path, storage: str = "sqlite3") -> None:
+        if path.exists():
+            raise BagError(f"--output-bag {path} exists already; remove it first")
+        self.path = path
+        self.storage = storage
+        self.staged = StagedBag(path)
+        self.store = message_typestore()
+        self.queue: queue.SimpleQueue[tuple[str, str, int, bytes] | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.messages = 0
+        self.thread = threading.Thread(target=self._run, name="segsafe-bag-writer", daemon=True)
+        self.thread.start()
+
+    def write(self, topic: str, msgtype: str, time_ns: int, raw: bytes) -> None:
+        self.queue.put((topic, msgtype, time_ns, raw))
+
+    def _run(self) -> None:
+        writer = TopicWriter(self.staged.path, self.storage, store=self.store)
+        try:
+            writer.open()
+            while (item := self.queue.get()) is not None:
+                writer.write_raw(*item)
+                self.messages += 1
+            writer.close()
+        except BaseException as e:  # reported by finish()
+            self.error = e
+            writer.abort()
+
+    def finish(self, keep: bool) -> None:
+        """Close the bag and move it into place (``keep``), or discard it."""
+        self.queue.put(None)
+        self.thread.join()
+        try:
+            if keep and self.error is None:
+                self.staged.commit()
+        finally:
+            self.staged.discard()
+        if keep and self.error is not None:
+            raise BagError(f"--output-bag {self.path}: {self.error}")
+
+
+# -- reading ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BagFrame:
+    """One image as stored: bag receive time, header stamp and the CDR bytes."""
+
+    time_ns: int
+    stamp_ns: int
+    raw: bytes
+
+
+@dataclass
+class BagContents:
+    """What a replay needs from a bag, loaded into memory (bags for replay are short)."""
+
+    path: Path
+    image_topic: str
+    frames: list[BagFrame]
+    camera_info_topic: str | None = None
+    camera_info: dict[int, bytes] = field(default_factory=dict)  # stamp -> CDR
+    gt_labels: dict[int, np.ndarray] = field(default_factory=dict)
+    gt_anomaly: dict[int, np.ndarray] = field(default_factory=dict)
+    image_msgtype: str = IMAGE_TYPE
+
+    @property
+    def compressed(self) -> bool:
+        return self.image_msgtype == COMPRESSED_TYPE
+
+    @property
+    def rate_hz(self) -> float:
+        """Mean image rate of the recording; NaN below two frames."""
+        if len(self.frames) < 2:
+            return math.nan
+        span = (self.frames[-1].time_ns - self.frames[0].time_ns) / 1e9
+        return (len(self.frames) - 1) / span if span > 0 else math.nan
+
+
+def decode_mono8(raw: bytes, store: Any) -> np.ndarray:
+    """A serialized mono8 Image (ground truth) -> H x W uint8."""
+    msg = store.deserialize_cdr(raw, IMAGE_TYPE)
+    if msg.encoding != "mono8":
+        raise ValueError(f"ground truth encoded {msg.encoding!r}, expected mono8")
+    rows = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.step)
+    return rows[:, : msg.width].copy()
+
+
+def read_bag(path: str | os.PathLike[str], image_topic: str | None = None) -> BagContents:
+    """Load a bag's images (+ camera_info and ground truth); any damage -> BagError."""
+    from rosbags.rosbag2 import Reader
+
+    path = Path(path)
+    if not path.exists():
+        raise BagError(f"bag {path} does not exist")
+    try:
+        with Reader(path) as reader:
+            images = [c for c in reader.connections if c.msgtype in (IMAGE_TYPE, COMPRESSED_TYPE)]
+            cams = [c for c in reader.connections if c.msgtype == CAMERA_INFO_TYPE]
+            if image_topic is None:
+                candidates = sorted(
+                    {c.topic for c in images if not c.topic.startswith(GROUND_TRUTH_PREFIX)}
+                )
+                if len(candidates) != 1:
+                    raise BagError(
+                        f"bag {path}: cannot tell the camera topic among {candidates or 'none'}"
+                        "; pass --topic"
+                    )
+                image_topic = candidates[0]
+            elif image_topic not in {c.topic for c in images}:
+                raise BagError(
+                    f"bag {path} has no sensor_msgs/Image or CompressedImage topic {image_topic!r}"
+                )
+            msgtype = next(c.msgtype for c in images if c.topic == image_topic)
+            cam_topic = camera_info_topic(image_topic, compressed=msgtype == COMPRESSED_TYPE)
+            wanted = [c for c in images if c.topic in (image_topic, LABELS_TOPIC, ANOMALY_TOPIC)]
+            wanted += [c for c in cams if c.topic == cam_topic]
+            contents = BagContents(path, image_topic, [], image_msgtype=msgtype)
+            store = None
+            for conn, time_ns, raw in reader.messages(connections=wanted):
+                raw = bytes(raw)
+                stamp = cdr_stamp_ns(raw)
+                if conn.topic == image_topic:
+                    contents.frames.append(BagFrame(time_ns, stamp, raw))
+                elif conn.topic == cam_topic:
+                    contents.camera_info_topic = cam_topic
+                    contents.camera_info[stamp] = raw
+                else:
+                    store = store or message_typestore()
+                    gt = contents.gt_labels if conn.topic == LABELS_TOPIC else contents.gt_anomaly
+                    gt[stamp] = decode_mono8(raw, store)
+    except BagError:
+        raise
+    except Exception as e:  # rosbags, sqlite3, mcap and CDR errors all mean a damaged bag
+        raise BagError(
+            f"cannot read bag {path}: {type(e).__name__}: {e} (truncated or corrupt?)"
+        ) from None
+    if not contents.frames:
+        raise BagError(f"bag {path} has no messages on {image_topic}")
+    contents.frames.sort(key=lambda f: f.time_ns)
+    return contents
