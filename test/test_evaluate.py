@@ -277,3 +277,50 @@ def test_real_espnetv2_on_road_anomaly(real_data: Path, tmp_path: Path):
     report = json.loads(out.read_text())
     assert report["images"] == 1 and "segmentation" not in report
     assert 0.0 < report["detectors"]["max_logit"]["anomaly"]["ap"] < 1.0
+
+
+def test_open_miou_counts_flagged_pixels_as_the_anomaly_class():
+    from training.evaluate import MetricAccumulators
+
+    label = np.array([[0, 1], [2, 0]], np.uint8)
+    anomaly = np.array([[0, 0], [0, 1]], np.uint8)  # an object lying on the road
+    logits = torch.nn.functional.one_hot(torch.from_numpy(label).long(), 3).permute(2, 0, 1)
+    produces = {"exact": frozenset({"anomaly"}), "blind": frozenset({"anomaly"})}
+    acc = MetricAccumulators(3, produces, "exact", {"exact": 0.5, "blind": 0.5})
+    outputs = {
+        "exact": DetectorOutput(anomaly=torch.from_numpy(anomaly).float()),
+        "blind": DetectorOutput(anomaly=torch.zeros(2, 2)),
+    }
+    acc.update(logits.float(), outputs, label, anomaly)
+    scores = acc.scores()
+    assert scores["exact"].open_set == {"open_miou": pytest.approx(1.0)}
+    # Unflagged, the object is taken for road: road's open IoU is 1/2 (DenseHybrid eq. 16).
+    assert scores["blind"].open_set["open_miou"] == pytest.approx((0.5 + 1 + 1) / 3)
+    no_threshold = MetricAccumulators(3, produces, "exact")
+    no_threshold.update(logits.float(), outputs, label, anomaly)
+    assert no_threshold.scores()["exact"].open_set is None
+
+
+def test_end_to_end_densehybrid_with_an_open_set_threshold_reports_open_miou(
+    world: Path, models: Path, tmp_path: Path
+):
+    from segmentation_safety.checkpoint import load_bundle
+
+    bundle = load_bundle(models / "densehybrid.safetensors")
+    meta = {k: v for k, v in bundle.metadata.items() if k != "format"}
+    open_models = tmp_path / "models"
+    for f in models.glob("*.safetensors"):
+        (open_models / f.name).parent.mkdir(exist_ok=True)
+        (open_models / f.name).write_bytes(f.read_bytes())
+    save_bundle(open_models / "densehybrid.safetensors", bundle.tensors,
+                {**meta, "thresholds": {"open_set": 0.0}})  # fmt: skip
+    out = tmp_path / "R.json"
+    rc = _cli(
+        "--root", str(world), "--split", "anomaly", "--models", str(open_models),
+        "--detectors", "densehybrid,max_softmax", "--out", str(out), "--quiet",
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert 0.0 <= report["detectors"]["densehybrid"]["open_set"]["open_miou"] <= 1.0
+    assert "open_set" not in report["detectors"]["max_softmax"]
+    assert "open-mIoU" in (tmp_path / "R.md").read_text()

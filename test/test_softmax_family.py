@@ -10,7 +10,6 @@ import torch
 
 from segmentation_safety.checkpoint import BundleError, load_bundle, save_bundle
 from segmentation_safety.detectors import build, detector_class
-from segmentation_safety.detectors.densehybrid import fuse_open_set
 from segmentation_safety.detectors.softmax import (
     free_energy,
     max_logit,
@@ -18,6 +17,7 @@ from segmentation_safety.detectors.softmax import (
     softmax_entropy,
     standardized_max_logit,
 )
+from segmentation_safety.metrics.segmentation import fuse_open_set
 from segmentation_safety.models.tiny import TinySegmenter
 from segmentation_safety.types import SegmenterOutput
 from training.fit_statistics import MaxLogitStats, threshold_at_tpr
@@ -151,7 +151,7 @@ def test_threshold_at_tpr_keeps_95_percent_of_anomalous_pixels():
 def test_fuse_open_set_marks_thresholded_pixels_as_class_k():
     labels = torch.tensor([[0, 1], [2, 1]])
     anomaly = torch.tensor([[0.1, 0.9], [0.5, 0.2]])
-    fused = fuse_open_set(labels, anomaly, threshold=0.5, num_classes=3)
+    fused = fuse_open_set(labels, anomaly, threshold=0.5, anomaly_class=3)
     assert fused.tolist() == [[0, 3], [3, 1]]
     assert labels.tolist() == [[0, 1], [2, 1]]  # input untouched
     with pytest.raises(ValueError, match="differ"):

@@ -43,6 +43,7 @@ from segmentation_safety.metrics import (
     IoUPredictionResult,
     per_image_class_iou,
 )
+from segmentation_safety.metrics.segmentation import fuse_open_set
 from segmentation_safety.pipeline import Pipeline, resize_map
 from segmentation_safety.types import DetectorOutput
 
@@ -56,6 +57,9 @@ class DetectorScores:
     anomaly: AnomalyResult | None = None
     failure: FailureResult | None = None
     iou: IoUPredictionResult | None = None
+    #: Open-set segmentation with the anomaly map thresholded into class K (DenseHybrid
+    #: eq. 16): {"open_miou"}, for detectors with an open-set threshold.
+    open_set: dict[str, float] | None = None
 
     def blocks(self) -> dict[str, dict[str, float]]:
         """The detector's blocks of the evaluate report (DESIGN.md 5.2), NaN kept."""
@@ -64,6 +68,8 @@ class DetectorScores:
             result = getattr(self, key)
             if result is not None:
                 out[key] = result.as_dict()
+        if self.open_set is not None:
+            out["open_set"] = dict(self.open_set)
         return out
 
 
@@ -101,10 +107,13 @@ class MetricAccumulators:
         num_classes: int,
         produces: Mapping[str, frozenset[str]],
         metrics_mode: str = "histogram",
+        open_thresholds: Mapping[str, float] | None = None,
     ) -> None:
         self.num_classes = num_classes
         self.produces = dict(produces)
         self.metrics_mode = metrics_mode
+        self.open_thresholds = dict(open_thresholds or {})
+        self.open_set: dict[str, ConfusionMatrix] = {}
         self.confusion: ConfusionMatrix | None = None
         self.anomaly: dict[str, AnomalyMetrics] = {}
         self.failure: dict[str, FailureMetrics] = {}
@@ -139,6 +148,8 @@ class MetricAccumulators:
             if anomaly is not None and "anomaly" in kinds and out.anomaly is not None:
                 score = _upsample(out.anomaly.float(), size).cpu().numpy()
                 self._anomaly(name).update(score, anomaly)
+                if label is not None and name in self.open_thresholds:
+                    self._open_set(name, pred, score, label, anomaly)
             if label is None:
                 continue
             if "failure" in kinds and out.failure is not None:
@@ -148,6 +159,19 @@ class MetricAccumulators:
                 true = per_image_class_iou(pred, label, self.num_classes)
                 self._iou(name).update(out.class_iou.float().cpu().numpy(), true)
 
+    def _open_set(
+        self, name: str, pred: np.ndarray, score: np.ndarray, label: np.ndarray, anomaly: np.ndarray
+    ) -> None:
+        """Add one image to ``name``'s (K+1)-class confusion: true anomalies are class K,
+        and so is every pixel whose score reaches the detector's open-set threshold."""
+        k = self.num_classes
+        open_label = np.where(anomaly == 1, k, label)
+        open_label = np.where(anomaly == VOID, VOID, open_label).astype(np.int64)
+        fused = fuse_open_set(pred, score, self.open_thresholds[name], k)
+        if name not in self.open_set:
+            self.open_set[name] = ConfusionMatrix(k + 1)
+        self.open_set[name].update(fused, open_label)
+
     def scores(self) -> dict[str, DetectorScores]:
         """Per-detector results over everything seen so far (detectors without any: empty)."""
         return {
@@ -155,6 +179,9 @@ class MetricAccumulators:
                 anomaly=self.anomaly[name].compute() if name in self.anomaly else None,
                 failure=self.failure[name].compute() if name in self.failure else None,
                 iou=self.iou[name].compute() if name in self.iou else None,
+                open_set={"open_miou": self.open_set[name].open_miou()}
+                if name in self.open_set
+                else None,
             )
             for name in self.produces
         }
@@ -208,7 +235,16 @@ def evaluate(
     if unknown:
         raise ValueError(f"detectors {unknown} are not loaded in the pipeline")
     produces = {n: frozenset(pipeline.detectors[n].produces) for n in names}
-    acc = MetricAccumulators(pipeline.segmenter.num_classes, produces, metrics_mode)
+    # Detectors calibrated for open-set recognition (DenseHybrid: 95% TPR on held-out
+    # negatives) also get open-mIoU, where the split has both kinds of labels.
+    open_thresholds = {
+        n: float(t)
+        for n in names
+        if (t := getattr(pipeline.detectors[n], "thresholds", {}).get("open_set")) is not None
+    }
+    acc = MetricAccumulators(
+        pipeline.segmenter.num_classes, produces, metrics_mode, open_thresholds
+    )
     if limit is not None:
         total = limit if total is None else min(total, limit)
     bar = tqdm(

@@ -75,6 +75,11 @@ def report_markdown(report: EvaluationReport) -> str:
             ["aupr_error", "aupr_success", "auroc", "fpr95"],
         ),
         ("iou", "Per-class IoU prediction (image level)", ["mae", "pearson", "spearman"]),
+        (
+            "open_set",
+            "Open-set segmentation (anomalies as class K, DenseHybrid eq. 16)",
+            ["open_miou"],
+        ),
     ]
     headers = {
         "ap": "AP ↑",
@@ -85,6 +90,7 @@ def report_markdown(report: EvaluationReport) -> str:
         "mae": "MAE ↓",
         "pearson": "Pearson ↑",
         "spearman": "Spearman ↑",
+        "open_miou": "open-mIoU ↑",
     }
     for block, heading, keys in tables:
         rows = [(n, s.blocks()[block]) for n, s in report.detectors.items() if block in s.blocks()]

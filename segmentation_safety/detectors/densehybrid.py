@@ -16,29 +16,12 @@ import torch
 from segmentation_safety.checkpoint import Bundle, BundleError, load_state_strict
 from segmentation_safety.detectors.base import Detector
 from segmentation_safety.detectors.registry import register
+from segmentation_safety.metrics.segmentation import fuse_open_set
 from segmentation_safety.models.densehybrid_head import DenseHybridHead, hybrid_score
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
 
-__all__ = ["DenseHybridDetector", "fuse_open_set"]
-
-
-def fuse_open_set(
-    labels: torch.Tensor, anomaly: torch.Tensor, threshold: float, num_classes: int
-) -> torch.Tensor:
-    """Open-set label map: pixels with anomaly >= ``threshold`` become class K.
-
-    With K inlier classes 0..K-1 the anomaly class is the (K+1)-th label, index K
-    (DenseHybrid §3.2 and §4). ``labels`` and ``anomaly`` must have the same shape.
-    """
-    if labels.shape != anomaly.shape:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} and anomaly {tuple(anomaly.shape)} differ; "
-            "resize the anomaly map to the label map first"
-        )
-    fused = labels.clone()
-    fused[anomaly >= threshold] = num_classes
-    return fused
+__all__ = ["DenseHybridDetector"]
 
 
 @register

@@ -62,11 +62,23 @@ def open_miou(matrix: np.ndarray) -> float:
     return _nanmean(iou_from_confusion(matrix)[:-1])
 
 
-def fuse_open_set(pred: Any, anomaly: Any, threshold: float, anomaly_class: int) -> np.ndarray:
-    """Open-set prediction: ``pred`` with ``anomaly_class`` where ``anomaly >= threshold``."""
+def fuse_open_set(pred: Any, anomaly: Any, threshold: float, anomaly_class: int) -> Any:
+    """Open-set prediction (DenseHybrid §3.2 and §4): ``pred`` with ``anomaly_class`` (K,
+    the class after the K inliers) where ``anomaly >= threshold``.
+
+    Torch tensors stay tensors on their device (the pipeline's path); anything else
+    becomes a numpy array (evaluation). ``pred`` and ``anomaly`` must have one shape.
+    """
+    if hasattr(pred, "masked_fill") and hasattr(anomaly, "masked_fill"):
+        if pred.shape != anomaly.shape:
+            raise ValueError(
+                f"pred shape {tuple(pred.shape)} differs from anomaly shape "
+                f"{tuple(anomaly.shape)}; resize the anomaly map to the label map first"
+            )
+        return pred.masked_fill(anomaly >= threshold, anomaly_class)
     pred, anomaly = to_numpy(pred), to_numpy(anomaly)
     check_same_shape(pred, anomaly, ("pred", "anomaly"))
-    return np.where(anomaly >= threshold, anomaly_class, pred)
+    return np.where(anomaly >= threshold, anomaly_class, pred).astype(pred.dtype)
 
 
 @dataclass(frozen=True)
