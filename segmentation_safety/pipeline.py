@@ -22,7 +22,13 @@ from segmentation_safety.checkpoint import load_bundle
 from segmentation_safety.detectors import Detector, registry
 from segmentation_safety.device import resolve_device, synchronize
 from segmentation_safety.models.segmenter import Segmenter
-from segmentation_safety.types import DetectorOutput, SafetyResult, SegmenterOutput
+from segmentation_safety.types import (
+    DetectorOutput,
+    RenderedFrame,
+    RenderOptions,
+    SafetyResult,
+    SegmenterOutput,
+)
 
 
 def _demo_models_dir() -> Path:
@@ -213,6 +219,94 @@ class Pipeline:
             )
         return results
 
+    @torch.inference_mode()
+    def process_frame(
+        self, image: np.ndarray | torch.Tensor, outputs: Iterable[str], render: RenderOptions
+    ) -> RenderedFrame:
+        """One RGB uint8 H×W×3 frame -> what a node publishes (``render``), on the host.
+
+        Everything after the network (resizing, argmax, colours, overlay, alarm counts)
+        runs on the pipeline's device, and only the finished outputs leave it, in one
+        copy. At ``map_scale`` 1 the maps are those of :meth:`process` (same resize).
+        """
+        from segmentation_safety import render as draw
+
+        wanted = set(outputs)
+        roles = {r: getattr(self.config, r) for r in ALL_OUTPUTS if r in wanted}
+        names = [n for n in dict.fromkeys(roles.values()) if n]
+        t0 = time.perf_counter()
+        x = self.to_input(image)
+        if x.shape[0] != 1:
+            raise ValueError("process_frame takes one frame")
+        size = tuple(x.shape[-2:])
+        small = tuple(max(1, round(s * render.map_scale)) for s in size)
+        seg, outs, timings = self.run(x, names)
+        with self._timed(timings, "postprocess"):
+            logits = seg.logits.float()
+            net_maps = {}
+            for role in ("anomaly", "failure"):
+                o = outs.get(roles.get(role) or "")
+                if o is not None and getattr(o, role) is not None:
+                    net_maps[role] = getattr(o, role)
+            resized: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+
+            def at(role: str, shape: tuple[int, ...]) -> torch.Tensor:
+                m = net_maps[role]  # FED returns one map as both outputs: resized once
+                key = (id(m), shape)
+                if key not in resized:
+                    resized[key] = resize_map(m[:1].float().unsqueeze(1), shape)[0, 0]
+                return resized[key]
+
+            dev: dict[str, torch.Tensor] = {}
+            labels = None
+            if render.labels or render.color:
+                labels = resize_map(logits, size).argmax(1)[0]
+                if render.labels:
+                    dev["labels"] = labels.to(torch.uint8)
+                if render.color:
+                    dev["color"] = draw.colorize(labels, self._palette())
+            for role in render.maps & net_maps.keys():
+                dev[role] = at(role, small)
+            if render.overlay:
+                rgb = x[0].permute(1, 2, 0)
+                if "anomaly" in net_maps:
+                    span = draw.map_range(net_maps["anomaly"][0])
+                    rgb = draw.hazard_overlay(rgb, at("anomaly", size), render.threshold, span)
+                dev["overlay"] = rgb
+            name = roles.get("class_iou")
+            if name and outs[name].class_iou is not None:
+                dev["class_iou"] = outs[name].class_iou[0].float()
+            alarm = None
+            if render.alarm is not None:
+                if labels is None or small != size:
+                    labels = resize_map(logits, small).argmax(1)[0]
+                alarm = draw.alarm_counts(
+                    labels,
+                    at("anomaly", small) if "anomaly" in net_maps else None,
+                    at("failure", small) if "failure" in net_maps else None,
+                    render.threshold,
+                    render.alarm,
+                )
+            host = to_host(dev)
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        return RenderedFrame(
+            labels=host.get("labels"),
+            color=host.get("color"),
+            overlay=host.get("overlay"),
+            anomaly=host.get("anomaly"),
+            failure=host.get("failure"),
+            class_iou=host.get("class_iou"),
+            alarm=alarm,
+            timings_ms=timings,
+        )
+
+    def _palette(self) -> torch.Tensor:
+        if getattr(self, "_palette_t", None) is None:
+            from segmentation_safety.render import palette_on
+
+            self._palette_t = palette_on(self.device)
+        return self._palette_t
+
     # -- helpers --------------------------------------------------------------------
     @contextmanager
     def _timed(self, timings: dict[str, float], stage: str):  # noqa: ANN202
@@ -267,3 +361,26 @@ def resize_map(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(t.shape[-2:]) == tuple(size):
         return t
     return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Device tensors -> numpy arrays in one device-to-host copy.
+
+    On the CPU they are host memory already (views, no copy). Elsewhere they are packed
+    into one byte buffer first: one transfer and one synchronisation instead of one per
+    output. Wider types go first so every array in the buffer stays aligned.
+    """
+    if not tensors:
+        return {}
+    items = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
+    if all(t.device.type == "cpu" for _, t in items):
+        return {k: t.contiguous().numpy() for k, t in items}
+    flat = [t.contiguous().reshape(-1).view(torch.uint8) for _, t in items]
+    packed = torch.cat(flat).cpu().numpy()
+    out, offset = {}, 0
+    for (k, t), f in zip(items, flat, strict=True):
+        n = f.numel()
+        dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
+        out[k] = packed[offset : offset + n].view(dtype).reshape(tuple(t.shape))
+        offset += n
+    return out

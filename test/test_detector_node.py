@@ -289,13 +289,15 @@ def test_fifty_fast_frames_give_no_backlog_and_bounded_memory(harness):
 
 
 def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
-    h = harness()
+    h = harness(safety_embeds_maps=False)
     asked = []
-    process = h.node.pipeline.process
+    process = h.node.pipeline.process_frame
     monkeypatch.setattr(
         h.node.pipeline,
-        "process",
-        lambda rgb, outputs: asked.append(set(outputs)) or process(rgb, outputs),
+        "process_frame",
+        lambda rgb, outputs, render: (
+            asked.append((set(outputs), render)) or process(rgb, outputs, render)
+        ),
     )
     wait_for(lambda: h.image_pub.get_subscription_count() > 0, "discovery")
     h.image_pub.publish(image_msg(1))
@@ -304,7 +306,19 @@ def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
     h.listen("segmentation")
     h.image_pub.publish(image_msg(2))
     wait_for(lambda: h.stamped("segmentation", 2), "segmentation")
-    assert asked == [set()]  # labels only: no detector ran
+    outputs, render = asked[-1]
+    assert outputs == set()  # labels only: no detector ran
+    assert render.labels and not (render.color or render.overlay or render.maps)
+    # `safety` alone, without embedded maps: the alarm is counted, no map is rendered.
+    h.listen("safety")
+    h.image_pub.publish(image_msg(3))
+    wait_for(lambda: h.stamped("safety", 3), "safety")
+    outputs, render = asked[-1]
+    assert render.alarm == (0,) and render.maps == frozenset()
+    assert not (render.color or render.overlay)
+    frame = h.stamped("safety", 3)[0]
+    assert frame.anomaly.height == 0 and frame.failure.height == 0
+    assert frame.anomaly_detector == "max_softmax"
 
 
 # -- bad input --------------------------------------------------------------------------

@@ -57,17 +57,17 @@ from rclpy.qos import (
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from visualization_msgs.msg import MarkerArray
 
-from segmentation_safety import visualize
+from segmentation_safety import render
 from segmentation_safety.checkpoint import BundleError
 from segmentation_safety.detectors import registry
 from segmentation_safety.detectors.registry import UnknownDetectorError
 from segmentation_safety.device import DeviceError, resolve_device
 from segmentation_safety.msg import HazardAlarm, SafetyFrame, StageTiming
 from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig
-from segmentation_safety.ros import image_codec, markers
+from segmentation_safety.ros import cdr, image_codec, markers
 from segmentation_safety.ros.diagnostics import FrameStats, diagnostic_status
 from segmentation_safety.ros.params import DetectorParams, check_parameters, declare_parameters
-from segmentation_safety.types import SafetyResult
+from segmentation_safety.types import RenderedFrame, RenderOptions, SafetyResult
 
 NODE_NAME = "segmentation_safety"
 
@@ -200,7 +200,7 @@ def load_pipeline(p: DetectorParams) -> Pipeline:
 
 
 def compute_alarm(
-    result: SafetyResult,
+    result: SafetyResult | RenderedFrame,
     threshold: float,
     fraction_threshold: float,
     drivable: tuple[int, ...],
@@ -208,24 +208,31 @@ def compute_alarm(
     """Frame-level decision: share of the drivable area whose anomaly score is high.
 
     A NaN score counts as anomalous: a map that cannot be trusted must not hide a hazard.
+    The node gets the counts from the pipeline (on its device); this is the host path.
     """
+    import torch
+
+    def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+    counts = render.alarm_counts(
+        tensor(result.labels), tensor(result.anomaly), tensor(result.failure), threshold, drivable
+    )
+    return alarm_message(counts, threshold, fraction_threshold)
+
+
+def alarm_message(
+    counts: render.AlarmCounts, threshold: float, fraction_threshold: float
+) -> HazardAlarm:
+    """The HazardAlarm for ``counts`` (no anomaly map or no drivable pixel: inactive)."""
     alarm = HazardAlarm(anomaly_threshold=float(threshold), fraction_threshold=fraction_threshold)
     alarm.max_score = float("nan")
-    alarm.mean_failure = float("nan")
-    if result.failure is not None and result.failure.size:
-        alarm.mean_failure = float(np.nanmean(result.failure))
-    if result.anomaly is None:
+    alarm.mean_failure = counts.mean_failure
+    if counts.area_pixels == 0:
         return alarm
-    area = np.isin(result.labels, drivable)
-    n_area = int(area.sum())
-    if n_area == 0:
-        return alarm
-    scores = result.anomaly[area]
-    bad = int(np.count_nonzero(~(scores <= threshold)))  # NaN compares false -> anomalous
-    alarm.anomalous_pixels = bad
-    alarm.anomalous_fraction = bad / n_area
-    finite = scores[np.isfinite(scores)]
-    alarm.max_score = float(finite.max()) if finite.size else float("nan")
+    alarm.anomalous_pixels = counts.anomalous_pixels
+    alarm.anomalous_fraction = counts.anomalous_pixels / counts.area_pixels
+    alarm.max_score = counts.max_score
     alarm.active = bool(alarm.anomalous_fraction > fraction_threshold)
     return alarm
 
@@ -340,11 +347,12 @@ class DetectorNode(Node):
         )
 
     # -- callbacks (short: store and return) ----------------------------------------------
-    def _on_image(self, msg: Image | CompressedImage) -> None:
-        self.slot.put((msg, time.monotonic(), None), self.stats.on_received)
+    def _on_image(self, msg: Image | CompressedImage, info: dict[str, Any]) -> None:
+        # Two parameters: rclpy then passes the middleware's timestamps (MessageInfo).
+        self.slot.put((msg, time.monotonic(), None, _transport_ms(info)), self.stats.on_received)
 
     def _on_pair(self, msg: Image | CompressedImage, depth: Image) -> None:
-        self.slot.put((msg, time.monotonic(), depth), self.stats.on_received)
+        self.slot.put((msg, time.monotonic(), depth, None), self.stats.on_received)
 
     def _on_depth(self, msg: Image) -> None:
         self.latest_depth = msg
@@ -377,11 +385,14 @@ class DetectorNode(Node):
             item = self.slot.take(timeout=0.2)
             if item is None:
                 continue
-            msg, received_at, depth = item
+            msg, received_at, depth, transport_ms = item
             started = time.monotonic()
             latency = None
+            arrival = {"queue": (started - received_at) * 1e3}
+            if transport_ms is not None:
+                arrival = {"transport_in": transport_ms, **arrival}
             try:
-                if self._handle(msg, depth):
+                if self._handle(msg, depth, arrival):
                     latency = (time.monotonic() - received_at) * 1e3
             except Exception as e:  # keep running whatever one frame does
                 self._warn("processing", f"frame failed: {type(e).__name__}: {e}")
@@ -393,8 +404,17 @@ class DetectorNode(Node):
     def _wanted(self, p: DetectorParams) -> set[str]:
         return {k for k in p.publish if self.pubs[k].get_subscription_count() > 0}
 
-    def _handle(self, msg: Image | CompressedImage, depth: Image | None = None) -> bool:
-        """Process one frame (and its paired depth, if any); False for refused input."""
+    def _handle(
+        self,
+        msg: Image | CompressedImage,
+        depth: Image | None = None,
+        arrival: dict[str, float] | None = None,
+    ) -> bool:
+        """Process one frame (and its paired depth, if any); False for refused input.
+
+        ``arrival``: the frame's stages before the worker took it (transport, queue), for
+        the SafetyFrame timings.
+        """
         p = self.params
         wanted = self._wanted(p)
         t0 = time.perf_counter()
@@ -408,52 +428,64 @@ class DetectorNode(Node):
         if not wanted:
             return True  # nobody listens: decoding checked the input, nothing else to do
         outputs = set().union(*(NEEDS.get(k, frozenset()) for k in wanted))
-        result = self.pipeline.process(rgb, outputs)
+        result = self.pipeline.process_frame(rgb, outputs, self._render_options(wanted, p))
         self._check_finite(result)
         t1 = time.perf_counter()
         header = msg.header
-        encoded: dict[str, Image] = {}
-
-        def enc(key: str) -> Image:
-            if key not in encoded:
-                encoded[key] = self._encode(key, result, rgb, header, p)
-            return encoded[key]
-
-        for key in ("segmentation", "segmentation_color", "hazard_overlay"):
-            if key in wanted:
-                self.pubs[key].publish(enc(key))
-        for key in ("anomaly", "failure"):  # only maps a configured detector produced
-            if key in wanted and getattr(result, key) is not None:
-                self.pubs[key].publish(enc(key))
+        bodies = self._image_bodies(result, header)
+        for key, topic_key in (("labels", "segmentation"), ("color", "segmentation_color"),
+                               ("overlay", "hazard_overlay"), ("anomaly", "anomaly"),
+                               ("failure", "failure")):  # fmt: skip
+            if topic_key in wanted and key in bodies:
+                self.pubs[topic_key].publish(cdr.serialize_body(bodies[key]))
         if "hazard_overlay_compressed" in wanted:
-            # The rgb8 overlay is built once for both overlay outputs; the view is free.
-            overlay = image_codec.decode_rgb(enc("hazard_overlay"))
-            jpeg = image_codec.encode_jpeg(overlay, header, p.jpeg_quality)
+            jpeg = image_codec.encode_jpeg(result.overlay, header, p.jpeg_quality)
             self.pubs["hazard_overlay_compressed"].publish(jpeg)
         if "hazards" in wanted:
             self.pubs["hazards"].publish(self._markers(result, header, p, depth))
         if "safety" in wanted:
-            timings = {"decode": decode_ms, **result.timings_ms}
+            timings = {**(arrival or {}), "decode": decode_ms, **result.timings_ms}
             timings["publish"] = (time.perf_counter() - t1) * 1e3
             timings["total"] = (time.perf_counter() - t0) * 1e3
-            self.pubs["safety"].publish(self._safety(result, header, p, enc, timings))
+            frame = self._safety(result, header, p, timings)
+            embedded = {}
+            if p.safety_embeds_maps:
+                names = {"labels": "segmentation", "anomaly": "anomaly", "failure": "failure"}
+                embedded = {field: bodies[k] for k, field in names.items() if k in bodies}
+            self.pubs["safety"].publish(cdr.serialize(frame, embedded))
         return True
 
     # -- building outputs ------------------------------------------------------------------
-    def _encode(
-        self, key: str, r: SafetyResult, rgb: np.ndarray, header: Any, p: DetectorParams
-    ) -> Image:
-        if key == "segmentation":
-            return image_codec.encode_mono8(r.labels, header)
-        if key == "segmentation_color":
-            return image_codec.encode_rgb8(visualize.colorize_labels(r.labels), header)
-        if key == "hazard_overlay":
-            overlay = visualize.hazard_overlay(rgb, r.anomaly, p.anomaly_threshold)
-            return image_codec.encode_rgb8(overlay, header)
-        values = getattr(r, key)
-        if values is None:
-            return image_codec.empty_image(header)
-        return image_codec.encode_32fc1(values, header)
+    def _render_options(self, wanted: set[str], p: DetectorParams) -> RenderOptions:
+        """What the pipeline must produce for the outputs that have subscribers."""
+        embeds = "safety" in wanted and p.safety_embeds_maps
+        maps = {k for k in ("anomaly", "failure") if k in wanted or embeds}
+        if "hazards" in wanted:
+            maps.add("anomaly")
+        return RenderOptions(
+            labels="segmentation" in wanted or embeds,
+            color="segmentation_color" in wanted,
+            overlay=bool(wanted & {"hazard_overlay", "hazard_overlay_compressed"}),
+            maps=frozenset(maps),
+            map_scale=p.output_scale,
+            threshold=p.anomaly_threshold,
+            alarm=p.drivable_classes if "safety" in wanted else None,
+        )
+
+    @staticmethod
+    def _image_bodies(r: RenderedFrame, header: Any) -> dict[str, list[Any]]:
+        """Each produced picture or map serialised once, as an Image payload."""
+        encodings = {"labels": "mono8", "color": "rgb8", "overlay": "rgb8",
+                     "anomaly": "32FC1", "failure": "32FC1"}  # fmt: skip
+        bodies = {}
+        for key, encoding in encodings.items():
+            a = getattr(r, key)
+            if a is None:
+                continue
+            a = np.ascontiguousarray(a)
+            h, w = a.shape[:2]
+            bodies[key] = cdr.image_body(header, h, w, encoding, a.strides[0], a)
+        return bodies
 
     def _markers(
         self, r: SafetyResult, header: Any, p: DetectorParams, depth_msg: Image | None = None
@@ -495,22 +527,24 @@ class DetectorNode(Node):
 
     def _safety(
         self,
-        r: SafetyResult,
+        r: RenderedFrame,
         header: Any,
         p: DetectorParams,
-        enc: Callable[[str], Image],
         timings: dict[str, float],
     ) -> SafetyFrame:
+        """The frame without its maps: those are spliced in serialised (``cdr.serialize``)."""
+        empty = image_codec.empty_image(header)
         frame = SafetyFrame(
             header=header,
-            segmentation=enc("segmentation"),
-            anomaly=enc("anomaly"),
-            failure=enc("failure"),
-            anomaly_detector=p.anomaly_detector if r.anomaly is not None else "",
-            failure_detector=p.failure_detector if r.failure is not None else "",
-            alarm=compute_alarm(r, p.anomaly_threshold, p.alarm_fraction, p.drivable_classes),
+            segmentation=empty,
+            anomaly=empty,
+            failure=empty,
+            anomaly_detector=self.pipeline.config.anomaly or "",
+            failure_detector=self.pipeline.config.failure or "",
             timings=[StageTiming(stage=s, ms=float(ms)) for s, ms in timings.items()],
         )
+        if r.alarm is not None:
+            frame.alarm = alarm_message(r.alarm, p.anomaly_threshold, p.alarm_fraction)
         if r.class_iou is not None:
             frame.class_names = list(self.pipeline.class_names)
             frame.class_iou = [float(v) for v in r.class_iou]
@@ -544,6 +578,15 @@ class DetectorNode(Node):
             self.slot.close()
             self.worker.join(timeout=5.0)
         super().destroy_node()
+
+
+def _transport_ms(info: dict[str, Any]) -> float | None:
+    """Publish-to-receipt time of a message from its middleware timestamps (same host
+    clock on both ends when publisher and node share a machine); None where unknown."""
+    sent, received = info.get("source_timestamp", 0), info.get("received_timestamp", 0)
+    if not sent or not received or received < sent:
+        return None
+    return (received - sent) / 1e6
 
 
 def _seconds(stamp: Any) -> float:

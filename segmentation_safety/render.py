@@ -1,0 +1,102 @@
+"""The node's pictures and alarm counts, computed on the pipeline's device.
+
+The same arithmetic as :mod:`segmentation_safety.visualize` (which the reports use on
+the host), in torch, so the node builds its colourised segmentation and hazard overlay
+where the maps already are and copies only finished uint8 images to the host. Tests
+check both agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from segmentation_safety.visualize import PALETTE
+
+
+@dataclass(frozen=True)
+class AlarmCounts:
+    """Frame-level counts over the drivable area (see ``detector_node.compute_alarm``)."""
+
+    area_pixels: int
+    anomalous_pixels: int
+    max_score: float  # highest finite score in the area; NaN when there is none
+    mean_failure: float  # NaN-ignoring mean of the failure map; NaN without one
+
+
+def palette_on(device: torch.device) -> torch.Tensor:
+    return torch.tensor(np.array(PALETTE), dtype=torch.uint8, device=device)
+
+
+def colorize(labels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
+    """H×W integer train ids -> H×W×3 uint8 RGB, as ``visualize.colorize_labels``."""
+    return palette[labels.long()]
+
+
+def map_range(values: torch.Tensor, percentiles: tuple[float, float] = (1.0, 99.0)) -> tuple:
+    """(low, high) of the finite values at ``percentiles``, as ``visualize.map_range``.
+
+    The node passes the network-resolution map: bilinear upsampling only interpolates
+    between its values, and sorting 16× fewer of them is what keeps this cheap.
+    """
+    finite = values[torch.isfinite(values)].float()
+    if finite.numel() == 0:
+        return 0.0, 1.0
+    q = torch.tensor([p / 100.0 for p in percentiles], device=finite.device)
+    if finite.numel() > 1 << 24:  # torch.quantile's input limit
+        finite = finite[:: finite.numel() // (1 << 23) + 1]
+    lo, hi = torch.quantile(finite, q).tolist()
+    return lo, hi
+
+
+def hazard_overlay(
+    rgb: torch.Tensor,
+    anomaly: torch.Tensor,
+    threshold: float,
+    value_range: tuple[float, float],
+    alpha: float = 0.6,
+    color: Sequence[int] = (255, 0, 0),
+) -> torch.Tensor:
+    """H×W×3 uint8 and an H×W map -> H×W×3 uint8: ``visualize.hazard_overlay`` with a
+    threshold (pixels above it painted, opacity growing with the score over
+    ``value_range``)."""
+    lo, hi = value_range
+    span = hi - lo if hi > lo else 1.0
+    a = anomaly.float()
+    strength = ((a - lo) / span).nan_to_num_(nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
+    above = a.nan_to_num(nan=-float("inf")) > threshold
+    weight = torch.where(above, alpha * (0.5 + 0.5 * strength), 0.0).unsqueeze(-1)
+    paint = torch.tensor(color, dtype=torch.float32, device=rgb.device)
+    base = rgb.float()
+    out = base.add_(weight * (paint - base))  # (1 - w) * rgb + w * paint
+    return out.add_(0.5).clamp_(0.0, 255.0).to(torch.uint8)
+
+
+def alarm_counts(
+    labels: torch.Tensor,
+    anomaly: torch.Tensor | None,
+    failure: torch.Tensor | None,
+    threshold: float,
+    drivable: Sequence[int],
+) -> AlarmCounts:
+    """Counts for the hazard alarm; ``labels`` and ``anomaly`` share their size.
+
+    A NaN score counts as anomalous: a map that cannot be trusted must not hide a hazard.
+    """
+    mean_failure = float("nan")
+    if failure is not None and failure.numel():
+        mean_failure = float(failure.float().nanmean())
+    if anomaly is None:
+        return AlarmCounts(0, 0, float("nan"), mean_failure)
+    ids = torch.as_tensor(list(drivable), device=labels.device, dtype=labels.dtype)
+    area = torch.isin(labels, ids)
+    a = anomaly.float()
+    bad = area & ~(a <= threshold)
+    finite = area & torch.isfinite(a)
+    top = torch.where(finite, a, -float("inf")).max() if a.numel() else torch.tensor(-np.inf)
+    counts = torch.stack([area.sum(), bad.sum(), finite.sum()]).tolist()
+    max_score = float(top) if counts[2] else float("nan")
+    return AlarmCounts(int(counts[0]), int(counts[1]), max_score, mean_failure)
