@@ -65,14 +65,20 @@ def hazard_overlay(
     ``value_range``)."""
     lo, hi = value_range
     span = hi - lo if hi > lo else 1.0
-    a = anomaly.float()
-    strength = ((a - lo) / span).nan_to_num_(nan=0.0, posinf=1.0, neginf=0.0).clamp_(0.0, 1.0)
-    above = a.nan_to_num(nan=-float("inf")) > threshold
-    weight = torch.where(above, alpha * (0.5 + 0.5 * strength), 0.0).unsqueeze(-1)
-    paint = torch.tensor(color, dtype=torch.float32, device=rgb.device)
-    base = rgb.float()
-    out = base.add_(weight * (paint - base))  # (1 - w) * rgb + w * paint
-    return out.add_(0.5).clamp_(0.0, 255.0).to(torch.uint8)
+    out = rgb.contiguous().clone()
+    # Pixels at or below the threshold keep their colour exactly (weight 0), so only the
+    # flagged ones, usually few, are blended. NaN compares false: never painted.
+    flagged = (anomaly > threshold).view(-1).nonzero().squeeze(1)
+    if flagged.numel():
+        score = anomaly.reshape(-1).index_select(0, flagged).float()
+        strength = ((score - lo) / span).nan_to_num_(nan=0.0, posinf=1.0, neginf=0.0)
+        weight = (alpha * (0.5 + 0.5 * strength.clamp_(0.0, 1.0))).unsqueeze(1)
+        pixels = out.view(-1, 3).index_select(0, flagged).float()
+        paint = torch.tensor(list(color), dtype=torch.float32, device=rgb.device)
+        blended = pixels.add_(weight * (paint - pixels))  # (1 - w) * rgb + w * paint
+        blended = blended.add_(0.5).clamp_(0.0, 255.0).to(torch.uint8)
+        out.view(-1, 3).index_copy_(0, flagged, blended)
+    return out
 
 
 def alarm_counts(
