@@ -321,6 +321,23 @@ def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
     assert frame.anomaly_detector == "max_softmax"
 
 
+def test_output_scale_shrinks_the_float_maps_only(harness):
+    h = harness(output_scale=0.5, anomaly_threshold=0.0, drivable_classes=list(range(19)))
+    h.listen("segmentation", "anomaly", "failure", "hazard_overlay", "safety")
+    h.image_pub.publish(image_msg(7))
+    wait_for(lambda: all(h.stamped(t, 7) for t in h.got), "every output")
+    images = [t for t in h.got if t != "safety"]
+    sizes = {t: (h.stamped(t, 7)[0].height, h.stamped(t, 7)[0].width) for t in images}
+    assert sizes["anomaly"] == sizes["failure"] == (H // 2, W // 2)
+    assert sizes["segmentation"] == sizes["hazard_overlay"] == (H, W)
+    frame = h.stamped("safety", 7)[0]
+    # Embedded maps are the very bytes of the topics (serialised once, shared).
+    assert frame.anomaly == h.stamped("anomaly", 7)[0]
+    assert frame.segmentation == h.stamped("segmentation", 7)[0]
+    # Every class drivable, threshold 0: the alarm counts each pixel of the half-size map.
+    assert frame.alarm.anomalous_pixels == (H // 2) * (W // 2)
+
+
 # -- bad input --------------------------------------------------------------------------
 def _bad_inputs():
     good = image_msg(0)

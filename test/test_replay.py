@@ -198,3 +198,25 @@ def test_frame_breakdown_splits_the_latency_and_the_overhead():
     assert sum(b[k] for k in BREAKDOWN_STAGES) == 110.0
     assert b["overhead"] == 20.0 and b["overhead_fraction"] == 20.0 / 110.0
     assert frame_breakdown(110.0, {"decode": 1.0}) is None  # no timings: no breakdown
+
+
+def test_bench_node_times_every_size_and_scale_in_one_run(
+    bags: dict[str, Path], models: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    out = tmp_path / "N.json"
+    rc = main([
+        "bench", "--node", "--bag", str(bags["sqlite3"]), "--models", str(models),
+        "--sizes", "32x64,48x96", "--output-scales", "1,0.5", "--frames", "2",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    n = json.loads(out.read_text())
+    assert list(n["variants"]) == [
+        "32x64", "32x64 output_scale 0.5", "48x96", "48x96 output_scale 0.5"
+    ]  # fmt: skip
+    for v in n["variants"].values():
+        assert v["frames_processed"] == v["frames_sent"] == 2  # one in flight: none dropped
+        o = v["breakdown"]["node_overhead"]
+        assert 0 < o["fraction_of_mean"] < 1
+    table = capsys.readouterr().out
+    assert "| 48x96 output_scale 0.5 |" in table and "overhead %" in table
