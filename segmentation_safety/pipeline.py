@@ -347,6 +347,25 @@ def resize_input(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     sensitive to ±1 intensity steps).
     """
     h, w = int(size[0]), int(size[1])
+    in_h, in_w = images.shape[-2:]
+    if (
+        images.dtype == torch.uint8
+        and images.device.type == "cpu"
+        and (in_h, in_w)
+        in (
+            (h, w),
+            (2 * h, w),
+            (h, 2 * w),
+            (2 * h, 2 * w),
+        )
+    ):
+        # Halving (a 1/8, 3/8, 3/8, 1/8 filter, exact in fixed point), torch's uint8
+        # antialiased kernel (Pillow-SIMD's integer arithmetic) gives exactly the pixels
+        # of the float passes below (tested), 5-8× faster. At other factors the two round
+        # differently on a few pixels in 10^5 to 10^3: the float passes stay the rule.
+        return F.interpolate(
+            images, size=(h, w), mode="bilinear", align_corners=False, antialias=True
+        ).float()
     x = images.float()
     for step in ((x.shape[-2], w), (h, w)):
         if tuple(x.shape[-2:]) != step:
@@ -413,21 +432,24 @@ def upsample_argmax(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if bi.numel() == 0:
         return out
     # Each mixed (low row, output column) stands for every output row over that low row.
+    # (index_select, not tensor[index]: several times faster on the CPU.)
+    dev = logits.device
     rows = torch.bincount(y0, minlength=h)
     first = torch.cumsum(rows, 0) - rows
-    reps = rows[ii]
+    reps = rows.index_select(0, ii)
     n = int(reps.sum())
-    entry = torch.repeat_interleave(
-        torch.arange(bi.numel(), device=logits.device), reps, output_size=n
-    )
+    entry = torch.repeat_interleave(torch.arange(bi.numel(), device=dev), reps, output_size=n)
     start = torch.cumsum(reps, 0) - reps
-    yy = first[ii][entry] + (torch.arange(n, device=logits.device) - start[entry])
-    bb, xx = bi[entry], xi[entry]
+    yy = first.index_select(0, ii).index_select(0, entry)
+    yy += torch.arange(n, device=dev) - start.index_select(0, entry)
+    bb, xx = bi.index_select(0, entry), xi.index_select(0, entry)
     flat = logits.permute(0, 2, 3, 1).reshape(b_ * h * w, k)
     base = bb * (h * w)
-    r0, r1 = base + y0[yy] * w, base + y1[yy] * w
-    c0, c1 = x0[xx], x1[xx]
-    wy, wx = ly[yy].unsqueeze(1), lx[xx].unsqueeze(1)
+    r0 = base + y0.index_select(0, yy) * w
+    r1 = base + y1.index_select(0, yy) * w
+    c0, c1 = x0.index_select(0, xx), x1.index_select(0, xx)
+    wy = ly.index_select(0, yy).unsqueeze(1)
+    wx = lx.index_select(0, xx).unsqueeze(1)
     top = (1 - wx) * flat.index_select(0, r0 + c0) + wx * flat.index_select(0, r0 + c1)
     bot = (1 - wx) * flat.index_select(0, r1 + c0) + wx * flat.index_select(0, r1 + c1)
     winners = ((1 - wy) * top + wy * bot).argmax(1).to(torch.uint8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -98,3 +100,18 @@ def test_process_frame_gives_what_process_gives_and_scales_the_maps():
     )
     assert half.anomaly.shape == (24, 40) and half.labels is None and half.color is None
     assert half.failure is None and half.overlay is None and half.alarm is None
+
+
+def test_input_halved_by_the_uint8_kernel_has_the_pixels_of_the_float_passes():
+    from segmentation_safety.pipeline import resize_input
+
+    g = torch.Generator().manual_seed(3)
+    sizes = (((64, 128), (32, 64)), ((96, 122), (48, 61)), ((64, 64), (32, 64)),
+             ((40, 60), (40, 60)), ((512, 1024), (256, 512)))  # fmt: skip
+    for ((h, w), (out_h, out_w)), _ in itertools.product(sizes, range(3)):
+        frame = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8, generator=g)
+        x = frame.permute(0, 3, 1, 2)  # as Pipeline.to_input lays frames out
+        fast = resize_input(x, (out_h, out_w))
+        reference = resize_input(x.float(), (out_h, out_w))  # float input: the float passes
+        assert fast.dtype == torch.float32
+        torch.testing.assert_close(fast, reference, rtol=0, atol=0)
