@@ -99,15 +99,14 @@ def alarm_counts(
         mean_failure = float(failure.float().nanmean())
     if anomaly is None:
         return AlarmCounts(0, 0, float("nan"), mean_failure)
-    area = torch.zeros_like(labels, dtype=torch.bool)
-    for c in dict.fromkeys(drivable):  # a few ids: compares beat torch.isin by 10× here
+    ids = list(dict.fromkeys(drivable))
+    area = labels == ids[0]
+    for c in ids[1:]:  # a few ids: compares beat torch.isin by 10× here
         area |= labels == c
-    a = anomaly.float()
-    bad = area & ~(a <= threshold)
-    finite = area & torch.isfinite(a)
-    top = torch.where(finite, a, -float("inf")).max() if a.numel() else torch.tensor(-np.inf)
-    counts = torch.stack(
-        [torch.count_nonzero(area), torch.count_nonzero(bad), torch.count_nonzero(finite)]
-    ).tolist()
-    max_score = float(top) if counts[2] else float("nan")
-    return AlarmCounts(int(counts[0]), int(counts[1]), max_score, mean_failure)
+    # The drivable scores only (a third of a street frame): every test below reads fewer.
+    scores = anomaly.float()[area]
+    n_area = scores.numel()
+    finite = scores[torch.isfinite(scores)]
+    bad = n_area - int(torch.count_nonzero(scores <= threshold))  # NaN compares false
+    max_score = float(finite.max()) if finite.numel() else float("nan")
+    return AlarmCounts(n_area, bad, max_score, mean_failure)

@@ -81,6 +81,10 @@ def run_node(args: argparse.Namespace) -> int:
     if args.bag is None:
         print("error: --node needs --bag (e.g. from `segsafe make-bag`)", file=sys.stderr)
         return 2
+    if args.threads:  # the nodes run in this process
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         sizes = parse_sizes(args.sizes)
         scales = [float(x) for x in args.output_scales.split(",")]
