@@ -382,17 +382,20 @@ def resize_map(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+def to_host(tensors: dict[str, torch.Tensor], pack: bool | None = None) -> dict[str, np.ndarray]:
     """Device tensors -> numpy arrays in one device-to-host copy.
 
     On the CPU they are host memory already (views, no copy). Elsewhere they are packed
-    into one byte buffer first: one transfer and one synchronisation instead of one per
-    output. Wider types go first so every array in the buffer stays aligned.
+    into one byte buffer first (``pack`` forces either way): one transfer and one
+    synchronisation instead of one per output. Wider types go first so every array in
+    the buffer stays aligned.
     """
     if not tensors:
         return {}
     items = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
-    if all(t.device.type == "cpu" for _, t in items):
+    if pack is None:
+        pack = any(t.device.type != "cpu" for _, t in items)
+    if not pack:
         return {k: t.contiguous().numpy() for k, t in items}
     flat = [t.contiguous().reshape(-1).view(torch.uint8) for _, t in items]
     packed = torch.cat(flat).cpu().numpy()

@@ -64,9 +64,11 @@ def test_alarm_counts_nan_as_anomalous_and_ignores_other_classes():
 def test_to_host_returns_every_tensor_with_its_dtype_and_shape():
     tensors = {"a": torch.arange(6, dtype=torch.uint8).reshape(2, 3),
                "b": torch.rand(3, 5), "c": torch.rand(4)[::2]}  # fmt: skip
-    host = to_host(tensors)
-    for k, t in tensors.items():
-        np.testing.assert_array_equal(host[k], t.numpy())
+    for pack in (False, True):  # True: the one-transfer path a GPU takes
+        host = to_host(tensors, pack=pack)
+        for k, t in tensors.items():
+            np.testing.assert_array_equal(host[k], t.numpy())
+            assert host[k].dtype == t.numpy().dtype and host[k].flags.aligned
 
 
 def _pipeline() -> Pipeline:
