@@ -287,9 +287,16 @@ class Pipeline:
                     render.threshold,
                     render.alarm,
                 )
+            nonfinite = {}
+            if net_maps:
+                counts = torch.stack(
+                    [torch.count_nonzero(~torch.isfinite(m[:1])) for m in net_maps.values()]
+                )
+                nonfinite = dict(zip(net_maps, counts.tolist(), strict=True))
             host = to_host(dev)
         timings["total"] = (time.perf_counter() - t0) * 1e3
         return RenderedFrame(
+            nonfinite=nonfinite,
             labels=host.get("labels"),
             color=host.get("color"),
             overlay=host.get("overlay"),

@@ -72,3 +72,6 @@ class RenderedFrame:
     class_iou: np.ndarray | None  # K float32
     alarm: object | None = None  # render.AlarmCounts
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: Non-finite values per detector map ("anomaly"/"failure"), at the network's
+    #: resolution (counted on the device, whether the map is returned or not).
+    nonfinite: dict[str, int] = field(default_factory=dict)

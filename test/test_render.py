@@ -117,3 +117,22 @@ def test_input_halved_by_the_uint8_kernel_has_the_pixels_of_the_float_passes():
         reference = resize_input(x.float(), (out_h, out_w))  # float input: the float passes
         assert fast.dtype == torch.float32
         torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+
+
+def test_process_frame_counts_non_finite_scores_even_for_maps_it_does_not_return():
+    from segmentation_safety.types import DetectorOutput
+
+    pipe = _pipeline()
+    detector = pipe.detectors["max_softmax"]
+    plain = detector.forward
+
+    def with_nans(seg):  # noqa: ANN001, ANN202
+        out = plain(seg)
+        anomaly = out.anomaly.clone()
+        anomaly[:, :2, :3] = float("nan")
+        return DetectorOutput(anomaly=anomaly, failure=out.failure)
+
+    detector.forward = with_nans
+    image = np.zeros((32, 48, 3), np.uint8)
+    r = pipe.process_frame(image, {"anomaly", "failure"}, RenderOptions(labels=False))
+    assert r.anomaly is None and r.nonfinite == {"anomaly": 6, "failure": 0}

@@ -551,13 +551,13 @@ class DetectorNode(Node):
         return frame
 
     # -- helpers ---------------------------------------------------------------------------
-    def _check_finite(self, r: SafetyResult) -> None:
-        for key in ("anomaly", "failure"):
-            values = getattr(r, key)
-            if values is not None:
-                bad = values.size - int(np.count_nonzero(np.isfinite(values)))
-                if bad:
-                    self._warn(f"nonfinite/{key}", f"{key} map has {bad} non-finite values")
+    def _check_finite(self, r: RenderedFrame) -> None:
+        for key, bad in r.nonfinite.items():  # counted on the device, maps sent or not
+            if bad:
+                self._warn(
+                    f"nonfinite/{key}",
+                    f"{key} map has {bad} non-finite values (at the network's resolution)",
+                )
 
     def _warn(self, kind: str, text: str) -> None:
         self.last_problem = text
