@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -131,7 +132,11 @@ class Pipeline:
     # -- running --------------------------------------------------------------------
     def to_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 H×W×3 or B×H×W×3 RGB (numpy or tensor) -> B×3×H×W on the device."""
-        t = torch.as_tensor(images)
+        with warnings.catch_warnings():
+            # A frame read in place from a message is read-only; nothing here writes to
+            # its pixels (the overlay starts from a copy), so no copy is made for torch.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.as_tensor(images)
         if t.ndim == 3:
             t = t.unsqueeze(0)
         if t.ndim != 4 or t.shape[-1] != 3:

@@ -91,3 +91,16 @@ def test_read_fields_skips_the_maps_and_reads_the_timings():
         assert fields["alarm"]["active"] is False
     with pytest.raises(cdr.CdrError):
         cdr.read_fields(serialize_message(frame)[:30], SafetyFrame, {"timings"})
+
+
+def test_raw_image_reads_the_fields_and_views_the_pixels():
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    msg = Image(header=_header("cam"), height=2, width=3, encoding="rgb8", step=9)
+    msg.data = pixels.tobytes()
+    raw = serialize_message(msg)
+    got = cdr.RawImage(raw)
+    assert got.header == msg.header and (got.height, got.width, got.step) == (2, 3, 9)
+    assert got.encoding == "rgb8" and bytes(got.data) == pixels.tobytes()
+    assert isinstance(got.data, memoryview) and got.data.obj is raw  # a view, not a copy
+    with pytest.raises(cdr.CdrError):
+        cdr.RawImage(raw[:-1])

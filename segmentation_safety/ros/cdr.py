@@ -226,3 +226,33 @@ def _read_value(r: Reader, kind: str, keep: bool) -> Any:
         fields = getattr(module, name).get_fields_and_field_types()
         return {f: _read_value(r, k, keep) for f, k in fields.items()}
     raise CdrError(f"field type {kind!r} not supported")
+
+
+class RawImage:
+    """A serialised sensor_msgs/Image read in place: ``data`` is a view of the bytes.
+
+    Has the fields ``image_codec.decode_rgb`` reads, so a frame is decoded without
+    rclpy first copying its pixels into a Python message (and only when it is used).
+    """
+
+    __slots__ = ("header", "height", "width", "encoding", "is_bigendian", "step", "data")
+
+    def __init__(self, raw: bytes | memoryview) -> None:
+        from std_msgs.msg import Header
+
+        r = Reader(raw)
+        try:
+            sec, nanosec = r.primitive("int32"), r.primitive("uint32")
+            self.header = Header(frame_id=r.string())
+            self.header.stamp.sec, self.header.stamp.nanosec = sec, nanosec
+            self.height = r.primitive("uint32")
+            self.width = r.primitive("uint32")
+            self.encoding = r.string()
+            self.is_bigendian = r.primitive("uint8")
+            self.step = r.primitive("uint32")
+            n = r.primitive("uint32")
+        except (struct.error, UnicodeDecodeError) as e:
+            raise CdrError(f"not a serialised sensor_msgs/Image: {e}") from None
+        if r.offset + n > len(r.view):
+            raise CdrError(f"Image data of {n} bytes runs past the end of the message")
+        self.data = r.view[r.offset : r.offset + n]

@@ -17,11 +17,12 @@ Topics (relative, so they live under the node's namespace; DESIGN §5.3):
   transient-local QoS so late subscribers get it (vision_msgs/LabelInfo where vision_msgs
   is installed, else this package's LabelInfo with the same fields).
 
-Newest frame only, never a backlog: the subscription callback just stores the message in
-a one-slot buffer (overwriting, and counting as dropped, a frame the worker had not taken
-yet); a worker thread decodes and processes whatever is newest, so a replaced compressed
-frame is never decoded. Only outputs that are enabled and have a subscriber are computed
-and published.
+Newest frame only, never a backlog: the subscription callback just stores the message,
+still serialised, in a one-slot buffer (overwriting, and counting as dropped, a frame the
+worker had not taken yet); a worker thread deserialises, decodes and processes whatever
+is newest, so a replaced frame is never deserialised or decoded (a raw Image is read in
+place: its pixels reach the network without a copy). Only outputs that are enabled and
+have a subscriber are computed and published, each serialised once.
 
 Why no LifecycleNode variant: the node's only expensive transition is loading the models,
 which happens once in the constructor and fails fast with a clear message and a non-zero
@@ -295,7 +296,8 @@ class DetectorNode(Node):
         if p.use_depth:
             self._subscribe_with_depth(in_qos)
         else:
-            self.create_subscription(image_type, image_topic, self._on_image, in_qos)
+            # raw: frames are deserialised by the worker, so a replaced one never is.
+            self.create_subscription(image_type, image_topic, self._on_image, in_qos, raw=True)
         self.create_subscription(
             CameraInfo, "camera_info", self._on_camera_info, qos_profile_sensor_data
         )
@@ -310,7 +312,7 @@ class DetectorNode(Node):
         try:
             import message_filters  # optional: not every ROS install ships its Python module
         except ImportError:
-            self.create_subscription(image_type, image_topic, self._on_image, qos)
+            self.create_subscription(image_type, image_topic, self._on_image, qos, raw=True)
             self.create_subscription(Image, "depth", self._on_depth, qos)
             pairing = f"newest depth within depth_max_age ({self.params.depth_max_age} s)"
         else:
@@ -347,8 +349,8 @@ class DetectorNode(Node):
         )
 
     # -- callbacks (short: store and return) ----------------------------------------------
-    def _on_image(self, msg: Image | CompressedImage, info: dict[str, Any]) -> None:
-        # Two parameters: rclpy then passes the middleware's timestamps (MessageInfo).
+    def _on_image(self, msg: bytes, info: dict[str, Any]) -> None:
+        # Serialised (raw=True); two parameters: rclpy passes the middleware's timestamps.
         self.slot.put((msg, time.monotonic(), None, _transport_ms(info)), self.stats.on_received)
 
     def _on_pair(self, msg: Image | CompressedImage, depth: Image) -> None:
@@ -406,23 +408,29 @@ class DetectorNode(Node):
 
     def _handle(
         self,
-        msg: Image | CompressedImage,
+        msg: bytes | Image | CompressedImage,
         depth: Image | None = None,
         arrival: dict[str, float] | None = None,
     ) -> bool:
         """Process one frame (and its paired depth, if any); False for refused input.
 
         ``arrival``: the frame's stages before the worker took it (transport, queue), for
-        the SafetyFrame timings.
+        the SafetyFrame timings. A serialised frame is read here (part of ``decode``): a
+        raw Image in place, pixels never copied before the network reads them.
         """
         p = self.params
         wanted = self._wanted(p)
         t0 = time.perf_counter()
         self.codec.max_pixels = p.max_pixels
         try:
+            if isinstance(msg, bytes):
+                msg = self._deserialize(msg)
             rgb = self.codec.decode(msg)
         except image_codec.CodecError as e:
             self._warn(f"input/{e.kind}", f"bad image on {self._image_topic()}: {e}")
+            return False
+        except cdr.CdrError as e:
+            self._warn("input/cdr", f"bad message on {self._image_topic()}: {e}")
             return False
         decode_ms = (time.perf_counter() - t0) * 1e3
         if not wanted:
@@ -454,6 +462,13 @@ class DetectorNode(Node):
                 embedded = {field: bodies[k] for k, field in names.items() if k in bodies}
             self.pubs["safety"].publish(cdr.serialize(frame, embedded))
         return True
+
+    def _deserialize(self, raw: bytes) -> cdr.RawImage | CompressedImage:
+        if self.params.input_transport == "compressed":
+            from rclpy.serialization import deserialize_message
+
+            return deserialize_message(raw, CompressedImage)
+        return cdr.RawImage(raw)
 
     # -- building outputs ------------------------------------------------------------------
     def _render_options(self, wanted: set[str], p: DetectorParams) -> RenderOptions:
