@@ -37,6 +37,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -303,6 +304,9 @@ class DetectorNode(Node):
         )
         self.create_timer(p.diagnostics_period, self._publish_diagnostics)
         self._ready = True
+        # cv2 releases the GIL while encoding: the jpeg overlay is made on a second core
+        # while the worker serialises and publishes the other outputs.
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segsafe-jpeg")
         self.worker = threading.Thread(target=self._work, name="segsafe-worker", daemon=True)
         self.worker.start()
 
@@ -440,17 +444,21 @@ class DetectorNode(Node):
         self._check_finite(result)
         t1 = time.perf_counter()
         header = msg.header
+        jpeg = None
+        if "hazard_overlay_compressed" in wanted:
+            jpeg = self.encoder.submit(
+                image_codec.encode_jpeg, result.overlay, header, p.jpeg_quality
+            )
         bodies = self._image_bodies(result, header)
         for key, topic_key in (("labels", "segmentation"), ("color", "segmentation_color"),
                                ("overlay", "hazard_overlay"), ("anomaly", "anomaly"),
                                ("failure", "failure")):  # fmt: skip
             if topic_key in wanted and key in bodies:
                 self.pubs[topic_key].publish(cdr.serialize_body(bodies[key]))
-        if "hazard_overlay_compressed" in wanted:
-            jpeg = image_codec.encode_jpeg(result.overlay, header, p.jpeg_quality)
-            self.pubs["hazard_overlay_compressed"].publish(jpeg)
         if "hazards" in wanted:
             self.pubs["hazards"].publish(self._markers(result, header, p, depth))
+        if jpeg is not None:
+            self.pubs["hazard_overlay_compressed"].publish(jpeg.result())
         if "safety" in wanted:
             timings = {**(arrival or {}), "decode": decode_ms, **result.timings_ms}
             timings["publish"] = (time.perf_counter() - t1) * 1e3
@@ -592,6 +600,7 @@ class DetectorNode(Node):
             self._stop.set()
             self.slot.close()
             self.worker.join(timeout=5.0)
+            self.encoder.shutdown(wait=True)
         super().destroy_node()
 
 
