@@ -38,7 +38,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="512x1024,1024x2048")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--threshold", type=float, default=-7.1)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
+    if args.threads:  # one thread: steadier on a shared machine
+        torch.set_num_threads(args.threads)
     config = PipelineConfig(anomaly="densehybrid", failure="max_softmax", device="cpu")
     pipe = Pipeline.from_models_dir(DEMO_MODELS, config)
     bag = read_bag(args.bag)
