@@ -82,6 +82,7 @@ def test_replay_through_the_node(bags: dict[str, Path], models: Path, tmp_path: 
     assert abs(parts - stages["end_to_end"]["mean"]) < 1e-6 * parts + 1e-3
     o = b["node_overhead"]
     assert 0 < o["fraction_of_mean"] < 1 and 0 < o["ms_mean"] < stages["end_to_end"]["mean"]
+    assert 0 < o["ms_mean_without_queue"] <= o["ms_mean"]
     # The bag carries ground-truth anomaly masks: metrics over the answered frames.
     assert t["anomaly"]["frames"] == t["frames_processed"]
     assert 0.0 <= t["anomaly"]["auroc"] <= 1.0

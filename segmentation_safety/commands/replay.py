@@ -171,5 +171,7 @@ def format_breakdown(b: dict) -> str:
         + ", ".join(parts)
         + f"\nnode overhead (end-to-end - network - detectors): {o['ms_mean']:.1f} ms mean, "
         f"{100 * o['fraction_of_mean']:.1f}% of the mean latency "
-        f"(per-frame p50 {o['ms_p50']:.1f} ms, {100 * o['fraction_p50']:.1f}%)"
+        f"(per-frame p50 {o['ms_p50']:.1f} ms, {100 * o['fraction_p50']:.1f}%); without "
+        f"waiting for the worker (queue) {o['ms_mean_without_queue']:.1f} ms, per-frame p50 "
+        f"{100 * o['fraction_p50_without_queue']:.1f}%"
     )
