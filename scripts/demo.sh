@@ -43,8 +43,9 @@ segsafe replay --bag "$OUT/bag" --models "$MODELS" --config "$CONFIG" --out "$OU
   --find-max-rate --search-seconds 2 --search-trials 6
 
 say "done in $((SECONDS - start)) s. Open:"
-echo "  $OUT/T.json              timing report (frames, latency percentiles, max rate, AP)"
-echo "  $OUT/T_latency.png       latency per frame and histogram"
+echo "  $OUT/T.json              timing report (frames, latency percentiles and by stage,"
+echo "                           node overhead, max rate, AP)"
+echo "  $OUT/T_latency.png       latency per frame, histogram and the stages"
 echo "  $OUT/overlays/*.png      hazard overlays published by the node"
 echo "  $OUT/output_bag/         input + every output topic (ros2 bag info / play)"
 echo "  $OUT/bag/                the input bag (ros2 bag play $OUT/bag)"

@@ -15,30 +15,43 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+import torch
 
-#: Corridor shapes the alarm can use.
+#: Areas the alarm can count over.
 REGIONS = ("corridor", "drivable")
 
 
+def drivable_mask(labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """Boolean mask of the pixels whose label is in ``classes`` (same device)."""
+    ids = list(dict.fromkeys(classes))
+    mask = labels == ids[0]
+    for c in ids[1:]:  # a few ids: compares beat torch.isin by 10x here
+        mask |= labels == c
+    return mask
+
+
 def drivable_region(
-    labels: np.ndarray, classes: Sequence[int], region: str = "corridor", step: int = 4
-) -> np.ndarray:
-    """Boolean H×W mask of the pixels the alarm counts.
+    labels: torch.Tensor, classes: Sequence[int], region: str = "corridor", step: int = 4
+) -> torch.Tensor:
+    """Boolean H×W mask (on ``labels``' device) of the pixels the alarm counts.
 
     ``drivable``: pixels whose label is in ``classes``. ``corridor``: those plus their
-    convex hull, found on every ``step``-th pixel (the hull of a subsample, then the
-    drivable pixels themselves, so none is lost), which keeps it to about a millisecond
-    on a 2-megapixel frame.
+    convex hull. The hull is found and filled on a grid of every ``step``-th pixel (a
+    small copy to the host: cv2 has the hull), brought back at full size, and united
+    with the drivable pixels themselves, so none is lost to the grid.
     """
     if region not in REGIONS:
         raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
-    drivable = np.isin(labels, classes)
+    drivable = drivable_mask(labels, classes)
     if region == "drivable":
         return drivable
-    points = cv2.findNonZero(drivable[::step, ::step].view(np.uint8))
+    coarse = drivable[::step, ::step].to("cpu", torch.uint8).numpy()
+    points = cv2.findNonZero(coarse)
     if points is None:
         return drivable
-    hull = cv2.convexHull(points) * step + step // 2
-    mask = np.zeros(labels.shape, np.uint8)
-    cv2.fillConvexPoly(mask, hull.astype(np.int32), 1)
-    return mask.view(bool) | drivable
+    hull = np.zeros_like(coarse)
+    cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
+    h, w = labels.shape[-2:]
+    full = torch.from_numpy(hull).to(labels.device).bool()
+    full = full.repeat_interleave(step, 0).repeat_interleave(step, 1)[:h, :w]
+    return full | drivable

@@ -43,3 +43,37 @@ class SafetyResult:
     class_iou: np.ndarray | None  # K float32
     timings_ms: dict[str, float] = field(default_factory=dict)
     per_detector: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """What a node publishes for a frame, so the pipeline computes and copies only that."""
+
+    labels: bool = True  # H×W uint8 train ids at the frame size
+    color: bool = False  # colourised segmentation, H×W×3 uint8
+    overlay: bool = False  # hazard overlay, H×W×3 uint8 (needs the anomaly output)
+    maps: frozenset[str] = frozenset()  # "anomaly"/"failure" to return as float32 maps
+    #: Size of the returned maps (and of the alarm counts) relative to the frame.
+    map_scale: float = 1.0
+    threshold: float = 0.5  # overlay and alarm threshold, in the anomaly detector's units
+    #: Drivable train ids: count the hazard alarm over them (None: no alarm).
+    alarm: tuple[int, ...] | None = None
+    #: "corridor" (convex hull of the drivable pixels) or "drivable" (those pixels only).
+    alarm_region: str = "corridor"
+
+
+@dataclass
+class RenderedFrame:
+    """One frame's outputs as a node publishes them, on the host (None: not asked for)."""
+
+    labels: np.ndarray | None  # H×W uint8
+    color: np.ndarray | None  # H×W×3 uint8
+    overlay: np.ndarray | None  # H×W×3 uint8
+    anomaly: np.ndarray | None  # h×w float32 at map_scale
+    failure: np.ndarray | None  # h×w float32 at map_scale
+    class_iou: np.ndarray | None  # K float32
+    alarm: object | None = None  # render.AlarmCounts
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    #: Non-finite values per detector map ("anomaly"/"failure"), at the network's
+    #: resolution (counted on the device, whether the map is returned or not).
+    nonfinite: dict[str, int] = field(default_factory=dict)

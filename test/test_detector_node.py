@@ -306,13 +306,15 @@ def test_fifty_fast_frames_give_no_backlog_and_bounded_memory(harness):
 
 
 def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
-    h = harness()
+    h = harness(safety_embeds_maps=False)
     asked = []
-    process = h.node.pipeline.process
+    process = h.node.pipeline.process_frame
     monkeypatch.setattr(
         h.node.pipeline,
-        "process",
-        lambda rgb, outputs: asked.append(set(outputs)) or process(rgb, outputs),
+        "process_frame",
+        lambda rgb, outputs, render: (
+            asked.append((set(outputs), render)) or process(rgb, outputs, render)
+        ),
     )
     wait_for(lambda: h.image_pub.get_subscription_count() > 0, "discovery")
     h.image_pub.publish(image_msg(1))
@@ -322,7 +324,36 @@ def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
     h.listen("segmentation")
     h.image_pub.publish(image_msg(2))
     wait_for(lambda: h.stamped("segmentation", 2), "segmentation")
-    assert asked == [set()]  # labels only: no detector ran
+    outputs, render = asked[-1]
+    assert outputs == set()  # labels only: no detector ran
+    assert render.labels and not (render.color or render.overlay or render.maps)
+    # `safety` alone, without embedded maps: the alarm is counted, no map is rendered.
+    h.listen("safety")
+    h.image_pub.publish(image_msg(3))
+    wait_for(lambda: h.stamped("safety", 3), "safety")
+    outputs, render = asked[-1]
+    assert render.alarm == (0,) and render.maps == frozenset()
+    assert not (render.color or render.overlay)
+    frame = h.stamped("safety", 3)[0]
+    assert frame.anomaly.height == 0 and frame.failure.height == 0
+    assert frame.anomaly_detector == "max_softmax"
+
+
+def test_output_scale_shrinks_the_float_maps_only(harness):
+    h = harness(output_scale=0.5, anomaly_threshold=0.0, drivable_classes=list(range(19)))
+    h.listen("segmentation", "anomaly", "failure", "hazard_overlay", "safety")
+    h.image_pub.publish(image_msg(7))
+    wait_for(lambda: all(h.stamped(t, 7) for t in h.got), "every output")
+    images = [t for t in h.got if t != "safety"]
+    sizes = {t: (h.stamped(t, 7)[0].height, h.stamped(t, 7)[0].width) for t in images}
+    assert sizes["anomaly"] == sizes["failure"] == (H // 2, W // 2)
+    assert sizes["segmentation"] == sizes["hazard_overlay"] == (H, W)
+    frame = h.stamped("safety", 7)[0]
+    # Embedded maps are the very bytes of the topics (serialised once, shared).
+    assert frame.anomaly == h.stamped("anomaly", 7)[0]
+    assert frame.segmentation == h.stamped("segmentation", 7)[0]
+    # Every class drivable, threshold 0: the alarm counts each pixel of the half-size map.
+    assert frame.alarm.anomalous_pixels == (H // 2) * (W // 2)
 
 
 # -- bad input --------------------------------------------------------------------------

@@ -16,7 +16,12 @@ if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
 from test_bags import write_frames, write_mp4, write_world_sequence  # noqa: E402
 
 from segmentation_safety.cli import main  # noqa: E402
-from segmentation_safety.ros.replay import ReplayError, read_bag  # noqa: E402
+from segmentation_safety.ros.replay import (  # noqa: E402
+    BREAKDOWN_STAGES,
+    ReplayError,
+    frame_breakdown,
+    read_bag,
+)
 from training.bags import discover_sequences, write_bag  # noqa: E402
 
 pytestmark = pytest.mark.ros
@@ -78,6 +83,17 @@ def test_replay_through_the_node(bags: dict[str, Path], models: Path, tmp_path: 
     lat = t["latency_ms"]
     assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
     assert t["rate_hz"] > 0
+    # The latency by stage, from the node's SafetyFrame timings, adds up to end-to-end.
+    b = t["breakdown"]
+    assert b["frames"] == t["frames_processed"]
+    stages = b["stages_ms"]
+    assert set(stages) == {*BREAKDOWN_STAGES, "end_to_end"}
+    assert stages["segmenter"]["mean"] > 0 and stages["transport_in"]["mean"] > 0
+    parts = sum(stages[k]["mean"] for k in BREAKDOWN_STAGES)
+    assert abs(parts - stages["end_to_end"]["mean"]) < 1e-6 * parts + 1e-3
+    o = b["node_overhead"]
+    assert 0 < o["fraction_of_mean"] < 1 and 0 < o["ms_mean"] < stages["end_to_end"]["mean"]
+    assert 0 < o["ms_mean_without_queue"] <= o["ms_mean"]
     # The bag carries ground-truth anomaly masks: metrics over the answered frames.
     assert t["anomaly"]["frames"] == t["frames_processed"]
     assert 0.0 <= t["anomaly"]["auroc"] <= 1.0
@@ -184,3 +200,39 @@ def test_real_road_anomaly_frames_replay_as_compressed_images(
     import cv2
 
     assert cv2.imread(str(overlay)).shape[:2] == (720, 1280)  # the real size, no downscale
+
+
+def test_frame_breakdown_splits_the_latency_and_the_overhead():
+    stages = {"transport_in": 2.0, "queue": 1.0, "decode": 0.5, "preprocess": 3.0,
+              "segmenter": 80.0, "detector/a": 4.0, "detector/b": 6.0, "postprocess": 5.0,
+              "publish": 2.0, "total": 101.0}  # fmt: skip
+    b = frame_breakdown(110.0, stages)
+    assert b["detectors"] == 10.0 and b["other"] == 0.5  # 101 - 100.5 named
+    assert b["transport_out"] == 110.0 - 2.0 - 1.0 - 101.0
+    assert sum(b[k] for k in BREAKDOWN_STAGES) == 110.0
+    assert b["overhead"] == 20.0 and b["overhead_fraction"] == 20.0 / 110.0
+    assert frame_breakdown(110.0, {"decode": 1.0}) is None  # no timings: no breakdown
+
+
+def test_bench_node_times_every_size_and_scale_in_one_run(
+    bags: dict[str, Path], models: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    out = tmp_path / "N.json"
+    config = tmp_path / "params.yaml"
+    config.write_text(PARAMS)
+    rc = main([
+        "bench", "--node", "--bag", str(bags["sqlite3"]), "--models", str(models),
+        "--config", str(config), "--sizes", "32x64,48x96", "--output-scales", "1,0.5",
+        "--frames", "2", "--out", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    n = json.loads(out.read_text())
+    assert list(n["variants"]) == [
+        "32x64", "32x64 output_scale 0.5", "48x96", "48x96 output_scale 0.5"
+    ]  # fmt: skip
+    for v in n["variants"].values():
+        assert v["frames_processed"] == v["frames_sent"] == 2  # one in flight: none dropped
+        o = v["breakdown"]["node_overhead"]
+        assert 0 < o["fraction_of_mean"] < 1
+    table = capsys.readouterr().out
+    assert "| 48x96 output_scale 0.5 |" in table and "overhead %" in table

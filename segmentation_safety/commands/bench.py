@@ -1,4 +1,10 @@
-"""`segsafe bench`: segmentation time and each detector's overhead, in one run."""
+"""`segsafe bench`: segmentation time and each detector's overhead, in one run.
+
+With --node: the real detector node instead, fed the bag's frames resized to each of
+--sizes (and each --output-scales), all variants interleaved in one run, one frame in
+flight; writes the latency by stage and the node overhead (end-to-end minus network and
+detectors) per variant.
+"""
 
 from __future__ import annotations
 
@@ -43,10 +49,83 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, required=True, help="B.json to write")
+    node = p.add_argument_group("--node: the whole node (replay machinery), not the models")
+    node.add_argument("--node", action="store_true", help="time the node's stages")
+    node.add_argument("--bag", type=Path, default=None, help="rosbag2 whose frames are used")
+    node.add_argument("--sizes", default="512x1024,1024x2048", help="HEIGHTxWIDTH,...")
+    node.add_argument("--output-scales", default="1", help="output_scale values, e.g. 1,0.5")
+    node.add_argument("--frames", type=int, default=10, help="frames per variant")
+    node.add_argument("--config", type=Path, default=None, help="node parameters YAML")
+    node.add_argument(
+        "--outputs", default="all", help="outputs to subscribe to (safety always), or 'all'"
+    )
+    node.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="node parameter"
+    )
     p.set_defaults(run=run)
 
 
+def run_node(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from segmentation_safety.commands.replay import parse_params
+    from segmentation_safety.ros.detector_node import TOPICS
+    from segmentation_safety.ros.node_bench import (
+        Variant,
+        format_node_table,
+        node_bench,
+        parse_sizes,
+    )
+    from segmentation_safety.ros.replay import ReplayError, ReplayOptions
+
+    if args.bag is None:
+        print("error: --node needs --bag (e.g. from `segsafe make-bag`)", file=sys.stderr)
+        return 2
+    if args.threads:  # the nodes run in this process
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        sizes = parse_sizes(args.sizes)
+        scales = [float(x) for x in args.output_scales.split(",")]
+        parameters = parse_params(args.param)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    outputs = None
+    if args.outputs.strip() != "all":
+        outputs = frozenset(o.strip() for o in args.outputs.split(",") if o.strip())
+        if outputs - set(TOPICS):
+            print(f"error: --outputs: unknown {sorted(outputs - set(TOPICS))}", file=sys.stderr)
+            return 2
+    if args.device != "auto":
+        parameters.setdefault("device", args.device)
+    options = ReplayOptions(
+        models_dir=args.models, config=args.config, outputs=outputs, parameters=parameters
+    )
+    variants = [Variant(h, w, s) for h, w in sizes for s in scales]
+    bar = tqdm(total=args.frames, desc="bench --node", unit="round", file=sys.stderr)
+    try:
+        report = node_bench(
+            args.bag, variants, options, rounds=args.frames,
+            progress=lambda i, n: bar.update(i - bar.n),
+        )  # fmt: skip
+    except ReplayError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        bar.close()
+    write_json(args.out, report)
+    print(f"node latency by stage, mean ms per frame ({args.frames} frames per variant, "
+          f"one in flight, interleaved; outputs {report['outputs']}):")  # fmt: skip
+    print(format_node_table(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.node:
+        return run_node(args)
     import torch
     from tqdm import tqdm
 

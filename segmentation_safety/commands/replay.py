@@ -4,7 +4,11 @@ Images are published at the bag's timing divided by --rate; latency is measured 
 monotonic clock from publish to receipt of the node's `safety` output (matched by header
 stamp). T.json: frames_sent, frames_processed, frames_dropped, rate_hz, latency_ms
 {p50, p95, p99, max}, plus anomaly metrics where the bag has ground truth and the rate
-search with --find-max-rate. The latency plot is written beside it (T_latency.png).
+search with --find-max-rate. `breakdown` splits the latency by stage from the node's
+SafetyFrame timings (transport_in, queue, decode, preprocess, segmenter, detectors,
+postprocess, publish, other, transport_out; mean and p50 in ms) and gives the node
+overhead (end-to-end minus network and detectors) in ms and as a fraction. The latency
+plot, with the breakdown, is written beside it (T_latency.png).
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="node outputs to subscribe to, comma-separated (safety always), or 'all'; the "
         "node skips work for outputs without subscribers",
     )
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="node parameter override (YAML value), e.g. output_scale=0.5; repeatable",
+    )
     p.add_argument("--output-bag", type=Path, default=None, help="record input + outputs here")
     p.add_argument("--output-format", choices=("sqlite3", "mcap"), default="sqlite3")
     p.add_argument("--overlays", type=Path, default=None, help="save hazard overlays here")
@@ -72,7 +83,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if args.overlays is not None:
             outputs |= {"hazard_overlay"}
+    try:
+        parameters = parse_params(args.param)
+    except ValueError as e:
+        print(f"error: --param: {e}", file=sys.stderr)
+        return 2
     options = ReplayOptions(
+        parameters=parameters,
         outputs=outputs,
         models_dir=args.models,
         config=args.config,
@@ -99,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         report.trial,
         plot,
         f"{args.bag.name}: {d['frames_processed']}/{d['frames_sent']} frames answered",
+        d.get("breakdown"),
     )
     lat = d["latency_ms"]
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
@@ -107,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         f"{d['frames_dropped']}; latency ms p50 {fmt(lat['p50'])} p95 {fmt(lat['p95'])} "
         f"p99 {fmt(lat['p99'])} max {fmt(lat['max'])}"
     )
+    if "breakdown" in d:
+        print(format_breakdown(d["breakdown"]))
     if "max_rate_hz" in d:
         print(f"max input rate with < 5% drops: {fmt(d['max_rate_hz'])} Hz")
     if "anomaly" in d:
@@ -123,3 +143,35 @@ def run(args: argparse.Namespace) -> int:
     if args.output_bag is not None:
         print(f"wrote {args.output_bag}")
     return 0
+
+
+def parse_params(items: list[str]) -> dict[str, object]:
+    """``NAME=VALUE`` strings -> {name: value}, values read as YAML (1.0, true, [0, 1])."""
+    import yaml
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"expected NAME=VALUE, got {item!r}")
+        out[name.strip()] = yaml.safe_load(value)
+    return out
+
+
+def format_breakdown(b: dict) -> str:
+    """One line per stage (mean ms, share of the mean end-to-end) and the node overhead."""
+    from segmentation_safety.ros.replay import BREAKDOWN_STAGES
+
+    stages = b["stages_ms"]
+    total = stages["end_to_end"]["mean"]
+    parts = [f"{k} {stages[k]['mean']:.1f}" for k in BREAKDOWN_STAGES]
+    o = b["node_overhead"]
+    return (
+        f"mean ms per frame over {b['frames']} frames (end-to-end {total:.1f}): "
+        + ", ".join(parts)
+        + f"\nnode overhead (end-to-end - network - detectors): {o['ms_mean']:.1f} ms mean, "
+        f"{100 * o['fraction_of_mean']:.1f}% of the mean latency "
+        f"(per-frame p50 {o['ms_p50']:.1f} ms, {100 * o['fraction_p50']:.1f}%); without "
+        f"waiting for the worker (queue) {o['ms_mean_without_queue']:.1f} ms, per-frame p50 "
+        f"{100 * o['fraction_p50_without_queue']:.1f}%"
+    )

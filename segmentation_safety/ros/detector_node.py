@@ -17,11 +17,12 @@ Topics (relative, so they live under the node's namespace; DESIGN §5.3):
   transient-local QoS so late subscribers get it (vision_msgs/LabelInfo where vision_msgs
   is installed, else this package's LabelInfo with the same fields).
 
-Newest frame only, never a backlog: the subscription callback just stores the message in
-a one-slot buffer (overwriting, and counting as dropped, a frame the worker had not taken
-yet); a worker thread decodes and processes whatever is newest, so a replaced compressed
-frame is never decoded. Only outputs that are enabled and have a subscriber are computed
-and published.
+Newest frame only, never a backlog: the subscription callback just stores the message,
+still serialised, in a one-slot buffer (overwriting, and counting as dropped, a frame the
+worker had not taken yet); a worker thread deserialises, decodes and processes whatever
+is newest, so a replaced frame is never deserialised or decoded (a raw Image is read in
+place: its pixels reach the network without a copy). Only outputs that are enabled and
+have a subscriber are computed and published, each serialised once.
 
 Faults a robot produces (an invalid camera_info, no or unsynchronised depth, publishers
 whose frames never arrive, a QoS mismatch) never stop the outputs that do not need what
@@ -47,6 +48,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -68,15 +70,14 @@ from rclpy.qos import (
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from visualization_msgs.msg import MarkerArray
 
-from segmentation_safety import visualize
+from segmentation_safety import render
 from segmentation_safety.checkpoint import BundleError
 from segmentation_safety.detectors import registry
 from segmentation_safety.detectors.registry import UnknownDetectorError
 from segmentation_safety.device import DeviceError, resolve_device
-from segmentation_safety.drivable import drivable_region
 from segmentation_safety.msg import HazardAlarm, SafetyFrame, StageTiming
 from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig
-from segmentation_safety.ros import image_codec, markers
+from segmentation_safety.ros import cdr, image_codec, markers
 from segmentation_safety.ros.diagnostics import FrameStats, diagnostic_status
 from segmentation_safety.ros.params import (
     DetectorParams,
@@ -84,7 +85,7 @@ from segmentation_safety.ros.params import (
     declare_parameters,
     drivable_problem,
 )
-from segmentation_safety.types import SafetyResult
+from segmentation_safety.types import RenderedFrame, RenderOptions, SafetyResult
 
 NODE_NAME = "segmentation_safety"
 
@@ -258,7 +259,7 @@ def effective_threshold(pipeline: Pipeline, detector: str, threshold: float) -> 
 
 
 def compute_alarm(
-    result: SafetyResult,
+    result: SafetyResult | RenderedFrame,
     threshold: float,
     fraction_threshold: float,
     drivable: tuple[int, ...],
@@ -269,24 +270,36 @@ def compute_alarm(
     ``region`` chooses the area (see :mod:`segmentation_safety.drivable`): the drivable
     corridor, which includes objects lying on the road, or the drivable pixels only.
     A NaN score counts as anomalous: a map that cannot be trusted must not hide a hazard.
+    The node gets the counts from the pipeline (on its device); this is the host path.
     """
+    import torch
+
+    def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+    counts = render.alarm_counts(
+        tensor(result.labels),
+        tensor(result.anomaly),
+        tensor(result.failure),
+        threshold,
+        drivable,
+        region,
+    )
+    return alarm_message(counts, threshold, fraction_threshold)
+
+
+def alarm_message(
+    counts: render.AlarmCounts, threshold: float, fraction_threshold: float
+) -> HazardAlarm:
+    """The HazardAlarm for ``counts`` (no anomaly map or no drivable pixel: inactive)."""
     alarm = HazardAlarm(anomaly_threshold=float(threshold), fraction_threshold=fraction_threshold)
     alarm.max_score = float("nan")
-    alarm.mean_failure = float("nan")
-    if result.failure is not None and result.failure.size:
-        alarm.mean_failure = float(np.nanmean(result.failure))
-    if result.anomaly is None:
+    alarm.mean_failure = counts.mean_failure
+    if counts.area_pixels == 0:
         return alarm
-    area = drivable_region(result.labels, drivable, region)
-    n_area = int(area.sum())
-    if n_area == 0:
-        return alarm
-    scores = result.anomaly[area]
-    bad = int(np.count_nonzero(~(scores <= threshold)))  # NaN compares false -> anomalous
-    alarm.anomalous_pixels = bad
-    alarm.anomalous_fraction = bad / n_area
-    finite = scores[np.isfinite(scores)]
-    alarm.max_score = float(finite.max()) if finite.size else float("nan")
+    alarm.anomalous_pixels = counts.anomalous_pixels
+    alarm.anomalous_fraction = counts.anomalous_pixels / counts.area_pixels
+    alarm.max_score = counts.max_score
     alarm.active = bool(alarm.anomalous_fraction > fraction_threshold)
     return alarm
 
@@ -372,6 +385,7 @@ class DetectorNode(Node):
             self._on_image,
             in_qos,
             event_callbacks=self._qos_events("image"),
+            raw=True,
         )
         if p.use_depth:
             self.create_subscription(
@@ -386,6 +400,9 @@ class DetectorNode(Node):
         )
         self.create_timer(p.diagnostics_period, self._publish_diagnostics)
         self._ready = True
+        # cv2 releases the GIL while encoding: the jpeg overlay is made on a second core
+        # while the worker serialises and publishes the other outputs.
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segsafe-jpeg")
         self.worker = threading.Thread(target=self._work, name="segsafe-worker", daemon=True)
         self.worker.start()
 
@@ -408,9 +425,11 @@ class DetectorNode(Node):
         )
 
     # -- callbacks (short: store and return) ----------------------------------------------
-    def _on_image(self, msg: Image | CompressedImage) -> None:
+    def _on_image(self, msg: bytes, info: Any) -> None:
+        # Serialised (raw=True): the worker reads it, so a replaced frame never is. Two
+        # parameters: rclpy then passes the middleware's timestamps too.
         self._last_frame_at = time.monotonic()
-        self.slot.put((msg, self._last_frame_at), self.stats.on_received)
+        self.slot.put((msg, self._last_frame_at, _transport_ms(info)), self.stats.on_received)
 
     def _on_depth(self, msg: Image) -> None:
         with self._depth_cond:
@@ -531,12 +550,15 @@ class DetectorNode(Node):
             item = self.slot.take(timeout=0.2)
             if item is None:
                 continue
-            msg, received_at = item
+            msg, received_at, transport_ms = item
             started = time.monotonic()
             latency = None
             unheard = False
+            arrival = {"queue": (started - received_at) * 1e3}
+            if transport_ms is not None:
+                arrival = {"transport_in": transport_ms, **arrival}
             try:
-                outcome = self._handle(msg)
+                outcome = self._handle(msg, arrival)
                 if outcome == "unheard":
                     unheard = True
                 elif outcome:
@@ -553,43 +575,48 @@ class DetectorNode(Node):
     def _wanted(self, p: DetectorParams) -> set[str]:
         return {k for k in p.publish if self.pubs[k].get_subscription_count() > 0}
 
-    def _handle(self, msg: Image | CompressedImage) -> bool | str:
-        """Process one frame: True, False for refused input, "unheard" with no subscriber."""
+    def _handle(
+        self, msg: bytes | Image | CompressedImage, arrival: dict[str, float] | None = None
+    ) -> bool | str:
+        """Process one frame: True, False for refused input, "unheard" with no subscriber.
+
+        ``arrival``: the frame's stages before the worker took it (transport, queue), for
+        the SafetyFrame timings. A serialised frame is read here (part of ``decode``): a
+        raw Image in place, pixels never copied before the network reads them.
+        """
         p = self.params
         wanted = self._wanted(p)
         t0 = time.perf_counter()
         self.codec.max_pixels = p.max_pixels
         try:
+            if isinstance(msg, bytes):
+                msg = self._deserialize(msg)
             rgb = self.codec.decode(msg)
         except image_codec.CodecError as e:
             self._warn(f"input/{e.kind}", f"bad image on {self._image_topic()}: {e}")
+            return False
+        except cdr.CdrError as e:
+            self._warn("input/cdr", f"bad message on {self._image_topic()}: {e}")
             return False
         decode_ms = (time.perf_counter() - t0) * 1e3
         if not wanted:
             return "unheard"  # decoding checked the input; not a processed frame
         outputs = set().union(*(NEEDS.get(k, frozenset()) for k in wanted))
-        result = self.pipeline.process(rgb, outputs)
+        result = self.pipeline.process_frame(rgb, outputs, self._render_options(wanted, p))
         self._check_finite(result)
         t1 = time.perf_counter()
         header = msg.header
-        encoded: dict[str, Image] = {}
-
-        def enc(key: str) -> Image:
-            if key not in encoded:
-                encoded[key] = self._encode(key, result, rgb, header, p)
-            return encoded[key]
-
-        for key in ("segmentation", "segmentation_color", "hazard_overlay"):
-            if key in wanted:
-                self.pubs[key].publish(enc(key))
-        for key in ("anomaly", "failure"):  # only maps a configured detector produced
-            if key in wanted and getattr(result, key) is not None:
-                self.pubs[key].publish(enc(key))
+        jpeg = None
         if "hazard_overlay_compressed" in wanted:
-            # The rgb8 overlay is built once for both overlay outputs; the view is free.
-            overlay = image_codec.decode_rgb(enc("hazard_overlay"))
-            jpeg = image_codec.encode_jpeg(overlay, header, p.jpeg_quality)
-            self.pubs["hazard_overlay_compressed"].publish(jpeg)
+            jpeg = self.encoder.submit(
+                image_codec.encode_jpeg, result.overlay, header, p.jpeg_quality
+            )
+        bodies = self._image_bodies(result, header)
+        for key, topic_key in (("labels", "segmentation"), ("color", "segmentation_color"),
+                               ("overlay", "hazard_overlay"), ("anomaly", "anomaly"),
+                               ("failure", "failure")):  # fmt: skip
+            if topic_key in wanted and key in bodies:
+                self.pubs[topic_key].publish(cdr.serialize_body(bodies[key]))
         if "hazards" in wanted:
             try:
                 hazards = self._markers(result, header, p)
@@ -597,28 +624,59 @@ class DetectorNode(Node):
                 self._warn(f"markers/{type(e).__name__}", f"hazard markers failed: {e}")
                 hazards = markers.hazard_markers([], None, header, 0.0, 0.0)
             self.pubs["hazards"].publish(hazards)
+        if jpeg is not None:
+            self.pubs["hazard_overlay_compressed"].publish(jpeg.result())
         if "safety" in wanted:
-            timings = {"decode": decode_ms, **result.timings_ms}
+            timings = {**(arrival or {}), "decode": decode_ms, **result.timings_ms}
             timings["publish"] = (time.perf_counter() - t1) * 1e3
             timings["total"] = (time.perf_counter() - t0) * 1e3
-            self.pubs["safety"].publish(self._safety(result, header, p, enc, timings))
+            frame = self._safety(result, header, p, timings)
+            embedded = {}
+            if p.safety_embeds_maps:
+                names = {"labels": "segmentation", "anomaly": "anomaly", "failure": "failure"}
+                embedded = {field: bodies[k] for k, field in names.items() if k in bodies}
+            self.pubs["safety"].publish(cdr.serialize(frame, embedded))
         return True
 
+    def _deserialize(self, raw: bytes) -> cdr.RawImage | CompressedImage:
+        if self.params.input_transport == "compressed":
+            from rclpy.serialization import deserialize_message
+
+            return deserialize_message(raw, CompressedImage)
+        return cdr.RawImage(raw)
+
     # -- building outputs ------------------------------------------------------------------
-    def _encode(
-        self, key: str, r: SafetyResult, rgb: np.ndarray, header: Any, p: DetectorParams
-    ) -> Image:
-        if key == "segmentation":
-            return image_codec.encode_mono8(r.labels, header)
-        if key == "segmentation_color":
-            return image_codec.encode_rgb8(visualize.colorize_labels(r.labels), header)
-        if key == "hazard_overlay":
-            overlay = visualize.hazard_overlay(rgb, r.anomaly, self.threshold(p))
-            return image_codec.encode_rgb8(overlay, header)
-        values = getattr(r, key)
-        if values is None:
-            return image_codec.empty_image(header)
-        return image_codec.encode_32fc1(values, header)
+    def _render_options(self, wanted: set[str], p: DetectorParams) -> RenderOptions:
+        """What the pipeline must produce for the outputs that have subscribers."""
+        embeds = "safety" in wanted and p.safety_embeds_maps
+        maps = {k for k in ("anomaly", "failure") if k in wanted or embeds}
+        if "hazards" in wanted:
+            maps.add("anomaly")
+        return RenderOptions(
+            labels="segmentation" in wanted or embeds,
+            color="segmentation_color" in wanted,
+            overlay=bool(wanted & {"hazard_overlay", "hazard_overlay_compressed"}),
+            maps=frozenset(maps),
+            map_scale=p.output_scale,
+            threshold=self.threshold(p),
+            alarm=p.drivable_classes if "safety" in wanted else None,
+            alarm_region=p.alarm_region,
+        )
+
+    @staticmethod
+    def _image_bodies(r: RenderedFrame, header: Any) -> dict[str, list[Any]]:
+        """Each produced picture or map serialised once, as an Image payload."""
+        encodings = {"labels": "mono8", "color": "rgb8", "overlay": "rgb8",
+                     "anomaly": "32FC1", "failure": "32FC1"}  # fmt: skip
+        bodies = {}
+        for key, encoding in encodings.items():
+            a = getattr(r, key)
+            if a is None:
+                continue
+            a = np.ascontiguousarray(a)
+            h, w = a.shape[:2]
+            bodies[key] = cdr.image_body(header, h, w, encoding, a.strides[0], a)
+        return bodies
 
     def _markers(self, r: SafetyResult, header: Any, p: DetectorParams) -> MarkerArray:
         regions = []
@@ -687,24 +745,24 @@ class DetectorNode(Node):
 
     def _safety(
         self,
-        r: SafetyResult,
+        r: RenderedFrame,
         header: Any,
         p: DetectorParams,
-        enc: Callable[[str], Image],
         timings: dict[str, float],
     ) -> SafetyFrame:
+        """The frame without its maps: those are spliced in serialised (``cdr.serialize``)."""
+        empty = image_codec.empty_image(header)
         frame = SafetyFrame(
             header=header,
-            segmentation=enc("segmentation"),
-            anomaly=enc("anomaly"),
-            failure=enc("failure"),
-            anomaly_detector=p.anomaly_detector if r.anomaly is not None else "",
-            failure_detector=p.failure_detector if r.failure is not None else "",
-            alarm=compute_alarm(
-                r, self.threshold(p), p.alarm_fraction, p.drivable_classes, p.alarm_region
-            ),
+            segmentation=empty,
+            anomaly=empty,
+            failure=empty,
+            anomaly_detector=self.pipeline.config.anomaly or "",
+            failure_detector=self.pipeline.config.failure or "",
             timings=[StageTiming(stage=s, ms=float(ms)) for s, ms in timings.items()],
         )
+        if r.alarm is not None:
+            frame.alarm = alarm_message(r.alarm, self.threshold(p), p.alarm_fraction)
         if r.class_iou is not None:
             frame.class_names = list(self.pipeline.class_names)
             frame.class_iou = [float(v) for v in r.class_iou]
@@ -715,13 +773,13 @@ class DetectorNode(Node):
         """The anomaly threshold in force: the parameter, or the calibrated one for NaN."""
         return effective_threshold(self.pipeline, p.anomaly_detector, p.anomaly_threshold)
 
-    def _check_finite(self, r: SafetyResult) -> None:
-        for key in ("anomaly", "failure"):
-            values = getattr(r, key)
-            if values is not None:
-                bad = values.size - int(np.count_nonzero(np.isfinite(values)))
-                if bad:
-                    self._warn(f"nonfinite/{key}", f"{key} map has {bad} non-finite values")
+    def _check_finite(self, r: RenderedFrame) -> None:
+        for key, bad in r.nonfinite.items():  # counted on the device, maps sent or not
+            if bad:
+                self._warn(
+                    f"nonfinite/{key}",
+                    f"{key} map has {bad} non-finite values (at the network's resolution)",
+                )
 
     def _warn(self, kind: str, text: str) -> None:
         self.last_problem = text
@@ -742,7 +800,17 @@ class DetectorNode(Node):
             self._stop.set()
             self.slot.close()
             self.worker.join(timeout=5.0)
+            self.encoder.shutdown(wait=True)
         super().destroy_node()
+
+
+def _transport_ms(info: dict[str, Any]) -> float | None:
+    """Publish-to-receipt time of a message from its middleware timestamps (same host
+    clock on both ends when publisher and node share a machine); None where unknown."""
+    sent, received = info.get("source_timestamp", 0), info.get("received_timestamp", 0)
+    if not sent or not received or received < sent:
+        return None
+    return (received - sent) / 1e6
 
 
 def _seconds(stamp: Any) -> float:

@@ -275,6 +275,23 @@ SPECS: tuple[Spec, ...] = (
         low=1,
         high=100,
     ),
+    Spec(
+        "output_scale",
+        1.0,
+        "Size of the published anomaly/failure maps (32FC1) relative to the image; the "
+        "alarm is counted at that size. 0.5 sends a quarter of the bytes.",
+        runtime=True,
+        low=0.05,
+        high=1.0,
+    ),
+    Spec(
+        "safety_embeds_maps",
+        True,
+        "Embed segmentation, anomaly and failure maps in 'safety' (serialised once, shared "
+        "with their own topics); false sends them empty, so a 'safety' subscriber alone "
+        "costs no map.",
+        runtime=True,
+    ),
     *(
         Spec(f"publish.{key}", True, f"Publish the '{key}' output (when subscribed).", runtime=True)
         for key in OUTPUTS
@@ -368,6 +385,8 @@ class DetectorParams:
     diagnostics_window: int
     warn_throttle_sec: float
     jpeg_quality: int
+    output_scale: float
+    safety_embeds_maps: bool
     publish: frozenset[str]
 
     @classmethod
@@ -402,6 +421,8 @@ class DetectorParams:
             diagnostics_window=int(v["diagnostics_window"]),
             warn_throttle_sec=float(v["warn_throttle_sec"]),
             jpeg_quality=int(v["jpeg_quality"]),
+            output_scale=float(v["output_scale"]),
+            safety_embeds_maps=bool(v["safety_embeds_maps"]),
             publish=frozenset(k for k in OUTPUTS if v[f"publish.{k}"]),
         )
 

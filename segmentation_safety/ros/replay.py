@@ -288,6 +288,7 @@ class Collector(Node):
         self.namespace = namespace
         self.cond = threading.Condition()
         self.answers: dict[int, float] = {}  # safety stamp -> monotonic receipt
+        self.timings: dict[int, dict[str, float]] = {}  # safety stamp -> the node's stages
         self.keep: dict[str, dict[int, bytes]] = {"safety": {}, "hazard_overlay": {}}
         self.keep_enabled = False
         image_type, image_topic = (
@@ -328,6 +329,7 @@ class Collector(Node):
                 with self.cond:
                     self.answers.setdefault(stamp, now)
                     self.cond.notify_all()
+                self.timings.setdefault(stamp, safety_timings(raw))
             if self.keep_enabled and key in self.keep:
                 self.keep[key].setdefault(cdr_stamp_ns(raw), raw)
             if self.recorder is not None and self.keep_enabled:
@@ -372,6 +374,8 @@ class Trial:
 
     sent: dict[int, float]  # stamp -> monotonic publish time, in send order
     answered: dict[int, float]  # stamp -> monotonic receipt, answered frames only
+    #: stamp -> the node's stage timings (SafetyFrame.timings), answered frames only
+    stages: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def frames_sent(self) -> int:
@@ -425,6 +429,8 @@ class ReplayOptions:
     output_bag: Path | None = None
     output_format: str = "sqlite3"
     namespace: str | None = None
+    #: Node parameter overrides (name -> value), applied after ``config``.
+    parameters: dict[str, Any] = field(default_factory=dict)
     #: Node outputs to subscribe to (None: all). The node computes only what has a
     #: subscriber, so this choice changes the work being timed; T.json records it.
     outputs: frozenset[str] | None = None
@@ -458,6 +464,7 @@ class Replayer:
                 overrides.append(Parameter("device", value=o.device))
             if self.bag.compressed:  # overrides beat --config: the bag decides the input
                 overrides.append(Parameter("input_transport", value="compressed"))
+            overrides += [Parameter(k, value=v) for k, v in o.parameters.items()]
             cli = ["--ros-args", "--params-file", str(o.config)] if o.config else None
             if o.config is not None and not o.config.is_file():
                 raise ReplayError(f"--config {o.config}: no such file")
@@ -557,7 +564,7 @@ class Replayer:
         c.wait_answers(set(sent), self.options.drain_s, time.monotonic() + 300.0)
         with c.cond:
             answered = {s: c.answers[s] for s in sent if s in c.answers}
-        return Trial(sent, answered)
+        return Trial(sent, answered, {s: c.timings[s] for s in answered if s in c.timings})
 
     def replay_bag(self) -> Trial:
         """The bag at its own timing / rate; outputs kept for metrics, overlays, the bag."""
@@ -626,6 +633,86 @@ def latency_summary(latencies_ms: list[float]) -> dict[str, float | None]:
             "mean": float(a.mean())}  # fmt: skip
 
 
+def safety_timings(raw: bytes) -> dict[str, float]:
+    """A serialised SafetyFrame's stage timings, read without copying its maps."""
+    from segmentation_safety.msg import SafetyFrame
+    from segmentation_safety.ros import cdr
+
+    try:
+        fields = cdr.read_fields(raw, SafetyFrame, {"timings"})
+    except (cdr.CdrError, ValueError, UnicodeDecodeError):
+        return {}
+    return {t["stage"]: float(t["ms"]) for t in fields.get("timings", [])}
+
+
+#: Breakdown stages in the order a frame passes them (detectors summed as one).
+BREAKDOWN_STAGES = ("transport_in", "queue", "decode", "preprocess", "segmenter",
+                    "detectors", "postprocess", "publish", "other", "transport_out")  # fmt: skip
+
+
+def frame_breakdown(latency_ms: float, stages: dict[str, float]) -> dict[str, float] | None:
+    """One frame's end-to-end latency split into BREAKDOWN_STAGES, plus the node overhead.
+
+    From the SafetyFrame timings: the node's ``total`` runs from decode to just before
+    ``safety`` is serialised, so ``transport_out`` is the rest: serialising and
+    delivering ``safety``. ``other`` is the node's time outside the named stages.
+    Overhead = end-to-end - network - detectors: what the node adds to its models.
+    None when the frame has no timings (an older node).
+    """
+    if "total" not in stages or "segmenter" not in stages:
+        return None
+    out = {k: stages.get(k, 0.0) for k in ("transport_in", "queue", "decode", "preprocess",
+                                            "segmenter", "postprocess", "publish")}  # fmt: skip
+    out["detectors"] = sum(v for k, v in stages.items() if k.startswith("detector/"))
+    named = sum(out[k] for k in ("decode", "preprocess", "segmenter", "detectors",
+                                 "postprocess", "publish"))  # fmt: skip
+    out["other"] = max(stages["total"] - named, 0.0)
+    out["transport_out"] = max(
+        latency_ms - out["transport_in"] - out["queue"] - stages["total"], 0.0
+    )
+    out["end_to_end"] = latency_ms
+    out["overhead"] = latency_ms - out["segmenter"] - out["detectors"]
+    out["overhead_fraction"] = out["overhead"] / latency_ms if latency_ms > 0 else math.nan
+    return out
+
+
+def breakdown_summary(trial: Trial) -> dict[str, Any] | None:
+    """Mean and p50 per stage over the answered frames, and the node overhead.
+
+    Means add up to the mean end-to-end latency (p50s need not); the overhead fraction
+    is given per frame (p50) and of the means (``fraction_of_mean``). ``queue`` is time
+    a frame waited for the worker, which only an input faster than the node causes, so
+    the overhead is also given without it (``*_without_queue``): the node's own work.
+    """
+    rows = []
+    for s, t_sent in trial.sent.items():
+        if s in trial.answered and s in trial.stages:
+            row = frame_breakdown((trial.answered[s] - t_sent) * 1e3, trial.stages[s])
+            if row is not None:
+                rows.append(row)
+    if not rows:
+        return None
+    keys = [*BREAKDOWN_STAGES, "end_to_end"]
+    stats = {k: {"mean": float(np.mean([r[k] for r in rows])),
+                 "p50": float(np.median([r[k] for r in rows]))} for k in keys}  # fmt: skip
+    overhead = [r["overhead"] for r in rows]
+    fraction = [r["overhead_fraction"] for r in rows]
+    work = [r["overhead"] - r["queue"] for r in rows]
+    work_fraction = [(r["overhead"] - r["queue"]) / (r["end_to_end"] - r["queue"]) for r in rows]
+    return {
+        "frames": len(rows),
+        "stages_ms": stats,
+        "node_overhead": {
+            "ms_mean": float(np.mean(overhead)),
+            "ms_p50": float(np.median(overhead)),
+            "fraction_p50": float(np.median(fraction)),
+            "fraction_of_mean": float(np.mean(overhead) / stats["end_to_end"]["mean"]),
+            "ms_mean_without_queue": float(np.mean(work)),
+            "fraction_p50_without_queue": float(np.median(work_fraction)),
+        },
+    }
+
+
 def anomaly_metrics(bag: BagContents, safety: dict[int, bytes]) -> dict[str, Any] | None:
     """AP / AUROC / FPR95 of the replayed anomaly maps against the bag's ground truth."""
     from segmentation_safety.metrics import AnomalyMetrics
@@ -670,15 +757,21 @@ def decode_rgb8(raw: bytes) -> np.ndarray:
     return rows[:, : msg.width * 3].reshape(msg.height, msg.width, 3)
 
 
-def plot_latency(trial: Trial, path: Path, title: str) -> None:
-    """Latency per frame over time and its histogram, as a PNG (written atomically)."""
+def plot_latency(
+    trial: Trial, path: Path, title: str, breakdown: dict[str, Any] | None = None
+) -> None:
+    """Latency per frame over time, its histogram and (given ``breakdown_summary``) the
+    mean time per stage with the node overhead, as a PNG (written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     points = trial.latencies_ms()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if breakdown else 2, figsize=(16 if breakdown else 11, 4))
+    ax1, ax2 = axes[0], axes[1]
+    if breakdown:
+        _plot_breakdown(axes[2], breakdown)
     if points:
         t, lat = zip(*points)
         ax1.plot(t, lat, ".-", lw=0.8)
@@ -697,6 +790,20 @@ def plot_latency(trial: Trial, path: Path, title: str) -> None:
     fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _plot_breakdown(ax: Any, breakdown: dict[str, Any]) -> None:
+    stages = breakdown["stages_ms"]
+    left = 0.0
+    for name in BREAKDOWN_STAGES:
+        ms = stages[name]["mean"]
+        ax.barh([0], [ms], left=left, label=f"{name} {ms:.1f}")
+        left += ms
+    o = breakdown["node_overhead"]
+    ax.set(xlabel="mean ms per frame", yticks=[],
+           title=f"node overhead {o['ms_mean']:.1f} ms = {100 * o['fraction_of_mean']:.1f}%"
+           " of end-to-end")  # fmt: skip
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
 
 
 def save_overlays(overlays: dict[int, bytes], out_dir: Path, count: int) -> list[Path]:
@@ -758,6 +865,9 @@ def replay(bag_path: Path, options: ReplayOptions, image_topic: str | None = Non
     if search is not None:
         data["max_rate_hz"] = search["max_rate_hz"]
         data["rate_search"] = search
+    breakdown = breakdown_summary(trial)
+    if breakdown is not None:
+        data["breakdown"] = breakdown
     metrics = anomaly_metrics(bag, safety) if bag.gt_anomaly else None
     if metrics is not None:
         data["anomaly"] = metrics

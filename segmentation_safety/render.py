@@ -1,0 +1,113 @@
+"""The node's pictures and alarm counts, computed on the pipeline's device.
+
+The same arithmetic as :mod:`segmentation_safety.visualize` (which the reports use on
+the host), in torch, so the node builds its colourised segmentation and hazard overlay
+where the maps already are and copies only finished uint8 images to the host. Tests
+check both agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from segmentation_safety.drivable import drivable_region
+from segmentation_safety.visualize import PALETTE
+
+
+@dataclass(frozen=True)
+class AlarmCounts:
+    """Frame-level counts over the drivable area (see ``detector_node.compute_alarm``)."""
+
+    area_pixels: int
+    anomalous_pixels: int
+    max_score: float  # highest finite score in the area; NaN when there is none
+    mean_failure: float  # NaN-ignoring mean of the failure map; NaN without one
+
+
+def palette_on(device: torch.device) -> torch.Tensor:
+    return torch.tensor(np.array(PALETTE), dtype=torch.uint8, device=device)
+
+
+def colorize(labels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
+    """H×W integer train ids -> H×W×3 uint8 RGB, as ``visualize.colorize_labels``."""
+    # index_select: about 4× faster than advanced indexing on the CPU for the same gather.
+    rows = palette.index_select(0, labels.reshape(-1).long())
+    return rows.view(*labels.shape, palette.shape[1])
+
+
+def map_range(values: torch.Tensor, percentiles: tuple[float, float] = (1.0, 99.0)) -> tuple:
+    """(low, high) of the finite values at ``percentiles``, as ``visualize.map_range``.
+
+    The node passes the network-resolution map: bilinear upsampling only interpolates
+    between its values, and sorting 16× fewer of them is what keeps this cheap.
+    """
+    finite = values[torch.isfinite(values)].float()
+    if finite.numel() == 0:
+        return 0.0, 1.0
+    q = torch.tensor([p / 100.0 for p in percentiles], device=finite.device)
+    if finite.numel() > 1 << 24:  # torch.quantile's input limit
+        finite = finite[:: finite.numel() // (1 << 23) + 1]
+    lo, hi = torch.quantile(finite, q).tolist()
+    return lo, hi
+
+
+def hazard_overlay(
+    rgb: torch.Tensor,
+    anomaly: torch.Tensor,
+    threshold: float,
+    value_range: tuple[float, float],
+    alpha: float = 0.6,
+    color: Sequence[int] = (255, 0, 0),
+) -> torch.Tensor:
+    """H×W×3 uint8 and an H×W map -> H×W×3 uint8: ``visualize.hazard_overlay`` with a
+    threshold (pixels above it painted, opacity growing with the score over
+    ``value_range``)."""
+    lo, hi = value_range
+    span = hi - lo if hi > lo else 1.0
+    out = rgb.contiguous().clone()
+    # Pixels at or below the threshold keep their colour exactly (weight 0), so only the
+    # flagged ones, usually few, are blended. NaN compares false: never painted.
+    flagged = (anomaly > threshold).view(-1).nonzero().squeeze(1)
+    if flagged.numel():
+        score = anomaly.reshape(-1).index_select(0, flagged).float()
+        strength = ((score - lo) / span).nan_to_num_(nan=0.0, posinf=1.0, neginf=0.0)
+        weight = (alpha * (0.5 + 0.5 * strength.clamp_(0.0, 1.0))).unsqueeze(1)
+        pixels = out.view(-1, 3).index_select(0, flagged).float()
+        paint = torch.tensor(list(color), dtype=torch.float32, device=rgb.device)
+        blended = pixels.add_(weight * (paint - pixels))  # (1 - w) * rgb + w * paint
+        blended = blended.add_(0.5).clamp_(0.0, 255.0).to(torch.uint8)
+        out.view(-1, 3).index_copy_(0, flagged, blended)
+    return out
+
+
+def alarm_counts(
+    labels: torch.Tensor,
+    anomaly: torch.Tensor | None,
+    failure: torch.Tensor | None,
+    threshold: float,
+    drivable: Sequence[int],
+    region: str = "corridor",
+) -> AlarmCounts:
+    """Counts for the hazard alarm; ``labels`` and ``anomaly`` share their size.
+
+    ``region``: the drivable corridor or the drivable pixels only (see
+    :mod:`segmentation_safety.drivable`). A NaN score counts as anomalous: a map that
+    cannot be trusted must not hide a hazard.
+    """
+    mean_failure = float("nan")
+    if failure is not None and failure.numel():
+        mean_failure = float(failure.float().nanmean())
+    if anomaly is None:
+        return AlarmCounts(0, 0, float("nan"), mean_failure)
+    area = drivable_region(labels, drivable, region)
+    # The area's scores only (a third of a street frame): every test below reads fewer.
+    scores = anomaly.float()[area]
+    n_area = scores.numel()
+    finite = scores[torch.isfinite(scores)]
+    bad = n_area - int(torch.count_nonzero(scores <= threshold))  # NaN compares false
+    max_score = float(finite.max()) if finite.numel() else float("nan")
+    return AlarmCounts(n_area, bad, max_score, mean_failure)

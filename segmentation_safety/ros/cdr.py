@@ -1,0 +1,258 @@
+"""Serialised ROS 2 messages (XCDR1, little endian) written and read without rclpy objects.
+
+Why: publishing a Python ``sensor_msgs/Image`` costs three copies of its pixels (numpy ->
+``bytes`` -> the message's ``array`` -> the C struct) before the middleware serialises
+it, and a ``SafetyFrame`` that embeds the same maps pays them all again. Here an Image
+is serialised once, straight from the numpy buffer, into a body that is published as it
+is (``Publisher.publish`` takes serialised bytes) and spliced unchanged into the
+``SafetyFrame``: an Image has no field wider than 4 bytes, so its encoding does not
+depend on where it starts as long as that is a multiple of 4.
+
+The generic writer and reader walk the message's own field table
+(``get_fields_and_field_types``), so a field added to a message is serialised too, and a
+type it does not know raises instead of writing wrong bytes. Padding is written as
+zeros. Tests check every result against ``rclpy.serialization``.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+#: Encapsulation header: CDR little endian, no options.
+ENCAPSULATION = b"\x00\x01\x00\x00"
+
+#: Primitive ROS types -> (struct format, size = alignment).
+PRIMITIVES: dict[str, tuple[str, int]] = {
+    "boolean": ("?", 1),
+    "octet": ("B", 1),
+    "uint8": ("B", 1),
+    "int8": ("b", 1),
+    "char": ("B", 1),
+    "uint16": ("H", 2),
+    "int16": ("h", 2),
+    "uint32": ("I", 4),
+    "int32": ("i", 4),
+    "float": ("f", 4),
+    "uint64": ("Q", 8),
+    "int64": ("q", 8),
+    "double": ("d", 8),
+}
+
+
+class CdrError(ValueError):
+    """A message type this module cannot serialise, or bytes that do not parse."""
+
+
+class Writer:
+    """Appends CDR fields; ``offset`` counts from the start of the payload (alignment)."""
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self.offset = 0
+
+    def align(self, size: int) -> None:
+        pad = -self.offset % size
+        if pad:
+            self.parts.append(b"\0" * pad)
+            self.offset += pad
+
+    def primitive(self, kind: str, value: Any) -> None:
+        fmt, size = PRIMITIVES[kind]
+        self.align(size)
+        self.parts.append(struct.pack("<" + fmt, value))
+        self.offset += size
+
+    def string(self, text: str) -> None:
+        data = text.encode() + b"\0"
+        self.primitive("uint32", len(data))
+        self.parts.append(data)
+        self.offset += len(data)
+
+    def buffer(self, data: Any, align: int = 1) -> None:
+        """Raw bytes (any buffer: numpy arrays are added without a copy until join)."""
+        view = memoryview(data).cast("B")
+        self.align(align)
+        self.parts.append(view)
+        self.offset += view.nbytes
+
+    def payload(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def image_body(
+    header: Any, height: int, width: int, encoding: str, step: int, data: Any
+) -> list[Any]:
+    """A sensor_msgs/Image's CDR payload as parts (pixels not copied yet): see module doc."""
+    w = Writer()
+    write_header(w, header)
+    w.primitive("uint32", height)
+    w.primitive("uint32", width)
+    w.string(encoding)
+    w.primitive("uint8", int(sys.byteorder == "big"))
+    w.primitive("uint32", step)
+    view = memoryview(data).cast("B")
+    w.primitive("uint32", view.nbytes)
+    w.buffer(view)
+    return w.parts
+
+
+def write_header(w: Writer, header: Any) -> None:
+    w.primitive("int32", header.stamp.sec)
+    w.primitive("uint32", header.stamp.nanosec)
+    w.string(header.frame_id)
+
+
+def serialize(msg: Any, bodies: dict[str, list[Any]] | None = None) -> bytes:
+    """``msg`` as serialised bytes; ``bodies`` replaces top-level fields by ready payload
+    parts (from :func:`image_body`), which must be Image-like (no field over 4 bytes)."""
+    w = Writer()
+    _write_message(w, msg, bodies or {})
+    return ENCAPSULATION + w.payload()
+
+
+def serialize_body(parts: Iterable[Any]) -> bytes:
+    """A standalone message from payload parts (e.g. an :func:`image_body`)."""
+    return b"".join([ENCAPSULATION, *parts])
+
+
+def _write_message(w: Writer, msg: Any, bodies: dict[str, list[Any]]) -> None:
+    for name, kind in msg.get_fields_and_field_types().items():
+        if name in bodies:
+            w.align(4)
+            for part in bodies[name]:
+                w.parts.append(part)
+                w.offset += memoryview(part).nbytes
+            continue
+        _write_value(w, kind, getattr(msg, name))
+
+
+def _write_value(w: Writer, kind: str, value: Any) -> None:
+    if kind in PRIMITIVES:
+        w.primitive(kind, value)
+    elif kind == "string":
+        w.string(value)
+    elif kind.startswith("sequence<") and kind.endswith(">"):
+        inner = kind[len("sequence<") : -1]
+        if "," in inner:
+            raise CdrError(f"bounded sequence {kind} not supported")
+        w.primitive("uint32", len(value))
+        if inner in ("uint8", "octet", "char"):
+            w.buffer(bytes(value) if isinstance(value, list) else value)
+        elif inner in PRIMITIVES:
+            fmt, size = PRIMITIVES[inner]
+            if value:
+                w.align(size)
+                data = struct.pack(f"<{len(value)}{fmt}", *value)
+                w.parts.append(data)
+                w.offset += len(data)
+        else:
+            for item in value:
+                _write_value(w, inner, item)
+    elif "/" in kind:
+        _write_message(w, value, {})
+    else:
+        raise CdrError(f"field type {kind!r} not supported")
+
+
+class Reader:
+    """Reads the fields of a serialised message, skipping byte sequences without copying."""
+
+    def __init__(self, raw: bytes | memoryview) -> None:
+        if len(raw) < 4 or raw[1] != 1:
+            raise CdrError("not little-endian CDR")
+        self.view = memoryview(raw)[4:]
+        self.offset = 0
+
+    def primitive(self, kind: str) -> Any:
+        fmt, size = PRIMITIVES[kind]
+        self.offset += -self.offset % size
+        (value,) = struct.unpack_from("<" + fmt, self.view, self.offset)
+        self.offset += size
+        return value
+
+    def string(self) -> str:
+        n = self.primitive("uint32")
+        text = bytes(self.view[self.offset : self.offset + n - 1]).decode()
+        self.offset += n
+        return text
+
+
+def read_fields(raw: bytes | memoryview, msg_type: type, names: set[str]) -> dict[str, Any]:
+    """The top-level fields ``names`` of a serialised ``msg_type`` as Python values
+    (nested messages as dicts); the rest, maps included, is skipped, not copied."""
+    r = Reader(raw)
+    out = {}
+    try:
+        for name, kind in msg_type.get_fields_and_field_types().items():
+            value = _read_value(r, kind, keep=name in names)
+            if name in names:
+                out[name] = value
+            if len(out) == len(names):
+                break
+    except struct.error as e:
+        raise CdrError(f"truncated {msg_type.__name__}: {e}") from None
+    return out
+
+
+def _read_value(r: Reader, kind: str, keep: bool) -> Any:
+    if kind in PRIMITIVES:
+        return r.primitive(kind)
+    if kind == "string":
+        return r.string()
+    if kind.startswith("sequence<"):
+        inner = kind[len("sequence<") : -1]
+        n = r.primitive("uint32")
+        if inner in PRIMITIVES:
+            size = PRIMITIVES[inner][1]
+            if n:
+                r.offset += -r.offset % size
+            start = r.offset
+            r.offset += n * size
+            if r.offset > len(r.view):
+                raise CdrError("sequence runs past the end of the message")
+            if not keep:
+                return None
+            fmt = PRIMITIVES[inner][0]
+            return list(struct.unpack_from(f"<{n}{fmt}", r.view, start))
+        return [_read_value(r, inner, keep) for _ in range(n)]
+    if "/" in kind:
+        pkg, name = kind.split("/")
+        import importlib
+
+        module = importlib.import_module(f"{pkg}.msg")
+        fields = getattr(module, name).get_fields_and_field_types()
+        return {f: _read_value(r, k, keep) for f, k in fields.items()}
+    raise CdrError(f"field type {kind!r} not supported")
+
+
+class RawImage:
+    """A serialised sensor_msgs/Image read in place: ``data`` is a view of the bytes.
+
+    Has the fields ``image_codec.decode_rgb`` reads, so a frame is decoded without
+    rclpy first copying its pixels into a Python message (and only when it is used).
+    """
+
+    __slots__ = ("header", "height", "width", "encoding", "is_bigendian", "step", "data")
+
+    def __init__(self, raw: bytes | memoryview) -> None:
+        from std_msgs.msg import Header
+
+        r = Reader(raw)
+        try:
+            sec, nanosec = r.primitive("int32"), r.primitive("uint32")
+            self.header = Header(frame_id=r.string())
+            self.header.stamp.sec, self.header.stamp.nanosec = sec, nanosec
+            self.height = r.primitive("uint32")
+            self.width = r.primitive("uint32")
+            self.encoding = r.string()
+            self.is_bigendian = r.primitive("uint8")
+            self.step = r.primitive("uint32")
+            n = r.primitive("uint32")
+        except (struct.error, UnicodeDecodeError) as e:
+            raise CdrError(f"not a serialised sensor_msgs/Image: {e}") from None
+        if r.offset + n > len(r.view):
+            raise CdrError(f"Image data of {n} bytes runs past the end of the message")
+        self.data = r.view[r.offset : r.offset + n]

@@ -1,0 +1,164 @@
+"""`segsafe bench --node`: the real node's latency by stage at several frame sizes, one run.
+
+One :class:`~segmentation_safety.ros.replay.Replayer` (node + collector, each in its own
+rclpy context) per variant (frame size × ``output_scale``), all alive at once. Rounds
+interleave the variants, one frame in flight at a time: a frame is published to one
+node, its ``safety`` awaited, then the next variant's frame. So every variant sees the
+same machine load, and latencies hold no queueing (the node's steady-state cost per
+frame, not its backlog). Frames are the bag's images resized to each size (a real scene:
+the label map's boundaries, which the post-processing cost depends on, are realistic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from segmentation_safety.ros.replay import (
+    BagContents,
+    BagFrame,
+    Replayer,
+    ReplayError,
+    ReplayOptions,
+    Trial,
+    breakdown_summary,
+    cdr_stamp_ns,
+    latency_summary,
+    read_bag,
+    with_stamp,
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One node configuration under test."""
+
+    height: int
+    width: int
+    output_scale: float = 1.0
+
+    @property
+    def name(self) -> str:
+        scale = "" if self.output_scale == 1.0 else f" output_scale {self.output_scale:g}"
+        return f"{self.height}x{self.width}{scale}"
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"512x1024,1024x2048"`` -> [(512, 1024), (1024, 2048)] (height x width)."""
+    sizes = []
+    for item in text.split(","):
+        h, sep, w = item.strip().lower().partition("x")
+        if not sep or not h.isdigit() or not w.isdigit() or int(h) < 16 or int(w) < 16:
+            raise ValueError(f"size {item!r}: expected HEIGHTxWIDTH, each at least 16")
+        sizes.append((int(h), int(w)))
+    return sizes
+
+
+def frames_at(bag: BagContents, height: int, width: int, count: int) -> list[bytes]:
+    """The bag's first ``count`` images resized to ``height``×``width`` as serialised
+    rgb8 Images (headers kept)."""
+    from rclpy.serialization import deserialize_message
+    from sensor_msgs.msg import CompressedImage, Image
+
+    from segmentation_safety.ros import cdr
+    from segmentation_safety.ros.image_codec import ImageCodec
+
+    codec = ImageCodec()
+    msg_type = CompressedImage if bag.compressed else Image
+    out = []
+    for frame in bag.frames[:count]:
+        msg = deserialize_message(frame.raw, msg_type)
+        rgb = codec.decode(msg)
+        shrink = height * width < rgb.shape[0] * rgb.shape[1]
+        rgb = cv2.resize(
+            np.ascontiguousarray(rgb),
+            (width, height),
+            interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
+        )
+        body = cdr.image_body(msg.header, height, width, "rgb8", width * 3, rgb)
+        out.append(cdr.serialize_body(body))
+    return out
+
+
+def node_bench(
+    bag_path: Path,
+    variants: Sequence[Variant],
+    options: ReplayOptions,
+    rounds: int = 10,
+    distinct_frames: int = 5,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Latency and its breakdown per variant, measured interleaved in one process."""
+    if rounds < 1:
+        raise ReplayError("--frames must be at least 1")
+    bag = read_bag(bag_path)
+    inputs = {v: frames_at(bag, v.height, v.width, distinct_frames) for v in variants}
+    trials = {v: Trial({}, {}, {}) for v in variants}
+    with contextlib.ExitStack() as stack:
+        replayers = {}
+        for v in variants:
+            frames = [BagFrame(i, cdr_stamp_ns(raw), raw) for i, raw in enumerate(inputs[v])]
+            contents = BagContents(bag.path, bag.image_topic, frames)
+            params = {**options.parameters, "output_scale": v.output_scale}
+            replayers[v] = stack.enter_context(
+                Replayer(contents, replace(options, parameters=params))
+            )
+        for r in replayers.values():
+            r.warm_up()
+        for i in range(rounds):
+            for v, r in replayers.items():
+                raw = inputs[v][i % len(inputs[v])]
+                stamp = (1000 + i) * 1_000_000_000  # unique, never a recorded stamp
+                t = r.play([(0.0, with_stamp(raw, stamp), None)])
+                trials[v].sent.update(t.sent)
+                trials[v].answered.update(t.answered)
+                trials[v].stages.update(t.stages)
+            if progress:
+                progress(i + 1, rounds)
+    results = {}
+    for v, trial in trials.items():
+        lat = [ms for _, ms in trial.latencies_ms()]
+        results[v.name] = {
+            "height": v.height,
+            "width": v.width,
+            "output_scale": v.output_scale,
+            "frames_sent": trial.frames_sent,
+            "frames_processed": trial.frames_processed,
+            "latency_ms": latency_summary(lat),
+            "breakdown": breakdown_summary(trial),
+        }
+    return {
+        "bag": str(bag_path),
+        "rounds": rounds,
+        "outputs": "all" if options.outputs is None else sorted(options.outputs | {"safety"}),
+        "parameters": options.parameters,
+        "variants": results,
+    }
+
+
+def format_node_table(report: dict[str, Any]) -> str:
+    """A Markdown table: mean ms per stage and the node overhead, one row per variant."""
+    from segmentation_safety.ros.replay import BREAKDOWN_STAGES
+
+    head = ["frame", "end-to-end", *BREAKDOWN_STAGES, "overhead ms", "overhead %"]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for name, r in report["variants"].items():
+        b = r["breakdown"]
+        if b is None:
+            lines.append(f"| {name} | no answer |" + " - |" * (len(head) - 2))
+            continue
+        s = b["stages_ms"]
+        o = b["node_overhead"]
+        cells = [
+            f"{s['end_to_end']['mean']:.1f}",
+            *(f"{s[k]['mean']:.1f}" for k in BREAKDOWN_STAGES),
+        ]
+        cells += [f"{o['ms_mean']:.1f}", f"{100 * o['fraction_of_mean']:.1f}%"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

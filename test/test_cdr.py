@@ -1,0 +1,106 @@
+"""Hand-written CDR against rclpy's serialisation: what the node publishes must parse."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
+    pytest.skip("install space not sourced: run through `make test`", allow_module_level=True)
+
+from rclpy.serialization import deserialize_message, serialize_message  # noqa: E402
+from segmentation_safety.msg import HazardAlarm, SafetyFrame, StageTiming  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
+
+from segmentation_safety.ros import cdr  # noqa: E402
+
+pytestmark = pytest.mark.ros
+
+
+def _header(frame_id: str) -> Header:
+    h = Header(frame_id=frame_id)
+    h.stamp.sec, h.stamp.nanosec = 1_700_000_000, 123_456_789
+    return h
+
+
+@pytest.mark.parametrize("frame_id", ["", "c", "camera_optical_frame"])
+def test_image_bodies_parse_as_images_whatever_the_lengths(frame_id):
+    rng = np.random.default_rng(0)
+    for array, encoding in (
+        (rng.integers(0, 255, (3, 5), dtype=np.uint8), "mono8"),  # odd byte count
+        (rng.integers(0, 255, (4, 7, 3), dtype=np.uint8), "rgb8"),
+        (rng.random((3, 5), dtype=np.float32), "32FC1"),
+    ):
+        body = cdr.image_body(
+            _header(frame_id), *array.shape[:2], encoding, array.strides[0], array
+        )
+        msg = deserialize_message(cdr.serialize_body(body), Image)
+        assert msg.header == _header(frame_id) and msg.encoding == encoding
+        assert (msg.height, msg.width, msg.step) == (*array.shape[:2], array.strides[0])
+        assert bytes(msg.data) == array.tobytes()
+
+
+def test_safety_frame_with_spliced_maps_equals_the_rclpy_message():
+    rng = np.random.default_rng(1)
+    seg = rng.integers(0, 19, (3, 5), dtype=np.uint8)  # 15 bytes: the next field realigns
+    anomaly = rng.random((3, 5), dtype=np.float32)
+    header = _header("cam")
+    frame = SafetyFrame(
+        header=header,
+        anomaly_detector="max_softmax",
+        failure_detector="",
+        class_names=["road", "sidewalk"],
+        class_iou=[0.25, math.nan],
+        alarm=HazardAlarm(active=True, anomalous_fraction=0.5, anomalous_pixels=7, max_score=2.5),
+        timings=[StageTiming(stage="decode", ms=1.5), StageTiming(stage="total", ms=9.0)],
+    )
+    frame.failure.header = header
+    bodies = {
+        "segmentation": cdr.image_body(header, 3, 5, "mono8", 5, seg),
+        "anomaly": cdr.image_body(header, 3, 5, "32FC1", 20, anomaly),
+    }
+    got = deserialize_message(cdr.serialize(frame, bodies), SafetyFrame)
+    want = SafetyFrame(
+        header=header,
+        segmentation=deserialize_message(cdr.serialize_body(bodies["segmentation"]), Image),
+        anomaly=deserialize_message(cdr.serialize_body(bodies["anomaly"]), Image),
+        failure=frame.failure,
+        anomaly_detector=frame.anomaly_detector,
+        class_names=frame.class_names,
+        class_iou=frame.class_iou,
+        alarm=frame.alarm,
+        timings=frame.timings,
+    )
+    # NaN != NaN: compare the IoU list apart, then everything else by rclpy's bytes.
+    assert math.isnan(got.class_iou[1]) and got.class_iou[0] == 0.25
+    got.class_iou = want.class_iou = [0.25, 0.0]
+    assert got == want
+    assert serialize_message(got) == serialize_message(want)
+
+
+def test_read_fields_skips_the_maps_and_reads_the_timings():
+    frame = SafetyFrame(timings=[StageTiming(stage="segmenter", ms=250.0)])
+    frame.segmentation = Image(height=2, width=3, encoding="mono8", step=3, data=bytes(6))
+    for raw in (serialize_message(frame), cdr.serialize(frame)):
+        fields = cdr.read_fields(raw, SafetyFrame, {"timings", "alarm"})
+        assert fields["timings"] == [{"stage": "segmenter", "ms": 250.0}]
+        assert fields["alarm"]["active"] is False
+    with pytest.raises(cdr.CdrError):
+        cdr.read_fields(serialize_message(frame)[:30], SafetyFrame, {"timings"})
+
+
+def test_raw_image_reads_the_fields_and_views_the_pixels():
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    msg = Image(header=_header("cam"), height=2, width=3, encoding="rgb8", step=9)
+    msg.data = pixels.tobytes()
+    raw = serialize_message(msg)
+    got = cdr.RawImage(raw)
+    assert got.header == msg.header and (got.height, got.width, got.step) == (2, 3, 9)
+    assert got.encoding == "rgb8" and bytes(got.data) == pixels.tobytes()
+    assert isinstance(got.data, memoryview) and got.data.obj is raw  # a view, not a copy
+    with pytest.raises(cdr.CdrError):
+        cdr.RawImage(raw[:-1])

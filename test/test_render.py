@@ -1,0 +1,138 @@
+"""Device-side post-processing agrees with the host reference it replaces."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segmentation_safety import render, visualize
+from segmentation_safety.pipeline import Pipeline, PipelineConfig, to_host, upsample_argmax
+from segmentation_safety.types import RenderOptions
+
+
+def test_upsample_argmax_is_the_argmax_of_the_bilinear_upsample():
+    torch.manual_seed(0)
+    cases = [
+        ((1, 19, 32, 64), (128, 256)),
+        ((2, 5, 13, 17), (50, 70)),
+        ((1, 19, 30, 41), (97, 203)),
+        ((1, 3, 8, 8), (8, 8)),
+        ((1, 4, 9, 9), (5, 5)),
+    ]
+    for shape, size in cases:
+        # Smooth logits (regions, as a network gives) and pure noise (boundaries everywhere).
+        smooth = F.interpolate(torch.randn(*shape[:2], 4, 4) * 5, size=shape[2:], mode="bilinear")
+        for logits in (smooth, torch.randn(shape)):
+            logits = logits.contiguous(memory_format=torch.channels_last)
+            ref = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
+            got = upsample_argmax(logits, size)
+            assert got.dtype == torch.uint8 and got.shape == ref.shape
+            assert int((got.long() != ref).sum()) == 0, (shape, size)
+
+
+def test_colours_and_overlay_match_the_host_drawings():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 20, (24, 40)).astype(np.uint8)
+    labels[0, 0] = 255
+    palette = render.palette_on(torch.device("cpu"))
+    np.testing.assert_array_equal(
+        render.colorize(torch.from_numpy(labels), palette).numpy(),
+        visualize.colorize_labels(labels),
+    )
+    rgb = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    anomaly = rng.normal(0.5, 0.3, (24, 40)).astype(np.float32)
+    anomaly[3, 4], anomaly[5, 6], anomaly[7, 8] = np.nan, np.inf, -np.inf
+    span = visualize.map_range(anomaly)
+    got = render.hazard_overlay(torch.from_numpy(rgb), torch.from_numpy(anomaly), 0.5, span)
+    want = visualize.hazard_overlay(rgb, anomaly, threshold=0.5)
+    assert int(np.abs(got.numpy().astype(int) - want.astype(int)).max()) <= 1
+    assert (got.numpy() != rgb).any()  # something was painted
+    np.testing.assert_allclose(render.map_range(torch.from_numpy(anomaly)), span, rtol=1e-5)
+
+
+def test_alarm_counts_nan_as_anomalous_and_ignores_other_classes():
+    labels = torch.tensor([[0, 0, 0, 1], [0, 0, 2, 1]], dtype=torch.uint8)
+    anomaly = torch.tensor([[0.9, float("nan"), 0.1, 5.0], [0.2, 0.3, 9.0, 9.0]])
+    c = render.alarm_counts(labels, anomaly, anomaly, 0.5, (0,), region="drivable")
+    assert (c.area_pixels, c.anomalous_pixels) == (5, 2) and c.max_score == np.float32(0.9)
+    assert np.isclose(c.mean_failure, float(np.nanmean(anomaly.numpy())))
+
+
+def test_to_host_returns_every_tensor_with_its_dtype_and_shape():
+    tensors = {"a": torch.arange(6, dtype=torch.uint8).reshape(2, 3),
+               "b": torch.rand(3, 5), "c": torch.rand(4)[::2]}  # fmt: skip
+    for pack in (False, True):  # True: the one-transfer path a GPU takes
+        host = to_host(tensors, pack=pack)
+        for k, t in tensors.items():
+            np.testing.assert_array_equal(host[k], t.numpy())
+            assert host[k].dtype == t.numpy().dtype and host[k].flags.aligned
+
+
+def _pipeline() -> Pipeline:
+    from segmentation_safety.detectors import registry
+    from segmentation_safety.models.zoo import build_segmenter
+
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    config = PipelineConfig(anomaly="max_softmax", failure="max_softmax", device="cpu")
+    return Pipeline(seg, {"max_softmax": registry.build("max_softmax", seg)}, config)
+
+
+def test_process_frame_gives_what_process_gives_and_scales_the_maps():
+    pipe = _pipeline()
+    image = np.random.default_rng(2).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    ref = pipe.process(image, {"anomaly", "failure"})
+    every = RenderOptions(color=True, overlay=True, maps=frozenset({"anomaly", "failure"}),
+                          alarm=(0, 1), threshold=0.3)  # fmt: skip
+    r = pipe.process_frame(image, {"anomaly", "failure"}, every)
+    np.testing.assert_array_equal(r.labels, ref.labels)
+    np.testing.assert_array_equal(r.anomaly, ref.anomaly)
+    np.testing.assert_array_equal(r.color, visualize.colorize_labels(ref.labels))
+    assert r.overlay.shape == image.shape
+    want = render.alarm_counts(
+        torch.from_numpy(ref.labels), torch.from_numpy(ref.anomaly),
+        torch.from_numpy(ref.failure), 0.3, (0, 1),
+    )  # fmt: skip
+    assert r.alarm == want
+    half = pipe.process_frame(
+        image, {"anomaly"}, RenderOptions(labels=False, maps=frozenset({"anomaly"}), map_scale=0.5)
+    )
+    assert half.anomaly.shape == (24, 40) and half.labels is None and half.color is None
+    assert half.failure is None and half.overlay is None and half.alarm is None
+
+
+def test_input_halved_by_the_uint8_kernel_has_the_pixels_of_the_float_passes():
+    from segmentation_safety.pipeline import resize_input
+
+    g = torch.Generator().manual_seed(3)
+    sizes = (((64, 128), (32, 64)), ((96, 122), (48, 61)), ((64, 64), (32, 64)),
+             ((40, 60), (40, 60)), ((512, 1024), (256, 512)))  # fmt: skip
+    for ((h, w), (out_h, out_w)), _ in itertools.product(sizes, range(3)):
+        frame = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8, generator=g)
+        x = frame.permute(0, 3, 1, 2)  # as Pipeline.to_input lays frames out
+        fast = resize_input(x, (out_h, out_w))
+        reference = resize_input(x.float(), (out_h, out_w))  # float input: the float passes
+        assert fast.dtype == torch.float32
+        torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+
+
+def test_process_frame_counts_non_finite_scores_even_for_maps_it_does_not_return():
+    from segmentation_safety.types import DetectorOutput
+
+    pipe = _pipeline()
+    detector = pipe.detectors["max_softmax"]
+    plain = detector.forward
+
+    def with_nans(seg):  # noqa: ANN001, ANN202
+        out = plain(seg)
+        anomaly = out.anomaly.clone()
+        anomaly[:, :2, :3] = float("nan")
+        return DetectorOutput(anomaly=anomaly, failure=out.failure)
+
+    detector.forward = with_nans
+    image = np.zeros((32, 48, 3), np.uint8)
+    r = pipe.process_frame(image, {"anomaly", "failure"}, RenderOptions(labels=False))
+    assert r.anomaly is None and r.nonfinite == {"anomaly": 6, "failure": 0}
