@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from segmentation_safety.checkpoint import load_bundle
 from segmentation_safety.detectors import Detector, registry
 from segmentation_safety.device import resolve_device, synchronize
+from segmentation_safety.metrics.segmentation import fuse_open_set
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.operating_point import SEGMENTER_PART, OperatingPoint
 from segmentation_safety.types import (
@@ -282,6 +283,12 @@ class Pipeline:
                     span = draw.map_range(net_maps["anomaly"][0])
                     rgb = draw.hazard_overlay(rgb, at("anomaly", size), render.threshold, span)
                 dev["overlay"] = rgb
+            if render.open_set is not None and "anomaly" in net_maps:
+                if labels is None:
+                    labels = upsample_argmax(logits, size)[0]
+                k = self.segmenter.num_classes
+                open_set = fuse_open_set(labels, at("anomaly", size), render.open_set, k)
+                dev["open_set"] = open_set.to(torch.uint8)
             name = roles.get("class_iou")
             if name and outs[name].class_iou is not None:
                 dev["class_iou"] = outs[name].class_iou[0].float()
@@ -314,8 +321,21 @@ class Pipeline:
             failure=host.get("failure"),
             class_iou=host.get("class_iou"),
             alarm=alarm,
+            open_set=host.get("open_set"),
             timings_ms=timings,
         )
+
+    def open_set_threshold(self) -> float | None:
+        """The anomaly detector's open-set threshold: DenseHybrid's calibrated one (95% TPR
+        on held-out negatives, in its bundle), else its operating point; None without."""
+        detector = self.detectors.get(self.config.anomaly or "")
+        if detector is None:
+            return None
+        calibrated = getattr(detector, "thresholds", {}).get("open_set")
+        if calibrated is not None:
+            return float(calibrated)
+        point = detector.operating_point
+        return None if point is None else point.threshold
 
     def _palette(self) -> torch.Tensor:
         if getattr(self, "_palette_t", None) is None:

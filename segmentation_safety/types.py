@@ -60,6 +60,9 @@ class RenderOptions:
     alarm: tuple[int, ...] | None = None
     #: "corridor" (convex hull of the drivable pixels) or "drivable" (those pixels only).
     alarm_region: str = "corridor"
+    #: Open-set threshold (anomaly detector's units): return the segmentation with the
+    #: pixels at or above it as class K (DenseHybrid §4); None: not produced.
+    open_set: float | None = None
 
 
 @dataclass
@@ -73,6 +76,7 @@ class RenderedFrame:
     failure: np.ndarray | None  # h×w float32 at map_scale
     class_iou: np.ndarray | None  # K float32
     alarm: object | None = None  # render.AlarmCounts
+    open_set: np.ndarray | None = None  # H×W uint8, class K = anomaly
     timings_ms: dict[str, float] = field(default_factory=dict)
     #: Non-finite values per detector map ("anomaly"/"failure"), at the network's
     #: resolution (counted on the device, whether the map is returned or not).

@@ -56,11 +56,13 @@ OUTPUT_TOPICS = {
     "safety": SafetyFrame,
     "hazards": MarkerArray,
     "hazard_overlay/compressed": CompressedImage,
+    "segmentation/open_set": Image,
 }
 #: Output topic -> its ``publish.<key>`` / ``pubs`` key, where the two differ.
 OUTPUT_KEYS = {
     "segmentation/color": "segmentation_color",
     "hazard_overlay/compressed": "hazard_overlay_compressed",
+    "segmentation/open_set": "open_set",
 }
 
 
@@ -453,6 +455,42 @@ def test_nan_threshold_uses_the_calibrated_operating_point(harness):
         h.image_pub.publish(image_msg(stamp))
         wait_for(lambda s=stamp: h.stamped("safety", s), "the safety frame")
         assert h.got["safety"][-1].alarm.anomaly_threshold == pytest.approx(expected)
+
+
+def test_open_set_topic_is_the_segmentation_with_anomalies_as_class_k(ros, models_dir, tmp_path):
+    from segmentation_safety.checkpoint import load_bundle
+    from segmentation_safety.pipeline import Pipeline, PipelineConfig
+
+    # No DenseHybrid open-set threshold here: max_softmax's operating point serves. Put it
+    # at the frame's median score, so both sides of it are checked.
+    msg = image_msg(31)
+    rgb = np.frombuffer(bytes(msg.data), np.uint8).reshape(H, W, 3).copy()
+    pipeline = Pipeline.from_models_dir(models_dir, PipelineConfig(device="cpu"))
+    median = float(np.median(pipeline.process(rgb, {"anomaly"}).anomaly))
+    bundle = load_bundle(models_dir / "segmenter.safetensors")
+    meta = {k: v for k, v in bundle.metadata.items() if k != "format"}
+    point = OperatingPoint(median, 0.01, (0,), "test", 1, 100).to_metadata()
+    save_bundle(tmp_path / "segmenter.safetensors", bundle.tensors,
+                {**meta, "operating_points": {"max_softmax": point}})  # fmt: skip
+    h = Harness(tmp_path, anomaly_detector="max_softmax")
+    topics = ("segmentation", "anomaly", "segmentation/open_set")
+    try:
+        h.listen(*topics)
+        h.image_pub.publish(msg)
+        wait_for(lambda: all(h.stamped(t, 31) for t in topics), "the three maps")
+        got = {t: h.stamped(t, 31)[0] for t in topics}
+    finally:
+        h.close()
+
+    def pixels(topic: str, dtype: type) -> np.ndarray:
+        return np.frombuffer(bytes(got[topic].data), dtype).reshape(H, W)
+
+    labels, anomaly = pixels("segmentation", np.uint8), pixels("anomaly", np.float32)
+    assert got["segmentation/open_set"].encoding == "mono8"
+    flagged = anomaly >= median
+    assert flagged.any() and (~flagged).any()
+    np.testing.assert_array_equal(pixels("segmentation/open_set", np.uint8),
+                                  np.where(flagged, 19, labels))  # fmt: skip
 
 
 def test_node_maps_equal_evaluate_maps_at_the_bundles_input_size(ros, models_dir, tmp_path):

@@ -109,6 +109,7 @@ TOPICS: dict[str, tuple[str, type]] = {
     "safety": ("safety", SafetyFrame),
     "hazards": ("hazards", MarkerArray),
     "hazard_overlay_compressed": ("hazard_overlay/compressed", CompressedImage),
+    "open_set": ("segmentation/open_set", Image),
 }
 
 #: ``input_transport`` -> (image topic, message type), as image_transport names them.
@@ -128,6 +129,7 @@ NEEDS: dict[str, frozenset[str]] = {
     "hazard_overlay_compressed": frozenset({"anomaly"}),
     "hazards": frozenset({"anomaly"}),
     "safety": frozenset({"anomaly", "failure", "class_iou"}),
+    "open_set": frozenset({"anomaly"}),
 }
 
 
@@ -614,7 +616,7 @@ class DetectorNode(Node):
         bodies = self._image_bodies(result, header)
         for key, topic_key in (("labels", "segmentation"), ("color", "segmentation_color"),
                                ("overlay", "hazard_overlay"), ("anomaly", "anomaly"),
-                               ("failure", "failure")):  # fmt: skip
+                               ("failure", "failure"), ("open_set", "open_set")):  # fmt: skip
             if topic_key in wanted and key in bodies:
                 self.pubs[topic_key].publish(cdr.serialize_body(bodies[key]))
         if "hazards" in wanted:
@@ -661,13 +663,14 @@ class DetectorNode(Node):
             threshold=self.threshold(p),
             alarm=p.drivable_classes if "safety" in wanted else None,
             alarm_region=p.alarm_region,
+            open_set=self.pipeline.open_set_threshold() if "open_set" in wanted else None,
         )
 
     @staticmethod
     def _image_bodies(r: RenderedFrame, header: Any) -> dict[str, list[Any]]:
         """Each produced picture or map serialised once, as an Image payload."""
         encodings = {"labels": "mono8", "color": "rgb8", "overlay": "rgb8",
-                     "anomaly": "32FC1", "failure": "32FC1"}  # fmt: skip
+                     "anomaly": "32FC1", "failure": "32FC1", "open_set": "mono8"}  # fmt: skip
         bodies = {}
         for key, encoding in encodings.items():
             a = getattr(r, key)

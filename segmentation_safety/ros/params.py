@@ -38,6 +38,7 @@ OUTPUTS: tuple[str, ...] = (
     "safety",
     "hazards",
     "hazard_overlay_compressed",
+    "open_set",
 )
 
 DEVICE_WORDS = ("auto", "cpu", "cuda")
