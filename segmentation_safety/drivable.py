@@ -52,6 +52,8 @@ def drivable_region(
     hull = np.zeros_like(coarse)
     cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
     h, w = labels.shape[-2:]
-    full = torch.from_numpy(hull).to(labels.device).bool()
-    full = full.repeat_interleave(step, 0).repeat_interleave(step, 1)[:h, :w]
-    return full | drivable
+    hc, wc = hull.shape
+    coarse_hull = torch.from_numpy(hull).to(labels.device).bool()
+    # Each grid cell back to its step×step block: one expanded copy, no interpolation.
+    full = coarse_hull[:, None, :, None].expand(hc, step, wc, step).reshape(hc * step, -1)
+    return full[:h, :w] | drivable
