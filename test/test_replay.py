@@ -15,12 +15,11 @@ if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
 
 from test_bags import write_frames, write_mp4, write_world_sequence  # noqa: E402
 
+from segmentation_safety.bags import BagError, read_bag  # noqa: E402
 from segmentation_safety.cli import main  # noqa: E402
-from segmentation_safety.ros.replay import (  # noqa: E402
+from segmentation_safety.ros.replay_report import (  # noqa: E402
     BREAKDOWN_STAGES,
-    ReplayError,
     frame_breakdown,
-    read_bag,
 )
 from training.bags import discover_sequences, write_bag  # noqa: E402
 
@@ -125,7 +124,7 @@ def test_truncated_bag_is_a_clear_error(
     shutil.copytree(bags[fmt], bag)
     (data,) = [p for p in bag.iterdir() if p.name != "metadata.yaml"]
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
-    with pytest.raises(ReplayError, match="cannot read bag"):
+    with pytest.raises(BagError, match="cannot read bag"):
         read_bag(bag)
     assert main(["replay", "--bag", str(bag), "--out", str(tmp_path / "T.json")]) == 2
     assert "cannot read bag" in capsys.readouterr().err
