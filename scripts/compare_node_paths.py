@@ -26,11 +26,11 @@ def main() -> None:
     from sensor_msgs.msg import Image
 
     from segmentation_safety import visualize
+    from segmentation_safety.bags import read_bag
     from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig, resize_map
     from segmentation_safety.ros import cdr, image_codec
     from segmentation_safety.ros.detector_node import DetectorNode
     from segmentation_safety.ros.node_bench import frames_at, parse_sizes
-    from segmentation_safety.ros.replay import read_bag
     from segmentation_safety.types import RenderOptions
 
     ap = argparse.ArgumentParser(description=__doc__)

@@ -1,23 +1,22 @@
 """Timing of the segmentation pass and each detector's added cost, measured in one run.
 
-Overheads are ratios taken in the same process, interleaved round by round, so machine
-load affects numerator and denominator alike. Weights do not change timing, so a
+What is timed is :class:`~segmentation_safety.pipeline.Pipeline` itself, the code the
+node runs. Overheads are ratios taken in the same process, interleaved round by round,
+so machine load affects numerator and denominator alike. Weights do not change timing, so a
 detector whose trained parts are absent is timed with its untrained modules and marked.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from segmentation_safety.detectors import Detector
-from segmentation_safety.device import synchronize
 from segmentation_safety.models.segmenter import Segmenter
+from segmentation_safety.pipeline import Pipeline, PipelineConfig
 
 #: Overhead budgets of DESIGN.md §7 (at 512×1024, over the segmentation pass of the same
 #: run). Resynthesis's budget covers its anomaly and failure maps together; MC dropout
@@ -82,58 +81,35 @@ def bench(
 ) -> BenchReport:
     """Median per-frame times at ``height``×``width`` on ``device`` (batch of one).
 
-    The segmentation pass is normalisation, the network, logits upsampled to the input
-    size and the argmax: what publishing a segmentation costs. A detector's time is its
-    forward on that pass's outputs plus upsampling its maps to the input size. On CUDA
-    both run under fp16 autocast unless ``half`` is false, as in the pipeline.
+    Each round is one :meth:`Pipeline.run` with every detector, as the node calls it, so
+    the detectors are interleaved with the segmentation pass they add to and time what
+    is published. Its timings give both sides of the ratio: the segmentation pass is
+    ``preprocess`` (normalisation) + ``segmenter`` (the network), a detector's time is
+    its ``detector/NAME`` stage. On CUDA the networks run under fp16 autocast unless
+    ``half`` is false, as in the node.
     """
     half = half and device.type == "cuda"
-    segmenter = segmenter.to(device).eval()
-    detectors = {n: d.to(device).eval() for n, d in detectors.items()}
-    # A frame as Pipeline.to_input delivers it: H×W×3 memory seen as 3×H×W, so the
-    # networks run channels-last exactly as in the node (about 2× faster on CPU than a
-    # contiguous 3×H×W tensor, which would understate every overhead).
-    image = torch.randint(0, 256, (1, height, width, 3), dtype=torch.uint8, device=device)
-    image = image.permute(0, 3, 1, 2)
-    taps = sorted({t for d in detectors.values() for t in d.embeddings})
-    size = (height, width)
-
-    def seg_pass() -> object:
-        x = segmenter.normalize(image)
-        out = segmenter(x, taps)
-        F.interpolate(out.logits, size=size, mode="bilinear", align_corners=False).argmax(1)
-        return out
-
-    def det_pass(det: Detector, seg: object) -> None:
-        o = det(seg)
-        # A map returned as both outputs (FlowEneDet) is resized once, as the pipeline does.
-        maps = {id(m): m for m in (o.anomaly, o.failure) if m is not None}
-        for m in maps.values():
-            if tuple(m.shape[-2:]) != size:
-                F.interpolate(m.unsqueeze(1).float(), size=size, mode="bilinear")
-
+    names = list(detectors)
+    pipe = Pipeline(
+        segmenter,
+        detectors,
+        PipelineConfig(anomaly=None, extra=tuple(names), device=str(device), half=half),
+    )
+    # A frame as the node hands it over: H×W×3 memory, which to_input shows the networks
+    # as 3×H×W (channels-last, about 2× faster on CPU than a contiguous tensor).
+    frame = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8)
+    image = pipe.to_input(frame)
     seg_times: list[float] = []
-    det_times: dict[str, list[float]] = {n: [] for n in detectors}
+    det_times: dict[str, list[float]] = {n: [] for n in names}
     total = warmup + repeats
-    autocast = torch.autocast(device_type=device.type, dtype=torch.float16, enabled=half)
-    with torch.inference_mode(), autocast:
-        for i in range(total):
-            synchronize(device)
-            t0 = time.perf_counter()
-            seg = seg_pass()
-            synchronize(device)
-            t1 = time.perf_counter()
-            if i >= warmup:
-                seg_times.append((t1 - t0) * 1e3)
-            for n, d in detectors.items():
-                synchronize(device)
-                t0 = time.perf_counter()
-                det_pass(d, seg)
-                synchronize(device)
-                if i >= warmup:
-                    det_times[n].append((time.perf_counter() - t0) * 1e3)
-            if progress:
-                progress(i + 1, total)
+    for i in range(total):
+        _, _, timings = pipe.run(image, names)
+        if i >= warmup:
+            seg_times.append(timings["preprocess"] + timings["segmenter"])
+            for n in names:
+                det_times[n].append(timings[f"detector/{n}"])
+        if progress:
+            progress(i + 1, total)
     seg_ms = statistics.median(seg_times)
     report = BenchReport(
         device=str(device),

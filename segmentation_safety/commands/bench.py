@@ -69,6 +69,7 @@ def run_node(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from segmentation_safety.commands.replay import parse_params
+    from segmentation_safety.errors import UserError
     from segmentation_safety.ros.detector_node import TOPICS
     from segmentation_safety.ros.node_bench import (
         Variant,
@@ -76,7 +77,7 @@ def run_node(args: argparse.Namespace) -> int:
         node_bench,
         parse_sizes,
     )
-    from segmentation_safety.ros.replay import ReplayError, ReplayOptions
+    from segmentation_safety.ros.replay import ReplayOptions
 
     if args.bag is None:
         print("error: --node needs --bag (e.g. from `segsafe make-bag`)", file=sys.stderr)
@@ -110,7 +111,7 @@ def run_node(args: argparse.Namespace) -> int:
             args.bag, variants, options, rounds=args.frames,
             progress=lambda i, n: bar.update(i - bar.n),
         )  # fmt: skip
-    except ReplayError as e:
+    except UserError as e:  # ReplayError, or BagError for the bag
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from segmentation_safety.commands.common import add_models_arg, write_json
+from segmentation_safety.commands.common import add_models_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,14 +64,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from segmentation_safety.errors import UserError
     from segmentation_safety.ros.detector_node import TOPICS
-    from segmentation_safety.ros.replay import (
-        ReplayError,
-        ReplayOptions,
-        plot_latency,
-        replay,
-        save_overlays,
-    )
+    from segmentation_safety.ros.replay import ReplayOptions, replay
+    from segmentation_safety.ros.replay_report import format_breakdown, save_overlays, write_report
 
     outputs = None
     if args.outputs.strip() != "all":
@@ -106,18 +102,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"replaying {args.bag} through the detector node ...", file=sys.stderr)
     try:
         report = replay(args.bag, options, args.topic)
-    except ReplayError as e:
+    except UserError as e:  # ReplayError, or BagError for the bag read or recorded
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_json(args.out, report.data)
-    plot = args.out.with_name(f"{args.out.stem}_latency.png")
     d = report.data
-    plot_latency(
-        report.trial,
-        plot,
-        f"{args.bag.name}: {d['frames_processed']}/{d['frames_sent']} frames answered",
-        d.get("breakdown"),
-    )
+    title = f"{args.bag.name}: {d['frames_processed']}/{d['frames_sent']} frames answered"
+    plot = write_report(report, args.out, title)
     lat = d["latency_ms"]
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     print(
@@ -156,22 +146,3 @@ def parse_params(items: list[str]) -> dict[str, object]:
             raise ValueError(f"expected NAME=VALUE, got {item!r}")
         out[name.strip()] = yaml.safe_load(value)
     return out
-
-
-def format_breakdown(b: dict) -> str:
-    """One line per stage (mean ms, share of the mean end-to-end) and the node overhead."""
-    from segmentation_safety.ros.replay import BREAKDOWN_STAGES
-
-    stages = b["stages_ms"]
-    total = stages["end_to_end"]["mean"]
-    parts = [f"{k} {stages[k]['mean']:.1f}" for k in BREAKDOWN_STAGES]
-    o = b["node_overhead"]
-    return (
-        f"mean ms per frame over {b['frames']} frames (end-to-end {total:.1f}): "
-        + ", ".join(parts)
-        + f"\nnode overhead (end-to-end - network - detectors): {o['ms_mean']:.1f} ms mean, "
-        f"{100 * o['fraction_of_mean']:.1f}% of the mean latency "
-        f"(per-frame p50 {o['ms_p50']:.1f} ms, {100 * o['fraction_p50']:.1f}%); without "
-        f"waiting for the worker (queue) {o['ms_mean_without_queue']:.1f} ms, per-frame p50 "
-        f"{100 * o['fraction_p50_without_queue']:.1f}%"
-    )

@@ -20,18 +20,12 @@ from typing import Any
 import cv2
 import numpy as np
 
-from segmentation_safety.ros.replay import (
-    BagContents,
-    BagFrame,
-    Replayer,
-    ReplayError,
-    ReplayOptions,
-    Trial,
+from segmentation_safety.bags import BagContents, BagFrame, cdr_stamp_ns, read_bag, with_stamp
+from segmentation_safety.ros.replay import Replayer, ReplayError, ReplayOptions, Trial
+from segmentation_safety.ros.replay_report import (
+    BREAKDOWN_STAGES,
     breakdown_summary,
-    cdr_stamp_ns,
     latency_summary,
-    read_bag,
-    with_stamp,
 )
 
 
@@ -144,8 +138,6 @@ def node_bench(
 
 def format_node_table(report: dict[str, Any]) -> str:
     """A Markdown table: mean ms per stage and the node overhead, one row per variant."""
-    from segmentation_safety.ros.replay import BREAKDOWN_STAGES
-
     head = ["frame", "end-to-end", *BREAKDOWN_STAGES, "overhead ms", "overhead %"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for name, r in report["variants"].items():

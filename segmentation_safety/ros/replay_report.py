@@ -1,0 +1,302 @@
+"""What ``segsafe replay`` reports: T.json, the latency plot and the hazard overlays.
+
+The replayer (:mod:`segmentation_safety.ros.replay`) plays a bag through the node and
+returns a :class:`~segmentation_safety.ros.replay.Trial` with the outputs it kept; this
+module turns them into numbers and files. Latency percentiles, the per-stage breakdown
+read from each SafetyFrame's timings, anomaly metrics against the bag's ground truth,
+the plot and the overlay PNGs. It needs the package's messages (rclpy's
+deserialisation), hence ``ros/``; it starts no node.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from rclpy.serialization import deserialize_message
+from sensor_msgs.msg import Image
+
+if TYPE_CHECKING:  # the replayer imports this module: names for annotations only
+    from segmentation_safety.bags import BagContents
+    from segmentation_safety.ros.replay import ReplayOptions, Trial
+
+
+# -- latency and its breakdown -----------------------------------------------------------
+def latency_summary(latencies_ms: list[float]) -> dict[str, float | None]:
+    """p50/p95/p99/max (ms); None where nothing was answered (JSON has no NaN)."""
+    if not latencies_ms:
+        return {"p50": None, "p95": None, "p99": None, "max": None, "mean": None}
+    a = np.asarray(latencies_ms, np.float64)
+    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(a.max()),
+            "mean": float(a.mean())}  # fmt: skip
+
+
+def safety_timings(raw: bytes) -> dict[str, float]:
+    """A serialised SafetyFrame's stage timings, read without copying its maps."""
+    from segmentation_safety.msg import SafetyFrame
+    from segmentation_safety.ros import cdr
+
+    try:
+        fields = cdr.read_fields(raw, SafetyFrame, {"timings"})
+    except (cdr.CdrError, ValueError, UnicodeDecodeError):
+        return {}
+    return {t["stage"]: float(t["ms"]) for t in fields.get("timings", [])}
+
+
+#: Breakdown stages in the order a frame passes them (detectors summed as one).
+BREAKDOWN_STAGES = ("transport_in", "queue", "decode", "preprocess", "segmenter",
+                    "detectors", "postprocess", "publish", "other", "transport_out")  # fmt: skip
+
+
+def frame_breakdown(latency_ms: float, stages: dict[str, float]) -> dict[str, float] | None:
+    """One frame's end-to-end latency split into BREAKDOWN_STAGES, plus the node overhead.
+
+    From the SafetyFrame timings: the node's ``total`` runs from decode to just before
+    ``safety`` is serialised, so ``transport_out`` is the rest: serialising and
+    delivering ``safety``. ``other`` is the node's time outside the named stages.
+    Overhead = end-to-end - network - detectors: what the node adds to its models.
+    None when the frame has no timings (an older node).
+    """
+    if "total" not in stages or "segmenter" not in stages:
+        return None
+    out = {k: stages.get(k, 0.0) for k in ("transport_in", "queue", "decode", "preprocess",
+                                            "segmenter", "postprocess", "publish")}  # fmt: skip
+    out["detectors"] = sum(v for k, v in stages.items() if k.startswith("detector/"))
+    named = sum(out[k] for k in ("decode", "preprocess", "segmenter", "detectors",
+                                 "postprocess", "publish"))  # fmt: skip
+    out["other"] = max(stages["total"] - named, 0.0)
+    out["transport_out"] = max(
+        latency_ms - out["transport_in"] - out["queue"] - stages["total"], 0.0
+    )
+    out["end_to_end"] = latency_ms
+    out["overhead"] = latency_ms - out["segmenter"] - out["detectors"]
+    out["overhead_fraction"] = out["overhead"] / latency_ms if latency_ms > 0 else math.nan
+    return out
+
+
+def breakdown_summary(trial: Trial) -> dict[str, Any] | None:
+    """Mean and p50 per stage over the answered frames, and the node overhead.
+
+    Means add up to the mean end-to-end latency (p50s need not); the overhead fraction
+    is given per frame (p50) and of the means (``fraction_of_mean``). ``queue`` is time
+    a frame waited for the worker, which only an input faster than the node causes, so
+    the overhead is also given without it (``*_without_queue``): the node's own work.
+    """
+    rows = []
+    for s, t_sent in trial.sent.items():
+        if s in trial.answered and s in trial.stages:
+            row = frame_breakdown((trial.answered[s] - t_sent) * 1e3, trial.stages[s])
+            if row is not None:
+                rows.append(row)
+    if not rows:
+        return None
+    keys = [*BREAKDOWN_STAGES, "end_to_end"]
+    stats = {k: {"mean": float(np.mean([r[k] for r in rows])),
+                 "p50": float(np.median([r[k] for r in rows]))} for k in keys}  # fmt: skip
+    overhead = [r["overhead"] for r in rows]
+    fraction = [r["overhead_fraction"] for r in rows]
+    work = [r["overhead"] - r["queue"] for r in rows]
+    work_fraction = [(r["overhead"] - r["queue"]) / (r["end_to_end"] - r["queue"]) for r in rows]
+    return {
+        "frames": len(rows),
+        "stages_ms": stats,
+        "node_overhead": {
+            "ms_mean": float(np.mean(overhead)),
+            "ms_p50": float(np.median(overhead)),
+            "fraction_p50": float(np.median(fraction)),
+            "fraction_of_mean": float(np.mean(overhead) / stats["end_to_end"]["mean"]),
+            "ms_mean_without_queue": float(np.mean(work)),
+            "fraction_p50_without_queue": float(np.median(work_fraction)),
+        },
+    }
+
+
+def anomaly_metrics(bag: BagContents, safety: dict[int, bytes]) -> dict[str, Any] | None:
+    """AP / AUROC / FPR95 of the replayed anomaly maps against the bag's ground truth."""
+    from segmentation_safety.metrics import AnomalyMetrics
+    from segmentation_safety.msg import SafetyFrame
+
+    metrics = AnomalyMetrics()
+    frames = 0
+    detector = ""
+    for stamp, raw in safety.items():
+        gt = bag.gt_anomaly.get(stamp)
+        if gt is None:
+            continue
+        frame = deserialize_message(raw, SafetyFrame)
+        a = frame.anomaly
+        if a.height == 0 or a.encoding != "32FC1":
+            continue
+        detector = frame.anomaly_detector
+        scores = np.frombuffer(bytes(a.data), np.float32).reshape(a.height, a.step // 4)
+        scores = scores[:, : a.width]
+        if scores.shape != gt.shape:
+            import cv2
+
+            gt = cv2.resize(gt, (a.width, a.height), interpolation=cv2.INTER_NEAREST)
+        metrics.update(scores, gt)
+        frames += 1
+    if frames == 0:
+        return None
+    r = metrics.compute()
+
+    def clean(v: float) -> float | None:
+        return float(v) if math.isfinite(v) else None
+
+    return {"detector": detector, "frames": frames, "ap": clean(r.ap),
+            "auroc": clean(r.auroc), "fpr95": clean(r.fpr95),
+            "anomaly_pixels": int(r.num_anomaly), "inlier_pixels": int(r.num_inlier)}  # fmt: skip
+
+
+def decode_rgb8(raw: bytes) -> np.ndarray:
+    """A serialized rgb8 Image -> H x W x 3 uint8."""
+    msg = deserialize_message(raw, Image)
+    rows = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.step)
+    return rows[:, : msg.width * 3].reshape(msg.height, msg.width, 3)
+
+
+def plot_latency(
+    trial: Trial, path: Path, title: str, breakdown: dict[str, Any] | None = None
+) -> None:
+    """Latency per frame over time, its histogram and (given ``breakdown_summary``) the
+    mean time per stage with the node overhead, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = trial.latencies_ms()
+    fig, axes = plt.subplots(1, 3 if breakdown else 2, figsize=(16 if breakdown else 11, 4))
+    ax1, ax2 = axes[0], axes[1]
+    if breakdown:
+        _plot_breakdown(axes[2], breakdown)
+    if points:
+        t, lat = zip(*points)
+        ax1.plot(t, lat, ".-", lw=0.8)
+        ax2.hist(lat, bins=min(40, max(5, len(lat) // 2)))
+    dropped = [s for s in trial.sent if s not in trial.answered]
+    if dropped and trial.sent:
+        t0 = next(iter(trial.sent.values()))
+        ax1.plot([trial.sent[s] - t0 for s in dropped], [0] * len(dropped), "rx",
+                 label=f"dropped ({len(dropped)})")  # fmt: skip
+        ax1.legend()
+    ax1.set(xlabel="publish time (s)", ylabel="latency (ms)", title="latency per frame")
+    ax2.set(xlabel="latency (ms)", ylabel="frames", title="histogram")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _plot_breakdown(ax: Any, breakdown: dict[str, Any]) -> None:
+    stages = breakdown["stages_ms"]
+    left = 0.0
+    for name in BREAKDOWN_STAGES:
+        ms = stages[name]["mean"]
+        ax.barh([0], [ms], left=left, label=f"{name} {ms:.1f}")
+        left += ms
+    o = breakdown["node_overhead"]
+    ax.set(xlabel="mean ms per frame", yticks=[],
+           title=f"node overhead {o['ms_mean']:.1f} ms = {100 * o['fraction_of_mean']:.1f}%"
+           " of end-to-end")  # fmt: skip
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
+
+
+def save_overlays(overlays: dict[int, bytes], out_dir: Path, count: int) -> list[Path]:
+    """``count`` evenly spaced hazard overlays as PNGs; returns their paths."""
+    import cv2
+
+    stamps = sorted(overlays)
+    if not stamps or count <= 0:
+        return []
+    positions = np.linspace(0, len(stamps) - 1, min(count, len(stamps)))
+    picks = sorted({stamps[round(i)] for i in positions})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, stamp in enumerate(picks):
+        p = out_dir / f"overlay_{i:02d}.png"
+        cv2.imwrite(str(p), cv2.cvtColor(decode_rgb8(overlays[stamp]), cv2.COLOR_RGB2BGR))
+        paths.append(p)
+    return paths
+
+
+@dataclass
+class ReplayReport:
+    """T.json content plus what the command prints and plots."""
+
+    data: dict[str, Any]
+    trial: Trial
+    overlays: dict[int, bytes]
+
+
+def build_report(
+    bag: BagContents,
+    options: ReplayOptions,
+    trial: Trial,
+    safety: dict[int, bytes],
+    overlays: dict[int, bytes],
+    search: dict[str, Any] | None,
+) -> ReplayReport:
+    """T.json's content from the bag's replay (``trial``), its outputs and the rate search."""
+    lat = [ms for _, ms in trial.latencies_ms()]
+    data: dict[str, Any] = {
+        "frames_sent": trial.frames_sent,
+        "frames_processed": trial.frames_processed,
+        "frames_dropped": trial.frames_dropped,
+        "rate_hz": _finite(trial.input_rate_hz()),
+        "latency_ms": latency_summary(lat),
+        "bag": str(bag.path),
+        "image_topic": bag.image_topic,
+        "bag_rate_hz": _finite(bag.rate_hz),
+        "rate_factor": options.rate,
+        "drop_fraction": trial.drop_fraction,
+        "outputs": "all" if options.outputs is None else sorted(options.outputs | {"safety"}),
+    }
+    if search is not None:
+        data["max_rate_hz"] = search["max_rate_hz"]
+        data["rate_search"] = search
+    breakdown = breakdown_summary(trial)
+    if breakdown is not None:
+        data["breakdown"] = breakdown
+    metrics = anomaly_metrics(bag, safety) if bag.gt_anomaly else None
+    if metrics is not None:
+        data["anomaly"] = metrics
+    return ReplayReport(data, trial, overlays)
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def write_report(report: ReplayReport, out: Path, title: str) -> Path:
+    """Write T.json to ``out`` and the latency plot beside it; the plot's path."""
+    from segmentation_safety.commands.common import write_json
+
+    write_json(out, report.data)
+    plot = out.with_name(f"{out.stem}_latency.png")
+    plot_latency(report.trial, plot, title, report.data.get("breakdown"))
+    return plot
+
+
+def format_breakdown(b: dict) -> str:
+    """One line per stage (mean ms, share of the mean end-to-end) and the node overhead."""
+    stages = b["stages_ms"]
+    total = stages["end_to_end"]["mean"]
+    parts = [f"{k} {stages[k]['mean']:.1f}" for k in BREAKDOWN_STAGES]
+    o = b["node_overhead"]
+    return (
+        f"mean ms per frame over {b['frames']} frames (end-to-end {total:.1f}): "
+        + ", ".join(parts)
+        + f"\nnode overhead (end-to-end - network - detectors): {o['ms_mean']:.1f} ms mean, "
+        f"{100 * o['fraction_of_mean']:.1f}% of the mean latency "
+        f"(per-frame p50 {o['ms_p50']:.1f} ms, {100 * o['fraction_p50']:.1f}%); without "
+        f"waiting for the worker (queue) {o['ms_mean_without_queue']:.1f} ms, per-frame p50 "
+        f"{100 * o['fraction_p50_without_queue']:.1f}%"
+    )
