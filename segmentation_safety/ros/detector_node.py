@@ -75,6 +75,7 @@ from segmentation_safety.checkpoint import BundleError
 from segmentation_safety.detectors import registry
 from segmentation_safety.detectors.registry import UnknownDetectorError
 from segmentation_safety.device import DeviceError, resolve_device
+from segmentation_safety.errors import UserError
 from segmentation_safety.msg import HazardAlarm, SafetyFrame, StageTiming
 from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig
 from segmentation_safety.ros import cdr, image_codec, markers
@@ -145,7 +146,7 @@ def label_info_types() -> tuple[type, type]:
         return LabelInfo, ClassLabel
 
 
-class StartupError(RuntimeError):
+class StartupError(UserError, RuntimeError):
     """The node cannot start (bad parameter, missing bundle, unknown detector, device)."""
 
 
