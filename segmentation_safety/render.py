@@ -104,10 +104,14 @@ def alarm_counts(
     if anomaly is None:
         return AlarmCounts(0, 0, float("nan"), mean_failure)
     area = drivable_region(labels, drivable, region)
-    # The area's scores only (a third of a street frame): every test below reads fewer.
-    scores = anomaly.float()[area]
-    n_area = scores.numel()
-    finite = scores[torch.isfinite(scores)]
-    bad = n_area - int(torch.count_nonzero(scores <= threshold))  # NaN compares false
-    max_score = float(finite.max()) if finite.numel() else float("nan")
+    # Masked whole-frame passes: gathering the area's scores first (boolean indexing)
+    # cost four times as much on the CPU for the corridor (half a street frame).
+    scores = anomaly.float()
+    quiet = area & (scores <= threshold)  # NaN compares false: anomalous
+    counts = torch.stack([area.sum(), quiet.sum()]).tolist()
+    n_area, bad = int(counts[0]), int(counts[0] - counts[1])
+    finite = scores.masked_fill(~(area & torch.isfinite(scores)), float("-inf")).amax()
+    max_score = float(finite)
+    if max_score == float("-inf"):
+        max_score = float("nan")
     return AlarmCounts(n_area, bad, max_score, mean_failure)
