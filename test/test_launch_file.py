@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "detector.launch.py"
 CONFIG = REPO / "config" / "detector.yaml"
 RVIZ = REPO / "config" / "detector.rviz"
+POLL_S = 0.01  # how often a wait-with-deadline looks again
 ARGUMENTS = {
     "image",
     "camera_info",
@@ -235,7 +236,7 @@ def test_ros2_launch_answers_on_every_output_and_shuts_down_cleanly(tmp_path):
                 assert time.monotonic() < deadline, (
                     f"no {what} in {timeout:.0f} s:\n{log.read_text()}"
                 )
-                time.sleep(0.01)
+                time.sleep(POLL_S)
 
         until(lambda: image_pub.get_subscription_count() > 0, "node subscribing to the image")
         h, w = 32, 64
