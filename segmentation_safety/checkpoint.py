@@ -12,11 +12,12 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from segmentation_safety.errors import UserError
+
+if TYPE_CHECKING:  # only in annotations: `segsafe --help` must not wait for torch
+    import torch
 
 FORMAT = "segsafe-bundle/1"
 _META_KEY = "segsafe"
