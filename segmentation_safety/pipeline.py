@@ -331,9 +331,9 @@ class Pipeline:
         detector = self.detectors.get(self.config.anomaly or "")
         if detector is None:
             return None
-        calibrated = getattr(detector, "thresholds", {}).get("open_set")
+        calibrated = detector.open_set_threshold()
         if calibrated is not None:
-            return float(calibrated)
+            return calibrated
         point = detector.operating_point
         return None if point is None else point.threshold
 

@@ -238,9 +238,7 @@ def evaluate(
     # Detectors calibrated for open-set recognition (DenseHybrid: 95% TPR on held-out
     # negatives) also get open-mIoU, where the split has both kinds of labels.
     open_thresholds = {
-        n: float(t)
-        for n in names
-        if (t := getattr(pipeline.detectors[n], "thresholds", {}).get("open_set")) is not None
+        n: t for n in names if (t := pipeline.detectors[n].open_set_threshold()) is not None
     }
     acc = MetricAccumulators(
         pipeline.segmenter.num_classes, produces, metrics_mode, open_thresholds

@@ -48,6 +48,11 @@ class Detector(nn.Module):
         #: Calibrated default anomaly threshold, read from a bundle (see operating_point).
         self.operating_point: OperatingPoint | None = None
 
+    def open_set_threshold(self) -> float | None:
+        """The threshold calibrated for open-set recognition (the anomaly class K of the
+        segmentation), where the detector's bundle has one; None for most detectors."""
+        return None
+
     @classmethod
     def calibration_part(cls) -> str:
         """The bundle kind holding this detector's operating point."""

@@ -42,13 +42,17 @@ class DenseHybridDetector(Detector):
     def forward(self, out: SegmenterOutput) -> DetectorOutput:
         return DetectorOutput(anomaly=hybrid_score(out.logits, self.head.log_p_out(out.features)))
 
+    def open_set_threshold(self) -> float | None:
+        """95% TPR on held-out negatives, as the trainer calibrated it (DenseHybrid §4)."""
+        t = self.thresholds.get("open_set")
+        return None if t is None else float(t)
+
     def open_set_labels(self, labels: torch.Tensor, anomaly: torch.Tensor) -> torch.Tensor:
         """Fuse the thresholded anomaly map into ``labels`` as class K (needs a threshold)."""
-        if "open_set" not in self.thresholds:
+        threshold = self.open_set_threshold()
+        if threshold is None:
             raise KeyError("no 'open_set' threshold: calibrate one and store it in the bundle")
-        return fuse_open_set(
-            labels, anomaly, self.thresholds["open_set"], self.segmenter.num_classes
-        )
+        return fuse_open_set(labels, anomaly, threshold, self.segmenter.num_classes)
 
     def _export_part(self, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and metadata for ``save_bundle`` (add training config and metrics)."""
