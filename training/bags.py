@@ -444,11 +444,7 @@ def write_bag(
         for i, frame in enumerate(seq.frames):
             rgb = _read(frame.image, color=True)
             h, w = rgb.shape[:2]
-            if i == 0:
-                shape = (h, w)
-            elif (h, w) != shape:
-                raise BagSourceError(f"{frame.image}: {w}x{h}, but the sequence is "
-                                     f"{shape[1]}x{shape[0]}")  # fmt: skip
+            shape = _same_size(shape, (h, w), frame.image, "the sequence is")
             header = make.header(frame.stamp_ns)
             writer.write(topic, IMAGE_TYPE, frame.stamp_ns, make.image(header, rgb, "rgb8"))
             cam = seq.camera.scaled_to(w, h) if seq.camera else CameraModel.default(w, h)
@@ -469,6 +465,19 @@ def write_bag(
                 progress(i + 1)
     duration = (seq.frames[-1].stamp_ns - seq.frames[0].stamp_ns) / 1e9
     return BagSummary(out, seq.name, len(seq.frames), storage, writer.counts, duration, *shape)
+
+
+def _same_size(
+    shape: tuple[int, int], size: tuple[int, int], origin: object, before: str, hint: str = ""
+) -> tuple[int, int]:
+    """The bag's frame size: the first frame's (``shape`` is (0, 0) until then); a frame
+    of another size is refused, since replay and the node expect one size per bag."""
+    if shape == (0, 0):
+        return size
+    if size != shape:
+        raise BagSourceError(f"{origin}: {size[1]}x{size[0]}, but {before} "
+                             f"{shape[1]}x{shape[0]}{hint}")  # fmt: skip
+    return shape
 
 
 def _check_out(out: Path, storage: str) -> None:
@@ -516,11 +525,9 @@ def write_stream_bag(
                 rgb = cv2.resize(rgb, resize, interpolation=cv2.INTER_AREA)
                 encoded = None  # the file's bytes hold the old size
             h, w = rgb.shape[:2]
-            if n == 1:
-                shape = (h, w)
-            elif (h, w) != shape:
-                raise BagSourceError(f"{frame.origin}: {w}x{h}, but the frames before it are "
-                                     f"{shape[1]}x{shape[0]} (use --resize)")  # fmt: skip
+            shape = _same_size(
+                shape, (h, w), frame.origin, "the frames before it are", " (use --resize)"
+            )
             stamp_ns = start_ns + round((n - 1) * 1e9 / src.rate_hz)
             header = make.header(stamp_ns)
             if not compressed:

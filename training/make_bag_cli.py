@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from segmentation_safety.errors import report_user_errors
 
@@ -77,7 +78,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @report_user_errors("make-bag")
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
     from training.bags import discover_sequences, select_sequence, write_bag
 
@@ -98,25 +98,23 @@ def run(args: argparse.Namespace) -> int:
     seq = select_sequence(sequences, args.sequence)
     if args.sequence is None and len(sequences) > 1:
         print(f"no --sequence given: using {seq.name!r} of {len(sequences)}", file=sys.stderr)
-    bar = tqdm(total=len(seq.frames), desc="make-bag", unit="frame", file=sys.stderr)
-    try:
-        summary = write_bag(
+    summary = _with_progress(
+        len(seq.frames),
+        lambda progress: write_bag(
             seq,
             args.out,
             storage=args.format,
             topic=args.topic,
             frame_id=args.frame_id,
             version=args.bag_version,
-            progress=lambda n: bar.update(n - bar.n),
-        )
-    finally:
-        bar.close()
+            progress=progress,
+        ),
+    )
     _report(summary)
     return 0
 
 
 def _run_stream(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
     from training.bags import (
         BagSourceError,
@@ -133,9 +131,9 @@ def _run_stream(args: argparse.Namespace) -> int:
     else:
         src = video_source(args.video, args.rate, args.limit)
     resize = parse_size(args.resize) if args.resize is not None else None
-    bar = tqdm(total=src.total, desc="make-bag", unit="frame", file=sys.stderr)
-    try:
-        summary = write_stream_bag(
+    summary = _with_progress(
+        src.total,
+        lambda progress: write_stream_bag(
             src,
             args.out,
             storage=args.format,
@@ -145,12 +143,22 @@ def _run_stream(args: argparse.Namespace) -> int:
             compressed=args.compressed,
             resize=resize,
             jpeg_quality=args.jpeg_quality,
-            progress=lambda n: bar.update(n - bar.n),
-        )
-    finally:
-        bar.close()
+            progress=progress,
+        ),
+    )
     _report(summary, f" at {src.rate_hz:g} Hz")
     return 0
+
+
+def _with_progress(total: int | None, write: Callable[[Callable[[int], None]], Any]) -> Any:
+    """Run ``write(progress)`` under a progress bar of ``total`` frames (None: unknown)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="make-bag", unit="frame", file=sys.stderr)
+    try:
+        return write(lambda n: bar.update(n - bar.n))
+    finally:
+        bar.close()
 
 
 def _report(summary: BagSummary, rate: str = "") -> None:
