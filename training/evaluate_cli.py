@@ -181,8 +181,7 @@ def load_segmenter(weights: Path | None, models: Path | None) -> tuple[Any, dict
         from segmentation_safety.models.importers import import_checkpoint
 
         imported = import_checkpoint(weights)
-        meta = {"input_size": imported.input_size, "class_names": imported.class_names}
-        return imported.model, meta, imported.description
+        return imported.model, imported.metadata(), imported.description
     path = weights if weights is not None else part_path(models or DEMO_MODELS, "segmenter")
     model, bundle = load_segmenter(path)
     arch = bundle.metadata.get("architecture", {}).get("name", "segmenter")

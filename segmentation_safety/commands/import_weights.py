@@ -70,7 +70,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from segmentation_safety.checkpoint import save_bundle
     from segmentation_safety.models.importers import import_checkpoint
-    from segmentation_safety.models.zoo import segmenter_metadata
 
     out = args.out if args.out.suffix == ".safetensors" else args.out / "segmenter.safetensors"
     if out.exists() and not args.force:
@@ -83,16 +82,7 @@ def run(args: argparse.Namespace) -> int:
     names = _read_names(args.class_names) if args.class_names else None
     imported = import_checkpoint(args.checkpoint, args.arch, args.input_size, names)
     model = imported.model
-    metadata = {
-        **segmenter_metadata(model),
-        "class_names": imported.class_names,
-        "description": imported.description,
-        "source": imported.source,
-        # How frames reach input_size: the node and evaluate both resize this way.
-        "resize": "bilinear, antialiased, to input_size (aspect ratio not kept)",
-    }
-    if imported.input_size:
-        metadata["input_size"] = imported.input_size
+    metadata = imported.metadata()
     save_bundle(out, model.state_dict(), metadata)
     size = "x".join(map(str, imported.input_size)) if imported.input_size else "image size"
     print(f"wrote {out}")

@@ -57,6 +57,22 @@ class ImportedSegmenter:
     source: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def metadata(self) -> dict[str, Any]:
+        """What its segmenter bundle records (``segsafe import-weights`` writes this)."""
+        from segmentation_safety.models.zoo import segmenter_metadata
+
+        meta = {
+            **segmenter_metadata(self.model),
+            "class_names": self.class_names,
+            "description": self.description,
+            "source": self.source,
+            # How frames reach input_size: the node and evaluate both resize this way.
+            "resize": "bilinear, antialiased, to input_size (aspect ratio not kept)",
+        }
+        if self.input_size:
+            meta["input_size"] = self.input_size
+        return meta
+
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a ``.pth``/``.pt`` checkpoint: unwrapped, ``module.`` prefixes gone."""
