@@ -682,7 +682,7 @@ class DetectorNode(Node):
             bodies[key] = cdr.image_body(header, h, w, encoding, a.strides[0], a)
         return bodies
 
-    def _markers(self, r: SafetyResult, header: Any, p: DetectorParams) -> MarkerArray:
+    def _markers(self, r: RenderedFrame, header: Any, p: DetectorParams) -> MarkerArray:
         regions = []
         k = None
         depth = None
