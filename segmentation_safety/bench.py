@@ -56,6 +56,8 @@ class BenchReport:
     half: bool = False  # fp16 autocast (CUDA only, as the node runs there)
     detectors: dict[str, DetectorTiming] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it was not timed
+    #: Freed host memory kept for reuse, as the node does (host_memory.retain_freed_memory).
+    host_memory_retained: bool = False
 
     def to_json(self) -> dict:
         """The DESIGN.md §5.2 keys (plus a few extra fields)."""

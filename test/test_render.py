@@ -136,3 +136,68 @@ def test_process_frame_counts_non_finite_scores_even_for_maps_it_does_not_return
     image = np.zeros((32, 48, 3), np.uint8)
     r = pipe.process_frame(image, {"anomaly", "failure"}, RenderOptions(labels=False))
     assert r.anomaly is None and r.nonfinite == {"anomaly": 6, "failure": 0}
+
+
+def _reference_region(labels: np.ndarray, classes: tuple[int, ...], step: int = 4) -> np.ndarray:
+    """The corridor from the hull of every drivable grid point (no shortcut)."""
+    import cv2
+
+    drivable = np.isin(labels, classes)
+    coarse = drivable[::step, ::step].astype(np.uint8)
+    points = cv2.findNonZero(coarse)
+    if points is None:
+        return drivable
+    hull = np.zeros_like(coarse)
+    cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
+    full = np.repeat(np.repeat(hull, step, 0), step, 1)[: labels.shape[0], : labels.shape[1]]
+    return full.astype(bool) | drivable
+
+
+def test_corridor_equals_the_hull_of_every_drivable_pixel():
+    from segmentation_safety.drivable import drivable_region
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        h, w = rng.integers(5, 70, 2)
+        labels = rng.integers(0, 4, (h, w)).astype(np.uint8)
+        labels[rng.random((h, w)) < rng.random()] = 3  # from sparse to dense road
+        if trial % 10 == 0:
+            labels[:] = 2  # no road at all
+        got = drivable_region(torch.from_numpy(labels), (0, 1)).numpy()
+        np.testing.assert_array_equal(got, _reference_region(labels, (0, 1)))
+
+
+def test_alarm_counts_match_a_plain_count_over_the_corridor():
+    from segmentation_safety.drivable import drivable_region
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, (40, 64)).astype(np.uint8)
+    anomaly = rng.normal(0.0, 1.0, (40, 64)).astype(np.float32)
+    anomaly[1, 2], anomaly[3, 4], anomaly[5, 6] = np.nan, np.inf, -np.inf
+    failure = rng.random((40, 64)).astype(np.float32)
+    area = drivable_region(torch.from_numpy(labels), (0,)).numpy()
+    for threshold in (-0.5, 0.7, float("nan")):
+        c = render.alarm_counts(
+            torch.from_numpy(labels), torch.from_numpy(anomaly), torch.from_numpy(failure),
+            threshold, (0,),
+        )  # fmt: skip
+        scores = anomaly[area]
+        quiet = scores <= threshold  # NaN scores (and a NaN threshold) are anomalous
+        assert c.area_pixels == int(area.sum())
+        assert c.anomalous_pixels == int((~quiet).sum())
+        assert c.max_score == scores[np.isfinite(scores)].max()
+        assert np.isclose(c.mean_failure, failure.mean())
+    failure[0, 0] = np.nan  # the mean leaves NaN out
+    c = render.alarm_counts(torch.from_numpy(labels), None, torch.from_numpy(failure), 0.0, (0,))
+    assert np.isclose(c.mean_failure, np.nanmean(failure)) and np.isnan(c.max_score)
+
+
+def test_overlay_range_equals_numpy_percentiles_on_any_size():
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 3, 7, 100, 4099):
+        values = rng.normal(size=n).astype(np.float32)
+        if n > 3:
+            values[:3] = (np.nan, np.inf, -np.inf)
+        want = visualize.map_range(values)
+        np.testing.assert_allclose(render.map_range(torch.from_numpy(values)), want, rtol=1e-6)
+    assert render.map_range(torch.tensor([float("nan")])) == (0.0, 1.0)

@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from segmentation_safety.checkpoint import BundleError
     from segmentation_safety.detectors import registry
     from segmentation_safety.device import resolve_device
+    from segmentation_safety.host_memory import retain_freed_memory
     from segmentation_safety.models.zoo import build_segmenter, load_segmenter
     from segmentation_safety.pipeline import DEMO_MODELS, load_parts, part_path
 
@@ -142,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Time the allocator the node runs with (its retain_host_memory default).
+    retained = retain_freed_memory()
     device = resolve_device(args.device)
     names = parse_detectors(args.detectors)
     options = parse_detector_options(args.detector_options)
@@ -194,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     )
     bar.close()
     report.skipped = skipped
+    report.host_memory_retained = retained
     write_json(args.out, report.to_json())
     print(format_table(report))
     print(f"wrote {args.out}")

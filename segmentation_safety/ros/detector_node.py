@@ -48,7 +48,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -70,8 +69,9 @@ from rclpy.qos import (
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from visualization_msgs.msg import MarkerArray
 
-from segmentation_safety import render
+from segmentation_safety import host_memory, render
 from segmentation_safety.checkpoint import BundleError
+from segmentation_safety.compute_thread import on_compute_thread
 from segmentation_safety.detectors import registry
 from segmentation_safety.detectors.registry import UnknownDetectorError
 from segmentation_safety.device import DeviceError, resolve_device
@@ -330,7 +330,9 @@ class DetectorNode(Node):
         except (InvalidParameterValueException, InvalidParameterTypeException) as e:
             raise StartupError(str(e)) from None
         params = DetectorParams.from_node(self)
-        self.pipeline = load_pipeline(params)
+        if params.retain_host_memory and not host_memory.retain_freed_memory():
+            self.get_logger().info("retain_host_memory: not glibc, the allocator is unchanged")
+        self.pipeline = on_compute_thread(load_pipeline, params)
         problem = drivable_problem(params.drivable_classes, len(self.pipeline.class_names))
         if problem:
             raise StartupError(problem)
@@ -403,9 +405,6 @@ class DetectorNode(Node):
         )
         self.create_timer(p.diagnostics_period, self._publish_diagnostics)
         self._ready = True
-        # cv2 releases the GIL while encoding: the jpeg overlay is made on a second core
-        # while the worker serialises and publishes the other outputs.
-        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segsafe-jpeg")
         self.worker = threading.Thread(target=self._work, name="segsafe-worker", daemon=True)
         self.worker.start()
 
@@ -605,15 +604,11 @@ class DetectorNode(Node):
         if not wanted:
             return "unheard"  # decoding checked the input; not a processed frame
         outputs = set().union(*(NEEDS.get(k, frozenset()) for k in wanted))
-        result = self.pipeline.process_frame(rgb, outputs, self._render_options(wanted, p))
+        options = self._render_options(wanted, p)
+        result = on_compute_thread(self.pipeline.process_frame, rgb, outputs, options)
         self._check_finite(result)
         t1 = time.perf_counter()
         header = msg.header
-        jpeg = None
-        if "hazard_overlay_compressed" in wanted:
-            jpeg = self.encoder.submit(
-                image_codec.encode_jpeg, result.overlay, header, p.jpeg_quality
-            )
         bodies = self._image_bodies(result, header)
         for key, topic_key in (("labels", "segmentation"), ("color", "segmentation_color"),
                                ("overlay", "hazard_overlay"), ("anomaly", "anomaly"),
@@ -627,8 +622,11 @@ class DetectorNode(Node):
                 self._warn(f"markers/{type(e).__name__}", f"hazard markers failed: {e}")
                 hazards = markers.hazard_markers([], None, header, 0.0, 0.0)
             self.pubs["hazards"].publish(hazards)
-        if jpeg is not None:
-            self.pubs["hazard_overlay_compressed"].publish(jpeg.result())
+        if "hazard_overlay_compressed" in wanted:
+            # Encoded here, not on a second thread: that thread waited for the GIL while
+            # this one serialised, and the jpeg arrived later than made in line.
+            jpeg = image_codec.encode_jpeg(result.overlay, header, p.jpeg_quality)
+            self.pubs["hazard_overlay_compressed"].publish(jpeg)
         if "safety" in wanted:
             timings = {**(arrival or {}), "decode": decode_ms, **result.timings_ms}
             timings["publish"] = (time.perf_counter() - t1) * 1e3
@@ -804,7 +802,6 @@ class DetectorNode(Node):
             self._stop.set()
             self.slot.close()
             self.worker.join(timeout=5.0)
-            self.encoder.shutdown(wait=True)
         super().destroy_node()
 
 

@@ -293,6 +293,13 @@ SPECS: tuple[Spec, ...] = (
         "costs no map.",
         runtime=True,
     ),
+    Spec(
+        "retain_host_memory",
+        True,
+        "Keep freed host memory for the next frame (glibc): the frame's multi-MB buffers "
+        "are then not page-faulted in again every frame; the resident size stays at the "
+        "per-frame peak. Process-wide; no effect on other C libraries.",
+    ),
     *(
         Spec(f"publish.{key}", True, f"Publish the '{key}' output (when subscribed).", runtime=True)
         for key in OUTPUTS
@@ -388,6 +395,7 @@ class DetectorParams:
     jpeg_quality: int
     output_scale: float
     safety_embeds_maps: bool
+    retain_host_memory: bool
     publish: frozenset[str]
 
     @classmethod
@@ -424,6 +432,7 @@ class DetectorParams:
             jpeg_quality=int(v["jpeg_quality"]),
             output_scale=float(v["output_scale"]),
             safety_embeds_maps=bool(v["safety_embeds_maps"]),
+            retain_host_memory=bool(v["retain_host_memory"]),
             publish=frozenset(k for k in OUTPUTS if v[f"publish.{k}"]),
         )
 
