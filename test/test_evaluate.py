@@ -128,8 +128,10 @@ def test_end_to_end_anomaly_split_writes_design_report(world: Path, models: Path
     )  # fmt: skip
     assert rc == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"dataset", "images", "segmentation", "detectors", "skipped"}
+    assert set(report) == {"dataset", "images", "segmentation", "detectors", "skipped", "score_at"}
     assert report["dataset"] == "world" and report["images"] == 3
+    assert report["score_at"]["requested"] == "network"  # the default: what the node publishes
+    assert set(report["score_at"]["detectors"].values()) == {"network"}
     assert set(report["segmentation"]) == {"miou"}
     assert 0.0 <= report["segmentation"]["miou"] <= 1.0
     _check_blocks(report)
@@ -324,3 +326,120 @@ def test_end_to_end_densehybrid_with_an_open_set_threshold_reports_open_miou(
     assert 0.0 <= report["detectors"]["densehybrid"]["open_set"]["open_miou"] <= 1.0
     assert "open_set" not in report["detectors"]["max_softmax"]
     assert "open-mIoU" in (tmp_path / "R.md").read_text()
+
+
+# -- order of resizing and scoring (--score-at) ----------------------------------------------
+class _RecordingAnomalyMetrics:
+    """Stands in for AnomalyMetrics and keeps every score map evaluate hands it."""
+
+    maps: ClassVar[list[np.ndarray]] = []
+
+    def __init__(self, mode: str = "histogram") -> None:
+        from segmentation_safety.metrics import AnomalyMetrics
+
+        self._inner = AnomalyMetrics(mode=mode)
+
+    def update(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        self.maps.append(np.array(scores, copy=True))
+        self._inner.update(scores, labels)
+
+    def compute(self):  # noqa: ANN201
+        return self._inner.compute()
+
+
+def _scored_maps(monkeypatch, pipeline: Pipeline, sample: dict, score_at: str):
+    """(the map evaluate scored for the pipeline's only detector, the report)."""
+    monkeypatch.setattr("training.evaluate.AnomalyMetrics", _RecordingAnomalyMetrics)
+    _RecordingAnomalyMetrics.maps = []
+    report = evaluate(pipeline, [sample], metrics_mode="exact", progress=False, score_at=score_at)
+    (scored,) = _RecordingAnomalyMetrics.maps
+    return scored, report
+
+
+def test_score_at_label_scores_the_logits_upsampled_to_the_label_size(monkeypatch):
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", num_classes=19, width=8)  # logits at stride 4: 8×16
+    with torch.no_grad():  # confident logits: the softmax is far from linear in them
+        seg.classifier.weight *= 30.0
+    pipeline = Pipeline(seg, {"max_softmax": registry.build("max_softmax", seg)},
+                        PipelineConfig(anomaly=None, device="cpu"))  # fmt: skip
+    image, _, anomaly = _scene(0)
+    sample = {"image": image, "anomaly": anomaly}
+    at_label, report = _scored_maps(monkeypatch, pipeline, sample, "label")
+    at_network, default = _scored_maps(monkeypatch, pipeline, sample, "network")
+
+    # Independently: the network's logits, upsampled (bilinear, align_corners=False), then
+    # 1 - max softmax per pixel; and the other order for the default.
+    with torch.no_grad():
+        logits = seg(seg.normalize(torch.from_numpy(image).permute(2, 0, 1)[None])).logits
+    up = torch.nn.functional.interpolate(logits, (H, W), mode="bilinear", align_corners=False)
+    expected_label = (1 - up.softmax(1).amax(1))[0].numpy()
+    score = 1 - logits.softmax(1).amax(1, keepdim=True)
+    expected_network = torch.nn.functional.interpolate(
+        score, (H, W), mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+    assert logits.shape[-2:] == (H // 4, W // 4)
+    np.testing.assert_allclose(at_label, expected_label, atol=1e-6)
+    np.testing.assert_allclose(at_network, expected_network, atol=1e-6)
+    assert np.abs(at_label - at_network).max() > 1e-2  # the orders really differ
+    assert (report.score_at, report.scored_at) == ("label", {"max_softmax": "label"})
+    assert (default.score_at, default.scored_at) == ("network", {"max_softmax": "network"})
+
+
+def test_a_feature_detector_keeps_the_network_order_and_says_so(monkeypatch):
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    image, _, anomaly = _scene(1)
+    sample = {"image": image, "anomaly": anomaly}
+    densehybrid = registry.build("densehybrid", seg)  # reads the pre-logit features
+    alone = Pipeline(seg, {"densehybrid": densehybrid}, PipelineConfig(anomaly=None, device="cpu"))
+    at_label, _ = _scored_maps(monkeypatch, alone, sample, "label")
+    at_network, _ = _scored_maps(monkeypatch, alone, sample, "network")
+    np.testing.assert_array_equal(at_label, at_network)
+
+    both = Pipeline(
+        seg,
+        {"densehybrid": densehybrid, "max_softmax": registry.build("max_softmax", seg)},
+        PipelineConfig(anomaly=None, device="cpu"),
+    )
+    report = evaluate(both, [sample], metrics_mode="exact", progress=False, score_at="label")
+    assert report.scored_at == {"densehybrid": "network", "max_softmax": "label"}
+    assert report_json(report)["score_at"] == {
+        "requested": "label",
+        "detectors": {"densehybrid": "network", "max_softmax": "label"},
+    }
+    with pytest.raises(ValueError, match="score_at"):
+        evaluate(both, [sample], progress=False, score_at="labels")
+
+
+def test_score_at_flag_is_parsed_noted_once_and_recorded(
+    world: Path, models: Path, tmp_path: Path, capsys
+):
+    out = tmp_path / "R.json"
+    common = (
+        "--root", str(world), "--split", "anomaly", "--models", str(models),
+        "--detectors", "max_softmax,densehybrid", "--metrics", "exact", "--quiet",
+    )  # fmt: skip
+    assert _cli(*common, "--out", str(out)) == 0
+    assert "--score-at" not in capsys.readouterr().err
+    default = json.loads(out.read_text())
+    assert default["score_at"] == {
+        "requested": "network",
+        "detectors": {"max_softmax": "network", "densehybrid": "network"},
+    }
+
+    assert _cli(*common, "--score-at", "label", "--out", str(out)) == 0
+    err = capsys.readouterr().err
+    assert err.count("--score-at label") == 1 and "densehybrid" in err
+    report = json.loads(out.read_text())
+    assert report["score_at"] == {
+        "requested": "label",
+        "detectors": {"max_softmax": "label", "densehybrid": "network"},
+    }
+    anomaly = {n: report["detectors"][n]["anomaly"] for n in ("max_softmax", "densehybrid")}
+    assert anomaly["densehybrid"] == default["detectors"]["densehybrid"]["anomaly"]
+    assert anomaly["max_softmax"] != default["detectors"]["max_softmax"]["anomaly"]
+    md = (tmp_path / "R.md").read_text()
+    assert "Scores (--score-at label)" in md and "they need more than the logits" in md
+    with pytest.raises(SystemExit):
+        _cli(*common, "--score-at", "pixels", "--out", str(out))

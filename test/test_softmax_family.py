@@ -182,6 +182,32 @@ def test_every_family_detector_runs_on_tiny_segmenter(name):
         assert out.anomaly.min() >= 0 and out.anomaly.max() <= math.log(k) + 1e-6
 
 
+@pytest.mark.parametrize("name", FAMILY)
+def test_family_forward_is_score_logits_of_the_network_logits(name):
+    # evaluate --score-at label feeds score_logits upsampled logits: it must be the very
+    # function forward applies at the network's resolution.
+    torch.manual_seed(0)
+    seg = TinySegmenter(num_classes=5, width=8).eval()
+    det = build(name, seg).eval()
+    with torch.no_grad():
+        out = seg(seg.normalize(torch.randint(0, 256, (1, 3, 32, 64), dtype=torch.uint8)))
+        direct, via_logits = det(out), det.score_logits(out.logits)
+        wider = det.score_logits(torch.nn.functional.interpolate(out.logits, size=(32, 64)))
+    for kind in det.produces:
+        torch.testing.assert_close(getattr(via_logits, kind), getattr(direct, kind))
+        assert getattr(wider, kind).shape == (1, 32, 64)
+
+
+def test_only_the_softmax_family_is_logits_only():
+    from segmentation_safety.detectors import registry
+
+    flagged = {n for n in registry.available() if detector_class(n).logits_only}
+    assert flagged == set(FAMILY)
+    seg = TinySegmenter(num_classes=5, width=8)
+    with pytest.raises(NotImplementedError, match="densehybrid.*more than the logits"):
+        build("densehybrid", seg).score_logits(torch.zeros(1, 5, 2, 2))
+
+
 def test_sml_bundle_round_trips_and_wrong_bundles_are_refused(tmp_path):
     seg = TinySegmenter(num_classes=3, width=4)
     det = build("sml", seg)

@@ -15,10 +15,19 @@ Every metric the labels of a sample allow is computed; a detector is scored on e
 map it produces for which the split has ground truth.
 
 Maps and logits are upsampled to the label resolution (bilinear, align_corners=False)
-before scoring; the segmentation is the argmax of the upsampled logits. The metric state
-is bounded: pixel metrics use the fixed-size histograms of ``segmentation_safety.metrics``
-(``metrics_mode="histogram"``) unless ``"exact"`` is asked for, and IoU prediction keeps a
-few floats per image.
+before scoring; the segmentation is the argmax of the upsampled logits. In which order a
+detector's map is made is ``score_at``: ``"network"`` (default) scores at the network's
+resolution and upsamples the map, exactly what the node publishes; ``"label"`` upsamples
+the logits to the label size first and scores every pixel there, the benchmarks'
+reference protocol, for detectors whose maps come from the logits alone
+(``Detector.logits_only``, the softmax family); the others keep the network order and
+the report says so per detector. The two orders differ because the scores are not
+linear in the logits (max-softmax AP on Road Anomaly moves by about half a point).
+
+The metric state is bounded: pixel metrics use the fixed-size histograms of
+``segmentation_safety.metrics`` (``metrics_mode="histogram"``) unless ``"exact"`` is
+asked for, and IoU prediction keeps a few floats per image; the label order holds one
+image's upsampled logits at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segmentation_safety.detectors import Detector
 from segmentation_safety.metrics import (
     AnomalyMetrics,
     AnomalyResult,
@@ -48,6 +58,9 @@ from segmentation_safety.pipeline import Pipeline, resize_map
 from segmentation_safety.types import DetectorOutput
 
 VOID = 255
+#: Where a detector's map is made (see the module docstring): "network" resolution, then
+#: the map upsampled (what the node publishes), or at the "label" size from upsampled logits.
+SCORE_AT = ("network", "label")
 
 
 @dataclass
@@ -89,6 +102,10 @@ class EvaluationReport:
     seconds: float = 0.0
     segmenter: str = ""
     metrics_mode: str = "histogram"
+    score_at: str = "network"  # the order asked for
+    #: The order each scored detector used: "label" or "network" (a detector that needs
+    #: more than the logits stays at "network" whatever was asked).
+    scored_at: dict[str, str] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -216,13 +233,15 @@ def evaluate(
     progress: bool = True,
     skipped: Mapping[str, str] | None = None,
     segmenter: str = "",
+    score_at: str = "network",
 ) -> EvaluationReport:
     """Run ``pipeline`` over ``samples`` and score its ``detectors`` (default: all it has).
 
     Consecutive samples of equal image size are batched (up to ``batch_size``) through
     one :meth:`Pipeline.run`, which serves every detector. ``limit`` stops after that many
     images; ``total`` sizes the progress bar. ``skipped`` (name -> reason) is carried into
-    the report for detectors the caller could not load.
+    the report for detectors the caller could not load. ``score_at`` is the order of
+    resizing and scoring (:data:`SCORE_AT`, module docstring).
     """
     from tqdm import tqdm
 
@@ -235,6 +254,9 @@ def evaluate(
     if unknown:
         raise ValueError(f"detectors {unknown} are not loaded in the pipeline")
     produces = {n: frozenset(pipeline.detectors[n].produces) for n in names}
+    order = scoring_order({n: pipeline.detectors[n] for n in names}, score_at)
+    at_label = {n: pipeline.detectors[n] for n in names if order[n] == "label"}
+    at_network = [n for n in names if n not in at_label]
     # Detectors calibrated for open-set recognition (DenseHybrid: 95% TPR on held-out
     # negatives) also get open-mIoU, where the split has both kinds of labels.
     open_thresholds = {
@@ -257,15 +279,17 @@ def evaluate(
     try:
         for batch in _batches(_checked(samples, limit), batch_size):
             images = np.stack([s["image"] for s in batch])
-            seg, outs, _ = pipeline.run(pipeline.to_input(images), names)
+            seg, outs, _ = pipeline.run(pipeline.to_input(images), at_network)
             for b, sample in enumerate(batch):
+                logits = seg.logits[b]
+                outputs = {n: _pick(o, b) for n, o in outs.items()}
+                if at_label:
+                    # One image's logits at the label size at a time (19×720×1280 float32
+                    # is 70 MB), freed with the next; update's own upsample is then a no-op.
+                    logits = _upsample(logits.float(), label_size(sample))
+                    outputs.update(score_logits(at_label, logits))
                 try:
-                    acc.update(
-                        seg.logits[b],
-                        {n: _pick(o, b) for n, o in outs.items()},
-                        sample["label"],
-                        sample["anomaly"],
-                    )
+                    acc.update(logits, outputs, sample["label"], sample["anomaly"])
                 except ValueError as e:
                     raise ValueError(f"{sample['name']}: {e}") from None
             bar.update(len(batch))
@@ -276,7 +300,35 @@ def evaluate(
     seconds = time.perf_counter() - t0
     if acc.images == 0:
         raise ValueError(f"no images to evaluate in {dataset}{'/' + split if split else ''}")
-    return _report(acc, pipeline, dataset, split, seconds, skipped, segmenter, metrics_mode)
+    return _report(
+        acc, pipeline, dataset, split, seconds, skipped, segmenter, metrics_mode, score_at, order
+    )
+
+
+def scoring_order(detectors: Mapping[str, Detector], score_at: str) -> dict[str, str]:
+    """Where each detector is scored for ``score_at``: "label" only for detectors whose maps
+    come from the logits alone (``logits_only``); every other one reads features or runs
+    its own passes at the network's resolution, so it stays at "network"."""
+    if score_at not in SCORE_AT:
+        raise ValueError(f"score_at must be one of {SCORE_AT}, got {score_at!r}")
+    return {
+        n: "label" if score_at == "label" and d.logits_only else "network"
+        for n, d in detectors.items()
+    }
+
+
+@torch.inference_mode()
+def score_logits(
+    detectors: Mapping[str, Detector], logits: torch.Tensor
+) -> dict[str, DetectorOutput]:
+    """Each logits-only detector's maps from one image's K×H×W ``logits``, at their size."""
+    return {n: _pick(d.score_logits(logits[None]), 0) for n, d in detectors.items()}
+
+
+def label_size(sample: Mapping[str, Any]) -> tuple[int, ...]:
+    """The size maps are scored at: the label's, else the anomaly map's (checked equal)."""
+    target = sample["label"] if sample["label"] is not None else sample["anomaly"]
+    return tuple(target.shape)
 
 
 def _pick(out: DetectorOutput, b: int) -> DetectorOutput:
@@ -295,6 +347,8 @@ def _report(
     skipped: Mapping[str, str] | None,
     segmenter: str,
     metrics_mode: str,
+    score_at: str,
+    order: Mapping[str, str],
 ) -> EvaluationReport:
     scores = acc.scores()
     skipped = dict(skipped or {})
@@ -320,6 +374,8 @@ def _report(
         seconds=seconds,
         segmenter=segmenter,
         metrics_mode=metrics_mode,
+        score_at=score_at,
+        scored_at={n: order[n] for n in scores},  # the scored ones only
     )
 
 

@@ -4,14 +4,19 @@ R.json follows DESIGN.md 5.2 exactly::
 
     {"dataset": str, "images": int, "segmentation": {"miou": f},
      "detectors": {NAME: {"anomaly": {...}, "failure": {...}, "iou": {...}}},
-     "skipped": {NAME: reason}}
+     "skipped": {NAME: reason},
+     "score_at": {"requested": "network"|"label", "detectors": {NAME: "network"|"label"}}}
 
 Choices where the contract is silent: a block the split cannot measure is left out
 ("segmentation" on an anomaly-only split, as a detector lists only the blocks it
 produces); an undefined metric (e.g. no anomaly pixel at all) is ``null``, since JSON has
-no NaN; "skipped" names detectors that were not scored, with the reason. Fractions, not
-percent. The plots are ``R_anomaly.png`` and ``R_failure.png`` (PR left, ROC right) beside
-R.json. Every file is written atomically.
+no NaN; "skipped" names detectors that were not scored, with the reason; "score_at" says in
+which order each detector's map was made ("network": scored at the network's resolution,
+the map upsampled, as the node publishes it; "label": logits upsampled to the label size,
+then scored, the benchmarks' protocol), since a requested "label" applies only to
+detectors that need nothing but the logits. Fractions, not percent. The plots are
+``R_anomaly.png`` and ``R_failure.png`` (PR left, ROC right) beside R.json.
+Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def report_json(report: EvaluationReport) -> dict[str, Any]:
         for name, scores in report.detectors.items()
     }
     out["skipped"] = dict(report.skipped)
+    out["score_at"] = {"requested": report.score_at, "detectors": dict(report.scored_at)}
     return out
 
 
@@ -54,7 +60,7 @@ def report_markdown(report: EvaluationReport) -> str:
     if report.seconds > 0:
         facts.append(f"{report.images_per_second:.2f} images/s")
     facts.append(f"pixel metrics: {report.metrics_mode}")
-    lines += [", ".join(facts) + ".", ""]
+    lines += [", ".join(facts) + ".", "", scoring_order_text(report), ""]
     if report.miou is not None:
         lines += [
             f"Segmentation: mIoU {_pct(report.miou)}, pixel accuracy "
@@ -112,6 +118,26 @@ def report_markdown(report: EvaluationReport) -> str:
         "pixel of every image (Fishyscapes rules); IoU prediction averages over classes."
     )
     return "\n".join(lines) + "\n"
+
+
+def scoring_order_text(report: EvaluationReport) -> str:
+    """One sentence on the order of resizing and scoring each detector used."""
+    by_order: dict[str, list[str]] = {"label": [], "network": []}
+    for name, order in report.scored_at.items():
+        by_order[order].append(name)
+    parts = []
+    if by_order["label"]:
+        parts.append(
+            "logits upsampled to the label size, then scored (the benchmarks' protocol): "
+            + ", ".join(by_order["label"])
+        )
+    if by_order["network"]:
+        kept = " (they need more than the logits)" if report.score_at == "label" else ""
+        parts.append(
+            "scored at the network's resolution, map upsampled (what the node publishes)"
+            f"{kept}: " + ", ".join(by_order["network"])
+        )
+    return f"Scores (--score-at {report.score_at}): " + "; ".join(parts) + "."
 
 
 def plot_curves(report: EvaluationReport, block: str) -> bytes | None:

@@ -37,6 +37,12 @@ class Detector(nn.Module):
     segmenter_free_parts: ClassVar[tuple[str, ...]] = ()
     #: What the anomaly score measures, in its own units (thresholds are in these units).
     score_units: ClassVar[str] = ""
+    #: True when every map is a function of the logits alone (the softmax family), so
+    #: :meth:`score_logits` can score logits resized to any resolution. Benchmarks resize
+    #: the logits to the label size before scoring; the node scores at the network's
+    #: resolution and resizes the map, K times cheaper (``segsafe evaluate --score-at``).
+    #: Detectors reading features or other passes leave it False.
+    logits_only: ClassVar[bool] = False
 
     def __init__(self, segmenter: Segmenter, **options: Any) -> None:
         super().__init__()
@@ -64,6 +70,15 @@ class Detector(nn.Module):
 
     def forward(self, out: SegmenterOutput) -> DetectorOutput:
         raise NotImplementedError
+
+    def score_logits(self, logits: torch.Tensor) -> DetectorOutput:
+        """Maps from B×K×h×w logits alone, at their resolution (``logits_only`` detectors).
+
+        A ``logits_only`` detector's :meth:`forward` must equal this on ``out.logits``, so
+        scoring at the network's resolution or at another one differs only in the order
+        of resizing and scoring.
+        """
+        raise NotImplementedError(f"detector {self.name!r} needs more than the logits")
 
     def check_part(
         self,

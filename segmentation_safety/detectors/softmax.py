@@ -2,7 +2,9 @@
 
 References: Fishyscapes §4.1 (max-softmax, entropy), DenseHybrid Table 4 (max-logit,
 standardized max-logit, energy). Every anomaly map follows the project convention
-"higher = more anomalous" and stays at the logits' resolution; the pipeline resizes.
+"higher = more anomalous" and stays at the resolution of the logits it is given: the
+pipeline scores the network's logits and resizes the map; ``segsafe evaluate --score-at
+label`` resizes the logits to the label size first, as the benchmarks do.
 """
 
 from __future__ import annotations
@@ -67,15 +69,23 @@ def standardized_max_logit(
 
 
 class _LogitScoreDetector(Detector):
-    """Shared forward for detectors whose anomaly map is a function of the logits."""
+    """Shared forward for detectors whose maps are a function of the logits alone.
+
+    :meth:`forward` is :meth:`score_logits` on the network's logits, so the same code
+    scores logits resized elsewhere (``segsafe evaluate --score-at label``).
+    """
 
     produces: ClassVar[frozenset[str]] = frozenset({"anomaly"})
+    logits_only: ClassVar[bool] = True
 
     def anomaly_score(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def score_logits(self, logits: torch.Tensor) -> DetectorOutput:
+        return DetectorOutput(anomaly=self.anomaly_score(logits))
+
     def forward(self, out: SegmenterOutput) -> DetectorOutput:
-        return DetectorOutput(anomaly=self.anomaly_score(out.logits))
+        return self.score_logits(out.logits)
 
 
 @register
@@ -90,8 +100,8 @@ class MaxSoftmaxDetector(_LogitScoreDetector):
     score_units: ClassVar[str] = "1 - max softmax probability, in [0, 1]"
     produces: ClassVar[frozenset[str]] = frozenset({"anomaly", "failure"})
 
-    def forward(self, out: SegmenterOutput) -> DetectorOutput:
-        score = 1.0 - max_softmax_probability(out.logits)
+    def score_logits(self, logits: torch.Tensor) -> DetectorOutput:
+        score = 1.0 - max_softmax_probability(logits)
         return DetectorOutput(anomaly=score, failure=score)
 
 
