@@ -193,7 +193,7 @@ class Pipeline:
         seg, outs, timings = self.run(x, names)
         with self._timed(timings, "postprocess"):
             # argmax of the logits is the argmax of the softmax: no K×H×W softmax per frame
-            labels = upsample_argmax(seg.logits.float(), size)
+            labels = upsample_argmax(seg.logits.float(), size, seg.argmax())
             maps: dict[str, dict[str, torch.Tensor]] = {}
             for n, o in outs.items():
                 maps[n] = {}
@@ -270,7 +270,7 @@ class Pipeline:
             dev: dict[str, torch.Tensor] = {}
             labels = None
             if render.labels or render.color:
-                labels = upsample_argmax(logits, size)[0]
+                labels = upsample_argmax(logits, size, seg.argmax())[0]
                 if render.labels:
                     dev["labels"] = labels.to(torch.uint8)
                 if render.color:
@@ -285,7 +285,7 @@ class Pipeline:
                 dev["overlay"] = rgb
             if render.open_set is not None and "anomaly" in net_maps:
                 if labels is None:
-                    labels = upsample_argmax(logits, size)[0]
+                    labels = upsample_argmax(logits, size, seg.argmax())[0]
                 k = self.segmenter.num_classes
                 open_set = fuse_open_set(labels, at("anomaly", size), render.open_set, k)
                 dev["open_set"] = open_set.to(torch.uint8)
@@ -295,7 +295,7 @@ class Pipeline:
             alarm = None
             if render.alarm is not None:
                 if labels is None or small != size:
-                    labels = upsample_argmax(logits, small)[0]
+                    labels = upsample_argmax(logits, small, seg.argmax())[0]
                 alarm = draw.alarm_counts(
                     labels,
                     at("anomaly", small) if "anomaly" in net_maps else None,
@@ -449,9 +449,12 @@ def to_host(tensors: dict[str, torch.Tensor], pack: bool | None = None) -> dict[
     return out
 
 
-def upsample_argmax(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def upsample_argmax(
+    logits: torch.Tensor, size: Sequence[int], argmax: torch.Tensor | None = None
+) -> torch.Tensor:
     """argmax over classes of ``resize_map(logits, size)`` (B×K×h×w -> B×H×W uint8)
-    without upsampling every class at every pixel.
+    without upsampling every class at every pixel. ``argmax``: the logits' own B×h×w
+    argmax when already known (``SegmenterOutput.argmax``).
 
     Bilinear weights are non-negative, so where the four source pixels around an output
     pixel share their argmax, every blend of them has that argmax too: only pixels of
@@ -463,7 +466,7 @@ def upsample_argmax(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     height, width = int(size[0]), int(size[1])
     if k > 255:
         return resize_map(logits, size).argmax(1)
-    low = logits.argmax(1).to(torch.uint8)
+    low = (logits.argmax(1) if argmax is None else argmax).to(torch.uint8)
     down = torch.cat([low[:, 1:], low[:, -1:]], 1)
     right = torch.cat([low[:, :, 1:], low[:, :, -1:]], 2)
     diag = torch.cat([down[:, :, 1:], down[:, :, -1:]], 2)

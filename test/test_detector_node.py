@@ -341,6 +341,32 @@ def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
     assert frame.anomaly_detector == "max_softmax"
 
 
+def test_models_load_and_frames_run_on_the_compute_thread(harness, monkeypatch):
+    from segmentation_safety.compute_thread import THREAD_NAME
+    from segmentation_safety.ros import detector_node
+
+    threads = []
+    load = detector_node.load_pipeline
+    monkeypatch.setattr(
+        detector_node,
+        "load_pipeline",
+        lambda p: threads.append(threading.current_thread().name) or load(p),
+    )
+    h = harness()
+    assert len(threads) == 1
+    process = h.node.pipeline.process_frame
+    monkeypatch.setattr(
+        h.node.pipeline,
+        "process_frame",
+        lambda *a: threads.append(threading.current_thread().name) or process(*a),
+    )
+    h.listen("safety")
+    h.image_pub.publish(image_msg(1))
+    wait_for(lambda: h.stamped("safety", 1), "safety")
+    # Loading, then the frame: every torch call on that one thread, none on the caller's.
+    assert len(threads) == 2 and all(t.startswith(THREAD_NAME) for t in threads)
+
+
 def test_output_scale_shrinks_the_float_maps_only(harness):
     h = harness(output_scale=0.5, anomaly_threshold=0.0, drivable_classes=list(range(19)))
     h.listen("segmentation", "anomaly", "failure", "hazard_overlay", "safety")

@@ -201,3 +201,17 @@ def test_overlay_range_equals_numpy_percentiles_on_any_size():
         want = visualize.map_range(values)
         np.testing.assert_allclose(render.map_range(torch.from_numpy(values)), want, rtol=1e-6)
     assert render.map_range(torch.tensor([float("nan")])) == (0.0, 1.0)
+
+
+def test_one_max_serves_the_detectors_and_the_labels():
+    from segmentation_safety.types import SegmenterOutput
+
+    torch.manual_seed(2)
+    logits = torch.randn(1, 19, 24, 40).round().contiguous(memory_format=torch.channels_last)
+    seg = SegmenterOutput(logits=logits, features=logits)
+    assert torch.equal(seg.argmax(), logits.argmax(1))  # before any max: a plain argmax
+    values, classes = seg.class_max()
+    assert torch.equal(values, logits.amax(1)) and torch.equal(classes, logits.argmax(1))
+    assert seg.argmax() is classes and seg.class_max()[0] is values  # computed once
+    ref = upsample_argmax(logits, (97, 150))
+    assert torch.equal(upsample_argmax(logits, (97, 150), seg.argmax()), ref)

@@ -104,6 +104,12 @@ class MaxSoftmaxDetector(_LogitScoreDetector):
         score = 1.0 - max_softmax_probability(logits)
         return DetectorOutput(anomaly=score, failure=score)
 
+    def forward(self, out: SegmenterOutput) -> DetectorOutput:
+        # The pass's shared maximum: the pipeline reuses its argmax for the labels.
+        top = out.class_max()[0].float()
+        score = 1.0 - max_softmax_classes(out.logits.float(), top=top)
+        return DetectorOutput(anomaly=score, failure=score)
+
 
 @register
 class EntropyDetector(_LogitScoreDetector):
@@ -125,6 +131,9 @@ class MaxLogitDetector(_LogitScoreDetector):
 
     def anomaly_score(self, logits: torch.Tensor) -> torch.Tensor:
         return -max_logit(logits)
+
+    def forward(self, out: SegmenterOutput) -> DetectorOutput:
+        return DetectorOutput(anomaly=-out.class_max()[0].float())  # shared with the labels
 
 
 @register

@@ -51,12 +51,15 @@ def logsumexp_classes(logits: torch.Tensor) -> torch.Tensor:
     return _finite_or(out, lambda: torch.logsumexp(logits, dim=1))
 
 
-def max_softmax_classes(logits: torch.Tensor) -> torch.Tensor:
-    """B×K×h×w -> B×h×w maximum softmax probability, 1 / sum_k exp(s_k - max_k s_k)."""
+def max_softmax_classes(logits: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
+    """B×K×h×w -> B×h×w maximum softmax probability, 1 / sum_k exp(s_k - max_k s_k).
+
+    ``top``: the B×h×w largest scores when already known (``SegmenterOutput.class_max``).
+    """
     scores = _scores_last(logits)
     if scores is None:
         return torch.softmax(logits, dim=1).amax(dim=1)
-    top = scores.amax(dim=-1, keepdim=True)
+    top = scores.amax(dim=-1, keepdim=True) if top is None else top.unsqueeze(-1)
     out = (scores - top).exp_().sum(dim=-1).reciprocal_()
     # A pixel whose scores are all -inf (or any nan) gives nan here.
     return _finite_or(out, lambda: torch.softmax(logits, dim=1).amax(dim=1))
