@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The device checks of issue 14, prepared to run in one go on a machine with a CUDA GPU:
+# the CUDA tests, the model bench and the node bench (512x1024 and 1024x2048, output_scale
+# 1 and 0.5, network at the frame's size) on cuda, with the CPU node bench of the same
+# frames for comparison. Needs the environment `make setup` builds; writes JSONs and a log
+# under $1 (default out/gpu_check). Usage: bash scripts/gpu_check.sh [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${1:-out/gpu_check}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+
+set +u  # the colcon setup scripts read unset variables
+source scripts/env.sh
+source install/setup.bash
+set -u
+python -P -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device here')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+
+say() { printf '\n[gpu_check] %s\n' "$*"; }
+
+say "CUDA tests"
+python -P -m pytest -q test/test_cuda.py
+
+say "model bench on cuda, 512x1024"
+segsafe bench --device cuda --height 512 --width 1024 --repeats 20 --out "$OUT/bench_cuda.json"
+
+say "a world sequence and its bag"
+segsafe world --out "$OUT/world" --sequences 1 --train 0 --val 0 --anomaly 0 --negatives 0 \
+  --sequence-length 6 --height 512 --width 1024 --no-progress
+segsafe make-bag --root "$OUT/world" --sequence seq_000 --out "$OUT/bag" --format mcap
+
+for device in cuda cpu; do
+  say "node bench on $device"
+  segsafe bench --node --bag "$OUT/bag" --config config/detector.yaml \
+    --sizes 512x1024,1024x2048 --output-scales 1,0.5 --frames 16 \
+    --param "input_size=[512,1024]" --param "device=$device" --out "$OUT/node_$device.json"
+done
+say "done: $OUT"
