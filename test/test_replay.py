@@ -281,3 +281,14 @@ def test_bench_node_times_every_size_and_scale_in_one_run(
         assert 0 < o["fraction_of_mean"] < 1
     table = capsys.readouterr().out
     assert "| 48x96 output_scale 0.5 |" in table and "overhead %" in table
+
+
+def test_replayers_of_one_process_never_share_a_namespace(bags: dict[str, Path]):
+    from segmentation_safety.bags import read_bag
+    from segmentation_safety.ros.replay import Replayer, ReplayOptions
+
+    bag = read_bag(bags["sqlite3"])
+    # Unstarted replayers: only their names are compared. Many at once, as bench --node
+    # makes, so an id-derived name would collide now and then.
+    names = {Replayer(bag, ReplayOptions()).namespace for _ in range(2000)}
+    assert len(names) == 2000

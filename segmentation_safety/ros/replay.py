@@ -27,6 +27,7 @@ What is reported (T.json, the plot, overlays) is computed in
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -59,6 +60,8 @@ from segmentation_safety.ros.replay_report import ReplayReport, build_report, sa
 
 #: Namespace the outputs are recorded under in an output bag (the replay's own is private).
 RECORDED_NAMESPACE = "/segmentation_safety"
+#: Numbers the replayers of this process, for their private namespaces.
+_REPLAYER_COUNT = itertools.count()
 
 
 class ReplayError(UserError, RuntimeError):
@@ -241,7 +244,10 @@ class Replayer:
     def __init__(self, bag: BagContents, options: ReplayOptions) -> None:
         self.bag = bag
         self.options = options
-        self.namespace = options.namespace or f"/segsafe_replay_{os.getpid()}_{id(self) % 10000}"
+        # pid and a per-process count: unique, unlike id(self) % 10000, which let two of
+        # bench --node's replayers share a namespace and hear each other's answers.
+        default = f"/segsafe_replay_{os.getpid()}_{next(_REPLAYER_COUNT)}"
+        self.namespace = options.namespace or default
         self.context = Context()
         self.threads: list[threading.Thread] = []
         self.executors: list[SingleThreadedExecutor] = []
