@@ -877,6 +877,21 @@ def test_regions_become_boxes_on_the_ground():
     assert markers.hazard_markers(regions, None, Header(), 1.5, 0.0).markers[0].action == 3
 
 
+def test_regions_skip_nan_and_specks_and_keep_their_own_pixels():
+    anomaly = np.zeros((40, 60), dtype=np.float32)
+    anomaly[5:15, 5:15] = 3.0
+    anomaly[9, 9] = 7.0  # the region's maximum
+    anomaly[10, 10] = np.nan  # inside the region: not part of it, not its maximum
+    anomaly[30:33, 50:60] = 2.0  # a second region
+    anomaly[0, 59] = anomaly[39, 0] = 9.0  # specks below min_pixels, whatever their score
+    anomaly[20, :] = np.nan  # a NaN row joins nothing
+    regions = markers.hazard_regions(anomaly, threshold=1.0, min_pixels=5)
+    assert [(r.left, r.top, r.pixels, r.max_score) for r in regions] == [
+        (5, 5, 99, 7.0), (50, 30, 30, 2.0)
+    ]  # fmt: skip
+    assert not regions[0].mask[5, 5] and regions[0].mask.sum() == 99  # the NaN pixel
+
+
 K_TEST = np.array([[100.0, 0, 64], [0, 100.0, 32], [0, 0, 1]])
 
 

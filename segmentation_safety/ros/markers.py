@@ -51,15 +51,20 @@ class Region:
 
 
 def hazard_regions(anomaly: np.ndarray, threshold: float, min_pixels: int) -> list[Region]:
-    """Connected components of ``anomaly > threshold`` with at least ``min_pixels`` pixels."""
-    scores = np.nan_to_num(np.asarray(anomaly, dtype=np.float32), nan=-np.inf)
-    mask = (scores > threshold).astype(np.uint8)
-    count, comp, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    """Connected components of ``anomaly > threshold`` with at least ``min_pixels`` pixels.
+
+    NaN compares false, so it is never part of a region and no region's maximum is NaN.
+    """
+    scores = np.asarray(anomaly, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        above = (scores > threshold).astype(np.uint8)
+    _, comp, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
+    # Only the components big enough are visited: a real anomaly map at its operating
+    # point has up to hundreds of specks (0 is the background).
+    big = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_pixels) + 1
     regions = []
-    for i in range(1, count):  # 0 is the background
+    for i in big.tolist():
         x, y, w, h, n = (int(v) for v in stats[i])
-        if n < min_pixels:
-            continue
         mask = comp[y : y + h, x : x + w] == i
         patch = scores[y : y + h, x : x + w][mask]
         regions.append(Region(x, y, w, h, n, float(patch.max()), mask))
@@ -175,6 +180,11 @@ def hazard_markers(
     k = np.asarray(k, dtype=np.float64).reshape(3, 3)
     fx, fy = k[0, 0], k[1, 1]
     up = camera_up(pitch)
+    # Shared by every box: building rclpy messages dominates this loop on real maps,
+    # which have tens of regions at their operating point.
+    orientation = _pitch_quaternion(pitch)
+    color = ColorRGBA(r=1.0, g=0.1, b=0.0, a=0.6)
+    lifetime = Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1) * 1e9))
     for i, r in enumerate(regions):
         point = None if depth is None else depth_point(r, depth, k)
         source = "depth"
@@ -200,11 +210,11 @@ def hazard_markers(
                 action=Marker.ADD,
                 pose=Pose(
                     position=Point(x=centre[0], y=centre[1], z=centre[2]),
-                    orientation=_pitch_quaternion(pitch),
+                    orientation=orientation,
                 ),
                 scale=Vector3(x=width, y=tall, z=width),
-                color=ColorRGBA(r=1.0, g=0.1, b=0.0, a=0.6),
-                lifetime=Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1) * 1e9)),
+                color=color,
+                lifetime=lifetime,
                 text=f"anomaly {r.max_score:.2f} at {dist:.1f} m ({source})",
             )
         )
