@@ -289,6 +289,8 @@ class Pipeline:
                 k = self.segmenter.num_classes
                 open_set = fuse_open_set(labels, at("anomaly", size), render.open_set, k)
                 dev["open_set"] = open_set.to(torch.uint8)
+            if render.anomaly_net and "anomaly" in net_maps:
+                dev["anomaly_net"] = net_maps["anomaly"][0].float()
             name = roles.get("class_iou")
             if name and outs[name].class_iou is not None:
                 dev["class_iou"] = outs[name].class_iou[0].float()
@@ -322,6 +324,7 @@ class Pipeline:
             class_iou=host.get("class_iou"),
             alarm=alarm,
             open_set=host.get("open_set"),
+            anomaly_net=host.get("anomaly_net"),
             timings_ms=timings,
         )
 

@@ -84,6 +84,9 @@ class RenderOptions:
     #: Open-set threshold (anomaly detector's units): return the segmentation with the
     #: pixels at or above it as class K (DenseHybrid §4); None: not produced.
     open_set: float | None = None
+    #: Also return the anomaly map at the network's resolution (hazard regions are found
+    #: there: the full-size map is only its bilinear upsampling, many times the pixels).
+    anomaly_net: bool = False
 
 
 @dataclass
@@ -102,3 +105,4 @@ class RenderedFrame:
     #: Non-finite values per detector map ("anomaly"/"failure"), at the network's
     #: resolution (counted on the device, whether the map is returned or not).
     nonfinite: dict[str, int] = field(default_factory=dict)
+    anomaly_net: np.ndarray | None = None  # h'×w' float32 at the network's resolution

@@ -50,7 +50,7 @@ class Region:
         return self.left + 0.5 * self.width, self.top + 0.5 * self.height
 
 
-def hazard_regions(anomaly: np.ndarray, threshold: float, min_pixels: int) -> list[Region]:
+def hazard_regions(anomaly: np.ndarray, threshold: float, min_pixels: float) -> list[Region]:
     """Connected components of ``anomaly > threshold`` with at least ``min_pixels`` pixels.
 
     NaN compares false, so it is never part of a region and no region's maximum is NaN.

@@ -93,6 +93,10 @@ def node_bench(
         raise ReplayError("--frames must be at least 1")
     bag = read_bag(bag_path)
     inputs = {v: frames_at(bag, v.height, v.width, distinct_frames) for v in variants}
+    # The bag's camera model with every frame, as a camera sends it: without one the node
+    # publishes no hazard boxes, and their cost would be left out. The node scales K from
+    # the info's size to each variant's.
+    info = next(iter(bag.camera_info.values()), None)
     trials = {v: Trial({}, {}, {}) for v in variants}
     with contextlib.ExitStack() as stack:
         replayers = {}
@@ -109,7 +113,7 @@ def node_bench(
             for v, r in replayers.items():
                 raw = inputs[v][i % len(inputs[v])]
                 stamp = (1000 + i) * 1_000_000_000  # unique, never a recorded stamp
-                t = r.play([(0.0, with_stamp(raw, stamp), None)])
+                t = r.play([(0.0, with_stamp(raw, stamp), info)])
                 trials[v].sent.update(t.sent)
                 trials[v].answered.update(t.answered)
                 trials[v].stages.update(t.stages)
@@ -132,6 +136,7 @@ def node_bench(
         "rounds": rounds,
         "outputs": "all" if options.outputs is None else sorted(options.outputs | {"safety"}),
         "parameters": options.parameters,
+        "camera_info": info is not None,
         "variants": results,
     }
 

@@ -223,7 +223,8 @@ SPECS: tuple[Spec, ...] = (
     Spec(
         "hazard_min_pixels",
         16,
-        "Smallest anomalous region (pixels) that becomes a hazard marker.",
+        "Smallest anomalous region, in image pixels, that becomes a hazard marker (regions "
+        "are found on the anomaly map at the network's resolution).",
         runtime=True,
         low=1,
         high=1 << 24,
