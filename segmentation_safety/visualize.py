@@ -37,8 +37,10 @@ def map_range(
     """
     if vmin is not None and vmax is not None:
         return float(vmin), float(vmax)
-    finite = np.asarray(values, dtype=np.float32)
-    finite = finite[np.isfinite(finite)]
+    finite = np.asarray(values, dtype=np.float32).reshape(-1)
+    keep = np.isfinite(finite)
+    if not keep.all():  # a copy only where something must be left out
+        finite = finite[keep]
     if finite.size == 0:
         return (0.0 if vmin is None else float(vmin)), (1.0 if vmax is None else float(vmax))
     lo_p, hi_p = np.percentile(finite, percentiles)
