@@ -71,15 +71,11 @@ class Writer:
         self.parts.append(data)
         self.offset += len(data)
 
-    def buffer(self, data: Any, align: int = 1) -> None:
+    def buffer(self, data: Any) -> None:
         """Raw bytes (any buffer: numpy arrays are added without a copy until join)."""
         view = memoryview(data).cast("B")
-        self.align(align)
         self.parts.append(view)
         self.offset += view.nbytes
-
-    def payload(self) -> bytes:
-        return b"".join(self.parts)
 
 
 def image_body(
@@ -110,7 +106,7 @@ def serialize(msg: Any, bodies: dict[str, list[Any]] | None = None) -> bytes:
     parts (from :func:`image_body`), which must be Image-like (no field over 4 bytes)."""
     w = Writer()
     _write_message(w, msg, bodies or {})
-    return ENCAPSULATION + w.payload()
+    return serialize_body(w.parts)  # one join: prefixing the joined payload copied it twice
 
 
 def serialize_body(parts: Iterable[Any]) -> bytes:
@@ -123,8 +119,7 @@ def _write_message(w: Writer, msg: Any, bodies: dict[str, list[Any]]) -> None:
         if name in bodies:
             w.align(4)
             for part in bodies[name]:
-                w.parts.append(part)
-                w.offset += memoryview(part).nbytes
+                w.buffer(part)
             continue
         _write_value(w, kind, getattr(msg, name))
 
