@@ -19,7 +19,6 @@ import torch
 
 from segmentation_safety.checkpoint import load_bundle, save_bundle
 from segmentation_safety.operating_point import (
-    SEGMENTER_PART,
     OperatingPoint,
     threshold_at_fpr,
 )
@@ -101,7 +100,7 @@ def store_operating_points(
     by_file: dict[Path, dict[str, OperatingPoint]] = {}
     for name, point in points.items():
         kind = parts[name]
-        path = part_path(models_dir, "segmenter" if kind == SEGMENTER_PART else kind)
+        path = part_path(models_dir, kind)
         by_file.setdefault(path, {})[name] = point
     for path, entries in by_file.items():
         bundle = load_bundle(path)

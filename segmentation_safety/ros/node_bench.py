@@ -26,6 +26,7 @@ from segmentation_safety.ros.replay_report import (
     BREAKDOWN_STAGES,
     breakdown_summary,
     latency_summary,
+    outputs_label,
 )
 
 
@@ -134,7 +135,7 @@ def node_bench(
     return {
         "bag": str(bag_path),
         "rounds": rounds,
-        "outputs": "all" if options.outputs is None else sorted(options.outputs | {"safety"}),
+        "outputs": outputs_label(options),
         "parameters": options.parameters,
         "camera_info": info is not None,
         "variants": results,

@@ -128,10 +128,13 @@ class Collector(Node):
             now = time.monotonic()
             if key == "safety":
                 stamp = cdr_stamp_ns(raw)
+                timings = safety_timings(raw)
+                # Both under the lock, timings first: a waiter woken by the answer must
+                # find them (read after the lock, they could be missing for the last one).
                 with self.cond:
+                    self.timings.setdefault(stamp, timings)
                     self.answers.setdefault(stamp, now)
                     self.cond.notify_all()
-                self.timings.setdefault(stamp, safety_timings(raw))
             if self.keep_enabled and key in self.keep:
                 self.keep[key].setdefault(cdr_stamp_ns(raw), raw)
             if self.recorder is not None and self.keep_enabled:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rclpy.serialization import deserialize_message
-from sensor_msgs.msg import Image
 
 if TYPE_CHECKING:  # the replayer imports this module: names for annotations only
     from segmentation_safety.bags import BagContents
@@ -145,19 +144,16 @@ def anomaly_metrics(bag: BagContents, safety: dict[int, bytes]) -> dict[str, Any
         return None
     r = metrics.compute()
 
-    def clean(v: float) -> float | None:
-        return float(v) if math.isfinite(v) else None
-
-    return {"detector": detector, "frames": frames, "ap": clean(r.ap),
-            "auroc": clean(r.auroc), "fpr95": clean(r.fpr95),
+    return {"detector": detector, "frames": frames, "ap": _finite(r.ap),
+            "auroc": _finite(r.auroc), "fpr95": _finite(r.fpr95),
             "anomaly_pixels": int(r.num_anomaly), "inlier_pixels": int(r.num_inlier)}  # fmt: skip
 
 
 def decode_rgb8(raw: bytes) -> np.ndarray:
-    """A serialized rgb8 Image -> H x W x 3 uint8."""
-    msg = deserialize_message(raw, Image)
-    rows = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.step)
-    return rows[:, : msg.width * 3].reshape(msg.height, msg.width, 3)
+    """A serialized rgb8 Image -> H x W x 3 uint8, read in place."""
+    from segmentation_safety.ros import cdr, image_codec
+
+    return np.ascontiguousarray(image_codec.decode_rgb(cdr.RawImage(raw)))
 
 
 def plot_latency(
@@ -257,7 +253,7 @@ def build_report(
         "bag_rate_hz": _finite(bag.rate_hz),
         "rate_factor": options.rate,
         "drop_fraction": trial.drop_fraction,
-        "outputs": "all" if options.outputs is None else sorted(options.outputs | {"safety"}),
+        "outputs": outputs_label(options),
     }
     if search is not None:
         data["max_rate_hz"] = search["max_rate_hz"]
@@ -269,6 +265,11 @@ def build_report(
     if metrics is not None:
         data["anomaly"] = metrics
     return ReplayReport(data, trial, overlays)
+
+
+def outputs_label(options: ReplayOptions) -> str | list[str]:
+    """The outputs subscribed to, as T.json and N.json record them."""
+    return "all" if options.outputs is None else sorted(options.outputs | {"safety"})
 
 
 def _finite(v: float) -> float | None:
