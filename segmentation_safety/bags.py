@@ -167,7 +167,6 @@ class MessageFactory:
 
     def __init__(self, store: Any, frame_id: str) -> None:
         self.t = store.types
-        self.store = store
         self.frame_id = frame_id
 
     def header(self, stamp_ns: int) -> Any:
@@ -327,7 +326,6 @@ class OutputBag:
         self.store = message_typestore()
         self.queue: queue.SimpleQueue[tuple[str, str, int, bytes] | None] = queue.SimpleQueue()
         self.error: BaseException | None = None
-        self.messages = 0
         self.thread = threading.Thread(target=self._run, name="segsafe-bag-writer", daemon=True)
         self.thread.start()
 
@@ -340,7 +338,6 @@ class OutputBag:
             writer.open()
             while (item := self.queue.get()) is not None:
                 writer.write_raw(*item)
-                self.messages += 1
             writer.close()
         except BaseException as e:  # reported by finish()
             self.error = e

@@ -48,7 +48,6 @@ from segmentation_safety.bags import (
     CAMERA_INFO_TYPE,
     COMPRESSED_TYPE,
     DEFAULT_BAG_VERSION,
-    FORMATS,
     IMAGE_TYPE,
     LABELS_TOPIC,
     BagError,
@@ -65,14 +64,6 @@ from segmentation_safety.bags import (
 DEFAULT_START_S = 1_700_000_000.0
 #: Frame rate assumed for Lost & Found frame numbers when no timestamp files exist.
 LAF_FPS = 10.0
-__all__ = [  # the shared bag names, re-exported for callers of this module
-    "ANOMALY_TOPIC",
-    "DEFAULT_BAG_VERSION",
-    "FORMATS",
-    "LABELS_TOPIC",
-    "CameraModel",
-    "camera_info_topic",
-]
 
 _LAF_IMAGE = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})_leftImg8bit\.png$")
 # Lost & Found gtCoarse label ids: 0 unlabeled / out of ROI, 1 free space (road), >= 2 an
@@ -481,10 +472,7 @@ def _same_size(
 
 
 def _check_out(out: Path, storage: str) -> None:
-    try:
-        check_storage(storage)
-    except BagError as e:
-        raise BagSourceError(str(e)) from None
+    check_storage(storage)  # a BagError, which BagSourceError already is a kind of
     if out.exists():
         raise BagSourceError(f"--out {out} exists already; remove it or choose another path")
 

@@ -93,7 +93,12 @@ def node_bench(
     if rounds < 1:
         raise ReplayError("--frames must be at least 1")
     bag = read_bag(bag_path)
-    inputs = {v: frames_at(bag, v.height, v.width, distinct_frames) for v in variants}
+    # Decoded and resized once per size: variants differing only in output_scale share them.
+    by_size: dict[tuple[int, int], list[bytes]] = {}
+    for v in variants:
+        if (v.height, v.width) not in by_size:
+            by_size[v.height, v.width] = frames_at(bag, v.height, v.width, distinct_frames)
+    inputs = {v: by_size[v.height, v.width] for v in variants}
     # The bag's camera model with every frame, as a camera sends it: without one the node
     # publishes no hazard boxes, and their cost would be left out. The node scales K from
     # the info's size to each variant's.
