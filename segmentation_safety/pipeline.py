@@ -397,7 +397,6 @@ def resize_input(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         and images.device.type == "cpu"
         and (in_h, in_w)
         in (
-            (h, w),
             (2 * h, w),
             (h, 2 * w),
             (2 * h, 2 * w),

@@ -39,10 +39,9 @@ class SegmenterOutput:
         return self._class_max
 
     def argmax(self) -> torch.Tensor:
-        """B×h×w class of the largest logit (first on ties, as ``torch.argmax``)."""
-        if self._class_max is not None:
-            return self._class_max[1]
-        return self.logits.argmax(dim=1)
+        """B×h×w class of the largest logit (first on ties, as ``torch.argmax``), from
+        :meth:`class_max`, so it is computed once however many outputs ask for it."""
+        return self.class_max()[1]
 
 
 @dataclass

@@ -209,7 +209,7 @@ def test_one_max_serves_the_detectors_and_the_labels():
     torch.manual_seed(2)
     logits = torch.randn(1, 19, 24, 40).round().contiguous(memory_format=torch.channels_last)
     seg = SegmenterOutput(logits=logits, features=logits)
-    assert torch.equal(seg.argmax(), logits.argmax(1))  # before any max: a plain argmax
+    assert torch.equal(seg.argmax(), logits.argmax(1))
     values, classes = seg.class_max()
     assert torch.equal(values, logits.amax(1)) and torch.equal(classes, logits.argmax(1))
     assert seg.argmax() is classes and seg.class_max()[0] is values  # computed once
