@@ -23,7 +23,7 @@ from segmentation_safety.checkpoint import load_bundle
 from segmentation_safety.detectors import Detector, registry
 from segmentation_safety.device import resolve_device, synchronize
 from segmentation_safety.metrics.segmentation import fuse_open_set
-from segmentation_safety.models.segmenter import Segmenter
+from segmentation_safety.models.segmenter import Segmenter, resize_map
 from segmentation_safety.operating_point import SEGMENTER_PART, OperatingPoint
 from segmentation_safety.types import (
     DetectorOutput,
@@ -415,14 +415,6 @@ def resize_input(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
             x = F.interpolate(x, size=step, mode="bilinear", align_corners=False, antialias=True)
             x = x.add_(0.5).floor_().clamp_(0.0, 255.0)
     return x
-
-
-def resize_map(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """B×C×h×w network-resolution maps -> ``size``: bilinear, align_corners=False. The node
-    and ``segsafe evaluate`` both resize through this, so their maps are the same."""
-    if tuple(t.shape[-2:]) == tuple(size):
-        return t
-    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def to_host(tensors: dict[str, torch.Tensor], pack: bool | None = None) -> dict[str, np.ndarray]:

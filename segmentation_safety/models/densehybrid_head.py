@@ -16,6 +16,7 @@ from torch import nn
 
 from segmentation_safety.models.class_reductions import logsumexp_classes
 from segmentation_safety.models.pointwise import PointwiseConv2d, pointwise
+from segmentation_safety.models.segmenter import resize_map
 
 INLIER = 0
 OUTLIER = 1
@@ -52,12 +53,6 @@ class DenseHybridHead(nn.Module):
         return F.logsigmoid(margin)
 
 
-def resize_to(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
 def densehybrid_score(logits: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
     """Hybrid anomaly score ln P(d_out | x) - ln p̂(x) (eq. 6), B×h×w, higher = anomalous.
 
@@ -74,5 +69,5 @@ def hybrid_score(logits: torch.Tensor, log_p_out: torch.Tensor) -> torch.Tensor:
     """:func:`densehybrid_score` from ln P(d_out | x) given as B×1×h×w (see
     :meth:`DenseHybridHead.log_p_out`), resized to the logits' resolution if needed."""
     logits = logits.float()
-    log_p_out = resize_to(log_p_out.float(), logits.shape[-2:])[:, 0]
+    log_p_out = resize_map(log_p_out.float(), logits.shape[-2:])[:, 0]
     return log_p_out - logsumexp_classes(logits)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segmentation_safety.types import SegmenterOutput
@@ -63,3 +64,12 @@ class Segmenter(nn.Module):
             )
         logits, features, taps = self.compute(x, frozenset(embeddings))
         return SegmenterOutput(logits=logits, features=features, embeddings=taps, image=x)
+
+
+def resize_map(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """B×C×h×w network-resolution maps (logits, scores) -> ``size``: bilinear,
+    align_corners=False. Everything that brings a map to another size goes through this
+    (the node, ``segsafe evaluate``, the detectors and their losses), so they agree."""
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)

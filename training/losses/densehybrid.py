@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segmentation_safety.models.densehybrid_head import resize_to
+from segmentation_safety.models.segmenter import resize_map
 
 DEFAULT_BETA = 0.03
 #: Weight of the head's cross-entropy relative to beta (official code: 10 * beta).
@@ -60,8 +60,8 @@ def densehybrid_loss(
             f"outlier_mask {tuple(outlier_mask.shape)} and seg_target "
             f"{tuple(seg_target.shape)} differ"
         )
-    logits = resize_to(logits, size)
-    head_logits = resize_to(head_logits, size)
+    logits = resize_map(logits, size)
+    head_logits = resize_map(head_logits, size)
     outlier = outlier_mask.bool()
     # Negatives carry no class label; ignore them even if the caller forgot to.
     target = seg_target.long().masked_fill(outlier, ignore_index)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from segmentation_safety.models.segmenter import resize_map
+
 
 def flowenedet_targets(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(wrong, ignore) masks at label resolution: argmax of the (bilinearly resized)
     logits differs from the label, and pixels labelled ``ignore_index``."""
-    if logits.shape[-2:] != labels.shape[-2:]:
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    pred = logits.argmax(dim=1)
+    pred = resize_map(logits, labels.shape[-2:]).argmax(dim=1)
     ignore = labels == ignore_index
     return (pred != labels) & ~ignore, ignore
 
@@ -29,10 +29,7 @@ def flowenedet_loss(
         wrong_mask: B×H×W bool, true where the segmentation is wrong.
         ignore_mask: B×H×W bool, pixels left out of the loss (e.g. void).
     """
-    if model_out.shape[-2:] != wrong_mask.shape[-2:]:
-        model_out = F.interpolate(
-            model_out, size=wrong_mask.shape[-2:], mode="bilinear", align_corners=False
-        )
+    model_out = resize_map(model_out, wrong_mask.shape[-2:])
     target = wrong_mask.long()
     if ignore_mask is not None:
         target = target.masked_fill(ignore_mask, -100)
