@@ -18,6 +18,7 @@ from segmentation_safety.commands.common import (
     parse_detectors,
     write_json,
 )
+from segmentation_safety.errors import InvalidArgumentError, report_user_errors
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +70,6 @@ def run_node(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from segmentation_safety.commands.replay import parse_params
-    from segmentation_safety.errors import UserError
     from segmentation_safety.ros.detector_node import TOPICS
     from segmentation_safety.ros.node_bench import (
         Variant,
@@ -80,8 +80,7 @@ def run_node(args: argparse.Namespace) -> int:
     from segmentation_safety.ros.replay import ReplayOptions
 
     if args.bag is None:
-        print("error: --node needs --bag (e.g. from `segsafe make-bag`)", file=sys.stderr)
-        return 2
+        raise InvalidArgumentError("--node needs --bag (e.g. from `segsafe make-bag`)")
     if args.threads:  # the nodes run in this process
         import torch
 
@@ -89,16 +88,14 @@ def run_node(args: argparse.Namespace) -> int:
     try:
         sizes = parse_sizes(args.sizes)
         scales = [float(x) for x in args.output_scales.split(",")]
-        parameters = parse_params(args.param)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise InvalidArgumentError(str(e)) from None
+    parameters = parse_params(args.param)
     outputs = None
     if args.outputs.strip() != "all":
         outputs = frozenset(o.strip() for o in args.outputs.split(",") if o.strip())
         if outputs - set(TOPICS):
-            print(f"error: --outputs: unknown {sorted(outputs - set(TOPICS))}", file=sys.stderr)
-            return 2
+            raise InvalidArgumentError(f"--outputs: unknown {sorted(outputs - set(TOPICS))}")
     if args.device != "auto":
         parameters.setdefault("device", args.device)
     options = ReplayOptions(
@@ -111,9 +108,6 @@ def run_node(args: argparse.Namespace) -> int:
             args.bag, variants, options, rounds=args.frames,
             progress=lambda i, n: bar.update(i - bar.n),
         )  # fmt: skip
-    except UserError as e:  # ReplayError, or BagError for the bag
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         bar.close()
     write_json(args.out, report)
@@ -124,6 +118,7 @@ def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
+@report_user_errors("bench")
 def run(args: argparse.Namespace) -> int:
     if args.node:
         return run_node(args)
@@ -139,8 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from segmentation_safety.pipeline import DEMO_MODELS, load_parts, part_path
 
     if args.height < 16 or args.width < 16:
-        print("error: --height and --width must be at least 16", file=sys.stderr)
-        return 2
+        raise InvalidArgumentError("--height and --width must be at least 16")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Time the allocator the node runs with (its retain_host_memory default).

@@ -19,10 +19,9 @@ Example (the real weights in ../shared/real):
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from segmentation_safety.errors import report_user_errors
+from segmentation_safety.errors import InvalidArgumentError, report_user_errors
 from segmentation_safety.models.importers import SIGNATURES, ImportWeightsError
 
 
@@ -74,11 +73,9 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out.suffix == ".safetensors" else args.out / "segmenter.safetensors"
     if out.exists() and not args.force:
         # Parts trained on the old segmenter would be refused once it is replaced.
-        print(f"error: {out} exists (pass --force to replace it)", file=sys.stderr)
-        return 2
+        raise InvalidArgumentError(f"{out} exists (pass --force to replace it)")
     if args.input_size is not None and min(args.input_size) < 8:
-        print("error: --input-size H W must both be at least 8", file=sys.stderr)
-        return 2
+        raise InvalidArgumentError("--input-size H W must both be at least 8")
     names = _read_names(args.class_names) if args.class_names else None
     imported = import_checkpoint(args.checkpoint, args.arch, args.input_size, names)
     model = imported.model

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from segmentation_safety.commands.common import add_models_arg
+from segmentation_safety.errors import InvalidArgumentError, report_user_errors
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -63,8 +64,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+@report_user_errors("replay")
 def run(args: argparse.Namespace) -> int:
-    from segmentation_safety.errors import UserError
     from segmentation_safety.ros.detector_node import TOPICS
     from segmentation_safety.ros.replay import ReplayOptions, replay
     from segmentation_safety.ros.replay_report import format_breakdown, save_overlays, write_report
@@ -74,16 +75,10 @@ def run(args: argparse.Namespace) -> int:
         outputs = frozenset(o.strip() for o in args.outputs.split(",") if o.strip())
         unknown = sorted(outputs - set(TOPICS))
         if unknown:
-            print(f"error: --outputs: unknown {unknown}; known: {', '.join(TOPICS)}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
+            raise InvalidArgumentError(f"--outputs: unknown {unknown}; known: {', '.join(TOPICS)}")
         if args.overlays is not None:
             outputs |= {"hazard_overlay"}
-    try:
-        parameters = parse_params(args.param)
-    except ValueError as e:
-        print(f"error: --param: {e}", file=sys.stderr)
-        return 2
+    parameters = parse_params(args.param)
     options = ReplayOptions(
         parameters=parameters,
         outputs=outputs,
@@ -100,11 +95,7 @@ def run(args: argparse.Namespace) -> int:
         output_format=args.output_format,
     )
     print(f"replaying {args.bag} through the detector node ...", file=sys.stderr)
-    try:
-        report = replay(args.bag, options, args.topic)
-    except UserError as e:  # ReplayError, or BagError for the bag read or recorded
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = replay(args.bag, options, args.topic)
     d = report.data
     title = f"{args.bag.name}: {d['frames_processed']}/{d['frames_sent']} frames answered"
     plot = write_report(report, args.out, title)
@@ -143,6 +134,6 @@ def parse_params(items: list[str]) -> dict[str, object]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"expected NAME=VALUE, got {item!r}")
+            raise InvalidArgumentError(f"--param: expected NAME=VALUE, got {item!r}")
         out[name.strip()] = yaml.safe_load(value)
     return out
