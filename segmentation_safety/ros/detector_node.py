@@ -344,7 +344,7 @@ class DetectorNode(Node):
         self.faults: dict[str, str] = {}  # active fault name -> what and why
         self._faults_lock = threading.Lock()
         self.camera_k: tuple[np.ndarray, tuple[int, int]] | None = None
-        self.depths: deque[Image] = deque(maxlen=DEPTH_BUFFER)
+        self.depths: deque[cdr.RawImage] = deque(maxlen=DEPTH_BUFFER)
         self._depth_cond = threading.Condition()
         self._last_frame_at = time.monotonic()
         self._publishers_seen_at: float | None = None
@@ -393,8 +393,15 @@ class DetectorNode(Node):
             raw=True,
         )
         if p.use_depth:
+            # Serialised, like the image: only the depth nearest a frame with hazard
+            # regions is ever decoded, so the others are not copied into messages.
             self.create_subscription(
-                Image, "depth", self._on_depth, in_qos, event_callbacks=self._qos_events("depth")
+                Image,
+                "depth",
+                self._on_depth,
+                in_qos,
+                event_callbacks=self._qos_events("depth"),
+                raw=True,
             )
             self.get_logger().info(
                 f"hazard markers use depth from {self.resolve_topic_name('depth')} "
@@ -433,7 +440,12 @@ class DetectorNode(Node):
         self._last_frame_at = time.monotonic()
         self.slot.put((msg, self._last_frame_at, _transport_ms(info)), self.stats.on_received)
 
-    def _on_depth(self, msg: Image) -> None:
+    def _on_depth(self, raw: bytes) -> None:
+        try:
+            msg = cdr.RawImage(raw)
+        except cdr.CdrError as e:
+            self._warn("depth/cdr", f"bad message on {self.resolve_topic_name('depth')}: {e}")
+            return
         with self._depth_cond:
             self.depths.append(msg)
             self._depth_cond.notify_all()
@@ -716,7 +728,7 @@ class DetectorNode(Node):
             regions, k, header, p.camera_height, p.camera_pitch, p.max_marker_range, depth=depth
         )
 
-    def _nearest_depth(self, stamp: float, max_age: float) -> Image | None:
+    def _nearest_depth(self, stamp: float, max_age: float) -> cdr.RawImage | None:
         """The buffered depth nearest ``stamp``; waits up to ``max_age`` for a late one.
 
         Depth often arrives a little after its image; a depth stamped after the image
