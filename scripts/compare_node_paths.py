@@ -29,7 +29,7 @@ def main() -> None:
     from segmentation_safety.bags import read_bag
     from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig, resize_map
     from segmentation_safety.ros import cdr, image_codec
-    from segmentation_safety.ros.detector_node import DetectorNode
+    from segmentation_safety.ros.detector_node import SAFETY_EMBEDS, DetectorNode
     from segmentation_safety.ros.node_bench import frames_at, parse_sizes
     from segmentation_safety.types import RenderOptions
 
@@ -92,8 +92,7 @@ def main() -> None:
         for body in bodies.values():
             cdr.serialize_body(body)
         frame = SafetyFrame(header=header)
-        embedded = {"segmentation": bodies["labels"], "anomaly": bodies["anomaly"],
-                    "failure": bodies["failure"]}  # fmt: skip
+        embedded = {to: bodies[k] for k, to in SAFETY_EMBEDS.items()}
         cdr.serialize(frame, embedded)
         return r.timings_ms["postprocess"] + (time.perf_counter() - t0) * 1e3, r.timings_ms[
             "segmenter"

@@ -113,6 +113,18 @@ TOPICS: dict[str, tuple[str, type]] = {
     "open_set": ("segmentation/open_set", Image),
 }
 
+#: RenderedFrame field -> (output key, Image encoding) for the outputs sent as Images.
+IMAGE_OUTPUTS: dict[str, tuple[str, str]] = {
+    "labels": ("segmentation", "mono8"),
+    "color": ("segmentation_color", "rgb8"),
+    "overlay": ("hazard_overlay", "rgb8"),
+    "anomaly": ("anomaly", "32FC1"),
+    "failure": ("failure", "32FC1"),
+    "open_set": ("open_set", "mono8"),
+}
+#: RenderedFrame field -> SafetyFrame field, for the Images ``safety`` embeds.
+SAFETY_EMBEDS = {"labels": "segmentation", "anomaly": "anomaly", "failure": "failure"}
+
 #: ``input_transport`` -> (image topic, message type), as image_transport names them.
 INPUTS: dict[str, tuple[str, type]] = {
     "raw": ("image", Image),
@@ -591,13 +603,12 @@ class DetectorNode(Node):
     def _wanted(self, p: DetectorParams) -> set[str]:
         return {k for k in p.publish if self.pubs[k].get_subscription_count() > 0}
 
-    def _handle(
-        self, msg: bytes | Image | CompressedImage, arrival: dict[str, float] | None = None
-    ) -> bool | str:
-        """Process one frame: True, False for refused input, "unheard" with no subscriber.
+    def _handle(self, raw: bytes, arrival: dict[str, float]) -> bool | str:
+        """Process one frame on the compute thread: True, False for refused input,
+        "unheard" with no subscriber.
 
         ``arrival``: the frame's stages before the worker took it (transport, queue), for
-        the SafetyFrame timings. A serialised frame is read here (part of ``decode``): a
+        the SafetyFrame timings. The serialised frame is read here (part of ``decode``): a
         raw Image in place, pixels never copied before the network reads them.
         """
         p = self.params
@@ -605,8 +616,7 @@ class DetectorNode(Node):
         t0 = time.perf_counter()
         self.codec.max_pixels = p.max_pixels
         try:
-            if isinstance(msg, bytes):
-                msg = self._deserialize(msg)
+            msg = self._deserialize(raw)
             rgb = self.codec.decode(msg)
         except image_codec.CodecError as e:
             self._warn(f"input/{e.kind}", f"bad image on {self._image_topic()}: {e}")
@@ -619,7 +629,7 @@ class DetectorNode(Node):
             return "unheard"  # decoding checked the input; not a processed frame
         outputs = set().union(*(NEEDS.get(k, frozenset()) for k in wanted))
         options = self._render_options(wanted, p)
-        result = on_compute_thread(self.pipeline.process_frame, rgb, outputs, options)
+        result = self.pipeline.process_frame(rgb, outputs, options)
         self._check_finite(result)
         t1 = time.perf_counter()
         header = msg.header
@@ -635,22 +645,20 @@ class DetectorNode(Node):
             jpeg = image_codec.encode_jpeg(result.overlay, header, p.jpeg_quality)
             self.pubs["hazard_overlay_compressed"].publish(jpeg)
         bodies = self._image_bodies(result, header)
-        for key, topic_key in (("labels", "segmentation"), ("color", "segmentation_color"),
-                               ("overlay", "hazard_overlay"), ("anomaly", "anomaly"),
-                               ("failure", "failure"), ("open_set", "open_set")):  # fmt: skip
-            if topic_key in wanted and key in bodies:
-                self.pubs[topic_key].publish(cdr.serialize_body(bodies[key]))
+        for field, body in bodies.items():
+            key = IMAGE_OUTPUTS[field][0]
+            if key in wanted:
+                self.pubs[key].publish(cdr.serialize_body(body))
         if "hazards" in wanted and not boxes_first:
             self._publish_hazards(result, header, p, rgb.shape[:2])
         if "safety" in wanted:
-            timings = {**(arrival or {}), "decode": decode_ms, **result.timings_ms}
+            timings = {**arrival, "decode": decode_ms, **result.timings_ms}
             timings["publish"] = (time.perf_counter() - t1) * 1e3
             timings["total"] = (time.perf_counter() - t0) * 1e3
             frame = self._safety(result, header, p, timings)
             embedded = {}
             if p.safety_embeds_maps:
-                names = {"labels": "segmentation", "anomaly": "anomaly", "failure": "failure"}
-                embedded = {field: bodies[k] for k, field in names.items() if k in bodies}
+                embedded = {to: bodies[k] for k, to in SAFETY_EMBEDS.items() if k in bodies}
             self.pubs["safety"].publish(cdr.serialize(frame, embedded))
         return True
 
@@ -682,10 +690,8 @@ class DetectorNode(Node):
     @staticmethod
     def _image_bodies(r: RenderedFrame, header: Any) -> dict[str, list[Any]]:
         """Each produced picture or map serialised once, as an Image payload."""
-        encodings = {"labels": "mono8", "color": "rgb8", "overlay": "rgb8",
-                     "anomaly": "32FC1", "failure": "32FC1", "open_set": "mono8"}  # fmt: skip
         bodies = {}
-        for key, encoding in encodings.items():
+        for key, (_, encoding) in IMAGE_OUTPUTS.items():
             a = getattr(r, key)
             if a is None:
                 continue
