@@ -81,13 +81,6 @@ def _input_size_ok(value: list[int]) -> str | None:
     return None
 
 
-def _threshold_ok(value: float) -> str | None:
-    # NaN is the "use the calibrated operating point" value; only infinities are refused.
-    return (
-        "must be finite, or NaN for the calibrated operating point" if math.isinf(value) else None
-    )
-
-
 def _class_ids_ok(value: list[int]) -> str | None:
     if not value:
         return "name at least one drivable train id (road is 0)"
@@ -177,7 +170,6 @@ SPECS: tuple[Spec, ...] = (
         "NaN (default) = the detector's calibrated operating point stored in its bundle "
         "(segsafe calibrate).",
         runtime=True,
-        check=_threshold_ok,
     ),
     Spec(
         "alarm_fraction",
@@ -335,9 +327,11 @@ def validate(name: str, value: Any) -> str | None:
 def _problem(spec: Spec, value: Any) -> str | None:
     if isinstance(spec.default, bool) != isinstance(value, bool):
         return f"expected {type(spec.default).__name__}"
-    nan_means_default = isinstance(spec.default, float) and math.isnan(spec.default)
-    if isinstance(value, float) and not math.isfinite(value) and not nan_means_default:
-        return "must be finite"
+    if isinstance(value, float) and not math.isfinite(value):
+        # NaN is accepted where it is the default: it means what the description says.
+        nan_default = isinstance(spec.default, float) and math.isnan(spec.default)
+        if not (nan_default and math.isnan(value)):
+            return "must be finite, or NaN (the default)" if nan_default else "must be finite"
     if spec.low is not None and isinstance(value, int | float) and not isinstance(value, bool):
         if not spec.low <= value <= spec.high:
             return f"must be within [{spec.low:g}, {spec.high:g}]"
