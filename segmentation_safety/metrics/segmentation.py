@@ -69,15 +69,12 @@ def fuse_open_set(pred: Any, anomaly: Any, threshold: float, anomaly_class: int)
     Torch tensors stay tensors on their device (the pipeline's path); anything else
     becomes a numpy array (evaluation). ``pred`` and ``anomaly`` must have one shape.
     """
-    if hasattr(pred, "masked_fill") and hasattr(anomaly, "masked_fill"):
-        if pred.shape != anomaly.shape:
-            raise ValueError(
-                f"pred shape {tuple(pred.shape)} differs from anomaly shape "
-                f"{tuple(anomaly.shape)}; resize the anomaly map to the label map first"
-            )
-        return pred.masked_fill(anomaly >= threshold, anomaly_class)
-    pred, anomaly = to_numpy(pred), to_numpy(anomaly)
+    torch_pair = hasattr(pred, "masked_fill") and hasattr(anomaly, "masked_fill")
+    if not torch_pair:
+        pred, anomaly = to_numpy(pred), to_numpy(anomaly)
     check_same_shape(pred, anomaly, ("pred", "anomaly"))
+    if torch_pair:
+        return pred.masked_fill(anomaly >= threshold, anomaly_class)
     return np.where(anomaly >= threshold, anomaly_class, pred).astype(pred.dtype)
 
 
