@@ -306,13 +306,14 @@ class Pipeline:
                     render.alarm,
                     render.alarm_region,
                 )
-            nonfinite = {}
-            if net_maps:
-                counts = torch.stack(
+            if net_maps:  # counted on the device, copied with the outputs
+                dev["nonfinite"] = torch.stack(
                     [torch.count_nonzero(~torch.isfinite(m[:1])) for m in net_maps.values()]
                 )
-                nonfinite = dict(zip(net_maps, counts.tolist(), strict=True))
             host = to_host(dev)
+            nonfinite = {}
+            if net_maps:
+                nonfinite = dict(zip(net_maps, host.pop("nonfinite").tolist(), strict=True))
         timings["total"] = (time.perf_counter() - t0) * 1e3
         return RenderedFrame(
             nonfinite=nonfinite,
