@@ -21,7 +21,8 @@ from segmentation_safety.drivable import drivable_region
 
 @dataclass(frozen=True)
 class AlarmCounts:
-    """Frame-level counts over the drivable area (see ``detector_node.compute_alarm``)."""
+    """Frame-level counts over the drivable area (``detector_node.alarm_message`` makes
+    the HazardAlarm from them)."""
 
     area_pixels: int
     anomalous_pixels: int

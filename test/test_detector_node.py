@@ -31,6 +31,7 @@ from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from segmentation_safety.msg import SafetyFrame  # noqa: E402
 from visualization_msgs.msg import MarkerArray  # noqa: E402
 
+from segmentation_safety import render  # noqa: E402
 from segmentation_safety.checkpoint import save_bundle  # noqa: E402
 from segmentation_safety.labels import TRAIN_NAMES  # noqa: E402
 from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata  # noqa: E402
@@ -38,10 +39,30 @@ from segmentation_safety.operating_point import OperatingPoint  # noqa: E402
 from segmentation_safety.ros import image_codec, markers  # noqa: E402
 from segmentation_safety.ros.detector_node import (  # noqa: E402
     DetectorNode,
-    compute_alarm,
+    alarm_message,
     main,
 )
 from segmentation_safety.types import SafetyResult  # noqa: E402
+
+
+def compute_alarm(
+    result: SafetyResult,
+    threshold: float,
+    fraction_threshold: float,
+    drivable: tuple[int, ...],
+    region: str = "corridor",
+):
+    """The node's alarm for host arrays: the pipeline's counts, then the node's message."""
+
+    def tensor(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+    counts = render.alarm_counts(
+        tensor(result.labels), tensor(result.anomaly), tensor(result.failure),
+        threshold, drivable, region,
+    )  # fmt: skip
+    return alarm_message(counts, threshold, fraction_threshold)
+
 
 pytestmark = pytest.mark.ros
 REPO = Path(__file__).resolve().parents[1]

@@ -86,7 +86,7 @@ from segmentation_safety.ros.params import (
     declare_parameters,
     drivable_problem,
 )
-from segmentation_safety.types import RenderedFrame, RenderOptions, SafetyResult
+from segmentation_safety.types import RenderedFrame, RenderOptions
 
 NODE_NAME = "segmentation_safety"
 
@@ -271,36 +271,6 @@ def effective_threshold(pipeline: Pipeline, detector: str, threshold: float) -> 
     if math.isnan(threshold) and point is not None:
         return point.threshold
     return threshold
-
-
-def compute_alarm(
-    result: SafetyResult | RenderedFrame,
-    threshold: float,
-    fraction_threshold: float,
-    drivable: tuple[int, ...],
-    region: str = "corridor",
-) -> HazardAlarm:
-    """Frame-level decision: share of the drivable area whose anomaly score is high.
-
-    ``region`` chooses the area (see :mod:`segmentation_safety.drivable`): the drivable
-    corridor, which includes objects lying on the road, or the drivable pixels only.
-    A NaN score counts as anomalous: a map that cannot be trusted must not hide a hazard.
-    The node gets the counts from the pipeline (on its device); this is the host path.
-    """
-    import torch
-
-    def tensor(a: np.ndarray | None) -> torch.Tensor | None:
-        return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
-
-    counts = render.alarm_counts(
-        tensor(result.labels),
-        tensor(result.anomaly),
-        tensor(result.failure),
-        threshold,
-        drivable,
-        region,
-    )
-    return alarm_message(counts, threshold, fraction_threshold)
 
 
 def alarm_message(
