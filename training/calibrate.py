@@ -58,12 +58,16 @@ def collect_inlier_scores(
             if where.size > per_image:
                 where = rng.choice(where, per_image, replace=False)
             _, outs, _ = pipeline.run(pipeline.to_input(sample["image"]), names)
+            picked = None  # the sampled pixels' indices, on the maps' device
             for name in names:
                 anomaly = outs[name].anomaly
                 if anomaly is None:
                     continue
                 score = resize_map(anomaly.float()[:, None], label.shape)[0, 0]
-                kept[name].append(score.cpu().numpy().ravel()[where])
+                if picked is None:
+                    picked = torch.from_numpy(where).to(score.device)
+                # Only the sampled pixels leave the device, not the label-size map.
+                kept[name].append(score.reshape(-1).index_select(0, picked).cpu().numpy())
     bar.close()
     return {n: np.concatenate(v) for n, v in kept.items() if v}, images
 
