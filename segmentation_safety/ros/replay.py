@@ -320,12 +320,14 @@ class Replayer:
     def _teardown(self, failed: bool) -> None:
         for ex in self.executors:
             ex.shutdown(timeout_sec=2.0)
+        # The spin threads end before their nodes go: a spin still building its wait set
+        # met a subscription's event handler being destroyed (InvalidHandle in the thread).
+        for th in self.threads:
+            th.join(timeout=5.0)
         for node in (self.collector, self.node):
             if node is not None:
                 node.destroy_node()
         self.context.try_shutdown()
-        for th in self.threads:
-            th.join(timeout=5.0)
         if self.recorder is not None:
             recorder, self.recorder = self.recorder, None
             recorder.finish(keep=not failed)
