@@ -492,9 +492,13 @@ def upsample_argmax(
     c0, c1 = x0.index_select(0, xx), x1.index_select(0, xx)
     wy = ly.index_select(0, yy).unsqueeze(1)
     wx = lx.index_select(0, xx).unsqueeze(1)
-    top = (1 - wx) * flat.index_select(0, r0 + c0) + wx * flat.index_select(0, r0 + c1)
-    bot = (1 - wx) * flat.index_select(0, r1 + c0) + wx * flat.index_select(0, r1 + c1)
-    winners = ((1 - wy) * top + wy * bot).argmax(1).to(torch.uint8)
+    # PyTorch's blend, (1 - wy) * ((1 - wx) * a + wx * b) + wy * (...), one rounding per
+    # op as there, but in place on the fresh gathers: no new N×K buffer per op.
+    top = flat.index_select(0, r0 + c0).mul_(1 - wx)
+    top += flat.index_select(0, r0 + c1).mul_(wx)
+    bot = flat.index_select(0, r1 + c0).mul_(1 - wx)
+    bot += flat.index_select(0, r1 + c1).mul_(wx)
+    winners = top.mul_(1 - wy).add_(bot.mul_(wy)).argmax(1).to(torch.uint8)
     out.view(-1).index_copy_(0, bb * (height * width) + yy * width + xx, winners)
     return out
 

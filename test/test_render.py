@@ -38,10 +38,11 @@ def test_colours_and_overlay_match_the_host_drawings():
     labels = rng.integers(0, 20, (24, 40)).astype(np.uint8)
     labels[0, 0] = 255
     palette = render.palette_on(torch.device("cpu"))
-    np.testing.assert_array_equal(
-        render.colorize(torch.from_numpy(labels), palette).numpy(),
-        visualize.colorize_labels(labels),
-    )
+    # uint8 ids on the CPU take OpenCV's lookup; other ids (and devices) the gather.
+    for ids in (torch.from_numpy(labels), torch.from_numpy(labels).long()):
+        np.testing.assert_array_equal(
+            render.colorize(ids, palette).numpy(), visualize.colorize_labels(labels)
+        )
     rgb = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
     anomaly = rng.normal(0.5, 0.3, (24, 40)).astype(np.float32)
     anomaly[3, 4], anomaly[5, 6], anomaly[7, 8] = np.nan, np.inf, -np.inf
