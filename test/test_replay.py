@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -292,3 +293,75 @@ def test_replayers_of_one_process_never_share_a_namespace(bags: dict[str, Path])
     # makes, so an id-derived name would collide now and then.
     names = {Replayer(bag, ReplayOptions()).namespace for _ in range(2000)}
     assert len(names) == 2000
+
+
+# -- the node in a process of its own (--node-process) -------------------------------------
+def test_node_process_command_reads_back_every_parameter_type():
+    from segmentation_safety.ros.node_process import node_command, parameter_value
+
+    assert parameter_value(True) == "true" and parameter_value(False) == "false"
+    assert parameter_value(float("nan")) == ".nan" and parameter_value(-math.inf) == "-.inf"
+    assert parameter_value([512, 1024]) == "[512, 1024]"
+    assert parameter_value("0.5") == '"0.5"'  # a string stays a string, not a number
+    with pytest.raises(TypeError, match="parameter value"):
+        parameter_value({"a": 1})
+    argv = node_command("/ns", Path("p.yaml"), {"output_scale": 0.5, "device": "cpu"})
+    ros = argv[argv.index("--ros-args") :]
+    assert ros == ["--ros-args", "-r", "__ns:=/ns", "--params-file", "p.yaml",
+                   "-p", "output_scale:=0.5", "-p", 'device:="cpu"']  # fmt: skip
+    # What rcl itself reads back from such arguments: the types the node checks.
+    from rclpy.context import Context
+    from rclpy.node import Node
+
+    ctx = Context()
+    rclpy.init(context=ctx, args=[])
+    try:
+        values = {"a": True, "b": 0.5, "c": [1, 2], "d": "0.5", "e": float("inf"), "f": ""}
+        args = ["--ros-args"] + [x for k, v in values.items()
+                                 for x in ("-p", f"{k}:={parameter_value(v)}")]  # fmt: skip
+        node = Node("probe", context=ctx, cli_args=args,
+                    automatically_declare_parameters_from_overrides=True)  # fmt: skip
+        got = {k: node.get_parameter(k).value for k in values}
+        node.destroy_node()
+    finally:
+        ctx.try_shutdown()
+    assert got == {**values, "c": [1, 2]} and isinstance(got["d"], str)
+
+
+def test_replay_with_the_node_in_its_own_process(
+    bags: dict[str, Path], models: Path, tmp_path: Path
+):
+    from segmentation_safety.bags import read_bag
+    from segmentation_safety.ros.replay import Replayer, ReplayOptions
+
+    config = tmp_path / "params.yaml"
+    config.write_text(PARAMS)
+    options = ReplayOptions(models_dir=models, config=config, warmup=1, node_process=True)
+    with Replayer(read_bag(bags["sqlite3"]), options) as r:
+        assert r.node is None and r.process is not None and r.process.exited() is None
+        r.warm_up()
+        trial = r.replay_bag()
+        process = r.process
+    assert trial.frames_processed >= 1
+    # The node's own stage timings crossed the process boundary with `safety`.
+    stages = next(iter(trial.stages.values()))
+    assert stages["segmenter"] > 0 and stages["transport_in"] >= 0
+    assert process.exited() is not None  # stopped with the replay, its log removed
+    assert not process.log.exists()
+
+
+def test_a_node_process_that_cannot_start_is_a_clear_error(
+    bags: dict[str, Path], models: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    config = tmp_path / "params.yaml"
+    config.write_text(PARAMS)
+    rc = main([
+        "replay", "--bag", str(bags["sqlite3"]), "--models", str(models), "--out",
+        str(tmp_path / "T.json"), "--config", str(config), "--node-process",
+        "--param", "anomaly_detector=no_such_detector",
+    ])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "node process exited with code 1" in err
+    assert "unknown detector 'no_such_detector'" in err  # the node's own message
+    assert not (tmp_path / "T.json").exists()

@@ -18,6 +18,7 @@ from segmentation_safety.commands.common import (
     parse_detectors,
     write_json,
 )
+from segmentation_safety.commands.replay import add_node_process_arg
 from segmentation_safety.errors import InvalidArgumentError, report_user_errors
 
 
@@ -63,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     node.add_argument(
         "--param", action="append", default=[], metavar="NAME=VALUE", help="node parameter"
     )
+    add_node_process_arg(node)
     p.set_defaults(run=run)
 
 
@@ -81,6 +83,10 @@ def run_node(args: argparse.Namespace) -> int:
 
     if args.bag is None:
         raise InvalidArgumentError("--node needs --bag (e.g. from `segsafe make-bag`)")
+    if args.threads and args.node_process:
+        raise InvalidArgumentError(
+            "--threads sets this process's torch threads, not a --node-process node's"
+        )
     if args.threads:  # the nodes run in this process
         import torch
 
@@ -99,7 +105,11 @@ def run_node(args: argparse.Namespace) -> int:
     if args.device != "auto":
         parameters.setdefault("device", args.device)
     options = ReplayOptions(
-        models_dir=args.models, config=args.config, outputs=outputs, parameters=parameters
+        models_dir=args.models,
+        config=args.config,
+        outputs=outputs,
+        parameters=parameters,
+        node_process=args.node_process,
     )
     variants = [Variant(h, w, s) for h, w in sizes for s in scales]
     bar = tqdm(total=args.frames, desc="bench --node", unit="round", file=sys.stderr)
@@ -111,8 +121,11 @@ def run_node(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     write_json(args.out, report)
-    print(f"node latency by stage, mean ms per frame ({args.frames} frames per variant, "
-          f"one in flight, interleaved; outputs {report['outputs']}):")  # fmt: skip
+    where = "its own process" if args.node_process else "this process"
+    print(
+        f"node latency by stage, mean ms per frame ({args.frames} frames per variant, "
+        f"one in flight, interleaved; outputs {report['outputs']}; the node in {where}):"
+    )
     print(format_node_table(report))
     print(f"wrote {args.out}")
     return 0

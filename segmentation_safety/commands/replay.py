@@ -57,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=VALUE",
         help="node parameter override (YAML value), e.g. output_scale=0.5; repeatable",
     )
+    add_node_process_arg(p)
     p.add_argument("--output-bag", type=Path, default=None, help="record input + outputs here")
     p.add_argument("--output-format", choices=("sqlite3", "mcap"), default="sqlite3")
     p.add_argument("--overlays", type=Path, default=None, help="save hazard overlays here")
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         search_trials=args.search_trials,
         output_bag=args.output_bag,
         output_format=args.output_format,
+        node_process=args.node_process,
     )
     print(f"replaying {args.bag} through the detector node ...", file=sys.stderr)
     report = replay(args.bag, options, args.topic)
@@ -124,6 +126,16 @@ def run(args: argparse.Namespace) -> int:
     if args.output_bag is not None:
         print(f"wrote {args.output_bag}")
     return 0
+
+
+def add_node_process_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--node-process",
+        action="store_true",
+        help="run the node in a process of its own, as deployed: its outputs then cross "
+        "the DDS transport the environment configures (e.g. FASTDDS_BUILTIN_TRANSPORTS) "
+        "instead of rclpy's in-process delivery",
+    )
 
 
 def parse_params(items: list[str]) -> dict[str, object]:

@@ -25,6 +25,7 @@ from segmentation_safety.ros.replay import Replayer, ReplayError, ReplayOptions,
 from segmentation_safety.ros.replay_report import (
     BREAKDOWN_STAGES,
     breakdown_summary,
+    delivery_label,
     latency_summary,
     outputs_label,
 )
@@ -141,6 +142,7 @@ def node_bench(
         "bag": str(bag_path),
         "rounds": rounds,
         "outputs": outputs_label(options),
+        "delivery": delivery_label(options),
         "parameters": options.parameters,
         "camera_info": info is not None,
         "variants": results,

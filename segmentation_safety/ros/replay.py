@@ -7,7 +7,9 @@ camera topic holds sensor_msgs/CompressedImage (``<base>/compressed``, as real c
 bags do) is fed to the node's ``image/compressed`` with ``input_transport: compressed``. The node is
 the real :class:`DetectorNode`, run in this process on its own executor thread, in its own
 rclpy context and a private namespace (so replays running side by side never hear each
-other). A collector node subscribes to every output (the node skips work for outputs
+other), or with ``node_process`` in a process of its own
+(:mod:`segmentation_safety.ros.node_process`), as deployed.
+A collector node subscribes to every output (the node skips work for outputs
 nobody listens to, so the measurement covers all of them) and matches ``safety`` to the
 published frame by header stamp, read straight from the CDR bytes.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +59,7 @@ from segmentation_safety.bags import (
     with_stamp,
 )
 from segmentation_safety.errors import UserError
+from segmentation_safety.ros.node_process import NodeProcess, node_command
 from segmentation_safety.ros.replay_report import ReplayReport, build_report, safety_timings
 
 #: Namespace the outputs are recorded under in an output bag (the replay's own is private).
@@ -239,6 +243,9 @@ class ReplayOptions:
     #: Node outputs to subscribe to (None: all). The node computes only what has a
     #: subscriber, so this choice changes the work being timed; T.json records it.
     outputs: frozenset[str] | None = None
+    #: Run the node in a process of its own (as deployed: outputs cross a DDS transport,
+    #: configured by the environment) instead of in this one (intra-process delivery).
+    node_process: bool = False
 
 
 class Replayer:
@@ -254,49 +261,42 @@ class Replayer:
         self.context = Context()
         self.threads: list[threading.Thread] = []
         self.executors: list[SingleThreadedExecutor] = []
-        self.node: Node | None = None
+        self.node: Node | None = None  # in this process, or:
+        self.process: NodeProcess | None = None  # with ``node_process``
         self.collector: Collector | None = None
         self.recorder: OutputBag | None = None
 
     # -- set-up and tear-down --------------------------------------------------------------
     def __enter__(self) -> Replayer:
-        from segmentation_safety.ros.detector_node import DetectorNode, StartupError
-
         o = self.options
+        if o.config is not None and not o.config.is_file():
+            raise ReplayError(f"--config {o.config}: no such file")
         rclpy.init(context=self.context, args=[])
         try:
-            overrides = []
-            if o.models_dir is not None:
-                overrides.append(Parameter("models_dir", value=str(o.models_dir)))
-            if o.device is not None:
-                overrides.append(Parameter("device", value=o.device))
-            if self.bag.compressed:  # overrides beat --config: the bag decides the input
-                overrides.append(Parameter("input_transport", value="compressed"))
-            overrides += [Parameter(k, value=v) for k, v in o.parameters.items()]
-            cli = ["--ros-args", "--params-file", str(o.config)] if o.config else None
-            if o.config is not None and not o.config.is_file():
-                raise ReplayError(f"--config {o.config}: no such file")
-            try:
-                self.node = DetectorNode(
-                    namespace=self.namespace,
-                    context=self.context,
-                    parameter_overrides=overrides,
-                    cli_args=cli,
+            if o.node_process:
+                self.process = NodeProcess(
+                    node_command(self.namespace, o.config, self._overrides())
                 )
-            except StartupError as e:
-                raise ReplayError(f"the detector node cannot start: {e}") from None
+            else:
+                self.node = self._node_here()
             if o.output_bag is not None:
                 self.recorder = OutputBag(o.output_bag, o.output_format)
             self.collector = Collector(
                 self.context, self.namespace, self.recorder, o.outputs, self.bag.compressed
             )
             for node in (self.node, self.collector):
+                if node is None:
+                    continue
                 ex = SingleThreadedExecutor(context=self.context)
                 ex.add_node(node)
                 th = threading.Thread(target=self._spin, args=(ex,), daemon=True)
                 th.start()
                 self.executors.append(ex)
                 self.threads.append(th)
+            if self.process is not None:  # it loads its models before it subscribes
+                problem = self.process.wait_until(self.collector.connected, o.startup_timeout_s)
+                if problem:
+                    raise ReplayError(problem)
             deadline = time.monotonic() + 20.0
             while not self.collector.connected():
                 if time.monotonic() > deadline:
@@ -306,6 +306,34 @@ class Replayer:
             self._teardown(failed=True)
             raise
         return self
+
+    def _overrides(self) -> dict[str, Any]:
+        """Parameters set on top of ``config``: the options', then ``parameters``."""
+        o = self.options
+        out: dict[str, Any] = {}
+        if o.models_dir is not None:
+            out["models_dir"] = str(o.models_dir)
+        if o.device is not None:
+            out["device"] = o.device
+        if self.bag.compressed:  # overrides beat --config: the bag decides the input
+            out["input_transport"] = "compressed"
+        return {**out, **o.parameters}
+
+    def _node_here(self) -> Node:
+        """The detector node in this process, in the replay's own context."""
+        from segmentation_safety.ros.detector_node import DetectorNode, StartupError
+
+        o = self.options
+        cli = ["--ros-args", "--params-file", str(o.config)] if o.config else None
+        try:
+            return DetectorNode(
+                namespace=self.namespace,
+                context=self.context,
+                parameter_overrides=[Parameter(k, value=v) for k, v in self._overrides().items()],
+                cli_args=cli,
+            )
+        except StartupError as e:
+            raise ReplayError(f"the detector node cannot start: {e}") from None
 
     @staticmethod
     def _spin(executor: SingleThreadedExecutor) -> None:
@@ -318,16 +346,24 @@ class Replayer:
         self._teardown(failed=exc_type is not None)
 
     def _teardown(self, failed: bool) -> None:
+        if self.process is not None:  # first: a peer that stopped reading can stall DDS
+            self.process.stop()
         for ex in self.executors:
             ex.shutdown(timeout_sec=2.0)
         # The spin threads end before their nodes go: a spin still building its wait set
         # met a subscription's event handler being destroyed (InvalidHandle in the thread).
         for th in self.threads:
             th.join(timeout=5.0)
-        for node in (self.collector, self.node):
-            if node is not None:
-                node.destroy_node()
-        self.context.try_shutdown()
+        # Destroying a node can block forever inside the middleware (seen once Fast DDS's
+        # TCP transport stopped delivering): bounded, so that a replay that failed still
+        # ends with its error; what is left goes with the process.
+        nodes = [n for n in (self.collector, self.node) if n is not None]
+        if any(th.is_alive() for th in self.threads) or not _within(
+            lambda: [n.destroy_node() for n in nodes], timeout_s=10.0
+        ):
+            print("replay: the middleware did not let go of the replay's nodes", file=sys.stderr)
+        else:
+            self.context.try_shutdown()
         if self.recorder is not None:
             recorder, self.recorder = self.recorder, None
             recorder.finish(keep=not failed)
@@ -428,6 +464,14 @@ class Replayer:
             if rate > 2000 or rate < 0.05:
                 break
         return lo, log
+
+
+def _within(work: Callable[[], object], timeout_s: float) -> bool:
+    """Run ``work`` on a daemon thread; False if it has not finished within ``timeout_s``."""
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    th.join(timeout_s)
+    return not th.is_alive()
 
 
 def replay(bag_path: Path, options: ReplayOptions, image_topic: str | None = None) -> ReplayReport:

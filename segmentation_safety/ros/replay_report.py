@@ -254,6 +254,7 @@ def build_report(
         "rate_factor": options.rate,
         "drop_fraction": trial.drop_fraction,
         "outputs": outputs_label(options),
+        "delivery": delivery_label(options),
     }
     if search is not None:
         data["max_rate_hz"] = search["max_rate_hz"]
@@ -270,6 +271,24 @@ def build_report(
 def outputs_label(options: ReplayOptions) -> str | list[str]:
     """The outputs subscribed to, as T.json and N.json record them."""
     return "all" if options.outputs is None else sorted(options.outputs | {"safety"})
+
+
+#: Environment variables that choose and configure the middleware's transports.
+MIDDLEWARE_ENV = (
+    "RMW_IMPLEMENTATION",
+    "FASTDDS_BUILTIN_TRANSPORTS",
+    "FASTDDS_DEFAULT_PROFILES_FILE",
+    "FASTRTPS_DEFAULT_PROFILES_FILE",
+    "ROS_LOCALHOST_ONLY",
+    "ROS_AUTOMATIC_DISCOVERY_RANGE",
+)
+
+
+def delivery_label(options: ReplayOptions) -> dict[str, Any]:
+    """How outputs reached the collector, as T.json and N.json record it: in this process
+    (intra-process) or from the node's own process, and the middleware settings in force."""
+    env = {k: os.environ[k] for k in MIDDLEWARE_ENV if k in os.environ}
+    return {"node_process": options.node_process, "environment": env}
 
 
 def _finite(v: float) -> float | None:
