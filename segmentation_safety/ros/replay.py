@@ -64,6 +64,8 @@ from segmentation_safety.ros.replay_report import ReplayReport, build_report, sa
 
 #: Namespace the outputs are recorded under in an output bag (the replay's own is private).
 RECORDED_NAMESPACE = "/segmentation_safety"
+#: How long tear-down waits for the middleware to let go of the replay's nodes.
+TEARDOWN_TIMEOUT_S = 10.0
 #: Numbers the replayers of this process, for their private namespaces.
 _REPLAYER_COUNT = itertools.count()
 
@@ -359,7 +361,7 @@ class Replayer:
         # ends with its error; what is left goes with the process.
         nodes = [n for n in (self.collector, self.node) if n is not None]
         if any(th.is_alive() for th in self.threads) or not _within(
-            lambda: [n.destroy_node() for n in nodes], timeout_s=10.0
+            lambda: [n.destroy_node() for n in nodes], timeout_s=TEARDOWN_TIMEOUT_S
         ):
             print("replay: the middleware did not let go of the replay's nodes", file=sys.stderr)
         else:
@@ -467,8 +469,19 @@ class Replayer:
 
 
 def _within(work: Callable[[], object], timeout_s: float) -> bool:
-    """Run ``work`` on a daemon thread; False if it has not finished within ``timeout_s``."""
-    th = threading.Thread(target=work, daemon=True)
+    """Run ``work`` on a daemon thread; False if it has not finished within ``timeout_s``.
+
+    An exception in ``work`` is reported on stderr, not raised: this is for tear-down,
+    where the replay's own result or error is what matters.
+    """
+
+    def guarded() -> None:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - reported, the tear-down goes on
+            print(f"replay: tear-down: {type(e).__name__}: {e}", file=sys.stderr)
+
+    th = threading.Thread(target=guarded, daemon=True)
     th.start()
     th.join(timeout_s)
     return not th.is_alive()
