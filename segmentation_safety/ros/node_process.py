@@ -67,7 +67,9 @@ class NodeProcess:
     """A running detector node process; its console output goes to a log file."""
 
     def __init__(self, argv: Sequence[str]) -> None:
-        self.log = Path(tempfile.mkstemp(prefix="segsafe_node_", suffix=".log")[1])
+        fd, name = tempfile.mkstemp(prefix="segsafe_node_", suffix=".log")
+        os.close(fd)
+        self.log = Path(name)
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
