@@ -365,35 +365,3 @@ def test_a_node_process_that_cannot_start_is_a_clear_error(
     assert "node process exited with code 1" in err
     assert "unknown detector 'no_such_detector'" in err  # the node's own message
     assert not (tmp_path / "T.json").exists()
-
-
-def test_a_teardown_the_middleware_blocks_still_ends(
-    bags: dict[str, Path], models: Path, tmp_path: Path, monkeypatch, capsys
-):
-    import threading
-
-    from segmentation_safety.bags import read_bag
-    from segmentation_safety.ros import replay as replay_module
-
-    config = tmp_path / "params.yaml"
-    config.write_text(PARAMS)
-    release = threading.Event()
-    monkeypatch.setattr(replay_module, "TEARDOWN_TIMEOUT_S", 0.5)
-    # Stands for a destroy that never returns inside the middleware (seen with a stalled
-    # Fast DDS transport): the replay must still end, and say so.
-    monkeypatch.setattr(replay_module.Collector, "destroy_node", lambda self: release.wait(30))
-    options = replay_module.ReplayOptions(models_dir=models, config=config, warmup=1)
-    try:
-        with replay_module.Replayer(read_bag(bags["sqlite3"]), options):
-            pass
-        assert "did not let go of the replay's nodes" in capsys.readouterr().err
-    finally:
-        release.set()
-
-    def refuse(self: object) -> None:
-        raise RuntimeError("handle already gone")
-
-    monkeypatch.setattr(replay_module.Collector, "destroy_node", refuse)
-    with replay_module.Replayer(read_bag(bags["sqlite3"]), options):
-        pass  # reported, not raised: the replay's own result is what counts
-    assert "tear-down: RuntimeError: handle already gone" in capsys.readouterr().err

@@ -32,7 +32,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -64,8 +63,6 @@ from segmentation_safety.ros.replay_report import ReplayReport, build_report, sa
 
 #: Namespace the outputs are recorded under in an output bag (the replay's own is private).
 RECORDED_NAMESPACE = "/segmentation_safety"
-#: How long tear-down waits for the middleware to let go of the replay's nodes.
-TEARDOWN_TIMEOUT_S = 10.0
 #: Numbers the replayers of this process, for their private namespaces.
 _REPLAYER_COUNT = itertools.count()
 
@@ -356,15 +353,13 @@ class Replayer:
         # met a subscription's event handler being destroyed (InvalidHandle in the thread).
         for th in self.threads:
             th.join(timeout=5.0)
-        # Destroying a node can block forever inside the middleware (seen once Fast DDS's
-        # TCP transport stopped delivering): bounded, so that a replay that failed still
-        # ends with its error; what is left goes with the process.
-        nodes = [n for n in (self.collector, self.node) if n is not None]
-        if any(th.is_alive() for th in self.threads) or not _within(
-            lambda: [n.destroy_node() for n in nodes], timeout_s=TEARDOWN_TIMEOUT_S
-        ):
-            print("replay: the middleware did not let go of the replay's nodes", file=sys.stderr)
-        else:
+        # After a failed replay with a node process the middleware may be stalled (seen
+        # with Fast DDS's TCP transport), and destroying a node then blocked forever with
+        # the GIL held: its nodes are left to this process's exit instead.
+        if not (failed and self.process is not None):
+            for node in (self.collector, self.node):
+                if node is not None:
+                    node.destroy_node()
             self.context.try_shutdown()
         if self.recorder is not None:
             recorder, self.recorder = self.recorder, None
@@ -466,25 +461,6 @@ class Replayer:
             if rate > 2000 or rate < 0.05:
                 break
         return lo, log
-
-
-def _within(work: Callable[[], object], timeout_s: float) -> bool:
-    """Run ``work`` on a daemon thread; False if it has not finished within ``timeout_s``.
-
-    An exception in ``work`` is reported on stderr, not raised: this is for tear-down,
-    where the replay's own result or error is what matters.
-    """
-
-    def guarded() -> None:
-        try:
-            work()
-        except Exception as e:  # noqa: BLE001 - reported, the tear-down goes on
-            print(f"replay: tear-down: {type(e).__name__}: {e}", file=sys.stderr)
-
-    th = threading.Thread(target=guarded, daemon=True)
-    th.start()
-    th.join(timeout_s)
-    return not th.is_alive()
 
 
 def replay(bag_path: Path, options: ReplayOptions, image_topic: str | None = None) -> ReplayReport:
