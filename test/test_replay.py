@@ -365,3 +365,42 @@ def test_a_node_process_that_cannot_start_is_a_clear_error(
     assert "node process exited with code 1" in err
     assert "unknown detector 'no_such_detector'" in err  # the node's own message
     assert not (tmp_path / "T.json").exists()
+
+
+def test_a_node_process_ends_when_the_replay_is_killed(models: Path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # A replay killed outright (no tear-down) must not leave its node running.
+    parent = subprocess.Popen(
+        [sys.executable, "-P", "-c", (
+            "import sys, time\n"
+            "from segmentation_safety.ros.node_process import NodeProcess, node_command\n"
+            f"p = NodeProcess(node_command('/orphan_check', None, {{'models_dir': {str(models)!r},"
+            " 'anomaly_detector': 'max_softmax'}))\n"
+            "print(p.proc.pid, flush=True)\n"
+            "time.sleep(120)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    child = int(parent.stdout.readline())
+    time.sleep(3.0)  # the node is starting or running
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30.0
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = _alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the node process outlived its replay"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
