@@ -25,6 +25,8 @@ from typing import Any
 #: Starts the node as its console entry point does (``ros2 run ... detector_node``), after
 #: asking Linux for a Ctrl-C when its parent dies, so that a replay killed outright leaves
 #: no node behind (and none that missed it: the parent is checked after the request).
+#: Linux sends it when the *thread* that started the node ends: start it from a thread
+#: that lives as long as the replay (the CLI's main thread does).
 #: ``-P``: a working directory holding the source tree must not shadow the installed
 #: package, whose generated messages the source tree lacks.
 _ENTRY = """\
