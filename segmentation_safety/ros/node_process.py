@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,15 +98,3 @@ class NodeProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.unlink(missing_ok=True)
-
-    def wait_until(self, ready: Any, timeout_s: float) -> str | None:
-        """Poll ``ready()`` until true; None, or why not (the process ended, or timed out)."""
-        deadline = time.monotonic() + timeout_s
-        while not ready():
-            code = self.exited()
-            if code is not None:
-                return f"the node process exited with code {code}:\n{self.tail()}"
-            if time.monotonic() > deadline:
-                return f"the node process did not connect within {timeout_s:.0f} s:\n{self.tail()}"
-            time.sleep(0.05)
-        return None

@@ -292,19 +292,32 @@ class Replayer:
                 th.start()
                 self.executors.append(ex)
                 self.threads.append(th)
-            if self.process is not None:  # it loads its models before it subscribes
-                problem = self.process.wait_until(self.collector.connected, o.startup_timeout_s)
-                if problem:
-                    raise ReplayError(problem)
-            deadline = time.monotonic() + 20.0
-            while not self.collector.connected():
-                if time.monotonic() > deadline:
-                    raise ReplayError("the node's topics were not discovered within 20 s")
-                time.sleep(0.02)
+            self._wait_connected()
         except BaseException:
             self._teardown(failed=True)
             raise
         return self
+
+    def _wait_connected(self) -> None:
+        """Until the collector and the node have discovered each other; a node process
+        also loads its models first, and may exit instead (its log's end is the error)."""
+        assert self.collector is not None
+        timeout = 20.0 if self.process is None else self.options.startup_timeout_s
+        deadline = time.monotonic() + timeout
+        while not self.collector.connected():
+            code = None if self.process is None else self.process.exited()
+            if code is not None:
+                raise ReplayError(f"the node process exited with code {code}{self._node_log()}")
+            if time.monotonic() > deadline:
+                raise ReplayError(
+                    f"the node's topics were not discovered within {timeout:.0f} s"
+                    + self._node_log()
+                )
+            time.sleep(0.02)
+
+    def _node_log(self) -> str:
+        """The end of a node process's console output, where it names why it failed."""
+        return "" if self.process is None else f":\n{self.process.tail()}"
 
     def _overrides(self) -> dict[str, Any]:
         """Parameters set on top of ``config``: the options', then ``parameters``."""
