@@ -16,9 +16,12 @@ pytestmark = pytest.mark.ros
 PROFILE = Path(__file__).resolve().parents[1] / "config" / "fastdds_same_host.xml"
 NS = {"dds": "http://www.eprosima.com"}
 
-#: Publishes serialised 32FC1 Images of 1024x2048 (8 MB) on /big until told to stop.
+#: Publishes one 32FC1 Image of 1024x2048 (8 MB) on /big once a subscriber matched, waits
+#: until it is acknowledged (reliable: a reader that matched later still gets it), then
+#: until its stdin closes (its shared-memory segment stays while the test looks at it).
 PUBLISHER = """
 import sys, time, numpy as np, rclpy
+from rclpy.duration import Duration
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 rclpy.init()
@@ -27,9 +30,12 @@ qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
 pub = node.create_publisher(Image, "big", qos)
 msg = Image(height=1024, width=2048, encoding="32FC1", step=8192)
 msg.data = np.full(1024 * 8192, 7, np.uint8).tobytes()
-for _ in range(600):
-    pub.publish(msg)
-    time.sleep(0.05)
+deadline = time.monotonic() + 30.0
+while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
+    rclpy.spin_once(node, timeout_sec=0.1)
+pub.publish(msg)
+pub.wait_for_all_acked(Duration(seconds=30))
+sys.stdin.read()
 """
 
 #: Prints the size of the first message on /big, then exits.
@@ -68,14 +74,18 @@ def test_profile_carries_a_2mp_float_map_between_processes(tmp_path: Path):
     sub = subprocess.Popen([sys.executable, "-P", "-c", SUBSCRIBER], env=env, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     pub = subprocess.Popen([sys.executable, "-P", "-c", PUBLISHER], env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)  # fmt: skip
     try:
         out, err = sub.communicate(timeout=60)
         # The profile took effect: its segments (64 MB, not Fast DDS's default 512 KB).
         new = {name: size for name, size in _segments().items() if name not in before}
     finally:
-        pub.kill()
-        _, pub_err = pub.communicate()
+        try:
+            _, pub_err = pub.communicate(timeout=40)  # closing its stdin ends it
+        except subprocess.TimeoutExpired:
+            pub.kill()
+            _, pub_err = pub.communicate()
         sub.kill()
     assert sub.returncode == 0, err
     word, size = out.split()

@@ -368,39 +368,41 @@ def test_a_node_process_that_cannot_start_is_a_clear_error(
 
 
 def test_a_node_process_ends_when_the_replay_is_killed(models: Path):
+    import select
     import signal
     import subprocess
     import sys
     import time
 
-    # A replay killed outright (no tear-down) must not leave its node running.
+    # A replay killed outright (no tear-down) must not leave its node running. The
+    # stand-in replay starts a node, says where, and waits on its stdin until killed.
     parent = subprocess.Popen(
         [sys.executable, "-P", "-c", (
-            "import sys, time\n"
+            "import sys\n"
             "from segmentation_safety.ros.node_process import NodeProcess, node_command\n"
             f"p = NodeProcess(node_command('/orphan_check', None, {{'models_dir': {str(models)!r},"
             " 'anomaly_detector': 'max_softmax'}))\n"
-            "print(p.proc.pid, flush=True)\n"
-            "time.sleep(120)\n"
+            "print(p.proc.pid, p.log, flush=True)\n"
+            "sys.stdin.read()\n"
         )],
-        stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    child = int(parent.stdout.readline())
-    time.sleep(3.0)  # the node is starting or running
+    pid, log = parent.stdout.readline().split()
+    child = int(pid)
+    deadline = time.monotonic() + 60.0  # the node has loaded its models: it is running
+    while "models from" not in Path(log).read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "models from" in Path(log).read_text(), Path(log).read_text()
     parent.send_signal(signal.SIGKILL)
     parent.wait()
-    deadline = time.monotonic() + 30.0
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    alive = _alive(child)
-    if alive:
-        os.kill(child, signal.SIGKILL)
-    assert not alive, "the node process outlived its replay"
-
-
-def _alive(pid: int) -> bool:
+    pidfd = os.pidfd_open(child)  # readable once the process has ended
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
+        ended = bool(select.select([pidfd], [], [], 30.0)[0])
+        if not ended:
+            os.kill(child, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+    parent.stdin.close()
+    parent.stdout.close()
+    Path(log).unlink(missing_ok=True)  # its replay died before removing it
+    assert ended, "the node process outlived its replay"
