@@ -178,9 +178,11 @@ class Harness:
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=2.0)
+        # The spin ends before the nodes go, as in replay: a spin still building its wait
+        # set met an event handler being destroyed (InvalidHandle in the thread, seen in CI).
+        self.thread.join(timeout=5.0)
         self.node.destroy_node()
         self.helper.destroy_node()
-        self.thread.join(timeout=5.0)
 
 
 @pytest.fixture
