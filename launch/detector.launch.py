@@ -6,7 +6,8 @@ Arguments: image, camera_info, depth (input topics; depth is read with use_depth
 (parameter YAML), device (overrides the YAML when given), transport (raw or compressed:
 then the node reads ``<image>/compressed``, image_transport's name; overrides the YAML
 when given), models_dir and anomaly_detector (override the YAML when given), namespace,
-use_sim_time, rviz.
+use_sim_time, rviz, dds_profile (the Fast DDS profile of the node and RViz: same_host for
+the shipped shared-memory one, a file, or empty for the environment's).
 """
 
 import os
@@ -18,14 +19,21 @@ from launch.launch_description import LaunchDescription
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
+from segmentation_safety.ros.dds_profile import profile_env
+
 PACKAGE = "segmentation_safety"
 
 
-def _detector(context):
-    # An OpaqueFunction so that `device` overrides the YAML only when it was given.
+def _processes(context):
+    # An OpaqueFunction so that `device` overrides the YAML only when it was given, and a
+    # bad dds_profile stops the launch before anything starts.
     def arg(name):
         return LaunchConfiguration(name).perform(context)
 
+    share = get_package_share_directory(PACKAGE)
+    # The node and RViz get the same profile: a shared-memory-only participant and one
+    # with the default transports do not see each other.
+    env = profile_env(arg("dds_profile"), share)
     overrides = {"use_sim_time": arg("use_sim_time").lower() in ("true", "1", "yes")}
     if arg("device"):
         overrides["device"] = arg("device")
@@ -35,24 +43,34 @@ def _detector(context):
         if arg(name):
             overrides[name] = arg(name)
     image = arg("image")
-    return [
-        Node(
-            package=PACKAGE,
-            executable="detector_node",
-            name="segmentation_safety",
-            namespace=arg("namespace"),
-            parameters=[arg("config"), overrides],
-            remappings=[
-                ("image", image),
-                # Remapping is by exact name: the compressed topic needs its own rule.
-                ("image/compressed", f"{image}/compressed"),
-                ("camera_info", arg("camera_info")),
-                ("depth", arg("depth")),
-            ],
-            output="screen",
-            emulate_tty=True,
-        )
-    ]
+    sim_time = overrides["use_sim_time"]
+    detector = Node(
+        package=PACKAGE,
+        executable="detector_node",
+        name="segmentation_safety",
+        namespace=arg("namespace"),
+        parameters=[arg("config"), overrides],
+        remappings=[
+            ("image", image),
+            # Remapping is by exact name: the compressed topic needs its own rule.
+            ("image/compressed", f"{image}/compressed"),
+            ("camera_info", arg("camera_info")),
+            ("depth", arg("depth")),
+        ],
+        output="screen",
+        emulate_tty=True,
+        additional_env=env,
+    )
+    rviz = Node(
+        package="rviz2",
+        executable="rviz2",
+        name="rviz2",
+        arguments=["-d", os.path.join(share, "config", "detector.rviz")],
+        parameters=[{"use_sim_time": sim_time}],
+        additional_env=env,
+        condition=IfCondition(LaunchConfiguration("rviz")),
+    )
+    return [detector, rviz]
 
 
 def generate_launch_description():
@@ -106,14 +124,14 @@ def generate_launch_description():
                 "use_sim_time", default_value="false", description="Use the /clock topic"
             ),
             DeclareLaunchArgument("rviz", default_value="false", description="Start RViz2"),
-            OpaqueFunction(function=_detector),
-            Node(
-                package="rviz2",
-                executable="rviz2",
-                name="rviz2",
-                arguments=["-d", os.path.join(share, "config", "detector.rviz")],
-                parameters=[{"use_sim_time": LaunchConfiguration("use_sim_time")}],
-                condition=IfCondition(LaunchConfiguration("rviz")),
+            DeclareLaunchArgument(
+                "dds_profile",
+                default_value="",
+                description="Fast DDS profile of the node and RViz: same_host (the shipped "
+                "shared-memory profile: fast delivery on this machine, none to other hosts; "
+                "give it to every subscriber), the path of an XML profile, or empty to keep "
+                "the environment's",
             ),
+            OpaqueFunction(function=_processes),
         ]
     )

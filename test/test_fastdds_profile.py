@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from segmentation_safety.ros.dds_profile import profile_env
+
 pytest.importorskip("rclpy", reason="rclpy (ROS 2 Kilted wheels) is not installed")
 
 pytestmark = pytest.mark.ros
@@ -68,7 +70,8 @@ def test_profile_is_a_shared_memory_only_participant():
 
 
 def test_profile_carries_a_2mp_float_map_between_processes(tmp_path: Path):
-    env = {**os.environ, "FASTDDS_DEFAULT_PROFILES_FILE": str(PROFILE),
+    # The environment the launch file's dds_profile:=same_host gives the node and RViz.
+    env = {**os.environ, **profile_env("same_host", PROFILE.parents[1]),
            "ROS_DOMAIN_ID": str(100 + os.getpid() % 100)}  # fmt: skip
     before = _segments()
     sub = subprocess.Popen([sys.executable, "-P", "-c", SUBSCRIBER], env=env, text=True,

@@ -33,6 +33,7 @@ ARGUMENTS = {
     "namespace",
     "use_sim_time",
     "rviz",
+    "dds_profile",
 }
 
 
@@ -140,6 +141,29 @@ def test_ros2_launch_loads_the_description():
     assert ARGUMENTS <= names
 
 
+def _tiny_config(tmp_path: Path) -> Path:
+    """A parameter file for a tiny untrained segmenter (fast to load, any output)."""
+    import torch
+
+    from segmentation_safety.checkpoint import save_bundle
+    from segmentation_safety.labels import TRAIN_NAMES
+    from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata
+
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    meta = {**segmenter_metadata(seg), "class_names": list(TRAIN_NAMES)}
+    save_bundle(tmp_path / "segmenter.safetensors", seg.state_dict(), meta)
+    config = tmp_path / "params.yaml"
+    config.write_text(
+        "/**:\n  ros__parameters:\n"
+        f"    models_dir: {str(tmp_path)!r}\n"
+        '    anomaly_detector: "max_softmax"\n'
+        "    anomaly_threshold: 0.0\n    hazard_min_pixels: 1\n    camera_pitch: 0.3\n"
+        "    diagnostics_period: 0.2\n"
+    )
+    return config
+
+
 # The launch runs in a child process, as `ros2 launch` would: launch installs its own
 # signal handlers, which only the main thread of a process may do.
 _RUN_LAUNCH = """
@@ -165,7 +189,6 @@ def test_ros2_launch_answers_on_every_output_and_shuts_down_cleanly(tmp_path):
     if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
         pytest.skip("install space not sourced: run through `make test`")
     import numpy as np
-    import torch
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -173,22 +196,7 @@ def test_ros2_launch_answers_on_every_output_and_shuts_down_cleanly(tmp_path):
     from sensor_msgs.msg import CameraInfo, Image
     from visualization_msgs.msg import MarkerArray
 
-    from segmentation_safety.checkpoint import save_bundle
-    from segmentation_safety.labels import TRAIN_NAMES
-    from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata
-
-    torch.manual_seed(0)
-    seg = build_segmenter("tiny", num_classes=19, width=8)
-    meta = {**segmenter_metadata(seg), "class_names": list(TRAIN_NAMES)}
-    save_bundle(tmp_path / "segmenter.safetensors", seg.state_dict(), meta)
-    config = tmp_path / "params.yaml"
-    config.write_text(
-        "/**:\n  ros__parameters:\n"
-        f"    models_dir: {str(tmp_path)!r}\n"
-        '    anomaly_detector: "max_softmax"\n'
-        "    anomaly_threshold: 0.0\n    hazard_min_pixels: 1\n    camera_pitch: 0.3\n"
-        "    diagnostics_period: 0.2\n"
-    )
+    config = _tiny_config(tmp_path)
     ns = f"segsafe_launch_{os.getpid()}"
     args = [
         f"image:=/{ns}/camera/image",
@@ -272,3 +280,71 @@ def test_ros2_launch_answers_on_every_output_and_shuts_down_cleanly(tmp_path):
     text = log.read_text()
     assert "Traceback" not in text, text
     assert "process has finished cleanly" in text, text  # the node exited with status 0
+
+
+#: Sends 64x32 frames to the node under namespace argv[1] until its `safety` answers
+#: (or argv[2] seconds pass); prints how many subscribers its image publisher saw and
+#: how many SafetyFrames arrived.
+_PROBE = """
+import sys, time, numpy as np, rclpy
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+from segmentation_safety.msg import SafetyFrame
+ns, timeout = sys.argv[1], float(sys.argv[2])
+rclpy.init()
+node = rclpy.create_node("dds_profile_probe")
+qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+got = []
+node.create_subscription(SafetyFrame, f"/{ns}/safety", got.append, qos)
+pub = node.create_publisher(Image, f"/{ns}/camera/image", qos)
+pixels = np.zeros((32, 64, 3), np.uint8).tobytes()
+deadline = time.monotonic() + timeout
+while not got and time.monotonic() < deadline:
+    if pub.get_subscription_count():
+        pub.publish(Image(height=32, width=64, encoding="rgb8", step=192, data=pixels))
+    rclpy.spin_once(node, timeout_sec=0.2)
+print(pub.get_subscription_count(), len(got), flush=True)
+"""
+
+
+def test_ros2_launch_dds_profile_reaches_the_node(tmp_path):
+    """dds_profile:=same_host: a process with the same profile talks with the node, one
+    with Fast DDS's defaults does not even see it (so the node really runs on the profile)."""
+    pytest.importorskip("launch_ros", reason="launch_ros is not installed (no ROS 2 distro here)")
+    pytest.importorskip("rclpy", reason="rclpy is not installed")
+    if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
+        pytest.skip("install space not sourced: run through `make test`")
+    from segmentation_safety.ros.dds_profile import profile_env
+
+    ns = f"segsafe_dds_{os.getpid()}"
+    env = {**os.environ, "ROS_DOMAIN_ID": str(100 + os.getpid() % 100)}
+    env.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
+    args = [f"image:=/{ns}/camera/image", f"config:={_tiny_config(tmp_path)}",
+            f"namespace:={ns}", "device:=cpu", "dds_profile:=same_host"]  # fmt: skip
+    log = tmp_path / "launch.log"
+    with log.open("w") as out:
+        launch = subprocess.Popen([sys.executable, "-P", "-c", _RUN_LAUNCH, str(LAUNCH), *args],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+
+    def probe(extra: dict[str, str], timeout: float) -> list[int]:
+        run = subprocess.run([sys.executable, "-P", "-c", _PROBE, ns, str(timeout)],
+                             env={**env, **extra}, capture_output=True, text=True,
+                             timeout=timeout + 60)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        return [int(v) for v in run.stdout.split()]
+
+    try:
+        subscribers, frames = probe(profile_env("same_host", REPO), 60.0)
+        assert subscribers == 1 and frames > 0, log.read_text()
+        # Discovery takes well under a second here; with the defaults it would find it.
+        assert probe({}, 5.0) == [0, 0], log.read_text()
+    finally:
+        if launch.poll() is None:
+            launch.send_signal(signal.SIGINT)
+        try:
+            launch.wait(timeout=30)
+        finally:
+            if launch.poll() is None:
+                launch.kill()
+                launch.wait()
+    assert "process has finished cleanly" in log.read_text(), log.read_text()
