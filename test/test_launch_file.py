@@ -182,6 +182,23 @@ sys.exit(service.run())
 """
 
 
+def _start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-P", "-c", _RUN_LAUNCH, str(LAUNCH), *args],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+
+
+def _stop(launch: subprocess.Popen) -> None:
+    if launch.poll() is None:
+        launch.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops `ros2 launch`
+    try:
+        launch.wait(timeout=30)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+            launch.wait()
+
+
 def test_ros2_launch_answers_on_every_output_and_shuts_down_cleanly(tmp_path):
     """launch_testing-style: launch the file, receive every output, Ctrl-C, clean exit."""
     pytest.importorskip("launch_ros", reason="launch_ros is not installed (no ROS 2 distro here)")
@@ -215,12 +232,7 @@ def test_ros2_launch_answers_on_every_output_and_shuts_down_cleanly(tmp_path):
         "hazards": MarkerArray,
     }
     log = tmp_path / "launch.log"
-    with log.open("w") as out:
-        launch = subprocess.Popen(
-            [sys.executable, "-P", "-c", _RUN_LAUNCH, str(LAUNCH), *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    launch = _start(args, log)
     context = rclpy.Context()
     rclpy.init(context=context)
     executor = SingleThreadedExecutor(context=context)
@@ -269,14 +281,7 @@ def test_ros2_launch_answers_on_every_output_and_shuts_down_cleanly(tmp_path):
     finally:
         executor.shutdown(timeout_sec=2.0)
         rclpy.try_shutdown(context=context)
-        if launch.poll() is None:
-            launch.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops `ros2 launch`
-        try:
-            launch.wait(timeout=30)
-        finally:
-            if launch.poll() is None:
-                launch.kill()
-                launch.wait()
+        _stop(launch)
     text = log.read_text()
     assert "Traceback" not in text, text
     assert "process has finished cleanly" in text, text  # the node exited with status 0
@@ -322,9 +327,7 @@ def test_ros2_launch_dds_profile_reaches_the_node(tmp_path):
     args = [f"image:=/{ns}/camera/image", f"config:={_tiny_config(tmp_path)}",
             f"namespace:={ns}", "device:=cpu", "dds_profile:=same_host"]  # fmt: skip
     log = tmp_path / "launch.log"
-    with log.open("w") as out:
-        launch = subprocess.Popen([sys.executable, "-P", "-c", _RUN_LAUNCH, str(LAUNCH), *args],
-                                  stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    launch = _start(args, log, env)
 
     def probe(extra: dict[str, str], timeout: float) -> list[int]:
         run = subprocess.run([sys.executable, "-P", "-c", _PROBE, ns, str(timeout)],
@@ -339,12 +342,5 @@ def test_ros2_launch_dds_profile_reaches_the_node(tmp_path):
         # Discovery takes well under a second here; with the defaults it would find it.
         assert probe({}, 5.0) == [0, 0], log.read_text()
     finally:
-        if launch.poll() is None:
-            launch.send_signal(signal.SIGINT)
-        try:
-            launch.wait(timeout=30)
-        finally:
-            if launch.poll() is None:
-                launch.kill()
-                launch.wait()
+        _stop(launch)
     assert "process has finished cleanly" in log.read_text(), log.read_text()
