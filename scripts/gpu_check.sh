@@ -2,7 +2,8 @@
 # The device checks of issue 14, prepared to run in one go on a machine with a CUDA GPU:
 # the CUDA tests, the model bench and the node bench (512x1024 and 1024x2048, output_scale
 # 1 and 0.5, network at the frame's size) on cuda, with the CPU node bench of the same
-# frames for comparison. Needs the environment `make setup` builds; writes JSONs and a log
+# frames for comparison, and the cuda node in a process of its own with the shipped
+# shared-memory profile (how a robot runs it, RViz in another process). Needs the environment `make setup` builds; writes JSONs and a log
 # under $1 (default out/gpu_check). Usage: bash scripts/gpu_check.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -36,4 +37,9 @@ for device in cuda cpu; do
     --sizes 512x1024,1024x2048 --output-scales 1,0.5 --frames 16 \
     --param "input_size=[512,1024]" --param "device=$device" --out "$OUT/node_$device.json"
 done
+say "node bench on cuda, the node in its own process, config/fastdds_same_host.xml"
+FASTDDS_DEFAULT_PROFILES_FILE="$PWD/config/fastdds_same_host.xml" \
+  segsafe bench --node --node-process --bag "$OUT/bag" --config config/detector.yaml \
+  --sizes 512x1024,1024x2048 --output-scales 1,0.5 --frames 16 \
+  --param "input_size=[512,1024]" --param "device=cuda" --out "$OUT/node_cuda_process_same_host.json"
 say "done: $OUT"
