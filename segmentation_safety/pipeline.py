@@ -52,6 +52,8 @@ def _demo_models_dir() -> Path:
 #: Shipped demo models, used when no models directory is given.
 DEMO_MODELS = _demo_models_dir()
 ALL_OUTPUTS = frozenset({"anomaly", "failure", "class_iou"})
+#: How frames are resized to the network's input (:func:`resize_input`).
+INPUT_RESIZES = ("pil", "fast")
 
 
 @dataclass
@@ -71,6 +73,10 @@ class PipelineConfig:
     #: Network input (H, W); None keeps the image size (``from_models_dir`` fills it from
     #: the segmenter bundle's ``input_size``). Maps come back at the image size.
     input_size: tuple[int, int] | None = None
+    #: "pil" (PIL's pixels, as the public checkpoints were evaluated) or "fast" (torch's
+    #: uint8 kernel on the CPU, a level or two off PIL on a few % of pixels): see
+    #: :func:`resize_input`.
+    input_resize: str = "pil"
     #: fp16 autocast on CUDA (ignored on CPU).
     half: bool = True
     detector_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -91,6 +97,11 @@ class Pipeline:
         class_names: Sequence[str] | None = None,
     ) -> None:
         self.config = config or PipelineConfig()
+        if self.config.input_resize not in INPUT_RESIZES:
+            raise ValueError(
+                f"input_resize must be one of {', '.join(INPUT_RESIZES)}, "
+                f"got {self.config.input_resize!r}"
+            )
         self.device = resolve_device(self.config.device)
         self.segmenter = segmenter.to(self.device).eval()
         self.detectors = {n: d.to(self.device).eval() for n, d in detectors.items()}
@@ -162,7 +173,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         with self._timed(timings, "preprocess"):
             if self.config.input_size:
-                images = resize_input(images, self.config.input_size)
+                images = resize_input(images, self.config.input_size, self.config.input_resize)
             x = self.segmenter.normalize(images)
         taps = sorted({t for n in names for t in self.detectors[n].embeddings})
         with self._timed(timings, "segmenter"), self._autocast():
@@ -380,7 +391,7 @@ def load_parts(detector: Detector, models_dir: str | os.PathLike[str]) -> Detect
     return detector
 
 
-def resize_input(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resize_input(images: torch.Tensor, size: Sequence[int], method: str = "pil") -> torch.Tensor:
     """B×3×H×W uint8 (or [0, 255]) images -> ``size`` (H, W) as PIL's bilinear resize,
     with which the public checkpoints were trained and evaluated: antialiased when
     shrinking, width first, then height, each pass rounded to whole intensities (half
@@ -390,23 +401,26 @@ def resize_input(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     antialiasing filter the softmax scores move up to 0.4 AUROC points from the
     reference, and with one unrounded pass up to 0.5 AP points (the network is that
     sensitive to ±1 intensity steps).
+
+    ``method="fast"``: uint8 frames on the CPU take torch's uint8 antialiased kernel at
+    every factor, 4-8× faster than the float passes for 1280×720 -> 1024×512, with pixels
+    off PIL's by 1-2 levels on 0.4-3.9% of them (Road Anomaly; docs/performance.md).
+    Elsewhere both methods are the float passes, cheap on a GPU.
     """
+    if method not in INPUT_RESIZES:
+        raise ValueError(f"resize method must be one of {', '.join(INPUT_RESIZES)}, got {method!r}")
     h, w = int(size[0]), int(size[1])
     in_h, in_w = images.shape[-2:]
     if (
         images.dtype == torch.uint8
         and images.device.type == "cpu"
-        and (in_h, in_w)
-        in (
-            (2 * h, w),
-            (h, 2 * w),
-            (2 * h, 2 * w),
-        )
+        and (in_h, in_w) != (h, w)
+        and (method == "fast" or (in_h, in_w) in ((2 * h, w), (h, 2 * w), (2 * h, 2 * w)))
     ):
         # Halving (a 1/8, 3/8, 3/8, 1/8 filter, exact in fixed point), torch's uint8
         # antialiased kernel (Pillow-SIMD's integer arithmetic) gives exactly the pixels
         # of the float passes below (tested), 5-8× faster. At other factors the two round
-        # differently on a few pixels in 10^5 to 10^3: the float passes stay the rule.
+        # differently on a few pixels in 10^5 to 10^2: only "fast" takes it there.
         return F.interpolate(
             images, size=(h, w), mode="bilinear", align_corners=False, antialias=True
         ).float()

@@ -390,6 +390,15 @@ def test_models_load_and_frames_run_on_the_compute_thread(harness, monkeypatch):
     assert len(threads) == 2 and all(t.startswith(THREAD_NAME) for t in threads)
 
 
+def test_input_resize_parameter_reaches_the_pipeline(harness):
+    h = harness(input_resize="fast", input_size=[24, 40])
+    assert h.node.pipeline.config.input_resize == "fast"
+    assert h.node.pipeline.config.input_size == (24, 40)
+    h.listen("safety")
+    h.image_pub.publish(image_msg(1))
+    wait_for(lambda: h.stamped("safety", 1), "safety")
+
+
 def test_output_scale_shrinks_the_float_maps_only(harness):
     h = harness(output_scale=0.5, anomaly_threshold=0.0, drivable_classes=list(range(19)))
     h.listen("segmentation", "anomaly", "failure", "hazard_overlay", "safety")

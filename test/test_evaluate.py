@@ -128,7 +128,10 @@ def test_end_to_end_anomaly_split_writes_design_report(world: Path, models: Path
     )  # fmt: skip
     assert rc == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"dataset", "images", "segmentation", "detectors", "skipped", "score_at"}
+    assert set(report) == {
+        "dataset", "images", "segmentation", "detectors", "skipped", "score_at", "input_resize",
+    }  # fmt: skip
+    assert report["input_resize"] == "pil"  # PIL's pixels unless asked otherwise
     assert report["dataset"] == "world" and report["images"] == 3
     assert report["score_at"]["requested"] == "network"  # the default: what the node publishes
     assert set(report["score_at"]["detectors"].values()) == {"network"}
@@ -162,6 +165,25 @@ def test_val_split_without_anomaly_labels_has_no_anomaly_blocks(
     assert set(report["detectors"]["max_softmax"]) == {"failure"}
     assert "entropy" in report["skipped"]  # anomaly-only detector, nothing to score on val
     _check_blocks(report)
+
+
+def test_input_resize_flag_reaches_the_pipeline_and_the_report(
+    world: Path, models: Path, tmp_path: Path
+):
+    common = (
+        "--root", str(world), "--split", "anomaly", "--models", str(models), "--quiet",
+        "--detectors", "max_softmax", "--metrics", "exact", "--input-size", "37", "61",
+    )  # fmt: skip
+    reports = {}
+    for method in ("pil", "fast"):
+        out = tmp_path / method / "R.json"
+        assert _cli(*common, "--input-resize", method, "--out", str(out)) == 0
+        reports[method] = json.loads(out.read_text())
+        assert reports[method]["input_resize"] == method
+        assert f"input resize: {method}" in (out.parent / "R.md").read_text()
+    # The network saw other pixels, so the scores moved (a little).
+    pil, fast = (reports[m]["detectors"]["max_softmax"]["anomaly"] for m in ("pil", "fast"))
+    assert pil != fast and abs(pil["auroc"] - fast["auroc"]) < 0.05
 
 
 class _RedOracle(Detector):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -118,6 +119,62 @@ def test_input_halved_by_the_uint8_kernel_has_the_pixels_of_the_float_passes():
         reference = resize_input(x.float(), (out_h, out_w))  # float input: the float passes
         assert fast.dtype == torch.float32
         torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+
+
+def test_fast_input_resize_is_the_uint8_kernel_a_level_or_two_from_pil():
+    from segmentation_safety.pipeline import resize_input
+
+    g = torch.Generator().manual_seed(5)
+    smooth = F.interpolate(torch.rand(1, 3, 9, 16, generator=g) * 255, size=(90, 160),
+                           mode="bicubic", align_corners=False)  # fmt: skip
+    x = smooth.clamp(0, 255).round().to(torch.uint8)
+    x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # as Pipeline.to_input
+    size = (64, 128)  # 1.40625 and 1.25: where the two round differently
+    fast, pil = resize_input(x, size, "fast"), resize_input(x, size)
+    kernel = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(fast, kernel.float(), rtol=0, atol=0)
+    assert 0 < (fast != pil).float().mean() < 0.05 and (fast - pil).abs().max() <= 2
+    # Halving is exact either way; float input and the frame's own size have nothing to win.
+    torch.testing.assert_close(resize_input(x, (45, 80), "fast"), resize_input(x, (45, 80)))
+    torch.testing.assert_close(resize_input(x.float(), size, "fast"), pil)
+    torch.testing.assert_close(resize_input(x, (90, 160), "fast"), x.float())
+    with pytest.raises(ValueError, match="pil, fast"):
+        resize_input(x, size, "nearest")
+
+
+def test_the_pipeline_feeds_its_network_the_configured_resize():
+    from segmentation_safety.models.zoo import build_segmenter
+    from segmentation_safety.pipeline import resize_input
+
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", num_classes=19, width=8).eval()
+    frame = torch.randint(0, 256, (37, 61, 3), dtype=torch.uint8)
+    logits = {}
+    for method in ("pil", "fast"):
+        config = PipelineConfig(
+            anomaly=None, device="cpu", input_size=(24, 40), input_resize=method
+        )
+        pipe = Pipeline(seg, {}, config)
+        x = pipe.to_input(frame.numpy())
+        logits[method] = pipe.run(x, [])[0].logits
+        with torch.inference_mode():
+            want = seg(seg.normalize(resize_input(x, (24, 40), method)), []).logits
+        torch.testing.assert_close(logits[method], want, rtol=0, atol=0)
+    assert not torch.equal(logits["pil"], logits["fast"])
+    with pytest.raises(ValueError, match="input_resize must be one of pil, fast"):
+        Pipeline(seg, {}, PipelineConfig(anomaly=None, device="cpu", input_resize="area"))
+
+
+def test_the_cli_offers_the_pipelines_resize_methods():
+    import argparse
+
+    from segmentation_safety.commands.common import add_input_resize_arg
+    from segmentation_safety.pipeline import INPUT_RESIZES
+
+    parser = argparse.ArgumentParser()
+    add_input_resize_arg(parser)
+    (action,) = [a for a in parser._actions if a.dest == "input_resize"]
+    assert tuple(action.choices) == INPUT_RESIZES and action.default == "pil"
 
 
 def test_process_frame_counts_non_finite_scores_even_for_maps_it_does_not_return():

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from segmentation_safety.commands.common import add_models_arg
+from segmentation_safety.commands.common import add_input_resize_arg, add_models_arg
 from segmentation_safety.errors import InvalidArgumentError, report_user_errors
 
 #: Datasets with a split that has segmentation labels.
@@ -53,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--pixels-per-image", type=int, default=20_000, help="inlier pixels kept")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    add_input_resize_arg(p)
     p.add_argument("--dry-run", action="store_true", help="print the thresholds, write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         failure=None,
         device=args.device,
         input_size=tuple(size) if size else None,
+        input_resize=args.input_resize,
     )
     pipeline = Pipeline(segmenter, detectors, config)
     scores, images = collect_inlier_scores(

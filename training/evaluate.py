@@ -106,6 +106,8 @@ class EvaluationReport:
     #: The order each scored detector used: "label" or "network" (a detector that needs
     #: more than the logits stays at "network" whatever was asked).
     scored_at: dict[str, str] = field(default_factory=dict)
+    #: How images were resized to the network's input ("pil" or "fast").
+    input_resize: str = "pil"
 
     @property
     def images_per_second(self) -> float:
@@ -376,6 +378,7 @@ def _report(
         metrics_mode=metrics_mode,
         score_at=score_at,
         scored_at={n: order[n] for n in scores},  # the scored ones only
+        input_resize=pipeline.config.input_resize,
     )
 
 

@@ -33,7 +33,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from segmentation_safety.commands.common import add_models_arg, parse_detector_options
+from segmentation_safety.commands.common import (
+    add_input_resize_arg,
+    add_models_arg,
+    parse_detector_options,
+)
 from segmentation_safety.errors import (
     InvalidArgumentError,
     MissingFileError,
@@ -74,6 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="network input size (default: the bundle's input_size, else the image size; "
         "512 1024 for upstream ESPNetv2 Cityscapes weights)",
     )
+    add_input_resize_arg(p)
     p.add_argument(
         "--laf-root",
         type=Path,
@@ -158,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         class_iou=None,
         device=args.device,
         input_size=tuple(input_size) if input_size else None,
+        input_resize=args.input_resize,
     )
     pipeline = Pipeline(segmenter, detectors, config, class_names_for(segmenter, meta))
     if args.score_at == "label":

@@ -5,7 +5,8 @@ R.json follows DESIGN.md 5.2 exactly::
     {"dataset": str, "images": int, "segmentation": {"miou": f},
      "detectors": {NAME: {"anomaly": {...}, "failure": {...}, "iou": {...}}},
      "skipped": {NAME: reason},
-     "score_at": {"requested": "network"|"label", "detectors": {NAME: "network"|"label"}}}
+     "score_at": {"requested": "network"|"label", "detectors": {NAME: "network"|"label"}},
+     "input_resize": "pil"|"fast"}
 
 Choices where the contract is silent: a block the split cannot measure is left out
 ("segmentation" on an anomaly-only split, as a detector lists only the blocks it
@@ -14,9 +15,10 @@ no NaN; "skipped" names detectors that were not scored, with the reason; "score_
 which order each detector's map was made ("network": scored at the network's resolution,
 the map upsampled, as the node publishes it; "label": logits upsampled to the label size,
 then scored, the benchmarks' protocol), since a requested "label" applies only to
-detectors that need nothing but the logits. Fractions, not percent. The plots are
-``R_anomaly.png`` and ``R_failure.png`` (PR left, ROC right) beside R.json.
-Every file is written atomically.
+detectors that need nothing but the logits; "input_resize" says how the images were
+resized to the network's input (PIL's pixels, or torch's faster uint8 kernel).
+Fractions, not percent. The plots are ``R_anomaly.png`` and ``R_failure.png`` (PR left,
+ROC right) beside R.json. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def report_json(report: EvaluationReport) -> dict[str, Any]:
     }
     out["skipped"] = dict(report.skipped)
     out["score_at"] = {"requested": report.score_at, "detectors": dict(report.scored_at)}
+    out["input_resize"] = report.input_resize
     return out
 
 
@@ -60,6 +63,7 @@ def report_markdown(report: EvaluationReport) -> str:
     if report.seconds > 0:
         facts.append(f"{report.images_per_second:.2f} images/s")
     facts.append(f"pixel metrics: {report.metrics_mode}")
+    facts.append(f"input resize: {report.input_resize}")
     lines += [", ".join(facts) + ".", "", scoring_order_text(report), ""]
     if report.miou is not None:
         lines += [

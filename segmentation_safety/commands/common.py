@@ -20,6 +20,19 @@ def add_models_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_input_resize_arg(parser: argparse.ArgumentParser) -> None:
+    # The pipeline's INPUT_RESIZES, spelt out so that parsing arguments loads no torch
+    # (a test keeps the two equal).
+    parser.add_argument(
+        "--input-resize",
+        choices=("pil", "fast"),
+        default="pil",
+        help="how images are resized to the network's input: pil = PIL's pixels (as the "
+        "public checkpoints were evaluated), fast = torch's uint8 kernel on the CPU, as the "
+        "node's input_resize: fast (pixels 1-2 levels off PIL's on a few %% of them)",
+    )
+
+
 def parse_detectors(text: str | None) -> list[str]:
     """'a,b' -> ['a', 'b']; 'all' or None -> every registered detector. Unknown names raise."""
     from segmentation_safety.detectors import registry

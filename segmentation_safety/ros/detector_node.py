@@ -233,6 +233,7 @@ def load_pipeline(p: DetectorParams) -> Pipeline:
         class_iou=p.class_iou_detector or None,
         device=p.device,
         input_size=p.input_size,
+        input_resize=p.input_resize,
     )
     try:
         pipeline = Pipeline.from_models_dir(p.models_dir or DEMO_MODELS, config)
