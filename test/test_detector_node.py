@@ -390,8 +390,9 @@ def test_models_load_and_frames_run_on_the_compute_thread(harness, monkeypatch):
     assert len(threads) == 2 and all(t.startswith(THREAD_NAME) for t in threads)
 
 
-def test_input_resize_parameter_reaches_the_pipeline(harness):
+def test_input_resize_parameter_reaches_the_pipeline(harness, capfd):
     h = harness(input_resize="fast", input_size=[24, 40])
+    assert "network input 24x40, frames resized as fast" in capfd.readouterr().err
     assert h.node.pipeline.config.input_resize == "fast"
     assert h.node.pipeline.config.input_size == (24, 40)
     h.listen("safety")

@@ -336,6 +336,11 @@ class DetectorNode(Node):
             f"anomaly={params.anomaly_detector or '-'} failure={params.failure_detector or '-'} "
             f"class_iou={params.class_iou_detector or '-'}; codec={self.codec.backend}"
         )
+        size = self.pipeline.config.input_size
+        where = "at the frame size"
+        if size:
+            where = f"{size[0]}x{size[1]}, frames resized as {params.input_resize}"
+        self.get_logger().info(f"network input {where}")
         if params.anomaly_detector:
             detector = self.pipeline.detectors[params.anomaly_detector]
             point = detector.operating_point
