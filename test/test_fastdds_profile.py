@@ -10,11 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from segmentation_safety.ros.dds_profile import profile_env
+from segmentation_safety.ros.dds_profile import FAST_DDS, profile_env
 
 pytest.importorskip("rclpy", reason="rclpy (ROS 2 Kilted wheels) is not installed")
 
-pytestmark = pytest.mark.ros
+pytestmark = [
+    pytest.mark.ros,
+    pytest.mark.skipif(
+        os.environ.get("RMW_IMPLEMENTATION", FAST_DDS[0]) not in FAST_DDS,
+        reason="a Fast DDS profile; RMW_IMPLEMENTATION names another middleware",
+    ),
+]
 PROFILE = Path(__file__).resolve().parents[1] / "config" / "fastdds_same_host.xml"
 NS = {"dds": "http://www.eprosima.com"}
 
