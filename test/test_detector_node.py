@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -30,6 +29,7 @@ if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from segmentation_safety.msg import SafetyFrame  # noqa: E402
 from visualization_msgs.msg import MarkerArray  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 from segmentation_safety import render  # noqa: E402
 from segmentation_safety.checkpoint import save_bundle  # noqa: E402
@@ -197,17 +197,6 @@ def harness(ros, models_dir):
     yield make
     for h in made:
         h.close()
-
-
-POLL_S = 0.01  # condition polling period: a wait with a deadline, never a fixed sleep
-
-
-def wait_for(condition, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(POLL_S)
 
 
 def image_msg(sec: int, height: int = H, width: int = W) -> Image:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from waiting import POLL_S
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "detector.launch.py"
 CONFIG = REPO / "config" / "detector.yaml"
 RVIZ = REPO / "config" / "detector.rviz"
-POLL_S = 0.01  # how often a wait-with-deadline looks again
 ARGUMENTS = {
     "image",
     "camera_info",

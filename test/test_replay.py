@@ -15,6 +15,7 @@ if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
     pytest.skip("install space not sourced: run through `make test`", allow_module_level=True)
 
 from test_bags import write_frames, write_mp4, write_world_sequence  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 from segmentation_safety.bags import BagError, read_bag  # noqa: E402
 from segmentation_safety.cli import main  # noqa: E402
@@ -372,7 +373,6 @@ def test_a_node_process_ends_when_the_replay_is_killed(models: Path):
     import signal
     import subprocess
     import sys
-    import time
 
     # A replay killed outright (no tear-down) must not leave its node running. The
     # stand-in replay starts a node, says where, and waits on its stdin until killed.
@@ -389,10 +389,10 @@ def test_a_node_process_ends_when_the_replay_is_killed(models: Path):
     )  # fmt: skip
     pid, log = parent.stdout.readline().split()
     child = int(pid)
-    deadline = time.monotonic() + 60.0  # the node has loaded its models: it is running
-    while "models from" not in Path(log).read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "models from" in Path(log).read_text(), Path(log).read_text()
+    wait_for(  # the node has loaded its models: it is running
+        lambda: "models from" in Path(log).read_text(),
+        "the node to load its models", timeout=60.0, detail=Path(log).read_text,
+    )  # fmt: skip
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     pidfd = os.pidfd_open(child)  # readable once the process has ended
