@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from segmentation_safety.ros.dds_profile import FAST_DDS, profile_env
+from segmentation_safety.ros.dds_profile import profile_env, uses_fast_dds
 
 pytest.importorskip("rclpy", reason="rclpy (ROS 2 Kilted wheels) is not installed")
 
 pytestmark = [
     pytest.mark.ros,
     pytest.mark.skipif(
-        os.environ.get("RMW_IMPLEMENTATION", FAST_DDS[0]) not in FAST_DDS,
+        not uses_fast_dds(),
         reason="a Fast DDS profile; RMW_IMPLEMENTATION names another middleware",
     ),
 ]

@@ -319,9 +319,9 @@ def test_ros2_launch_dds_profile_reaches_the_node(tmp_path):
     pytest.importorskip("rclpy", reason="rclpy is not installed")
     if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
         pytest.skip("install space not sourced: run through `make test`")
-    from segmentation_safety.ros.dds_profile import FAST_DDS, profile_env
+    from segmentation_safety.ros.dds_profile import profile_env, uses_fast_dds
 
-    if os.environ.get("RMW_IMPLEMENTATION", FAST_DDS[0]) not in FAST_DDS:
+    if not uses_fast_dds():
         pytest.skip("dds_profile is a Fast DDS profile; RMW_IMPLEMENTATION names another")
     ns = f"segsafe_dds_{os.getpid()}"
     env = {**os.environ, "ROS_DOMAIN_ID": str(100 + os.getpid() % 100)}

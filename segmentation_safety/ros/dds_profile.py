@@ -22,6 +22,11 @@ class ProfileError(ValueError):
     pass
 
 
+def uses_fast_dds(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether ROS 2 runs on Fast DDS here (its default without RMW_IMPLEMENTATION)."""
+    return environ.get("RMW_IMPLEMENTATION", FAST_DDS[0]) in FAST_DDS
+
+
 def profile_path(choice: str, share: str | os.PathLike[str]) -> Path | None:
     """``dds_profile`` -> the XML file it names; None for "" (the environment's settings).
 
@@ -58,10 +63,10 @@ def profile_env(
     path = profile_path(choice, share)
     if path is None:
         return {}
-    rmw = environ.get("RMW_IMPLEMENTATION", "")
-    if rmw and rmw not in FAST_DDS:
+    if not uses_fast_dds(environ):
         # Any other middleware ignores the file: say so instead of measuring the wrong thing.
         raise ProfileError(
-            f"dds_profile {choice!r} is a Fast DDS profile, but RMW_IMPLEMENTATION is {rmw!r}"
+            f"dds_profile {choice!r} is a Fast DDS profile, but RMW_IMPLEMENTATION is "
+            f"{environ['RMW_IMPLEMENTATION']!r}"
         )
     return {PROFILE_VARIABLE: str(path)}
