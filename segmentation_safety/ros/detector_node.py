@@ -78,7 +78,7 @@ from segmentation_safety.device import DeviceError, resolve_device
 from segmentation_safety.errors import UserError
 from segmentation_safety.msg import HazardAlarm, SafetyFrame, StageTiming
 from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig
-from segmentation_safety.ros import cdr, image_codec, markers
+from segmentation_safety.ros import cdr, image_codec, markers, serialized_publish
 from segmentation_safety.ros.diagnostics import FrameStats, diagnostic_status
 from segmentation_safety.ros.params import (
     DetectorParams,
@@ -624,7 +624,7 @@ class DetectorNode(Node):
         for field, body in bodies.items():
             key = IMAGE_OUTPUTS[field][0]
             if key in wanted:
-                self.pubs[key].publish(cdr.serialize_body(body))
+                serialized_publish.publish(self.pubs[key], cdr.serialize_body(body))
         if "hazards" in wanted and not boxes_first:
             self._publish_hazards(result, header, p, rgb.shape[:2])
         if "safety" in wanted:
@@ -635,7 +635,7 @@ class DetectorNode(Node):
             embedded = {}
             if p.safety_embeds_maps:
                 embedded = {to: bodies[k] for k, to in SAFETY_EMBEDS.items() if k in bodies}
-            self.pubs["safety"].publish(cdr.serialize(frame, embedded))
+            serialized_publish.publish(self.pubs["safety"], cdr.serialize(frame, embedded))
         return True
 
     def _deserialize(self, raw: bytes) -> cdr.RawImage | CompressedImage:

@@ -58,6 +58,7 @@ from segmentation_safety.bags import (
     with_stamp,
 )
 from segmentation_safety.errors import UserError
+from segmentation_safety.ros import serialized_publish
 from segmentation_safety.ros.node_process import NodeProcess, node_command
 from segmentation_safety.ros.replay_report import ReplayReport, build_report, safety_timings
 
@@ -387,7 +388,7 @@ class Replayer:
         for i in range(self.options.warmup):
             stamp = i + 1  # sec = 0: never a recorded stamp
             deadline = time.monotonic() + self.options.startup_timeout_s
-            c.image_pub.publish(with_stamp(raw, stamp))
+            serialized_publish.publish(c.image_pub, with_stamp(raw, stamp))
             c.wait_answers({stamp}, idle_s=math.inf, deadline=deadline)
             if stamp not in c.answers:
                 raise ReplayError(
@@ -407,9 +408,9 @@ class Replayer:
                 time.sleep(delay)
             stamp = cdr_stamp_ns(raw)
             if info is not None:
-                c.info_pub.publish(info)
+                serialized_publish.publish(c.info_pub, info)
             sent[stamp] = time.monotonic()
-            c.image_pub.publish(raw)
+            serialized_publish.publish(c.image_pub, raw)
             if self.recorder is not None and c.keep_enabled:
                 now = time.time_ns()
                 self.recorder.write(self.bag.image_topic, self.bag.image_msgtype, now, raw)

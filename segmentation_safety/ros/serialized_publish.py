@@ -1,0 +1,110 @@
+"""Publishing an already serialised message without rclpy's extra copy of it.
+
+Why: ``Publisher.publish(bytes)`` hands the bytes to rclpy's C++ layer as a
+``std::string``, one more copy of the whole message, made with the GIL held, before rcl
+sees it. The node's outputs are serialised once (``cdr``), and at 1024×2048 they are
+about 50 MB a frame, so that copy alone is several ms of the node's own time. Here the
+same ``rcl_publish_serialized_message`` that rclpy ends in is called through ctypes on
+the message's own buffer, and ctypes lets go of the GIL while the middleware delivers,
+so the node's other threads (the image callback, in-process subscribers) run meanwhile.
+
+The two rcl structs involved (``rcutils_uint8_array_t`` and the allocator inside it)
+have had the same layout since ROS 2's first releases; the tests publish through this
+path and compare every byte received. Where librcl cannot be loaded or the rclpy in use
+does not expose its handle's address, :func:`publish` is ``Publisher.publish``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Any
+
+#: rcl's success code (``RCL_RET_OK``).
+_RET_OK = 0
+#: ``RCUTILS_ERROR_MESSAGE_MAX_LENGTH``: the size of rcutils' error string.
+_ERROR_LENGTH = 1024
+
+
+class _Allocator(ctypes.Structure):
+    """``rcutils_allocator_t``: unused when publishing, present for the layout."""
+
+    _fields_ = [
+        ("allocate", ctypes.c_void_p),
+        ("deallocate", ctypes.c_void_p),
+        ("reallocate", ctypes.c_void_p),
+        ("zero_allocate", ctypes.c_void_p),
+        ("state", ctypes.c_void_p),
+    ]
+
+
+class _SerializedMessage(ctypes.Structure):
+    """``rcl_serialized_message_t`` (``rcutils_uint8_array_t``) over a borrowed buffer."""
+
+    _fields_ = [
+        ("buffer", ctypes.c_void_p),
+        ("buffer_length", ctypes.c_size_t),
+        ("buffer_capacity", ctypes.c_size_t),
+        ("allocator", _Allocator),
+    ]
+
+
+class _ErrorString(ctypes.Structure):
+    _fields_ = [("text", ctypes.c_char * _ERROR_LENGTH)]
+
+
+class PublishError(RuntimeError):
+    """rcl refused to publish a serialised message (the text is rcl's own)."""
+
+
+@functools.cache
+def _rcl() -> tuple[Any, Any, Any] | None:
+    """rcl's publish call and rcutils' error calls; None where they cannot be loaded.
+
+    rclpy's extension has already loaded both libraries, so loading them by name finds
+    the same copies whichever way ROS is installed (wheels, a distro under /opt/ros)."""
+    try:
+        rcl = ctypes.CDLL("librcl.so")
+        rcutils = ctypes.CDLL("librcutils.so")
+        send = rcl.rcl_publish_serialized_message
+        error = rcutils.rcutils_get_error_string
+        reset = rcutils.rcutils_reset_error
+    except (OSError, AttributeError):
+        return None
+    send.argtypes = (ctypes.c_void_p, ctypes.POINTER(_SerializedMessage), ctypes.c_void_p)
+    send.restype = ctypes.c_int32
+    error.argtypes = ()
+    error.restype = _ErrorString
+    reset.argtypes = ()
+    reset.restype = None
+    return send, error, reset
+
+
+def direct(publisher: Any) -> bool:
+    """Whether :func:`publish` skips rclpy's copy for this publisher."""
+    return _rcl() is not None and hasattr(publisher.handle, "pointer")
+
+
+def publish(publisher: Any, data: bytes) -> None:
+    """Publish ``data``, a whole serialised message (encapsulation header first), on
+    ``publisher`` (an rclpy Publisher of the message's type), as ``publisher.publish``
+    would, without copying it first."""
+    if not isinstance(data, bytes):
+        raise TypeError(f"a serialised message is bytes, got {type(data).__name__}")
+    calls = _rcl()
+    if calls is None or not hasattr(publisher.handle, "pointer"):
+        publisher.publish(data)
+        return
+    send, error, reset = calls
+    message = _SerializedMessage(
+        ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p), len(data), len(data)
+    )
+    # Held as rclpy holds it: the rcl publisher cannot be destroyed while in use, and a
+    # destroyed one raises rclpy's InvalidHandle here instead of being dereferenced.
+    handle = publisher.handle
+    with handle:
+        ret = send(handle.pointer, ctypes.byref(message), None)
+        if ret != _RET_OK:
+            text = error().text.decode(errors="replace")
+            reset()
+            raise PublishError(f"publishing on {publisher.topic_name} failed (rcl {ret}): {text}")
