@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,38 @@ def test_bench_node_times_every_size_and_scale_in_one_run(
         assert 0 < o["fraction_of_mean"] < 1
     table = capsys.readouterr().out
     assert "| 48x96 output_scale 0.5 |" in table and "overhead %" in table
+
+
+def test_answers_do_not_wait_for_the_collectors_other_outputs(
+    bags: dict[str, Path], models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from segmentation_safety.ros import replay
+
+    release = threading.Event()
+    plain = replay.Collector._callback
+
+    def callback(self, key, name, msg_type):  # noqa: ANN001, ANN202
+        inner = plain(self, key, name, msg_type)
+        if key == "safety":
+            return inner
+
+        def stuck(raw: bytes) -> None:  # every other output blocks its executor
+            release.wait(30.0)
+            inner(raw)
+
+        return stuck
+
+    monkeypatch.setattr(replay.Collector, "_callback", callback)
+    config = tmp_path / "params.yaml"
+    config.write_text(PARAMS)
+    options = replay.ReplayOptions(
+        models_dir=models, config=config, warmup=1, startup_timeout_s=15.0
+    )
+    with replay.Replayer(read_bag(bags["sqlite3"]), options) as r:
+        try:
+            r.warm_up()  # a ReplayError if the answer waited behind the stuck callbacks
+        finally:
+            release.set()
 
 
 def test_replayers_of_one_process_never_share_a_namespace(bags: dict[str, Path]):

@@ -48,6 +48,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
+from segmentation_safety import host_memory
 from segmentation_safety.bags import (
     CAMERA_INFO_TYPE,
     BagContents,
@@ -77,7 +78,8 @@ class ReplayError(UserError, RuntimeError):
 
 # -- the collector ----------------------------------------------------------------------------
 class Collector(Node):
-    """Publishes the input and receives every output of the node under ``namespace``."""
+    """Publishes the input and receives every output of the node under ``namespace``
+    (``safety``, the answer, on ``answer_node``, which needs an executor of its own)."""
 
     def __init__(
         self,
@@ -117,9 +119,14 @@ class Collector(Node):
             from diagnostic_msgs.msg import DiagnosticArray
 
             wanted.append(("diagnostics", "/diagnostics", DiagnosticArray))
+        # `safety` on a node of its own, which the replayer spins on its own executor: the
+        # answer is taken as a planner subscribed to it alone takes it, not after this
+        # node has copied the frame's other outputs (at 2 MP, 32 MB taken first).
+        self.answer_node = Node("segsafe_replay_answers", namespace=namespace, context=context)
         for key, name, msg_type in wanted:
+            owner = self.answer_node if key == "safety" else self
             self.subs.append(
-                self.create_subscription(
+                owner.create_subscription(
                     msg_type, name, self._callback(key, name, msg_type), qos, raw=True
                 )
             )
@@ -147,6 +154,10 @@ class Collector(Node):
                 self.recorder.write(recorded, msgtype, time.time_ns(), raw)
 
         return on_message
+
+    def destroy_node(self) -> None:
+        self.answer_node.destroy_node()
+        super().destroy_node()
 
     def _ours(self, raw: bytes) -> bool:
         from diagnostic_msgs.msg import DiagnosticArray
@@ -274,6 +285,11 @@ class Replayer:
         rclpy.init(context=self.context, args=[])
         try:
             if o.node_process:
+                # The collector takes the same multi-MB outputs every frame, as the node
+                # makes them: the node's allocator setting (in this process it applies it
+                # itself). Without it an idle subscriber took 28 ms to receive an 18 MB
+                # message, faulting in fresh pages, and 5-6 ms with it.
+                host_memory.retain_freed_memory()
                 self.process = NodeProcess(
                     node_command(self.namespace, o.config, self._overrides())
                 )
@@ -284,7 +300,7 @@ class Replayer:
             self.collector = Collector(
                 self.context, self.namespace, self.recorder, o.outputs, self.bag.compressed
             )
-            for node in (self.node, self.collector):
+            for node in (self.node, self.collector, self.collector.answer_node):
                 if node is None:
                     continue
                 ex = SingleThreadedExecutor(context=self.context)
