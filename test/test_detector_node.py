@@ -379,6 +379,22 @@ def test_models_load_and_frames_run_on_the_compute_thread(harness, monkeypatch):
     assert len(threads) == 2 and all(t.startswith(THREAD_NAME) for t in threads)
 
 
+def test_outputs_published_without_librcl_say_so_and_still_arrive(harness, capfd, monkeypatch):
+    from segmentation_safety.ros import serialized_publish
+
+    harness()
+    assert "outputs go through rclpy's publish" not in capfd.readouterr().err
+    monkeypatch.setattr(serialized_publish, "_rcl", lambda: None)
+    h = harness()
+    assert "outputs go through rclpy's publish" in capfd.readouterr().err
+    h.listen("safety", "segmentation")
+    h.image_pub.publish(image_msg(sec=5))
+    wait_for(lambda: h.got["safety"] and h.got["segmentation"], "safety and segmentation")
+    seg = h.got["segmentation"][0]
+    assert (seg.header.stamp.sec, seg.height, seg.width) == (5, H, W)
+    assert h.got["safety"][0].segmentation.data == seg.data
+
+
 def test_input_resize_parameter_reaches_the_pipeline(harness, capfd):
     h = harness(input_resize="fast", input_size=[24, 40])
     assert "network input 24x40, frames resized as fast" in capfd.readouterr().err

@@ -360,6 +360,11 @@ class DetectorNode(Node):
         p = self.params
         out_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
         self.pubs = {k: self.create_publisher(t, name, out_qos) for k, (name, t) in TOPICS.items()}
+        if not serialized_publish.direct(self.pubs["safety"]):
+            self.get_logger().info(
+                "librcl not reachable through ctypes: outputs go through rclpy's publish, "
+                "one more copy of each"
+            )
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._publish_label_info()
         in_qos = QoSProfile(
