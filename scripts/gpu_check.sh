@@ -3,7 +3,9 @@
 # the CUDA tests, the model bench and the node bench (512x1024 and 1024x2048, output_scale
 # 1 and 0.5, network at the frame's size) on cuda, with the CPU node bench of the same
 # frames for comparison, and the cuda node in a process of its own with the shipped
-# shared-memory profile (how a robot runs it, RViz in another process). Needs the environment `make setup` builds; writes JSONs and a log
+# shared-memory profile (how a robot runs it, RViz in another process), also at 2 MP with
+# only a planner's, RViz's and a jpeg viewer's outputs subscribed (the ~16 ms question).
+# Needs the environment `make setup` builds; writes JSONs and a log
 # under $1 (default out/gpu_check). Usage: bash scripts/gpu_check.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -42,4 +44,10 @@ FASTDDS_DEFAULT_PROFILES_FILE="$PWD/config/fastdds_same_host.xml" \
   segsafe bench --node --node-process --bag "$OUT/bag" --config config/detector.yaml \
   --sizes 512x1024,1024x2048 --output-scales 1,0.5 --frames 16 \
   --param "input_size=[512,1024]" --param "device=cuda" --out "$OUT/node_cuda_process_same_host.json"
+say "node bench on cuda, own process, 2 MP, a robot's subscribers (planner, RViz boxes, jpeg)"
+FASTDDS_DEFAULT_PROFILES_FILE="$PWD/config/fastdds_same_host.xml" \
+  segsafe bench --node --node-process --bag "$OUT/bag" --config config/detector.yaml \
+  --sizes 1024x2048 --frames 16 --outputs safety,hazards,hazard_overlay_compressed \
+  --param "input_size=[512,1024]" --param "device=cuda" --param safety_embeds_maps=false \
+  --out "$OUT/node_cuda_process_same_host_2mp_planner_rviz_jpeg.json"
 say "done: $OUT"
