@@ -78,8 +78,7 @@ class ReplayError(UserError, RuntimeError):
 
 # -- the collector ----------------------------------------------------------------------------
 class Collector(Node):
-    """Publishes the input and receives every output of the node under ``namespace``
-    (``safety``, the answer, on ``answer_node``, which needs an executor of its own)."""
+    """Publishes the input and receives every output of the node under ``namespace``."""
 
     def __init__(
         self,
@@ -119,14 +118,9 @@ class Collector(Node):
             from diagnostic_msgs.msg import DiagnosticArray
 
             wanted.append(("diagnostics", "/diagnostics", DiagnosticArray))
-        # `safety` on a node of its own, which the replayer spins on its own executor: the
-        # answer is taken as a planner subscribed to it alone takes it, not after this
-        # node has copied the frame's other outputs (at 2 MP, 32 MB taken first).
-        self.answer_node = Node("segsafe_replay_answers", namespace=namespace, context=context)
         for key, name, msg_type in wanted:
-            owner = self.answer_node if key == "safety" else self
             self.subs.append(
-                owner.create_subscription(
+                self.create_subscription(
                     msg_type, name, self._callback(key, name, msg_type), qos, raw=True
                 )
             )
@@ -154,10 +148,6 @@ class Collector(Node):
                 self.recorder.write(recorded, msgtype, time.time_ns(), raw)
 
         return on_message
-
-    def destroy_node(self) -> None:
-        self.answer_node.destroy_node()
-        super().destroy_node()
 
     def _ours(self, raw: bytes) -> bool:
         from diagnostic_msgs.msg import DiagnosticArray
@@ -300,7 +290,7 @@ class Replayer:
             self.collector = Collector(
                 self.context, self.namespace, self.recorder, o.outputs, self.bag.compressed
             )
-            for node in (self.node, self.collector, self.collector.answer_node):
+            for node in (self.node, self.collector):
                 if node is None:
                     continue
                 ex = SingleThreadedExecutor(context=self.context)
