@@ -94,6 +94,10 @@ def test_replay_through_the_node(bags: dict[str, Path], models: Path, tmp_path: 
     o = b["node_overhead"]
     assert 0 < o["fraction_of_mean"] < 1 and 0 < o["ms_mean"] < stages["end_to_end"]["mean"]
     assert 0 < o["ms_mean_without_queue"] <= o["ms_mean"]
+    # The host part: the overhead less what runs on the pipeline's device.
+    device = stages["preprocess"]["mean"] + stages["postprocess"]["mean"]
+    assert o["host_ms_mean"] == pytest.approx(o["ms_mean"] - device)
+    assert 0 < o["host_ms_mean"] < o["ms_mean"]
     # The bag carries ground-truth anomaly masks: metrics over the answered frames.
     assert t["anomaly"]["frames"] == t["frames_processed"]
     assert 0.0 <= t["anomaly"]["auroc"] <= 1.0
@@ -282,7 +286,7 @@ def test_bench_node_times_every_size_and_scale_in_one_run(
         o = v["breakdown"]["node_overhead"]
         assert 0 < o["fraction_of_mean"] < 1
     table = capsys.readouterr().out
-    assert "| 48x96 output_scale 0.5 |" in table and "overhead %" in table
+    assert "| 48x96 output_scale 0.5 |" in table and "overhead % | host ms |" in table
 
 
 def test_replayers_of_one_process_never_share_a_namespace(bags: dict[str, Path]):

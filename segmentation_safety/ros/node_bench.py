@@ -151,7 +151,7 @@ def node_bench(
 
 def format_node_table(report: dict[str, Any]) -> str:
     """A Markdown table: mean ms per stage and the node overhead, one row per variant."""
-    head = ["frame", "end-to-end", *BREAKDOWN_STAGES, "overhead ms", "overhead %"]
+    head = ["frame", "end-to-end", *BREAKDOWN_STAGES, "overhead ms", "overhead %", "host ms"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for name, r in report["variants"].items():
         b = r["breakdown"]
@@ -165,5 +165,6 @@ def format_node_table(report: dict[str, Any]) -> str:
             *(f"{s[k]['mean']:.1f}" for k in BREAKDOWN_STAGES),
         ]
         cells += [f"{o['ms_mean']:.1f}", f"{100 * o['fraction_of_mean']:.1f}%"]
+        cells.append(f"{o['host_ms_mean']:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -50,6 +50,10 @@ def safety_timings(raw: bytes) -> dict[str, float]:
 #: Breakdown stages in the order a frame passes them (detectors summed as one).
 BREAKDOWN_STAGES = ("transport_in", "queue", "decode", "preprocess", "segmenter",
                     "detectors", "postprocess", "publish", "other", "transport_out")  # fmt: skip
+#: The overhead's stages that stay on the host whatever the pipeline's device (the rest,
+#: preprocess and postprocess, run on it): on a GPU node these decide whether the node is
+#: bound by its network.
+HOST_STAGES = ("transport_in", "queue", "decode", "publish", "other", "transport_out")
 
 
 def frame_breakdown(latency_ms: float, stages: dict[str, float]) -> dict[str, float] | None:
@@ -85,6 +89,7 @@ def breakdown_summary(trial: Trial) -> dict[str, Any] | None:
     is given per frame (p50) and of the means (``fraction_of_mean``). ``queue`` is time
     a frame waited for the worker, which only an input faster than the node causes, so
     the overhead is also given without it (``*_without_queue``): the node's own work.
+    ``host_ms_mean`` is the part of the overhead in HOST_STAGES.
     """
     rows = []
     for s, t_sent in trial.sent.items():
@@ -111,6 +116,7 @@ def breakdown_summary(trial: Trial) -> dict[str, Any] | None:
             "fraction_of_mean": float(np.mean(overhead) / stats["end_to_end"]["mean"]),
             "ms_mean_without_queue": float(np.mean(work)),
             "fraction_p50_without_queue": float(np.median(work_fraction)),
+            "host_ms_mean": float(sum(stats[k]["mean"] for k in HOST_STAGES)),
         },
     }
 
