@@ -97,11 +97,7 @@ class Pipeline:
         class_names: Sequence[str] | None = None,
     ) -> None:
         self.config = config or PipelineConfig()
-        if self.config.input_resize not in INPUT_RESIZES:
-            raise ValueError(
-                f"input_resize must be one of {', '.join(INPUT_RESIZES)}, "
-                f"got {self.config.input_resize!r}"
-            )
+        check_input_resize(self.config.input_resize, "input_resize")
         self.device = resolve_device(self.config.device)
         self.segmenter = segmenter.to(self.device).eval()
         self.detectors = {n: d.to(self.device).eval() for n, d in detectors.items()}
@@ -391,6 +387,12 @@ def load_parts(detector: Detector, models_dir: str | os.PathLike[str]) -> Detect
     return detector
 
 
+def check_input_resize(method: str, what: str) -> None:
+    """ValueError naming ``what`` unless ``method`` is one of INPUT_RESIZES."""
+    if method not in INPUT_RESIZES:
+        raise ValueError(f"{what} must be one of {', '.join(INPUT_RESIZES)}, got {method!r}")
+
+
 def resize_input(images: torch.Tensor, size: Sequence[int], method: str = "pil") -> torch.Tensor:
     """B×3×H×W uint8 (or [0, 255]) images -> ``size`` (H, W) as PIL's bilinear resize,
     with which the public checkpoints were trained and evaluated: antialiased when
@@ -407,8 +409,7 @@ def resize_input(images: torch.Tensor, size: Sequence[int], method: str = "pil")
     off PIL's by 1-2 levels on 0.4-3.9% of them (Road Anomaly; docs/performance.md).
     Elsewhere both methods are the float passes, cheap on a GPU.
     """
-    if method not in INPUT_RESIZES:
-        raise ValueError(f"resize method must be one of {', '.join(INPUT_RESIZES)}, got {method!r}")
+    check_input_resize(method, "resize method")
     h, w = int(size[0]), int(size[1])
     in_h, in_w = images.shape[-2:]
     if (

@@ -91,11 +91,10 @@ def publish(publisher: Any, data: bytes) -> None:
     would, without copying it first."""
     if not isinstance(data, bytes):
         raise TypeError(f"a serialised message is bytes, got {type(data).__name__}")
-    calls = _rcl()
-    if calls is None or not hasattr(publisher.handle, "pointer"):
+    if not direct(publisher):
         publisher.publish(data)
         return
-    send, error, reset = calls
+    send, error, reset = _rcl()
     message = _SerializedMessage(
         ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p), len(data), len(data)
     )
