@@ -6,6 +6,7 @@ through :class:`Pipeline`, so what is timed is what is published.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -481,25 +482,28 @@ def upsample_argmax(
     right = torch.cat([low[:, :, 1:], low[:, :, -1:]], 2)
     diag = torch.cat([down[:, :, 1:], down[:, :, -1:]], 2)
     mixed_cell = (low != down) | (low != right) | (low != diag)
-    y0, y1, ly = _source_index(height, h, logits.device)
-    x0, x1, lx = _source_index(width, w, logits.device)
+    dev = logits.device
+    y0, y1, ly, rows, row0 = _source_axis(height, h, dev)
+    x0, x1, lx, cols, col0 = _source_axis(width, w, dev)
     # Columns first, on h rows; then whole rows, which index_select copies as blocks.
     out = low.index_select(2, x0).index_select(1, y0)
-    bi, ii, xi = mixed_cell.index_select(2, x0).nonzero(as_tuple=True)
-    if bi.numel() == 0:
-        return out
-    # Each mixed (low row, output column) stands for every output row over that low row.
+    bi, ii, ji = mixed_cell.nonzero(as_tuple=True)
+    # Each mixed cell stands for the rows × cols output pixels whose source corner it is:
+    # listed per cell (a quarter of the entries at 2×), then expanded.
     # (index_select, not tensor[index]: several times faster on the CPU.)
-    dev = logits.device
-    rows = torch.bincount(y0, minlength=h)
-    first = torch.cumsum(rows, 0) - rows
-    reps = rows.index_select(0, ii)
+    n_rows, n_cols = rows.index_select(0, ii), cols.index_select(0, ji)
+    reps = n_rows * n_cols
     n = int(reps.sum())
+    if n == 0:
+        return out
     entry = torch.repeat_interleave(torch.arange(bi.numel(), device=dev), reps, output_size=n)
-    start = torch.cumsum(reps, 0) - reps
-    yy = first.index_select(0, ii).index_select(0, entry)
-    yy += torch.arange(n, device=dev) - start.index_select(0, entry)
-    bb, xx = bi.index_select(0, entry), xi.index_select(0, entry)
+    offset = torch.arange(n, device=dev) - (torch.cumsum(reps, 0) - reps).index_select(0, entry)
+    span = n_cols.index_select(0, entry)
+    yy = row0.index_select(0, ii).index_select(0, entry)
+    yy += torch.div(offset, span, rounding_mode="floor")
+    xx = col0.index_select(0, ji).index_select(0, entry)
+    xx += torch.remainder(offset, span)
+    bb = bi.index_select(0, entry)
     flat = logits.permute(0, 2, 3, 1).reshape(b_ * h * w, k)
     base = bb * (h * w)
     r0 = base + y0.index_select(0, yy) * w
@@ -518,12 +522,17 @@ def upsample_argmax(
     return out
 
 
-def _source_index(n_out: int, n_in: int, device: torch.device) -> tuple:
-    """(lower index, upper index, upper weight) per output pixel, as PyTorch's bilinear
-    (align_corners=False) computes them, in float32."""
+@functools.lru_cache(maxsize=32)
+def _source_axis(n_out: int, n_in: int, device: torch.device) -> tuple:
+    """Per output pixel along one axis, as PyTorch's bilinear (align_corners=False)
+    computes them in float32: lower source index, upper index, upper weight; per source
+    pixel: how many output pixels have it as their lower index, and the first of them.
+    Cached: a node asks for the same few sizes every frame. Callers must not modify them.
+    """
     scale = torch.tensor(n_in / n_out, dtype=torch.float32)
     dst = torch.arange(n_out, dtype=torch.float32, device=device)
     real = (scale.to(device) * (dst + 0.5) - 0.5).clamp_(min=0.0)
     i0 = real.long()
     i1 = (i0 + 1).clamp_(max=n_in - 1)
-    return i0, i1, real - i0.float()
+    count = torch.bincount(i0, minlength=n_in)
+    return i0, i1, real - i0.float(), count, torch.cumsum(count, 0) - count
