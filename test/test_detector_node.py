@@ -915,6 +915,35 @@ def test_regions_become_boxes_on_the_ground():
     assert markers.hazard_markers(regions, None, Header(), 1.5, 0.0).markers[0].action == 3
 
 
+def test_pooled_markers_equal_fresh_ones_frame_after_frame():
+    anomaly = np.zeros((64, 128), dtype=np.float32)
+    for x in range(0, 120, 12):  # ten regions below the horizon, at different rows
+        anomaly[36 + x // 12 : 46 + x // 12, x : x + 8] = 2.0 + x
+    many = markers.hazard_regions(anomaly, threshold=1.0, min_pixels=10)
+    assert len(many) == 10
+    depth = np.full((64, 128), 7.0, dtype=np.float32)
+    wide_k = K_TEST * [[0.5], [0.5], [1]]  # another camera: its own inverse
+    pool = markers.MarkerPool()
+    # More boxes, fewer, none, more again; another K, a pitch, depth: every field the
+    # pool's markers had before is set again.
+    frames = [
+        (many, K_TEST, 0.0, None),
+        (many[3:5], K_TEST, 0.0, None),
+        ([], K_TEST, 0.0, None),
+        (many, wide_k, 0.2, None),
+        (many[::-1], K_TEST, 0.0, depth),
+        (many, K_TEST, 0.0, None),
+    ]
+    for i, (regions, k, pitch, d) in enumerate(frames):
+        header = Header(frame_id=f"cam{i}")
+        fresh = markers.hazard_markers(regions, k, header, 1.5, pitch, depth=d)
+        pooled = markers.hazard_markers(regions, k, header, 1.5, pitch, depth=d, pool=pool)
+        assert len(pooled.markers) == len(regions) + 1 and pooled == fresh, i
+    assert markers.hazard_markers(many, wide_k, Header(), 1.5, 0.0) != markers.hazard_markers(
+        many, K_TEST, Header(), 1.5, 0.0
+    )
+
+
 def test_regions_skip_nan_and_specks_and_keep_their_own_pixels():
     anomaly = np.zeros((40, 60), dtype=np.float32)
     anomaly[5:15, 5:15] = 3.0

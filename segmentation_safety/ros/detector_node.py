@@ -327,6 +327,7 @@ class DetectorNode(Node):
         self.faults: dict[str, str] = {}  # active fault name -> what and why
         self._faults_lock = threading.Lock()
         self.camera_k: tuple[np.ndarray, tuple[int, int]] | None = None
+        self.marker_pool = markers.MarkerPool()  # the compute thread's, published at once
         self.depths: deque[cdr.RawImage] = deque(maxlen=DEPTH_BUFFER)
         self._depth_cond = threading.Condition()
         self._last_frame_at = time.monotonic()
@@ -712,7 +713,14 @@ class DetectorNode(Node):
             if p.use_depth and regions:
                 depth = self._depth_for(header, (h, w), p)
         return markers.hazard_markers(
-            regions, k, header, p.camera_height, p.camera_pitch, p.max_marker_range, depth=depth
+            regions,
+            k,
+            header,
+            p.camera_height,
+            p.camera_pitch,
+            p.max_marker_range,
+            depth=depth,
+            pool=self.marker_pool,
         )
 
     def _nearest_depth(self, stamp: float, max_age: float) -> cdr.RawImage | None:

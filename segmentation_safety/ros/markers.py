@@ -13,13 +13,14 @@ The geometry functions are pure numpy; only :func:`hazard_markers` builds messag
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 from builtin_interfaces.msg import Duration
-from geometry_msgs.msg import Point, Pose, Quaternion, Vector3
+from geometry_msgs.msg import Quaternion
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
@@ -110,11 +111,26 @@ def scale_intrinsics(
     return k
 
 
+def pixel_ray(k: np.ndarray, u: float, v: float) -> np.ndarray:
+    """K⁻¹ (u, v, 1): the ray through pixel (u, v), in the optical frame, z = 1 for a
+    pinhole K."""
+    return _k_inverse(np.asarray(k, dtype=np.float64).reshape(3, 3).tobytes()) @ (u, v, 1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _k_inverse(k: bytes) -> np.ndarray:
+    # Keyed by K's bytes: a frame's boxes (tens on real maps) share one K, and solving
+    # K x = p per box was most of a box's geometry.
+    inverse = np.linalg.inv(np.frombuffer(k, dtype=np.float64).reshape(3, 3))
+    inverse.flags.writeable = False
+    return inverse
+
+
 def project_to_ground(
     u: float, v: float, k: np.ndarray, height: float, pitch: float
 ) -> np.ndarray | None:
     """Pixel (u, v) -> 3-D point on the ground in the optical frame; None above the horizon."""
-    ray = np.linalg.solve(np.asarray(k, dtype=np.float64).reshape(3, 3), [u, v, 1.0])
+    ray = pixel_ray(k, u, v)
     down = float(ray @ camera_up(pitch))
     if down >= -1e-9:
         return None  # the ray never reaches the ground in front of the camera
@@ -149,7 +165,7 @@ def depth_point(region: Region, depth: np.ndarray, k: np.ndarray) -> np.ndarray 
     values = values[valid_depth(values)]
     if values.size == 0:
         return None
-    ray = np.linalg.solve(np.asarray(k, dtype=np.float64).reshape(3, 3), [*region.centre, 1.0])
+    ray = pixel_ray(k, *region.centre)
     return ray * (float(np.median(values)) / ray[2])
 
 
@@ -157,6 +173,25 @@ def _pitch_quaternion(pitch: float) -> Quaternion:
     # Rotating the optical frame by +pitch about x brings its y axis to world-down and its
     # z axis to the horizontal, so boxes stand upright instead of tilting with the camera.
     return Quaternion(x=math.sin(pitch / 2), y=0.0, z=0.0, w=math.cos(pitch / 2))
+
+
+class MarkerPool:
+    """Markers kept from one frame's array for the next.
+
+    Making a visualization_msgs Marker builds every nested default too (a texture image,
+    a mesh file, ...): about 50 µs each on our CPU, and real anomaly maps give tens of
+    boxes a frame. An array built from a pool is only valid until the pool builds the
+    next one, so publish it first (rclpy's publish copies it on the spot).
+    """
+
+    def __init__(self) -> None:
+        self._markers: list[Marker] = []
+
+    def marker(self, index: int) -> Marker:
+        """The pool's ``index``-th marker, made on first use."""
+        while len(self._markers) <= index:
+            self._markers.append(Marker())
+        return self._markers[index]
 
 
 def hazard_markers(
@@ -168,17 +203,22 @@ def hazard_markers(
     max_range: float = 50.0,
     lifetime_s: float = 0.5,
     depth: np.ndarray | None = None,
+    pool: MarkerPool | None = None,
 ) -> MarkerArray:
     """One upright box per region; a DELETEALL first clears the last frame's.
 
     With ``depth`` (metres, aligned with the regions' image) a region with valid depth is
-    centred on :func:`depth_point`; otherwise it stands on the flat ground.
+    centred on :func:`depth_point`; otherwise it stands on the flat ground. With ``pool``
+    the markers are the pool's, every field this function sets set again.
     """
-    out = MarkerArray(markers=[Marker(header=header, ns=NAMESPACE, action=Marker.DELETEALL)])
+    pool = pool or MarkerPool()
+    clear = pool.marker(0)  # slot 0 only ever clears: its other fields stay default
+    clear.header, clear.ns, clear.action = header, NAMESPACE, Marker.DELETEALL
+    out = MarkerArray(markers=[clear])
     if k is None:
         return out
     k = np.asarray(k, dtype=np.float64).reshape(3, 3)
-    fx, fy = k[0, 0], k[1, 1]
+    fx, fy = float(k[0, 0]), float(k[1, 1])
     up = camera_up(pitch)
     # Shared by every box: building rclpy messages dominates this loop on real maps,
     # which have tens of regions at their operating point.
@@ -193,29 +233,21 @@ def hazard_markers(
             source = "ground"
         if point is None:
             continue
-        dist = float(np.linalg.norm(point))
+        dist = math.sqrt(float(point @ point))
         if dist > max_range:
             continue
         # Pinhole size at that distance; clamped so a thin or huge region stays readable.
-        width = float(np.clip(r.width * dist / fx, 0.1, 10.0))
-        tall = float(np.clip(r.height * dist / fy, 0.1, 5.0))
+        width = min(max(r.width * dist / fx, 0.1), 10.0)
+        tall = min(max(r.height * dist / fy, 0.1), 5.0)
         # A depth point is the region's centre; a ground point is where it stands.
-        centre = point if source == "depth" else point + up * (tall / 2)
-        out.markers.append(
-            Marker(
-                header=header,
-                ns=NAMESPACE,
-                id=i,
-                type=Marker.CUBE,
-                action=Marker.ADD,
-                pose=Pose(
-                    position=Point(x=centre[0], y=centre[1], z=centre[2]),
-                    orientation=orientation,
-                ),
-                scale=Vector3(x=width, y=tall, z=width),
-                color=color,
-                lifetime=lifetime,
-                text=f"anomaly {r.max_score:.2f} at {dist:.1f} m ({source})",
-            )
-        )
+        centre = (point if source == "depth" else point + up * (tall / 2)).tolist()
+        box = pool.marker(len(out.markers))
+        box.header, box.ns, box.id = header, NAMESPACE, i
+        box.type, box.action = Marker.CUBE, Marker.ADD
+        box.pose.position.x, box.pose.position.y, box.pose.position.z = centre
+        box.pose.orientation = orientation
+        box.scale.x, box.scale.y, box.scale.z = width, tall, width
+        box.color, box.lifetime = color, lifetime
+        box.text = f"anomaly {r.max_score:.2f} at {dist:.1f} m ({source})"
+        out.markers.append(box)
     return out
