@@ -188,12 +188,15 @@ def test_process_frame_counts_non_finite_scores_even_for_maps_it_does_not_return
         out = plain(seg)
         anomaly = out.anomaly.clone()
         anomaly[:, :2, :3] = float("nan")
-        return DetectorOutput(anomaly=anomaly, failure=out.failure)
+        anomaly[:, 5, 5] = float("-inf")
+        # Finite, but their sum overflows: none of them counts.
+        failure = torch.full_like(out.failure, 3e38)
+        return DetectorOutput(anomaly=anomaly, failure=failure)
 
     detector.forward = with_nans
     image = np.zeros((32, 48, 3), np.uint8)
     r = pipe.process_frame(image, {"anomaly", "failure"}, RenderOptions(labels=False))
-    assert r.anomaly is None and r.nonfinite == {"anomaly": 6, "failure": 0}
+    assert r.anomaly is None and r.nonfinite == {"anomaly": 7, "failure": 0}
 
 
 def _reference_region(labels: np.ndarray, classes: tuple[int, ...], step: int = 4) -> np.ndarray:
