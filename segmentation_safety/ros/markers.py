@@ -211,7 +211,8 @@ def hazard_markers(
     centred on :func:`depth_point`; otherwise it stands on the flat ground. With ``pool``
     the markers are the pool's, every field this function sets set again.
     """
-    pool = pool or MarkerPool()
+    if pool is None:
+        pool = MarkerPool()
     clear = pool.marker(0)  # slot 0 only ever clears: its other fields stay default
     clear.header, clear.ns, clear.action = header, NAMESPACE, Marker.DELETEALL
     out = MarkerArray(markers=[clear])
