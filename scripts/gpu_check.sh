@@ -21,33 +21,47 @@ python -P -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'n
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 
 say() { printf '\n[gpu_check] %s\n' "$*"; }
+# A device slot is short and lent rarely: a failing step is reported and the others
+# still run; the exit status says whether any failed.
+failed=()
+step() {
+  local name=$1
+  shift
+  say "$name"
+  if ! "$@"; then
+    failed+=("$name")
+    say "FAILED: $name (going on)"
+  fi
+}
 
-say "CUDA tests"
-python -P -m pytest -q test/test_cuda.py
+step "CUDA tests" python -P -m pytest -q test/test_cuda.py
 
-say "model bench on cuda, 512x1024"
-segsafe bench --device cuda --height 512 --width 1024 --repeats 20 --out "$OUT/bench_cuda.json"
+step "model bench on cuda, 512x1024" \
+  segsafe bench --device cuda --height 512 --width 1024 --repeats 20 --out "$OUT/bench_cuda.json"
 
+# The benches below need this bag: a failure here ends the run.
 say "a world sequence and its bag"
 segsafe world --out "$OUT/world" --sequences 1 --train 0 --val 0 --anomaly 0 --negatives 0 \
   --sequence-length 6 --height 512 --width 1024 --no-progress
 segsafe make-bag --root "$OUT/world" --sequence seq_000 --out "$OUT/bag" --format mcap
 
+node_bench=(segsafe bench --node --bag "$OUT/bag" --config config/detector.yaml
+  --param "input_size=[512,1024]")
+profile=(env FASTDDS_DEFAULT_PROFILES_FILE="$PWD/config/fastdds_same_host.xml")
 for device in cuda cpu; do
-  say "node bench on $device"
-  segsafe bench --node --bag "$OUT/bag" --config config/detector.yaml \
-    --sizes 512x1024,1024x2048 --output-scales 1,0.5 --frames 16 \
-    --param "input_size=[512,1024]" --param "device=$device" --out "$OUT/node_$device.json"
+  step "node bench on $device" "${node_bench[@]}" --sizes 512x1024,1024x2048 \
+    --output-scales 1,0.5 --frames 16 --param "device=$device" --out "$OUT/node_$device.json"
 done
-say "node bench on cuda, the node in its own process, config/fastdds_same_host.xml"
-FASTDDS_DEFAULT_PROFILES_FILE="$PWD/config/fastdds_same_host.xml" \
-  segsafe bench --node --node-process --bag "$OUT/bag" --config config/detector.yaml \
-  --sizes 512x1024,1024x2048 --output-scales 1,0.5 --frames 16 \
-  --param "input_size=[512,1024]" --param "device=cuda" --out "$OUT/node_cuda_process_same_host.json"
-say "node bench on cuda, own process, 2 MP, a robot's subscribers (planner, RViz boxes, jpeg)"
-FASTDDS_DEFAULT_PROFILES_FILE="$PWD/config/fastdds_same_host.xml" \
-  segsafe bench --node --node-process --bag "$OUT/bag" --config config/detector.yaml \
-  --sizes 1024x2048 --frames 16 --outputs safety,hazards,hazard_overlay_compressed \
-  --param "input_size=[512,1024]" --param "device=cuda" --param safety_embeds_maps=false \
-  --out "$OUT/node_cuda_process_same_host_2mp_planner_rviz_jpeg.json"
+step "node bench on cuda, the node in its own process, config/fastdds_same_host.xml" \
+  "${profile[@]}" "${node_bench[@]}" --node-process --sizes 512x1024,1024x2048 \
+  --output-scales 1,0.5 --frames 16 --param "device=cuda" \
+  --out "$OUT/node_cuda_process_same_host.json"
+step "node bench on cuda, own process, 2 MP, a robot's subscribers (planner, RViz boxes, jpeg)" \
+  "${profile[@]}" "${node_bench[@]}" --node-process --sizes 1024x2048 --frames 16 \
+  --outputs safety,hazards,hazard_overlay_compressed --param "device=cuda" \
+  --param safety_embeds_maps=false --out "$OUT/node_cuda_process_same_host_2mp_planner_rviz_jpeg.json"
+if ((${#failed[@]})); then
+  say "done: $OUT; failed: ${failed[*]}"
+  exit 1
+fi
 say "done: $OUT"
