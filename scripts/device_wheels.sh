@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Wheels for a machine that cannot reach a package index: the GPU machine lent to some
+# sessions, whose image has CPython 3.12 with PyTorch, NumPy, OpenCV, SciPy, pytest, ...
+# but no ROS 2. Puts the ROS 2 Kilted wheels and colcon (requirements/ros.txt) and the bag
+# tools (rosbags), with everything they need that the image lacks, built for that
+# CPython, into a git-ignored folder that travels with the working tree. There:
+#   SEGSAFE_WHEELS=.whl bash scripts/setup.sh && bash scripts/gpu_check.sh "$OUT/gpu"
+# Usage (here, after make setup): bash scripts/device_wheels.sh [PYTHON_VERSION] [DIR]
+# (defaults 3.12 and .whl).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VERSION=${1:-3.12}
+DIR=${2:-.whl}
+# The working tree and the wheels travel together, at most 64 MiB: what the GPU image
+# already has stays out (NumPy alone is 16 MB).
+PROVIDED=(numpy pyyaml setuptools pygments pytest pytest_cov coverage packaging pyparsing
+  python_dateutil typing_extensions pluggy iniconfig tzdata)
+LIMIT=$((64 << 20))
+
+say() { printf '\033[1m[device_wheels]\033[0m %s\n' "$*"; }
+# shellcheck disable=SC1091
+source scripts/env.sh
+rm -rf "$DIR"
+mkdir -p "$DIR"
+
+# EmPy (rosidl's template engine, via colcon-core) is published as source only, and pip
+# fetches wheels alone for another Python: build its (pure-Python) wheel here first.
+empy=$(python -c 'import importlib.metadata as m; print(m.version("empy"))')
+say "building EmPy $empy's wheel"
+python -m pip wheel -q --no-deps -w "$DIR" "empy==$empy"
+
+rosbags=$(grep -oE '^rosbags==[^ ]+' requirements/dev.txt)
+say "downloading the ROS 2 wheels, colcon and $rosbags for CPython $VERSION"
+python -m pip download -q --only-binary=:all: --implementation cp --python-version "$VERSION" \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux1_x86_64 --find-links "$DIR" -d "$DIR" -r requirements/ros.txt "$rosbags"
+for name in "${PROVIDED[@]}"; do rm -f "$DIR/$name"-*.whl; done
+
+wheels=$(du -cb "$DIR"/*.whl | tail -1 | cut -f1)
+tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+say "$(ls "$DIR"/*.whl | wc -l) wheels, $((wheels >> 20)) MiB; with the tracked files $(((wheels + tree) >> 20)) MiB of the 64 MiB that travel"
+if ((wheels + tree > LIMIT)); then
+  say "warning: over the limit; leave out more of what the machine already has"
+  exit 1
+fi
