@@ -6,12 +6,21 @@
 # shared-memory profile (how a robot runs it, RViz in another process), also at 2 MP with
 # only a planner's, RViz's and a jpeg viewer's outputs subscribed (the ~16 ms question).
 # Needs the environment `make setup` builds; writes JSONs and a log
-# under $1 (default out/gpu_check). Usage: bash scripts/gpu_check.sh [OUT_DIR]
+# under $1 (default out/gpu_check), the world and bag it replays under a scratch folder
+# (SCRATCH, default a temporary one), so OUT holds only the log and the JSONs (the device
+# tool returns at most 8 files).
+# Usage: bash scripts/gpu_check.sh [OUT_DIR]
+#
+# On the GPU machine lent to sessions (CPython 3.12 with PyTorch, no ROS 2, no package
+# index), one call of the device tool, with the wheels made here first
+# (`bash scripts/device_wheels.sh`, into the git-ignored .whl/) and carried:
+#   SEGSAFE_WHEELS=.whl bash scripts/setup.sh && bash scripts/gpu_check.sh "$OUT"
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:-out/gpu_check}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
+SCRATCH="${SCRATCH:-$(mktemp -d)}"
 
 set +u  # the colcon setup scripts read unset variables
 source scripts/env.sh
@@ -41,11 +50,11 @@ step "model bench on cuda, 512x1024" \
 
 # The benches below need this bag: a failure here ends the run.
 say "a world sequence and its bag"
-segsafe world --out "$OUT/world" --sequences 1 --train 0 --val 0 --anomaly 0 --negatives 0 \
+segsafe world --out "$SCRATCH/world" --sequences 1 --train 0 --val 0 --anomaly 0 --negatives 0 \
   --sequence-length 6 --height 512 --width 1024 --no-progress
-segsafe make-bag --root "$OUT/world" --sequence seq_000 --out "$OUT/bag" --format mcap
+segsafe make-bag --root "$SCRATCH/world" --sequence seq_000 --out "$SCRATCH/bag" --format mcap
 
-node_bench=(segsafe bench --node --bag "$OUT/bag" --config config/detector.yaml
+node_bench=(segsafe bench --node --bag "$SCRATCH/bag" --config config/detector.yaml
   --param "input_size=[512,1024]")
 profile=(env FASTDDS_DEFAULT_PROFILES_FILE="$PWD/config/fastdds_same_host.xml")
 for device in cuda cpu; do
