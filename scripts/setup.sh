@@ -26,7 +26,12 @@ if [ -n "$WHEELS" ]; then
   tag=$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
   compgen -G "$WHEELS/ros_rclpy-*-$tag-*.whl" >/dev/null \
     || die "no ROS 2 wheels for $tag in $WHEELS: run scripts/device_wheels.sh $("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') where pip can reach PyPI"
-  "$PY" -c 'import torch, numpy, cv2' 2>/dev/null || die "$PY lacks PyTorch, NumPy or OpenCV, which offline setup takes from it"
+  # What setup.py needs, and pytest: offline these come from the interpreter itself.
+  lacking=$("$PY" -c '
+import importlib.util as u
+names = "torch torchvision numpy PIL cv2 yaml safetensors scipy tqdm matplotlib pytest setuptools"
+print(" ".join(n for n in names.split() if u.find_spec(n) is None))')
+  [ -z "$lacking" ] || die "$PY lacks $lacking, which offline setup takes from the interpreter (import names)"
 elif [ -z "$PY" ]; then
   for cand in python3.11 python3; do
     if command -v "$cand" >/dev/null 2>&1 && \
