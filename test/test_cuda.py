@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from segmentation_safety import visualize
 from segmentation_safety.bench import bench
 from segmentation_safety.detectors import registry
 from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig
+from segmentation_safety.types import RenderOptions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -85,3 +87,50 @@ def test_bench_on_cuda_times_fp16_autocast_by_default():
         assert not fp32.half and set(dtypes) == {torch.float32}
     finally:
         hook.remove()
+
+
+def _node_outputs(device: str, half: bool, frames: np.ndarray, threshold: float) -> list:
+    """What the node publishes for each frame (``process_frame``: colours, overlay, maps
+    and alarm counts made on the device, copied to the host in one packed transfer)."""
+    config = PipelineConfig(anomaly="densehybrid", failure="max_softmax", device=device, half=half)
+    pipe = Pipeline.from_models_dir(DEMO_MODELS, config)
+    options = RenderOptions(
+        labels=True,
+        color=True,
+        overlay=True,
+        maps=frozenset({"anomaly", "failure"}),
+        threshold=threshold,
+        alarm=(0,),
+        open_set=threshold,
+        anomaly_net=True,
+    )
+    return [pipe.process_frame(f, {"anomaly", "failure"}, options) for f in frames]
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["fp32", "fp16-autocast"])
+def test_node_outputs_on_cuda_match_the_cpu(frames, half):
+    probe = _node_outputs("cpu", False, frames[:1], 0.0)[0].anomaly_net
+    threshold = float(np.quantile(probe, 0.9))  # a tenth of the pixels flagged
+    cpu = _node_outputs("cpu", False, frames, threshold)
+    gpu = _node_outputs("cuda", half, frames, threshold)
+    agree, rank, flips = (0.999, 0.999, 0.02) if not half else (0.99, 0.98, 0.05)
+    for c, g in zip(cpu, gpu, strict=True):
+        for key in ("labels", "color", "overlay", "anomaly", "failure", "open_set", "anomaly_net"):
+            a, b = getattr(c, key), getattr(g, key)
+            assert a.shape == b.shape and a.dtype == b.dtype, key
+        assert (c.labels == g.labels).mean() >= agree
+        np.testing.assert_array_equal(g.color, visualize.colorize_labels(g.labels))
+        assert (c.open_set == g.open_set).mean() >= agree - flips
+        for key in ("anomaly", "failure", "anomaly_net"):
+            assert np.isfinite(getattr(g, key)).all(), key
+            assert _rank_corr(getattr(c, key), getattr(g, key)) >= rank, key
+        # The overlay blends flagged pixels by their score over the map's percentiles.
+        step = np.abs(c.overlay.astype(int) - g.overlay.astype(int)).max(axis=2)
+        assert (step <= 2).mean() >= 1.0 - flips
+        area = c.alarm.area_pixels
+        assert abs(g.alarm.area_pixels - area) <= flips * area
+        assert abs(g.alarm.anomalous_pixels - c.alarm.anomalous_pixels) <= flips * area
+        span = float(np.ptp(c.anomaly_net))
+        assert abs(g.alarm.max_score - c.alarm.max_score) <= (1e-3 if not half else 2e-2) * span
+        assert abs(g.alarm.mean_failure - c.alarm.mean_failure) <= (1e-3 if not half else 1e-2)
+        assert g.nonfinite == c.nonfinite
