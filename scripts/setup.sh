@@ -42,7 +42,12 @@ elif [ -z "$PY" ]; then
 fi
 [ -n "$PY" ] || die "Python 3.11 not found (the ROS 2 Kilted wheels are built for CPython 3.11); set PYTHON=/path/to/python3.11"
 missing=()
-for tool in cmake make gcc g++ git; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+for tool in cmake gcc g++; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+if ! command -v make >/dev/null 2>&1; then
+  # colcon's CMake builds run with any generator CMake has
+  if command -v ninja >/dev/null 2>&1; then export CMAKE_GENERATOR=Ninja; else missing+=(make); fi
+fi
+[ -n "$WHEELS" ] || command -v git >/dev/null 2>&1 || missing+=(git)  # offline: a copy, not a clone
 if [ -n "$WHEELS" ]; then
   "$PY" -c 'import venv' 2>/dev/null || missing+=("python3-venv")
 else
