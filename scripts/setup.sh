@@ -66,9 +66,10 @@ if ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
   rm -rf "$VENV"
   if [ -n "$WHEELS" ]; then
     # Over the interpreter's own packages (it may itself be a venv, which
-    # --system-site-packages would skip): its site-packages go on the new one's path.
+    # --system-site-packages would skip): its site dirs are added to the new one's, .pth
+    # files and all, after the venv's own.
     "$PY" -m venv --without-pip "$VENV"
-    "$PY" -c 'import site; print("\n".join(site.getsitepackages()))' \
+    "$PY" -c 'import site; print("".join(f"import site; site.addsitedir({d!r})\n" for d in site.getsitepackages()))' \
       >"$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_base_packages.pth"
   else
     "$PY" -m venv "$VENV"
