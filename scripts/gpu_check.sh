@@ -4,7 +4,8 @@
 # 1 and 0.5, network at the frame's size) on cuda, with the CPU node bench of the same
 # frames for comparison, and the cuda node in a process of its own with the shipped
 # shared-memory profile (how a robot runs it, RViz in another process), also at 2 MP with
-# only a planner's, RViz's and a jpeg viewer's outputs subscribed (the ~16 ms question).
+# only a planner's, RViz's and a jpeg viewer's outputs subscribed (the ~16 ms question),
+# and the highest input rate the cuda node keeps up with.
 # Needs the environment `make setup` builds; writes JSONs and a log
 # under $1 (default out/gpu_check), the world and bag it replays under a scratch folder
 # (SCRATCH, default a temporary one), so OUT holds only the log and the JSONs (the device
@@ -69,6 +70,22 @@ step "node bench on cuda, own process, 2 MP, a robot's subscribers (planner, RVi
   "${profile[@]}" "${node_bench[@]}" --node-process --sizes 1024x2048 --frames 16 \
   --outputs safety,hazards,hazard_overlay_compressed --param "device=cuda" \
   --param safety_embeds_maps=false --out "$OUT/node_cuda_process_same_host_2mp_planner_rviz_jpeg.json"
+# Throughput, which one frame in flight does not show: the highest input rate the cuda
+# node keeps up with (< 5% dropped), every output and a robot's subscribers, against
+# the network's own rate (bench_cuda.json). Whether publishing must overlap the next
+# frame's network for a GPU node to be bound by its network is read off these two.
+max_rate() {  # max_rate NAME [replay options...]: T.json kept as OUT/replay_NAME.json
+  local name=$1
+  shift
+  "${profile[@]}" segsafe replay --bag "$SCRATCH/bag" --config config/detector.yaml \
+    --node-process --find-max-rate --search-seconds 3 --search-trials 8 \
+    --param "input_size=[512,1024]" --param "device=cuda" "$@" \
+    --out "$SCRATCH/replay_$name/T.json" &&
+    cp "$SCRATCH/replay_$name/T.json" "$OUT/replay_$name.json"
+}
+step "highest input rate on cuda, every output" max_rate cuda_max_rate
+step "highest input rate on cuda, a robot's subscribers" max_rate cuda_max_rate_robot \
+  --outputs safety,hazards,hazard_overlay_compressed --param safety_embeds_maps=false
 if ((${#failed[@]})); then
   say "done: $OUT; failed: ${failed[*]}"
   exit 1
