@@ -167,3 +167,37 @@ def test_a_bug_in_a_subcommand_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(world_cli, "write_world", broken)
     with pytest.raises(FileNotFoundError, match="package data"):
         main(["world", "--out", "/nonexistent/w"])
+
+
+_MAJOR, _MINOR = sys.version_info[:2]
+TAG = f"cp{_MAJOR}{_MINOR}"
+
+
+def _offline_setup(tmp_path, wheels, python: str) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
+    env.update(SEGSAFE_WHEELS=str(wheels), PYTHON=python)
+    return subprocess.run(["bash", str(REPO / "scripts" / "setup.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_offline_setup_refuses_wheels_for_another_python_before_writing_anything(tmp_path):
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "ros_rclpy-9.1.2-cp399-cp399-manylinux_2_28_x86_64.whl").touch()
+    before = sorted(p.name for p in REPO.iterdir())
+    r = _offline_setup(tmp_path, wheels, sys.executable)
+    assert r.returncode == 1
+    assert f"no ROS 2 wheels for {TAG} in {wheels}" in r.stderr
+    assert f"device_wheels.sh {_MAJOR}.{_MINOR}" in r.stderr
+    assert sorted(p.name for p in REPO.iterdir()) == before
+
+
+def test_offline_setup_names_the_modules_the_interpreter_lacks(tmp_path):
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / f"ros_rclpy-9.1.2-{TAG}-{TAG}-manylinux_2_28_x86_64.whl").touch()
+    r = _offline_setup(tmp_path, wheels, str(bare / "bin" / "python"))
+    assert r.returncode == 1
+    assert "lacks torch torchvision numpy PIL cv2 yaml safetensors scipy tqdm" in r.stderr
