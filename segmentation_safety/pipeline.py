@@ -370,9 +370,15 @@ class Pipeline:
         synchronize(self.device)
         timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
 
+    @property
+    def autocasts(self) -> bool:
+        """Whether the network and detectors run under fp16 autocast (CUDA and ``half``)."""
+        return self.device.type == "cuda" and self.config.half
+
     def _autocast(self) -> Any:
-        enabled = self.device.type == "cuda" and self.config.half
-        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=enabled)
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.float16, enabled=self.autocasts
+        )
 
 
 def _nonfinite(values: torch.Tensor, total: float) -> int:

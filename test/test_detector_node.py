@@ -42,6 +42,7 @@ from segmentation_safety.ros.detector_node import (  # noqa: E402
     alarm_message,
     main,
 )
+from segmentation_safety.ros.params import DetectorParams  # noqa: E402
 from segmentation_safety.types import SafetyResult  # noqa: E402
 
 
@@ -403,6 +404,12 @@ def test_input_resize_parameter_reaches_the_pipeline(harness, capfd):
     h.listen("safety")
     h.image_pub.publish(image_msg(1))
     wait_for(lambda: h.stamped("safety", 1), "safety")
+
+
+def test_fp16_parameter_reaches_the_pipeline(harness):
+    assert DetectorParams.from_values({}).fp16  # autocast on CUDA unless switched off
+    h = harness(fp16=False)
+    assert h.node.pipeline.config.half is False and not h.node.pipeline.autocasts
 
 
 def test_output_scale_shrinks_the_float_maps_only(harness):

@@ -232,6 +232,7 @@ def load_pipeline(p: DetectorParams) -> Pipeline:
         failure=p.failure_detector or None,
         class_iou=p.class_iou_detector or None,
         device=p.device,
+        half=p.fp16,
         input_size=p.input_size,
         input_resize=p.input_resize,
     )
@@ -333,7 +334,8 @@ class DetectorNode(Node):
         self._last_frame_at = time.monotonic()
         self._publishers_seen_at: float | None = None
         self.get_logger().info(
-            f"models from {params.models_dir or DEMO_MODELS} on {self.pipeline.device}; "
+            f"models from {params.models_dir or DEMO_MODELS} on {self.pipeline.device}"
+            f"{' (fp16 autocast)' if self.pipeline.autocasts else ''}; "
             f"anomaly={params.anomaly_detector or '-'} failure={params.failure_detector or '-'} "
             f"class_iou={params.class_iou_detector or '-'}; codec={self.codec.backend}"
         )

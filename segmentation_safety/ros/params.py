@@ -113,6 +113,12 @@ SPECS: tuple[Spec, ...] = (
     Spec("class_iou_detector", "", "Registry name predicting per-class IoU; empty = none."),
     Spec("device", "auto", "Torch device: auto, cpu, cuda or cuda:N.", check=_device_ok),
     Spec(
+        "fp16",
+        True,
+        "fp16 autocast for the network and detectors on CUDA (ignored on the CPU); false "
+        "runs them in fp32, which can be the faster at one frame a pass.",
+    ),
+    Spec(
         "input_size",
         [0, 0],
         "Network input [height, width]; [0, 0] = the segmenter bundle's input_size (the "
@@ -377,6 +383,7 @@ class DetectorParams:
     failure_detector: str
     class_iou_detector: str
     device: str
+    fp16: bool
     input_size: tuple[int, int] | None
     input_resize: str
     qos_reliability: str
@@ -415,6 +422,7 @@ class DetectorParams:
             failure_detector=v["failure_detector"].strip(),
             class_iou_detector=v["class_iou_detector"].strip(),
             device=v["device"].strip().lower(),
+            fp16=bool(v["fp16"]),
             input_size=None if size == (0, 0) else (size[0], size[1]),
             input_resize=v["input_resize"],
             qos_reliability=v["qos.reliability"],
