@@ -50,10 +50,10 @@ def safety_timings(raw: bytes) -> dict[str, float]:
 #: Breakdown stages in the order a frame passes them (detectors summed as one).
 BREAKDOWN_STAGES = ("transport_in", "queue", "decode", "preprocess", "segmenter",
                     "detectors", "postprocess", "publish", "other", "transport_out")  # fmt: skip
-#: The overhead's stages that stay on the host whatever the pipeline's device (the rest,
-#: preprocess and postprocess, run on it): on a GPU node these decide whether the node is
-#: bound by its network.
-HOST_STAGES = ("transport_in", "queue", "decode", "publish", "other", "transport_out")
+#: Stages that run on the pipeline's device; the overhead's other stages stay on the host
+#: whatever the device, and on a GPU node decide whether it is bound by its network.
+DEVICE_STAGES = ("preprocess", "segmenter", "detectors", "postprocess")
+HOST_STAGES = tuple(s for s in BREAKDOWN_STAGES if s not in DEVICE_STAGES)
 
 
 def frame_breakdown(latency_ms: float, stages: dict[str, float]) -> dict[str, float] | None:
