@@ -320,6 +320,23 @@ def test_fifty_fast_frames_give_no_backlog_and_bounded_memory(harness):
     assert current - base < 6 * frame_bytes, (current - base) / frame_bytes
 
 
+def test_lowering_max_rate_and_raising_it_again_takes_effect_at_once(harness):
+    h = harness()
+    h.listen("segmentation")
+    h.image_pub.publish(image_msg(1))
+    wait_for(lambda: h.stamped("segmentation", 1), "the first frame's answer")
+    # Frame 2 is answered, then the worker paces 1 / 0.005 Hz = 200 s from its start ...
+    (slow,) = h.node.set_parameters([Parameter("max_rate", value=0.005)])
+    assert slow.successful, slow.reason
+    h.image_pub.publish(image_msg(2))
+    wait_for(lambda: h.stamped("segmentation", 2), "the second frame's answer")
+    # ... until the rate is lifted: the next frame must not wait out the old period.
+    (fast,) = h.node.set_parameters([Parameter("max_rate", value=0.0)])
+    assert fast.successful, fast.reason
+    h.image_pub.publish(image_msg(3))
+    wait_for(lambda: h.stamped("segmentation", 3), "the answer once max_rate is 0 again")
+
+
 def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
     h = harness(safety_embeds_maps=False)
     asked = []
@@ -497,8 +514,23 @@ def test_parameters_are_checked_at_run_time_by_name(harness):
         (result,) = h.node.set_parameters([Parameter(name, value=value)])
         assert not result.successful, name
         assert name in result.reason, result.reason
-    (wrong_type,) = h.node.set_parameters([Parameter("max_rate", value="fast")])
-    assert not wrong_type.successful
+    wrong_types = {
+        "max_rate": "fast",
+        "publish.safety": "yes",
+        "drivable_classes": [0.5],
+        "jpeg_quality": 80.0,
+    }
+    for name, value in wrong_types.items():
+        (result,) = h.node.set_parameters([Parameter(name, value=value)])
+        assert not result.successful, name
+        assert f"parameter '{name}'" in result.reason and "expected" in result.reason, result
+    (unset,) = h.node.set_parameters([Parameter("alarm_fraction", Parameter.Type.NOT_SET)])
+    assert not unset.successful and "alarm_fraction" in unset.reason
+    assert h.node.has_parameter("alarm_fraction")
+    # An integer where a double is expected is a number (what `ros2 param set` sends for 0).
+    (as_int,) = h.node.set_parameters([Parameter("alarm_fraction", value=0)])
+    assert as_int.successful, as_int.reason
+    assert h.node.params.alarm_fraction == 0.0
     ok = h.node.set_parameters(
         [Parameter("anomaly_threshold", value=0.25), Parameter("publish.anomaly", value=False)]
     )
@@ -820,6 +852,14 @@ def test_nan_threshold_is_refused_at_run_time_without_a_calibrated_one(harness):
 def test_invalid_parameter_at_start_exits_non_zero_naming_it(models_dir, capfd):
     code, err = _run_main(capfd, models_dir=models_dir, alarm_fraction=5.0)
     assert code == 1 and "alarm_fraction" in err
+    code, err = _run_main(capfd, models_dir=models_dir, max_rate="fast")
+    assert code == 1 and "parameter 'max_rate'" in err and "expected a number" in err
+
+
+def test_an_integer_for_a_double_starts_the_node(harness):
+    # A YAML `alarm_fraction: 0` or `-p max_rate:=5` gives integers.
+    h = harness(alarm_fraction=0, max_rate=5)
+    assert h.node.params.alarm_fraction == 0.0 and h.node.params.max_rate == 5.0
 
 
 def test_transport_is_fixed_at_start_and_jpeg_quality_checked(harness):

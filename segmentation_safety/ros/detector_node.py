@@ -379,6 +379,7 @@ class DetectorNode(Node):
         )
         self.slot = LatestSlot()
         self._stop = threading.Event()
+        self._params_changed = threading.Event()  # wakes a worker pacing max_rate
         image_topic, image_type = INPUTS[p.input_transport]
         self.image_sub = self.create_subscription(
             image_type,
@@ -499,6 +500,7 @@ class DetectorNode(Node):
         # so a successful check means the values are about to be stored.
         if result.successful and self._ready:
             self.params = DetectorParams.from_node(self, params)
+            self._params_changed.set()
         return result
 
     def _publish_diagnostics(self) -> None:
@@ -580,9 +582,19 @@ class DetectorNode(Node):
                 kind = f"processing/{type(e).__name__}"
                 self._warn(kind, f"frame failed: {type(e).__name__}: {e}")
             self.stats.on_finished(latency, unheard=unheard)
+            self._pace(started)
+
+    def _pace(self, started: float) -> None:
+        """Wait out ``max_rate``'s period from ``started`` (frames arriving meanwhile replace
+        each other in the slot). Re-read on every parameter change: a period set from a
+        low rate must not outlast the rate (0.005 Hz is a 200 s wait)."""
+        while not self._stop.is_set():
             rate = self.params.max_rate
-            if rate > 0:  # frames arriving meanwhile replace each other in the slot
-                self._stop.wait(started + 1.0 / rate - time.monotonic())
+            remaining = started + 1.0 / rate - time.monotonic() if rate > 0 else 0.0
+            if remaining <= 0:
+                return
+            self._params_changed.wait(remaining)
+            self._params_changed.clear()
 
     def _wanted(self, p: DetectorParams) -> set[str]:
         return {k for k in p.publish if self.pubs[k].get_subscription_count() > 0}
@@ -830,6 +842,7 @@ class DetectorNode(Node):
     def destroy_node(self) -> None:
         if getattr(self, "worker", None) is not None:
             self._stop.set()
+            self._params_changed.set()
             self.slot.close()
             self.worker.join(timeout=5.0)
         super().destroy_node()

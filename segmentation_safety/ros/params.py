@@ -319,8 +319,15 @@ SPEC_BY_NAME: dict[str, Spec] = {s.name: s for s in SPECS}
 
 
 def descriptor(spec: Spec) -> ParameterDescriptor:
-    """ROS descriptor for one spec: description, range, read-only where a restart is needed."""
-    d = ParameterDescriptor(description=spec.description, read_only=not spec.runtime)
+    """ROS descriptor for one spec: description, range, read-only where a restart is needed.
+
+    Dynamically typed, so that the type is ours to check: rclpy's own check refuses an
+    integer for a double (``ros2 param set ... alarm_fraction 0``) with a reason that
+    names neither the parameter nor the types ("expected '3' got '2'").
+    """
+    d = ParameterDescriptor(
+        description=spec.description, read_only=not spec.runtime, dynamic_typing=True
+    )
     if spec.low is not None and spec.high is not None and not isinstance(spec.default, bool):
         if isinstance(spec.default, int):
             d.integer_range = [IntegerRange(from_value=int(spec.low), to_value=int(spec.high))]
@@ -340,9 +347,32 @@ def validate(name: str, value: Any) -> str | None:
     return None if problem is None else f"parameter '{name}' = {value!r}: {problem}"
 
 
+def _type_problem(default: Any, value: Any) -> str | None:
+    """Why ``value`` is not of the type ``default`` gives the parameter (an integer is a
+    number where a double is expected)."""
+    if value is None:
+        return "cannot be unset"
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "a bool"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "a string"
+    else:  # the list specs are lists of integers
+        items = value if isinstance(value, Iterable) and not isinstance(value, str) else None
+        ok = items is not None and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in items
+        )
+        want = "a list of integers"
+    return None if ok else f"expected {want}, got {type(value).__name__}"
+
+
 def _problem(spec: Spec, value: Any) -> str | None:
-    if isinstance(spec.default, bool) != isinstance(value, bool):
-        return f"expected {type(spec.default).__name__}"
+    problem = _type_problem(spec.default, value)
+    if problem is not None:
+        return problem
     if isinstance(value, float) and not math.isfinite(value):
         # NaN is accepted where it is the default: it means what the description says.
         nan_default = isinstance(spec.default, float) and math.isnan(spec.default)
