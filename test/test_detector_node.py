@@ -20,6 +20,7 @@ import torch
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
 
@@ -39,6 +40,7 @@ from segmentation_safety.operating_point import OperatingPoint  # noqa: E402
 from segmentation_safety.ros import image_codec, markers  # noqa: E402
 from segmentation_safety.ros.detector_node import (  # noqa: E402
     DetectorNode,
+    WarningThrottle,
     alarm_message,
     main,
 )
@@ -496,8 +498,32 @@ def test_bad_input_is_refused_by_name_and_the_node_keeps_answering(harness, capf
         wait_for(lambda s=2000 + i: h.stamped("segmentation", s), f"a good frame after {label}")
         assert not h.stamped("segmentation", 1000 + i)
     logged = capfd.readouterr().err
-    for _, words in _bad_inputs().values():
-        assert words in logged  # one warning per kind of problem reached the log
+    for label, (_, words) in _bad_inputs().items():
+        # One warning per kind of problem reached the log; yuv422 is the kind 32FC1 was
+        # (an unsupported encoding), throttled within warn_throttle_sec.
+        assert (words in logged) == (label != "yuv422"), label
+
+
+def test_ever_new_bad_encodings_keep_one_kind_of_problem(harness):
+    # The kind is the class of problem; the encoding is in the text. A camera sending ever
+    # new encodings must not grow /diagnostics or the throttle without bound.
+    h = harness()
+    h.listen("segmentation")
+    for i in range(40):
+        rejected = h.node.stats.snapshot().rejected
+        h.image_pub.publish(
+            Image(height=H, width=W, encoding=f"weird{i}", step=W, data=bytes(H * W))
+        )
+        wait_for(lambda r=rejected: h.node.stats.snapshot().rejected > r, f"refusal {i}")
+    assert list(h.node.problems) == ["input/encoding"]
+    assert "weird39" in h.node.problems["input/encoding"]
+
+
+def test_the_warning_throttle_forgets_the_oldest_kind_beyond_its_bound():
+    throttle = WarningThrottle(max_kinds=4)
+    assert all(throttle.due(f"kind{i}", 60.0) for i in range(10))
+    assert not throttle.due("kind9", 60.0)  # remembered: throttled
+    assert throttle.due("kind0", 60.0)  # forgotten: warns again, memory stays bounded
 
 
 def test_parameters_are_checked_at_run_time_by_name(harness):
@@ -751,10 +777,14 @@ def test_bad_compressed_input_is_refused_by_name_and_the_node_keeps_answering(ha
         "empty": (CompressedImage(format="png", data=b""), "no data"),
         "h264": (CompressedImage(format="h264", data=b"\x00\x00\x01"), "format 'h264'"),
         "huge": (big, "too large"),
+        "mislabelled": (CompressedImage(format="jpeg", data=compressed_msg(0)[0].data), "a png"),
+        # Serialised bytes that are no CompressedImage (a truncated message).
+        "truncated": (serialize_message(compressed_msg(0)[0])[:30], "not a CompressedImage"),
     }
     for i, (label, (msg, words)) in enumerate(cases.items()):
         rejected = h.node.stats.snapshot().rejected
-        msg.header.stamp.sec = 1000 + i
+        if not isinstance(msg, bytes):
+            msg.header.stamp.sec = 1000 + i
         h.compressed_pub.publish(msg)
         wait_for(lambda r=rejected: h.node.stats.snapshot().rejected > r, f"{label} refusal")
         assert words in h.node.last_problem and "image/compressed" in h.node.last_problem

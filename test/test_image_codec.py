@@ -199,16 +199,47 @@ def test_codec_dispatches_compressed_messages():
         ("jpeg", b"", "empty", "no data"),
         ("jpeg", b"\xff\xd8\xff not really a jpeg", "undecodable", "not a readable jpeg/png"),
         ("png", b"hello world", "undecodable", "not a readable"),
-        ("h264", b"\x00\x00\x01", "format/h264", "unsupported CompressedImage format 'h264'"),
+        ("h264", b"\x00\x00\x01", "format", "unsupported CompressedImage format 'h264'"),
         ("", b"x", "format", "empty CompressedImage format"),
-        ("16UC1; compressedDepth png", b"x", "format/compresseddepth", "unsupported"),
-        ("bgr16; png compressed bgr16", b"x", "format/bgr16", "encoding 'bgr16' not supported"),
+        ("16UC1; compressedDepth png", b"x", "format", "unsupported"),
+        ("bgr16; png compressed bgr16", b"x", "format", "encoding 'bgr16' not supported"),
     ],
 )
 def test_bad_compressed_images_are_refused_by_kind(fmt, data, kind, words):
     with pytest.raises(CodecError, match=words) as e:
         image_codec.decode_compressed(CompressedImage(format=fmt, data=data))
     assert e.value.kind == kind
+
+
+def test_a_codec_other_than_the_format_says_or_a_16_bit_png_is_refused_by_name():
+    rgb = _rgb()
+    cases = [
+        (_compressed(rgb, ".png", "jpeg"), "format says jpeg but the data is a png file"),
+        (_compressed(rgb, ".jpg", "rgb8; png compressed bgr8"), "says png but the data is a jpeg"),
+        (_compressed((rgb.astype(np.uint16) * 257), ".png", "png"), "16-bit png"),
+    ]
+    for msg, words in cases:
+        with pytest.raises(CodecError, match=words) as e:
+            image_codec.decode_compressed(msg)
+        assert e.value.kind == "format"
+
+
+@pytest.mark.parametrize("size", [(32, 32), (32, 48)])
+def test_an_exif_orientation_does_not_turn_the_frame(size):
+    import io
+
+    from PIL import Image as PILImage
+
+    rgb = np.zeros((*size, 3), np.uint8)
+    rgb[: size[0] // 4] = (255, 0, 0)  # a red top band, far from where a turn would put it
+    im = PILImage.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, exif=exif)
+    out = image_codec.decode_compressed(CompressedImage(format="jpeg", data=buf.getvalue()))
+    assert out.shape == rgb.shape
+    assert np.abs(out.astype(int) - rgb.astype(int)).mean() < 3
 
 
 def test_truncated_png_is_refused_as_undecodable():

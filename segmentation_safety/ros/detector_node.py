@@ -92,6 +92,10 @@ NODE_NAME = "segmentation_safety"
 
 #: Depth images kept for pairing by stamp: a few frames of jitter at camera rates.
 DEPTH_BUFFER = 8
+#: Kinds of bad input remembered for /diagnostics and the warning throttle; the oldest
+#: goes when a new one comes (kinds are classes of problem, but memory stays bounded
+#: whatever a publisher sends).
+MAX_PROBLEM_KINDS = 32
 
 #: Names of the faults /diagnostics lists (``fault: <name>`` keys) while they last.
 FAULT_CAMERA_INFO = "camera_info invalid"
@@ -197,17 +201,26 @@ class WarningThrottle:
     kinds of bad input would hide all but the first; this keys by kind instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_kinds: int = MAX_PROBLEM_KINDS) -> None:
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.max_kinds = max_kinds
 
     def due(self, kind: str, period_s: float) -> bool:
         now = time.monotonic()
         with self._lock:
             if now - self._last.get(kind, -np.inf) < period_s:
                 return False
-            self._last[kind] = now
+            _remember(self._last, kind, now, self.max_kinds)
             return True
+
+
+def _remember(table: dict[str, Any], key: str, value: Any, max_keys: int) -> None:
+    """``table[key] = value``, dropping the oldest key to keep at most ``max_keys``."""
+    table.pop(key, None)  # re-inserted last: the newest
+    while len(table) >= max_keys:
+        del table[next(iter(table))]
+    table[key] = value
 
 
 def load_pipeline(p: DetectorParams) -> Pipeline:
@@ -506,7 +519,7 @@ class DetectorNode(Node):
     def _publish_diagnostics(self) -> None:
         self._watch_input()
         with self._faults_lock:
-            faults = dict(self.faults)
+            faults, problems = dict(self.faults), dict(self.problems)
         status = diagnostic_status(
             f"{self.get_name()}: segmentation safety",
             self.get_fully_qualified_name(),
@@ -516,7 +529,7 @@ class DetectorNode(Node):
         )
         if self.last_problem:
             status.values.append(KeyValue(key="last_problem", value=self.last_problem))
-        for kind, text in sorted(self.problems.copy().items()):
+        for kind, text in sorted(problems.items()):
             status.values.append(KeyValue(key=f"problem: {kind}", value=text))
         self.diag_pub.publish(DiagnosticArray(header=self._stamp_now(), status=[status]))
 
@@ -662,7 +675,10 @@ class DetectorNode(Node):
         if self.params.input_transport == "compressed":
             from rclpy.serialization import deserialize_message
 
-            return deserialize_message(raw, CompressedImage)
+            try:
+                return deserialize_message(raw, CompressedImage)
+            except Exception as e:  # rclpy's RMWError, or whatever its C layer raises
+                raise cdr.CdrError(f"not a CompressedImage ({len(raw)} bytes): {e}") from None
         return cdr.RawImage(raw)
 
     # -- building outputs ------------------------------------------------------------------
@@ -827,7 +843,8 @@ class DetectorNode(Node):
 
     def _warn(self, kind: str, text: str) -> None:
         self.last_problem = text
-        self.problems[kind] = text
+        with self._faults_lock:  # the compute thread and the depth callback both warn
+            _remember(self.problems, kind, text, MAX_PROBLEM_KINDS)
         if self.throttle.due(kind, self.params.warn_throttle_sec):
             self.get_logger().warning(text)
 

@@ -41,7 +41,8 @@ class CodecError(ValueError):
     """An image message that cannot be decoded; the message says what is wrong with it.
 
     ``kind`` names the class of problem (encoding, empty, size, step, length, shape) so a
-    node can rate-limit its warnings per kind.
+    node can rate-limit its warnings per kind. It never holds text from the message: a
+    camera sending ever new encodings must not grow the node's list of kinds.
     """
 
     def __init__(self, message: str, kind: str = "input") -> None:
@@ -55,7 +56,7 @@ def check_layout(msg: Image, max_pixels: int | None = None) -> int:
     if enc not in DECODABLE:
         raise CodecError(
             f"unsupported encoding {msg.encoding!r}; supported: {', '.join(DECODABLE)}",
-            f"encoding/{enc}",
+            "encoding",
         )
     h, w = int(msg.height), int(msg.width)
     if h == 0 or w == 0:
@@ -109,7 +110,7 @@ def decode_depth(msg: Image, max_pixels: int | None = None) -> np.ndarray:
     if enc not in DEPTH_ENCODINGS:
         raise CodecError(
             f"unsupported depth encoding {msg.encoding!r}; supported: 32FC1, 16UC1",
-            f"depth_encoding/{enc}",
+            "depth_encoding",
         )
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
     if h == 0 or w == 0:
@@ -201,7 +202,7 @@ def parse_compressed_format(fmt: str) -> tuple[str, bool]:
     if codec not in COMPRESSED_CODECS:
         raise CodecError(
             f"unsupported CompressedImage format {fmt!r}; supported codecs: jpeg, png",
-            f"format/{codec or text}",
+            "format",
         )
     source = head.strip() if rest else ""
     packed = ""
@@ -214,9 +215,29 @@ def parse_compressed_format(fmt: str) -> tuple[str, bool]:
             raise CodecError(
                 f"CompressedImage format {fmt!r}: encoding {enc!r} not supported; "
                 f"supported: {', '.join(COMPRESSED_ENCODINGS)}",
-                f"format/{enc}",
+                "format",
             )
     return codec, packed in ("rgb8", "rgba8")
+
+
+#: How each codec's files begin.
+MAGIC = {"jpeg": b"\xff\xd8", "png": b"\x89PNG\r\n\x1a\n"}
+
+
+def container_problem(data: bytes | bytearray | memoryview, codec: str) -> str | None:
+    """Why ``data`` is not an 8-bit file of ``codec``, or None.
+
+    imdecode reads any codec whatever the format says, and scales a 16-bit png down to
+    8 bits without a word: a mislabelled or 16-bit stream would be processed as if it
+    were what the format claims.
+    """
+    head = bytes(data[:32])
+    found = next((c for c, magic in MAGIC.items() if head.startswith(magic)), None)
+    if found is not None and found != codec:
+        return f"format says {codec} but the data is a {found} file"
+    if found == "png" and len(head) > 24 and head[24] == 16:  # IHDR bit depth
+        return "16-bit png; the node takes 8-bit images (a depth stream is not an image)"
+    return None
 
 
 def compressed_size(data: bytes | memoryview) -> tuple[int, int]:
@@ -240,12 +261,15 @@ def decode_compressed(msg: CompressedImage, max_pixels: int | None = None) -> np
 
     Raises :class:`CodecError` for an empty, unreadable, oversized or unsupported image.
     """
-    _, is_rgb = parse_compressed_format(msg.format)
+    codec, is_rgb = parse_compressed_format(msg.format)
     data = msg.data
     if len(data) == 0:
         raise CodecError("empty CompressedImage (no data)", "empty")
     if not isinstance(data, bytes | bytearray | memoryview):
         data = bytes(data)  # rclpy may hand over array('B') or a list
+    problem = container_problem(data, codec)
+    if problem is not None:
+        raise CodecError(f"CompressedImage format {msg.format!r}: {problem}", "format")
     w, h = compressed_size(data)
     if w == 0 or h == 0:
         raise CodecError(f"empty compressed image ({w}x{h})", "empty")
@@ -253,7 +277,10 @@ def decode_compressed(msg: CompressedImage, max_pixels: int | None = None) -> np
         raise CodecError(
             f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}", "size"
         )
-    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    # A camera's frames are as the sensor saw them: an EXIF orientation (phones, some
+    # IP cameras) would turn them, and the header's size would no longer match.
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if decoded is None:
         raise CodecError(
             f"compressed data ({len(data)} bytes, {msg.format!r}) could not be decoded",
