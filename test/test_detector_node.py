@@ -990,6 +990,9 @@ def test_regions_become_boxes_on_the_ground():
     assert box.header.frame_id == "cam" and box.pose.position.z == pytest.approx(10.0)
     assert box.pose.position.y < 1.5  # centre above the ground (y points down)
     assert markers.hazard_markers(regions, None, Header(), 1.5, 0.0).markers[0].action == 3
+    # A K that projects to NaN gives no box (the node refuses such a K before it gets here).
+    denormal = np.array([[1e-310, 0, 64], [0, 1e-310, 32], [0, 0, 1]])
+    assert len(markers.hazard_markers(regions, denormal, Header(), 1.5, 0.0).markers) == 1
 
 
 def test_pooled_markers_equal_fresh_ones_frame_after_frame():
@@ -1136,6 +1139,7 @@ BAD_K = {
     "zero K": ([0.0] * 9, "all zeros"),
     "NaN K": ([float(W), 0.0, W / 2, 0.0, math.nan, H / 2, 0.0, 0.0, 1.0], "non-finite"),
     "negative fx": ([-float(W), 0.0, W / 2, 0.0, float(W), H / 2, 0.0, 0.0, 1.0], "positive"),
+    "denormal fx": ([1e-310, 0.0, W / 2, 0.0, 1e-310, H / 2, 0.0, 0.0, 1.0], "inverted"),
 }
 
 

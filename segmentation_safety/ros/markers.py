@@ -95,6 +95,10 @@ def intrinsics_problem(k: np.ndarray) -> str | None:
         return f"focal lengths must be positive, got fx={fx:g} fy={fy:g}"
     if k[3] != 0 or k[6] != 0 or k[7] != 0 or k[8] != 1:
         return f"K is not a pinhole matrix: rows 2-3 must be [0, fy, cy], [0, 0, 1], got {k[3:]}"
+    with np.errstate(all="ignore"):
+        inverse = np.linalg.inv(k.reshape(3, 3))
+    if not np.all(np.isfinite(inverse)):  # e.g. a denormal focal length: rays at inf/NaN
+        return f"K cannot be inverted to finite values (fx={fx:g} fy={fy:g})"
     return None
 
 
@@ -235,7 +239,7 @@ def hazard_markers(
         if point is None:
             continue
         dist = math.sqrt(float(point @ point))
-        if dist > max_range:
+        if not dist <= max_range:  # NaN too: a box at NaN would reach RViz
             continue
         # Pinhole size at that distance; clamped so a thin or huge region stays readable.
         width = min(max(r.width * dist / fx, 0.1), 10.0)
