@@ -107,13 +107,69 @@ def load_bundle(
     raw = (header.get("__metadata__") or {}).get(_META_KEY)
     if raw is None:
         raise BundleError(path, "no segsafe metadata (not a segmentation_safety bundle)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise BundleError(path, f"segsafe metadata is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise BundleError(path, f"segsafe metadata is a {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise BundleError(path, f"unsupported format {meta.get('format')!r}, expected {FORMAT!r}")
     if kind is not None and meta.get("kind") != kind:
         raise BundleError(path, f"holds a {meta.get('kind')!r} model, expected {kind!r}")
+    problem = metadata_problem(meta)
+    if problem is not None:
+        raise BundleError(path, problem)
     tensors = {k: v.to(map_location) for k, v in tensors.items()}
     return Bundle(tensors=tensors, metadata=meta)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def metadata_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with the metadata keys the node and the tools read, or None.
+
+    Checked at load, so that a hand-edited or foreign bundle is refused by name at
+    start-up instead of failing on every frame (a bad input_size) or mislabelling the
+    classes (class_names given as one string).
+    """
+    names = meta.get("class_names")
+    if names is not None and (
+        not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names)
+    ):
+        return f"class_names must be a non-empty list of strings, got {names!r:.80}"
+    size = meta.get("input_size")
+    if size is not None and not (
+        isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)
+    ):
+        return f"input_size must be [height, width] in positive integers, got {size!r:.80}"
+    points = meta.get("operating_points")
+    if points is not None:
+        if not isinstance(points, dict):
+            return f"operating_points must map detector names to entries, got {points!r:.80}"
+        for name, entry in points.items():
+            problem = _operating_point_problem(entry)
+            if problem is not None:
+                return f"operating_points[{name!r}] {problem}, got {entry!r:.80}"
+    return None
+
+
+def _operating_point_problem(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return "must be an entry (threshold, inlier_fpr, ...)"
+    number = (int, float)
+    if not isinstance(entry.get("threshold"), number) or isinstance(entry["threshold"], bool):
+        return "needs a numeric threshold"
+    if not isinstance(entry.get("inlier_fpr", 0.0), number):
+        return "has a non-numeric inlier_fpr"
+    if not all(_is_int(entry.get(k, 0)) for k in ("images", "pixels")):
+        return "has non-integer images/pixels"
+    classes = entry.get("classes", [])
+    if not isinstance(classes, list) or not all(_is_int(c) for c in classes):
+        return "has classes that are not a list of train ids"
+    return None
 
 
 def load_state_strict(

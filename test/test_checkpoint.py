@@ -86,6 +86,39 @@ def test_unknown_format_version_is_refused(tmp_path):
         load_bundle(path)
 
 
+@pytest.mark.parametrize(
+    ("meta", "words"),
+    [
+        ({"class_names": "road"}, "class_names must be a non-empty list of strings"),
+        ({"class_names": []}, "class_names must be a non-empty list of strings"),
+        ({"input_size": [3]}, "input_size must be [height, width]"),
+        ({"input_size": "abc"}, "input_size must be [height, width]"),
+        ({"input_size": [0, 0]}, "input_size must be [height, width]"),
+        ({"input_size": [-4, 16]}, "input_size must be [height, width]"),
+        ({"operating_points": [1, 2]}, "operating_points must map detector names"),
+        ({"operating_points": {"energy": {"threshold": "abc"}}}, "'energy'] needs a numeric"),
+        ({"operating_points": {"energy": 0.5}}, "'energy'] must be an entry"),
+        ({"operating_points": {"energy": {"threshold": 1.0, "images": "x"}}}, "non-integer"),
+    ],
+)
+def test_metadata_the_tools_read_is_checked_at_load_naming_the_file(tmp_path, meta, words):
+    path = tmp_path / "seg.safetensors"
+    _save(path, **meta)
+    with pytest.raises(BundleError, match="seg.safetensors") as err:
+        load_bundle(path)
+    assert words in str(err.value)
+
+
+def test_class_names_must_name_every_class_of_the_segmenter(tmp_path):
+    from segmentation_safety.models.zoo import build_segmenter, load_segmenter, segmenter_metadata
+
+    seg = build_segmenter("tiny", num_classes=3, width=4)
+    path = tmp_path / "segmenter.safetensors"
+    save_bundle(path, seg.state_dict(), {**segmenter_metadata(seg), "class_names": ["a", "b"]})
+    with pytest.raises(BundleError, match="2 class_names for a segmenter of 3 classes"):
+        load_segmenter(path)
+
+
 def test_metadata_needs_a_kind(tmp_path):
     with pytest.raises(ValueError, match="kind"):
         save_bundle(tmp_path / "x.safetensors", {"w": torch.zeros(1)}, {})

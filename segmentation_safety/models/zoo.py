@@ -163,6 +163,13 @@ def load_segmenter(path: str | os.PathLike[str]) -> tuple[Segmenter, Bundle]:
     :class:`BundleError` naming it."""
     bundle = load_bundle(path, kind="segmenter")
     try:
-        return segmenter_from_bundle(bundle, path=str(path)), bundle
+        segmenter = segmenter_from_bundle(bundle, path=str(path))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise BundleError(path, f"cannot build the segmenter: {e}") from None
+    names = bundle.metadata.get("class_names")
+    if names is not None and len(names) != segmenter.num_classes:
+        # Labels past the names' end would go out unnamed (label_info, class IoU).
+        raise BundleError(
+            path, f"{len(names)} class_names for a segmenter of {segmenter.num_classes} classes"
+        )
+    return segmenter, bundle
