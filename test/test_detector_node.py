@@ -504,6 +504,16 @@ def test_bad_input_is_refused_by_name_and_the_node_keeps_answering(harness, capf
         assert (words in logged) == (label != "yuv422"), label
 
 
+def test_an_empty_frame_id_is_processed_and_named_for_the_markers(harness):
+    h = harness()
+    h.listen("segmentation", "hazards")
+    msg = image_msg(3)
+    msg.header.frame_id = ""
+    h.image_pub.publish(msg)
+    wait_for(lambda: h.stamped("segmentation", 3), "the frame's answer")
+    assert "empty header.frame_id" in h.node.problems["input/frame_id"]
+
+
 def test_ever_new_bad_encodings_keep_one_kind_of_problem(harness):
     # The kind is the class of problem; the encoding is in the text. A camera sending ever
     # new encodings must not grow /diagnostics or the throttle without bound.
@@ -524,6 +534,23 @@ def test_the_warning_throttle_forgets_the_oldest_kind_beyond_its_bound():
     assert all(throttle.due(f"kind{i}", 60.0) for i in range(10))
     assert not throttle.due("kind9", 60.0)  # remembered: throttled
     assert throttle.due("kind0", 60.0)  # forgotten: warns again, memory stays bounded
+
+
+def test_diagnostics_say_why_no_frame_was_processed():
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    from segmentation_safety.ros.diagnostics import StatsSnapshot, diagnostic_status
+
+    def status(**counts):
+        base = dict(received=0, processed=0, dropped=0, rejected=0, unheard=0, in_flight=0)
+        snap = StatsSnapshot(**{**base, **counts}, rate_hz=0.0, latency_p50_ms=0.0,
+                             latency_p95_ms=0.0, latency_max_ms=0.0, idle_s=math.inf)  # fmt: skip
+        return diagnostic_status("n", "id", snap, "cpu")
+
+    assert status().message == "no frame processed yet"
+    refused = status(received=5, rejected=5)
+    assert refused.level == DiagnosticStatus.WARN and "refused as bad input" in refused.message
+    assert status(received=5, unheard=5).message.startswith("no output is subscribed")
 
 
 def test_parameters_are_checked_at_run_time_by_name(harness):

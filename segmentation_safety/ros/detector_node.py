@@ -642,6 +642,12 @@ class DetectorNode(Node):
         self._check_finite(result)
         t1 = time.perf_counter()
         header = msg.header
+        if "hazards" in wanted and not header.frame_id:
+            self._warn(
+                "input/frame_id",
+                f"images on {self._image_topic()} have an empty header.frame_id: the hazard "
+                "markers carry it, and RViz/TF cannot place them",
+            )
         # The Python-heavy outputs first (hazard boxes, then the jpeg, in line): once the
         # images are out, in-process subscribers copying them hold the GIL, and the same
         # work took twice as long (jpeg 1.7 ms first, 3.4 ms last; a second thread for it

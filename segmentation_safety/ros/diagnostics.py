@@ -116,6 +116,8 @@ def diagnostic_status(
         level, message = DiagnosticStatus.WARN, "faults: " + ", ".join(sorted(faults))
     elif snap.processed == 0 and snap.unheard:
         message = "no output is subscribed: frames are only checked"
+    elif snap.processed == 0 and snap.rejected:
+        level, message = DiagnosticStatus.WARN, "every frame so far is refused as bad input"
     elif snap.processed == 0:
         level, message = DiagnosticStatus.WARN, "no frame processed yet"
     elif snap.idle_s > stale_after_s:
