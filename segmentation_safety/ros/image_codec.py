@@ -220,26 +220,6 @@ def parse_compressed_format(fmt: str) -> tuple[str, bool]:
     return codec, packed in ("rgb8", "rgba8")
 
 
-#: How each codec's files begin.
-MAGIC = {"jpeg": b"\xff\xd8", "png": b"\x89PNG\r\n\x1a\n"}
-
-
-def container_problem(data: bytes | bytearray | memoryview, codec: str) -> str | None:
-    """Why ``data`` is not an 8-bit file of ``codec``, or None.
-
-    imdecode reads any codec whatever the format says, and scales a 16-bit png down to
-    8 bits without a word: a mislabelled or 16-bit stream would be processed as if it
-    were what the format claims.
-    """
-    head = bytes(data[:32])
-    found = next((c for c, magic in MAGIC.items() if head.startswith(magic)), None)
-    if found is not None and found != codec:
-        return f"format says {codec} but the data is a {found} file"
-    if found == "png" and len(head) > 24 and head[24] == 16:  # IHDR bit depth
-        return "16-bit png; the node takes 8-bit images (a depth stream is not an image)"
-    return None
-
-
 def compressed_size(data: bytes | memoryview) -> tuple[int, int]:
     """(width, height) from a jpeg/png header, without decoding the pixels."""
     from PIL import Image as PILImage
@@ -261,15 +241,16 @@ def decode_compressed(msg: CompressedImage, max_pixels: int | None = None) -> np
 
     Raises :class:`CodecError` for an empty, unreadable, oversized or unsupported image.
     """
-    codec, is_rgb = parse_compressed_format(msg.format)
+    # The codec is the bytes' own, whatever the format names (as image_transport's
+    # subscriber reads it): a mislabelled or 16-bit colour png decodes to the 8-bit pixels
+    # an 8-bit stream would have carried. Formats that would give wrong pixels (a depth
+    # stream's, "16UC1; ...") are refused by the parse.
+    _, is_rgb = parse_compressed_format(msg.format)
     data = msg.data
     if len(data) == 0:
         raise CodecError("empty CompressedImage (no data)", "empty")
     if not isinstance(data, bytes | bytearray | memoryview):
         data = bytes(data)  # rclpy may hand over array('B') or a list
-    problem = container_problem(data, codec)
-    if problem is not None:
-        raise CodecError(f"CompressedImage format {msg.format!r}: {problem}", "format")
     w, h = compressed_size(data)
     if w == 0 or h == 0:
         raise CodecError(f"empty compressed image ({w}x{h})", "empty")
