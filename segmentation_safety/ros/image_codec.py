@@ -229,6 +229,12 @@ def compressed_size(data: bytes | memoryview) -> tuple[int, int]:
             return im.size
     except PILImage.DecompressionBombError as e:
         raise CodecError(f"compressed image too large: {e}", "size") from None
+    except PILImage.UnidentifiedImageError:  # its text holds the BytesIO's repr
+        raise CodecError(
+            f"compressed data is not a readable jpeg/png ({len(data)} bytes): not an image "
+            "file PIL knows",
+            "undecodable",
+        ) from None
     except Exception as e:  # PIL raises several types for unreadable headers
         raise CodecError(
             f"compressed data is not a readable jpeg/png ({len(data)} bytes): {e}",
