@@ -167,6 +167,58 @@ def test_an_input_slower_than_the_node_loses_no_frame(models: Path, tmp_path: Pa
     assert len(trial.latencies_ms()) == 5 and t["breakdown"]["frames"] == 5
 
 
+def _with_refused_frames(bag: Path, refused: set[int]):  # noqa: ANN202
+    """The bag's contents with the frames at ``refused`` replaced by ones the node refuses
+    (an unsupported encoding), stamps and times kept."""
+    from dataclasses import replace
+
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sensor_msgs.msg import Image
+
+    contents = read_bag(bag)
+    for i in refused:
+        frame = contents.frames[i]
+        msg = deserialize_message(frame.raw, Image)
+        msg.encoding = "yuv422"  # not an input encoding: refused as bad input
+        contents.frames[i] = replace(frame, raw=serialize_message(msg))
+    return contents
+
+
+def test_refused_frames_are_counted_apart_from_dropped_and_skipped_by_the_warm_up(
+    models: Path, tmp_path: Path
+):
+    from segmentation_safety.ros.replay import Replayer, ReplayOptions
+
+    config = tmp_path / "params.yaml"
+    config.write_text(PARAMS)
+    # The first frame is refused too: the warm-up must pass over it, not wait for an
+    # answer that never comes. --rate 0.2 as above: no frame is dropped.
+    contents = _with_refused_frames(_schedule_bag(tmp_path, 5), {0, 2})
+    options = ReplayOptions(models_dir=models, config=config, warmup=1, rate=0.2,
+                            parameters={"diagnostics_period": 0.2})  # fmt: skip
+    with Replayer(contents, options) as r:
+        r.warm_up()
+        trial = r.replay_bag()
+        # The replayer idles between trials by design: no "no frames" fault for that.
+        assert r.node.params.input_timeout == 3600.0
+    assert (trial.frames_sent, trial.frames_processed) == (5, 3)
+    assert (trial.rejected, trial.frames_dropped) == (2, 0)
+
+
+def test_a_bag_the_node_refuses_throughout_is_named_at_the_warm_up(models: Path, tmp_path: Path):
+    from segmentation_safety.ros.replay import Replayer, ReplayError, ReplayOptions
+
+    config = tmp_path / "params.yaml"
+    config.write_text(PARAMS)
+    contents = _with_refused_frames(_schedule_bag(tmp_path, 3), {0, 1, 2})
+    options = ReplayOptions(models_dir=models, config=config, warmup=1,
+                            parameters={"diagnostics_period": 0.2})  # fmt: skip
+    with Replayer(contents, options) as r, pytest.raises(ReplayError) as e:
+        r.warm_up()
+    assert "refused the bag's first 3 frame(s)" in str(e.value)
+    assert "unsupported encoding 'yuv422'" in str(e.value)  # the node's own words
+
+
 @pytest.mark.parametrize("fmt", ["sqlite3", "mcap"])
 def test_truncated_bag_is_a_clear_error(
     bags: dict[str, Path], tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture

@@ -2,7 +2,8 @@
 
 Images are published at the bag's timing divided by --rate; latency is measured on a
 monotonic clock from publish to receipt of the node's `safety` output (matched by header
-stamp). T.json: frames_sent, frames_processed, frames_dropped, rate_hz, latency_ms
+stamp). T.json: frames_sent, frames_processed, frames_dropped (skipped by the node for a
+newer frame), frames_rejected (refused as bad input), rate_hz, latency_ms
 {p50, p95, p99, max}, plus anomaly metrics where the bag has ground truth and the rate
 search with --find-max-rate. `breakdown` splits the latency by stage from the node's
 SafetyFrame timings (transport_in, queue, decode, preprocess, segmenter, detectors,
@@ -105,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     print(
         f"frames sent {d['frames_sent']}, processed {d['frames_processed']}, dropped "
-        f"{d['frames_dropped']}; latency ms p50 {fmt(lat['p50'])} p95 {fmt(lat['p95'])} "
-        f"p99 {fmt(lat['p99'])} max {fmt(lat['max'])}"
+        f"{d['frames_dropped']}, refused as bad input {d['frames_rejected']}; latency ms "
+        f"p50 {fmt(lat['p50'])} p95 {fmt(lat['p95'])} p99 {fmt(lat['p99'])} "
+        f"max {fmt(lat['max'])}"
     )
     if "breakdown" in d:
         print(format_breakdown(d["breakdown"]))

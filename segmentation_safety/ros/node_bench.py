@@ -124,6 +124,7 @@ def node_bench(
                 trials[v].sent.update(t.sent)
                 trials[v].answered.update(t.answered)
                 trials[v].stages.update(t.stages)
+                trials[v].rejected += t.rejected
             if progress:
                 progress(i + 1, rounds)
     results = {}

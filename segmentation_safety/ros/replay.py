@@ -67,6 +67,13 @@ from segmentation_safety.ros.replay_report import ReplayReport, build_report, sa
 RECORDED_NAMESPACE = "/segmentation_safety"
 #: Numbers the replayers of this process, for their private namespaces.
 _REPLAYER_COUNT = itertools.count()
+#: The node's input_timeout in a replay (its largest allowed value).
+REPLAY_INPUT_TIMEOUT_S = 3600.0
+#: Bag frames the warm-up tries before it gives up on a bag the node refuses.
+WARMUP_CANDIDATES = 10
+#: Longest wait for the node's next /diagnostics statuses after a trial (its period is
+#: 1 s by default).
+STATUS_WAIT_S = 5.0
 
 
 class ReplayError(UserError, RuntimeError):
@@ -98,6 +105,11 @@ class Collector(Node):
         self.timings: dict[int, dict[str, float]] = {}  # safety stamp -> the node's stages
         self.keep: dict[str, dict[int, bytes]] = {"safety": {}, "hazard_overlay": {}}
         self.keep_enabled = False
+        #: The node's newest /diagnostics values (frames_rejected, last_problem, ...), and
+        #: how many of its statuses came: refused frames are told apart from dropped ones
+        #: by its count, and a refused warm-up frame by its words.
+        self.node_status: dict[str, str] = {}
+        self.statuses = 0
         image_type, image_topic = (
             (CompressedImage, "image/compressed") if compressed else (Image, "image")
         )
@@ -114,10 +126,9 @@ class Collector(Node):
         # Always `safety` (it carries the answer); the others as asked (None: all of them).
         wanted = [(k, name, t) for k, (name, t) in TOPICS.items()
                   if outputs is None or k in outputs or k == "safety"]  # fmt: skip
-        if recorder is not None:
-            from diagnostic_msgs.msg import DiagnosticArray
+        from diagnostic_msgs.msg import DiagnosticArray
 
-            wanted.append(("diagnostics", "/diagnostics", DiagnosticArray))
+        wanted.append(("diagnostics", "/diagnostics", DiagnosticArray))
         for key, name, msg_type in wanted:
             self.subs.append(
                 self.create_subscription(
@@ -140,20 +151,41 @@ class Collector(Node):
                     self.timings.setdefault(stamp, timings)
                     self.answers.setdefault(stamp, now)
                     self.cond.notify_all()
+            if key == "diagnostics":
+                status = self._our_status(raw)
+                if status is None:
+                    return  # /diagnostics is global: another node's status
+                with self.cond:
+                    self.node_status = {kv.key: kv.value for kv in status.values}
+                    self.statuses += 1
+                    self.cond.notify_all()
             if self.keep_enabled and key in self.keep:
                 self.keep[key].setdefault(cdr_stamp_ns(raw), raw)
             if self.recorder is not None and self.keep_enabled:
-                if key == "diagnostics" and not self._ours(raw):
-                    return  # /diagnostics is global: keep only this node's status
                 self.recorder.write(recorded, msgtype, time.time_ns(), raw)
 
         return on_message
 
-    def _ours(self, raw: bytes) -> bool:
+    def _our_status(self, raw: bytes) -> Any:
         from diagnostic_msgs.msg import DiagnosticArray
 
         msg = deserialize_message(raw, DiagnosticArray)
-        return any(s.hardware_id.startswith(self.namespace) for s in msg.status)
+        return next((s for s in msg.status if s.hardware_id.startswith(self.namespace)), None)
+
+    def rejected(self) -> int:
+        """Frames the node has refused as bad input, as of its newest status."""
+        with self.cond:
+            return int(self.node_status.get("frames_rejected", 0))
+
+    def wait_statuses(self, count: int, deadline: float) -> bool:
+        """Until ``count`` more statuses of the node came (True), or ``deadline``."""
+        with self.cond:
+            target = self.statuses + count
+            while self.statuses < target:
+                if time.monotonic() >= deadline:
+                    return False
+                self.cond.wait(timeout=0.05)
+            return True
 
     def connected(self) -> bool:
         """The node subscribes to our images and publishes every output we listen to."""
@@ -195,9 +227,13 @@ class Trial:
     def frames_processed(self) -> int:
         return len(self.answered)
 
+    #: Frames the node refused as bad input (its /diagnostics count): not answered, but
+    #: not dropped either.
+    rejected: int = 0
+
     @property
     def frames_dropped(self) -> int:
-        return self.frames_sent - self.frames_processed
+        return self.frames_sent - self.frames_processed - self.rejected
 
     @property
     def drop_fraction(self) -> float:
@@ -336,6 +372,10 @@ class Replayer:
             out["device"] = o.device
         if self.bag.compressed:  # overrides beat --config: the bag decides the input
             out["input_transport"] = "compressed"
+        # The replayer is the node's only publisher, idle between trials and bench
+        # variants by design: "no frames from publishers" would be a false fault (and
+        # the output bag's last status would carry it). --param input_timeout=... wins.
+        out["input_timeout"] = REPLAY_INPUT_TIMEOUT_S
         return {**out, **o.parameters}
 
     def _node_here(self) -> Node:
@@ -387,26 +427,55 @@ class Replayer:
 
     # -- running -----------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """Send the first frame under throw-away stamps until the node has answered it."""
+        """Send the bag's first frame the node accepts under throw-away stamps until the
+        node has answered it; a frame it refuses (bad input) is passed over."""
         c = self.collector
         assert c is not None
-        raw = self.bag.frames[0].raw
-        for i in range(self.options.warmup):
-            stamp = i + 1  # sec = 0: never a recorded stamp
+        stamps = itertools.count(1)  # sec = 0: never a recorded stamp
+        tried = self.bag.frames[:WARMUP_CANDIDATES]
+        for frame in tried:
+            if self._warm_up_with(frame.raw, stamps):
+                return
+        raise ReplayError(
+            f"the node refused the bag's first {len(tried)} frame(s) as bad input: "
+            f"{c.node_status.get('last_problem', '?')}"
+        )
+
+    def _warm_up_with(self, raw: bytes, stamps: itertools.count) -> bool:
+        """True once the node answered ``raw`` ``warmup`` times; False if it refused it."""
+        c = self.collector
+        assert c is not None
+        for _ in range(self.options.warmup):
+            stamp = next(stamps)
             deadline = time.monotonic() + self.options.startup_timeout_s
+            rejected = c.rejected()
             serialized_publish.publish(c.image_pub, with_stamp(raw, stamp))
-            c.wait_answers({stamp}, idle_s=math.inf, deadline=deadline)
-            if stamp not in c.answers:
-                raise ReplayError(
-                    f"the node did not answer a warm-up frame within "
-                    f"{self.options.startup_timeout_s:.0f} s"
+            with c.cond:
+                c.cond.wait_for(
+                    lambda s=stamp, r=rejected: (
+                        s in c.answers or int(c.node_status.get("frames_rejected", 0)) > r
+                    ),
+                    timeout=max(deadline - time.monotonic(), 0.0),
                 )
+            if stamp in c.answers:
+                continue
+            if c.rejected() > rejected:
+                return False
+            said = c.node_status.get("last_problem")
+            raise ReplayError(
+                f"the node did not answer a warm-up frame within "
+                f"{self.options.startup_timeout_s:.0f} s"
+                + (f"; its last problem: {said}" if said else "")
+                + self._node_log()
+            )
+        return True
 
     def play(self, schedule: list[tuple[float, bytes, bytes | None]]) -> Trial:
         """Publish (offset s, image CDR, camera_info CDR) on a monotonic schedule; drain."""
         c = self.collector
         assert c is not None
         sent: dict[int, float] = {}
+        rejected_before = c.rejected()
         start = time.monotonic() + 0.05
         for offset, raw, info in schedule:
             delay = start + offset - time.monotonic()
@@ -425,7 +494,14 @@ class Replayer:
         c.wait_answers(set(sent), self.options.drain_s, time.monotonic() + 300.0)
         with c.cond:
             answered = {s: c.answers[s] for s in sent if s in c.answers}
-        return Trial(sent, answered, {s: c.timings[s] for s in answered if s in c.timings})
+        rejected = 0
+        if len(answered) < len(sent):
+            # Dropped or refused? The node's count says; two statuses from now, one is
+            # surely sent after the last frame was handled.
+            c.wait_statuses(2, time.monotonic() + STATUS_WAIT_S)
+            rejected = min(c.rejected() - rejected_before, len(sent) - len(answered))
+        stages = {s: c.timings[s] for s in answered if s in c.timings}
+        return Trial(sent, answered, stages, rejected=max(rejected, 0))
 
     def replay_bag(self) -> Trial:
         """The bag at its own timing / rate; outputs kept for metrics, overlays, the bag."""

@@ -181,11 +181,12 @@ def plot_latency(
         t, lat = zip(*points)
         ax1.plot(t, lat, ".-", lw=0.8)
         ax2.hist(lat, bins=min(40, max(5, len(lat) // 2)))
-    dropped = [s for s in trial.sent if s not in trial.answered]
-    if dropped and trial.sent:
+    unanswered = [s for s in trial.sent if s not in trial.answered]
+    if unanswered and trial.sent:
         t0 = next(iter(trial.sent.values()))
-        ax1.plot([trial.sent[s] - t0 for s in dropped], [0] * len(dropped), "rx",
-                 label=f"dropped ({len(dropped)})")  # fmt: skip
+        label = f"not answered ({trial.frames_dropped} dropped, {trial.rejected} refused)"
+        ax1.plot([trial.sent[s] - t0 for s in unanswered], [0] * len(unanswered), "rx",
+                 label=label)  # fmt: skip
         ax1.legend()
     ax1.set(xlabel="publish time (s)", ylabel="latency (ms)", title="latency per frame")
     ax2.set(xlabel="latency (ms)", ylabel="frames", title="histogram")
@@ -252,6 +253,7 @@ def build_report(
         "frames_sent": trial.frames_sent,
         "frames_processed": trial.frames_processed,
         "frames_dropped": trial.frames_dropped,
+        "frames_rejected": trial.rejected,
         "rate_hz": _finite(trial.input_rate_hz()),
         "latency_ms": latency_summary(lat),
         "bag": str(bag.path),
