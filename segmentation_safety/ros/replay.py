@@ -496,9 +496,9 @@ class Replayer:
             answered = {s: c.answers[s] for s in sent if s in c.answers}
         rejected = 0
         if len(answered) < len(sent):
-            # Dropped or refused? The node's count says; two statuses from now, one is
-            # surely sent after the last frame was handled.
-            c.wait_statuses(2, time.monotonic() + STATUS_WAIT_S)
+            # Dropped or refused? The node's count says, in its next status: sent after
+            # the drain, so after every frame it was going to handle.
+            c.wait_statuses(1, time.monotonic() + STATUS_WAIT_S)
             rejected = min(c.rejected() - rejected_before, len(sent) - len(answered))
         stages = {s: c.timings[s] for s in answered if s in c.timings}
         return Trial(sent, answered, stages, rejected=max(rejected, 0))
