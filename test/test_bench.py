@@ -139,6 +139,20 @@ def test_cli_writes_b_json_and_marks_untrained_parts(tmp_path, capsys):
     assert "| densehybrid |" in capsys.readouterr().out
 
 
+def test_cli_notes_when_the_node_would_run_the_network_at_another_size(tmp_path, capsys):
+    models = tmp_path / "models"
+    seg = build_segmenter("tiny", num_classes=4, width=4)
+    meta = {**segmenter_metadata(seg), "input_size": [32, 64]}
+    save_bundle(models / "segmenter.safetensors", seg.state_dict(), meta)
+    for size, noted in ((("32", "64"), False), (("48", "64"), True)):
+        rc = main(["bench", "--models", str(models), "--height", size[0], "--width", size[1],
+                   "--detectors", "max_logit", "--repeats", "1", "--warmup", "0",
+                   "--out", str(tmp_path / "B.json")])  # fmt: skip
+        assert rc == 0
+        err = capsys.readouterr().err
+        assert ("the node runs this segmenter at its bundle's 32x64" in err) == noted, err
+
+
 def test_cli_refuses_unknown_detector_and_missing_models(tmp_path, capsys):
     rc = main(["bench", "--segmenter", "tiny", "--detectors", "nope", "--out", str(tmp_path / "b")])
     assert rc == 2

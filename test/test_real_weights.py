@@ -77,6 +77,16 @@ def test_torchvision_state_dict_in_a_training_checkpoint_imports(tmp_path):
         import_checkpoint(tmp_path / "ckpt.pth", class_names=["a", "b"])
 
 
+def test_an_input_size_taller_than_wide_is_noted_as_likely_swapped(tmp_path, capsys):
+    model = build_segmenter("lraspp_mobilenet_v3", num_classes=21)
+    torch.save(model.net.state_dict(), tmp_path / "ckpt.pth")
+    args = ("import-weights", str(tmp_path / "ckpt.pth"), "--input-size")
+    assert _cli(import_weights, *args, "512", "256", "--out", str(tmp_path / "a")) == 0
+    assert "taller than wide; --input-size takes H W (256 512?)" in capsys.readouterr().out
+    assert _cli(import_weights, *args, "256", "512", "--out", str(tmp_path / "b")) == 0
+    assert "taller than wide" not in capsys.readouterr().out
+
+
 def test_unsafe_unknown_and_broken_checkpoints_are_refused_by_name(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     with pytest.raises(ImportWeightsError, match="unrecognised checkpoint"):
@@ -94,6 +104,11 @@ def test_unsafe_unknown_and_broken_checkpoints_are_refused_by_name(tmp_path):
         read_state_dict(tmp_path / "text.pth")
     with pytest.raises(ImportWeightsError, match="file not found"):
         read_state_dict(tmp_path / "missing.pth")
+    # A bundle is already imported: say so rather than "unrecognised checkpoint".
+    bundle = tmp_path / "segmenter.safetensors"
+    save_bundle(bundle, {"w": torch.zeros(1)}, {"kind": "segmenter"})
+    with pytest.raises(ImportWeightsError, match="segsafe bundle .* needs no import"):
+        read_state_dict(bundle)
 
 
 @pytest.mark.real
@@ -208,6 +223,13 @@ def test_calibrate_stores_each_detectors_point_in_its_bundle(tmp_path):
 def test_calibrate_refuses_a_split_without_labels_and_a_bad_rate(tmp_path, capsys):
     rc = _cli(calibrate_cli, "calibrate", "--root", str(tmp_path), "--inlier-fpr", "2")
     assert rc == 2 and "--inlier-fpr" in capsys.readouterr().err
+
+
+def test_a_real_dataset_without_dataset_is_told_to_pass_it(tmp_path, capsys):
+    (tmp_path / "frames").mkdir()  # Road Anomaly's layout, read as the default world's
+    rc = _cli(calibrate_cli, "calibrate", "--root", str(tmp_path))
+    err = capsys.readouterr().err
+    assert rc == 2 and "synthetic world" in err and "pass --dataset" in err
 
 
 # -- evaluate on the real weights -----------------------------------------------------------

@@ -306,5 +306,13 @@ def open_dataset(
             raise InvalidArgumentError(
                 f"dataset {name!r} has no {split!r} split here; use --split {' or '.join(has)}"
             )
-        data = openers[name, split]()
+        try:
+            data = openers[name, split]()
+        except MissingFileError as e:
+            if name != "world":
+                raise
+            raise MissingFileError(
+                f"{e} (--dataset is 'world', the default: for a real dataset pass --dataset "
+                "with its layout, see --help)"
+            ) from None
     return (data[i] for i in range(len(data))), len(data)

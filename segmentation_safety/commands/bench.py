@@ -164,6 +164,16 @@ def run(args: argparse.Namespace) -> int:
         segmenter, bundle = load_segmenter(part_path(root, "segmenter"))
         seg_name = bundle.metadata.get("architecture", {}).get("name", "segmenter")
         parts_usable = True
+        trained = bundle.metadata.get("input_size")
+        if trained and list(trained) != [args.height, args.width]:
+            # What the model bench times is the network at --height x --width; the node
+            # resizes every frame to the bundle's size first (input_size [0, 0]).
+            print(
+                f"note: the node runs this segmenter at its bundle's {trained[0]}x{trained[1]} "
+                f"whatever the frame size; this bench times it at {args.height}x{args.width} "
+                f"(--height {trained[0]} --width {trained[1]} times what the node runs)",
+                file=sys.stderr,
+            )
     detectors, untrained, skipped = {}, [], {}
     for name in names:
         try:

@@ -86,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {imported.description}")
     print(f"  {model.num_classes} classes, input {size} (H x W), fingerprint "
           f"{metadata['fingerprint']}")  # fmt: skip
-    for note in imported.notes:
+    notes = list(imported.notes)
+    if imported.input_size and imported.input_size[0] > imported.input_size[1]:
+        # Road cameras are wider than tall: most likely W H given for H W.
+        h, w = imported.input_size
+        notes.append(f"input {h}x{w} is taller than wide; --input-size takes H W ({w} {h}?)")
+    for note in notes:
         print(f"  note: {note}")
     print(
         "  next: segsafe calibrate --models "

@@ -81,6 +81,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ImportWeightsError(f"{path}: file not found")
+    if path.suffix == ".safetensors":
+        raise ImportWeightsError(
+            f"{path}: a .safetensors file; import-weights reads PyTorch .pth/.pt checkpoints. "
+            "A segsafe bundle (segmenter.safetensors) needs no import: pass its folder as "
+            "--models / models_dir"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
