@@ -87,8 +87,9 @@ def bench(
     the detectors are interleaved with the segmentation pass they add to and time what
     is published. Its timings give both sides of the ratio: the segmentation pass is
     ``preprocess`` (normalisation) + ``segmenter`` (the network), a detector's time is
-    its ``detector/NAME`` stage. On CUDA the networks run under fp16 autocast unless
-    ``half`` is false, as in the node.
+    its ``detector/NAME`` stage; the class max every segmentation needs is part of the
+    pass (else the first of max_logit/max_softmax to run would pay for both). On CUDA
+    the networks run under fp16 autocast unless ``half`` is false, as in the node.
     """
     half = half and device.type == "cuda"
     names = list(detectors)
@@ -105,7 +106,7 @@ def bench(
     det_times: dict[str, list[float]] = {n: [] for n in names}
     total = warmup + repeats
     for i in range(total):
-        _, _, timings = pipe.run(image, names)
+        _, _, timings = pipe.run(image, names, class_max_in_pass=True)
         if i >= warmup:
             seg_times.append(timings["preprocess"] + timings["segmenter"])
             for n in names:
@@ -128,7 +129,14 @@ def bench(
             ms=ms,
             overhead=ms / seg_ms,
             trained=n not in untrained,
-            note="untrained weights (timing only)" if n in untrained else "",
+            note=_note(detectors[n], n in untrained),
             budget=BUDGETS.get(n),
         )
     return report
+
+
+def _note(detector: Detector, untrained: bool) -> str:
+    notes = ["untrained weights (timing only)"] if untrained else []
+    if detector.cost_note():
+        notes.append(detector.cost_note())
+    return "; ".join(notes)

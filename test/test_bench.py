@@ -49,7 +49,8 @@ def test_overhead_is_added_time_over_the_segmentation_pass_of_the_same_run(monke
 
     calls = []
 
-    def run(self, images, detectors=None):
+    def run(self, images, detectors=None, class_max_in_pass=False):
+        assert class_max_in_pass  # no detector is charged for the labels' class max
         calls.append(list(detectors))
         k = len(calls)  # round k runs k times slower
         timings = {"preprocess": 1.0 * k, "segmenter": 9.0 * k}
@@ -65,6 +66,31 @@ def test_overhead_is_added_time_over_the_segmentation_pass_of_the_same_run(monke
     assert data["segmentation_ms"] == 40.0
     assert data["detectors"]["a"]["ms"] == 8.0 and data["detectors"]["a"]["overhead"] == 0.2
     assert data["detectors"]["b"]["ms"] == 2.0 and data["detectors"]["b"]["overhead"] == 0.05
+
+
+def test_the_class_max_is_part_of_the_pass_not_of_the_first_detector_using_it(monkeypatch):
+    from segmentation_safety.types import SegmenterOutput as Out
+
+    seg = build_segmenter("tiny", num_classes=4, width=4)
+    stages = []
+    real = Out.class_max
+
+    def class_max(self):
+        stages.append(self._class_max is None)  # True: computed now
+        return real(self)
+
+    monkeypatch.setattr(Out, "class_max", class_max)
+    dets = {"max_logit": registry.build("max_logit", seg)}
+    bench(seg, dets, 16, 32, torch.device("cpu"), repeats=1, warmup=0)
+    # Computed once in the pass; max_logit then finds it there.
+    assert stages == [True, False]
+
+
+def test_mc_dropout_says_what_its_samples_cost():
+    seg = build_segmenter("tiny", num_classes=4, width=4)  # dropout only before its head
+    det = registry.build("mc_dropout", seg, samples=3)
+    data = bench(seg, {"mc_dropout": det}, 16, 32, torch.device("cpu"), repeats=1, warmup=0)
+    assert data.detectors["mc_dropout"].note == "T=3 samples: dropout + classifier re-run 3 times"
 
 
 def test_b_json_has_the_design_keys():

@@ -59,6 +59,11 @@ class Detector(nn.Module):
         segmentation), where the detector's bundle has one; None for most detectors."""
         return None
 
+    def cost_note(self) -> str:
+        """What the detector's cost is made of, where it is more than one look at the
+        pass (``segsafe bench`` prints it); empty for most detectors."""
+        return ""
+
     @classmethod
     def calibration_part(cls) -> str:
         """The bundle kind holding this detector's operating point."""

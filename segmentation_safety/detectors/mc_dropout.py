@@ -90,6 +90,13 @@ class MCDropoutDetector(Detector):
         # Decided on the first batch (see _classifier_only), then cached.
         self._classifier_only: bool | None = None
 
+    def cost_note(self) -> str:
+        # DESIGN §4: MC dropout costs about T forward passes, and bench says so (or why
+        # not, once the first batch has shown the head-only shortcut applies).
+        if self._classifier_only:
+            return f"T={self.samples} samples: dropout + classifier re-run {self.samples} times"
+        return f"T={self.samples} samples: {self.samples} extra forward passes"
+
     def _last_layer(self) -> tuple[nn.Module, nn.Module] | None:
         """(dropout, classifier) when the segmenter exposes them and has no other dropout."""
         seg = self.segmenter
