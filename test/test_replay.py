@@ -317,6 +317,30 @@ def test_frame_breakdown_splits_the_latency_and_the_overhead():
     assert frame_breakdown(110.0, {"decode": 1.0}) is None  # no timings: no breakdown
 
 
+def test_the_summary_judges_the_nodes_own_work_against_the_budget():
+    from segmentation_safety.ros.replay import Trial
+    from segmentation_safety.ros.replay_report import breakdown_summary, format_breakdown
+
+    def summary(publish_ms: float, queue_ms: float) -> dict:
+        stages = {"transport_in": 1.0, "queue": queue_ms, "decode": 1.0, "segmenter": 90.0,
+                  "publish": publish_ms, "total": 91.0 + publish_ms}  # fmt: skip
+        latency = 1.0 + queue_ms + stages["total"]  # nothing after the node
+        trial = Trial({1: 0.0}, {1: latency / 1e3}, {1: stages})
+        return breakdown_summary(trial)["node_overhead"]
+
+    # Own work 1 + 1 + 5 = 7 ms of a 97 ms frame, whatever the frame waited for the worker.
+    for queue in (0.0, 50.0):
+        o = summary(5.0, queue)
+        assert o["fraction_of_mean_without_queue"] == pytest.approx(7 / 97)
+        assert o["within_budget"]
+    over = summary(15.0, 0.0)  # 17 of 107 ms
+    assert not over["within_budget"]
+    text = format_breakdown(breakdown_summary(
+        Trial({1: 0.0}, {1: 0.108}, {1: {"transport_in": 1.0, "decode": 1.0, "segmenter": 90.0,
+                                         "publish": 15.0, "total": 106.0}})))  # fmt: skip
+    assert "OVER the 10% budget" in text
+
+
 def test_bench_node_times_every_size_and_scale_in_one_run(
     bags: dict[str, Path], models: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):

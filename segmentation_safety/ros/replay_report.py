@@ -54,6 +54,9 @@ BREAKDOWN_STAGES = ("transport_in", "queue", "decode", "preprocess", "segmenter"
 #: whatever the device, and on a GPU node decide whether it is bound by its network.
 DEVICE_STAGES = ("preprocess", "segmenter", "detectors", "postprocess")
 HOST_STAGES = tuple(s for s in BREAKDOWN_STAGES if s not in DEVICE_STAGES)
+#: DESIGN §7: the node's own work per frame (decode, post-process, publish) at most this
+#: share of the frame.
+NODE_BUDGET = 0.10
 
 
 def frame_breakdown(latency_ms: float, stages: dict[str, float]) -> dict[str, float] | None:
@@ -106,6 +109,7 @@ def breakdown_summary(trial: Trial) -> dict[str, Any] | None:
     fraction = [r["overhead_fraction"] for r in rows]
     work = [r["overhead"] - r["queue"] for r in rows]
     work_fraction = [(r["overhead"] - r["queue"]) / (r["end_to_end"] - r["queue"]) for r in rows]
+    own = float(np.mean(work) / np.mean([r["end_to_end"] - r["queue"] for r in rows]))
     return {
         "frames": len(rows),
         "stages_ms": stats,
@@ -117,6 +121,11 @@ def breakdown_summary(trial: Trial) -> dict[str, Any] | None:
             "ms_mean_without_queue": float(np.mean(work)),
             "fraction_p50_without_queue": float(np.median(work_fraction)),
             "host_ms_mean": float(sum(stats[k]["mean"] for k in HOST_STAGES)),
+            # The budget is on the node's own work, so the verdict leaves the queue out
+            # (it equals fraction_of_mean where frames never wait, as in bench --node).
+            "fraction_of_mean_without_queue": own,
+            "budget_fraction": NODE_BUDGET,
+            "within_budget": bool(own <= NODE_BUDGET),
         },
     }
 
@@ -326,5 +335,15 @@ def format_breakdown(b: dict) -> str:
         f"{100 * o['fraction_of_mean']:.1f}% of the mean latency "
         f"(per-frame p50 {o['ms_p50']:.1f} ms, {100 * o['fraction_p50']:.1f}%); without "
         f"waiting for the worker (queue) {o['ms_mean_without_queue']:.1f} ms, per-frame p50 "
-        f"{100 * o['fraction_p50_without_queue']:.1f}%"
+        f"{100 * o['fraction_p50_without_queue']:.1f}%" + _verdict(o)
+    )
+
+
+def _verdict(o: dict) -> str:
+    if "within_budget" not in o:  # a T.json from before the verdict
+        return ""
+    word = "within" if o["within_budget"] else "OVER"
+    return (
+        f"\nnode's own work {100 * o['fraction_of_mean_without_queue']:.1f}% of the frame: "
+        f"{word} the {100 * o['budget_fraction']:.0f}% budget (DESIGN §7)"
     )
