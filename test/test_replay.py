@@ -205,6 +205,34 @@ def test_refused_frames_are_counted_apart_from_dropped_and_skipped_by_the_warm_u
     assert (trial.rejected, trial.frames_dropped) == (2, 0)
 
 
+def test_the_drain_outlasts_a_frame_the_node_is_still_working_on(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import time
+
+    from segmentation_safety.ros.detector_node import DetectorNode
+    from segmentation_safety.ros.replay import Replayer, ReplayOptions
+
+    handle = DetectorNode._handle
+
+    def slow(self, *args):  # a node taking 1 s a frame, as a big frame on a loaded CPU
+        time.sleep(1.0)
+        return handle(self, *args)
+
+    monkeypatch.setattr(DetectorNode, "_handle", slow)
+    config = tmp_path / "params.yaml"
+    config.write_text(PARAMS)
+    # Two frames 0.1 s apart: the second waits a second for the worker. A 0.3 s drain
+    # alone would give up before the first answer and count both as not answered.
+    bag = read_bag(_schedule_bag(tmp_path, 2))
+    with Replayer(bag, ReplayOptions(models_dir=models, config=config, warmup=1,
+                                     drain_s=0.3)) as r:  # fmt: skip
+        r.warm_up()
+        trial = r.replay_bag()
+    assert r.frame_s >= 1.0
+    assert trial.frames_processed == 2
+
+
 def test_a_bag_the_node_refuses_throughout_is_named_at_the_warm_up(models: Path, tmp_path: Path):
     from segmentation_safety.ros.replay import Replayer, ReplayError, ReplayOptions
 

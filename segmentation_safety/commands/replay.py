@@ -43,7 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--search-seconds", type=float, default=3.0, help="length of each rate trial")
     p.add_argument("--search-trials", type=int, default=8, help="at most this many rate trials")
-    p.add_argument("--drain", type=float, default=3.0, help="seconds to wait for late outputs")
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=3.0,
+        help="seconds without a new answer before the rest count as not answered (at least "
+        "3 times the node's time for a warm-up frame)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up frames")
     p.add_argument(
         "--outputs",

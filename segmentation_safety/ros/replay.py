@@ -67,6 +67,8 @@ from segmentation_safety.ros.replay_report import ReplayReport, build_report, sa
 RECORDED_NAMESPACE = "/segmentation_safety"
 #: Numbers the replayers of this process, for their private namespaces.
 _REPLAYER_COUNT = itertools.count()
+#: The drain waits at least this many warm-up frame times for the next answer.
+DRAIN_FRAMES = 3
 #: The node's input_timeout in a replay (its largest allowed value).
 REPLAY_INPUT_TIMEOUT_S = 3600.0
 #: Bag frames the warm-up tries before it gives up on a bag the node refuses.
@@ -302,6 +304,9 @@ class Replayer:
         self.process: NodeProcess | None = None  # with ``node_process``
         self.collector: Collector | None = None
         self.recorder: OutputBag | None = None
+        #: Seconds the node took to answer the last warm-up frame (models loaded): the
+        #: drain never gives up sooner than a few of these.
+        self.frame_s = 0.0
 
     # -- set-up and tear-down --------------------------------------------------------------
     def __enter__(self) -> Replayer:
@@ -447,7 +452,8 @@ class Replayer:
         assert c is not None
         for _ in range(self.options.warmup):
             stamp = next(stamps)
-            deadline = time.monotonic() + self.options.startup_timeout_s
+            sent_at = time.monotonic()
+            deadline = sent_at + self.options.startup_timeout_s
             rejected = c.rejected()
             serialized_publish.publish(c.image_pub, with_stamp(raw, stamp))
             with c.cond:
@@ -458,6 +464,7 @@ class Replayer:
                     timeout=max(deadline - time.monotonic(), 0.0),
                 )
             if stamp in c.answers:
+                self.frame_s = c.answers[stamp] - sent_at
                 continue
             if c.rejected() > rejected:
                 return False
@@ -491,7 +498,10 @@ class Replayer:
                 self.recorder.write(self.bag.image_topic, self.bag.image_msgtype, now, raw)
                 if info is not None and self.bag.camera_info_topic:
                     self.recorder.write(self.bag.camera_info_topic, CAMERA_INFO_TYPE, now, info)
-        c.wait_answers(set(sent), self.options.drain_s, time.monotonic() + 300.0)
+        # A drain shorter than one frame's processing (a big frame on a loaded CPU took
+        # 2.5-4.8 s) would count the frame in progress as dropped.
+        idle_s = max(self.options.drain_s, DRAIN_FRAMES * self.frame_s)
+        c.wait_answers(set(sent), idle_s, time.monotonic() + 300.0)
         with c.cond:
             answered = {s: c.answers[s] for s in sent if s in c.answers}
         rejected = 0
