@@ -110,6 +110,13 @@ def test_flowenedet_keeps_the_seed_best_on_held_out_decoy_streets(
     assert candidates[str(metrics["seed"])] == metrics["decoy_ap"]
     assert (tmp_path / "flowenedet.seed0.ckpt").is_file()
     assert (tmp_path / "flowenedet.seed1.ckpt").is_file()
+    # Killed during the first seed's fit: --resume finishes it and fits the second afresh,
+    # choosing as the uninterrupted run did.
+    killed = tmp_path / "killed.safetensors"
+    assert train("flowenedet", world, killed, config, "--stop-after", "1") == 0
+    assert not (tmp_path / "killed.seed1.ckpt").exists()
+    assert train("flowenedet", world, killed, config, "--resume") == 0
+    assert load_bundle(killed).metadata["metrics"]["selected_from"] == candidates
 
     bare = tmp_path / "bare"  # no streets with decoys: nothing to choose by
     write_world(bare, seed=0, train=2, val=1, anomaly=0, sequences=0, height=H, width=W,

@@ -156,7 +156,12 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 run_args = argparse.Namespace(**vars(args))
                 run_args.out = str(Path(args.out).with_name(f"{Path(args.out).stem}.seed{seed}"))
             desc = f"flowenedet seed {seed}" if len(seeds) > 1 else "flowenedet"
-            detector = fit_flow(ctx, segmenter, mean, std, flow_set, run_config, run_args, desc)
+            # --resume continues each fit from its own checkpoint; a seed the killed run
+            # never reached has none yet and starts afresh.
+            detector = fit_flow(
+                ctx, segmenter, mean, std, flow_set, run_config, run_args, desc,
+                fresh_without_checkpoint=len(seeds) > 1,
+            )  # fmt: skip
             if detector is None:
                 return {"stopped": True}
             metrics: dict[str, Any] = {}
@@ -192,6 +197,7 @@ def fit_flow(
     config: dict[str, Any],
     args: argparse.Namespace,
     desc: str,
+    fresh_without_checkpoint: bool = False,
 ) -> FlowEneDetU | FlowEneDetC | None:
     """One FED fit on the frozen segmenter (None when ``--stop-after`` cut it short)."""
     detector = VARIANTS[config["variant"]](
@@ -210,7 +216,7 @@ def fit_flow(
     # ActNorm data init on the first *global* batch, identical on every rank.
     if not engine.run_stage(
         ctx, module, optimizer, scheduler, make_sample, len(flow_set), config, args,
-        desc, data_init=True,
+        desc, data_init=True, fresh_without_checkpoint=fresh_without_checkpoint,
     ):  # fmt: skip
         return None
     return detector
