@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 W=${WORLD:-out/world}
 M=models/demo
-RESUME=${RESUME:-}   # RESUME=--resume continues interrupted trainings
+RESUME=${RESUME:-}   # RESUME=--resume continues interrupted trainings, --restart retrains
+                     # over them (a leftover OUT.ckpt is refused without either)
 
 [ -f "$W/world.json" ] || segsafe world --out "$W" --seed 1 --train 800 --val 150 --anomaly 60 --sequences 2 \
   --negative-scenes 800

@@ -44,7 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Subcommands not decorated with report_user_errors end up here.
         return report(args.command, e)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = ""
+        if args.command == "train":  # its progress is in the checkpoint, not lost
+            hint = f": rerun with --resume to continue from {args.out}.ckpt's last checkpoint"
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
 
 

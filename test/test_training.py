@@ -7,6 +7,8 @@ runs in well under a minute on two CPU cores.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +94,119 @@ def test_resume_equals_uninterrupted(world: Path, tmp_path: Path):
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=key)
 
 
+def test_a_checkpoint_is_never_overwritten_or_resumed_under_other_settings(
+    world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    config = write_config(tmp_path / "c.yaml", **TINY)
+    out = tmp_path / "seg.safetensors"
+    ckpt = Path(f"{out}.ckpt")
+    assert train("segmenter", world, out, config, "--stop-after", "2") == 0
+    capsys.readouterr()
+    saved = ckpt.read_bytes()
+    # The same command again without --resume would start over and overwrite the run.
+    assert train("segmenter", world, out, config) == 2
+    err = capsys.readouterr().err
+    assert "holds a run at iteration 2" in err and "--resume" in err and "--restart" in err
+    assert ckpt.read_bytes() == saved
+    # Resuming under another learning rate or on other data would mix two runs.
+    other_lr = write_config(tmp_path / "lr.yaml", **{**TINY, "lr": 0.5})
+    assert train("segmenter", world, out, other_lr, "--resume") == 2
+    assert "lr: " in capsys.readouterr().err
+    shutil.copytree(world, tmp_path / "elsewhere")  # the same images, another dataset
+    assert train("segmenter", tmp_path / "elsewhere", out, config, "--resume") == 2
+    assert "was written with data=" in capsys.readouterr().err
+    # Fewer iterations than the checkpoint reached: the bundle would lie about them.
+    short = write_config(tmp_path / "short.yaml", **{**TINY, "iterations": 1})
+    assert train("segmenter", world, out, short, "--resume") == 2
+    assert "past this run's iterations 1" in capsys.readouterr().err
+    assert ckpt.read_bytes() == saved
+    # A changed run length is a resumable change; --restart starts over on purpose.
+    longer = write_config(
+        tmp_path / "longer.yaml", **{**TINY, "iterations": TINY["iterations"] + 1}
+    )
+    assert train("segmenter", world, out, longer, "--resume") == 0 and out.is_file()
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert train("segmenter", world, out, config, "--restart") == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (None, "is not a readable training state"),  # truncated
+        (b"", "is not a readable training state"),
+        (b"garbage" * 10, "is not a readable training state"),
+        ("foreign", "is not a training state written by segsafe"),
+    ],
+)
+def test_an_unreadable_checkpoint_is_named_without_a_traceback(
+    world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content, words
+):
+    config = write_config(tmp_path / "c.yaml", **TINY)
+    out = tmp_path / "seg.safetensors"
+    ckpt = Path(f"{out}.ckpt")
+    assert train("segmenter", world, out, config, "--stop-after", "1") == 0
+    if content is None:
+        ckpt.write_bytes(ckpt.read_bytes()[:-100])
+    elif content == "foreign":
+        torch.save({"weights": torch.zeros(2)}, ckpt)
+    else:
+        ckpt.write_bytes(content)
+    capsys.readouterr()
+    assert train("segmenter", world, out, config, "--resume") == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and words in err
+    assert "Traceback" not in err and "weights_only` set to `False" not in err
+
+
+def test_a_resumed_model_of_another_shape_is_named(world: Path, tmp_path: Path, capsys):
+    out = tmp_path / "seg.safetensors"
+    narrow = write_config(tmp_path / "c.yaml", **TINY)
+    assert train("segmenter", world, out, narrow, "--stop-after", "1") == 0
+    options = {**TINY["architecture_options"], "width": 2 * TINY["architecture_options"]["width"]}
+    wide = write_config(tmp_path / "w.yaml", **{**TINY, "architecture_options": options})
+    capsys.readouterr()
+    assert train("segmenter", world, out, wide, "--resume") == 2
+    assert "architecture_options" in capsys.readouterr().err  # named as a changed setting
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("iterations", -5, "'iterations' = -5: must be an integer >= 1"),
+        ("iterations", 0, "must be an integer >= 1"),
+        ("iterations", "many", "must be an integer >= 1"),
+        ("checkpoint_every", 0, "'checkpoint_every' = 0"),
+        ("log_every", 0, "'log_every' = 0"),
+        ("batch_size", -2, "'batch_size' = -2"),
+        ("lr", -0.1, "'lr' = -0.1: must be a number > 0"),
+        ("crop_size", [0, 0], "'crop_size' = [0, 0]"),
+    ],
+)
+def test_config_values_the_loop_cannot_run_with_are_named(
+    world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], key, value, words
+):
+    bad = write_config(tmp_path / "bad.yaml", **{**TINY, key: value})
+    assert train("segmenter", world, tmp_path / "x.safetensors", bad) == 2
+    err = capsys.readouterr().err
+    assert words in err and "bad.yaml" in err and "Traceback" not in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_bad_out_or_stop_after_is_refused_before_training(world: Path, tmp_path: Path, capsys):
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (tmp_path / "a_dir", (), "is a directory"),
+        (tmp_path / "a_file" / "x.safetensors", (), "is a file, not a directory"),
+        (tmp_path / "ok.safetensors", ("--stop-after", "0"), "--stop-after must be >= 1"),
+        (tmp_path / "ok.safetensors", ("--resume", "--restart"), "exclude each other"),
+    ]
+    for out, extra, words in cases:
+        assert train("segmenter", world, out, None, *extra) == 2
+        assert words in capsys.readouterr().err
+    assert not Path(f"{tmp_path / 'a_dir'}.ckpt").exists()  # refused before any training
+
+
 def test_flowenedet_keeps_the_seed_best_on_held_out_decoy_streets(
     world: Path, models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
@@ -103,6 +218,8 @@ def test_flowenedet_keeps_the_seed_best_on_held_out_decoy_streets(
                           segmenter=str(models / "segmenter.safetensors"), blocks=2, hidden=8,
                           select_seeds=[0, 1])  # fmt: skip
     assert train("flowenedet", world, out, config) == 0
+    # The printout is in percent, the bundle in fractions: the unit must show.
+    assert re.search(r"seed 1: .*: AP \d+\.\d\d%, FPR95 \d+\.\d\d%", capsys.readouterr().out)
     metrics = load_bundle(out, kind="flowenedet").metadata["metrics"]
     candidates = metrics["selected_from"]
     assert set(candidates) == {"0", "1"}
@@ -175,6 +292,39 @@ def test_detector_trainers_write_loadable_bundles(world: Path, models: Path, tmp
     # FED-C has its own bundle kind and file, so a FED-U directory lacks it by name.
     with pytest.raises(BundleError, match="flowenedet_c.safetensors: file not found"):
         Pipeline.from_models_dir(models, PipelineConfig(anomaly="flowenedet_c", device="cpu"))
+
+
+def test_densehybrid_in_a_models_dir_names_the_fine_tuned_segmenter(
+    world: Path, models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    # The default layout: the base segmenter is the models directory's segmenter and the
+    # fine-tuned one goes beside the head, so the directory does not load DenseHybrid as
+    # it is. The trainer and the refusal must both say which file to use instead.
+    md = tmp_path / "md"
+    md.mkdir()
+    shutil.copy(models / "segmenter.safetensors", md / "segmenter.safetensors")
+    base = {k: v for k, v in TINY.items() if k != "architecture_options"}
+    config = write_config(tmp_path / "dh.yaml", **{**base, "iterations": 2})
+    assert train("densehybrid", world, md / "densehybrid.safetensors", config) == 0
+    fine_tuned, segmenter = md / "densehybrid_segmenter.safetensors", md / "segmenter.safetensors"
+    out = capsys.readouterr().out
+    assert f"fine-tuned segmenter {fine_tuned}: use it as {segmenter}" in out
+    meta = load_bundle(md / "densehybrid.safetensors", kind="densehybrid").metadata
+    assert meta["segmenter"]["name"] == str(fine_tuned)  # not the base it started from
+    assert meta["segmenter_bundle"] == fine_tuned.name  # relative to the head's bundle
+
+    dh = PipelineConfig(anomaly="densehybrid", device="cpu")
+    with pytest.raises(BundleError) as refused:
+        Pipeline.from_models_dir(md, dh)
+    message = str(refused.value)
+    assert f"trained with the fine-tuned segmenter {fine_tuned} (sha256:" in message
+    assert f"base segmenter it was fine-tuned from, {segmenter} (sha256:" in message
+    assert f"use {fine_tuned} as {segmenter}" in message
+    # Doing what it says makes the directory load.
+    segmenter.rename(md / "segmenter_base.safetensors")
+    fine_tuned.rename(segmenter)
+    pipe = Pipeline.from_models_dir(md, dh)
+    assert pipe.process(np.zeros((H, W, 3), np.uint8)).anomaly.shape == (H, W)
 
 
 def test_bad_config_key_and_data_dir_are_named(world: Path, tmp_path: Path, capsys):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from segmentation_safety.errors import UserError, report_user_errors
+from segmentation_safety.errors import InvalidArgumentError, UserError, report_user_errors
 
 MODELS = ("segmenter", "densehybrid", "generator", "comparison", "flow", "flowenedet", "sml")
 
@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from OUT.ckpt (written periodically)"
     )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="train from the start although OUT.ckpt holds a run (without --resume or "
+        "--restart, an existing OUT.ckpt is refused: its progress would be overwritten)",
+    )
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--seed", type=int, default=None, help="seed (default from the config)")
     parser.add_argument(
@@ -79,11 +85,33 @@ def run(args: argparse.Namespace) -> int:
     from training.config import load_config
 
     module = trainer_module(args.model)
+    check_arguments(args)
     config = load_config(args.model, args.config, {"device": args.device, "seed": args.seed})
+    before = _mtime(args.out)
     metrics = module.train(config, args)
     if metrics:
         print(f"{args.model}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    if _mtime(args.out) != before:  # not after --stop-after, which writes no bundle
+        print(f"wrote {args.out}")
     return 0
+
+
+def _mtime(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.is_file() else None
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before any training, what would only fail at its end (the bundle write)."""
+    out = Path(args.out)
+    if out.is_dir():
+        raise InvalidArgumentError(f"--out {out} is a directory; give the bundle's file name")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise InvalidArgumentError(f"--out {out}: {parent} is a file, not a directory")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise InvalidArgumentError(f"--stop-after must be >= 1, got {args.stop_after}")
+    if getattr(args, "resume", False) and getattr(args, "restart", False):
+        raise InvalidArgumentError("--resume and --restart exclude each other")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

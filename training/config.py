@@ -88,4 +88,42 @@ def load_config(
     if path is not None:
         config = merge(config, read_yaml(path), source=str(path))
     given = {k: v for k, v in (cli or {}).items() if v is not None}
-    return merge(config, given, source="command line")
+    config = merge(config, given, source="command line")
+    check_values(config, str(path) if path is not None else f"{model}'s defaults")
+    return config
+
+
+#: Keys every trainer's loop reads -> (smallest value, what it is); checked where present.
+POSITIVE_INTS = {"iterations": 1, "batch_size": 1, "checkpoint_every": 1, "log_every": 1}
+NON_NEGATIVE = ("workers", "weight_decay", "grad_clip")
+
+
+def check_values(config: dict[str, Any], source: str) -> None:
+    """Refuse, naming the key, values the loop cannot run with (a negative iteration
+    count trained nothing and exited 0; a zero log_every divided by zero mid-run)."""
+
+    def bad(key: str, want: str) -> ConfigError:
+        return ConfigError(f"{source}: config key {key!r} = {config[key]!r}: {want}")
+
+    def number(key: str) -> bool:
+        return isinstance(config[key], int | float) and not isinstance(config[key], bool)
+
+    for key, low in POSITIVE_INTS.items():
+        if key in config and not (
+            isinstance(config[key], int)
+            and not isinstance(config[key], bool)
+            and config[key] >= low
+        ):
+            raise bad(key, f"must be an integer >= {low}")
+    for key in NON_NEGATIVE:
+        if key in config and config[key] is not None and not (number(key) and config[key] >= 0):
+            raise bad(key, "must be a number >= 0")
+    if "lr" in config and not (number("lr") and config["lr"] > 0):
+        raise bad("lr", "must be a number > 0")
+    crop = config.get("crop_size")
+    if crop is not None and not (
+        isinstance(crop, list)
+        and len(crop) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in crop)
+    ):
+        raise bad("crop_size", "must be null or [height, width] in positive integers")

@@ -37,9 +37,22 @@ class DataError(UserError, ValueError):
     """A data directory or split that cannot be trained on; the message names it."""
 
 
+#: Config keys a resumed run may change: how long, how often it reports, where it runs.
+RESUMABLE_CHANGES = frozenset(
+    {"iterations", "checkpoint_every", "log_every", "workers", "device", "eval_max_images"}
+)
+
+
 def loop_config(config: dict[str, Any], args: argparse.Namespace) -> LoopConfig:
     """The engine's loop settings from a trainer config and the CLI arguments."""
+    identity: dict[str, Any] = {
+        "config": {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+    }
+    if getattr(args, "data", None) is not None:
+        identity["data"] = str(Path(args.data).resolve())
     return LoopConfig(
+        restart=bool(getattr(args, "restart", False)),
+        identity=identity,
         iterations=int(config["iterations"]),
         out=Path(args.out),
         resume=bool(getattr(args, "resume", False)),

@@ -33,7 +33,7 @@ import random
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from segmentation_safety.checkpoint import atomic_write_bytes
 from segmentation_safety.device import resolve_device
-from segmentation_safety.errors import MissingFileError
+from segmentation_safety.errors import MissingFileError, UserError
 
 BN_MODES = ("train", "frozen", "sync")
 
@@ -313,25 +313,66 @@ def save_training_state(
     atomic_write_bytes(path, buf.getvalue())
 
 
+class TrainingStateError(UserError, RuntimeError):
+    """A training state (``<out>.ckpt``) that cannot be resumed; the message names it."""
+
+
+#: What a training state holds (:func:`save_training_state`).
+STATE_KEYS = ("iteration", "meta", "model", "optimizer", "scheduler", "scaler", "rng")
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    """The state saved at ``path``; a missing, unreadable or foreign file is refused."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MissingFileError(f"--resume: no training state at {path}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign or pickled objects
+        # torch's own text would advise weights_only=False, which runs the file's code.
+        raise TrainingStateError(
+            f"--resume: {path} ({len(data)} bytes) is not a readable training state "
+            f"({type(e).__name__}); delete it, or pass --restart, to train from the start"
+        ) from None
+    if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS):
+        raise TrainingStateError(f"--resume: {path} is not a training state written by segsafe")
+    return state
+
+
 def load_training_state(
     path: Path, trainable: Trainable, scaler: torch.amp.GradScaler, meta: dict
 ) -> int:
-    """Restore everything saved by :func:`save_training_state`; return the iteration."""
-    try:
-        state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise MissingFileError(f"--resume: no training state at {path}") from None
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise RuntimeError(f"--resume: cannot read training state {path}: {e}") from None
+    """Restore everything saved by :func:`save_training_state`; return the iteration.
+
+    ``meta`` must match what the state was written with: the data order (global batch,
+    seed) and the run's settings (``config``, ``data``). A resumed run under other
+    settings would mix two runs and write a bundle whose metadata describes neither.
+    """
+    state = read_training_state(path)
     for key, value in meta.items():
         saved = state["meta"].get(key)
-        if saved != value:
-            raise RuntimeError(
+        if key == "config" and isinstance(saved, dict) and isinstance(value, dict):
+            changed = sorted(k for k in {*saved, *value} if saved.get(k) != value.get(k))
+            if changed:
+                what = ", ".join(f"{k}: {saved.get(k)!r} -> {value.get(k)!r}" for k in changed)
+                raise TrainingStateError(
+                    f"--resume: {path} was written under other settings ({what}); resume "
+                    "with the same config, or pass --restart to train from the start"
+                )
+        elif key in state["meta"] and saved != value:
+            raise TrainingStateError(
                 f"--resume: {path} was written with {key}={saved!r}, this run has {value!r}; "
-                "the data order would differ"
+                "resume with the same settings, or pass --restart to train from the start"
             )
-    trainable.module.load_state_dict(state["model"])
-    trainable.optimizer.load_state_dict(state["optimizer"])
+    try:
+        trainable.module.load_state_dict(state["model"])
+        trainable.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise TrainingStateError(
+            f"--resume: {path} holds a model other than this run's ({first})"
+        ) from None
     trainable.scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
@@ -354,6 +395,10 @@ class LoopConfig:
     workers: int = 0
     #: Stop (as a kill would) after this many iterations, with a checkpoint written.
     stop_after: int | None = None
+    #: Start from iteration 0 even where ``<out>.ckpt`` holds a run (else refused).
+    restart: bool = False
+    #: The run's settings, checked on resume (``load_training_state``).
+    identity: dict[str, Any] = field(default_factory=dict)
 
 
 def fit(
@@ -373,9 +418,25 @@ def fit(
     ckpt = checkpoint_path(loop.out)
     # A resumed run must cut the stream into the same global batches.
     meta = {"global_batch": stream.batch_size * ctx.world_size, "seed": stream.seed}
+    meta.update(loop.identity)
+    if not loop.resume and not loop.restart and ckpt.is_file():
+        # Starting over would overwrite the killed run's progress at the first checkpoint.
+        done = _saved_iteration(ckpt)
+        raise TrainingStateError(
+            f"{ckpt} holds a run{f' at iteration {done}' if done is not None else ''}: pass "
+            "--resume to continue it, or --restart to train from the start (it is replaced)"
+        )
     start = load_training_state(ckpt, trainable, scaler, meta) if loop.resume else 0
+    if ctx.is_main:  # a write a kill cut short (the checkpoint itself is whole)
+        for partial in ckpt.parent.glob(f".{ckpt.name}.*.tmp"):
+            partial.unlink(missing_ok=True)
     stop = loop.iterations if loop.stop_after is None else min(loop.iterations, loop.stop_after)
-    if start >= loop.iterations:
+    if start > loop.iterations:
+        raise TrainingStateError(
+            f"--resume: {ckpt} is at iteration {start}, past this run's iterations "
+            f"{loop.iterations}; the bundle would claim fewer iterations than it had"
+        )
+    if start == loop.iterations:
         return True
 
     net: nn.Module = module
@@ -422,6 +483,13 @@ def fit(
     if ctx.distributed:
         dist.barrier()  # nobody reads the checkpoint or writes a bundle before rank 0 is done
     return stop >= loop.iterations
+
+
+def _saved_iteration(path: Path) -> int | None:
+    try:
+        return int(read_training_state(path)["iteration"])
+    except (UserError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _summary_writer(out: Path) -> Any:
