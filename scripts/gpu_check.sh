@@ -51,7 +51,7 @@ step "model bench on cuda, 512x1024" \
 
 # The benches below need this bag: a failure here ends the run.
 say "a world sequence and its bag"
-segsafe world --out "$SCRATCH/world" --sequences 1 --train 0 --val 0 --anomaly 0 --negatives 0 \
+segsafe world --force --out "$SCRATCH/world" --sequences 1 --train 0 --val 0 --anomaly 0 --negatives 0 \
   --sequence-length 6 --height 512 --width 1024 --no-progress
 segsafe make-bag --root "$SCRATCH/world" --sequence seq_000 --out "$SCRATCH/bag" --format mcap
 

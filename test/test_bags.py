@@ -16,6 +16,7 @@ from rosbags.typesys import Stores, get_typestore  # noqa: E402
 
 from segmentation_safety.cli import main  # noqa: E402
 from training.bags import DEFAULT_START_S, discover_sequences  # noqa: E402
+from training.world.writer import write_world  # noqa: E402
 
 H, W, N = 32, 64, 3
 STORE = get_typestore(Stores.ROS2_JAZZY)
@@ -184,6 +185,21 @@ def test_bad_inputs_are_refused(world: Path, tmp_path: Path, capsys: pytest.Capt
     assert "cannot read image" in capsys.readouterr().err
     assert not bag.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "world"]
+
+
+def test_a_world_gives_only_its_sequences(tmp_path: Path, capsys: pytest.CaptureFixture):
+    size = dict(height=32, width=64, val=0, anomaly=0, negatives=0, progress=False)
+    bare = tmp_path / "bare"
+    write_world(bare, train=1, sequences=0, **size)
+    bag = tmp_path / "bag"
+    assert main(["make-bag", "--root", str(bare), "--out", str(bag)]) == 2
+    err = capsys.readouterr().err
+    assert "world has no sequences" in err and "segsafe world --sequences N" in err
+    assert not bag.exists()
+    # Its train frames (leftImg8bit/, the Lost & Found layout) are stills, not sequences.
+    world = tmp_path / "world"
+    write_world(world, train=1, sequences=1, sequence_length=2, **size)
+    assert list(discover_sequences(world)) == ["seq_000"]
 
 
 # -- frame folders and videos -----------------------------------------------------------

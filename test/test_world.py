@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segmentation_safety.errors import InvalidArgumentError
 from segmentation_safety.labels import LABEL_TO_TRAIN, NUM_CLASSES
-from training.world import ANOMALY_KINDS, NEGATIVE_KINDS, render_negative, render_scene
+from training.world import ANOMALY_KINDS, NEGATIVE_KINDS, render_negative, render_scene, writer
 from training.world.cli import add_parser as add_world_parser
 from training.world.layout import sample_layout
 from training.world.writer import write_world
@@ -220,6 +221,13 @@ def test_decoys_are_negative_kinds_drawn_only_when_asked() -> None:
     assert (canvas.label == DECOY_CODE).any()
 
 
+def _world_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_world_parser(parser.add_subparsers())
+    args = parser.parse_args(["world", *argv])
+    return args.run(args)
+
+
 def test_cli_parser_writes_world(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_world_parser(parser.add_subparsers())
@@ -252,3 +260,76 @@ def test_cli_parser_writes_world(tmp_path: Path) -> None:
     assert info["height"] == 64 and info["counts"]["anomaly"] == 1
     image = cv2.imread(str(next((tmp_path / "leftImg8bit" / "val").rglob("*.png"))))
     assert image.shape == (64, 128, 3)
+
+
+# Tiny worlds for the --out tests: one train frame each, nothing else.
+TINY = ("--val", "0", "--anomaly", "0", "--sequences", "0", "--negatives", "0", "--no-progress")
+
+
+def test_rerender_needs_force_and_replaces_only_the_world(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "w"
+    assert _world_cli("--out", str(out), "--train", "2", "--height", "64", *TINY) == 0
+    (out / "notes.txt").write_text("mine")
+    before = _files(out)
+    new = ("--train", "1", "--height", "32", "--width", "64", "--seed", "3", *TINY)
+    assert _world_cli("--out", str(out), *new) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out}: not empty" in err[0] and "--force" in err[0]
+    assert _files(out) == before
+    assert _world_cli("--out", str(out), "--force", *new) == 0
+    fresh = tmp_path / "fresh"
+    assert _world_cli("--out", str(fresh), *new) == 0
+    # Exactly the new world (no frame of the old one left) beside the user's file.
+    assert _files(out) == {**_files(fresh), "notes.txt": b"mine"}
+
+
+def test_a_failed_render_leaves_the_old_world(tmp_path: Path, monkeypatch) -> None:
+    size = dict(height=32, width=64, val=0, anomaly=0, sequences=0, negatives=0, progress=False)
+    write_world(tmp_path, train=2, **size)
+    before = _files(tmp_path)
+    real = writer.write_cityscapes_item
+    calls = []
+
+    def fail_on_second(*args: object) -> None:
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        real(*args)
+
+    monkeypatch.setattr(writer, "write_cityscapes_item", fail_on_second)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_world(tmp_path, seed=5, train=3, force=True, **size)
+    assert _files(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gtFine", "leftImg8bit", "world.json"]
+
+
+def test_force_replaces_a_world_and_nothing_else(tmp_path: Path) -> None:
+    size = dict(height=32, width=64, val=0, anomaly=0, sequences=0, negatives=0, progress=False)
+    # leftImg8bit/ without world.json: someone's dataset, not a world to replace.
+    (tmp_path / "leftImg8bit" / "keep.png").parent.mkdir()
+    (tmp_path / "leftImg8bit" / "keep.png").write_bytes(b"x")
+    with pytest.raises(InvalidArgumentError, match="no world.json"):
+        write_world(tmp_path, train=1, force=True, **size)
+    assert _files(tmp_path) == {"leftImg8bit/keep.png": b"x"}
+    # What a killed run left in its staging folder does not make --out non-empty.
+    killed = tmp_path / "killed"
+    (killed / ".world.partial" / "leftImg8bit").mkdir(parents=True)
+    write_world(killed, train=1, **size)
+    assert sorted(p.name for p in killed.iterdir()) == ["gtFine", "leftImg8bit", "world.json"]
+
+
+def test_bad_out_and_sizes_name_the_flag(tmp_path: Path, capsys) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert _world_cli("--out", str(afile), *TINY) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"segsafe world: error: --out {afile}: exists and is not a directory"
+    )
+    bad = ("--train", "-3", "--height", "4", "--width", "64", "--sequence-length", "0")
+    assert _world_cli("--out", str(tmp_path / "w"), *bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    for part in ("--train -3 (must be 0 or more)", "--height 4 (must be 32 or more)"):
+        assert part in err[0]
+    assert "--sequence-length 0 (must be 1 or more)" in err[0] and "--width" not in err[0]
+    assert not (tmp_path / "w").exists()

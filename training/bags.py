@@ -3,7 +3,9 @@
 Two source layouts:
 
 - the synthetic world's ``sequences/<name>/`` (``images/``, ``labels/`` train ids,
-  ``anomaly/`` 0/1/255, ``timestamps.txt`` in seconds, ``sequence.json`` with the camera);
+  ``anomaly/`` 0/1/255, ``timestamps.txt`` in seconds, ``sequence.json`` with the camera).
+  A root with ``world.json`` is a world and only these are its sequences: its train and
+  val stills are never read as Lost & Found, and a world without sequences is refused;
 - Lost & Found: ``leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png`` with
   ``gtCoarse/<split>/<city>/<stem>_gtCoarse_labelIds.png``. A sequence is one city and
   sequence id, frames ordered by the frame number. Stamps come from
@@ -134,6 +136,15 @@ def discover_sequences(
     if (root / "sequences").is_dir():
         for d in sorted(p for p in (root / "sequences").iterdir() if p.is_dir()):
             found[d.name] = _world_sequence(d)
+    if (root / "world.json").is_file():
+        # A world has the Cityscapes layout too, but its train and val frames are
+        # unrelated stills: read as Lost & Found, each would become a one-frame sequence.
+        if not found:
+            raise BagSourceError(
+                f"--root {root}: this synthetic world has no sequences; render one that "
+                "has some with `segsafe world --sequences N`"
+            )
+        return found
     if (root / "leftImg8bit").is_dir():
         found.update(_laf_sequences(root, fps))
     if not found:

@@ -14,9 +14,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "world",
         help="write the synthetic world (Cityscapes layout, anomalies, sequences, negatives)",
-        description="Render procedural street scenes with Cityscapes train ids.",
+        description=(
+            "Render procedural street scenes with Cityscapes train ids. The world is "
+            "rendered into OUT/.world.partial/ and moved into OUT only once complete "
+            "(world.json last), so a failed or killed run never leaves a half world in OUT."
+        ),
     )
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory: new or empty, or holding a world to replace with --force",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the world already in --out (its world.json, leftImg8bit/, gtFine/, "
+        "anomaly/, sequences/ and negatives/) once the new one is complete; any other "
+        "file in --out is kept",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=int, default=1000, help="training frames")
     p.add_argument("--val", type=int, default=200, help="validation frames")
@@ -60,6 +75,7 @@ def main_world(args: argparse.Namespace) -> int:
         negative_scenes=args.negative_scenes,
         progress=not args.no_progress,
         workers=args.workers,
+        force=args.force,
     )
     print(
         f"wrote {stats['images']} images to {args.out} in {stats['seconds']:.1f} s "

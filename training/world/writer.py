@@ -16,6 +16,11 @@ OUT/negatives/scenes/labels/scene_<i>.png  train ids, 255 on decoys and hood
 OUT/negatives/scenes/masks/scene_<i>.png   1 on decoys, 0 elsewhere
 ```
 
+The world is rendered into ``OUT/.world.partial/`` and its entries are moved into ``OUT``
+only when all of it is written, ``world.json`` last: ``OUT`` never holds a half-written
+world. ``OUT`` must be new or empty unless ``force``; then the entries above (and only
+those) of the world already there are replaced, and anything else in ``OUT`` is kept.
+
 Every item draws from its own generator seeded by (seed, split, index), so the output
 is byte-identical for a seed and an item does not depend on how many others are written.
 The only void in the train/val labels is the ego-vehicle hood, written as label id 1
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -48,6 +54,15 @@ VAL_CITIES = ("voxelstadt",)
 FRAME = 19
 EGO_VEHICLE_LABEL_ID = 1
 FPS = 10.0
+#: What a world writes at the top of OUT: ``force`` replaces these and nothing else.
+WORLD_ENTRIES = ("world.json", "leftImg8bit", "gtFine", "anomaly", "sequences", "negatives")
+WORLD_FORMAT = "segmentation_safety synthetic world"
+# Beside the world in OUT (same file system, so moving an entry in is a rename); by
+# their names ours, so a run may remove what a killed run left.
+_STAGING = ".world.partial"
+_REPLACED = ".world.replaced"
+#: Smallest frame the scene renderer lays out sensibly.
+MIN_SIZE = 32
 _SPLIT_CODES = {
     "train": 1,
     "val": 2,
@@ -210,7 +225,7 @@ def world_description(
 ) -> dict:
     """The content of ``world.json``."""
     return {
-        "format": "segmentation_safety synthetic world",
+        "format": WORLD_FORMAT,
         "version": 1,
         "seed": seed,
         "height": height,
@@ -237,6 +252,72 @@ def world_description(
     }
 
 
+def _check_size(counts: dict[str, int], height: int, width: int, sequence_length: int) -> None:
+    """Refuse a size outside what the renderer accepts, naming each bad flag."""
+    bad = [f"--{k.replace('_', '-')} {v} (must be 0 or more)" for k, v in counts.items() if v < 0]
+    bad += [
+        f"--{k} {v} (must be {MIN_SIZE} or more)"
+        for k, v in (("height", height), ("width", width))
+        if v < MIN_SIZE
+    ]
+    if sequence_length < 1:
+        bad.append(f"--sequence-length {sequence_length} (must be 1 or more)")
+    if bad:
+        raise InvalidArgumentError(f"bad world size: {', '.join(bad)}")
+
+
+def is_world(root: Path) -> bool:
+    """Whether ``root`` holds a complete world (its ``world.json``, written last)."""
+    try:
+        return json.loads((root / "world.json").read_text()).get("format") == WORLD_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    """Create ``out`` or check that a world may be written into it (see the module doc)."""
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgumentError(f"--out {out}: cannot create it ({e.strerror})") from e
+    for name in (_STAGING, _REPLACED):
+        shutil.rmtree(out / name, ignore_errors=True)
+    present = sorted(p.name for p in out.iterdir())
+    if not present:
+        return
+    if not force:
+        what = "a world" if is_world(out) else f"{len(present)} entries, e.g. {present[0]}"
+        raise InvalidArgumentError(
+            f"--out {out}: not empty (holds {what}); pass --force to replace the world "
+            "there and keep everything else, or choose a new or empty directory"
+        )
+    clashes = [n for n in present if n in WORLD_ENTRIES]
+    if clashes and not is_world(out):
+        # Cityscapes itself, say, has leftImg8bit/ and gtFine/: only a world (its
+        # world.json) is ours to replace.
+        raise InvalidArgumentError(
+            f"--out {out}: holds {', '.join(clashes)} but no world.json of a complete "
+            "world, so --force will not replace them; choose another directory"
+        )
+
+
+def _move_in(staging: Path, out: Path) -> None:
+    """Replace the world entries of ``out`` with those in ``staging``, world.json last."""
+    replaced = out / _REPLACED
+    replaced.mkdir()
+    # world.json leaves first and arrives last: while entries move, OUT is not a world.
+    for name in WORLD_ENTRIES:
+        if (out / name).exists() or (out / name).is_symlink():
+            (out / name).rename(replaced / name)
+    for name in (*WORLD_ENTRIES[1:], WORLD_ENTRIES[0]):
+        if (staging / name).exists():
+            (staging / name).rename(out / name)
+    staging.rmdir()
+    shutil.rmtree(replaced)
+
+
 def write_world(
     out_dir: str | os.PathLike,
     seed: int = 0,
@@ -251,16 +332,16 @@ def write_world(
     negative_scenes: int | None = None,
     progress: bool = True,
     workers: int = 1,
+    force: bool = False,
 ) -> dict:
     """Render the whole world into ``out_dir``; returns timing and counts.
 
     ``negatives`` defaults to half the training count (at least 1 when ``train`` > 0),
     ``negative_scenes`` (streets with decoys) to ``negatives``.
     ``workers`` > 1 renders in that many processes (same bytes as one).
-    ``world.json`` is written last, atomically, so its presence marks a complete world.
+    ``out_dir`` must be new or empty; ``force`` replaces the world in it instead (see
+    the module doc). Nothing is moved into ``out_dir`` before the whole world is written.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if negatives is None:
         negatives = max(train // 2, 1) if train else 0
     if negative_scenes is None:
@@ -273,10 +354,33 @@ def write_world(
         "negatives": negatives,
         "negative_scenes": negative_scenes,
     }
-    if min(counts.values()) < 0 or height < 32 or width < 32 or sequence_length < 1:
-        raise InvalidArgumentError(
-            f"bad world size: counts={counts}, {height}x{width}, {sequence_length}"
-        )
+    _check_size(counts, height, width, sequence_length)
+    out = Path(out_dir)
+    _prepare_out(out, force)
+    staging = out / _STAGING
+    staging.mkdir()
+    try:
+        stats = _render(staging, seed, counts, height, width, sequence_length, progress, workers)
+        desc = world_description(seed, counts, height, width, sequence_length)
+        (staging / "world.json").write_text(json.dumps(desc, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _move_in(staging, out)
+    return stats
+
+
+def _render(
+    out: Path,
+    seed: int,
+    counts: dict[str, int],
+    height: int,
+    width: int,
+    sequence_length: int,
+    progress: bool,
+    workers: int,
+) -> dict:
+    """Write every item of ``counts`` into ``out``; returns timing and counts."""
     tasks = _tasks(counts, sequence_length)
     total = sum(t[3] for t in tasks)
     bar = tqdm(total=total, disable=not progress, unit="img", desc="world")
@@ -299,8 +403,4 @@ def write_world(
                 bar.update(future.result())
     bar.close()
     seconds = time.perf_counter() - start
-    desc = world_description(seed, counts, height, width, sequence_length)
-    tmp = out / "world.json.tmp"
-    tmp.write_text(json.dumps(desc, indent=2) + "\n")
-    tmp.replace(out / "world.json")
     return {"images": total, "seconds": seconds, "images_per_s": total / max(seconds, 1e-9)}
