@@ -177,3 +177,43 @@ def test_mismatched_densehybrid_bundle_is_refused_by_name(tmp_path):
         det.load_part("densehybrid", load_bundle(path), path)
     with pytest.raises(KeyError, match="open_set"):
         det.open_set_labels(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2))
+
+
+def test_refusal_names_the_fine_tuned_segmenter_and_what_to_do(tmp_path):
+    # The trainer writes the fine-tuned segmenter beside the head while the models
+    # directory keeps the base one; the refusal must point at the fine-tuned file, not say
+    # "trained on segmenter.safetensors, not on segmenter.safetensors".
+    from segmentation_safety.models.zoo import describe_segmenter
+
+    torch.manual_seed(0)
+    base_net = TinySegmenter(num_classes=5, width=8)
+    base_net.source = str(tmp_path / "segmenter.safetensors")
+    tuned = TinySegmenter(num_classes=5, width=8)
+    tensors, meta = build("densehybrid", tuned).export_part()
+    meta.update(segmenter_bundle="densehybrid_segmenter.safetensors",
+                fine_tuned_from=describe_segmenter(base_net))  # fmt: skip
+    path = tmp_path / "densehybrid.safetensors"
+    save_bundle(path, tensors, meta)
+    fine_tuned = tmp_path / "densehybrid_segmenter.safetensors"
+    fine_tuned.write_bytes(b"")  # only its presence is looked at
+    det = build("densehybrid", base_net)
+    with pytest.raises(BundleError) as refused:
+        det.load_part("densehybrid", load_bundle(path), path)
+    message = str(refused.value)
+    assert f"trained with the fine-tuned segmenter {fine_tuned} (sha256:" in message
+    assert f"base segmenter it was fine-tuned from, {base_net.source} (sha256:" in message
+    assert f"use {fine_tuned} as {tmp_path / 'segmenter.safetensors'}" in message
+
+    # Gone: nothing to switch to, so retrain.
+    fine_tuned.unlink()
+    with pytest.raises(BundleError, match="densehybrid_segmenter.safetensors is not there"):
+        det.load_part("densehybrid", load_bundle(path), path)
+    # Loaded from the very file the head names, yet another fingerprint: replaced since.
+    det.segmenter.source = str(fine_tuned)
+    fine_tuned.write_bytes(b"")
+    with pytest.raises(BundleError, match="was replaced since: retrain densehybrid"):
+        det.load_part("densehybrid", load_bundle(path), path)
+    # Not the base either: say only that it is not the one loaded here.
+    other = build("densehybrid", TinySegmenter(num_classes=5, width=8))
+    with pytest.raises(BundleError, match="not with the segmenter loaded here, TinySegmenter"):
+        other.load_part("densehybrid", load_bundle(path), path)

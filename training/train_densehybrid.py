@@ -19,14 +19,20 @@ streets with decoys, never trained on, or, without scene negatives, the **val sp
 ``thresholds.open_set`` together with the AP/FPR95 measured on those images.
 
 Outputs: ``--out`` (kind ``densehybrid``: head + threshold) and the fine-tuned segmenter
-(kind ``segmenter``) at ``segmenter_out`` (default ``<out stem>_segmenter.safetensors``;
-use it as ``segmenter.safetensors`` of a DenseHybrid models directory).
+(kind ``segmenter``) at ``segmenter_out`` (default ``<out stem>_segmenter.safetensors``
+beside ``--out``, so the base segmenter is never overwritten). The head only runs on the
+fine-tuned segmenter, and a models directory has one segmenter for all its detectors: use
+the fine-tuned one as ``segmenter.safetensors`` (the base as ``segmenter_base.safetensors``)
+and fit the other detectors on it, as scripts/train_demo_models.sh does with
+``segmenter_out``. The trainer says so when it ends, and the head's bundle names the file
+(``segmenter_bundle``, relative to the bundle) so a refusal can name it too.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +44,7 @@ from torch.utils.data import Subset
 from segmentation_safety.detectors.densehybrid import DenseHybridDetector
 from segmentation_safety.metrics import AnomalyMetrics
 from segmentation_safety.models.segmenter import Segmenter
-from segmentation_safety.models.zoo import segmenter_metadata
+from segmentation_safety.models.zoo import describe_segmenter, segmenter_metadata
 from segmentation_safety.types import SegmenterOutput
 from training import engine
 from training.fit_statistics import threshold_at_tpr
@@ -202,6 +208,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             scenes, held_out = Subset(scenes, kept), Subset(scenes, out)
         base_path = engine.segmenter_path(config, args.out)
         segmenter, base_bundle = engine.load_segmenter(base_path)
+        base = describe_segmenter(segmenter)  # lets a refusal say "that is the base one"
         segmenter = engine.apply_bn_mode(segmenter, config["bn"], ctx)
         detector = DenseHybridDetector(segmenter)
         module = DenseHybridTraining(segmenter, detector.head, config)
@@ -263,11 +270,15 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             fine_tuned_for="densehybrid",
         )
         engine.write_bundle(ctx, seg_out, segmenter.state_dict(), seg_meta)
+        # The head belongs to the fine-tuned file: record its name, not the base's.
+        segmenter.source = str(seg_out)
 
         tensors, metadata = detector.export_part("densehybrid")
         metadata.update(
             training=training,
-            segmenter_bundle=seg_out.name,
+            # Relative to --out, so it still points at the file when the directory moves.
+            segmenter_bundle=os.path.relpath(seg_out, Path(args.out).parent),
+            fine_tuned_from=base,
             threshold_tpr=float(config["threshold_tpr"]),
             calibration=f"{calibrated_on}; never the benchmark's anomalies",
             metrics={
@@ -278,4 +289,22 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             },
         )
         engine.write_bundle(ctx, args.out, tensors, metadata)
+        if ctx.is_main:
+            print(next_step(Path(args.out), seg_out))
         return {**calibration, **segmentation, "segmenter_out": str(seg_out)}
+
+
+def next_step(out: Path, seg_out: Path) -> str:
+    """What to do with the fine-tuned segmenter so that ``out`` can be loaded."""
+    models_segmenter = out.parent / "segmenter.safetensors"
+    if seg_out.resolve() == models_segmenter.resolve():
+        return (
+            f"densehybrid: {seg_out} is now the fine-tuned segmenter {out} runs on; fit the "
+            f"other detectors in {out.parent} on it"
+        )
+    return (
+        f"densehybrid: {out} runs only on the fine-tuned segmenter {seg_out}: use it as "
+        f"{models_segmenter} (keep the base one as {out.parent / 'segmenter_base.safetensors'})"
+        " and fit the other detectors on it; with the base segmenter there, evaluate and "
+        f"the node refuse {out.name}"
+    )

@@ -172,8 +172,10 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 candidates[str(seed)] = metrics["decoy_ap"]
                 if ctx.is_main:
                     print(
+                        # Percent, marked as such: the bundle stores fractions.
                         f"seed {seed}: held-out streets with decoys ({len(held_out)}): AP "
-                        f"{100 * metrics['decoy_ap']:.2f}, FPR95 {100 * metrics['decoy_fpr95']:.2f}"
+                        f"{100 * metrics['decoy_ap']:.2f}%, "
+                        f"FPR95 {100 * metrics['decoy_fpr95']:.2f}%"
                     )
             if best is None or metrics.get("decoy_ap", 0.0) > best[1].get("decoy_ap", 0.0):
                 best = (detector, {**metrics, "seed": seed})

@@ -3,12 +3,16 @@
 The head reads the shared pre-logit features; its cost is one BN-ReLU-Conv1x1 plus a
 logsumexp over the logits (Table 5: +2.8 ms on 60.9 ms). The fine-tuned segmenter is a
 separate ``segmenter`` bundle; the ``densehybrid`` bundle holds the head and the
-open-set threshold calibrated on held-out data (``metadata["thresholds"]["open_set"]``).
+open-set threshold calibrated on held-out data (``metadata["thresholds"]["open_set"]``)
+and names that segmenter bundle, relative to itself (``metadata["segmenter_bundle"]``).
+The head only fits the fine-tuned segmenter, so a models directory running DenseHybrid
+has that one as its ``segmenter.safetensors`` (one segmenter serves every detector).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -63,6 +67,52 @@ class DenseHybridDetector(Detector):
             "thresholds": dict(self.thresholds),
         }
         return dict(self.head.state_dict()), metadata
+
+    def _check_segmenter(self, bundle: Bundle, path: str | os.PathLike[str]) -> None:
+        """The fingerprint check, with a refusal that names the fine-tuned segmenter file.
+
+        Training writes the fine-tuned segmenter beside the head (by default
+        ``densehybrid_segmenter.safetensors``) while the models directory still holds the
+        base one; the generic "train it for this segmenter" would send the user to
+        retrain, when the fix is to use the segmenter the head was trained with.
+        """
+        try:
+            super()._check_segmenter(bundle, path)
+        except BundleError as e:
+            trained_with = bundle.metadata.get("segmenter_bundle")
+            if not isinstance(trained_with, str) or not trained_with:
+                raise  # written by another tool: the generic message is all we know
+            raise BundleError(path, self._mismatch(bundle, Path(path), trained_with)) from e
+
+    def _mismatch(self, bundle: Bundle, path: Path, trained_with: str) -> str:
+        """Why ``bundle`` does not fit this segmenter and what to do about it."""
+        from segmentation_safety.models.zoo import describe_segmenter
+
+        ours = describe_segmenter(self.segmenter)
+        fine_tuned = path.parent / trained_with  # recorded relative to the bundle
+        trained = bundle.metadata["segmenter"]["fingerprint"]
+        base = bundle.metadata.get("fine_tuned_from")
+        what = (
+            "the base segmenter it was fine-tuned from"
+            if isinstance(base, dict) and base.get("fingerprint") == ours["fingerprint"]
+            else "the segmenter loaded here"
+        )
+        said = (
+            f"was trained with the fine-tuned segmenter {fine_tuned} ({trained}), not with "
+            f"{what}, {ours['name']} ({ours['fingerprint']})"
+        )
+        if not fine_tuned.is_file():
+            return f"{said}, and {fine_tuned} is not there: retrain {path.name} for this segmenter"
+        loaded = Path(ours["name"])
+        if loaded.is_file() and loaded.samefile(fine_tuned):
+            # Loaded from that very file, yet another fingerprint: it was replaced since.
+            return f"{said}; {fine_tuned} was replaced since: retrain {path.name} for it"
+        return (
+            f"{said}; DenseHybrid fine-tunes the segmenter and all detectors share one, so "
+            f"use {fine_tuned} as {path.parent / 'segmenter.safetensors'} (keep the base "
+            f"one as {path.parent / 'segmenter_base.safetensors'}) and fit the other "
+            "detectors on it"
+        )
 
     def load_part(self, kind: str, bundle: Bundle, path: str | os.PathLike[str]) -> None:
         """Load the head (and thresholds) from a ``densehybrid`` bundle, refusing mismatches."""
