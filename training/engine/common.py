@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import default_collate
+from tqdm import tqdm
 
 from segmentation_safety.checkpoint import save_bundle
 from segmentation_safety.detectors.base import Detector
@@ -214,7 +216,8 @@ def evaluate_segmentation(
     segmenter.eval()
     confusion = ConfusionMatrix(segmenter.num_classes)
     chosen = list(indices) if indices is not None else list(range(len(dataset)))
-    for i in chosen[:max_images]:
+    # A full-size pass per image: minutes on real data, so it shows its progress.
+    for i in tqdm(chosen[:max_images], desc="val mIoU", unit="img", leave=False, file=sys.stderr):
         image, label = sample_tensors(dataset[i])
         logits = predict_logits(segmenter, image, device)
         confusion.update(logits.argmax(1)[0].cpu().numpy(), label.numpy())
@@ -229,12 +232,13 @@ def scored_samples(
     score: Callable[[SegmenterOutput], torch.Tensor],
     samples: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
+    desc: str = "scoring",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(score map resized to the target, on the CPU; target) for each (3×H×W uint8
     image, H×W target) pair: the segmenter in eval mode, one image at a time, and
     ``score`` turning its output into a B×h×w map (a detector's anomaly, say)."""
     segmenter.eval()
-    for image, target in samples:
+    for image, target in tqdm(samples, desc=desc, unit="img", leave=False, file=sys.stderr):
         out = segmenter(segmenter.normalize(image[None].to(device)))
         m = score(out)[:, None].float()
         m = nn.functional.interpolate(m, size=target.shape, mode="bilinear", align_corners=False)
