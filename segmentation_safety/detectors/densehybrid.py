@@ -82,6 +82,11 @@ class DenseHybridDetector(Detector):
             trained_with = bundle.metadata.get("segmenter_bundle")
             if not isinstance(trained_with, str) or not trained_with:
                 raise  # written by another tool: the generic message is all we know
+            in_place = Path(path).parent / "segmenter.safetensors"
+            if (Path(path).parent / trained_with).resolve() == in_place.resolve():
+                # Its directory is laid out already (the shipped demo): the head is loaded
+                # on another directory's segmenter, which the generic message names.
+                raise
             raise BundleError(path, self._mismatch(bundle, Path(path), trained_with)) from e
 
     def _mismatch(self, bundle: Bundle, path: Path, trained_with: str) -> str:
