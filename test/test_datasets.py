@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segmentation_safety.errors import MissingFileError
 from segmentation_safety.labels import LABEL_TO_TRAIN, label_ids_to_train_ids
 from training.datasets import (
     ADE20KInstances,
     Cityscapes,
     FishyscapesLostAndFound,
+    FishyscapesProcessed,
     FishyscapesStatic,
     LostAndFound,
     RoadAnomaly,
@@ -87,10 +89,11 @@ def test_cityscapes_real(real_data: Path) -> None:
     assert {0, 2, 13} <= set(np.unique(a["label"]))
 
 
-def test_road_anomaly_fixture(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".jpg", ".webp"])  # the two releases
+def test_road_anomaly_fixture(tmp_path: Path, suffix: str) -> None:
     frames = tmp_path / "frames"
     frames.mkdir()
-    Image.fromarray(_rgb()).save(frames / "animals01_cow.jpg", quality=95)
+    Image.fromarray(_rgb()).save(frames / f"animals01_cow{suffix}", quality=95)
     lab = np.zeros((6, 8), np.uint8)
     lab[2:4, 3:6] = 2
     _png(frames / "animals01_cow.labels" / "labels_semantic.png", lab)
@@ -148,19 +151,43 @@ def test_fishyscapes_static_processed_layout(tmp_path: Path) -> None:
     lab[5] = 255
     _png(tmp_path / "original" / "12.png", _rgb())
     _png(tmp_path / "labels" / "12.png", lab)
-    sample = FishyscapesStatic(tmp_path)[0]
+    sample = FishyscapesProcessed(tmp_path)[0]
     assert sample["name"] == "12"
     np.testing.assert_array_equal(sample["anomaly"], lab)
 
 
+def test_fishyscapes_static_official_overlay_layout(tmp_path: Path) -> None:
+    frame = "frankfurt_000000_000294"
+    base = _rgb()
+    _png(tmp_path / "cityscapes/leftImg8bit/val/frankfurt" / f"{frame}_leftImg8bit.png", base)
+    zip_dir = tmp_path / "fs_val_v3"
+    lab = np.zeros((6, 8), np.uint8)
+    lab[2:4, 2:5] = 1
+    _png(zip_dir / f"0003_{frame}_labels.png", lab)
+    overlay = np.zeros((6, 8, 3), np.int16)
+    overlay[2:4, 2:5] = 300  # blended object: saturates
+    overlay[0, 0] = -400  # darkened pixel: clipped at 0
+    np.savez(zip_dir / f"0003_{frame}_rgb.npz", rgb=overlay)
+    sample = FishyscapesStatic(zip_dir, tmp_path / "cityscapes")[0]
+    expected = np.clip(base.astype(int) + overlay, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(sample["image"], expected)
+    np.testing.assert_array_equal(sample["anomaly"], lab)
+    assert sample["image"][0, 0].tolist() == [0, 0, 0] and (sample["image"][2:4, 2:5] == 255).all()
+    _png(zip_dir / f"0004_{frame}_labels.png", lab)  # its overlay is missing
+    with pytest.raises(MissingFileError, match="no overlay for 0004_"):
+        FishyscapesStatic(zip_dir, tmp_path / "cityscapes")[1]
+
+
 def test_streethazards_fixture(tmp_path: Path) -> None:
-    raw = np.array([[1, 2, 8, 13, 14, 14, 10, 11]] * 6, np.uint8)
+    raw = np.array([[1, 2, 8, 13, 14, 0, 10, 15]] * 6, np.uint8)
     _png(tmp_path / "test/images/test/t5/300.png", _rgb())
     _png(tmp_path / "test/annotations/test/t5/300.png", raw)
     sample = StreetHazards(tmp_path, "test")[0]
     assert sample["name"] == "t5_300"
-    np.testing.assert_array_equal(sample["label"][0], [255, 0, 6, 11, 12, 12, 8, 9])
-    np.testing.assert_array_equal(sample["anomaly"][0], [255, 0, 0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(sample["label"][0], [255, 0, 6, 11, 12, 255, 8, 255])
+    # Unlabeled (1) is an inlier as in the benchmark's evaluation; values outside the
+    # annotation's range are void in both maps.
+    np.testing.assert_array_equal(sample["anomaly"][0], [0, 0, 0, 0, 1, 255, 0, 255])
     with pytest.raises(ValueError, match="unknown StreetHazards split"):
         StreetHazards(tmp_path, "bogus")
 
@@ -173,6 +200,7 @@ def test_ade20k_instances_fixture(tmp_path: Path) -> None:
     ann[0:2, 4:6] = (12, 2, 0)  # same category, another instance
     ann[4:6, 0:3] = (40, 3, 0)
     ann[5, 7] = (0, 9, 0)  # no category: background whatever the green channel says
+    ann[3, 3] = (20, 0, 0)  # instance id 0 is void: background whatever the red one says
     _png(tmp_path / "annotations_instance/training/ADE_train_00000001.png", ann)
     sample = ADE20KInstances(tmp_path, "training")[0]
     inst = sample["instances"]

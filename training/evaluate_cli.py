@@ -86,6 +86,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="Lost and Found root with the images, for --dataset fishyscapes given as the "
         "official label folder",
     )
+    p.add_argument(
+        "--cityscapes-root",
+        type=Path,
+        default=None,
+        help="Cityscapes root with leftImg8bit/val, for --dataset fishyscapes given as the "
+        "official FS Static zip (its overlays are added to those frames)",
+    )
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument(
         "--segmenter-weights",
@@ -145,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
     names = parse_detectors(args.detectors)
     explicit = args.detectors.strip() != "all"
     # Cheap checks first: a wrong root or split should not wait for models to load.
-    samples, total = open_dataset(args.dataset, args.root, args.split, args.laf_root)
+    samples, total = open_dataset(
+        args.dataset, args.root, args.split, args.laf_root, args.cityscapes_root
+    )
 
     segmenter, meta, description = load_segmenter(args.segmenter_weights, args.models)
     # Parts trained on another segmenter are refused by their fingerprint.
@@ -270,7 +279,11 @@ def class_names_for(segmenter: Any, meta: dict[str, Any]) -> list[str]:
 
 
 def open_dataset(
-    name: str, root: Path, split: str, laf_root: Path | None = None
+    name: str,
+    root: Path,
+    split: str,
+    laf_root: Path | None = None,
+    cityscapes_root: Path | None = None,
 ) -> tuple[Iterable[dict[str, Any]], int]:
     """(lazy iterable of sample dicts, number of samples) for ``--dataset name --split``.
 
@@ -284,6 +297,13 @@ def open_dataset(
     if name == "fishyscapes" and split == "anomaly":
         if (root / "labels").is_dir():
             data = ds.FishyscapesProcessed(root)
+        elif any(root.glob("*rgb.npz")):  # the Static zip: overlays on Cityscapes frames
+            if cityscapes_root is None:
+                raise InvalidArgumentError(
+                    f"{root} is the official FS Static zip (overlays): pass --cityscapes-root "
+                    "with the Cityscapes frames they are added to"
+                )
+            data = ds.FishyscapesStatic(root, cityscapes_root)
         elif laf_root is None:
             raise InvalidArgumentError(
                 f"{root} has no labels/ folder (the preprocessed Fishyscapes layout); for the "

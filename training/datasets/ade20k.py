@@ -2,7 +2,9 @@
 
 Layout: ``<root>/images/{training,validation}/ADE_<split>_<n>.jpg`` with
 ``<root>/annotations_instance/{training,validation}/ADE_<split>_<n>.png``, where the red
-channel holds the instance's category (0 = none) and the green channel its instance id.
+channel holds the instance's category (0 = none) and the green channel its instance id
+(0 = no instance, whatever the red channel says: the release's own convention, which
+Mask2Former's ``prepare_ade20k_ins_seg.py`` also follows).
 A root that contains ``ADEChallengeData2016/`` is accepted too. Instances are returned
 renumbered 1..n (0 = background) in order of (category, instance id).
 """
@@ -21,8 +23,9 @@ from training.datasets.common import FileDataset, Sample, Transform, read_rgb, r
 def instance_ids(annotation: np.ndarray) -> np.ndarray:
     """H×W×3 ADE instance annotation -> H×W int32 instance ids 1..n (0 background)."""
     cat = annotation[..., 0].astype(np.int32)
-    key = cat * 256 + annotation[..., 1].astype(np.int32)
-    key[cat == 0] = 0
+    instance = annotation[..., 1].astype(np.int32)
+    key = cat * 256 + instance
+    key[(cat == 0) | (instance == 0)] = 0
     uniq, inverse = np.unique(key, return_inverse=True)
     ids = inverse.reshape(key.shape).astype(np.int32)
     if uniq[0] != 0:  # no background at all: ids must still start at 1

@@ -1,8 +1,8 @@
 """Road Anomaly (Lis et al., ICCV 2019).
 
-``<root>/frames/<name>.jpg`` with ``<root>/frames/<name>.labels/labels_semantic.png``,
-where 0 = not anomalous and 2 = anomaly; the dataset has no void, so the anomaly map
-is 0/1 only.
+``<root>/frames/<name>.jpg`` (``.webp`` in the release the dataset's own readme
+describes) with ``<root>/frames/<name>.labels/labels_semantic.png``, where 0 = not
+anomalous and 2 = anomaly; the dataset has no void, so the anomaly map is 0/1 only.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from training.datasets.common import (
 )
 
 ANOMALY_VALUE = 2
+#: The jpg release, and the webp one the dataset's readme describes.
+FRAME_SUFFIXES = (".jpg", ".png", ".webp")
 
 
 class RoadAnomaly(FileDataset):
@@ -30,7 +32,7 @@ class RoadAnomaly(FileDataset):
     def __init__(self, root: str | Path, transform: Transform | None = None) -> None:
         self.root = Path(root)
         frames = require_dir(self.root / "frames", "Road Anomaly frames")
-        items = [p for p in sorted(frames.iterdir()) if p.suffix.lower() in (".jpg", ".png")]
+        items = [p for p in sorted(frames.iterdir()) if p.suffix.lower() in FRAME_SUFFIXES]
         super().__init__(items, transform)
 
     def load(self, item: Path) -> Sample:

@@ -8,8 +8,11 @@ same pairs; we discover pairs from the folders). Annotation values are 1-based:
 9 sidewalk, 10 vegetation, 11 car, 12 wall, 13 traffic sign, 14 anomaly.
 
 Mapped to K = 12 inlier classes 0..11 (building .. traffic sign, value - 2), the anomaly
-as class K = 12 (the "K+1-th" label of open-set evaluation) and unlabeled as 255; the
-anomaly map is 1 on anomaly, 0 on inliers, 255 on unlabeled pixels.
+as class K = 12 (the "K+1-th" label of open-set evaluation) and unlabeled as 255. The
+anomaly map follows the benchmark's own evaluation (hendrycks/anomaly-seg ``eval_ood.py``
+masks nothing, so the unlabeled value, mostly sky, is scored as inlier): 1 on anomaly, 0
+on values 1..13, 255 only on values outside the annotation's range (0, above 14), which
+the label map makes void too.
 """
 
 from __future__ import annotations
@@ -86,6 +89,6 @@ class StreetHazards(FileDataset):
         if not path.exists():
             raise MissingFileError(f"no annotation for {item}: expected {path}")
         raw = read_label(path)
-        anomaly = binary_anomaly((raw != UNLABELED) & (raw != ANOMALY), raw == ANOMALY)
+        anomaly = binary_anomaly((raw >= UNLABELED) & (raw < ANOMALY), raw == ANOMALY)
         name = "_".join(rel.with_suffix("").parts)
         return {"image": read_rgb(item), "label": LUT[raw], "anomaly": anomaly, "name": name}
