@@ -260,6 +260,11 @@ def test_detector_trainers_write_loadable_bundles(world: Path, models: Path, tmp
     meta = load_bundle(dh_dir / "densehybrid.safetensors", kind="densehybrid").metadata
     assert np.isfinite(meta["thresholds"]["open_set"])
     assert meta["calibration"].startswith("1 held-out streets with decoys")
+    # Every part carries its segmenter's class names and normalisation (DESIGN §5.4).
+    seg_meta = load_bundle(seg).metadata
+    for part in (meta, load_bundle(models / "sml.safetensors").metadata):
+        assert part["class_names"] == seg_meta["class_names"]
+        assert (part["mean"], part["std"]) == (seg_meta["mean"], seg_meta["std"])
 
     flow = write_config(tmp_path / "flow.yaml", **{**base, "batch_size": 1}, segmenter=seg,
                         steps=2, hidden=8, combine="logreg")  # fmt: skip

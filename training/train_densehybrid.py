@@ -275,6 +275,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
         tensors, metadata = detector.export_part("densehybrid")
         metadata.update(
+            **engine.segmenter_context(seg_meta),
             training=training,
             # Relative to --out, so it still points at the file when the directory moves.
             segmenter_bundle=os.path.relpath(seg_out, Path(args.out).parent),

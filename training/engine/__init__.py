@@ -18,6 +18,7 @@ from training.engine.common import (
     run_stage,
     sample_tensors,
     scored_samples,
+    segmenter_context,
     segmenter_path,
     training_metadata,
     write_bundle,
@@ -83,4 +84,5 @@ __all__ = [
     "training_metadata",
     "write_bundle",
     "write_part_bundle",
+    "segmenter_context",
 ]

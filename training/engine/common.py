@@ -275,11 +275,24 @@ def write_part_bundle(
     """Write ``detector``'s part ``kind`` to ``args.out`` with the metadata every
     detector trainer records: the training run, the segmenter it was fitted on, its
     metrics, and ``extra`` keys."""
+    from segmentation_safety.checkpoint import load_bundle
+
     tensors, metadata = detector.export_part(kind)
     training = training_metadata(config, args)
     training["segmenter"] = str(segmenter_path)
-    metadata.update(training=training, metrics=metrics, **extra)
+    inherited = segmenter_context(load_bundle(segmenter_path, kind="segmenter").metadata)
+    metadata.update({**inherited, "training": training, "metrics": metrics, **extra})
     write_bundle(ctx, args.out, tensors, metadata)
+
+
+#: What a part bundle repeats from its segmenter's (DESIGN §5.4: every bundle carries
+#: class names, normalisation and input size), so it reads on its own.
+SEGMENTER_CONTEXT = ("class_names", "mean", "std", "input_size")
+
+
+def segmenter_context(segmenter_metadata: dict[str, Any]) -> dict[str, Any]:
+    """The SEGMENTER_CONTEXT keys a segmenter bundle's metadata has."""
+    return {k: segmenter_metadata[k] for k in SEGMENTER_CONTEXT if k in segmenter_metadata}
 
 
 def write_bundle(
