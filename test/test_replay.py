@@ -61,7 +61,9 @@ def bags(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {fmt: write_bag(seq, out / fmt, storage=fmt).path for fmt in ("sqlite3", "mcap")}
 
 
-def test_replay_through_the_node(bags: dict[str, Path], models: Path, tmp_path: Path):
+def test_replay_through_the_node(
+    bags: dict[str, Path], models: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
     out = tmp_path / "T.json"
     out_bag = tmp_path / "out_bag"
     config = tmp_path / "params.yaml"
@@ -74,6 +76,8 @@ def test_replay_through_the_node(bags: dict[str, Path], models: Path, tmp_path: 
         "--find-max-rate", "--search-trials", "2", "--search-seconds", "0.5",
     ])  # fmt: skip
     assert rc == 0
+    err = capsys.readouterr().err
+    assert "replay: 100%|" in err and "rate search:" in err  # the long parts show progress
     t = json.loads(out.read_text())
     for key in ("frames_sent", "frames_processed", "frames_dropped", "rate_hz", "latency_ms"):
         assert key in t

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from segmentation_safety.commands.common import add_models_arg
 from segmentation_safety.errors import InvalidArgumentError, report_user_errors
@@ -74,6 +75,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @report_user_errors("replay")
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from segmentation_safety.ros.detector_node import TOPICS
     from segmentation_safety.ros.replay import ReplayOptions, replay
     from segmentation_safety.ros.replay_report import format_breakdown, save_overlays, write_report
@@ -104,7 +107,21 @@ def run(args: argparse.Namespace) -> int:
         node_process=args.node_process,
     )
     print(f"replaying {args.bag} through the detector node ...", file=sys.stderr)
-    report = replay(args.bag, options, args.topic)
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        unit = "frame" if stage == "replay" else "trial"
+        bar = bars.setdefault(stage, tqdm(total=total, desc=stage, unit=unit, file=sys.stderr))
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    options.progress = progress
+    try:
+        report = replay(args.bag, options, args.topic)
+    finally:
+        for bar in bars.values():
+            bar.close()
     d = report.data
     title = f"{args.bag.name}: {d['frames_processed']}/{d['frames_sent']} frames answered"
     plot = write_report(report, args.out, title)

@@ -285,6 +285,9 @@ class ReplayOptions:
     #: Run the node in a process of its own (as deployed: outputs cross a DDS transport,
     #: configured by the environment) instead of in this one (intra-process delivery).
     node_process: bool = False
+    #: Called as ``progress(stage, done, total)``: frames of the bag sent ("replay"),
+    #: trials of the rate search ("rate search").
+    progress: Callable[[str, int, int], None] | None = None
 
 
 class Replayer:
@@ -477,7 +480,9 @@ class Replayer:
             )
         return True
 
-    def play(self, schedule: list[tuple[float, bytes, bytes | None]]) -> Trial:
+    def play(
+        self, schedule: list[tuple[float, bytes, bytes | None]], stage: str | None = None
+    ) -> Trial:
         """Publish (offset s, image CDR, camera_info CDR) on a monotonic schedule; drain."""
         c = self.collector
         assert c is not None
@@ -493,6 +498,8 @@ class Replayer:
                 serialized_publish.publish(c.info_pub, info)
             sent[stamp] = time.monotonic()
             serialized_publish.publish(c.image_pub, raw)
+            if stage is not None and self.options.progress is not None:
+                self.options.progress(stage, len(sent), len(schedule))
             if self.recorder is not None and c.keep_enabled:
                 now = time.time_ns()
                 self.recorder.write(self.bag.image_topic, self.bag.image_msgtype, now, raw)
@@ -525,7 +532,7 @@ class Replayer:
         assert self.collector is not None
         self.collector.keep_enabled = True
         try:
-            return self.play(schedule)
+            return self.play(schedule, stage="replay")
         finally:
             self.collector.keep_enabled = False
 
@@ -550,6 +557,8 @@ class Replayer:
         log = []
         for i in range(o.search_trials):
             trial = self.trial_at(rate, i)
+            if o.progress is not None:
+                o.progress("rate search", i + 1, o.search_trials)
             ok = trial.drop_fraction < o.max_drop
             log.append({"rate_hz": rate, "frames_sent": trial.frames_sent,
                         "frames_dropped": trial.frames_dropped,
