@@ -120,6 +120,8 @@ def test_replay_through_the_node(
     assert types["/segmentation_safety/safety"] == "segmentation_safety/msg/SafetyFrame"
     for topic in ("anomaly", "failure", "hazard_overlay", "segmentation", "hazards"):
         assert counts[f"/segmentation_safety/{topic}"] == t["frames_processed"], topic
+    # The class names came once, before the recording began: the bag has them all the same.
+    assert counts["/segmentation_safety/label_info"] == 1
     assert not list(tmp_path.glob(".*partial*"))
 
 

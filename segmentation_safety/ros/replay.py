@@ -137,6 +137,36 @@ class Collector(Node):
                     msg_type, name, self._callback(key, name, msg_type), qos, raw=True
                 )
             )
+        #: The node's class names, published once and latched: kept for the output bag,
+        #: which has them (``write_label_info``) although they came before the recording.
+        self.label_info: tuple[str, bytes] | None = None
+        if recorder is not None:
+            self._listen_label_info()
+
+    def _listen_label_info(self) -> None:
+        from rclpy.qos import DurabilityPolicy
+
+        from segmentation_safety.ros.detector_node import LABEL_INFO_TOPIC, label_info_types
+
+        msg_type = label_info_types()[0]
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)  # fmt: skip
+
+        def on_label_info(raw: bytes) -> None:
+            self.label_info = (type_name(msg_type), raw)
+            if self.keep_enabled:
+                self.write_label_info()
+
+        self.create_subscription(msg_type, LABEL_INFO_TOPIC, on_label_info, latched, raw=True)
+
+    def write_label_info(self) -> None:
+        """Record the class names (if they came) under the recorded namespace."""
+        from segmentation_safety.ros.detector_node import LABEL_INFO_TOPIC
+
+        if self.recorder is not None and self.label_info is not None:
+            msgtype, raw = self.label_info
+            topic = f"{RECORDED_NAMESPACE}/{LABEL_INFO_TOPIC}"
+            self.recorder.write(topic, msgtype, time.time_ns(), raw)
 
     def _callback(self, key: str, name: str, msg_type: type) -> Callable[[bytes], None]:
         recorded = name if name.startswith("/") else f"{RECORDED_NAMESPACE}/{name}"
@@ -531,6 +561,7 @@ class Replayer:
         ]  # fmt: skip
         assert self.collector is not None
         self.collector.keep_enabled = True
+        self.collector.write_label_info()
         try:
             return self.play(schedule, stage="replay")
         finally:
