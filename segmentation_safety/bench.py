@@ -18,19 +18,6 @@ from segmentation_safety.detectors import Detector
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.pipeline import Pipeline, PipelineConfig
 
-#: Overhead budgets of DESIGN.md §7 (at 512×1024, over the segmentation pass of the same
-#: run). Resynthesis's budget covers its anomaly and failure maps together; MC dropout
-#: has none.
-BUDGETS: dict[str, float] = {
-    **dict.fromkeys(("max_softmax", "entropy", "max_logit", "energy", "sml"), 0.03),
-    "densehybrid": 0.03,
-    "flowenedet_u": 0.10,
-    "flowenedet_c": 0.10,
-    "flow_density": 0.25,
-    "resynthesis": 2.0,
-    "resynthesis_anomaly": 2.0,
-}
-
 
 @dataclass
 class DetectorTiming:
@@ -130,7 +117,7 @@ def bench(
             overhead=ms / seg_ms,
             trained=n not in untrained,
             note=_note(detectors[n], n in untrained),
-            budget=BUDGETS.get(n),
+            budget=type(detectors[n]).budget,
         )
     return report
 

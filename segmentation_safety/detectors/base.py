@@ -37,6 +37,9 @@ class Detector(nn.Module):
     segmenter_free_parts: ClassVar[tuple[str, ...]] = ()
     #: What the anomaly score measures, in its own units (thresholds are in these units).
     score_units: ClassVar[str] = ""
+    #: DESIGN §7's overhead budget over the segmentation pass at 512×1024 (what `segsafe
+    #: bench` judges against); None where the design sets none (MC dropout).
+    budget: ClassVar[float | None] = None
     #: True when every map is a function of the logits alone (the softmax family), so
     #: :meth:`score_logits` can score logits resized to any resolution. Benchmarks resize
     #: the logits to the label size before scoring; the node scores at the network's

@@ -33,6 +33,7 @@ class DenseHybridDetector(Detector):
     """anomaly = ln P(d_out | x) - logsumexp(logits) (eq. 6); higher = more anomalous."""
 
     name: ClassVar[str] = "densehybrid"
+    budget: ClassVar[float | None] = 0.03
     score_units: ClassVar[str] = "log p(outlier) - logsumexp(logits) (log units)"
     produces: ClassVar[frozenset[str]] = frozenset({"anomaly"})
     trained_parts: ClassVar[tuple[str, ...]] = ("densehybrid",)

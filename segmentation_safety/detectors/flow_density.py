@@ -120,6 +120,7 @@ class FlowDensityDetector(Detector):
     """
 
     name = "flow_density"
+    budget = 0.25
     score_units = "flow NLL minus the mean training NLL (nats)"
     produces = frozenset({"anomaly"})
     trained_parts = ("flow",)

@@ -59,6 +59,8 @@ class _FlowEneDetDetector(Detector):
     None: the loaded bundle's value, else 1.0).
     """
 
+    budget: ClassVar[float | None] = 0.10
+
     score_units: ClassVar[str] = "P(segmentation wrong), in [0, 1]"
 
     produces = frozenset({"anomaly", "failure"})

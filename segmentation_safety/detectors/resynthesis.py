@@ -123,6 +123,8 @@ class ResynthesisDetector(Detector):
     """
 
     name: ClassVar[str] = "resynthesis"
+    #: Covers its anomaly and failure maps together (DESIGN §7).
+    budget: ClassVar[float | None] = 2.0
     score_units: ClassVar[str] = "feature cosine distance to G(prediction), in [0, 2]"
     produces: ClassVar[frozenset[str]] = frozenset({"anomaly", "failure", "class_iou"})
     trained_parts: ClassVar[tuple[str, ...]] = ("generator", "comparison")

@@ -75,6 +75,8 @@ class _LogitScoreDetector(Detector):
     scores logits resized elsewhere (``segsafe evaluate --score-at label``).
     """
 
+    budget: ClassVar[float | None] = 0.03
+
     produces: ClassVar[frozenset[str]] = frozenset({"anomaly"})
     logits_only: ClassVar[bool] = True
 
