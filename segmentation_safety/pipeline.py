@@ -434,7 +434,7 @@ def resize_input(images: torch.Tensor, size: Sequence[int], method: str = "pil")
     sensitive to ±1 intensity steps).
 
     ``method="fast"``: uint8 frames on the CPU take torch's uint8 antialiased kernel at
-    every factor, 4-8× faster than the float passes for 1280×720 -> 1024×512, with pixels
+    every factor, 2-4× faster than the float passes for 1280×720 -> 1024×512, with pixels
     off PIL's by 1-2 levels on 0.4-3.9% of them (Road Anomaly; docs/performance.md).
     Elsewhere both methods are the float passes, cheap on a GPU.
     """

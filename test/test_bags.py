@@ -200,6 +200,11 @@ def test_a_world_gives_only_its_sequences(tmp_path: Path, capsys: pytest.Capture
     world = tmp_path / "world"
     write_world(world, train=1, sequences=1, sequence_length=2, **size)
     assert list(discover_sequences(world)) == ["seq_000"]
+    # --list needs no --out; anything else does.
+    assert main(["make-bag", "--root", str(world), "--list"]) == 0
+    assert capsys.readouterr().out.startswith("seq_000\t")
+    assert main(["make-bag", "--root", str(world)]) == 2
+    assert "--out is required" in capsys.readouterr().err
 
 
 # -- frame folders and videos -----------------------------------------------------------

@@ -462,6 +462,6 @@ def test_score_at_flag_is_parsed_noted_once_and_recorded(
     assert anomaly["densehybrid"] == default["detectors"]["densehybrid"]["anomaly"]
     assert anomaly["max_softmax"] != default["detectors"]["max_softmax"]["anomaly"]
     md = (tmp_path / "R.md").read_text()
-    assert "Scores (--score-at label)" in md and "they need more than the logits" in md
+    assert "Scores (--score-at label)" in md and "they cannot be scored from the logits alone" in md
     with pytest.raises(SystemExit):
         _cli(*common, "--score-at", "pixels", "--out", str(out))

@@ -278,6 +278,13 @@ def test_missing_bag_and_models(bags: dict[str, Path], tmp_path: Path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "cannot start" in err and "segmenter.safetensors" in err
+    (tmp_path / "out_bag").mkdir()
+    rc = main(["replay", "--bag", str(bags["sqlite3"]), "--models", str(tmp_path / "none"),
+               "--out", str(tmp_path / "T.json"),
+               "--output-bag", str(tmp_path / "out_bag")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--output-bag" in err and "exists already" in err
+    assert "cannot start" not in err  # refused before any node was started
 
 
 # -- bags made from frame folders and videos --------------------------------------------

@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         kept = [n for n, o in scoring_order(detectors, "label").items() if o == "network"]
         if kept:
             print(
-                f"note: --score-at label: {', '.join(kept)} need more than the logits, so "
+                f"note: --score-at label: {', '.join(kept)} cannot be scored from the logits "
+                "alone, so "
                 "they keep scoring at the network's resolution (map upsampled); the report "
                 "lists the order of each detector under score_at",
                 file=sys.stderr,

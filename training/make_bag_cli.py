@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segmentation_safety.errors import report_user_errors
+from segmentation_safety.errors import InvalidArgumentError, report_user_errors
 
 if TYPE_CHECKING:
     from training.bags import BagSummary
@@ -38,7 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--frames", type=Path, help="folder of consecutive png/jpg frames")
     source.add_argument("--video", type=Path, help="video file (mp4, ...)")
     p.add_argument(
-        "--out", type=Path, required=True, help="bag directory to create (must not exist)"
+        "--out",
+        type=Path,
+        default=None,
+        help="bag directory to create (must not exist); required unless --list",
     )
     p.add_argument("--sequence", default=None, help="sequence name (default: the first)")
     p.add_argument("--format", choices=("sqlite3", "mcap"), default="sqlite3", help="storage")
@@ -81,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
 
     from training.bags import discover_sequences, select_sequence, write_bag
 
+    if args.out is None and not args.list:
+        raise InvalidArgumentError("--out is required (the bag directory to create)")
+    if args.list and args.root is None:
+        raise InvalidArgumentError("--list lists the sequences under --root")
     if args.root is None:
         return _run_stream(args)
     stream_only = ("rate", "limit", "resize")

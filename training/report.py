@@ -136,7 +136,9 @@ def scoring_order_text(report: EvaluationReport) -> str:
             + ", ".join(by_order["label"])
         )
     if by_order["network"]:
-        kept = " (they need more than the logits)" if report.score_at == "label" else ""
+        kept = (
+            " (they cannot be scored from the logits alone)" if report.score_at == "label" else ""
+        )
         parts.append(
             "scored at the network's resolution, map upsampled (what the node publishes)"
             f"{kept}: " + ", ".join(by_order["network"])

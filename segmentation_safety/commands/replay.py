@@ -89,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"--outputs: unknown {unknown}; known: {', '.join(TOPICS)}")
         if args.overlays is not None:
             outputs |= {"hazard_overlay"}
+    if args.output_bag is not None and args.output_bag.exists():  # before the node starts
+        raise InvalidArgumentError(
+            f"--output-bag {args.output_bag} exists already; remove it first"
+        )
     parameters = parse_params(args.param)
     options = ReplayOptions(
         parameters=parameters,

@@ -131,7 +131,7 @@ SPECS: tuple[Spec, ...] = (
         "pil",
         "How frames are resized to input_size. pil: PIL's pixels (what public checkpoints "
         "were evaluated with; segsafe evaluate and calibrate use it by default); fast: "
-        "torch's uint8 kernel on the CPU, 4-8x faster for 1280x720 -> 1024x512, pixels 1-2 "
+        "torch's uint8 kernel on the CPU, 2-4x faster for 1280x720 -> 1024x512, pixels 1-2 "
         "levels off PIL's on a few % of them. On a GPU both are PIL's.",
         choices=INPUT_RESIZES,
     ),
