@@ -1234,6 +1234,31 @@ def test_depth_out_of_sync_falls_back_to_the_ground_and_says_so(harness):
     wait_for_fault(h, "depth out of sync", present=False)
 
 
+def test_waiting_for_depth_holds_neither_another_node_nor_shutdown(harness):
+    # Node A waits up to depth_max_age for a depth image that never comes (its only one
+    # is older); node B, in the same process, shares the compute thread.
+    a = harness(use_depth=True, depth_max_age=8.0, **HAZARD_PARAMS)
+    b = harness()
+    depth_pub = a.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
+    a.listen("safety", "hazards")
+    b.listen("segmentation")
+    a.info_pub.publish(camera_info())
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
+    wait_for(lambda: a.node.camera_k is not None, "camera_info")
+    depth_pub.publish(depth_msg(7000, sec=5))  # 45 s behind the image: no pair
+    wait_for(lambda: a.node.depths, "the depth")
+    a.image_pub.publish(image_msg(50))
+    wait_for(lambda: a.stamped("safety", 50), "A's safety, sent before its boxes")
+    b.image_pub.publish(image_msg(51))
+    wait_for(lambda: b.stamped("segmentation", 51), "B's answer while A waits for depth")
+    assert not a.stamped_markers(50)  # A is still waiting: it never held B up
+    # Stopping A wakes its wait at once (a shutdown is not a frame failure).
+    worker = a.node.worker
+    a.node.destroy_node()
+    assert not worker.is_alive()
+    assert not any(k.startswith(("processing/", "markers/")) for k in a.node.problems)
+
+
 def test_a_depth_arriving_after_its_image_is_still_used(harness):
     # A depth stream exists but lags: the worker waits up to depth_max_age for the depth
     # stamped like the image rather than falling back at once.

@@ -393,6 +393,7 @@ class DetectorNode(Node):
         self.slot = LatestSlot()
         self._stop = threading.Event()
         self._params_changed = threading.Event()  # wakes a worker pacing max_rate
+        self._after_frame: Callable[[], None] | None = None  # set by _handle, run by _work
         image_topic, image_type = INPUTS[p.input_transport]
         self.image_sub = self.create_subscription(
             image_type,
@@ -590,12 +591,22 @@ class DetectorNode(Node):
                     unheard = True
                 elif outcome:
                     latency = (time.monotonic() - received_at) * 1e3
+                if self._after_frame is not None:
+                    # Hazard markers that wait for a depth image: waiting is not compute,
+                    # so it happens here and never holds the compute thread other nodes
+                    # of the process share.
+                    deferred, self._after_frame = self._after_frame, None
+                    deferred()
             except Exception as e:  # keep running whatever one frame does
-                # Keyed by exception type: one recurring failure must not hide another.
-                kind = f"processing/{type(e).__name__}"
-                self._warn(kind, f"frame failed: {type(e).__name__}: {e}")
+                if not self._stopping():  # a publish cut short by shutdown is no failure
+                    # Keyed by exception type: one recurring failure must not hide another.
+                    kind = f"processing/{type(e).__name__}"
+                    self._warn(kind, f"frame failed: {type(e).__name__}: {e}")
             self.stats.on_finished(latency, unheard=unheard)
             self._pace(started)
+
+    def _stopping(self) -> bool:
+        return self._stop.is_set() or not rclpy.ok(context=self.context)
 
     def _pace(self, started: float) -> None:
         """Wait out ``max_rate``'s period from ``started`` (frames arriving meanwhile replace
@@ -665,7 +676,10 @@ class DetectorNode(Node):
             if key in wanted:
                 serialized_publish.publish(self.pubs[key], cdr.serialize_body(body))
         if "hazards" in wanted and not boxes_first:
-            self._publish_hazards(result, header, p, rgb.shape[:2])
+            # After `safety`, off the compute thread (_work): the boxes may wait for a
+            # late depth image, up to depth_max_age.
+            size = rgb.shape[:2]
+            self._after_frame = lambda: self._publish_hazards(result, header, p, size)
         if "safety" in wanted:
             timings = {**arrival, "decode": decode_ms, **result.timings_ms}
             timings["publish"] = (time.perf_counter() - t1) * 1e3
@@ -724,6 +738,8 @@ class DetectorNode(Node):
         try:
             hazards = self._markers(r, header, p, image_size)
         except Exception as e:  # markers are extra: the alarm must still go out
+            if self._stopping():
+                return
             self._warn(f"markers/{type(e).__name__}", f"hazard markers failed: {e}")
             hazards = markers.hazard_markers([], None, header, 0.0, 0.0)
         self.pubs["hazards"].publish(hazards)
@@ -866,6 +882,8 @@ class DetectorNode(Node):
         if getattr(self, "worker", None) is not None:
             self._stop.set()
             self._params_changed.set()
+            with self._depth_cond:  # a worker waiting for a late depth image stops now
+                self._depth_cond.notify_all()
             self.slot.close()
             self.worker.join(timeout=5.0)
         super().destroy_node()
