@@ -1259,6 +1259,21 @@ def test_waiting_for_depth_holds_neither_another_node_nor_shutdown(harness):
     assert not any(k.startswith(("processing/", "markers/")) for k in a.node.problems)
 
 
+def test_depth_stamps_going_back_drop_the_depths_from_the_future(harness):
+    # A looping bag: depths from the end of the last loop would count as "newer" than
+    # every image of the next and stop each from waiting for its own depth.
+    h = harness(use_depth=True)
+    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=10))
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
+    for sec in (200, 201):  # one at a time: the subscription keeps the newest only
+        depth_pub.publish(depth_msg(7000, sec=sec))
+        wait_for(lambda s=sec: h.node.depths and h.node.depths[-1].header.stamp.sec == s, "depth")
+    assert len(h.node.depths) == 2
+    depth_pub.publish(depth_msg(7000, sec=10))
+    wait_for(lambda: h.node.depths[-1].header.stamp.sec == 10, "the rewound depth")
+    assert [d.header.stamp.sec for d in h.node.depths] == [10]
+
+
 def test_a_depth_arriving_after_its_image_is_still_used(harness):
     # A depth stream exists but lags: the worker waits up to depth_max_age for the depth
     # stamped like the image rather than falling back at once.
@@ -1310,7 +1325,7 @@ def test_a_best_effort_camera_against_reliable_input_is_named_on_diagnostics(har
     except ImportError:  # Humble
         from rclpy.qos_event import PublisherEventCallbacks
 
-    h.helper.create_publisher(
+    camera = h.helper.create_publisher(
         Image,
         "image",
         QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT),
@@ -1319,6 +1334,27 @@ def test_a_best_effort_camera_against_reliable_input_is_named_on_diagnostics(har
     )
     values = wait_for_fault(h, "incompatible QoS on image")
     assert "qos.reliability: best_effort" in values["fault: incompatible QoS on image"]
+    # The fault lasts while that publisher does, not forever.
+    h.helper.destroy_publisher(camera)
+    wait_for_fault(h, "incompatible QoS on image", present=False)
+
+
+def test_camera_info_without_a_size_calibrates_the_image_as_it_arrives(harness):
+    # Some drivers leave width/height 0: K is then for the image, and must still be
+    # scaled to the network-resolution map the boxes are found on (input_size below).
+    placed = {}
+    for label, size in (("sized", (W, H)), ("unsized", (0, 0))):
+        h = harness(input_size=[H // 2, W // 2], **HAZARD_PARAMS)
+        h.listen("hazards")
+        info = camera_info()
+        info.width, info.height = size
+        h.info_pub.publish(info)
+        wait_for(lambda h=h: h.node.camera_k is not None, "camera_info")
+        h.image_pub.publish(image_msg(60))
+        wait_for(lambda h=h: h.stamped_markers(60), "the boxes")
+        first = boxes(h, 60)[0].pose.position
+        placed[label] = (first.x, first.y, first.z)
+    assert placed["unsized"] == pytest.approx(placed["sized"])
 
 
 def test_drivable_classes_must_be_classes_of_the_loaded_segmenter(harness):

@@ -92,6 +92,8 @@ NODE_NAME = "segmentation_safety"
 
 #: Depth images kept for pairing by stamp: a few frames of jitter at camera rates.
 DEPTH_BUFFER = 8
+#: A depth stamped this much before the newest buffered one means time went back.
+DEPTH_REWIND_S = 1.0
 #: Kinds of bad input remembered for /diagnostics and the warning throttle; the oldest
 #: goes when a new one comes (kinds are classes of problem, but memory stays bounded
 #: whatever a publisher sends).
@@ -458,6 +460,14 @@ class DetectorNode(Node):
             self._warn("depth/cdr", f"bad message on {self.resolve_topic_name('depth')}: {e}")
             return
         with self._depth_cond:
+            if (
+                self.depths
+                and _seconds(self.depths[-1].header.stamp) - _seconds(msg.header.stamp)
+                > DEPTH_REWIND_S
+            ):
+                # Time went back (a bag looping, a simulator reset): the buffered depths
+                # are from the future now and would make every image stop waiting.
+                self.depths.clear()
             self.depths.append(msg)
             self._depth_cond.notify_all()
 
@@ -483,15 +493,37 @@ class DetectorNode(Node):
             from rclpy.qos_event import SubscriptionEventCallbacks  # Humble
         return SubscriptionEventCallbacks(incompatible_qos=lambda e: self._on_qos(name, e))
 
+    def _qos_topic(self, name: str) -> str:
+        return self._image_topic() if name == "image" else self.resolve_topic_name(name)
+
     def _on_qos(self, name: str, event: Any) -> None:
         text = (
-            f"a publisher on {self.resolve_topic_name(name)} offers QoS incompatible with "
+            f"a publisher on {self._qos_topic(name)} offers QoS incompatible with "
             f"ours (qos.reliability {self.params.qos_reliability}; last policy kind "
             f"{getattr(event, 'last_policy_kind', '?')}): its messages never arrive. A "
             "best_effort publisher needs qos.reliability: best_effort"
         )
         if self._set_fault(FAULT_QOS.format(name), text):
             self.get_logger().warning(text)
+
+    def _recheck_qos(self) -> None:
+        """Clear a QoS fault once no publisher on its topic offers less than we ask.
+
+        The middleware reports an incompatible publisher when it appears, never when it
+        goes; the fault lasts while one is there (a reliable subscription cannot match a
+        best_effort publisher, the mismatch that occurs in practice)."""
+        if self.params.qos_reliability != "reliable":
+            return
+        for name in ("image", "depth"):
+            fault = FAULT_QOS.format(name)
+            if fault not in self.faults:
+                continue
+            infos = self.get_publishers_info_by_topic(self._qos_topic(name))
+            if not any(i.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT for i in infos):
+                if self._clear_fault(fault):
+                    self.get_logger().info(
+                        f"{self._qos_topic(name)}: no incompatible publisher now"
+                    )
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         result = check_parameters(params)
@@ -519,6 +551,7 @@ class DetectorNode(Node):
 
     def _publish_diagnostics(self) -> None:
         self._watch_input()
+        self._recheck_qos()
         with self._faults_lock:
             faults, problems = dict(self.faults), dict(self.problems)
         status = diagnostic_status(
@@ -759,7 +792,10 @@ class DetectorNode(Node):
         camera = self.camera_k
         if r.anomaly_net is not None and camera is not None:
             h, w = r.anomaly_net.shape
-            k = markers.scale_intrinsics(camera[0], camera[1], (w, h))
+            # A camera_info without width/height (some drivers leave them 0) calibrates
+            # the image as it arrives; K must still be scaled to the network's map.
+            info_size = camera[1] if all(camera[1]) else (image_size[1], image_size[0])
+            k = markers.scale_intrinsics(camera[0], info_size, (w, h))
             min_pixels = p.hazard_min_pixels * (h * w) / (image_size[0] * image_size[1])
             regions = markers.hazard_regions(r.anomaly_net, self.threshold(p), min_pixels)
             if p.use_depth and regions:
