@@ -1339,6 +1339,19 @@ def test_a_best_effort_camera_against_reliable_input_is_named_on_diagnostics(har
     wait_for_fault(h, "incompatible QoS on image", present=False)
 
 
+def test_a_camera_info_for_another_frame_is_named(harness):
+    h = harness(**HAZARD_PARAMS)
+    h.listen("hazards")
+    info = camera_info()
+    info.header.frame_id = "other_camera"  # the images are in camera_optical
+    h.info_pub.publish(info)
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    h.image_pub.publish(image_msg(61))
+    wait_for(lambda: h.stamped_markers(61), "the boxes")
+    text = h.node.problems["camera_info/frame_id"]
+    assert "'other_camera'" in text and "'camera_optical'" in text
+
+
 def test_camera_info_without_a_size_calibrates_the_image_as_it_arrives(harness):
     # Some drivers leave width/height 0: K is then for the image, and must still be
     # scaled to the network-resolution map the boxes are found on (input_size below).

@@ -343,6 +343,7 @@ class DetectorNode(Node):
         self.faults: dict[str, str] = {}  # active fault name -> what and why
         self._faults_lock = threading.Lock()
         self.camera_k: tuple[np.ndarray, tuple[int, int]] | None = None
+        self.camera_frame = ""  # camera_info's frame_id
         self.marker_pool = markers.MarkerPool()  # the compute thread's, published at once
         self.depths: deque[cdr.RawImage] = deque(maxlen=DEPTH_BUFFER)
         self._depth_cond = threading.Condition()
@@ -484,6 +485,7 @@ class DetectorNode(Node):
         if self._clear_fault(FAULT_CAMERA_INFO):
             self.get_logger().info(f"{topic}: valid camera_info again, hazard markers resume")
         self.camera_k = (k, (msg.width, msg.height))
+        self.camera_frame = msg.header.frame_id
 
     def _qos_events(self, name: str) -> Any:
         """Subscription events that report a publisher whose QoS cannot match ours."""
@@ -796,6 +798,12 @@ class DetectorNode(Node):
             # the image as it arrives; K must still be scaled to the network's map.
             info_size = camera[1] if all(camera[1]) else (image_size[1], image_size[0])
             k = markers.scale_intrinsics(camera[0], info_size, (w, h))
+            if self.camera_frame and header.frame_id and self.camera_frame != header.frame_id:
+                self._warn(
+                    "camera_info/frame_id",
+                    f"camera_info is for frame {self.camera_frame!r}, the images are in "
+                    f"{header.frame_id!r}: hazard markers use its K for the images' frame",
+                )
             min_pixels = p.hazard_min_pixels * (h * w) / (image_size[0] * image_size[1])
             regions = markers.hazard_regions(r.anomaly_net, self.threshold(p), min_pixels)
             if p.use_depth and regions:
