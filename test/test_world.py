@@ -303,6 +303,21 @@ def test_a_failed_render_leaves_the_old_world(tmp_path: Path, monkeypatch) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gtFine", "leftImg8bit", "world.json"]
 
 
+def test_a_kill_while_worlds_are_swapped_puts_the_old_one_back(tmp_path: Path) -> None:
+    size = dict(height=32, width=64, val=0, anomaly=0, sequences=0, negatives=0, progress=False)
+    write_world(tmp_path, train=2, **size)
+    before = _files(tmp_path)
+    # As a kill mid-swap leaves it: world.json and leftImg8bit/ moved aside already.
+    aside = tmp_path / writer._REPLACED
+    aside.mkdir()
+    for name in ("world.json", "leftImg8bit"):
+        (tmp_path / name).rename(aside / name)
+    (tmp_path / writer._STAGING).mkdir()  # the new world, not moved in yet
+    with pytest.raises(InvalidArgumentError, match="not empty"):
+        write_world(tmp_path, train=1, **size)  # no --force: refused, the old world back
+    assert _files(tmp_path) == before
+
+
 def test_force_replaces_a_world_and_nothing_else(tmp_path: Path) -> None:
     size = dict(height=32, width=64, val=0, anomaly=0, sequences=0, negatives=0, progress=False)
     # leftImg8bit/ without world.json: someone's dataset, not a world to replace.

@@ -282,6 +282,13 @@ def _prepare_out(out: Path, force: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InvalidArgumentError(f"--out {out}: cannot create it ({e.strerror})") from e
+    replaced = out / _REPLACED
+    if replaced.is_dir() and not is_world(out):
+        # A kill while the last run swapped worlds in: the old world is put back whole
+        # (a new one that had not arrived yet is in the staging folder, removed below).
+        for name in WORLD_ENTRIES:
+            if (replaced / name).exists() and not (out / name).exists():
+                (replaced / name).rename(out / name)
     for name in (_STAGING, _REPLACED):
         shutil.rmtree(out / name, ignore_errors=True)
     present = sorted(p.name for p in out.iterdir())
