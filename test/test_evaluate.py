@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from segmentation_safety.checkpoint import save_bundle
 from segmentation_safety.detectors import Detector, registry
@@ -213,6 +215,33 @@ def test_perfect_detector_scores_ap_one_fpr95_zero():
     assert result.fpr95 == pytest.approx(0.0)
     assert result.auroc == pytest.approx(1.0)
     assert report.miou is None and "segmentation" not in report_json(report)
+
+
+class _NonFiniteOracle(_RedOracle):
+    """The red oracle's map at the network's resolution, a few pixels overflowed."""
+
+    name: ClassVar[str] = "test_non_finite_oracle"
+
+    def forward(self, out: SegmenterOutput) -> DetectorOutput:
+        score = super().forward(out).anomaly
+        score = nn.functional.avg_pool2d(score[:, None], 4)[:, 0]  # coarser than the labels
+        score[:, 0, 0] = -math.inf  # a corner: bilinear gives its neighbours weight 0
+        score[:, -1, -1] = math.inf
+        score[:, 0, -1] = math.nan
+        return DetectorOutput(anomaly=score)
+
+
+def test_non_finite_scores_rank_at_the_ends_instead_of_stopping_the_evaluation():
+    # Upsampling spreads 0 * inf = NaN over the border; the metrics refuse NaN. NaN and
+    # +inf rank as the most anomalous (as the node counts NaN), -inf as the least.
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    pipeline = Pipeline(
+        seg, {"oracle": _NonFiniteOracle(seg)}, PipelineConfig(anomaly=None, device="cpu")
+    )
+    samples = [{"image": _scene(i)[0], "anomaly": _scene(i)[2]} for i in range(2)]
+    report = evaluate(pipeline, samples, dataset="oracle", metrics_mode="exact", progress=False)
+    result = report.detectors["oracle"].anomaly
+    assert 0.0 < result.ap <= 1.0 and 0.0 <= result.fpr95 <= 1.0
 
 
 def test_registered_fake_detector_runs_through_the_command(

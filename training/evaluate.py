@@ -165,14 +165,14 @@ class MetricAccumulators:
         for name, out in outputs.items():
             kinds = self.produces.get(name, frozenset())
             if anomaly is not None and "anomaly" in kinds and out.anomaly is not None:
-                score = _upsample(out.anomaly.float(), size).cpu().numpy()
+                score = _upsample(finite_scores(out.anomaly.float()), size).cpu().numpy()
                 self._anomaly(name).update(score, anomaly)
                 if label is not None and name in self.open_thresholds:
                     self._open_set(name, pred, score, label, anomaly)
             if label is None:
                 continue
             if "failure" in kinds and out.failure is not None:
-                score = _upsample(out.failure.float(), size).cpu().numpy()
+                score = _upsample(finite_scores(out.failure.float()), size).cpu().numpy()
                 self._failure(name).update(score, pred, label)
             if "class_iou" in kinds and out.class_iou is not None:
                 true = per_image_class_iou(pred, label, self.num_classes)
@@ -443,6 +443,21 @@ def _batches(samples: Iterable[dict], batch_size: int) -> Iterator[list[dict]]:
         batch.append(s)
     if batch:
         yield batch
+
+
+#: Where non-finite scores go before a map is resized (see finite_scores).
+SCORE_BOUND = 1e30
+
+
+def finite_scores(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with NaN and +inf at +SCORE_BOUND, -inf at -SCORE_BOUND.
+
+    Bilinear resizing gives a border neighbour weight 0, and 0·inf is NaN: one inf pixel
+    (an fp16 overflow, a log-density of -inf) would spread NaN and stop the evaluation.
+    NaN ranks as the most anomalous, as the node's alarm counts it (decisions.md); the
+    bound stays far above any real score and below float32's overflow when interpolated.
+    """
+    return torch.nan_to_num(t, nan=SCORE_BOUND, posinf=SCORE_BOUND, neginf=-SCORE_BOUND)
 
 
 def _upsample(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
