@@ -307,12 +307,15 @@ def test_a_kill_while_worlds_are_swapped_puts_the_old_one_back(tmp_path: Path) -
     size = dict(height=32, width=64, val=0, anomaly=0, sequences=0, negatives=0, progress=False)
     write_world(tmp_path, train=2, **size)
     before = _files(tmp_path)
-    # As a kill mid-swap leaves it: world.json and leftImg8bit/ moved aside already.
+    # As a kill mid-swap leaves it: the old entries moved aside (world.json first), one
+    # entry of the new world moved in already, the rest still staged.
     aside = tmp_path / writer._REPLACED
     aside.mkdir()
-    for name in ("world.json", "leftImg8bit"):
+    for name in ("world.json", "leftImg8bit", "gtFine"):
         (tmp_path / name).rename(aside / name)
-    (tmp_path / writer._STAGING).mkdir()  # the new world, not moved in yet
+    (tmp_path / "leftImg8bit" / "new").mkdir(parents=True)
+    (tmp_path / "leftImg8bit" / "new" / "x.png").write_bytes(b"new")
+    (tmp_path / writer._STAGING / "gtFine").mkdir(parents=True)
     with pytest.raises(InvalidArgumentError, match="not empty"):
         write_world(tmp_path, train=1, **size)  # no --force: refused, the old world back
     assert _files(tmp_path) == before

@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
 
     def progress(stage: str, done: int, total: int) -> None:
         unit = "frame" if stage == "replay" else "trial"
-        bar = bars.setdefault(stage, tqdm(total=total, desc=stage, unit=unit, file=sys.stderr))
+        if stage not in bars:  # one bar a stage (a default argument would be built each call)
+            bars[stage] = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr)
+        bar = bars[stage]
         bar.update(done - bar.n)
         if done == total:
             bar.close()

@@ -284,10 +284,12 @@ def _prepare_out(out: Path, force: bool) -> None:
         raise InvalidArgumentError(f"--out {out}: cannot create it ({e.strerror})") from e
     replaced = out / _REPLACED
     if replaced.is_dir() and not is_world(out):
-        # A kill while the last run swapped worlds in: the old world is put back whole
-        # (a new one that had not arrived yet is in the staging folder, removed below).
+        # A kill while the last run swapped worlds (world.json moves aside first and in
+        # last): every world entry in OUT came from the new world, so the old world is
+        # put back whole in their place.
         for name in WORLD_ENTRIES:
-            if (replaced / name).exists() and not (out / name).exists():
+            _remove(out / name)
+            if (replaced / name).exists():
                 (replaced / name).rename(out / name)
     for name in (_STAGING, _REPLACED):
         shutil.rmtree(out / name, ignore_errors=True)
@@ -308,6 +310,13 @@ def _prepare_out(out: Path, force: bool) -> None:
             f"--out {out}: holds {', '.join(clashes)} but no world.json of a complete "
             "world, so --force will not replace them; choose another directory"
         )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _move_in(staging: Path, out: Path) -> None:
