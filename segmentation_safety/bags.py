@@ -318,8 +318,7 @@ class OutputBag:
     """
 
     def __init__(self, path: Path, storage: str = "sqlite3") -> None:
-        if path.exists():
-            raise BagError(f"--output-bag {path} exists already; remove it first")
+        self.check_new(path)
         self.path = path
         self.storage = storage
         self.staged = StagedBag(path)
@@ -328,6 +327,12 @@ class OutputBag:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="segsafe-bag-writer", daemon=True)
         self.thread.start()
+
+    @staticmethod
+    def check_new(path: Path) -> None:
+        """Refuse an output bag that exists (a bag is never overwritten)."""
+        if path.exists():
+            raise BagError(f"--output-bag {path} exists already; remove it first")
 
     def write(self, topic: str, msgtype: str, time_ns: int, raw: bytes) -> None:
         self.queue.put((topic, msgtype, time_ns, raw))

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from segmentation_safety.errors import UserError, report
 
@@ -44,11 +45,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Subcommands not decorated with report_user_errors end up here.
         return report(args.command, e)
     except KeyboardInterrupt:
-        hint = ""
-        if args.command == "train":  # its progress is in the checkpoint, not lost
-            hint = f": rerun with --resume to continue from {args.out}.ckpt's last checkpoint"
-        print(f"interrupted{hint}", file=sys.stderr)
+        print(f"interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """Where an interrupted training's progress is, if it wrote any (a multi-seed
+    FlowEneDet writes one checkpoint per seed)."""
+    if args.command != "train":
+        return ""
+    out = Path(args.out)
+    saved = [p for p in (Path(f"{out}.ckpt"), *out.parent.glob(f"{out.stem}.seed*.ckpt"))
+             if p.is_file()]  # fmt: skip
+    if not saved:
+        return ": no checkpoint was written yet, so a rerun starts from the beginning"
+    return f": rerun with --resume to continue from {', '.join(map(str, saved))}"
 
 
 if __name__ == "__main__":

@@ -153,6 +153,7 @@ class Harness:
         self.executor.add_node(self.helper)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
+        self.closed = False
 
     def listen(self, *topics: str) -> None:
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -180,6 +181,9 @@ class Harness:
         return [a for a in self.got["hazards"] if a.markers[0].header.stamp.sec == sec]
 
     def close(self) -> None:
+        if self.closed:  # a test may close it before the fixture does
+            return
+        self.closed = True
         self.executor.shutdown(timeout_sec=2.0)
         # The spin ends before the nodes go, as in replay: a spin still building its wait
         # set met an event handler being destroyed (InvalidHandle in the thread, seen in CI).
@@ -486,7 +490,7 @@ def _bad_inputs():
 
 
 def test_bad_input_is_refused_by_name_and_the_node_keeps_answering(harness, capfd):
-    h = harness(max_pixels=H * W)
+    h = harness(max_pixels=H * W, warn_throttle_sec=3600.0)  # throttled: not a race with time
     h.listen("segmentation")
     for i, (label, (msg, words)) in enumerate(_bad_inputs().items()):
         rejected = h.node.stats.snapshot().rejected
@@ -1237,7 +1241,7 @@ def test_depth_out_of_sync_falls_back_to_the_ground_and_says_so(harness):
 def test_waiting_for_depth_holds_neither_another_node_nor_shutdown(harness):
     # Node A waits up to depth_max_age for a depth image that never comes (its only one
     # is older); node B, in the same process, shares the compute thread.
-    a = harness(use_depth=True, depth_max_age=8.0, **HAZARD_PARAMS)
+    a = harness(use_depth=True, depth_max_age=10.0, **HAZARD_PARAMS)  # the longest allowed
     b = harness()
     depth_pub = a.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
     a.listen("safety", "hazards")
@@ -1252,11 +1256,13 @@ def test_waiting_for_depth_holds_neither_another_node_nor_shutdown(harness):
     b.image_pub.publish(image_msg(51))
     wait_for(lambda: b.stamped("segmentation", 51), "B's answer while A waits for depth")
     assert not a.stamped_markers(50)  # A is still waiting: it never held B up
-    # Stopping A wakes its wait at once (a shutdown is not a frame failure).
+    # Stopping A wakes its wait at once (the executor first, as in any shut-down; a
+    # shutdown is neither a frame failure nor a depth fault).
     worker = a.node.worker
-    a.node.destroy_node()
+    a.close()
     assert not worker.is_alive()
     assert not any(k.startswith(("processing/", "markers/")) for k in a.node.problems)
+    assert not a.node.faults
 
 
 def test_depth_stamps_going_back_drop_the_depths_from_the_future(harness):

@@ -332,6 +332,23 @@ def test_densehybrid_in_a_models_dir_names_the_fine_tuned_segmenter(
     assert pipe.process(np.zeros((H, W, 3), np.uint8)).anomaly.shape == (H, W)
 
 
+def test_ctrl_c_says_where_the_progress_is(world: Path, tmp_path: Path, monkeypatch, capsys):
+    from segmentation_safety.cli import main as segsafe
+    from training import train_segmenter
+
+    def interrupted(config, args):  # noqa: ANN001, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_segmenter, "train", interrupted)
+    out = tmp_path / "seg.safetensors"
+    argv = ["train", "segmenter", "--data", str(world), "--out", str(out)]
+    assert segsafe(argv) == 130
+    assert "no checkpoint was written yet" in capsys.readouterr().err
+    Path(f"{out}.ckpt").write_bytes(b"x")
+    assert segsafe([*argv, "--resume"]) == 130
+    assert f"--resume to continue from {out}.ckpt" in capsys.readouterr().err
+
+
 def test_bad_config_key_and_data_dir_are_named(world: Path, tmp_path: Path, capsys):
     bad = write_config(tmp_path / "bad.yaml", lr_rate=0.1)
     assert train("segmenter", world, tmp_path / "x.safetensors", bad) == 2

@@ -3,8 +3,8 @@
 Images are published at the bag's timing divided by --rate; latency is measured on a
 monotonic clock from publish to receipt of the node's `safety` output (matched by header
 stamp). T.json: frames_sent, frames_processed, frames_dropped (skipped by the node for a
-newer frame), frames_rejected (refused as bad input), rate_hz, latency_ms
-{p50, p95, p99, max}, plus anomaly metrics where the bag has ground truth and the rate
+newer frame), frames_rejected (refused as bad input or failed in the node), rate_hz,
+latency_ms {p50, p95, p99, max}, plus anomaly metrics where the bag has ground truth and the rate
 search with --find-max-rate. `breakdown` splits the latency by stage from the node's
 SafetyFrame timings (transport_in, queue, decode, preprocess, segmenter, detectors,
 postprocess, publish, other, transport_out; mean and p50 in ms) and gives the node
@@ -77,6 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from segmentation_safety.bags import OutputBag
     from segmentation_safety.ros.detector_node import TOPICS
     from segmentation_safety.ros.replay import ReplayOptions, replay
     from segmentation_safety.ros.replay_report import format_breakdown, save_overlays, write_report
@@ -89,10 +90,8 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"--outputs: unknown {unknown}; known: {', '.join(TOPICS)}")
         if args.overlays is not None:
             outputs |= {"hazard_overlay"}
-    if args.output_bag is not None and args.output_bag.exists():  # before the node starts
-        raise InvalidArgumentError(
-            f"--output-bag {args.output_bag} exists already; remove it first"
-        )
+    if args.output_bag is not None:
+        OutputBag.check_new(args.output_bag)  # before the node starts, not after
     parameters = parse_params(args.param)
     options = ReplayOptions(
         parameters=parameters,
@@ -135,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     print(
         f"frames sent {d['frames_sent']}, processed {d['frames_processed']}, dropped "
-        f"{d['frames_dropped']}, refused as bad input {d['frames_rejected']}; latency ms "
+        f"{d['frames_dropped']}, refused or failed {d['frames_rejected']}; latency ms "
         f"p50 {fmt(lat['p50'])} p95 {fmt(lat['p95'])} p99 {fmt(lat['p99'])} "
         f"max {fmt(lat['max'])}"
     )

@@ -342,9 +342,11 @@ class DetectorNode(Node):
         self.problems: dict[str, str] = {}  # newest message per kind of bad input
         self.faults: dict[str, str] = {}  # active fault name -> what and why
         self._faults_lock = threading.Lock()
-        self.camera_k: tuple[np.ndarray, tuple[int, int]] | None = None
-        self.camera_frame = ""  # camera_info's frame_id
-        self.marker_pool = markers.MarkerPool()  # the compute thread's, published at once
+        # (K, (width, height), frame_id) of the newest valid camera_info, replaced whole:
+        # the compute thread reads it while the executor's callback writes it.
+        self.camera_k: tuple[np.ndarray, tuple[int, int], str] | None = None
+        # Used by one thread only: the compute thread, or with use_depth the worker.
+        self.marker_pool = markers.MarkerPool()
         self.depths: deque[cdr.RawImage] = deque(maxlen=DEPTH_BUFFER)
         self._depth_cond = threading.Condition()
         self._last_frame_at = time.monotonic()
@@ -397,6 +399,7 @@ class DetectorNode(Node):
         self._stop = threading.Event()
         self._params_changed = threading.Event()  # wakes a worker pacing max_rate
         self._after_frame: Callable[[], None] | None = None  # set by _handle, run by _work
+        self._qos_seen: set[str] = set()  # inputs whose incompatible publisher was listed
         image_topic, image_type = INPUTS[p.input_transport]
         self.image_sub = self.create_subscription(
             image_type,
@@ -484,8 +487,7 @@ class DetectorNode(Node):
             return
         if self._clear_fault(FAULT_CAMERA_INFO):
             self.get_logger().info(f"{topic}: valid camera_info again, hazard markers resume")
-        self.camera_k = (k, (msg.width, msg.height))
-        self.camera_frame = msg.header.frame_id
+        self.camera_k = (k, (msg.width, msg.height), msg.header.frame_id)
 
     def _qos_events(self, name: str) -> Any:
         """Subscription events that report a publisher whose QoS cannot match ours."""
@@ -518,10 +520,17 @@ class DetectorNode(Node):
             return
         for name in ("image", "depth"):
             fault = FAULT_QOS.format(name)
-            if fault not in self.faults:
+            with self._faults_lock:
+                active = fault in self.faults
+            if not active:
                 continue
             infos = self.get_publishers_info_by_topic(self._qos_topic(name))
-            if not any(i.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT for i in infos):
+            if any(i.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT for i in infos):
+                self._qos_seen.add(name)
+            elif name in self._qos_seen:
+                # Listed in the graph once and gone now. The graph and the QoS event come
+                # from separate discovery: a publisher not listed yet clears nothing.
+                self._qos_seen.discard(name)
                 if self._clear_fault(fault):
                     self.get_logger().info(
                         f"{self._qos_topic(name)}: no incompatible publisher now"
@@ -637,6 +646,8 @@ class DetectorNode(Node):
                     # Keyed by exception type: one recurring failure must not hide another.
                     kind = f"processing/{type(e).__name__}"
                     self._warn(kind, f"frame failed: {type(e).__name__}: {e}")
+            finally:
+                self._after_frame = None  # a frame that failed must not leave its boxes
             self.stats.on_finished(latency, unheard=unheard)
             self._pace(started)
 
@@ -798,10 +809,10 @@ class DetectorNode(Node):
             # the image as it arrives; K must still be scaled to the network's map.
             info_size = camera[1] if all(camera[1]) else (image_size[1], image_size[0])
             k = markers.scale_intrinsics(camera[0], info_size, (w, h))
-            if self.camera_frame and header.frame_id and self.camera_frame != header.frame_id:
+            if camera[2] and header.frame_id and camera[2] != header.frame_id:
                 self._warn(
                     "camera_info/frame_id",
-                    f"camera_info is for frame {self.camera_frame!r}, the images are in "
+                    f"camera_info is for frame {camera[2]!r}, the images are in "
                     f"{header.frame_id!r}: hazard markers use its K for the images' frame",
                 )
             min_pixels = p.hazard_min_pixels * (h * w) / (image_size[0] * image_size[1])
@@ -845,6 +856,8 @@ class DetectorNode(Node):
         """Depth (metres, at ``shape``) for the image with ``header``; None = use the ground."""
         stamp = _seconds(header.stamp)
         msg = self._nearest_depth(stamp, p.depth_max_age)
+        if self._stop.is_set():  # woken by shutdown: no fault to report, nothing to place
+            return None
         topic = self.resolve_topic_name("depth")
         if msg is None:
             text = f"use_depth is set but no depth image on {topic}: markers on the flat ground"

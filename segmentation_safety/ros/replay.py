@@ -205,7 +205,7 @@ class Collector(Node):
         return next((s for s in msg.status if s.hardware_id.startswith(self.namespace)), None)
 
     def rejected(self) -> int:
-        """Frames the node has refused as bad input, as of its newest status."""
+        """Frames the node refused as bad input or failed on, as of its newest status."""
         with self.cond:
             return int(self.node_status.get("frames_rejected", 0))
 
@@ -259,8 +259,8 @@ class Trial:
     def frames_processed(self) -> int:
         return len(self.answered)
 
-    #: Frames the node refused as bad input (its /diagnostics count): not answered, but
-    #: not dropped either.
+    #: Frames the node refused as bad input or failed on (its /diagnostics count): not
+    #: answered, but not dropped either.
     rejected: int = 0
 
     @property

@@ -193,7 +193,7 @@ def plot_latency(
     unanswered = [s for s in trial.sent if s not in trial.answered]
     if unanswered and trial.sent:
         t0 = next(iter(trial.sent.values()))
-        label = f"not answered ({trial.frames_dropped} dropped, {trial.rejected} refused)"
+        label = f"not answered ({trial.frames_dropped} dropped, {trial.rejected} refused or failed)"
         ax1.plot([trial.sent[s] - t0 for s in unanswered], [0] * len(unanswered), "rx",
                  label=label)  # fmt: skip
         ax1.legend()
