@@ -1340,7 +1340,9 @@ def test_a_best_effort_camera_against_reliable_input_is_named_on_diagnostics(har
     )
     values = wait_for_fault(h, "incompatible QoS on image")
     assert "qos.reliability: best_effort" in values["fault: incompatible QoS on image"]
-    # The fault lasts while that publisher does, not forever.
+    # The fault lasts while that publisher does, not forever (once the node has seen it
+    # listed in the graph, which discovery may report after the QoS event).
+    wait_for(lambda: "image" in h.node._qos_seen, "the camera listed in the graph")
     h.helper.destroy_publisher(camera)
     wait_for_fault(h, "incompatible QoS on image", present=False)
 
