@@ -345,3 +345,18 @@ def test_segment_metrics_size_limits_and_streaming():
     single = SegmentMetrics(threshold=0.5, min_pred_size=0, min_gt_size=0)
     single.update(scores, voided)
     assert single.compute().num_gt == 1
+
+
+def test_class_maps_must_be_integers_and_iou_predictions_in_the_unit_interval():
+    # A float 0.5 would count as class 0 and a NaN label wrap around into class 0.
+    cm = ConfusionMatrix(3)
+    labels = np.array([[0, 1], [2, 1]], np.uint8)
+    for bad in (labels.astype(np.float32) + 0.5, np.full((2, 2), np.nan)):
+        with pytest.raises(ValueError, match="integer class ids"):
+            cm.update(bad, labels)
+        with pytest.raises(ValueError, match="integer class ids"):
+            cm.update(labels, bad)
+    # The report clips metrics to [0, 1]: an IoU of 5 would be hidden there.
+    metric = IoUPredictionMetrics(2)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], got \[5.0\]"):
+        metric.update(np.array([5.0, 0.5]), np.array([0.4, 0.5]))

@@ -89,6 +89,9 @@ class IoUPredictionMetrics:
         valid = ~np.isnan(true)
         if np.isnan(predicted[valid]).any():
             raise ValueError("predicted IoU contains NaN where the true IoU is valid")
+        outside = predicted[valid][(predicted[valid] < 0) | (predicted[valid] > 1)]
+        if outside.size:  # the report clips metrics to [0, 1]: it would hide them
+            raise ValueError(f"predicted IoU must lie in [0, 1], got {outside[:5].tolist()}")
         self._pred.append(predicted[valid])
         self._true.append(true[valid])
         self._cls.append(np.nonzero(valid)[1])

@@ -25,6 +25,9 @@ def confusion_counts(
     """
     pred, label = to_numpy(pred), to_numpy(label)
     check_same_shape(pred, label, ("pred", "label"))
+    for values, what in ((pred, "predictions"), (label, "labels")):
+        if not np.issubdtype(values.dtype, np.integer):  # 0.5 or NaN would become class 0
+            raise ValueError(f"{what} must be integer class ids, got {values.dtype}")
     check_class_range(label, num_classes, "labels", ignore_index)
     valid = label != ignore_index
     pred_valid = pred[valid].astype(np.int64)
