@@ -345,15 +345,15 @@ def test_lowering_max_rate_and_raising_it_again_takes_effect_at_once(harness):
 
 def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
     h = harness(safety_embeds_maps=False)
-    asked = []
+    asked, results = [], []
     process = h.node.pipeline.process_frame
-    monkeypatch.setattr(
-        h.node.pipeline,
-        "process_frame",
-        lambda rgb, outputs, render: (
-            asked.append((set(outputs), render)) or process(rgb, outputs, render)
-        ),
-    )
+
+    def spy(rgb, outputs, render):
+        asked.append((set(outputs), render))
+        results.append(process(rgb, outputs, render))
+        return results[-1]
+
+    monkeypatch.setattr(h.node.pipeline, "process_frame", spy)
     wait_for(lambda: h.image_pub.get_subscription_count() > 0, "discovery")
     h.image_pub.publish(image_msg(1))
     wait_for(lambda: h.node.stats.snapshot().unheard == 1, "the unheard frame")
@@ -365,6 +365,11 @@ def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
     outputs, render = asked[-1]
     assert outputs == set()  # labels only: no detector ran
     assert render.labels and not (render.color or render.overlay or render.maps)
+    # Nor the alarm (only `safety` carries it), the open-set map or the hazards' map.
+    assert render.alarm is None and render.open_set is None and not render.anomaly_net
+    r = results[-1]
+    assert r.labels is not None and r.alarm is None
+    assert r.open_set is None and r.anomaly_net is None and r.overlay is None
     # `safety` alone, without embedded maps: the alarm is counted, no map is rendered.
     h.listen("safety")
     h.image_pub.publish(image_msg(3))
@@ -372,6 +377,13 @@ def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
     outputs, render = asked[-1]
     assert render.alarm == (0,) and render.maps == frozenset()
     assert not (render.color or render.overlay)
+    # The anomaly map is computed for the alarm, yet neither the open-set segmentation
+    # (the tiny bundle has an operating point it could use) nor the markers' map is made.
+    assert render.open_set is None and not render.anomaly_net
+    r = results[-1]
+    assert r.alarm is not None and math.isfinite(r.alarm.mean_failure)
+    assert r.open_set is None and r.anomaly_net is None
+    assert r.anomaly is None and r.failure is None  # not embedded, not subscribed
     frame = h.stamped("safety", 3)[0]
     assert frame.anomaly.height == 0 and frame.failure.height == 0
     assert frame.anomaly_detector == "max_softmax"
