@@ -128,7 +128,10 @@ def alarm_counts(
     # A NaN score compares false: anomalous. A NaN threshold would also turn the -inf
     # outside the area anomalous; it flags the whole area instead.
     bad = n_area if math.isnan(threshold) else torch.count_nonzero(~(scores <= threshold))
-    top = scores.nan_to_num_(nan=float("-inf"), posinf=float("-inf")).amax()
+    # neginf too: left unset, nan_to_num turns -inf (the pixels outside the area) into the
+    # lowest float32, which became the "maximum" of an area without a finite score.
+    inf = float("-inf")
+    top = scores.nan_to_num_(nan=inf, posinf=inf, neginf=inf).amax()
     n_area, bad, max_score = torch.stack([n_area.double(), bad.double(), top.double()]).tolist()
     if max_score == float("-inf"):
         max_score = float("nan")

@@ -253,6 +253,23 @@ def test_alarm_counts_match_a_plain_count_over_the_corridor():
     assert np.isclose(c.mean_failure, np.nanmean(failure)) and np.isnan(c.max_score)
 
 
+def test_alarm_max_score_is_nan_when_the_area_has_no_finite_score():
+    # Road on two rows, a building on the third; the map has no finite value on the road
+    # (a NaN map, or infinities) and a finite one on the building, outside the area.
+    labels = torch.zeros(3, 4, dtype=torch.uint8)
+    labels[2] = 2
+    for fill in (float("nan"), float("inf"), float("-inf")):
+        anomaly = torch.full((3, 4), fill)
+        anomaly[2] = 7.0
+        c = render.alarm_counts(labels, anomaly, None, 0.5, (0,), region="drivable")
+        assert c.area_pixels == 8 and np.isnan(c.max_score), (fill, c)
+        assert c.anomalous_pixels == (0 if fill == float("-inf") else 8)
+    # One finite score among them is the maximum, however low.
+    anomaly[1, 2] = -1e30
+    c = render.alarm_counts(labels, anomaly, None, 0.5, (0,), region="drivable")
+    assert c.max_score == np.float32(-1e30)
+
+
 def test_overlay_range_equals_numpy_percentiles_on_any_size():
     rng = np.random.default_rng(5)
     for n in (1, 2, 3, 7, 100, 4099):
