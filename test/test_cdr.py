@@ -106,3 +106,23 @@ def test_raw_image_reads_the_fields_and_views_the_pixels():
     assert isinstance(got.data, memoryview) and got.data.obj is raw  # a view, not a copy
     with pytest.raises(cdr.CdrError):
         cdr.RawImage(raw[:-1])
+
+
+def test_a_sequence_of_doubles_is_aligned_to_8_both_ways():
+    # The generic writer and reader claim any message of known field types. After the
+    # empty layout (two uint32s) and the data's length, the doubles start at offset 12,
+    # which CDR pads to 16; a float32 sequence (SafetyFrame's only one) never needs it.
+    from std_msgs.msg import Float64MultiArray, MultiArrayDimension
+
+    msg = Float64MultiArray(data=[1.5, -2.25, 1e300])
+    raw = serialize_message(msg)
+    assert len(raw) == 4 + 16 + 3 * 8  # encapsulation, then the padded payload
+    assert deserialize_message(cdr.serialize(msg), Float64MultiArray) == msg
+    ours = cdr.serialize(msg)  # the same layout; rclpy's padding bytes are not zeroed
+    assert len(ours) == len(raw) and ours[:16] + ours[20:] == raw[:16] + raw[20:]
+    assert cdr.read_fields(raw, Float64MultiArray, {"data"})["data"] == [1.5, -2.25, 1e300]
+    # A label of 1 character moves the lengths: padding after it is 4-aligned, then 8.
+    msg.layout.dim = [MultiArrayDimension(label="x", size=3, stride=3)]
+    raw = serialize_message(msg)
+    assert deserialize_message(cdr.serialize(msg), Float64MultiArray) == msg
+    assert cdr.read_fields(raw, Float64MultiArray, {"data"})["data"] == [1.5, -2.25, 1e300]
