@@ -359,6 +359,31 @@ def test_frame_breakdown_splits_the_latency_and_the_overhead():
     assert frame_breakdown(110.0, {"decode": 1.0}) is None  # no timings: no breakdown
 
 
+def test_latency_percentiles_and_trial_counts_by_hand():
+    from segmentation_safety.ros.replay import Trial
+    from segmentation_safety.ros.replay_report import latency_summary
+
+    # 0, 1, ..., 100 ms in shuffled order: the k-th percentile is k ms exactly.
+    values = [float((37 * i) % 101) for i in range(101)]
+    assert sorted(values) == [float(i) for i in range(101)]
+    got = latency_summary(values)
+    assert got == {"p50": 50.0, "p95": 95.0, "p99": 99.0, "max": 100.0, "mean": 50.0}
+    assert set(latency_summary([]).values()) == {None}  # nothing answered: JSON null
+    # 5 frames sent 0.25 s apart (4 Hz); frames 2 and 4 answered 30 and 10 ms later,
+    # one refused by the node: the other two were dropped.
+    sent = {s: 10.0 + 0.25 * i for i, s in enumerate((1, 2, 3, 4, 5))}
+    trial = Trial(sent, {4: sent[4] + 0.010, 2: sent[2] + 0.030}, rejected=1)
+    assert (trial.frames_sent, trial.frames_processed, trial.frames_dropped) == (5, 2, 2)
+    assert trial.drop_fraction == pytest.approx(2 / 5)
+    assert trial.input_rate_hz() == pytest.approx(4.0)
+    # In send order, timed from the first publish.
+    assert trial.latencies_ms() == [
+        (pytest.approx(0.25), pytest.approx(30.0)),
+        (pytest.approx(0.75), pytest.approx(10.0)),
+    ]
+    assert math.isnan(Trial({1: 0.0}, {}).input_rate_hz())
+
+
 def test_the_summary_judges_the_nodes_own_work_against_the_budget():
     from segmentation_safety.ros.replay import Trial
     from segmentation_safety.ros.replay_report import breakdown_summary, format_breakdown
