@@ -569,6 +569,44 @@ def test_diagnostics_say_why_no_frame_was_processed():
     assert status(received=5, unheard=5).message.startswith("no output is subscribed")
 
 
+def test_diagnostics_window_percentiles_rate_and_staleness_by_hand():
+    import time
+
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    from segmentation_safety.ros.diagnostics import FrameStats, diagnostic_status
+
+    stats = FrameStats(window=21)
+    t0 = time.monotonic() - 100.0
+    # A 1000 ms frame that leaves the window, then 0..20 ms shuffled, one every 0.5 s.
+    latencies = [1000.0] + [float((8 * i) % 21) for i in range(21)]
+    for i, ms in enumerate(latencies):
+        stats.on_received(replaced_pending=False)
+        stats.on_finished(ms, now=t0 + 0.5 * i)
+    stats.on_received(False)
+    stats.on_received(True)  # replaced the pending frame: dropped
+    stats.on_finished(None)  # the newer one was refused
+    stats.on_received(False)
+    stats.on_finished(None, unheard=True)
+    s = stats.snapshot()
+    assert (s.received, s.processed, s.dropped, s.rejected, s.unheard, s.in_flight) == (
+        25, 22, 1, 1, 1, 0)  # fmt: skip
+    assert s.received == s.processed + s.dropped + s.rejected + s.unheard + s.in_flight
+    # The window holds 0..20: the k-th percentile is k ms; 20 intervals over 10 s: 2 Hz.
+    assert (s.latency_p50_ms, s.latency_p95_ms, s.latency_max_ms) == (10.0, 19.0, 20.0)
+    assert s.rate_hz == pytest.approx(2.0)
+    assert 89.0 < s.idle_s < 95.0  # the last frame finished at t0 + 10.5 s
+    stale = diagnostic_status("n", "id", s, "cpu", stale_after_s=5.0)
+    assert stale.level == DiagnosticStatus.WARN
+    assert stale.message.startswith("no frame processed for ")
+    assert 89.0 < float(stale.message.split()[-2]) < 95.0  # "... for 89.5 s"
+    values = {kv.key: kv.value for kv in stale.values}
+    assert values["latency_p95_ms"] == "19.00" and values["rate_hz"] == "2.00"
+    assert values["frames_dropped"] == "1" and values["frames_rejected"] == "1"
+    fresh = diagnostic_status("n", "id", s, "cpu", stale_after_s=1000.0)
+    assert (fresh.level, fresh.message) == (DiagnosticStatus.OK, "processing")
+
+
 def test_parameters_are_checked_at_run_time_by_name(harness):
     h = harness()
     refused = {
