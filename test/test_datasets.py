@@ -13,7 +13,13 @@ import pytest
 from PIL import Image
 
 from segmentation_safety.errors import MissingFileError
-from segmentation_safety.labels import LABEL_TO_TRAIN, label_ids_to_train_ids
+from segmentation_safety.labels import (
+    LABEL_TO_TRAIN,
+    TRAIN_NAMES,
+    TRAIN_PALETTE,
+    label_ids_to_train_ids,
+    train_ids_to_label_ids,
+)
 from training.datasets import (
     ADE20KInstances,
     Cityscapes,
@@ -49,6 +55,24 @@ def test_label_table_maps_official_ids() -> None:
         label_ids_to_train_ids(ids), [[0, 1, 13, 11], [255, 255, 255, 18]]
     )
     assert (LABEL_TO_TRAIN[34:] == 255).all()
+
+
+def test_label_table_is_the_official_cityscapes_table() -> None:
+    # cityscapesScripts' labels.py: the 19 trained label ids in train-id order; every
+    # other id (caravan 29 and trailer 30 included) is ignored.
+    trained = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+    names = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+             "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+             "truck", "bus", "train", "motorcycle", "bicycle"]  # fmt: skip
+    expected = np.full(256, 255)
+    expected[trained] = np.arange(19)
+    np.testing.assert_array_equal(label_ids_to_train_ids(np.arange(256)), expected)
+    assert list(TRAIN_NAMES) == names
+    np.testing.assert_array_equal(train_ids_to_label_ids(np.arange(19)), trained)
+    # The train-id colours of the same table.
+    assert [tuple(TRAIN_PALETTE[t]) for t in (3, 4, 6, 14, 15, 18)] == [
+        (102, 102, 156), (190, 153, 153), (250, 170, 30), (0, 0, 70), (0, 60, 100),
+        (119, 11, 32)]  # fmt: skip
 
 
 def test_cityscapes_fixture(tmp_path: Path) -> None:
