@@ -180,6 +180,39 @@ def test_threshold_at_fpr_flags_that_share_of_inliers():
         threshold_at_fpr(np.array([np.nan]), 0.1)
 
 
+def test_threshold_at_fpr_never_flags_more_than_asked_by_hand():
+    # 10 inlier scores 0..9 (shuffled): at most 15% may exceed the threshold, so only 9
+    # may: the threshold is 8 (7 would flag 8 and 9, 20%; an interpolated 7.65 too).
+    scores = np.array([3, 9, 0, 7, 5, 1, 8, 2, 6, 4], dtype=np.float64)
+    assert threshold_at_fpr(scores, 0.15) == 8.0
+    assert threshold_at_fpr(scores, 0.05) == 9.0  # none may: the maximum
+
+
+def test_calibration_keeps_the_scores_of_inlier_class_pixels_only():
+    from training.calibrate import collect_inlier_scores
+
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    config = PipelineConfig(anomaly="energy", device="cpu")
+    pipeline = Pipeline(seg, {"energy": registry.build("energy", seg)}, config)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    label = np.zeros((32, 48), np.uint8)  # road ...
+    label[:8] = 2  # ... under a building
+    label[8:10] = 255  # and a void band
+    anomaly = np.zeros((32, 48), np.uint8)
+    anomaly[20:26, 10:30] = 1  # an object lying on the road: not an inlier
+    sample = {"image": image, "label": label, "anomaly": anomaly}
+    scores, images = collect_inlier_scores(
+        pipeline, [sample], ["energy"], classes=(0,), per_image=10**6, progress=False
+    )
+    assert images == 1
+    full = pipeline.process(image, {"anomaly"}).anomaly  # the map at the label size
+    inlier = (label == 0) & (anomaly == 0)
+    assert scores["energy"].size == int(inlier.sum()) == 22 * 48 - 6 * 20
+    np.testing.assert_allclose(scores["energy"], full[inlier], rtol=1e-6)
+
+
 def test_calibrate_stores_each_detectors_point_in_its_bundle(tmp_path):
     from test_evaluate import write_world
 
