@@ -150,6 +150,34 @@ def test_single_layer_anomaly_is_nll_minus_training_nll() -> None:
     torch.testing.assert_close(result.anomaly, nll - 3.25)
 
 
+def test_training_nll_is_the_mean_over_every_pixel_of_every_image() -> None:
+    # Eq. 8's L(Z_l): the mean NLL over all training pixels. Images of two sizes, so a
+    # mean of per-image means (or of per-image sums) differs from it.
+    from training.train_flow import mean_nll
+
+    layers = ("enc2", "enc3")
+    seg, _ = _segmenter_and_output(layers)
+    det = FlowDensityDetector(seg, layers=layers, steps=2, hidden=8).eval()
+    _randomize(det)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, size, dtype=np.uint8) for size in ((32, 48, 3), (64, 96, 3))]
+    data = [{"image": im, "label": np.zeros(im.shape[:2], np.uint8)} for im in images]
+    with torch.no_grad():
+        got = mean_nll(det, data, torch.device("cpu"), None)
+        first = mean_nll(det, data, torch.device("cpu"), 1)
+        maps = []
+        for im in images:
+            x = torch.from_numpy(im).permute(2, 0, 1)[None]
+            out = seg(seg.normalize(x), layers)
+            maps.append([-det.flows[n].log_prob(out.embeddings[n]).flatten() for n in layers])
+    for j in range(len(layers)):
+        pooled = torch.cat([m[j] for m in maps]).double().mean()
+        per_image = torch.stack([m[j].double().mean() for m in maps]).mean()
+        assert abs(pooled - per_image) > 1e-3  # the sizes make the two means differ
+        assert got[j].item() == pytest.approx(pooled.item(), rel=1e-5)
+        assert first[j].item() == pytest.approx(maps[0][j].double().mean().item(), rel=1e-5)
+
+
 def test_combine_scores_by_hand() -> None:
     scores = torch.tensor([[1.0, 5.0], [3.0, 2.0]]).view(2, 1, 1, 2)
     assert combine_scores(scores, "min", torch.zeros(2), torch.zeros(())).flatten().tolist() == [
