@@ -281,6 +281,25 @@ def test_detector_anomaly_zero_for_perfect_resynthesis_and_msp_threshold_wired()
         torch.testing.assert_close(det(base).anomaly, expected)
 
 
+def test_failure_is_the_probability_the_comparison_calls_the_prediction_wrong() -> None:
+    # SynthCP: the comparison net reads (x, G(ŷ), ŷ) and its pixel head gives the logit
+    # of "prediction correct"; failure = 1 - sigmoid(that logit), class IoU its IoU head.
+    seg, det = _tiny_detector()
+    x = torch.randn(1, 3, 32, 64)
+    synth = torch.randn(1, 3, 32, 64)
+    with torch.no_grad():
+        base = seg(x)
+        det.synthesize = lambda logits, size: synth  # pin G(ŷ) so the inputs are known
+        got = det(base)
+        ref = det.comparison(x, synth, base.logits.softmax(1))
+        swapped = det.comparison(synth, x, base.logits.softmax(1))
+    expected = 1.0 - torch.sigmoid(ref.correct_logit[:, 0])
+    torch.testing.assert_close(got.failure, expected)
+    torch.testing.assert_close(got.class_iou, ref.class_iou)
+    # The two encoders differ, so the order of image and synthesis is visible.
+    assert not torch.allclose(swapped.correct_logit, ref.correct_logit, atol=1e-4)
+
+
 def test_anomaly_only_variant_needs_only_the_generator() -> None:
     seg, det = _tiny_detector("resynthesis_anomaly")
     assert det.trained_parts == ("generator",) and det.comparison is None
