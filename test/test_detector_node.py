@@ -1045,6 +1045,17 @@ def test_alarm_corridor_counts_an_object_lying_on_the_road():
     assert off_road.anomalous_pixels == 0
 
 
+def test_intrinsics_scale_each_axis_by_its_own_ratio():
+    # K calibrated at 1280x720, used on a 320x240 map: x shrinks 4x, y 3x.
+    k = np.array([[1000.0, 0.0, 640.0], [0.0, 900.0, 360.0], [0.0, 0.0, 1.0]])
+    scaled = markers.scale_intrinsics(k.ravel(), (1280, 720), (320, 240))
+    np.testing.assert_allclose(scaled, [[250.0, 0.0, 160.0], [0.0, 300.0, 120.0], [0, 0, 1]])
+    # The principal point's ray is the optical axis at either size.
+    np.testing.assert_allclose(markers.pixel_ray(scaled, 160.0, 120.0), [0.0, 0.0, 1.0])
+    np.testing.assert_allclose(markers.scale_intrinsics(k, (320, 240), (320, 240)), k)
+    np.testing.assert_allclose(markers.scale_intrinsics(k, (0, 0), (320, 240)), k)
+
+
 def test_ground_projection_with_and_without_pitch():
     k = np.array([[100.0, 0, 64], [0, 100.0, 32], [0, 0, 1]])
     # Level camera 1.5 m up: a pixel 15 rows below the centre sees the ground 10 m ahead.
