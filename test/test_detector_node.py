@@ -616,11 +616,17 @@ def test_parameters_are_checked_at_run_time_by_name(harness):
         "qos.depth": 5,  # read-only: needs a restart
         "device": "cuda",
         "camera_pitch": 3.0,
+        "output_scale": 0.0,  # would count the alarm on a 1x1 map
+        "max_rate": -1.0,
+        "alarm_region": "everywhere",
     }
     for name, value in refused.items():
         (result,) = h.node.set_parameters([Parameter(name, value=value)])
         assert not result.successful, name
         assert name in result.reason, result.reason
+    # Refused values never reach the node's parameters.
+    assert (h.node.params.output_scale, h.node.params.max_rate) == (1.0, 0.0)
+    assert h.node.params.alarm_region == "corridor"
     wrong_types = {
         "max_rate": "fast",
         "publish.safety": "yes",
