@@ -106,6 +106,29 @@ def test_process_frame_gives_what_process_gives_and_scales_the_maps():
     assert half.failure is None and half.overlay is None and half.alarm is None
 
 
+def test_overlay_paints_exactly_the_pixels_above_the_threshold_red():
+    pipe = _pipeline()
+    image = np.random.default_rng(3).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    anomaly = pipe.process(image, {"anomaly"}).anomaly  # the map at the frame's size
+    threshold = float(np.median(anomaly))  # half the frame flagged
+    options = RenderOptions(labels=False, overlay=True, threshold=threshold)
+    r = pipe.process_frame(image, {"anomaly"}, options)
+    flagged = anomaly > threshold
+    assert 0.3 < flagged.mean() < 0.7
+    # Quiet pixels are the camera's, untouched; flagged ones are blended towards red
+    # with at least half the opacity (0.6 * 0.5), whatever their score.
+    np.testing.assert_array_equal(r.overlay[~flagged], image[~flagged])
+    before, after = image[flagged].astype(int), r.overlay[flagged].astype(int)
+    paint = np.array([255, 0, 0])
+    for weight in (0.3, 0.6):  # bounds of the blend weight, each channel within rounding
+        bound = before + weight * (paint - before)
+        if weight == 0.3:
+            assert (np.abs(after - before) >= np.abs(bound - before) - 1).all()
+        else:
+            assert (np.abs(after - before) <= np.abs(bound - before) + 1).all()
+    assert (after[:, 0] >= before[:, 0]).all() and (after[:, 1:] <= before[:, 1:]).all()
+
+
 def test_input_halved_by_the_uint8_kernel_has_the_pixels_of_the_float_passes():
     from segmentation_safety.pipeline import resize_input
 
