@@ -75,3 +75,21 @@ def test_unknown_name_lists_the_known_ones(segmenter):
 def test_unknown_option_is_refused(segmenter):
     with pytest.raises(TypeError, match="bogus"):
         registry.build("max_softmax", segmenter, bogus=1)
+
+
+def test_a_second_detector_cannot_take_a_registered_name():
+    original = registry.detector_class("energy")
+
+    class Impostor(original):
+        name = "energy"
+
+    with pytest.raises(ValueError, match="'energy' registered twice"):
+        registry.register(Impostor)
+    assert registry.detector_class("energy") is original  # still the real one
+    assert registry.register(original) is original  # registering it again is harmless
+
+    class Nameless(original):
+        name = ""
+
+    with pytest.raises(ValueError, match="no name"):
+        registry.register(Nameless)
