@@ -1414,6 +1414,25 @@ def test_a_best_effort_camera_against_reliable_input_is_named_on_diagnostics(har
     wait_for_fault(h, "incompatible QoS on image", present=False)
 
 
+def test_hazard_min_pixels_counts_image_pixels_not_network_ones(harness):
+    # Threshold 0: the whole 8x16 network map (1/4 of the 32x64 frame each way) is one
+    # region of 128 network pixels, 2048 image pixels.
+    h = harness(anomaly_threshold=0.0, camera_pitch=0.3, hazard_min_pixels=1000)
+    h.listen("hazards")
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+
+    def boxes(sec: int) -> list:
+        h.image_pub.publish(image_msg(sec))
+        wait_for(lambda: h.stamped_markers(sec), f"frame {sec}'s markers")
+        return [m for m in h.stamped_markers(sec)[0].markers if m.action == m.ADD]
+
+    assert len(boxes(1)) == 1  # 2048 >= 1000 image pixels: a hazard
+    (result,) = h.node.set_parameters([Parameter("hazard_min_pixels", value=3000)])
+    assert result.successful, result.reason
+    assert boxes(2) == []  # 2048 < 3000: a speck
+
+
 def test_a_camera_info_for_another_frame_is_named(harness):
     h = harness(**HAZARD_PARAMS)
     h.listen("hazards")
