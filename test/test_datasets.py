@@ -151,6 +151,16 @@ def test_lost_and_found_fixture(tmp_path: Path) -> None:
     assert keep_people["anomaly"][0, 3] == 1
 
 
+def test_lost_and_found_people_and_bicycles_are_void_by_default() -> None:
+    from training.datasets.lostandfound import laf_anomaly
+
+    # Background, free space, obstacles 2/25/30, then the bicycle (26), the kid dummy
+    # (29) and the children (40-43) of the L&F table: Cityscapes classes, not anomalies.
+    ids = np.array([[0, 1, 2, 25, 30, 26, 29, 40, 41, 42, 43]], np.uint8)
+    np.testing.assert_array_equal(laf_anomaly(ids), [[255, 0, 1, 1, 1] + [255] * 6])
+    np.testing.assert_array_equal(laf_anomaly(ids, void_ids=()), [[255, 0] + [1] * 9])
+
+
 def test_fishyscapes_lost_and_found_zip_layout(tmp_path: Path) -> None:
     city, stem = "04_Maurener_Weg_8", "04_Maurener_Weg_8_000000_000030"
     laf = tmp_path / "lostandfound"
