@@ -1028,6 +1028,21 @@ def test_alarm_counts_the_anomalous_share_of_the_drivable_area():
     assert none.anomalous_pixels == 0 and math.isnan(none.max_score) and not none.active
 
 
+def test_alarm_needs_scores_above_the_threshold_and_more_than_the_fraction():
+    # The operating point is the score inlier pixels *exceed*, and the alarm fires when
+    # *more than* alarm_fraction of the area is anomalous: both ties stay quiet.
+    labels = np.zeros((2, 4), dtype=np.uint8)
+    anomaly = np.array([[0.5, 0.5, 0.5, 0.75], [0.25, 0.25, 0.25, 0.25]], np.float32)
+    r = SafetyResult(labels, anomaly, None, None)
+    at = compute_alarm(r, 0.5, fraction_threshold=0.0, drivable=(0,), region="drivable")
+    assert at.anomalous_pixels == 1 and at.anomalous_fraction == 1 / 8  # only the 0.75
+    assert not compute_alarm(r, 0.5, 1 / 8, drivable=(0,), region="drivable").active
+    assert compute_alarm(r, 0.5, 1 / 8 - 1e-6, drivable=(0,), region="drivable").active
+    # A quiet frame never fires, even with alarm_fraction 0.
+    calm = compute_alarm(r, 1.0, fraction_threshold=0.0, drivable=(0,), region="drivable")
+    assert calm.anomalous_pixels == 0 and not calm.active
+
+
 def test_alarm_corridor_counts_an_object_lying_on_the_road():
     # A road trapezoid with an object (class 13) in its middle: not road, but on it.
     labels = np.full((40, 40), 2, dtype=np.uint8)  # building
