@@ -99,6 +99,11 @@ def test_unknown_format_version_is_refused(tmp_path):
         ({"operating_points": {"energy": {"threshold": "abc"}}}, "'energy'] needs a numeric"),
         ({"operating_points": {"energy": 0.5}}, "'energy'] must be an entry"),
         ({"operating_points": {"energy": {"threshold": 1.0, "images": "x"}}}, "non-integer"),
+        ({"operating_points": {"energy": {"threshold": True}}}, "'energy'] needs a numeric"),
+        ({"operating_points": {"energy": {"threshold": 1.0, "inlier_fpr": "1%"}}}, "inlier_fpr"),
+        ({"operating_points": {"energy": {"threshold": 1.0, "classes": [0, "road"]}}}, "classes"),
+        ({"operating_points": {"energy": {"threshold": 1.0, "classes": [0.5]}}}, "classes"),
+        ({"operating_points": {"energy": {"threshold": 1.0, "classes": 0}}}, "classes"),
     ],
 )
 def test_metadata_the_tools_read_is_checked_at_load_naming_the_file(tmp_path, meta, words):
@@ -137,3 +142,15 @@ def test_failed_write_leaves_the_good_file_and_no_temp(tmp_path, monkeypatch):
         atomic_write_bytes(path, b"half")
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.safetensors"]
+
+
+def test_written_files_are_readable_by_everyone_whatever_the_umask(tmp_path):
+    # mkstemp makes its file 0600; bundles and reports are shared with other users.
+    before = os.umask(0o077)
+    try:
+        _save(tmp_path / "seg.safetensors")
+        atomic_write_bytes(tmp_path / "report.json", b"{}")
+    finally:
+        os.umask(before)
+    for name in ("seg.safetensors", "report.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
