@@ -192,6 +192,36 @@ def test_config_values_the_loop_cannot_run_with_are_named(
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "ok"),
+    [
+        ("workers", -1, False),
+        ("workers", 0, True),
+        ("weight_decay", -1e-4, False),
+        ("weight_decay", "0.1", False),
+        ("weight_decay", 0.0, True),
+        ("grad_clip", -1.0, False),
+        ("grad_clip", True, False),
+        ("grad_clip", None, True),
+        ("lr", 0, False),
+        ("lr", 1e-9, True),
+        ("batch_size", True, False),
+        ("batch_size", 2.0, False),
+        ("crop_size", [64, 64.5], False),
+        ("crop_size", None, True),
+    ],
+)
+def test_check_values_refuses_what_the_loop_cannot_use(key, value, ok):
+    from training.config import ConfigError, check_values
+
+    config = {"iterations": 1, "batch_size": 1, "lr": 0.1, key: value}
+    if ok:
+        check_values(config, "c.yaml")
+        return
+    with pytest.raises(ConfigError, match=f"c.yaml: config key '{key}'"):
+        check_values(config, "c.yaml")
+
+
 def test_a_bad_out_or_stop_after_is_refused_before_training(world: Path, tmp_path: Path, capsys):
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "a_file").write_text("x")
