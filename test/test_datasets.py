@@ -177,6 +177,15 @@ def test_fishyscapes_lost_and_found_zip_layout(tmp_path: Path) -> None:
     _png(labels / f"0001_{stem}_labels.png", np.full((6, 8), 7, np.uint8))
     with pytest.raises(ValueError, match="0/1/255"):
         FishyscapesLostAndFound(labels, laf)[1]
+    # Frames of the L&F test split are found there (the zip mixes both splits).
+    other = "12_Umberto_Nobile_Str_000001_000040"
+    test_image = _rgb()
+    _png(laf / "leftImg8bit/test/12_Umberto_Nobile_Str" / f"{other}_leftImg8bit.png", test_image)
+    _png(labels / f"0002_{other}_labels.png", lab)
+    np.testing.assert_array_equal(FishyscapesLostAndFound(labels, laf)[2]["image"], test_image)
+    _png(labels / f"0003_{other[:-1]}1_labels.png", lab)  # no such frame in either split
+    with pytest.raises(MissingFileError, match="12_Umberto_Nobile_Str"):
+        FishyscapesLostAndFound(labels, laf)[3]
 
 
 def test_fishyscapes_static_processed_layout(tmp_path: Path) -> None:
@@ -242,6 +251,18 @@ def test_ade20k_instances_fixture(tmp_path: Path) -> None:
     assert inst[5, 7] == 0 and inst[3, 3] == 0
     assert sorted(np.unique(inst)) == [0, 1, 2, 3]
     assert len({inst[0, 0], inst[0, 4], inst[4, 0]}) == 3
+
+
+def test_ade20k_instance_ids_follow_category_then_instance_and_start_at_1() -> None:
+    from training.datasets.ade20k import instance_ids
+
+    # (category, instance) per pixel; ids are ranked by category first, then instance.
+    ann = np.zeros((1, 5, 3), np.uint8)
+    ann[0, :, 0] = [40, 12, 12, 40, 7]
+    ann[0, :, 1] = [1, 9, 2, 1, 200]
+    np.testing.assert_array_equal(instance_ids(ann), [[4, 3, 2, 4, 1]])  # no background
+    ann[0, 4] = (0, 0, 0)
+    np.testing.assert_array_equal(instance_ids(ann), [[3, 2, 1, 3, 0]])
 
 
 def test_world_datasets(tmp_path: Path) -> None:
