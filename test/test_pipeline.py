@@ -97,3 +97,25 @@ def test_device_words():
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_open_set_threshold_is_densehybrids_calibrated_one_before_the_operating_point():
+    from segmentation_safety.operating_point import OperatingPoint
+
+    torch.manual_seed(0)
+    seg = TinySegmenter(num_classes=5, width=4)
+    point = OperatingPoint(0.25, 0.01, (0,), "test", 1, 100)
+    dense = registry.build("densehybrid", seg)
+    dense.operating_point = point
+    pipe = Pipeline(
+        seg, {"densehybrid": dense}, PipelineConfig(anomaly="densehybrid", device="cpu")
+    )
+    assert pipe.open_set_threshold() == 0.25  # not calibrated: the operating point serves
+    dense.thresholds = {"open_set": -1.5}
+    assert pipe.open_set_threshold() == -1.5  # the 95%-TPR one wins over it
+    energy = registry.build("energy", seg)
+    pipe = Pipeline(seg, {"energy": energy}, PipelineConfig(anomaly="energy", device="cpu"))
+    assert pipe.open_set_threshold() is None  # neither: no open-set map
+    energy.operating_point = point
+    assert pipe.open_set_threshold() == 0.25
+    assert _pipeline(anomaly=None).open_set_threshold() is None
