@@ -148,6 +148,8 @@ def test_budget_flags_follow_the_measured_overhead():
     assert DetectorTiming(ms=9.0, overhead=0.09, budget=0.10).within_budget is True
     assert DetectorTiming(ms=11.0, overhead=0.11, budget=0.10).within_budget is False
     assert DetectorTiming(ms=11.0, overhead=0.11).within_budget is None
+    # "At most" the budget (DESIGN §7): exactly on it is within.
+    assert DetectorTiming(ms=2.5, overhead=0.25, budget=0.25).within_budget is True
 
 
 def test_cli_writes_b_json_and_marks_untrained_parts(tmp_path, capsys):
