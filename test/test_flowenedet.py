@@ -405,3 +405,34 @@ def test_folded_condition_equals_concatenating_it_to_every_coupling(
     assert not torch.allclose(u, z, atol=1e-2)
     torch.testing.assert_close(u, u_ref, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(logdet, logdet_ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [FlowEneDetU, FlowEneDetC])
+def test_detector_smooths_the_flows_p_wrong_on_bilinear_logits_at_a_quarter(cls) -> None:
+    # The map is the 7×7 Gaussian (σ from the detector) of the model's P(wrong) on the
+    # logits resized bilinearly to 1/4 of the image; σ = 0 leaves it unsmoothed.
+    torch.manual_seed(0)
+    seg = TinySegmenter(num_classes=4, width=4)
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 4, 5, 7, generator=g) * 2
+    out = SegmenterOutput(
+        logits=logits,
+        features=torch.randn(1, 8, 5, 7, generator=g),
+        image=torch.zeros(1, 3, 48, 64),
+    )
+    det = cls(seg, blocks=2, hidden=6, smooth_sigma=1.5).eval()
+    _randomize(det, seed=5, std=0.1)
+    resized = F.interpolate(logits, size=(12, 16), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        raw = det.model.p_wrong(resized, out.features if det.conditional else None)
+        got = det(out).failure
+        det.smooth_sigma = 0.0
+        unsmoothed = det(out).failure
+    assert raw.std() > 1e-3  # not saturated: the smoothing shows
+    x = torch.arange(-3, 4, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / 1.5) ** 2)
+    kernel = torch.outer(k, k) / k.sum() ** 2
+    padded = F.pad(raw[:, None], (3, 3, 3, 3), mode="replicate")
+    torch.testing.assert_close(got, F.conv2d(padded, kernel[None, None])[:, 0])
+    torch.testing.assert_close(unsmoothed, raw)
+    assert (got - raw).abs().max() > 1e-3
