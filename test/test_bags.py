@@ -156,6 +156,26 @@ def test_lost_and_found_layout(tmp_path: Path):
     assert stamps == [5_000_000_123, 5_050_000_123]  # from the timestamp files
 
 
+def test_lost_and_found_ground_truth_is_the_datasets_people_and_bicycles_void(tmp_path: Path):
+    from training.datasets import LostAndFound
+
+    # Background, free space, obstacles 2 and 30, the bicycle (26), the kid dummy (29) and
+    # a child (40): replay's metrics must score what `evaluate --dataset lostandfound` does.
+    root = tmp_path / "laf"
+    city, stem = "04_Maurener_Weg_8", "04_Maurener_Weg_8_000001_000030"
+    _png(root / "leftImg8bit/test" / city / f"{stem}_leftImg8bit.png",
+         np.zeros((H, W, 3), np.uint8))  # fmt: skip
+    ids = np.zeros((H, W), np.uint8)
+    ids[:, 8:] = np.repeat([1, 2, 30, 26, 29, 40, 1], 8)
+    _png(root / "gtCoarse/test" / city / f"{stem}_gtCoarse_labelIds.png", ids)
+    bag = tmp_path / "bag"
+    assert main(["make-bag", "--root", str(root), "--out", str(bag)]) == 0
+    anomaly = read_back(bag)["/ground_truth/anomaly"][0][1].data.reshape(H, W)
+    expected = np.repeat(np.array([255, 0, 1, 1, 255, 255, 255, 0], np.uint8), 8)
+    np.testing.assert_array_equal(anomaly[0], expected)
+    np.testing.assert_array_equal(anomaly, LostAndFound(root, "test")[0]["anomaly"])
+
+
 def test_bad_inputs_are_refused(world: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     bag = tmp_path / "bag"
     base = ["make-bag", "--root", str(world), "--out", str(bag)]

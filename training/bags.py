@@ -69,7 +69,7 @@ LAF_FPS = 10.0
 
 _LAF_IMAGE = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})_leftImg8bit\.png$")
 # Lost & Found gtCoarse label ids: 0 unlabeled / out of ROI, 1 free space (road), >= 2 an
-# obstacle. Converted as the Fishyscapes L&F benchmark does.
+# obstacle; people and the bicycle void. Converted as the Fishyscapes L&F benchmark does.
 _LAF_FREE_SPACE = 1
 
 
@@ -211,15 +211,19 @@ def _world_sequence(d: Path) -> SequenceSource:
 def _laf_convert(
     label_ids: np.ndarray | None, _anomaly: np.ndarray | None
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """gtCoarse label ids -> (train ids: free space = road 0, else void; anomaly 0/1/255)."""
+    """gtCoarse label ids -> (train ids: free space = road 0, else void; anomaly 0/1/255).
+
+    The anomaly map is the dataset loader's (``laf_anomaly``: people and the bicycle
+    void), so replay scores a bag as ``segsafe evaluate --dataset lostandfound`` scores
+    the same frames."""
+    # Here, not at the top: the loaders import torch, which world bags never need.
+    from training.datasets.lostandfound import laf_anomaly
+
     if label_ids is None:
         return None, None
     train_ids = np.full(label_ids.shape, 255, np.uint8)
     train_ids[label_ids == _LAF_FREE_SPACE] = 0
-    anomaly = np.full(label_ids.shape, 255, np.uint8)
-    anomaly[label_ids == _LAF_FREE_SPACE] = 0
-    anomaly[label_ids > _LAF_FREE_SPACE] = 1
-    return train_ids, anomaly
+    return train_ids, laf_anomaly(label_ids)
 
 
 def _laf_stamp_ns(root: Path, split: str, city: str, stem: str, frame: int, fps: float) -> int:
