@@ -408,6 +408,35 @@ def test_the_summary_judges_the_nodes_own_work_against_the_budget():
     assert "OVER the 10% budget" in text
 
 
+def test_the_overhead_summary_takes_medians_and_means_over_frames_by_hand():
+    from segmentation_safety.ros.replay import Trial
+    from segmentation_safety.ros.replay_report import breakdown_summary
+
+    # Three frames, nothing outside the named stages; overhead = end-to-end - network.
+    frames = [  # (latency ms, segmenter, detector, decode, publish, queue)
+        (100.0, 85.0, 10.0, 2.0, 3.0, 0.0),  # overhead 5, fraction 0.05
+        (50.0, 20.0, 10.0, 8.0, 12.0, 0.0),  # overhead 20, fraction 0.40
+        (200.0, 150.0, 0.0, 10.0, 10.0, 30.0),  # overhead 50, fraction 0.25
+    ]
+    sent, answered, stages = {}, {}, {}
+    for i, (lat, seg, det, dec, pub, queue) in enumerate(frames, 1):
+        sent[i], answered[i] = float(i), i + lat / 1e3
+        stages[i] = {"queue": queue, "decode": dec, "segmenter": seg, "detector/a": det,
+                     "publish": pub, "total": dec + seg + det + pub}  # fmt: skip
+    o = breakdown_summary(Trial(sent, answered, stages))["node_overhead"]
+    assert o["ms_mean"] == pytest.approx(25.0) and o["ms_p50"] == pytest.approx(20.0)
+    assert o["fraction_p50"] == pytest.approx(0.25)  # the median; the mean is 0.233
+    assert o["fraction_of_mean"] == pytest.approx(25 / (350 / 3))
+    # Without the queue: own work 5, 20, 20 of 100, 50, 170 ms.
+    assert o["ms_mean_without_queue"] == pytest.approx(15.0)
+    assert o["fraction_p50_without_queue"] == pytest.approx(20 / 170)
+    assert o["fraction_of_mean_without_queue"] == pytest.approx(15 / (320 / 3))
+    assert not o["within_budget"]  # 14% of the frame
+    # The host stages (queue 10, decode 20/3, publish 25/3 on average) are the whole
+    # overhead here: nothing ran pre- or post-processing on the device.
+    assert o["host_ms_mean"] == pytest.approx(25.0)
+
+
 def test_bench_node_times_every_size_and_scale_in_one_run(
     bags: dict[str, Path], models: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
