@@ -156,6 +156,33 @@ def test_lost_and_found_layout(tmp_path: Path):
     assert stamps == [5_000_000_123, 5_050_000_123]  # from the timestamp files
 
 
+def test_lost_and_found_stamps_in_seconds_and_its_camera_json(tmp_path: Path):
+    root = tmp_path / "laf"
+    city = "02_Hanns_Klemm_Str_44"
+    _laf(root, "train", city, 3, [10, 20])
+    for f, text in ((10, "1500000000.25"), (20, "1500000000.375")):  # seconds, not ns
+        stem = f"{city}_000003_{f:06d}"
+        ts = root / "timestamp" / "train" / city / f"{stem}_timestamp.txt"
+        ts.parent.mkdir(parents=True, exist_ok=True)
+        ts.write_text(text + "\n")
+        cam = root / "camera" / "train" / city / f"{stem}_camera.json"
+        cam.parent.mkdir(parents=True, exist_ok=True)
+        intrinsic = {"fx": 2200.0, "fy": 2100.0, "u0": 1040.0, "v0": 500.0}
+        cam.write_text(json.dumps({"intrinsic": intrinsic}))
+    bag = tmp_path / "bag"
+    assert main(["make-bag", "--root", str(root), "--out", str(bag)]) == 0
+    msgs = read_back(bag)
+    stamps = [stamp_ns(m) for _, m in msgs["/camera/image_raw"]]
+    # (Seconds as a double carry ~0.1 µs at this epoch: compared to the microsecond.)
+    expected = [1_500_000_000_250_000_000, 1_500_000_000_375_000_000]
+    assert len(stamps) == 2
+    assert all(abs(a - b) < 1000 for a, b in zip(stamps, expected, strict=True)), stamps
+    # Intrinsics of the 2048x1024 camera, scaled to the 64x32 frames (1/32 each way).
+    info = msgs["/camera/camera_info"][0][1]
+    assert (info.width, info.height) == (W, H)
+    np.testing.assert_allclose(info.k, [2200 / 32, 0, 1040 / 32, 0, 2100 / 32, 500 / 32, 0, 0, 1])
+
+
 def test_lost_and_found_ground_truth_is_the_datasets_people_and_bicycles_void(tmp_path: Path):
     from training.datasets import LostAndFound
 
