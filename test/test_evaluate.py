@@ -244,6 +244,40 @@ def test_non_finite_scores_rank_at_the_ends_instead_of_stopping_the_evaluation()
     assert 0.0 < result.ap <= 1.0 and 0.0 <= result.fpr95 <= 1.0
 
 
+class _FullResNonFiniteOracle(_RedOracle):
+    """The red oracle's 0/1 map at the image size, with an anomaly pixel NaN, another +inf
+    and an inlier -inf (no resizing, so nothing spreads: only their ranks matter)."""
+
+    name: ClassVar[str] = "test_full_res_non_finite_oracle"
+
+    def forward(self, out: SegmenterOutput) -> DetectorOutput:
+        score = super().forward(out).anomaly.clone()
+        assert score.shape[-2:] == (H, W)
+        score[:, H - 10, 4] = math.nan  # anomaly pixels of _scene(0)
+        score[:, H - 9, 5] = math.inf
+        score[:, 2, 2] = -math.inf  # sky
+        return DetectorOutput(anomaly=score)
+
+
+def test_nan_and_inf_rank_as_most_anomalous_and_minus_inf_as_least():
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    pipeline = Pipeline(
+        seg, {"oracle": _FullResNonFiniteOracle(seg)}, PipelineConfig(anomaly=None, device="cpu")
+    )
+    image, _, anomaly = _scene(0)
+    image[anomaly != 1] = np.minimum(image[anomaly != 1], 140)  # no other strong red
+    assert anomaly[H - 10, 4] == 1 and anomaly[H - 9, 5] == 1 and anomaly[2, 2] == 0
+    report = evaluate(
+        pipeline, [{"image": image, "anomaly": anomaly}], metrics_mode="exact", progress=False
+    )
+    # Every anomaly pixel (1, NaN or +inf) outranks every inlier (0 or -inf): a perfect
+    # ranking. NaN taken as the least anomalous, or -inf as the most, would break it.
+    result = report.detectors["oracle"].anomaly
+    assert result.ap == pytest.approx(1.0)
+    assert result.auroc == pytest.approx(1.0)
+    assert result.fpr95 == pytest.approx(0.0)
+
+
 def test_registered_fake_detector_runs_through_the_command(
     world: Path, models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
