@@ -62,6 +62,16 @@ def test_same_seed_same_bytes_other_seed_differs(world: Path, tmp_path: Path) ->
     assert (other / name).read_bytes() != (world / name).read_bytes()
 
 
+def test_items_of_a_split_are_different_scenes(world: Path) -> None:
+    # Each item has its own generator: no two frames of a split repeat one scene.
+    for pattern in ("leftImg8bit/train/*/*.png", "anomaly/images/*.png", "negatives/images/*"):
+        images = [_read(p) for p in sorted(world.glob(pattern))]
+        assert len(images) >= 2, pattern
+        for i, a in enumerate(images):
+            for b in images[i + 1 :]:
+                assert np.abs(a.astype(int) - b.astype(int)).mean() > 5, pattern
+
+
 def test_worker_processes_write_the_same_bytes(world: Path, tmp_path: Path) -> None:
     write_world(tmp_path, seed=7, height=H, width=W, progress=False, workers=2, **SMALL)
     assert _files(tmp_path) == _files(world)
