@@ -153,7 +153,9 @@ def test_sequences(world: Path) -> None:
         assert len(stamps) == SMALL["sequence_length"]
         assert all(b > a for a, b in zip(stamps, stamps[1:]))
         meta = json.loads((root / "sequence.json").read_text())
-        assert meta["frames"] == len(stamps) and meta["fps"] > 0
+        assert meta["frames"] == len(stamps) and meta["fps"] == writer.FPS
+        # Seconds from the first frame, one frame period apart (not frame numbers).
+        np.testing.assert_allclose(stamps, np.arange(len(stamps)) / meta["fps"], atol=1e-6)
         frames = sorted((root / "images").glob("*.png"))
         assert len(frames) == len(stamps)
         assert (_read(frames[0]) != _read(frames[-1])).any()  # the camera moves
