@@ -104,16 +104,24 @@ def test_labels_are_valid_and_consistent(world: Path) -> None:
         assert set(np.unique(train)) <= VALID_TRAIN_IDS
         np.testing.assert_array_equal(LABEL_TO_TRAIN[ids], train)
         assert len(np.unique(train)) >= 4  # a street, not a blank frame
+        # The only void is the hood (ego vehicle, label id 1 as world.json says): a band
+        # at the bottom of each column. Lost cargo (void too) never enters training frames.
+        void = train == 255
+        assert (ids[void] == 1).all()
+        np.testing.assert_array_equal(void, np.logical_and.accumulate(void[::-1], axis=0)[::-1])
 
 
 def test_anomaly_split_labels_and_placement(world: Path) -> None:
-    below_road, below_total = 0, 0
+    below_road, below_total, hoods = 0, 0, 0
     for path in sorted((world / "anomaly" / "labels").glob("*.png")):
         anomaly = _read(path)
         semantic = _read(world / "anomaly" / "semantic" / path.name)
         assert set(np.unique(anomaly)) <= {0, 1, 255}
         assert (anomaly == 1).sum() > 0
         assert (semantic[anomaly == 1] == 255).all()
+        # Void in the anomaly labels is the hood: every void train id that is not cargo.
+        np.testing.assert_array_equal(anomaly == 255, (semantic == 255) & (anomaly != 1))
+        hoods += int((anomaly == 255).any())
         assert not (anomaly[: int(H * 0.3)] == 1).any()  # cargo lies below the sky
         # The pixel right under the bottom edge of cargo is mostly road.
         cargo = anomaly == 1
@@ -122,6 +130,7 @@ def test_anomaly_split_labels_and_placement(world: Path) -> None:
         below_road += int((under == 0).sum())
         below_total += int((under != 255).sum())
     assert below_total > 0 and below_road / below_total > 0.6
+    assert hoods > 0
 
 
 def test_anomaly_kinds_never_in_training_or_negatives() -> None:
