@@ -1220,13 +1220,16 @@ def diag_values(h: Harness) -> dict[str, str]:
 def wait_for_fault(h: Harness, name: str, present: bool = True) -> dict[str, str]:
     """Wait until /diagnostics lists (or no longer lists) fault ``name``; its values."""
     h.got["/diagnostics"].clear()
-    wait_for(
-        lambda: (
-            (f"fault: {name}" in diag_values(h)) == present
-            and (name in diag_values(h).get("faults", "")) == present
-        ),
-        f"/diagnostics {'listing' if present else 'no longer listing'} {name!r}",
-    )
+
+    def listed() -> bool:
+        values = diag_values(h)
+        # No status since the clear says nothing either way: "no longer listing" needs one.
+        return bool(values) and (
+            (f"fault: {name}" in values) == present
+            and (name in values.get("faults", "")) == present
+        )
+
+    wait_for(listed, f"/diagnostics {'listing' if present else 'no longer listing'} {name!r}")
     return diag_values(h)
 
 
