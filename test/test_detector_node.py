@@ -673,6 +673,21 @@ def test_nan_threshold_uses_the_calibrated_operating_point(harness):
         assert h.got["safety"][-1].alarm.anomaly_threshold == pytest.approx(expected)
 
 
+def test_a_threshold_set_at_run_time_decides_which_pixels_count_for_the_alarm(harness):
+    # Every class drivable, over the drivable pixels: the alarm's area is the whole map,
+    # and max_softmax's 1 - MSP lies in (0, 1): all pixels above 0, none above 1.
+    h = harness(drivable_classes=list(range(19)), alarm_region="drivable")
+    h.listen("safety")
+    for sec, threshold, fraction in ((1, 0.0, 1.0), (2, 1.0, 0.0), (3, 0.0, 1.0)):
+        (result,) = h.node.set_parameters([Parameter("anomaly_threshold", value=threshold)])
+        assert result.successful, result.reason
+        h.image_pub.publish(image_msg(sec))
+        wait_for(lambda s=sec: h.stamped("safety", s), f"the safety frame {sec}")
+        alarm = h.stamped("safety", sec)[0].alarm
+        assert alarm.anomaly_threshold == threshold
+        assert alarm.anomalous_fraction == fraction, (threshold, alarm)
+
+
 def test_open_set_topic_is_the_segmentation_with_anomalies_as_class_k(ros, models_dir, tmp_path):
     from segmentation_safety.checkpoint import load_bundle
     from segmentation_safety.pipeline import Pipeline, PipelineConfig
