@@ -895,6 +895,28 @@ def test_bad_compressed_input_is_refused_by_name_and_the_node_keeps_answering(ha
         assert not h.stamped("segmentation", 1000 + i)
 
 
+def test_frames_arriving_within_the_max_rate_period_are_dropped_undecoded(harness):
+    h = harness(max_rate=0.1)  # a 10 s period: every frame below arrives within it
+    h.listen("segmentation")
+    decoded = []
+    decode = h.node.codec.decode
+    h.node.codec.decode = lambda msg: decoded.append(msg.header.stamp.sec) or decode(msg)
+    h.image_pub.publish(image_msg(1))
+    wait_for(lambda: h.stamped("segmentation", 1), "the first frame's answer")
+    for sec in range(2, 8):  # each waits in the slot, replacing the one before
+        h.image_pub.publish(image_msg(sec))
+        wait_for(lambda s=sec: h.node.stats.snapshot().received == s, f"frame {sec} received")
+    assert decoded == [1]  # the worker is waiting out the period
+    (result,) = h.node.set_parameters([Parameter("max_rate", value=0.0)])  # ends the wait
+    assert result.successful, result.reason
+    wait_for(lambda: h.stamped("segmentation", 7), "the newest frame's answer")
+    wait_for(lambda: h.node.stats.snapshot().in_flight == 0, "the node to go idle")
+    assert [m.header.stamp.sec for m in h.got["segmentation"]] == [1, 7]
+    assert decoded == [1, 7]
+    s = h.node.stats.snapshot()
+    assert (s.received, s.processed, s.dropped) == (7, 2, 5)
+
+
 def test_replaced_compressed_frames_are_never_decoded(harness):
     # Deep queues on both sides, so every frame reaches the callback and only the node's
     # one-slot buffer can drop them.
