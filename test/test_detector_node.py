@@ -1421,6 +1421,48 @@ def test_a_depth_arriving_after_its_image_is_still_used(harness):
     assert "depth out of sync" not in h.node.faults
 
 
+def test_each_image_takes_the_buffered_depth_nearest_its_stamp_within_depth_max_age(harness):
+    h = harness(use_depth=True, depth_max_age=0.2, **HAZARD_PARAMS)
+    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=10))
+    h.listen("hazards", "/diagnostics")
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+
+    def buffer(mm: int, sec: int, nanosec: int = 500) -> None:
+        msg = depth_msg(mm, sec)
+        msg.header.stamp.nanosec = nanosec
+        depth_pub.publish(msg)  # one at a time: the subscription keeps the newest only
+        wait_for(
+            lambda: h.node.depths and h.node.depths[-1].header.stamp == msg.header.stamp,
+            f"the depth stamped {sec}.{nanosec:09d}",
+        )
+
+    # Three depths a second apart: the image stamped like the middle one takes it, not
+    # the newest (which is beyond depth_max_age anyway).
+    for mm, sec in ((5000, 70), (7000, 71), (9000, 72)):
+        buffer(mm, sec)
+    h.image_pub.publish(image_msg(71))
+    wait_for(lambda: h.stamped_markers(71), "the boxes of frame 71")
+    (box,) = boxes(h, 71)
+    assert "(depth)" in box.text and box.pose.position.z == pytest.approx(7.0), box.text
+    # The nearest depth 0.15 s after the image: within depth_max_age 0.2, used.
+    buffer(4000, 80, 150_000_500)
+    h.image_pub.publish(image_msg(80))
+    wait_for(lambda: h.stamped_markers(80), "the boxes of frame 80")
+    (box,) = boxes(h, 80)
+    assert "(depth)" in box.text and box.pose.position.z == pytest.approx(4.0), box.text
+    # The nearest depth 0.5 s after the image: beyond depth_max_age 0.2 (though within a
+    # second), so the box is on the ground and the fault names depth_max_age.
+    buffer(6000, 90, 500_000_500)
+    h.image_pub.publish(image_msg(90))
+    wait_for(lambda: h.stamped_markers(90), "the boxes of frame 90")
+    (box,) = boxes(h, 90)
+    assert "(ground)" in box.text, box.text
+    values = wait_for_fault(h, "depth out of sync")
+    assert "0.500 s" in values["fault: depth out of sync"], values
+
+
 def test_a_big_frame_arrives_with_the_default_reliable_qos(harness):
     h = harness(**HAZARD_PARAMS)
     assert h.node.params.qos_reliability == "reliable"  # the default suits big frames
