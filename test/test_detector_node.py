@@ -1486,6 +1486,16 @@ def test_publishers_whose_frames_never_arrive_are_named_on_diagnostics(harness):
     wait_for_fault(h, "no frames from publishers", present=False)
 
 
+def test_input_timeout_set_at_run_time_decides_the_no_frames_fault(harness):
+    h = harness(input_timeout=0.3)
+    h.listen("segmentation", "/diagnostics")  # the helper's publisher exists, sends nothing
+    wait_for_fault(h, "no frames from publishers")
+    # Still no frame, but an hour is allowed now: the fault goes at the next diagnostics.
+    (result,) = h.node.set_parameters([Parameter("input_timeout", value=3600.0)])
+    assert result.successful, result.reason
+    wait_for_fault(h, "no frames from publishers", present=False)
+
+
 def test_a_best_effort_camera_against_reliable_input_is_named_on_diagnostics(harness):
     h = harness()  # reliable input (the default)
     h.got["/diagnostics"] = []
