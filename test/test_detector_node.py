@@ -1543,6 +1543,15 @@ def test_hazard_min_pixels_counts_image_pixels_not_network_ones(harness):
 def test_a_camera_info_for_another_frame_is_named(harness):
     h = harness(**HAZARD_PARAMS)
     h.listen("hazards")
+    # The images' own frame, or none named (many drivers): no warning.
+    for sec, frame_id in ((58, "camera_optical"), (59, "")):
+        info = camera_info()
+        info.header.frame_id = frame_id
+        h.info_pub.publish(info)
+        wait_for(lambda f=frame_id: h.node.camera_k and h.node.camera_k[2] == f, "camera_info")
+        h.image_pub.publish(image_msg(sec))
+        wait_for(lambda s=sec: h.stamped_markers(s), "the boxes")
+        assert boxes(h, sec) and "camera_info/frame_id" not in h.node.problems, frame_id
     info = camera_info()
     info.header.frame_id = "other_camera"  # the images are in camera_optical
     h.info_pub.publish(info)
