@@ -1565,11 +1565,18 @@ def test_a_camera_info_for_another_frame_is_named(harness):
 def test_camera_info_without_a_size_calibrates_the_image_as_it_arrives(harness):
     # Some drivers leave width/height 0: K is then for the image, and must still be
     # scaled to the network-resolution map the boxes are found on (input_size below).
+    # A camera_info calibrated at twice the images' size (K doubled) places them alike: K
+    # is scaled from camera_info's own width/height; taken for the image's, it would not.
     placed = {}
-    for label, size in (("sized", (W, H)), ("unsized", (0, 0))):
+    cases = {
+        "sized": (camera_info(), (W, H)),
+        "unsized": (camera_info(), (0, 0)),
+        "twice the size": (camera_info(2 * H, 2 * W), (2 * W, 2 * H)),
+        "K for twice the size, sized as the image": (camera_info(2 * H, 2 * W), (W, H)),
+    }
+    for label, (info, size) in cases.items():
         h = harness(input_size=[H // 2, W // 2], **HAZARD_PARAMS)
         h.listen("hazards")
-        info = camera_info()
         info.width, info.height = size
         h.info_pub.publish(info)
         wait_for(lambda h=h: h.node.camera_k is not None, "camera_info")
@@ -1578,6 +1585,8 @@ def test_camera_info_without_a_size_calibrates_the_image_as_it_arrives(harness):
         first = boxes(h, 60)[0].pose.position
         placed[label] = (first.x, first.y, first.z)
     assert placed["unsized"] == pytest.approx(placed["sized"])
+    assert placed["twice the size"] == pytest.approx(placed["sized"])
+    assert placed["K for twice the size, sized as the image"] != pytest.approx(placed["sized"])
 
 
 def test_drivable_classes_must_be_classes_of_the_loaded_segmenter(harness):
