@@ -122,6 +122,44 @@ def test_a_class_seen_on_too_few_pixels_takes_the_pooled_statistics():
     assert std[0].item() > 0
 
 
+def test_sml_statistics_are_over_the_eval_logits_at_their_resolution_without_void():
+    from training.train_sml import max_logit_statistics
+
+    torch.manual_seed(0)
+    seg = TinySegmenter(num_classes=4, width=8)
+    with torch.no_grad():  # classes spread over the pixels, each on enough of them
+        seg.classifier.weight *= 20.0
+    rng = np.random.default_rng(0)
+    dataset = []
+    for _ in range(2):
+        image = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
+        label = rng.integers(0, 4, (32, 64)).astype(np.uint8)
+        label[:14, :22] = 255  # void, left out (edges off the stride: nearest, not blended)
+        dataset.append({"image": image, "label": label})
+    seg.train()  # the fit must switch to eval (batch norm, dropout)
+    mean, std, pixels = max_logit_statistics(seg, dataset, torch.device("cpu"), show_progress=False)
+
+    # Independently: eval logits at stride 4, void taken from every 4th label pixel.
+    seg.eval()
+    tops, preds = [], []
+    with torch.no_grad():
+        for item in dataset:
+            x = torch.from_numpy(item["image"]).permute(2, 0, 1)[None]
+            logits = seg(seg.normalize(x)).logits[0].double().numpy()
+            assert logits.shape[1:] == (8, 16)
+            keep = item["label"][::4, ::4] != 255
+            tops.append(logits.max(0)[keep])
+            preds.append(logits.argmax(0)[keep])
+    top, pred = np.concatenate(tops), np.concatenate(preds)
+    assert pixels == top.size == 2 * (8 * 16 - 4 * 6)
+    for c in range(4):
+        own = top[pred == c] if (pred == c).sum() >= 32 else top  # too few: pooled
+        assert mean[c].item() == pytest.approx(own.mean(), rel=1e-5), c
+        assert std[c].item() == pytest.approx(own.std(), rel=1e-5), c
+    counts = np.bincount(pred, minlength=4)
+    assert (counts >= 32).sum() >= 2 and counts.min() > 0  # own statistics, and pooled ones
+
+
 def test_max_logit_stats_refuse_empty_and_wrong_channels():
     stats = MaxLogitStats(num_classes=3)
     with pytest.raises(ValueError, match="no pixels"):
