@@ -193,3 +193,76 @@ def test_bad_config_is_refused(model: str, values: dict, world: Path, tmp_path: 
     assert train(model, world, tmp_path / "x.safetensors", config) == 2
     assert "error" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# -- the generator's losses, wired (the loss formulas themselves: test_resynthesis) --------
+def _gan(k: int = 5):
+    from segmentation_safety.models.generator import MultiscaleDiscriminator, SpadeGenerator
+
+    torch.manual_seed(0)
+    gen = SpadeGenerator(k, ngf=4, num_upsampling=2, hidden=8, norm="instance", spectral=False)
+    disc = MultiscaleDiscriminator(k, ndf=4, n_layers=2, num_d=2, spectral=False)
+    return gen, disc
+
+
+def test_one_gan_step_trains_g_on_its_loss_and_d_on_its_own():
+    from torch.nn.functional import relu
+
+    from training.train_generator import GanTraining
+
+    gen, disc = _gan()
+    labels = torch.randint(0, 5, (2, 16, 32))
+    image = torch.randint(0, 256, (2, 3, 16, 32), dtype=torch.uint8)
+    loss, logs = GanTraining(gen, disc, feat_weight=10.0)({"label": labels, "image": image})
+    loss.backward()
+    got_g = [p.grad.clone() for p in gen.parameters()]
+    got_d = [p.grad.clone() for p in disc.parameters()]
+
+    # Independently (SPADE): G learns from -mean D(fake) + 10 x L1 feature matching with D
+    # fixed; D from the hinge loss on real images in [-1, 1] and the detached fake.
+    real = image.float() / 127.5 - 1.0
+    fake = gen(labels)
+    d_fake, d_real = disc(labels, fake), disc(labels, real)
+    adversarial = sum(-s[-1].mean() for s in d_fake) / 2
+    matching = sum(
+        sum((f - r.detach()).abs().mean() for f, r in zip(fs[:-1], rs[:-1]))
+        for fs, rs in zip(d_fake, d_real)
+    )
+    loss_g = adversarial + 10.0 * matching / 2
+    want_g = torch.autograd.grad(loss_g, list(gen.parameters()), retain_graph=True)
+    d_fake = disc(labels, fake.detach())
+    loss_d = sum(relu(1 - r[-1]).mean() for r in d_real) / 2
+    loss_d = loss_d + sum(relu(1 + f[-1]).mean() for f in d_fake) / 2
+    want_d = torch.autograd.grad(loss_d, list(disc.parameters()))
+
+    assert logs["loss_g"].item() == pytest.approx(loss_g.item(), rel=1e-5)
+    assert logs["loss_d"].item() == pytest.approx(loss_d.item(), rel=1e-5)
+    for got, want in zip(got_g + got_d, [*want_g, *want_d], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_gan_optimizer_ttur_rates_then_linear_decay_to_zero():
+    from training.train_generator import make_optimizer
+
+    gen, disc = _gan()
+    config = {
+        "lr_generator": 1e-4,
+        "lr_discriminator": 4e-4,
+        "betas": [0.0, 0.9],
+        "iterations": 10,
+        "decay_start": 0.5,
+    }
+    optimizer, scheduler = make_optimizer(gen, disc, config)
+    g_group, d_group = optimizer.param_groups
+    assert [id(p) for p in g_group["params"]] == [id(p) for p in gen.parameters()]
+    assert [id(p) for p in d_group["params"]] == [id(p) for p in disc.parameters()]
+    assert g_group["betas"] == (0.0, 0.9)
+    rates = []
+    for _ in range(10):
+        rates += [g_group["lr"], d_group["lr"]]
+        optimizer.step()
+        scheduler.step()
+    rates += [g_group["lr"], d_group["lr"]]
+    # Constant for the first half (5 iterations), then (10 - i) / 5 of the rate.
+    factors = [1.0] * 6 + [0.8, 0.6, 0.4, 0.2, 0.0]
+    assert rates == pytest.approx([r * f for f in factors for r in (1e-4, 4e-4)])
