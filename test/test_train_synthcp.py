@@ -266,3 +266,51 @@ def test_gan_optimizer_ttur_rates_then_linear_decay_to_zero():
     # Constant for the first half (5 iterations), then (10 - i) / 5 of the rate.
     factors = [1.0] * 6 + [0.8, 0.6, 0.4, 0.2, 0.0]
     assert rates == pytest.approx([r * f for f in factors for r in (1e-4, 4e-4)])
+
+
+def test_comparison_targets_are_each_images_held_out_fold_prediction_against_its_label():
+    import torch.nn.functional as F
+
+    from segmentation_safety.detectors.resynthesis import resynthesize
+    from segmentation_safety.models.comparison import ComparisonNet
+    from segmentation_safety.models.zoo import build_segmenter
+    from training.losses.synthcp import comparison_loss
+    from training.train_comparison import ComparisonTraining
+
+    k = 5
+    segs = []
+    for seed in (1, 2, 3):  # fold 0, fold 1, the deployed segmenter
+        torch.manual_seed(seed)
+        segs.append(build_segmenter("tiny", num_classes=k, width=4).eval())
+    gen, _ = _gan(k)
+    gen.synthesis_scale = 1.0
+    comparison = ComparisonNet(k, width=4, layers=[1, 1, 1, 1], fuse_channels=4)
+    module = ComparisonTraining(comparison, segs[:2], gen, segs[2], torch.device("cpu")).eval()
+    gen_ = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (2, 3, H, W), dtype=torch.uint8, generator=gen_)
+    label = torch.randint(0, k, (2, H, W), generator=gen_)
+    label[:, :8] = 255  # void: no target there
+    fold = torch.tensor([1, 0])
+    loss, logs = module({"image": image, "label": label, "fold": fold})
+
+    # Independently: image 0 predicted by fold 1's segmenter, image 1 by fold 0's; ŷ the
+    # argmax of the bilinear logits at the image size; eq. 8 on (ŷ, label).
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                segs[1](segs[1].normalize(image[:1])).logits,
+                segs[0](segs[0].normalize(image[1:])).logits,
+            ]
+        )
+        pred = F.interpolate(logits, (H, W), mode="bilinear", align_corners=False).argmax(1)
+        synth = resynthesize(gen, logits, segs[2], (H, W))
+        out = comparison(segs[2].normalize(image), synth, logits.softmax(1))
+        want = comparison_loss(out.class_iou, out.correct_logit, pred, label)
+        _, _, probs, got_pred = module.predict(image, fold)
+    torch.testing.assert_close(probs, logits.softmax(1))
+    assert torch.equal(got_pred, pred)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    wrong = ((pred != label) & (label != 255)).float().mean()
+    assert logs["error_rate"].item() == pytest.approx(wrong.item())
+    # The folds really differ: the other assignment predicts otherwise.
+    assert not torch.equal(module.predict(image, 1 - fold)[3], pred)
