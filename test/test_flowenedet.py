@@ -436,3 +436,39 @@ def test_detector_smooths_the_flows_p_wrong_on_bilinear_logits_at_a_quarter(cls)
     torch.testing.assert_close(got, F.conv2d(padded, kernel[None, None])[:, 0])
     torch.testing.assert_close(unsmoothed, raw)
     assert (got - raw).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_training_step_targets_the_eval_segmenters_mistakes_with_bilinear_quarter_logits(
+    conditional: bool,
+) -> None:
+    from training.train_flowenedet import FlowEneDetTraining
+
+    torch.manual_seed(0)
+    seg = TinySegmenter(num_classes=4, width=4, dropout=0.5)  # dropout: eval must be kept
+    model = FlowEneDet(num_classes=4, blocks=2, hidden=6, dropout=0.0, conditional=conditional)
+    _randomize(model, seed=1, std=0.3)
+    module = FlowEneDetTraining(seg, model).train()
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (2, 3, 30, 46), dtype=torch.uint8, generator=gen)
+    label = torch.randint(0, 4, (2, 30, 46), generator=gen)
+    label[:, :6] = 255
+    loss, logs = module({"image": image, "label": label})
+
+    # Independently: the segmenter in eval mode; "wrong" = argmax of the logits resized
+    # bilinearly to the label differs from it (void left out); the flow reads the logits
+    # resized bilinearly to a quarter of the image, its output resized to the labels.
+    seg.eval()
+    with torch.no_grad():
+        out = seg(seg.normalize(image))
+        up = F.interpolate(out.logits, (30, 46), mode="bilinear", align_corners=False)
+        target = (up.argmax(1) != label).long().masked_fill(label == 255, -100)
+        assert out.logits.shape[-2:] == (8, 12)  # not a quarter of 30×46: resized
+        quarter = F.interpolate(out.logits, (7, 11), mode="bilinear", align_corners=False)
+        flow = model(quarter, out.features if conditional else None)
+        flow = F.interpolate(flow, (30, 46), mode="bilinear", align_corners=False)
+        want = F.cross_entropy(flow, target, ignore_index=-100)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    valid = target != -100
+    assert logs["wrong_fraction"].item() == pytest.approx(target[valid].float().mean().item())
+    assert 0.0 < logs["wrong_fraction"].item() < 1.0
