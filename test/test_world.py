@@ -218,6 +218,10 @@ def test_negative_scenes_have_decoys_on_the_road(world: Path) -> None:
         assert set(np.unique(decoys)) == {0, 1}
         assert set(np.unique(labels)) <= VALID_TRAIN_IDS
         assert (labels[decoys == 1] == 255).all()  # decoys never train as a class
+        # Void off the decoys is the hood, a band at the bottom: no lost cargo (a test
+        # anomaly kind) in the negatives.
+        hood = (labels == 255) & (decoys == 0)
+        np.testing.assert_array_equal(hood, np.logical_and.accumulate(hood[::-1], axis=0)[::-1])
         # Standing on the road: the pixel under each decoy column's bottom edge is road.
         edge = (decoys[:-1] == 1) & (decoys[1:] == 0)
         under = labels[1:][edge]
