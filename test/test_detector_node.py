@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -915,6 +916,27 @@ def test_frames_arriving_within_the_max_rate_period_are_dropped_undecoded(harnes
     assert decoded == [1, 7]
     s = h.node.stats.snapshot()
     assert (s.received, s.processed, s.dropped) == (7, 2, 5)
+
+
+def test_max_rate_counts_its_period_from_the_start_of_each_frame(harness, monkeypatch):
+    # A frame takes 1 s here; at 0.5 Hz the next one starts 2 s after the last one
+    # started, not 2 s after it ended (1/3 Hz).
+    h = harness(max_rate=0.5)
+    h.listen("segmentation")
+    starts = []
+    process = h.node.pipeline.process_frame
+
+    def slow(*args):
+        starts.append(time.monotonic())
+        time.sleep(1.0)  # the work of a slow network
+        return process(*args)
+
+    monkeypatch.setattr(h.node.pipeline, "process_frame", slow)
+    h.image_pub.publish(image_msg(1))
+    wait_for(lambda: starts, "frame 1 to start")
+    h.image_pub.publish(image_msg(2))  # waits in the slot
+    wait_for(lambda: h.stamped("segmentation", 2), "frame 2's answer")
+    assert 1.95 <= starts[1] - starts[0] < 2.7, starts
 
 
 def test_replaced_compressed_frames_are_never_decoded(harness):
