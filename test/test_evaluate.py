@@ -16,6 +16,7 @@ from torch import nn
 
 from segmentation_safety.checkpoint import save_bundle
 from segmentation_safety.detectors import Detector, registry
+from segmentation_safety.metrics import FailureMetrics
 from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata
 from segmentation_safety.pipeline import Pipeline, PipelineConfig
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
@@ -276,6 +277,40 @@ def test_nan_and_inf_rank_as_most_anomalous_and_minus_inf_as_least():
     assert result.ap == pytest.approx(1.0)
     assert result.auroc == pytest.approx(1.0)
     assert result.fpr95 == pytest.approx(0.0)
+
+
+class _NonFiniteFailure(_RedOracle):
+    """A failure map at the network's resolution, NaN and +inf in two corners, -inf in one."""
+
+    name: ClassVar[str] = "test_non_finite_failure"
+    produces: ClassVar[frozenset[str]] = frozenset({"failure"})
+
+    def forward(self, out: SegmenterOutput) -> DetectorOutput:
+        score = nn.functional.avg_pool2d(super().forward(out).anomaly[:, None], 4)[:, 0]
+        score[:, 0, 0] = math.nan
+        score[:, 0, -1] = math.inf
+        score[:, -1, 0] = -math.inf
+        return DetectorOutput(failure=score)
+
+
+def test_non_finite_failure_scores_rank_at_the_ends_too(monkeypatch):
+    maps = []
+    real_update = FailureMetrics.update
+    monkeypatch.setattr(
+        FailureMetrics, "update", lambda self, s, *a: maps.append(s) or real_update(self, s, *a)
+    )
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    pipeline = Pipeline(
+        seg, {"oracle": _NonFiniteFailure(seg)}, PipelineConfig(anomaly=None, device="cpu")
+    )
+    image, label, _ = _scene(0)
+    report = evaluate(pipeline, [{"image": image, "label": label}], progress=False)
+    (scored,) = maps
+    assert scored.shape == (H, W) and np.isfinite(scored).all()
+    # The corners keep their rank: NaN and +inf above every real score, -inf below.
+    assert scored[0, 0] > 1e29 and scored[0, -1] > 1e29 and scored[-1, 0] < -1e29
+    assert np.abs(scored[8:-8, 8:-8]).max() <= 1.0  # away from the corners: the map itself
+    assert report.detectors["oracle"].failure.num_error > 0
 
 
 def test_registered_fake_detector_runs_through_the_command(
