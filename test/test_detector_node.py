@@ -1508,6 +1508,30 @@ def test_publishers_whose_frames_never_arrive_are_named_on_diagnostics(harness):
     wait_for_fault(h, "no frames from publishers", present=False)
 
 
+def test_a_camera_appearing_late_has_input_timeout_for_its_first_frame(harness):
+    h = harness(input_timeout=2.0)
+    h.listen("/diagnostics")
+    topic = h.node._image_topic()
+    wait_for(lambda: h.node.count_publishers(topic) == 1, "the node to see the publisher")
+    h.got["/diagnostics"].clear()
+    wait_for(lambda: diag_values(h), "a diagnostics status with the publisher there")
+    h.helper.destroy_publisher(h.image_pub)
+    wait_for(lambda: h.node.count_publishers(topic) == 0, "the publisher to go")
+    # Longer than input_timeout with nobody publishing: nothing is missing.
+    started = time.monotonic()
+    wait_for(lambda: time.monotonic() - started > 2.5, "input_timeout to pass")
+    assert "fault: no frames from publishers" not in diag_values(h)
+    reliable = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+    h.helper.create_publisher(Image, "image", reliable)  # a camera starts, no frame yet
+    wait_for(lambda: h.node.count_publishers(topic) == 1, "the node to see the camera")
+    seen = time.monotonic()
+    h.got["/diagnostics"].clear()
+    wait_for(lambda: diag_values(h), "a diagnostics status with the camera there")
+    # The camera's time runs from when it appeared, not from the node's start.
+    assert time.monotonic() - seen < 2.0  # (else the machine stalled: not a verdict)
+    assert "fault: no frames from publishers" not in diag_values(h)
+
+
 def test_input_timeout_set_at_run_time_decides_the_no_frames_fault(harness):
     h = harness(input_timeout=0.3)
     h.listen("segmentation", "/diagnostics")  # the helper's publisher exists, sends nothing
