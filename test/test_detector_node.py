@@ -936,7 +936,7 @@ def test_max_rate_counts_its_period_from_the_start_of_each_frame(harness, monkey
     wait_for(lambda: starts, "frame 1 to start")
     h.image_pub.publish(image_msg(2))  # waits in the slot
     wait_for(lambda: h.stamped("segmentation", 2), "frame 2's answer")
-    assert 1.95 <= starts[1] - starts[0] < 2.7, starts
+    assert 1.95 <= starts[1] - starts[0] < 2.9, starts  # from its end: >= 3 s
 
 
 def test_replaced_compressed_frames_are_never_decoded(harness):
