@@ -101,6 +101,10 @@ def test_bad_messages_are_refused_with_the_problem_named(change, words):
 def test_huge_images_are_refused_by_pixel_count():
     with pytest.raises(CodecError, match="too large.*max_pixels 20"):
         decode_rgb(_msg(_rgb(), "rgb8"), max_pixels=20)
+    # The limit itself is allowed: 5x7 = 35 pixels pass max_pixels 35, not 34.
+    np.testing.assert_array_equal(decode_rgb(_msg(_rgb(), "rgb8"), max_pixels=H * W), _rgb())
+    with pytest.raises(CodecError, match="35 pixels > max_pixels 34"):
+        decode_rgb(_msg(_rgb(), "rgb8"), max_pixels=H * W - 1)
 
 
 def test_encoders_keep_the_header_and_round_trip():
