@@ -119,6 +119,9 @@ def test_encoders_keep_the_header_and_round_trip():
     assert (m.encoding, m.step, m.header) == ("mono8", W, header)
     assert (f.encoding, f.step, f.header) == ("32FC1", W * 4, header)
     assert (c.encoding, c.step, c.header) == ("rgb8", W * 3, header)
+    # Float maps go out in host byte order, and the flag says which.
+    host_big = int(sys.byteorder == "big")
+    assert (m.is_bigendian, f.is_bigendian, c.is_bigendian) == (host_big,) * 3
     np.testing.assert_array_equal(np.frombuffer(m.data, np.uint8).reshape(H, W), labels)
     np.testing.assert_array_equal(np.frombuffer(f.data, np.float32).reshape(H, W), values)
     np.testing.assert_array_equal(decode_rgb(c), rgb)
