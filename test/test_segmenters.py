@@ -166,6 +166,9 @@ def test_bundle_round_trip_rebuilds_the_same_network(name, tmp_path):
     # not depend on those defaults staying the same).
     arch = bundle.metadata["architecture"]
     assert arch["name"] == name and ARCHS[name].items() <= arch.items()
+    # The normalisation is recorded as given, each under its own name.
+    assert bundle.metadata["mean"] == pytest.approx(mean)
+    assert bundle.metadata["std"] == pytest.approx(std)
     if name == "tiny":
         assert arch["dropout"] == 0.1  # a default, not given in ARCHS
     if name == "espnetv2":
