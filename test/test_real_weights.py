@@ -18,6 +18,7 @@ from PIL import Image
 from segmentation_safety.checkpoint import BundleError, load_bundle, save_bundle
 from segmentation_safety.commands import import_weights
 from segmentation_safety.detectors import registry
+from segmentation_safety.labels import TRAIN_NAMES
 from segmentation_safety.models.importers import (
     ImportWeightsError,
     import_checkpoint,
@@ -75,6 +76,16 @@ def test_torchvision_state_dict_in_a_training_checkpoint_imports(tmp_path):
         import_checkpoint(tmp_path / "ckpt.pth", architecture="espnetv2")
     with pytest.raises(ImportWeightsError, match="2 class names given, the checkpoint has 21"):
         import_checkpoint(tmp_path / "ckpt.pth", class_names=["a", "b"])
+
+
+def test_a_torchvision_checkpoint_of_19_classes_is_named_with_the_cityscapes_classes(tmp_path):
+    model = build_segmenter("lraspp_mobilenet_v3", num_classes=19)
+    torch.save(model.net.state_dict(), tmp_path / "city.pth")
+    got = import_checkpoint(tmp_path / "city.pth")
+    assert got.class_names == list(TRAIN_NAMES) and got.class_names[0] == "road"
+    model = build_segmenter("lraspp_mobilenet_v3", num_classes=5)
+    torch.save(model.net.state_dict(), tmp_path / "five.pth")
+    assert import_checkpoint(tmp_path / "five.pth").class_names == ["0", "1", "2", "3", "4"]
 
 
 def test_an_input_size_taller_than_wide_is_noted_as_likely_swapped(tmp_path, capsys):
