@@ -102,6 +102,18 @@ def test_no_instances_falls_back_to_rectangle_and_big_negatives_are_clipped():
     assert mask.all() and (new_target == 255).all()
 
 
+def test_rectangle_sides_take_every_size_from_min_size_to_the_negative_inclusive():
+    image, target = _inlier()
+    heights, widths = set(), set()
+    for seed in range(200):
+        gen = torch.Generator().manual_seed(seed)
+        _, _, mask = paste_negative(image, target, _negative(20, 24), gen, p_rect=1.0)
+        top, bottom, left, right = _bbox(mask)
+        heights.add(bottom - top)
+        widths.add(right - left)
+    assert heights == set(range(16, 21)) and widths == set(range(16, 25))
+
+
 def test_float_images_and_shape_errors():
     image = torch.rand(3, H, W)
     target = torch.zeros(H, W, dtype=torch.long)
