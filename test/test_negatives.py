@@ -114,6 +114,29 @@ def test_rectangle_sides_take_every_size_from_min_size_to_the_negative_inclusive
     assert heights == set(range(16, 21)) and widths == set(range(16, 25))
 
 
+def test_an_instance_box_larger_than_the_image_is_cut_to_a_random_window_inside_it():
+    image, target = _inlier()
+    # Channel 0 holds the row, channel 1 the column: a pasted pixel names its source.
+    rows = torch.arange(80).view(80, 1).expand(80, 100)
+    cols = torch.arange(100).view(1, 100).expand(80, 100)
+    negative = torch.stack([rows, cols, rows]).to(torch.uint8)
+    instances = torch.zeros(80, 100, dtype=torch.long)
+    instances[2:60, 5:90] = 4  # 58×85 box, larger than the 32×64 image
+    corners = set()
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        new_image, _, mask = paste_negative(
+            image, target, negative, gen, instances=instances, p_rect=0.0
+        )
+        assert mask.all()
+        top, left = int(new_image[0, 0, 0]), int(new_image[1, 0, 0])
+        assert 2 <= top <= 60 - H and 5 <= left <= 90 - W
+        assert torch.equal(new_image, negative[:, top : top + H, left : left + W])
+        corners.add((top, left))
+    tops, lefts = {t for t, _ in corners}, {c for _, c in corners}
+    assert len(tops) > 3 and len(lefts) > 3  # the window moves both down and across
+
+
 def test_float_images_and_shape_errors():
     image = torch.rand(3, H, W)
     target = torch.zeros(H, W, dtype=torch.long)
