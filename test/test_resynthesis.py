@@ -370,6 +370,8 @@ def test_cross_validation_folds_disjoint_covering_and_seeded() -> None:
         assert set(f.train) | set(f.holdout) == set(range(10))
     assert folds == cross_validation_folds(10, k=4, seed=3)
     assert folds != cross_validation_folds(10, k=4, seed=4)
+    # As many items as folds: each item is a holdout of its own.
+    assert sorted(f.holdout for f in cross_validation_folds(4, k=4)) == [(0,), (1,), (2,), (3,)]
     with pytest.raises(ValueError):
         cross_validation_folds(3, k=4)
     with pytest.raises(ValueError):
