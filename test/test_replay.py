@@ -589,3 +589,29 @@ def test_a_node_process_ends_when_the_replay_is_killed(models: Path):
     parent.stdout.close()
     Path(log).unlink(missing_ok=True)  # its replay died before removing it
     assert ended, "the node process outlived its replay"
+
+
+def test_overlays_are_the_first_middle_and_last_frames_as_numbered_bgr_pngs(tmp_path):
+    import cv2
+    import numpy as np
+    from rclpy.serialization import serialize_message
+
+    from segmentation_safety.ros.image_codec import encode_rgb8
+    from segmentation_safety.ros.replay_report import save_overlays
+
+    def frame(i: int) -> bytes:
+        rgb = np.zeros((2, 3, 3), np.uint8)
+        rgb[..., 0], rgb[..., 2] = 10 * i, 200  # red names the frame, blue is constant
+        return serialize_message(encode_rgb8(rgb))
+
+    overlays = {1000 + 7 * i: frame(i) for i in range(5)}  # stamps, not 0..4
+    paths = save_overlays(overlays, tmp_path / "o", 3)
+    assert [p.name for p in paths] == ["overlay_00.png", "overlay_01.png", "overlay_02.png"]
+    read = [cv2.imread(str(p)) for p in paths]  # BGR
+    assert [int(bgr[0, 0, 2]) for bgr in read] == [0, 20, 40]  # frames 0, 2 and 4
+    assert all(bgr.shape == (2, 3, 3) and (bgr[..., 0] == 200).all() for bgr in read)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [p.name for p in paths]
+    # Asking for more than there are writes each once; none asked, or none kept, writes none.
+    assert len(save_overlays(overlays, tmp_path / "all", 9)) == 5
+    assert save_overlays(overlays, tmp_path / "none", 0) == []
+    assert save_overlays({}, tmp_path / "empty", 3) == [] and not (tmp_path / "empty").exists()
