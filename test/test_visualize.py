@@ -55,6 +55,18 @@ def test_overlay_paints_only_pixels_above_threshold():
     assert out[1, 2, 0] > 100 and out[1, 2, 2] < 100  # tinted red
 
 
+def test_a_score_equal_to_the_threshold_is_not_painted_and_void_is_not_tinted():
+    image = np.full((2, 2, 3), 100, dtype=np.uint8)
+    anomaly = np.array([[1.0, 2.0], [0.0, 1.0]], dtype=np.float32)
+    out = visualize.hazard_overlay(image, anomaly, threshold=1.0)
+    np.testing.assert_array_equal(np.any(out != image, axis=2), [[False, True], [False, False]])
+    # Class colours tint 30 %: road (128, 64, 128) -> 0.7 * 100 + 0.3 * c; void stays as is.
+    labels = np.array([[0, VOID], [VOID, 0]], dtype=np.uint8)
+    out = visualize.hazard_overlay(image, None, labels=labels)
+    np.testing.assert_array_equal(out[0, 0], [108, 89, 108])
+    np.testing.assert_array_equal(out[0, 1], [100, 100, 100])
+
+
 def test_overlay_without_threshold_blends_a_heatmap_and_without_map_is_the_image():
     image = np.full((4, 6, 3), 50, dtype=np.uint8)
     ramp = np.tile(np.linspace(0, 1, 6, dtype=np.float32), (4, 1))
