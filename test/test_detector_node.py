@@ -45,7 +45,7 @@ from segmentation_safety.ros.detector_node import (  # noqa: E402
     alarm_message,
     main,
 )
-from segmentation_safety.ros.params import DetectorParams  # noqa: E402
+from segmentation_safety.ros.params import DetectorParams, validate  # noqa: E402
 from segmentation_safety.types import SafetyResult  # noqa: E402
 
 
@@ -1035,6 +1035,30 @@ def test_an_integer_for_a_double_starts_the_node(harness):
     # A YAML `alarm_fraction: 0` or `-p max_rate:=5` gives integers.
     h = harness(alarm_fraction=0, max_rate=5)
     assert h.node.params.alarm_fraction == 0.0 and h.node.params.max_rate == 5.0
+
+
+@pytest.mark.parametrize(
+    ("name", "accepted", "refused"),
+    [
+        # JPEG qualities are 1..100; a fraction of an area is 0..1 (a negative one would
+        # raise the alarm on every frame); a pairing slop is 0..10 s.
+        ("jpeg_quality", (1, 100), (0, 101)),
+        ("alarm_fraction", (0.0, 1.0), (-0.01, 1.01)),
+        ("depth_max_age", (0.0, 10.0), (-0.01, 10.01)),
+        # [0, 0] keeps the bundle's size; otherwise both sides within 8..8192.
+        (
+            "input_size",
+            ([0, 0], [8, 8], [8192, 8192]),
+            ([0, 16], [16, 0], [7, 16], [16, 8193], [16]),
+        ),
+    ],
+)
+def test_parameter_ranges_are_their_documented_limits(name, accepted, refused):
+    for value in accepted:
+        assert validate(name, value) is None, (name, value)
+    for value in refused:
+        problem = validate(name, value)
+        assert problem is not None and f"parameter '{name}'" in problem, (name, value)
 
 
 def test_transport_is_fixed_at_start_and_jpeg_quality_checked(harness):
