@@ -17,11 +17,19 @@ from torch import nn
 from segmentation_safety.checkpoint import save_bundle
 from segmentation_safety.detectors import Detector, registry
 from segmentation_safety.metrics import FailureMetrics
+from segmentation_safety.metrics.iou_prediction import IoUPredictionResult
+from segmentation_safety.metrics.pixel import AnomalyResult
 from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata
 from segmentation_safety.pipeline import Pipeline, PipelineConfig
 from segmentation_safety.types import DetectorOutput, SegmenterOutput
 from training import evaluate_cli
-from training.evaluate import check_sample, closed_set_label, evaluate
+from training.evaluate import (
+    DetectorScores,
+    EvaluationReport,
+    check_sample,
+    closed_set_label,
+    evaluate,
+)
 from training.report import report_json, write_report
 
 H, W = 32, 64
@@ -381,6 +389,41 @@ def test_report_writes_null_for_undefined_metrics(tmp_path: Path):
     data = json.loads((tmp_path / "R.json").read_text())  # strict JSON: no NaN
     assert data["detectors"]["max_softmax"]["anomaly"]["ap"] is None
     assert tmp_path / "R.md" in written
+
+
+def test_report_files_agree_and_only_measured_blocks_get_a_plot(tmp_path: Path):
+    curve = np.array([0.0, 0.5, 1.0])
+    anomaly = AnomalyResult(
+        ap=0.5, auroc=0.75, fpr95=0.25, threshold95=0.1, num_anomaly=2, num_inlier=6,
+        recall=curve, precision=curve, fpr=curve, tpr=curve,
+    )  # fmt: skip
+    nan = np.full(3, np.nan)
+    iou = IoUPredictionResult(
+        mae=0.125, std=0.0, pearson=-0.5, spearman=-0.25, pooled_mae=0.125, pooled_std=0.0,
+        pooled_pearson=-0.5, pooled_spearman=-0.25, num_pairs=4,
+        per_class_mae=nan, per_class_std=nan, per_class_pearson=nan, per_class_spearman=nan,
+    )  # fmt: skip
+    report = EvaluationReport(
+        dataset="d", split="s", images=4, miou=None, pixel_accuracy=None, class_iou=None,
+        class_names=[], detectors={"a": DetectorScores(anomaly=anomaly),
+                                   "b": DetectorScores(iou=iou)},
+        scored_at={"a": "network", "b": "network"},
+    )  # fmt: skip
+    written = write_report(report, tmp_path / "R.json")
+    # No failure block anywhere: no failure plot (an empty figure would be noise).
+    assert written == [tmp_path / "R.json", tmp_path / "R.md", tmp_path / "R_anomaly.png"]
+    assert not (tmp_path / "R_failure.png").exists()
+    data = json.loads((tmp_path / "R.json").read_text())
+    assert data["detectors"] == {
+        "a": {"anomaly": {"ap": 0.5, "fpr95": 0.25, "auroc": 0.75}},
+        # Correlations range over [-1, 1]: a negative one is kept, not clipped to 0.
+        "b": {"iou": {"mae": 0.125, "pearson": -0.5, "spearman": -0.25}},
+    }
+    md = (tmp_path / "R.md").read_text().splitlines()
+    # The same values: percent for fractions, coefficients for correlations.
+    assert "| a | 50.00 | 75.00 | 25.00 |" in md  # AP, AUROC, FPR95
+    assert "| b | 12.50 | -0.500 | -0.250 |" in md  # MAE, Pearson, Spearman
+    assert not any(line.startswith("## Failure") for line in md)
 
 
 @pytest.mark.real
