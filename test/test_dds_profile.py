@@ -56,3 +56,20 @@ def test_a_profile_fast_dds_would_only_log_about_is_refused(tmp_path, content, p
 def test_another_middleware_is_refused_by_name():
     with pytest.raises(ProfileError, match="rmw_cyclonedds_cpp"):
         profile_env(SAME_HOST, REPO, environ={"RMW_IMPLEMENTATION": "rmw_cyclonedds_cpp"})
+
+
+def test_relative_and_home_paths_reach_the_process_as_absolute_ones(tmp_path, monkeypatch):
+    # A launched process may start elsewhere: the variable names the file absolutely.
+    (tmp_path / "conf").mkdir()
+    own = tmp_path / "conf" / "mine.xml"
+    own.write_text("<profiles/>")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for choice in ("conf/mine.xml", "~/conf/mine.xml", " ./conf/../conf/mine.xml "):
+        assert profile_env(choice, REPO, environ={}) == {PROFILE_VARIABLE: str(own.resolve())}
+
+
+def test_either_fast_dds_middleware_takes_the_profile():
+    for rmw in ("rmw_fastrtps_cpp", "rmw_fastrtps_dynamic_cpp"):
+        env = profile_env(SAME_HOST, REPO, environ={"RMW_IMPLEMENTATION": rmw})
+        assert env == {PROFILE_VARIABLE: str(SHIPPED.resolve())}, rmw
