@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from segmentation_safety import compute_thread
 from segmentation_safety.compute_thread import THREAD_NAME, on_compute_thread
 
 
@@ -30,3 +31,38 @@ def test_results_and_exceptions_come_back_to_the_caller():
     with pytest.raises(ValueError, match="bad frame"):
         on_compute_thread(lambda: (_ for _ in ()).throw(ValueError("bad frame")))
     assert on_compute_thread(lambda: 7) == 7  # the thread survives a failure
+
+
+def test_a_job_submitted_while_another_runs_waits_for_it_on_the_same_thread(monkeypatch):
+    on_compute_thread(lambda: None)  # the executor exists (and its thread is idle)
+    executor = compute_thread._executor
+    submitted = threading.Event()  # set once the second job is queued
+    started = threading.Event()
+    events = []
+
+    def submit(fn, *args, **kwargs):
+        future = type(executor).submit(executor, fn, *args, **kwargs)
+        if fn is second:
+            submitted.set()
+        return future
+
+    monkeypatch.setattr(executor, "submit", submit)
+
+    def first():
+        started.set()
+        assert submitted.wait(timeout=30)  # the second job is queued while this one runs
+        events.append(("first", threading.current_thread()))
+
+    def second():
+        events.append(("second", threading.current_thread()))
+
+    a = threading.Thread(target=lambda: on_compute_thread(first))
+    a.start()
+    assert started.wait(timeout=30)
+    b = threading.Thread(target=lambda: on_compute_thread(second))
+    b.start()
+    a.join()
+    b.join()
+    # One thread, in order: the second job neither overtakes nor runs beside the first.
+    assert [name for name, _ in events] == ["first", "second"]
+    assert events[0][1] is events[1][1]
