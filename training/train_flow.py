@@ -163,7 +163,6 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             metrics["logreg_fitted_on"] = "val split with pasted negatives"
 
         engine.write_part_bundle(
-            ctx, args, config, detector, "flow", path, metrics,
-            class_names=list(seg_bundle.metadata.get("class_names") or []),
+            ctx, args, config, detector, "flow", path, seg_bundle.metadata, metrics,
         )  # fmt: skip
         return metrics

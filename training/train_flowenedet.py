@@ -184,8 +184,8 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         if len(seeds) > 1:
             metrics["selected_from"] = candidates  # seed -> held-out decoy AP
         engine.write_part_bundle(
-            ctx, args, config, detector, detector.trained_parts[0], path, metrics,
-            class_names=list(seg_bundle.metadata.get("class_names") or []),
+            ctx, args, config, detector, detector.trained_parts[0], path, seg_bundle.metadata,
+            metrics,
         )  # fmt: skip
         return {"variant": config["variant"], **metrics}
 

@@ -52,7 +52,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     with engine.open_run(config["device"], int(config["seed"]), amp=False) as ctx:
         train_set = engine.open_split(args.data, "train")
         path = engine.segmenter_path(config, args.out)
-        segmenter, _ = engine.load_segmenter(path)
+        segmenter, seg_bundle = engine.load_segmenter(path)
         segmenter.to(ctx.device)
 
         mean, std, pixels = max_logit_statistics(
@@ -66,5 +66,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         detector = registry.build("sml", segmenter)
         detector.set_statistics(mean, std)
         metrics = {"pixels": pixels, "mean_of_class_means": float(mean.mean())}
-        engine.write_part_bundle(ctx, args, config, detector, "sml", path, metrics)
+        engine.write_part_bundle(
+            ctx, args, config, detector, "sml", path, seg_bundle.metadata, metrics
+        )
         return metrics

@@ -269,18 +269,18 @@ def write_part_bundle(
     detector: Detector,
     kind: str,
     segmenter_path: str | os.PathLike[str],
+    segmenter_metadata: dict[str, Any],
     metrics: dict[str, Any],
     **extra: Any,
 ) -> None:
     """Write ``detector``'s part ``kind`` to ``args.out`` with the metadata every
-    detector trainer records: the training run, the segmenter it was fitted on, its
-    metrics, and ``extra`` keys."""
-    from segmentation_safety.checkpoint import load_bundle
-
+    detector trainer records: the training run, the segmenter it was fitted on (its
+    path, and its bundle's metadata as loaded for training), its metrics, and ``extra``
+    keys."""
     tensors, metadata = detector.export_part(kind)
     training = training_metadata(config, args)
     training["segmenter"] = str(segmenter_path)
-    inherited = segmenter_context(load_bundle(segmenter_path, kind="segmenter").metadata)
+    inherited = segmenter_context(segmenter_metadata)
     metadata.update({**inherited, "training": training, "metrics": metrics, **extra})
     write_bundle(ctx, args.out, tensors, metadata)
 
