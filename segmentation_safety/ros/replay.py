@@ -490,10 +490,8 @@ class Replayer:
             rejected = c.rejected()
             serialized_publish.publish(c.image_pub, with_stamp(raw, stamp))
             with c.cond:
-                c.cond.wait_for(
-                    lambda s=stamp, r=rejected: (
-                        s in c.answers or int(c.node_status.get("frames_rejected", 0)) > r
-                    ),
+                c.cond.wait_for(  # the condition's lock is reentrant: rejected() takes it
+                    lambda s=stamp, r=rejected: s in c.answers or c.rejected() > r,
                     timeout=max(deadline - time.monotonic(), 0.0),
                 )
             if stamp in c.answers:
