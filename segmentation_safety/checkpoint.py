@@ -124,7 +124,8 @@ def load_bundle(
     return Bundle(tensors=tensors, metadata=meta)
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An integer that is not a bool (YAML and JSON give both)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -142,7 +143,7 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
         return f"class_names must be a non-empty list of strings, got {names!r:.80}"
     size = meta.get("input_size")
     if size is not None and not (
-        isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)
+        isinstance(size, list) and len(size) == 2 and all(is_int(v) and v > 0 for v in size)
     ):
         return f"input_size must be [height, width] in positive integers, got {size!r:.80}"
     points = meta.get("operating_points")
@@ -164,10 +165,10 @@ def _operating_point_problem(entry: Any) -> str | None:
         return "needs a numeric threshold"
     if not isinstance(entry.get("inlier_fpr", 0.0), number):
         return "has a non-numeric inlier_fpr"
-    if not all(_is_int(entry.get(k, 0)) for k in ("images", "pixels")):
+    if not all(is_int(entry.get(k, 0)) for k in ("images", "pixels")):
         return "has non-integer images/pixels"
     classes = entry.get("classes", [])
-    if not isinstance(classes, list) or not all(_is_int(c) for c in classes):
+    if not isinstance(classes, list) or not all(is_int(c) for c in classes):
         return "has classes that are not a list of train ids"
     return None
 

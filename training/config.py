@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from segmentation_safety.checkpoint import is_int
 from segmentation_safety.errors import UserError
 
 #: Defaults shipped with the repository, one file per trainable model.
@@ -109,11 +110,7 @@ def check_values(config: dict[str, Any], source: str) -> None:
         return isinstance(config[key], int | float) and not isinstance(config[key], bool)
 
     for key, low in POSITIVE_INTS.items():
-        if key in config and not (
-            isinstance(config[key], int)
-            and not isinstance(config[key], bool)
-            and config[key] >= low
-        ):
+        if key in config and not (is_int(config[key]) and config[key] >= low):
             raise bad(key, f"must be an integer >= {low}")
     for key in NON_NEGATIVE:
         if key in config and config[key] is not None and not (number(key) and config[key] >= 0):
@@ -122,8 +119,6 @@ def check_values(config: dict[str, Any], source: str) -> None:
         raise bad("lr", "must be a number > 0")
     crop = config.get("crop_size")
     if crop is not None and not (
-        isinstance(crop, list)
-        and len(crop) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in crop)
+        isinstance(crop, list) and len(crop) == 2 and all(is_int(v) and v > 0 for v in crop)
     ):
         raise bad("crop_size", "must be null or [height, width] in positive integers")
