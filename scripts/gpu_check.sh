@@ -5,7 +5,8 @@
 # cuda node in a process of its own with the shipped
 # shared-memory profile (how a robot runs it, RViz in another process), also at 2 MP with
 # only a planner's, RViz's and a jpeg viewer's outputs subscribed (the ~16 ms question),
-# and the highest input rate the cuda node keeps up with.
+# and the highest input rate the cuda node keeps up with, with and without
+# overlap_publish.
 # Needs the environment `make setup` builds; writes JSONs and a log
 # under $1 (default out/gpu_check), the world and bag it replays under a scratch folder
 # (SCRATCH, default a temporary one), so OUT holds only the log and the JSONs (the device
@@ -76,18 +77,27 @@ step "node bench on cuda, own process, 2 MP, a robot's subscribers (planner, RVi
   --param safety_embeds_maps=false --out "$OUT/node_cuda_process_same_host_2mp_planner_rviz_jpeg.json"
 # Throughput, which one frame in flight does not show: the highest input rate the cuda
 # node keeps up with (< 5% dropped), every output and a robot's subscribers, against
-# the network's own rate (bench_cuda.json). Whether publishing must overlap the next
-# frame's network for a GPU node to be bound by its network is read off these two.
-max_rate() {  # max_rate NAME [replay options...]: T.json kept as OUT/replay_NAME.json
+# the network's own rate (bench_cuda.json), and every output again with overlap_publish
+# (a frame published while the next one is computed): whether a GPU node is bound by its
+# network is read off these. One JSON for all (OUT takes 8 files), {name: T.json},
+# rewritten after each search so that a run cut short keeps the searches it finished.
+max_rate() {  # max_rate NAME [replay options...]
   local name=$1
   shift
   "${profile[@]}" segsafe replay --bag "$SCRATCH/bag" --config config/detector.yaml \
     --node-process --find-max-rate --search-seconds 3 --search-trials 8 \
     --param "input_size=[512,1024]" --param "device=cuda" "$@" \
     --out "$SCRATCH/replay_$name/T.json" &&
-    cp "$SCRATCH/replay_$name/T.json" "$OUT/replay_$name.json"
+    python -P - "$SCRATCH" "$OUT/replay_max_rates.json" <<'PY'
+import json, pathlib, sys
+found = sorted(pathlib.Path(sys.argv[1]).glob("replay_*/T.json"))
+runs = {p.parent.name.removeprefix("replay_"): json.loads(p.read_text()) for p in found}
+pathlib.Path(sys.argv[2]).write_text(json.dumps(runs, indent=1))
+PY
 }
 step "highest input rate on cuda, every output" max_rate cuda_max_rate
+step "highest input rate on cuda, every output, overlap_publish" max_rate cuda_max_rate_overlap \
+  --param overlap_publish=true
 step "highest input rate on cuda, a robot's subscribers" max_rate cuda_max_rate_robot \
   --outputs safety,hazards,hazard_overlay_compressed --param safety_embeds_maps=false
 if ((${#failed[@]})); then

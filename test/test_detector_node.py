@@ -416,6 +416,79 @@ def test_models_load_and_frames_run_on_the_compute_thread(harness, monkeypatch):
     assert len(threads) == 2 and all(t.startswith(THREAD_NAME) for t in threads)
 
 
+def test_overlap_publish_computes_the_next_frame_while_one_publishes(harness, monkeypatch):
+    from segmentation_safety.compute_thread import THREAD_NAME
+
+    h = harness(overlap_publish=True, **HAZARD_PARAMS)
+    h.listen(*OUTPUT_TOPICS)
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    rendered, publishing = [], []
+    release = threading.Event()
+    process, publish = h.node.pipeline.process_frame, h.node._publish
+    monkeypatch.setattr(
+        h.node.pipeline,
+        "process_frame",
+        lambda *a: rendered.append(threading.current_thread().name) or process(*a),
+    )
+
+    def held_publish(frame):
+        publishing.append((frame.header.stamp.sec, threading.current_thread().name))
+        if frame.header.stamp.sec == 1:
+            assert release.wait(30.0), "never released"
+        return publish(frame)
+
+    monkeypatch.setattr(h.node, "_publish", held_publish)
+    h.image_pub.publish(image_msg(1))
+    wait_for(lambda: publishing, "frame 1 to reach publishing")
+    h.image_pub.publish(image_msg(2))
+    # Frame 1 is still being published: frame 2 goes through the network meanwhile ...
+    wait_for(lambda: len(rendered) == 2, "frame 2 computed while frame 1 publishes")
+    time.sleep(0.3)
+    # ... but is not published before frame 1 is out: one frame publishing, in order.
+    assert publishing == [(1, publishing[0][1])] and not h.got["safety"]
+    release.set()
+    wait_for(lambda: h.stamped("safety", 2), "frame 2's safety")
+    assert [m.header.stamp.sec for m in h.got["safety"]] == [1, 2]
+    for sec in (1, 2):  # every output, the boxes included, from the publishing thread
+        assert h.stamped_markers(sec) and all(
+            h.stamped(t, sec) for t in OUTPUT_TOPICS if t != "hazards"
+        )
+    assert all(t.startswith(THREAD_NAME) for t in rendered)
+    assert {t for _, t in publishing} == {publishing[0][1]} != {rendered[0]}
+    assert publishing[0][1].startswith("segsafe-publish")
+    wait_for(lambda: h.node.stats.snapshot().in_flight == 0, "frame 2 counted")
+    s = h.node.stats.snapshot()
+    assert (s.processed, s.rejected) == (2, 0)
+    # Frame 2 waited (0.3 s and more) for frame 1's publishing: its `publish` stage says so.
+    times = [{t.stage: t.ms for t in m.timings} for m in h.got["safety"]]
+    assert times[1]["publish"] > 200.0, times
+
+
+def test_a_frame_failing_on_the_publishing_thread_is_counted_and_the_next_goes_out(
+    harness, monkeypatch
+):
+    h = harness(overlap_publish=True)
+    h.listen("safety")
+    publish = h.node._publish
+
+    def failing(frame):
+        if frame.header.stamp.sec == 1:
+            raise RuntimeError("middleware refused")
+        return publish(frame)
+
+    monkeypatch.setattr(h.node, "_publish", failing)
+    h.image_pub.publish(image_msg(1))
+    wait_for(lambda: h.node.stats.snapshot().rejected == 1, "frame 1 counted as failed")
+    assert "middleware refused" in h.node.problems["processing/RuntimeError"]
+    h.image_pub.publish(image_msg(2))
+    wait_for(lambda: h.stamped("safety", 2), "frame 2's safety")
+    wait_for(lambda: h.node.stats.snapshot().in_flight == 0, "frame 2 counted")
+    s = h.node.stats.snapshot()
+    assert (s.processed, s.rejected) == (1, 1)
+    assert not h.stamped("safety", 1)
+
+
 def test_outputs_published_without_librcl_say_so_and_still_arrive(harness, capfd, monkeypatch):
     from segmentation_safety.ros import serialized_publish
 

@@ -22,7 +22,9 @@ still serialised, in a one-slot buffer (overwriting, and counting as dropped, a 
 worker had not taken yet); a worker thread deserialises, decodes and processes whatever
 is newest, so a replaced frame is never deserialised or decoded (a raw Image is read in
 place: its pixels reach the network without a copy). Only outputs that are enabled and
-have a subscriber are computed and published, each serialised once.
+have a subscriber are computed and published, each serialised once. With
+``overlap_publish`` a frame's outputs are published on a thread of their own while the
+next frame is computed (one frame publishing at a time, in order).
 
 Faults a robot produces (an invalid camera_info, no or unsynchronised depth, publishers
 whose frames never arrive, a QoS mismatch) never stop the outputs that do not need what
@@ -43,11 +45,14 @@ lifecycle wrapper can be added without restructuring.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -162,6 +167,28 @@ def label_info_types() -> tuple[type, type]:
         from segmentation_safety.msg import ClassLabel, LabelInfo
 
         return LabelInfo, ClassLabel
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    """A frame through the pipeline, its outputs not published yet."""
+
+    result: RenderedFrame
+    header: Any
+    params: DetectorParams  # as they were when the frame was taken
+    wanted: set[str]
+    image_size: tuple[int, int]
+    timings: dict[str, float]  # arrival, decode and the pipeline's stages (ms)
+    started_at: float  # perf_counter when decoding began
+    rendered_at: float  # perf_counter when the pipeline was done
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A frame whose outputs are out; ``later``: its hazard boxes when they wait for a
+    depth image (run off the compute thread)."""
+
+    later: Callable[[], None] | None = None
 
 
 class StartupError(UserError, RuntimeError):
@@ -345,7 +372,8 @@ class DetectorNode(Node):
         # (K, (width, height), frame_id) of the newest valid camera_info, replaced whole:
         # the compute thread reads it while the executor's callback writes it.
         self.camera_k: tuple[np.ndarray, tuple[int, int], str] | None = None
-        # Used by one thread only: the compute thread, or with use_depth the worker.
+        # Used by one thread at a time: the compute thread, the publishing thread
+        # (overlap_publish), or with use_depth the worker.
         self.marker_pool = markers.MarkerPool()
         self.depths: deque[cdr.RawImage] = deque(maxlen=DEPTH_BUFFER)
         self._depth_cond = threading.Condition()
@@ -398,7 +426,11 @@ class DetectorNode(Node):
         self.slot = LatestSlot()
         self._stop = threading.Event()
         self._params_changed = threading.Event()  # wakes a worker pacing max_rate
-        self._after_frame: Callable[[], None] | None = None  # set by _handle, run by _work
+        # overlap_publish: one thread publishes frames while the next is computed.
+        self._publisher: ThreadPoolExecutor | None = None
+        if p.overlap_publish:
+            self._publisher = ThreadPoolExecutor(1, thread_name_prefix="segsafe-publish")
+        self._publishing: Future | None = None  # the frame being published there
         self._qos_seen: set[str] = set()  # inputs whose incompatible publisher was listed
         image_topic, image_type = INPUTS[p.input_transport]
         self.image_sub = self.create_subscription(
@@ -616,40 +648,61 @@ class DetectorNode(Node):
 
     # -- worker thread -------------------------------------------------------------------
     def _work(self) -> None:
-        while not self._stop.is_set() and rclpy.ok(context=self.context):
-            item = self.slot.take(timeout=0.2)
-            if item is None:
-                continue
-            msg, received_at, transport_ms = item
-            started = time.monotonic()
-            latency = None
-            unheard = False
-            arrival = {"queue": (started - received_at) * 1e3}
-            if transport_ms is not None:
-                arrival = {"transport_in": transport_ms, **arrival}
-            try:
-                # The whole frame on the compute thread: the hand-back after `safety` is
-                # published then delays nothing a subscriber waits for.
-                outcome = on_compute_thread(self._handle, msg, arrival)
-                if outcome == "unheard":
-                    unheard = True
-                elif outcome:
-                    latency = (time.monotonic() - received_at) * 1e3
-                if self._after_frame is not None:
+        try:
+            while not self._stop.is_set() and rclpy.ok(context=self.context):
+                item = self.slot.take(timeout=0.2)
+                if item is None:
+                    continue
+                msg, received_at, transport_ms = item
+                started = time.monotonic()
+                arrival = {"queue": (started - received_at) * 1e3}
+                if transport_ms is not None:
+                    arrival = {"transport_in": transport_ms, **arrival}
+                # The whole frame on the compute thread (publishing too, unless
+                # overlap_publish): the hand-back after `safety` is published then delays
+                # nothing a subscriber waits for.
+                handle = functools.partial(on_compute_thread, self._handle, msg, arrival)
+                rendered = self._run_frame(handle, received_at)
+                if rendered is not None and not self._stopping():
+                    # One frame publishing at a time, in order: memory stays bounded and
+                    # `safety` never arrives out of order.
+                    self._await_publishing()
+                    send = functools.partial(self._publish, rendered)
+                    self._publishing = self._publisher.submit(self._run_frame, send, received_at)
+                self._pace(started)
+        finally:
+            self._await_publishing()
+
+    def _run_frame(self, step: Callable[[], Any], received_at: float) -> _Rendered | None:
+        """Run ``step`` (a frame's processing, or the publishing of a rendered one) and
+        count the frame once it has left the node; returns a frame still to publish."""
+        latency = None
+        unheard = False
+        try:
+            outcome = step()
+            if isinstance(outcome, _Rendered):
+                return outcome  # counted when published
+            if outcome == "unheard":
+                unheard = True
+            elif isinstance(outcome, _Sent):
+                latency = (time.monotonic() - received_at) * 1e3
+                if outcome.later is not None:
                     # Hazard markers that wait for a depth image: waiting is not compute,
                     # so it happens here and never holds the compute thread other nodes
                     # of the process share.
-                    deferred, self._after_frame = self._after_frame, None
-                    deferred()
-            except Exception as e:  # keep running whatever one frame does
-                if not self._stopping():  # a publish cut short by shutdown is no failure
-                    # Keyed by exception type: one recurring failure must not hide another.
-                    kind = f"processing/{type(e).__name__}"
-                    self._warn(kind, f"frame failed: {type(e).__name__}: {e}")
-            finally:
-                self._after_frame = None  # a frame that failed must not leave its boxes
-            self.stats.on_finished(latency, unheard=unheard)
-            self._pace(started)
+                    outcome.later()
+        except Exception as e:  # keep running whatever one frame does
+            if not self._stopping():  # a publish cut short by shutdown is no failure
+                # Keyed by exception type: one recurring failure must not hide another.
+                kind = f"processing/{type(e).__name__}"
+                self._warn(kind, f"frame failed: {type(e).__name__}: {e}")
+        self.stats.on_finished(latency, unheard=unheard)
+        return None
+
+    def _await_publishing(self) -> None:
+        if self._publishing is not None:
+            self._publishing.result()  # _run_frame catches what the frame raises
+            self._publishing = None
 
     def _stopping(self) -> bool:
         return self._stop.is_set() or not rclpy.ok(context=self.context)
@@ -669,9 +722,17 @@ class DetectorNode(Node):
     def _wanted(self, p: DetectorParams) -> set[str]:
         return {k for k in p.publish if self.pubs[k].get_subscription_count() > 0}
 
-    def _handle(self, raw: bytes, arrival: dict[str, float]) -> bool | str:
-        """Process one frame on the compute thread: True, False for refused input,
-        "unheard" with no subscriber.
+    def _handle(self, raw: bytes, arrival: dict[str, float]) -> _Sent | _Rendered | bool | str:
+        """Process one frame on the compute thread: its outputs published (``_Sent``), or
+        with ``overlap_publish`` rendered for the publishing thread; False for refused
+        input, "unheard" with no subscriber."""
+        frame = self._render(raw, arrival)
+        if not isinstance(frame, _Rendered) or self.params.overlap_publish:
+            return frame
+        return self._publish(frame)
+
+    def _render(self, raw: bytes, arrival: dict[str, float]) -> _Rendered | bool | str:
+        """Decode and run the pipeline on one frame (the compute thread's part).
 
         ``arrival``: the frame's stages before the worker took it (transport, queue), for
         the SafetyFrame timings. The serialised frame is read here (part of ``decode``): a
@@ -697,8 +758,18 @@ class DetectorNode(Node):
         options = self._render_options(wanted, p)
         result = self.pipeline.process_frame(rgb, outputs, options)
         self._check_finite(result)
-        t1 = time.perf_counter()
-        header = msg.header
+        timings = {**arrival, "decode": decode_ms, **result.timings_ms}
+        rendered_at = time.perf_counter()
+        return _Rendered(result, msg.header, p, wanted, rgb.shape[:2], timings, t0, rendered_at)
+
+    def _publish(self, frame: _Rendered) -> _Sent:
+        """Publish a rendered frame's outputs, `safety` last (its timings count the rest).
+
+        ``publish`` in the timings runs from the end of rendering, so a frame that waited
+        for the previous one's publishing (``overlap_publish``) counts that wait too."""
+        result, header, p, wanted = frame.result, frame.header, frame.params, frame.wanted
+        t1 = frame.rendered_at
+        later = None
         if "hazards" in wanted and not header.frame_id:
             self._warn(
                 "input/frame_id",
@@ -712,7 +783,7 @@ class DetectorNode(Node):
         # image (depth_max_age), and the images must not wait with them: boxes last.
         boxes_first = "hazards" in wanted and not p.use_depth
         if boxes_first:
-            self._publish_hazards(result, header, p, rgb.shape[:2])
+            self._publish_hazards(result, header, p, frame.image_size)
         if "hazard_overlay_compressed" in wanted:
             jpeg = image_codec.encode_jpeg(result.overlay, header, p.jpeg_quality)
             self.pubs["hazard_overlay_compressed"].publish(jpeg)
@@ -722,20 +793,20 @@ class DetectorNode(Node):
             if key in wanted:
                 serialized_publish.publish(self.pubs[key], cdr.serialize_body(body))
         if "hazards" in wanted and not boxes_first:
-            # After `safety`, off the compute thread (_work): the boxes may wait for a
-            # late depth image, up to depth_max_age.
-            size = rgb.shape[:2]
-            self._after_frame = lambda: self._publish_hazards(result, header, p, size)
+            # After `safety`, off the compute thread (_run_frame): the boxes may wait for
+            # a late depth image, up to depth_max_age.
+            size = frame.image_size
+            later = lambda: self._publish_hazards(result, header, p, size)  # noqa: E731
         if "safety" in wanted:
-            timings = {**arrival, "decode": decode_ms, **result.timings_ms}
+            timings = dict(frame.timings)
             timings["publish"] = (time.perf_counter() - t1) * 1e3
-            timings["total"] = (time.perf_counter() - t0) * 1e3
-            frame = self._safety(result, header, p, timings)
+            timings["total"] = (time.perf_counter() - frame.started_at) * 1e3
+            safety = self._safety(result, header, p, timings)
             embedded = {}
             if p.safety_embeds_maps:
                 embedded = {to: bodies[k] for k, to in SAFETY_EMBEDS.items() if k in bodies}
-            serialized_publish.publish(self.pubs["safety"], cdr.serialize(frame, embedded))
-        return True
+            serialized_publish.publish(self.pubs["safety"], cdr.serialize(safety, embedded))
+        return _Sent(later)
 
     def _deserialize(self, raw: bytes) -> cdr.RawImage | CompressedImage:
         if self.params.input_transport == "compressed":
@@ -943,6 +1014,8 @@ class DetectorNode(Node):
                 self._depth_cond.notify_all()
             self.slot.close()
             self.worker.join(timeout=5.0)
+        if getattr(self, "_publisher", None) is not None:
+            self._publisher.shutdown(wait=True, cancel_futures=True)
         super().destroy_node()
 
 

@@ -309,6 +309,13 @@ SPECS: tuple[Spec, ...] = (
         "are then not page-faulted in again every frame; the resident size stays at the "
         "per-frame peak. Process-wide; no effect on other C libraries.",
     ),
+    Spec(
+        "overlap_publish",
+        False,
+        "Publish each frame's outputs on a thread of their own while the next frame is "
+        "computed (at most one frame publishing, in order): the node's rate is then "
+        "bound by the slower of the two instead of their sum. Latency is unchanged.",
+    ),
     *(
         Spec(f"publish.{key}", True, f"Publish the '{key}' output (when subscribed).", runtime=True)
         for key in OUTPUTS
@@ -439,6 +446,7 @@ class DetectorParams:
     output_scale: float
     safety_embeds_maps: bool
     retain_host_memory: bool
+    overlap_publish: bool
     publish: frozenset[str]
 
     @classmethod
@@ -478,6 +486,7 @@ class DetectorParams:
             output_scale=float(v["output_scale"]),
             safety_embeds_maps=bool(v["safety_embeds_maps"]),
             retain_host_memory=bool(v["retain_host_memory"]),
+            overlap_publish=bool(v["overlap_publish"]),
             publish=frozenset(k for k in OUTPUTS if v[f"publish.{k}"]),
         )
 
