@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 import os
 import py_compile
 import re
@@ -117,6 +118,38 @@ def test_config_values_are_the_node_defaults():
         if s.name != "anomaly_threshold" and lookup(s.name) != s.default
     }
     assert not disagree, f"config/detector.yaml vs params.py SPECS (yaml, spec): {disagree}"
+
+
+#: How README states a parameter's default in its prose.
+README_DEFAULTS = (
+    r"`([a-z_.]+)` \(default ([^,)]+)[,)]",  # `output_scale` (default 1)
+    r"`([a-z_.]+)` defaults to `([^`]+)`",  # `qos.reliability` defaults to `reliable`
+    r"`([a-z_.]+)` left at ([A-Za-z0-9.]+), the default",  # `anomaly_threshold` left at NaN
+)
+
+
+def test_defaults_stated_in_readme_are_the_node_defaults():
+    pytest.importorskip("rclpy", reason="rclpy is needed to read the parameter table")
+    from segmentation_safety.ros.params import SPEC_BY_NAME
+
+    text = re.sub(r"\s+", " ", (REPO / "README.md").read_text())
+    stated = [m for pattern in README_DEFAULTS for m in re.findall(pattern, text)]
+    stated = [(name, value) for name, value in stated if name in SPEC_BY_NAME]
+    # The prose names these; a reworded sentence must not make this test pass on nothing.
+    assert {"output_scale", "safety_embeds_maps", "qos.reliability", "anomaly_threshold"} <= {
+        name for name, _ in stated
+    }, stated
+    disagree = {}
+    for name, value in stated:
+        default = SPEC_BY_NAME[name].default
+        # float() reads "NaN" as the spec's NaN (YAML would need ".nan").
+        said = float(value) if isinstance(default, float) else yaml.safe_load(value)
+        same = said == default or (
+            isinstance(said, float) and math.isnan(said) and math.isnan(default)
+        )
+        if not same:
+            disagree[name] = (value, default)
+    assert not disagree, f"README vs params.py SPECS (README, spec): {disagree}"
 
 
 def test_rviz_config_shows_overlay_segmentation_maps_and_hazards():
