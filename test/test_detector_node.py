@@ -538,6 +538,28 @@ def test_output_scale_shrinks_the_float_maps_only(harness):
     assert frame.alarm.anomalous_pixels == (H // 2) * (W // 2)
 
 
+@pytest.mark.parametrize(("encoding", "bpp"), [("bayer_rggb8", 1), ("yuyv", 2), ("uyvy", 2)])
+def test_raw_camera_encodings_are_answered_as_their_decoded_picture(harness, encoding, bpp):
+    # What a camera sends before image_proc: the node must see the picture it encodes,
+    # the same one an rgb8 frame of the decoded pixels shows it.
+    raw = np.random.default_rng(3).integers(0, 256, (H, W * bpp), dtype=np.uint8)
+    camera = Image(height=H, width=W, encoding=encoding, step=W * bpp, data=raw.tobytes())
+    camera.header.stamp.sec = 1
+    rgb = np.ascontiguousarray(image_codec.decode_rgb(camera))
+    decoded = Image(height=H, width=W, encoding="rgb8", step=W * 3, data=rgb.tobytes())
+    decoded.header.stamp.sec = 2
+    h = harness()
+    h.listen("segmentation", "hazard_overlay")
+    h.image_pub.publish(camera)
+    wait_for(lambda: h.stamped("hazard_overlay", 1), f"the {encoding} frame's answer")
+    h.image_pub.publish(decoded)
+    wait_for(lambda: h.stamped("hazard_overlay", 2), "the rgb8 frame's answer")
+    for topic in ("segmentation", "hazard_overlay"):
+        a, b = h.stamped(topic, 1)[0], h.stamped(topic, 2)[0]
+        assert (a.height, a.width) == (H, W) and a.data == b.data, topic
+    assert h.node.stats.snapshot().rejected == 0
+
+
 # -- bad input --------------------------------------------------------------------------
 def _bad_inputs():
     good = image_msg(0)
@@ -547,9 +569,9 @@ def _bad_inputs():
             Image(height=H, width=W, encoding="32FC1", step=W * 4, data=nan.tobytes()),
             "unsupported encoding '32FC1'",
         ),
-        "yuv422": (
-            Image(height=H, width=W, encoding="yuv422", step=W * 2, data=bytes(H * W * 2)),
-            "unsupported encoding 'yuv422'",
+        "nv21": (
+            Image(height=H, width=W, encoding="nv21", step=W, data=bytes(H * W * 3 // 2)),
+            "unsupported encoding 'nv21'",
         ),
         "empty": (Image(height=0, width=0, encoding="rgb8", step=0, data=b""), "empty image"),
         "wrong step": (
@@ -589,9 +611,9 @@ def test_bad_input_is_refused_by_name_and_the_node_keeps_answering(harness, capf
         assert not h.stamped("segmentation", 1000 + i)
     logged = capfd.readouterr().err
     for label, (_, words) in _bad_inputs().items():
-        # One warning per kind of problem reached the log; yuv422 is the kind 32FC1 was
+        # One warning per kind of problem reached the log; nv21 is the kind 32FC1 was
         # (an unsupported encoding), throttled within warn_throttle_sec.
-        assert (words in logged) == (label != "yuv422"), label
+        assert (words in logged) == (label != "nv21"), label
 
 
 def test_an_empty_frame_id_is_processed_and_named_for_the_markers(harness):

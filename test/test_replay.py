@@ -186,7 +186,7 @@ def _with_refused_frames(bag: Path, refused: set[int]):  # noqa: ANN202
     for i in refused:
         frame = contents.frames[i]
         msg = deserialize_message(frame.raw, Image)
-        msg.encoding = "yuv422"  # not an input encoding: refused as bad input
+        msg.encoding = "nv21"  # not an input encoding: refused as bad input
         contents.frames[i] = replace(frame, raw=serialize_message(msg))
     return contents
 
@@ -251,7 +251,7 @@ def test_a_bag_the_node_refuses_throughout_is_named_at_the_warm_up(models: Path,
     with Replayer(contents, options) as r, pytest.raises(ReplayError) as e:
         r.warm_up()
     assert "refused the bag's first 3 frame(s)" in str(e.value)
-    assert "unsupported encoding 'yuv422'" in str(e.value)  # the node's own words
+    assert "unsupported encoding 'nv21'" in str(e.value)  # the node's own words
 
 
 @pytest.mark.parametrize("fmt", ["sqlite3", "mcap"])

@@ -2,7 +2,8 @@
 
 Topics (relative, so they live under the node's namespace; DESIGN §5.3):
 
-- in: ``image`` (sensor_msgs/Image: rgb8, bgr8, mono8, rgba8, bgra8) or, with
+- in: ``image`` (sensor_msgs/Image: rgb8, bgr8, mono8, rgba8, bgra8, packed YUV 4:2:2,
+  8-bit Bayer; ``image_codec.DECODABLE``) or, with
   ``input_transport: compressed``, ``image/compressed`` (sensor_msgs/CompressedImage,
   jpeg/png, image_transport's naming; decoded by OpenCV, no cv_bridge), ``camera_info``
   (optional, only for hazard markers), ``depth`` (only with ``use_depth``: 32FC1 metres or

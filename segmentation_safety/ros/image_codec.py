@@ -8,8 +8,12 @@ that both paths agree.
 Decoding is a zero-copy view of ``msg.data`` for ``rgb8`` and ``rgba8`` (padding rows
 are skipped through strides, the alpha channel through a slice). ``bgr8``, ``bgra8`` and
 ``mono8`` need one ``cv2.cvtColor`` copy: a reversed-channel view would have a negative
-stride, which ``torch.as_tensor`` refuses, and a broadcast grey view is read-only.
-All supported encodings are 8-bit, so ``is_bigendian`` does not matter.
+stride, which ``torch.as_tensor`` refuses, and a broadcast grey view is read-only. So do
+what cameras send before any image_proc: packed YUV 4:2:2 (``uyvy``/``yuyv``, and their
+older names ``yuv422``/``yuv422_yuy2``: USB and CSI cameras) and raw 8-bit Bayer
+mosaics (``bayer_rggb8`` and the other three orders: machine-vision cameras), converted
+as cv_bridge converts them. All supported encodings are 8-bit, so ``is_bigendian`` does
+not matter.
 
 sensor_msgs/CompressedImage (jpeg/png, as image_transport's ``compressed`` plugin or a
 camera driver publishes it) is decoded with ``cv2.imdecode``, not cv_bridge, for the same
@@ -27,13 +31,39 @@ import cv2
 import numpy as np
 from sensor_msgs.msg import CompressedImage, Image
 
-#: Input encodings the detector accepts -> bytes per pixel.
-DECODABLE: dict[str, int] = {"rgb8": 3, "bgr8": 3, "mono8": 1, "rgba8": 4, "bgra8": 4}
+#: Packed YUV 4:2:2 (sensor_msgs' current names and the deprecated ones) -> conversion.
+YUV422: dict[str, int] = {
+    "uyvy": cv2.COLOR_YUV2RGB_UYVY,
+    "yuv422": cv2.COLOR_YUV2RGB_UYVY,
+    "yuyv": cv2.COLOR_YUV2RGB_YUY2,
+    "yuv422_yuy2": cv2.COLOR_YUV2RGB_YUY2,
+}
+#: 8-bit Bayer mosaics -> conversion. OpenCV names a pattern by the 2×2 cell that starts
+#: at the second row and column, ROS by the one at the first: rggb is OpenCV's "BG".
+BAYER: dict[str, int] = {
+    "bayer_rggb8": cv2.COLOR_BayerBG2RGB,
+    "bayer_bggr8": cv2.COLOR_BayerRG2RGB,
+    "bayer_gbrg8": cv2.COLOR_BayerGR2RGB,
+    "bayer_grbg8": cv2.COLOR_BayerGB2RGB,
+}
 
 _TO_RGB = {
     "bgr8": cv2.COLOR_BGR2RGB,
     "bgra8": cv2.COLOR_BGRA2RGB,
     "mono8": cv2.COLOR_GRAY2RGB,
+    **YUV422,
+    **BAYER,
+}
+
+#: Input encodings the detector accepts -> bytes per pixel.
+DECODABLE: dict[str, int] = {
+    "rgb8": 3,
+    "bgr8": 3,
+    "mono8": 1,
+    "rgba8": 4,
+    "bgra8": 4,
+    **dict.fromkeys(YUV422, 2),
+    **dict.fromkeys(BAYER, 1),
 }
 
 
@@ -66,6 +96,9 @@ def check_layout(msg: Image, max_pixels: int | None = None) -> int:
             f"image too large: {w}x{h} = {h * w} pixels > max_pixels {max_pixels}", "size"
         )
     bpp = DECODABLE[enc]
+    if enc in YUV422 and w % 2:
+        # Two pixels share one U and one V: an odd width leaves half a pair.
+        raise CodecError(f"{enc} pairs pixels: its width must be even, got {w}", "shape")
     if msg.step < w * bpp:
         raise CodecError(f"step {msg.step} < width*channels {w * bpp} for {w}x{h} {enc}", "step")
     if len(msg.data) != msg.step * h:
@@ -91,7 +124,7 @@ def decode_rgb(msg: Image, max_pixels: int | None = None) -> np.ndarray:
     enc = msg.encoding.lower()
     if enc in ("rgb8", "rgba8"):
         return rows[:, :, :3]
-    src = rows[:, :, 0] if enc == "mono8" else rows
+    src = rows[:, :, 0] if bpp == 1 else rows
     # cvtColor wants rows with unit pixel stride; a padded view satisfies that.
     return cv2.cvtColor(src, _TO_RGB[enc])
 
@@ -311,7 +344,7 @@ def _probe_messages() -> list[Image]:
     msgs = []
     for enc, bpp in DECODABLE.items():
         for big in (0, 1):
-            h, w, pad = 2, 3, 2
+            h, w, pad = 2, 4, 2  # even: 4:2:2 pairs pixels
             data = rng.integers(0, 256, (h, w * bpp + pad), dtype=np.uint8)
             msgs.append(
                 Image(
