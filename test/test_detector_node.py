@@ -1267,6 +1267,85 @@ def test_ground_projection_with_and_without_pitch():
     np.testing.assert_allclose(q, [0.0, 0.0, 3.0], atol=1e-9)
 
 
+#: A wide lens at 640x480 (about 77 degrees across) and ground points it sees, 1.5 m below.
+K_WIDE = np.array([[400.0, 0.0, 320.0], [0.0, 400.0, 240.0], [0.0, 0.0, 1.0]])
+GROUND = np.array([[2.5, 1.5, 3.0], [-1.8, 1.5, 2.4], [0.4, 1.5, 9.0]])
+LENSES = {
+    "plumb_bob": np.array([-0.35, 0.12, 0.001, -0.002, -0.02]),
+    "rational_polynomial": np.array([-0.3, 0.1, 0.001, -0.002, 0.01, 0.05, -0.02, 0.01]),
+    "equidistant": np.array([0.05, -0.01, 0.002, -0.001]),
+}
+
+
+def _seen_at(points: np.ndarray, model: str, d: np.ndarray, k: np.ndarray = K_WIDE):
+    """Where a camera with this lens images ``points`` (pixels, N×2): OpenCV's model of
+    each lens, independent of the code under test."""
+    obj = points.reshape(-1, 1, 3)
+    if model == "equidistant":
+        pixels, _ = cv2.fisheye.projectPoints(obj, np.zeros(3), np.zeros(3), k, d)
+    else:
+        pixels, _ = cv2.projectPoints(obj, np.zeros(3), np.zeros(3), k, d)
+    return pixels.reshape(-1, 2)
+
+
+@pytest.mark.parametrize("model", list(LENSES))
+def test_markers_undistort_a_raw_image_with_the_lens_of_camera_info(model):
+    d = LENSES[model]
+    camera, problem, note = markers.camera_from_info(K_WIDE, d, model, np.zeros(12), False)
+    assert problem is None and note is None
+    for i, (point, (u, v)) in enumerate(zip(GROUND, _seen_at(GROUND, model, d), strict=True)):
+        # Level camera 1.5 m up: the ground pixel back on the ground is the point itself.
+        np.testing.assert_allclose(
+            markers.project_to_ground(u, v, camera, 1.5, 0.0), point, atol=1e-6
+        )
+        if i < 2:  # near the image's edge K alone (the lens ignored) is 0.55-0.95 m off
+            pinhole = markers.project_to_ground(u, v, K_WIDE, 1.5, 0.0)
+            assert np.abs(pinhole - point).max() > 0.5
+    # The same lens on the network's half-size map: half the pixel, the same point.
+    (u, v) = _seen_at(GROUND[:1], model, d)[0]
+    small = camera.scaled((640, 480), (320, 240))
+    np.testing.assert_allclose(
+        markers.project_to_ground(u / 2, v / 2, small, 1.5, 0.0), GROUND[0], atol=1e-6
+    )
+    # Depth along the ray of the region's centre: the same point, from its distance.
+    region = markers.Region(int(u) - 1, int(v) - 1, 2, 2, 4, 1.0)
+    depth = np.zeros((480, 640), dtype=np.float32)
+    depth[int(v) - 1 : int(v) + 1, int(u) - 1 : int(u) + 1] = GROUND[0, 2]
+    centre = _seen_at(markers.depth_point(region, depth, camera)[None], model, d)[0]
+    np.testing.assert_allclose(centre, region.centre, atol=1e-6)
+
+
+def test_markers_on_rectified_images_use_p_and_no_distortion():
+    # image_proc's rectified image: its own pinhole P (here a zoomed-in one) and no lens.
+    p = np.array([[300.0, 0, 310.0, 0], [0, 310.0, 250.0, 0], [0, 0, 1.0, 0]])
+    camera, problem, _ = markers.camera_from_info(
+        K_WIDE, LENSES["plumb_bob"], "plumb_bob", p.ravel(), True
+    )
+    assert problem is None and not camera.model
+    u, v = _seen_at(GROUND[:1], "plumb_bob", np.zeros(5), k=p[:, :3])[0]
+    np.testing.assert_allclose(markers.project_to_ground(u, v, camera, 1.5, 0.0), GROUND[0])
+    camera, problem, _ = markers.camera_from_info(K_WIDE, np.zeros(5), "", np.zeros(12), True)
+    assert camera is None and problem.startswith("P (rectified images use it): its 3x3 is all")
+
+
+@pytest.mark.parametrize(
+    ("d", "model", "words"),
+    [
+        ([0.1, 0.0, 0.0, 0.0, 0.0], "kannala_brandt", "distortion_model 'kannala_brandt' is not"),
+        ([0.1, 0.0, 0.0], "plumb_bob", "plumb_bob takes 4, 5, 8, 12 or 14 coefficients, D has 3"),
+        ([0.1, 0.0], "equidistant", "equidistant takes 4 coefficients, D has 2"),
+        ([math.nan, 0.0, 0.0, 0.0, 0.0], "plumb_bob", "D has non-finite values"),
+    ],
+)
+def test_a_lens_that_cannot_be_applied_is_named_and_k_used_alone(d, model, words):
+    camera, problem, note = markers.camera_from_info(K_WIDE, np.array(d), model, [], False)
+    assert problem is None and not camera.model and np.array_equal(camera.k, K_WIDE)
+    assert note.startswith(words) and note.endswith("hazard markers ignore the lens distortion")
+    # No coefficients, or all zero (an ideal lens), is a pinhole without a note.
+    for none in ([], [0.0] * 5):
+        assert markers.camera_from_info(K_WIDE, np.array(none), model, [], False)[2] is None
+
+
 def test_regions_become_boxes_on_the_ground():
     k = np.array([[100.0, 0, 64], [0, 100.0, 32], [0, 0, 1]])
     anomaly = np.zeros((64, 128), dtype=np.float32)
@@ -1752,6 +1831,63 @@ def test_camera_info_without_a_size_calibrates_the_image_as_it_arrives(harness):
     assert placed["unsized"] == pytest.approx(placed["sized"])
     assert placed["twice the size"] == pytest.approx(placed["sized"])
     assert placed["K for twice the size, sized as the image"] != pytest.approx(placed["sized"])
+
+
+@pytest.mark.parametrize("rectified", [False, True])
+def test_the_node_places_markers_through_camera_infos_lens_or_its_p(
+    harness, monkeypatch, rectified
+):
+    # A barrel lens on the raw image; the rectified image's own pinhole P differs from K.
+    f = float(W)
+    k = [f, 0.0, W / 2, 0.0, f, H / 2, 0.0, 0.0, 1.0]
+    p = [0.8 * f, 0.0, W / 2 + 1, 0.0, 0.0, 0.8 * f, H / 2 - 1, 0.0, 0.0, 0.0, 1.0, 0.0]
+    d = [-0.35, 0.12, 0.001, -0.002, -0.02]
+    h = harness(image_rectified=rectified, **HAZARD_PARAMS)
+    h.listen("hazards")
+    found = []
+    regions_of = markers.hazard_regions
+
+    def recorded(anomaly, *args):
+        found.append((anomaly.shape, regions_of(anomaly, *args)))
+        return found[-1][1]
+
+    monkeypatch.setattr(markers, "hazard_regions", recorded)
+    info = CameraInfo(height=H, width=W, k=k, d=d, distortion_model="plumb_bob", p=p)
+    h.info_pub.publish(info)
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    h.image_pub.publish(image_msg(70))
+    wait_for(lambda: h.stamped_markers(70), "the boxes")
+    (rows, cols), regions = found[-1]
+
+    def xyz(boxes: list) -> list[float]:
+        return [v for m in boxes for v in (m.pose.position.x, m.pose.position.y, m.pose.position.z)]
+
+    def placed(camera: markers.CameraModel) -> list[float]:
+        scaled = camera.scaled((W, H), (cols, rows))  # to the map the regions are on
+        pitch = HAZARD_PARAMS["camera_pitch"]
+        return xyz(markers.hazard_markers(regions, scaled, Header(), 1.5, pitch).markers[1:])
+
+    got = xyz(boxes(h, 70))
+    model, problem, note = markers.camera_from_info(
+        np.array(k), np.array(d), "plumb_bob", np.array(p), rectified
+    )
+    assert problem is None and note is None and got
+    assert got == pytest.approx(placed(model))
+    # K's pinhole alone (the lens ignored, or K taken for a rectified image's P) differs.
+    assert got != pytest.approx(placed(markers.CameraModel(np.array(k).reshape(3, 3))))
+
+
+def test_a_lens_the_node_cannot_apply_is_named_and_the_markers_go_on(harness):
+    h = harness(**HAZARD_PARAMS)
+    h.listen("hazards")
+    info = camera_info()
+    info.d, info.distortion_model = [0.2, 0.1, 0.0, 0.0], "kannala_brandt"
+    h.info_pub.publish(info)
+    wait_for(lambda: "camera_info/distortion" in h.node.problems, "the lens named")
+    assert "'kannala_brandt' is not one of" in h.node.problems["camera_info/distortion"]
+    h.image_pub.publish(image_msg(71))
+    wait_for(lambda: h.stamped_markers(71), "the boxes")
+    assert boxes(h, 71) and "camera_info invalid" not in h.node.faults
 
 
 def test_drivable_classes_must_be_classes_of_the_loaded_segmenter(harness):

@@ -372,7 +372,7 @@ class DetectorNode(Node):
         self._faults_lock = threading.Lock()
         # (K, (width, height), frame_id) of the newest valid camera_info, replaced whole:
         # the compute thread reads it while the executor's callback writes it.
-        self.camera_k: tuple[np.ndarray, tuple[int, int], str] | None = None
+        self.camera_k: tuple[markers.CameraModel, tuple[int, int], str] | None = None
         # Used by one thread at a time: the compute thread, the publishing thread
         # (overlap_publish), or with use_depth the worker.
         self.marker_pool = markers.MarkerPool()
@@ -509,9 +509,16 @@ class DetectorNode(Node):
             self._depth_cond.notify_all()
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
-        k = np.asarray(msg.k, dtype=np.float64)
-        problem = markers.intrinsics_problem(k)
+        camera, problem, note = markers.camera_from_info(
+            np.asarray(msg.k, dtype=np.float64),
+            np.asarray(msg.d, dtype=np.float64),
+            msg.distortion_model,
+            np.asarray(msg.p, dtype=np.float64),
+            self.params.image_rectified,
+        )
         topic = self.resolve_topic_name("camera_info")
+        if note is not None:
+            self._warn("camera_info/distortion", f"{topic}: {note}")
         if problem is not None:
             self.camera_k = None
             text = f"{topic}: {problem}; hazard markers are skipped until a valid one arrives"
@@ -520,7 +527,7 @@ class DetectorNode(Node):
             return
         if self._clear_fault(FAULT_CAMERA_INFO):
             self.get_logger().info(f"{topic}: valid camera_info again, hazard markers resume")
-        self.camera_k = (k, (msg.width, msg.height), msg.header.frame_id)
+        self.camera_k = (camera, (msg.width, msg.height), msg.header.frame_id)
 
     def _qos_events(self, name: str) -> Any:
         """Subscription events that report a publisher whose QoS cannot match ours."""
@@ -880,12 +887,12 @@ class DetectorNode(Node):
             # A camera_info without width/height (some drivers leave them 0) calibrates
             # the image as it arrives; K must still be scaled to the network's map.
             info_size = camera[1] if all(camera[1]) else (image_size[1], image_size[0])
-            k = markers.scale_intrinsics(camera[0], info_size, (w, h))
+            k = camera[0].scaled(info_size, (w, h))
             if camera[2] and header.frame_id and camera[2] != header.frame_id:
                 self._warn(
                     "camera_info/frame_id",
                     f"camera_info is for frame {camera[2]!r}, the images are in "
-                    f"{header.frame_id!r}: hazard markers use its K for the images' frame",
+                    f"{header.frame_id!r}: hazard markers use its model for the images' frame",
                 )
             min_pixels = p.hazard_min_pixels * (h * w) / (image_size[0] * image_size[1])
             regions = markers.hazard_regions(r.anomaly_net, self.threshold(p), min_pixels)

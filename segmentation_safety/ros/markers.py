@@ -8,6 +8,13 @@ radians. Points are expressed in the camera's optical frame (x right, y down, z 
 REP 103), i.e. the image's own ``frame_id``, so RViz places them correctly through TF
 without this node knowing the robot.
 
+Pixels become rays as ROS's image_geometry makes them: for raw images through K and the
+lens distortion camera_info gives (``plumb_bob``, ``rational_polynomial``,
+``equidistant``), for rectified ones through P, the rectified image's own pinhole
+(:class:`CameraModel`, :func:`camera_from_info`). A wide-angle lens bends the rows near
+the image's edge by tens of pixels, which a pinhole K alone would turn into metres on
+the ground.
+
 The geometry functions are pure numpy; only :func:`hazard_markers` builds messages.
 """
 
@@ -115,6 +122,90 @@ def scale_intrinsics(
     return k
 
 
+#: Distortion models (sensor_msgs/distortion_models.hpp) undistorted here.
+DISTORTION_MODELS = ("plumb_bob", "rational_polynomial", "equidistant")
+#: Coefficient counts OpenCV takes for the plumb-bob family (k1 k2 p1 p2 [k3 [k4-k6 ...]]).
+_PLUMB_BOB_SIZES = (4, 5, 8, 12, 14)
+#: Undistortion iterates; OpenCV's default 5 steps leave ~1e-3 (half a pixel) at a
+#: wide lens's edge, this reaches the solution.
+_UNDISTORT_CRITERIA = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-10)
+
+
+@dataclass(frozen=True, eq=False)
+class CameraModel:
+    """Pixels of the regions' image -> rays in the optical frame (z = 1).
+
+    ``k``: 3×3 pinhole at that image's size; ``d`` and ``model``: the lens distortion of a
+    raw image (empty and "" for none, as for a rectified image).
+    """
+
+    k: np.ndarray
+    d: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    model: str = ""
+
+    def scaled(self, info_size: tuple[int, int], image_size: tuple[int, int]) -> CameraModel:
+        """The same camera for an image of ``image_size`` (w, h); distortion coefficients
+        act on normalised coordinates, so only K changes."""
+        return CameraModel(scale_intrinsics(self.k, info_size, image_size), self.d, self.model)
+
+    def ray(self, u: float, v: float) -> np.ndarray:
+        if not self.model:
+            return pixel_ray(self.k, u, v)
+        point = np.array([[[u, v]]], dtype=np.float64)
+        k = np.asarray(self.k, dtype=np.float64).reshape(3, 3)
+        if self.model == "equidistant":
+            x, y = cv2.fisheye.undistortPoints(
+                point, k, self.d[:4], None, None, None, _UNDISTORT_CRITERIA
+            )[0, 0]
+        else:
+            x, y = cv2.undistortPointsIter(point, k, self.d, None, None, _UNDISTORT_CRITERIA)[0, 0]
+        return np.array([x, y, 1.0])
+
+
+def camera_from_info(
+    k: np.ndarray, d: np.ndarray, model: str, p: np.ndarray, rectified: bool
+) -> tuple[CameraModel | None, str | None, str | None]:
+    """A camera_info's (K, D, distortion_model, P) -> (camera, problem, note).
+
+    ``rectified``: the images are image_proc's rectified ones, whose pinhole is P's left
+    3×3 and which have no distortion left. ``problem`` (camera None): no usable pinhole.
+    ``note``: distortion that cannot be applied (unknown model, wrong count, non-finite
+    values): the camera is then K's pinhole alone.
+    """
+    if rectified:
+        p = np.asarray(p, dtype=np.float64).reshape(-1)
+        if p.size != 12:
+            return None, f"P has {p.size} values, expected 12 (rectified images use P)", None
+        pinhole = p.reshape(3, 4)[:, :3]
+        problem = intrinsics_problem(pinhole)
+        if problem is not None:
+            return None, f"P (rectified images use it): {problem.replace('K ', 'its 3x3 ')}", None
+        return CameraModel(pinhole.copy()), None, None
+    problem = intrinsics_problem(k)
+    if problem is not None:
+        return None, problem, None
+    k = np.asarray(k, dtype=np.float64).reshape(3, 3)
+    d = np.asarray(d, dtype=np.float64).reshape(-1)
+    if not np.any(d):  # no coefficients, or all zero: a pinhole already
+        return CameraModel(k), None, None
+    note = None
+    if not np.all(np.isfinite(d)):
+        note = "D has non-finite values"
+    elif model not in DISTORTION_MODELS:
+        note = f"distortion_model {model!r} is not one of {', '.join(DISTORTION_MODELS)}"
+    elif model == "equidistant" and d.size < 4:
+        note = f"equidistant takes 4 coefficients, D has {d.size}"
+    elif model != "equidistant" and d.size not in _PLUMB_BOB_SIZES:
+        note = f"{model} takes 4, 5, 8, 12 or 14 coefficients, D has {d.size}"
+    if note is not None:
+        return CameraModel(k), None, f"{note}: hazard markers ignore the lens distortion"
+    return CameraModel(k, d.copy(), model), None, None
+
+
+def _camera(k: np.ndarray | CameraModel) -> CameraModel:
+    return k if isinstance(k, CameraModel) else CameraModel(np.asarray(k, dtype=np.float64))
+
+
 def pixel_ray(k: np.ndarray, u: float, v: float) -> np.ndarray:
     """K⁻¹ (u, v, 1): the ray through pixel (u, v), in the optical frame, z = 1 for a
     pinhole K."""
@@ -131,10 +222,12 @@ def _k_inverse(k: bytes) -> np.ndarray:
 
 
 def project_to_ground(
-    u: float, v: float, k: np.ndarray, height: float, pitch: float
+    u: float, v: float, k: np.ndarray | CameraModel, height: float, pitch: float
 ) -> np.ndarray | None:
-    """Pixel (u, v) -> 3-D point on the ground in the optical frame; None above the horizon."""
-    ray = pixel_ray(k, u, v)
+    """Pixel (u, v) -> 3-D point on the ground in the optical frame; None above the horizon.
+
+    ``k``: a pinhole K, or a :class:`CameraModel` with its distortion."""
+    ray = _camera(k).ray(u, v)
     down = float(ray @ camera_up(pitch))
     if down >= -1e-9:
         return None  # the ray never reaches the ground in front of the camera
@@ -155,12 +248,15 @@ def match_depth(depth: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return cv2.resize(depth, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
 
 
-def depth_point(region: Region, depth: np.ndarray, k: np.ndarray) -> np.ndarray | None:
+def depth_point(
+    region: Region, depth: np.ndarray, k: np.ndarray | CameraModel
+) -> np.ndarray | None:
     """3-D point (optical frame) of ``region`` from its median valid depth, or None.
 
     ``depth`` is H×W metres along the optical axis (REP 118) aligned with the image the
-    region came from; the region's centre pixel is back-projected with K's inverse and
-    scaled to that depth. None when no pixel of the region has a valid depth.
+    region came from; the region's centre pixel is back-projected (K's inverse, after
+    undistorting it where ``k`` is a :class:`CameraModel` with distortion) and scaled to
+    that depth. None when no pixel of the region has a valid depth.
     """
     box = np.asarray(depth)[
         region.top : region.top + region.height, region.left : region.left + region.width
@@ -169,7 +265,7 @@ def depth_point(region: Region, depth: np.ndarray, k: np.ndarray) -> np.ndarray 
     values = values[valid_depth(values)]
     if values.size == 0:
         return None
-    ray = pixel_ray(k, *region.centre)
+    ray = _camera(k).ray(*region.centre)
     return ray * (float(np.median(values)) / ray[2])
 
 
@@ -200,7 +296,7 @@ class MarkerPool:
 
 def hazard_markers(
     regions: list[Region],
-    k: np.ndarray | None,
+    k: np.ndarray | CameraModel | None,
     header: Header,
     height: float,
     pitch: float,
@@ -222,8 +318,9 @@ def hazard_markers(
     out = MarkerArray(markers=[clear])
     if k is None:
         return out
-    k = np.asarray(k, dtype=np.float64).reshape(3, 3)
-    fx, fy = float(k[0, 0]), float(k[1, 1])
+    camera = _camera(k)
+    pinhole = np.asarray(camera.k, dtype=np.float64).reshape(3, 3)
+    fx, fy = float(pinhole[0, 0]), float(pinhole[1, 1])
     up = camera_up(pitch)
     # Shared by every box: building rclpy messages dominates this loop on real maps,
     # which have tens of regions at their operating point.
@@ -231,10 +328,10 @@ def hazard_markers(
     color = ColorRGBA(r=1.0, g=0.1, b=0.0, a=0.6)
     lifetime = Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1) * 1e9))
     for i, r in enumerate(regions):
-        point = None if depth is None else depth_point(r, depth, k)
+        point = None if depth is None else depth_point(r, depth, camera)
         source = "depth"
         if point is None:
-            point = project_to_ground(*r.contact, k, height, pitch)
+            point = project_to_ground(*r.contact, camera, height, pitch)
             source = "ground"
         if point is None:
             continue

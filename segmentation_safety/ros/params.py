@@ -229,6 +229,13 @@ SPECS: tuple[Spec, ...] = (
         high=1.5,
     ),
     Spec(
+        "image_rectified",
+        False,
+        "The images are rectified (image_proc's image_rect): hazard markers then use "
+        "camera_info's P, as image_geometry does; false (image_raw): its K and lens "
+        "distortion (D: plumb_bob, rational_polynomial or equidistant).",
+    ),
+    Spec(
         "hazard_min_pixels",
         16,
         "Smallest anomalous region, in image pixels, that becomes a hazard marker (regions "
@@ -435,6 +442,7 @@ class DetectorParams:
     drivable_classes: tuple[int, ...]
     camera_height: float
     camera_pitch: float
+    image_rectified: bool
     hazard_min_pixels: int
     max_marker_range: float
     use_depth: bool
@@ -475,6 +483,7 @@ class DetectorParams:
             drivable_classes=tuple(int(c) for c in v["drivable_classes"]),
             camera_height=float(v["camera_height"]),
             camera_pitch=float(v["camera_pitch"]),
+            image_rectified=bool(v["image_rectified"]),
             hazard_min_pixels=int(v["hazard_min_pixels"]),
             max_marker_range=float(v["max_marker_range"]),
             use_depth=bool(v["use_depth"]),
