@@ -735,7 +735,7 @@ class DetectorNode(Node):
         with ``overlap_publish`` rendered for the publishing thread; False for refused
         input, "unheard" with no subscriber."""
         frame = self._render(raw, arrival)
-        if not isinstance(frame, _Rendered) or self.params.overlap_publish:
+        if not isinstance(frame, _Rendered) or self._publisher is not None:
             return frame
         return self._publish(frame)
 
