@@ -56,6 +56,7 @@ def _processes(context):
             ("image/compressed", f"{image}/compressed"),
             ("camera_info", arg("camera_info")),
             ("depth", arg("depth")),
+            ("depth/compressedDepth", f"{arg('depth')}/compressedDepth"),
         ],
         output="screen",
         emulate_tty=True,

@@ -6,6 +6,7 @@ import itertools
 import math
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -1465,6 +1466,72 @@ def test_depth_images_decode_to_metres():
         markers.match_depth(np.array([[1.0, np.nan]], np.float32), (2, 4)),
         [[1, 1, np.nan, np.nan]] * 2,
     )
+
+
+def compressed_depth(values: np.ndarray, fmt: str, a: float = 0.0, b: float = 0.0):
+    """What image_transport's compressedDepth plugin publishes: its 12-byte header (format
+    0, quantisation A and B) and a 16-bit png."""
+    ok, png = cv2.imencode(".png", values)
+    assert ok
+    return CompressedImage(format=fmt, data=struct.pack("<iff", 0, a, b) + png.tobytes())
+
+
+def test_compressed_depth_decodes_to_the_metres_of_the_raw_image():
+    mm = np.array([[0, 1500], [4000, 65535]], dtype=np.uint16)
+    got = image_codec.decode_compressed_depth(compressed_depth(mm, "16UC1; compressedDepth png"))
+    np.testing.assert_allclose(got, [[0.0, 1.5], [4.0, 65.535]], rtol=1e-6)
+    # 32FC1 travels as quantised inverse depth: the plugin's defaults (depth_max 10 m,
+    # depth_quantization 100) give A = 100 * 101 and B = 1 - A / 10, v = A / d + B
+    # truncated to 16 bits, 0 for none; d comes back as A / (v - B).
+    quant_a = 100.0 * 101.0
+    quant_b = 1.0 - quant_a / 10.0
+    metres = np.array([[np.nan, 0.5], [2.0, 7.25]])
+    with np.errstate(invalid="ignore"):
+        v = np.where(np.isfinite(metres), np.floor(quant_a / metres + quant_b), 0)
+    for fmt in ("32FC1; compressedDepth png", "32FC1; compressedDepth"):  # the older form too
+        msg = compressed_depth(v.astype(np.uint16), fmt, quant_a, quant_b)
+        got = image_codec.decode_compressed_depth(msg)
+        assert got.dtype == np.float32 and np.isnan(got[0, 0])
+        np.testing.assert_allclose(got[~np.isnan(got)], [0.5, 2.0, 7.25], rtol=2e-3)
+    cases = [
+        (compressed_depth(mm, "16UC1; compressedDepth rvl"), "codec 'rvl' not supported"),
+        (compressed_depth(mm, "png"), "not a compressedDepth format: 'png'"),
+        (CompressedImage(format="16UC1; compressedDepth", data=bytes(12)), "no png after"),
+        (compressed_depth(mm.astype(np.uint8), "16UC1; compressedDepth"), "one 16-bit"),
+    ]
+    for msg, words in cases:
+        with pytest.raises(image_codec.CodecError, match=words):
+            image_codec.decode_compressed_depth(msg)
+    big = compressed_depth(mm, "16UC1; compressedDepth png")
+    with pytest.raises(image_codec.CodecError, match="too large: 2x2 > max_pixels 3"):
+        image_codec.decode_compressed_depth(big, max_pixels=3)
+
+
+def test_markers_are_placed_at_a_compressed_depth(harness):
+    # As the raw-depth test above, over image_transport's compressedDepth plugin.
+    h = harness(
+        use_depth=True,
+        depth_transport="compressedDepth",
+        anomaly_threshold=0.0,
+        camera_pitch=0.3,
+        hazard_min_pixels=1,
+    )
+    reliable = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+    depth_pub = h.helper.create_publisher(CompressedImage, "depth/compressedDepth", reliable)
+    h.listen("hazards")
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the compressedDepth subscription")
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    depth = compressed_depth(np.full((H, W), 7000, np.uint16), "16UC1; compressedDepth png")
+    depth.header.stamp.sec, depth.header.stamp.nanosec = 42, 500
+    depth_pub.publish(depth)
+    wait_for(lambda: h.node.depths, "the depth")
+    h.image_pub.publish(image_msg(sec=42))
+    wait_for(lambda: h.got["hazards"], "hazard markers")
+    boxes = [m for m in h.got["hazards"][0].markers if m.action == m.ADD]
+    assert len(boxes) == 1 and "(depth)" in boxes[0].text, [b.text for b in boxes]
+    p = boxes[0].pose.position
+    np.testing.assert_allclose([p.x, p.y, p.z], [0.0, 0.0, 7.0], atol=1e-6)
 
 
 # -- faults a real robot produces ----------------------------------------------------------

@@ -7,9 +7,10 @@ Topics (relative, so they live under the node's namespace; DESIGN §5.3):
   ``input_transport: compressed``, ``image/compressed`` (sensor_msgs/CompressedImage,
   jpeg/png, image_transport's naming; decoded by OpenCV, no cv_bridge), ``camera_info``
   (optional, only for hazard markers), ``depth`` (only with ``use_depth``: 32FC1 metres or
-  16UC1 millimetres, registered to ``image``; each image takes the buffered depth nearest
-  its stamp, if within ``depth_max_age``; without one, markers fall back to the flat
-  ground and /diagnostics says why);
+  16UC1 millimetres, registered to ``image``; or with ``depth_transport: compressedDepth``,
+  ``depth/compressedDepth``, image_transport's png depth plugin; each image takes the
+  buffered depth nearest its stamp, if within ``depth_max_age``; without one, markers
+  fall back to the flat ground and /diagnostics says why);
 - out, each with the input header: ``segmentation`` (mono8 train ids),
   ``segmentation/color`` (rgb8), ``anomaly`` and ``failure`` (32FC1), ``hazard_overlay``
   (rgb8), ``hazard_overlay/compressed`` (CompressedImage jpeg), ``safety`` (SafetyFrame),
@@ -141,6 +142,11 @@ SAFETY_EMBEDS = {"labels": "segmentation", "anomaly": "anomaly", "failure": "fai
 INPUTS: dict[str, tuple[str, type]] = {
     "raw": ("image", Image),
     "compressed": ("image/compressed", CompressedImage),
+}
+#: ``depth_transport`` -> (depth topic, message type), as image_transport names them.
+DEPTH_INPUTS: dict[str, tuple[str, type]] = {
+    "raw": ("depth", Image),
+    "compressedDepth": ("depth/compressedDepth", CompressedImage),
 }
 LABEL_INFO_TOPIC = "label_info"
 #: Train id of pixels the segmentation leaves unlabeled.
@@ -445,16 +451,17 @@ class DetectorNode(Node):
         if p.use_depth:
             # Serialised, like the image: only the depth nearest a frame with hazard
             # regions is ever decoded, so the others are not copied into messages.
+            depth_topic, depth_type = DEPTH_INPUTS[p.depth_transport]
             self.create_subscription(
-                Image,
-                "depth",
+                depth_type,
+                depth_topic,
                 self._on_depth,
                 in_qos,
                 event_callbacks=self._qos_events("depth"),
                 raw=True,
             )
             self.get_logger().info(
-                f"hazard markers use depth from {self.resolve_topic_name('depth')} "
+                f"hazard markers use depth from {self._depth_topic()} "
                 f"(nearest stamp within depth_max_age {p.depth_max_age} s)"
             )
         self.create_subscription(
@@ -492,9 +499,17 @@ class DetectorNode(Node):
 
     def _on_depth(self, raw: bytes) -> None:
         try:
-            msg = cdr.RawImage(raw)
+            if self.params.depth_transport == "compressedDepth":
+                from rclpy.serialization import deserialize_message
+
+                try:  # small (a png): read whole, as rclpy would
+                    msg = deserialize_message(raw, CompressedImage)
+                except Exception as e:  # rclpy's RMWError, or whatever its C layer raises
+                    raise cdr.CdrError(f"not a CompressedImage ({len(raw)} bytes): {e}") from None
+            else:
+                msg = cdr.RawImage(raw)
         except cdr.CdrError as e:
-            self._warn("depth/cdr", f"bad message on {self.resolve_topic_name('depth')}: {e}")
+            self._warn("depth/cdr", f"bad message on {self._depth_topic()}: {e}")
             return
         with self._depth_cond:
             if (
@@ -538,7 +553,7 @@ class DetectorNode(Node):
         return SubscriptionEventCallbacks(incompatible_qos=lambda e: self._on_qos(name, e))
 
     def _qos_topic(self, name: str) -> str:
-        return self._image_topic() if name == "image" else self.resolve_topic_name(name)
+        return self._image_topic() if name == "image" else self._depth_topic()
 
     def _on_qos(self, name: str, event: Any) -> None:
         text = (
@@ -937,7 +952,7 @@ class DetectorNode(Node):
         msg = self._nearest_depth(stamp, p.depth_max_age)
         if self._stop.is_set():  # woken by shutdown: no fault to report, nothing to place
             return None
-        topic = self.resolve_topic_name("depth")
+        topic = self._depth_topic()
         if msg is None:
             text = f"use_depth is set but no depth image on {topic}: markers on the flat ground"
             if self._set_fault(FAULT_NO_DEPTH, text):
@@ -955,7 +970,10 @@ class DetectorNode(Node):
             return None
         self._clear_fault(FAULT_DEPTH_SYNC)
         try:
-            depth = image_codec.decode_depth(msg, p.max_pixels)
+            if isinstance(msg, CompressedImage):
+                depth = image_codec.decode_compressed_depth(msg, p.max_pixels)
+            else:
+                depth = image_codec.decode_depth(msg, p.max_pixels)
         except image_codec.CodecError as e:
             self._warn(f"depth/{e.kind}", f"bad depth image: {e}")
             return None
@@ -1008,6 +1026,9 @@ class DetectorNode(Node):
 
     def _image_topic(self) -> str:
         return self.resolve_topic_name(INPUTS[self.params.input_transport][0])
+
+    def _depth_topic(self) -> str:
+        return self.resolve_topic_name(DEPTH_INPUTS[self.params.depth_transport][0])
 
     def _stamp_now(self) -> Any:
         from std_msgs.msg import Header

@@ -24,6 +24,7 @@ before a large buffer is allocated.
 from __future__ import annotations
 
 import io
+import struct
 import sys
 from typing import Any
 
@@ -161,6 +162,67 @@ def decode_depth(msg: Image, max_pixels: int | None = None) -> np.ndarray:
     rows = np.lib.stride_tricks.as_strided(buf, shape=(h, w * dtype.itemsize), strides=(step, 1))
     values = np.ascontiguousarray(rows).view(dtype).astype(np.float32)
     return values * np.float32(scale) if scale != 1.0 else values
+
+
+#: compressed_depth_image_transport's header before the png: its compression format
+#: (an int32 enum) and the two inverse-depth quantisation parameters (float32).
+COMPRESSED_DEPTH_HEADER = struct.Struct("<iff")
+
+
+def decode_compressed_depth(msg: CompressedImage, max_pixels: int | None = None) -> np.ndarray:
+    """A ``compressedDepth`` CompressedImage (image_transport's depth plugin) -> H×W
+    float32 metres, as :func:`decode_depth` gives for the raw image.
+
+    ``format`` is ``"16UC1; compressedDepth png"`` (millimetres in a 16-bit png) or
+    ``"32FC1; compressedDepth png"`` (inverse depth quantised to 16 bits: a value v stands
+    for A / (v - B) metres with A, B from the header, 0 for none); older publishers leave
+    out the codec word. The plugin's ``rvl`` codec is refused by name. Raises
+    :class:`CodecError`.
+    """
+    encoding, _, rest = msg.format.partition(";")
+    encoding = encoding.strip().lower()
+    words = rest.lower().split()
+    if encoding not in DEPTH_ENCODINGS or not words or words[0] != "compresseddepth":
+        raise CodecError(
+            f"not a compressedDepth format: {msg.format!r}; expected e.g. "
+            "'16UC1; compressedDepth png' or '32FC1; compressedDepth png'",
+            "depth_format",
+        )
+    if words[1:] not in ([], ["png"]):
+        raise CodecError(
+            f"compressedDepth codec {' '.join(words[1:])!r} not supported (png only): set "
+            "the publisher's compressedDepth format to png",
+            "depth_format",
+        )
+    data = msg.data
+    if not isinstance(data, bytes | bytearray | memoryview):
+        data = bytes(data)  # rclpy may hand over array('B') or a list
+    size = COMPRESSED_DEPTH_HEADER.size
+    if len(data) <= size:
+        raise CodecError(
+            f"compressedDepth data of {len(data)} bytes: no png after its {size}-byte header",
+            "depth_length",
+        )
+    _, quant_a, quant_b = COMPRESSED_DEPTH_HEADER.unpack_from(data)
+    png = memoryview(data)[size:]
+    w, h = compressed_size(png)
+    if w == 0 or h == 0:
+        raise CodecError(f"empty depth image ({w}x{h})", "depth_empty")
+    if max_pixels is not None and h * w > max_pixels:
+        raise CodecError(f"depth image too large: {w}x{h} > max_pixels {max_pixels}", "size")
+    values = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    if values is None or values.dtype != np.uint16 or values.shape != (h, w):
+        got = "nothing" if values is None else f"{values.dtype} {values.shape}"
+        raise CodecError(
+            f"compressedDepth png must hold one 16-bit channel ({w}x{h}), decoded {got}",
+            "undecodable",
+        )
+    if encoding == "16uc1":
+        return values.astype(np.float32) * np.float32(DEPTH_ENCODINGS["16uc1"][1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        depth = np.float32(quant_a) / (values.astype(np.float32) - np.float32(quant_b))
+    depth[values == 0] = np.nan  # "no depth" (or beyond the publisher's depth_max)
+    return depth
 
 
 def _to_msg(array: np.ndarray, encoding: str, header: Any) -> Image:

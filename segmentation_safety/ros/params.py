@@ -47,6 +47,8 @@ RELIABILITY = ("best_effort", "reliable")
 #: image_transport names: raw = sensor_msgs/Image on `image`, compressed =
 #: sensor_msgs/CompressedImage (jpeg/png) on `image/compressed`.
 TRANSPORTS = ("raw", "compressed")
+#: image_transport's name for each way depth can arrive.
+DEPTH_TRANSPORTS = ("raw", "compressedDepth")
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,13 @@ SPECS: tuple[Spec, ...] = (
         "paired with each image; regions without valid depth fall back to the ground.",
     ),
     Spec(
+        "depth_transport",
+        "raw",
+        "raw: sensor_msgs/Image on 'depth'; compressedDepth: image_transport's depth plugin "
+        "(CompressedImage, png) on 'depth/compressedDepth'.",
+        choices=DEPTH_TRANSPORTS,
+    ),
+    Spec(
         "depth_max_age",
         0.1,
         "Most seconds between an image's and its depth image's stamps (pairing slop).",
@@ -446,6 +455,7 @@ class DetectorParams:
     hazard_min_pixels: int
     max_marker_range: float
     use_depth: bool
+    depth_transport: str
     depth_max_age: float
     diagnostics_period: float
     diagnostics_window: int
@@ -487,6 +497,7 @@ class DetectorParams:
             hazard_min_pixels=int(v["hazard_min_pixels"]),
             max_marker_range=float(v["max_marker_range"]),
             use_depth=bool(v["use_depth"]),
+            depth_transport=v["depth_transport"],
             depth_max_age=float(v["depth_max_age"]),
             diagnostics_period=float(v["diagnostics_period"]),
             diagnostics_window=int(v["diagnostics_window"]),
