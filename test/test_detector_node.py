@@ -277,17 +277,30 @@ def depth_msg(mm: int, sec: int, height: int = H, width: int = W) -> Image:
     return msg
 
 
-def test_hazard_markers_are_placed_at_the_paired_depth(harness):
+@pytest.mark.parametrize("transport", ["raw", "compressedDepth"])
+def test_hazard_markers_are_placed_at_the_paired_depth(harness, transport):
     # Threshold 0: the whole image is one anomalous region centred on the principal point,
     # so its depth point is (0, 0, depth); the pitched ground would put it elsewhere.
-    h = harness(use_depth=True, anomaly_threshold=0.0, camera_pitch=0.3, hazard_min_pixels=1)
+    h = harness(
+        use_depth=True,
+        depth_transport=transport,
+        anomaly_threshold=0.0,
+        camera_pitch=0.3,
+        hazard_min_pixels=1,
+    )
     reliable = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
-    depth_pub = h.helper.create_publisher(Image, "depth", reliable)
+    if transport == "raw":
+        depth_pub = h.helper.create_publisher(Image, "depth", reliable)
+        depth = depth_msg(7000, sec=42)
+    else:  # image_transport's depth plugin, on its own topic
+        depth_pub = h.helper.create_publisher(CompressedImage, "depth/compressedDepth", reliable)
+        depth = compressed_depth(np.full((H, W), 7000, np.uint16), "16UC1; compressedDepth png")
+        depth.header = depth_msg(7000, sec=42).header
     h.listen("hazards")
     wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
     h.info_pub.publish(camera_info())
     wait_for(lambda: h.node.camera_k is not None, "camera_info")
-    depth_pub.publish(depth_msg(7000, sec=42))
+    depth_pub.publish(depth)
     wait_for(lambda: h.node.depths, "the depth")
     h.image_pub.publish(image_msg(sec=42))
     wait_for(lambda: h.got["hazards"], "hazard markers")
@@ -1505,33 +1518,6 @@ def test_compressed_depth_decodes_to_the_metres_of_the_raw_image():
     big = compressed_depth(mm, "16UC1; compressedDepth png")
     with pytest.raises(image_codec.CodecError, match="too large: 2x2 > max_pixels 3"):
         image_codec.decode_compressed_depth(big, max_pixels=3)
-
-
-def test_markers_are_placed_at_a_compressed_depth(harness):
-    # As the raw-depth test above, over image_transport's compressedDepth plugin.
-    h = harness(
-        use_depth=True,
-        depth_transport="compressedDepth",
-        anomaly_threshold=0.0,
-        camera_pitch=0.3,
-        hazard_min_pixels=1,
-    )
-    reliable = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
-    depth_pub = h.helper.create_publisher(CompressedImage, "depth/compressedDepth", reliable)
-    h.listen("hazards")
-    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the compressedDepth subscription")
-    h.info_pub.publish(camera_info())
-    wait_for(lambda: h.node.camera_k is not None, "camera_info")
-    depth = compressed_depth(np.full((H, W), 7000, np.uint16), "16UC1; compressedDepth png")
-    depth.header.stamp.sec, depth.header.stamp.nanosec = 42, 500
-    depth_pub.publish(depth)
-    wait_for(lambda: h.node.depths, "the depth")
-    h.image_pub.publish(image_msg(sec=42))
-    wait_for(lambda: h.got["hazards"], "hazard markers")
-    boxes = [m for m in h.got["hazards"][0].markers if m.action == m.ADD]
-    assert len(boxes) == 1 and "(depth)" in boxes[0].text, [b.text for b in boxes]
-    p = boxes[0].pose.position
-    np.testing.assert_allclose([p.x, p.y, p.z], [0.0, 0.0, 7.0], atol=1e-6)
 
 
 # -- faults a real robot produces ----------------------------------------------------------
