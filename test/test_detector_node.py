@@ -1759,6 +1759,20 @@ def test_publishers_whose_frames_never_arrive_are_named_on_diagnostics(harness):
     wait_for_fault(h, "no frames from publishers", present=False)
 
 
+@pytest.mark.parametrize(("transport", "other"), [("raw", "compressed"), ("compressed", "raw")])
+def test_a_camera_on_the_other_transport_is_named(harness, transport, other):
+    h = harness(input_transport=transport)
+    h.listen("/diagnostics")
+    # The helper publishes both ways: nothing to hint while the node's own topic has one.
+    wait_for(lambda: diag_values(h), "a diagnostics status")
+    assert "input/transport" not in h.node.problems
+    h.helper.destroy_publisher(h.input_pub)  # only the other transport's publisher is left
+    wait_for(lambda: "input/transport" in h.node.problems, "the other transport named")
+    text = h.node.problems["input/transport"]
+    assert f"set input_transport: {other} (launch argument transport:={other})" in text, text
+    assert text.startswith(f"nothing publishes on {h.node._image_topic()}, but 1 publisher")
+
+
 def test_a_camera_appearing_late_has_input_timeout_for_its_first_frame(harness):
     h = harness(input_timeout=2.0)
     h.listen("/diagnostics")

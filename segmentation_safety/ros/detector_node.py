@@ -640,6 +640,7 @@ class DetectorNode(Node):
         if publishers == 0:
             self._publishers_seen_at = None
             self._clear_fault(FAULT_NO_FRAMES)
+            self._hint_transport()
             return
         if self._publishers_seen_at is None:
             self._publishers_seen_at = now
@@ -657,6 +658,19 @@ class DetectorNode(Node):
             text += ": check that the camera is sending and that its QoS is compatible"
         if self._set_fault(FAULT_NO_FRAMES, text):
             self.get_logger().warning(text)
+
+    def _hint_transport(self) -> None:
+        """Name the other input transport when only it has publishers (a camera sending
+        image/compressed to a node reading image, or the reverse): silence otherwise."""
+        other = "compressed" if self.params.input_transport == "raw" else "raw"
+        topic = self.resolve_topic_name(INPUTS[other][0])
+        found = self.count_publishers(topic)
+        if found:
+            self._warn(
+                "input/transport",
+                f"nothing publishes on {self._image_topic()}, but {found} publisher(s) on "
+                f"{topic}: set input_transport: {other} (launch argument transport:={other})",
+            )
 
     def _set_fault(self, name: str, text: str) -> bool:
         """Record an active fault; True when it is new (the caller logs it then, once)."""
