@@ -1329,6 +1329,28 @@ def test_markers_undistort_a_raw_image_with_the_lens_of_camera_info(model):
     np.testing.assert_allclose(centre, region.centre, atol=1e-6)
 
 
+def test_a_region_of_interest_moves_the_principal_point_and_keeps_the_lens():
+    d = LENSES["plumb_bob"]
+    camera, _, _ = markers.camera_from_info(K_WIDE, d, "plumb_bob", [], False)
+    (u, v) = _seen_at(GROUND[:1], "plumb_bob", d)[0]  # (571.7, 391.8) on the full sensor
+    cut, size = markers.region_of_interest(camera, (640, 480), (400, 300, 200, 160))
+    assert size == (200, 160)
+    np.testing.assert_allclose(
+        markers.project_to_ground(u - 400, v - 300, cut, 1.5, 0.0), GROUND[0], atol=1e-6
+    )
+    # The ROI binned 2x2 (camera_info's binning): half the ROI's pixel, the same point.
+    binned = cut.scaled(size, (100, 80))
+    np.testing.assert_allclose(
+        markers.project_to_ground((u - 400) / 2, (v - 300) / 2, binned, 1.5, 0.0),
+        GROUND[0],
+        atol=1e-6,
+    )
+    # No ROI (zero size) or the whole image: the camera as it was.
+    for roi in ((0, 0, 0, 0), (0, 0, 640, 480)):
+        same, full = markers.region_of_interest(camera, (640, 480), roi)
+        assert same is camera and full == (640, 480)
+
+
 def test_markers_on_rectified_images_use_p_and_no_distortion():
     # image_proc's rectified image: its own pinhole P (here a zoomed-in one) and no lens.
     p = np.array([[300.0, 0, 310.0, 0], [0, 310.0, 250.0, 0], [0, 0, 1.0, 0]])
@@ -1942,6 +1964,34 @@ def test_the_node_places_markers_through_camera_infos_lens_or_its_p(
     assert got == pytest.approx(placed(model))
     # K's pinhole alone (the lens ignored, or K taken for a rectified image's P) differs.
     assert got != pytest.approx(placed(markers.CameraModel(np.array(k).reshape(3, 3))))
+
+
+def test_the_node_places_markers_on_a_region_of_interest_of_the_sensor(harness):
+    # A 2W x 2H sensor sending its centre W x H: boxes as for a camera whose own K is the
+    # sensor's moved by the ROI's offset. Rectified images do not apply the ROI: named.
+    placed = {}
+    sensor = camera_info(2 * H, 2 * W)
+    sensor.roi.x_offset, sensor.roi.y_offset = W // 2, H // 2
+    sensor.roi.width, sensor.roi.height = W, H
+    own = camera_info(H, W)
+    own.k = list(sensor.k)
+    own.k[2] -= W // 2
+    own.k[5] -= H // 2
+    for label, info in (("roi", sensor), ("own", own)):
+        h = harness(**HAZARD_PARAMS)
+        h.listen("hazards")
+        h.info_pub.publish(info)
+        wait_for(lambda h=h: h.node.camera_k is not None, "camera_info")
+        h.image_pub.publish(image_msg(72))
+        wait_for(lambda h=h: h.stamped_markers(72), "the boxes")
+        first = boxes(h, 72)[0].pose.position
+        placed[label] = (first.x, first.y, first.z)
+    assert placed["roi"] == pytest.approx(placed["own"])
+    sensor.p = [*sensor.k[:3], 0.0, *sensor.k[3:6], 0.0, *sensor.k[6:], 0.0]
+    h = harness(image_rectified=True, **HAZARD_PARAMS)
+    h.info_pub.publish(sensor)
+    wait_for(lambda: "camera_info/roi" in h.node.problems, "the ROI named")
+    assert "not applied" in h.node.problems["camera_info/roi"]
 
 
 def test_a_lens_the_node_cannot_apply_is_named_and_the_markers_go_on(harness):

@@ -542,7 +542,22 @@ class DetectorNode(Node):
             return
         if self._clear_fault(FAULT_CAMERA_INFO):
             self.get_logger().info(f"{topic}: valid camera_info again, hazard markers resume")
-        self.camera_k = (camera, (msg.width, msg.height), msg.header.frame_id)
+        roi = msg.roi
+        size = (msg.width, msg.height)
+        cut = roi.width > 0 and roi.height > 0 and (roi.width, roi.height) != size
+        if cut and self.params.image_rectified:
+            # image_geometry derives a rectified image's ROI through the rectification;
+            # not done here, so the full P is used and the boxes may sit off.
+            self._warn(
+                "camera_info/roi",
+                f"{topic}: a region of interest on rectified images is not applied: hazard "
+                "markers use the full P",
+            )
+        elif cut:
+            camera, size = markers.region_of_interest(
+                camera, size, (roi.x_offset, roi.y_offset, roi.width, roi.height)
+            )
+        self.camera_k = (camera, size, msg.header.frame_id)
 
     def _qos_events(self, name: str) -> Any:
         """Subscription events that report a publisher whose QoS cannot match ours."""

@@ -202,6 +202,26 @@ def camera_from_info(
     return CameraModel(k, d.copy(), model), None, None
 
 
+def region_of_interest(
+    camera: CameraModel, full_size: tuple[int, int], roi: tuple[int, int, int, int]
+) -> tuple[CameraModel, tuple[int, int]]:
+    """The camera of a raw image cut to camera_info's ``roi`` (x_offset, y_offset, width,
+    height, in full-resolution pixels) and the size it is calibrated at, for
+    :meth:`CameraModel.scaled` (which then also undoes any binning).
+
+    A ROI of zero size, or the whole of ``full_size``, is the full image (ROS's
+    convention). Cutting moves the principal point; the lens stays as it was, since it acts
+    on normalised coordinates.
+    """
+    x, y, w, h = (int(v) for v in roi)
+    if w <= 0 or h <= 0 or (x, y, w, h) == (0, 0, *full_size):
+        return camera, full_size
+    k = np.asarray(camera.k, dtype=np.float64).reshape(3, 3).copy()
+    k[0, 2] -= x
+    k[1, 2] -= y
+    return CameraModel(k, camera.d, camera.model), (w, h)
+
+
 def _camera(k: np.ndarray | CameraModel) -> CameraModel:
     return k if isinstance(k, CameraModel) else CameraModel(np.asarray(k, dtype=np.float64))
 
