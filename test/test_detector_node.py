@@ -1895,6 +1895,17 @@ def test_a_camera_info_for_another_frame_is_named(harness):
     assert "'other_camera'" in text and "'camera_optical'" in text
 
 
+def first_box(h: Harness, info: CameraInfo, sec: int = 60) -> tuple[float, float, float]:
+    """Where the node puts the first hazard box of a frame, given ``info``."""
+    h.listen("hazards")
+    h.info_pub.publish(info)
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    h.image_pub.publish(image_msg(sec))
+    wait_for(lambda: h.stamped_markers(sec), "the boxes")
+    first = boxes(h, sec)[0].pose.position
+    return first.x, first.y, first.z
+
+
 def test_camera_info_without_a_size_calibrates_the_image_as_it_arrives(harness):
     # Some drivers leave width/height 0: K is then for the image, and must still be
     # scaled to the network-resolution map the boxes are found on (input_size below).
@@ -1908,15 +1919,8 @@ def test_camera_info_without_a_size_calibrates_the_image_as_it_arrives(harness):
         "K for twice the size, sized as the image": (camera_info(2 * H, 2 * W), (W, H)),
     }
     for label, (info, size) in cases.items():
-        h = harness(input_size=[H // 2, W // 2], **HAZARD_PARAMS)
-        h.listen("hazards")
         info.width, info.height = size
-        h.info_pub.publish(info)
-        wait_for(lambda h=h: h.node.camera_k is not None, "camera_info")
-        h.image_pub.publish(image_msg(60))
-        wait_for(lambda h=h: h.stamped_markers(60), "the boxes")
-        first = boxes(h, 60)[0].pose.position
-        placed[label] = (first.x, first.y, first.z)
+        placed[label] = first_box(harness(input_size=[H // 2, W // 2], **HAZARD_PARAMS), info)
     assert placed["unsized"] == pytest.approx(placed["sized"])
     assert placed["twice the size"] == pytest.approx(placed["sized"])
     assert placed["K for twice the size, sized as the image"] != pytest.approx(placed["sized"])
@@ -1978,14 +1982,7 @@ def test_the_node_places_markers_on_a_region_of_interest_of_the_sensor(harness):
     own.k[2] -= W // 2
     own.k[5] -= H // 2
     for label, info in (("roi", sensor), ("own", own)):
-        h = harness(**HAZARD_PARAMS)
-        h.listen("hazards")
-        h.info_pub.publish(info)
-        wait_for(lambda h=h: h.node.camera_k is not None, "camera_info")
-        h.image_pub.publish(image_msg(72))
-        wait_for(lambda h=h: h.stamped_markers(72), "the boxes")
-        first = boxes(h, 72)[0].pose.position
-        placed[label] = (first.x, first.y, first.z)
+        placed[label] = first_box(harness(**HAZARD_PARAMS), info)
     assert placed["roi"] == pytest.approx(placed["own"])
     sensor.p = [*sensor.k[:3], 0.0, *sensor.k[3:6], 0.0, *sensor.k[6:], 0.0]
     h = harness(image_rectified=True, **HAZARD_PARAMS)
