@@ -500,12 +500,7 @@ class DetectorNode(Node):
     def _on_depth(self, raw: bytes) -> None:
         try:
             if self.params.depth_transport == "compressedDepth":
-                from rclpy.serialization import deserialize_message
-
-                try:  # small (a png): read whole, as rclpy would
-                    msg = deserialize_message(raw, CompressedImage)
-                except Exception as e:  # rclpy's RMWError, or whatever its C layer raises
-                    raise cdr.CdrError(f"not a CompressedImage ({len(raw)} bytes): {e}") from None
+                msg = _compressed_image(raw)  # small (a png): read whole
             else:
                 msg = cdr.RawImage(raw)
         except cdr.CdrError as e:
@@ -862,12 +857,7 @@ class DetectorNode(Node):
 
     def _deserialize(self, raw: bytes) -> cdr.RawImage | CompressedImage:
         if self.params.input_transport == "compressed":
-            from rclpy.serialization import deserialize_message
-
-            try:
-                return deserialize_message(raw, CompressedImage)
-            except Exception as e:  # rclpy's RMWError, or whatever its C layer raises
-                raise cdr.CdrError(f"not a CompressedImage ({len(raw)} bytes): {e}") from None
+            return _compressed_image(raw)
         return cdr.RawImage(raw)
 
     # -- building outputs ------------------------------------------------------------------
@@ -1075,6 +1065,16 @@ class DetectorNode(Node):
         if getattr(self, "_publisher", None) is not None:
             self._publisher.shutdown(wait=True, cancel_futures=True)
         super().destroy_node()
+
+
+def _compressed_image(raw: bytes) -> CompressedImage:
+    """A serialised CompressedImage read into its message (rclpy's own deserialiser)."""
+    from rclpy.serialization import deserialize_message
+
+    try:
+        return deserialize_message(raw, CompressedImage)
+    except Exception as e:  # rclpy's RMWError, or whatever its C layer raises
+        raise cdr.CdrError(f"not a CompressedImage ({len(raw)} bytes): {e}") from None
 
 
 def _transport_ms(info: dict[str, Any]) -> float | None:
