@@ -539,8 +539,10 @@ class DetectorNode(Node):
             self.get_logger().info(f"{topic}: valid camera_info again, hazard markers resume")
         roi = msg.roi
         size = (msg.width, msg.height)
-        cut = roi.width > 0 and roi.height > 0 and (roi.width, roi.height) != size
-        if cut and self.params.image_rectified:
+        cut, cut_size = markers.region_of_interest(
+            camera, size, (roi.x_offset, roi.y_offset, roi.width, roi.height)
+        )
+        if cut is not camera and self.params.image_rectified:
             # image_geometry derives a rectified image's ROI through the rectification;
             # not done here, so the full P is used and the boxes may sit off.
             self._warn(
@@ -548,10 +550,8 @@ class DetectorNode(Node):
                 f"{topic}: a region of interest on rectified images is not applied: hazard "
                 "markers use the full P",
             )
-        elif cut:
-            camera, size = markers.region_of_interest(
-                camera, size, (roi.x_offset, roi.y_offset, roi.width, roi.height)
-            )
+        elif cut is not camera:
+            camera, size = cut, cut_size
         self.camera_k = (camera, size, msg.header.frame_id)
 
     def _qos_events(self, name: str) -> Any:
@@ -815,7 +815,6 @@ class DetectorNode(Node):
         ``publish`` in the timings runs from the end of rendering, so a frame that waited
         for the previous one's publishing (``overlap_publish``) counts that wait too."""
         result, header, p, wanted = frame.result, frame.header, frame.params, frame.wanted
-        t1 = frame.rendered_at
         later = None
         if "hazards" in wanted and not header.frame_id:
             self._warn(
@@ -846,7 +845,7 @@ class DetectorNode(Node):
             later = lambda: self._publish_hazards(result, header, p, size)  # noqa: E731
         if "safety" in wanted:
             timings = dict(frame.timings)
-            timings["publish"] = (time.perf_counter() - t1) * 1e3
+            timings["publish"] = (time.perf_counter() - frame.rendered_at) * 1e3
             timings["total"] = (time.perf_counter() - frame.started_at) * 1e3
             safety = self._safety(result, header, p, timings)
             embedded = {}
