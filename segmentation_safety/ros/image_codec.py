@@ -134,6 +134,18 @@ def decode_rgb(msg: Image, max_pixels: int | None = None) -> np.ndarray:
 DEPTH_ENCODINGS: dict[str, tuple[str, float]] = {"32fc1": ("f4", 1.0), "16uc1": ("u2", 1e-3)}
 
 
+def _check_depth_size(w: int, h: int, max_pixels: int | None) -> None:
+    if h == 0 or w == 0:
+        raise CodecError(f"empty depth image ({w}x{h})", "depth_empty")
+    if max_pixels is not None and h * w > max_pixels:
+        raise CodecError(f"depth image too large: {w}x{h} > max_pixels {max_pixels}", "size")
+
+
+def _as_bytes(data: Any) -> bytes | bytearray | memoryview:
+    # rclpy may hand a message's uint8[] over as array('B') or a list
+    return data if isinstance(data, bytes | bytearray | memoryview) else bytes(data)
+
+
 def decode_depth(msg: Image, max_pixels: int | None = None) -> np.ndarray:
     """Depth Image (32FC1 metres or 16UC1 millimetres) -> H×W float32 metres (a copy).
 
@@ -147,10 +159,7 @@ def decode_depth(msg: Image, max_pixels: int | None = None) -> np.ndarray:
             "depth_encoding",
         )
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    if h == 0 or w == 0:
-        raise CodecError(f"empty depth image ({w}x{h})", "depth_empty")
-    if max_pixels is not None and h * w > max_pixels:
-        raise CodecError(f"depth image too large: {w}x{h} > max_pixels {max_pixels}", "size")
+    _check_depth_size(w, h, max_pixels)
     kind, scale = DEPTH_ENCODINGS[enc]
     dtype = np.dtype(kind).newbyteorder(">" if msg.is_bigendian else "<")
     if step < w * dtype.itemsize or len(msg.data) != step * h:
@@ -194,9 +203,7 @@ def decode_compressed_depth(msg: CompressedImage, max_pixels: int | None = None)
             "the publisher's compressedDepth format to png",
             "depth_format",
         )
-    data = msg.data
-    if not isinstance(data, bytes | bytearray | memoryview):
-        data = bytes(data)  # rclpy may hand over array('B') or a list
+    data = _as_bytes(msg.data)
     size = COMPRESSED_DEPTH_HEADER.size
     if len(data) <= size:
         raise CodecError(
@@ -206,10 +213,7 @@ def decode_compressed_depth(msg: CompressedImage, max_pixels: int | None = None)
     _, quant_a, quant_b = COMPRESSED_DEPTH_HEADER.unpack_from(data)
     png = memoryview(data)[size:]
     w, h = compressed_size(png)
-    if w == 0 or h == 0:
-        raise CodecError(f"empty depth image ({w}x{h})", "depth_empty")
-    if max_pixels is not None and h * w > max_pixels:
-        raise CodecError(f"depth image too large: {w}x{h} > max_pixels {max_pixels}", "size")
+    _check_depth_size(w, h, max_pixels)
     values = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
     if values is None or values.dtype != np.uint16 or values.shape != (h, w):
         got = "nothing" if values is None else f"{values.dtype} {values.shape}"
@@ -350,8 +354,7 @@ def decode_compressed(msg: CompressedImage, max_pixels: int | None = None) -> np
     data = msg.data
     if len(data) == 0:
         raise CodecError("empty CompressedImage (no data)", "empty")
-    if not isinstance(data, bytes | bytearray | memoryview):
-        data = bytes(data)  # rclpy may hand over array('B') or a list
+    data = _as_bytes(data)
     w, h = compressed_size(data)
     if w == 0 or h == 0:
         raise CodecError(f"empty compressed image ({w}x{h})", "empty")
