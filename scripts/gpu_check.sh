@@ -5,6 +5,7 @@
 # cuda node in a process of its own with the shipped
 # shared-memory profile (how a robot runs it, RViz in another process), also at 2 MP with
 # only a planner's, RViz's and a jpeg viewer's outputs subscribed (the ~16 ms question),
+# with the jpeg encoded on the GPU (the default there) and on the host,
 # and the highest input rate the cuda node keeps up with, with and without
 # overlap_publish.
 # Needs the environment `make setup` builds; writes JSONs and a log
@@ -75,6 +76,13 @@ step "node bench on cuda, own process, 2 MP, a robot's subscribers (planner, RVi
   "${profile[@]}" "${node_bench[@]}" --node-process --sizes 1024x2048 --frames 16 \
   --outputs safety,hazards,hazard_overlay_compressed --param "device=cuda" \
   --param safety_embeds_maps=false --out "$OUT/node_cuda_process_same_host_2mp_planner_rviz_jpeg.json"
+# The same with the jpeg encoded by OpenCV on the host instead of nvJPEG (jpeg_encoder's
+# auto on CUDA): what moving it to the device saves the host, and costs the device.
+step "the same, jpeg_encoder=host" \
+  "${profile[@]}" "${node_bench[@]}" --node-process --sizes 1024x2048 --frames 16 \
+  --outputs safety,hazards,hazard_overlay_compressed --param "device=cuda" \
+  --param safety_embeds_maps=false --param jpeg_encoder=host \
+  --out "$OUT/node_cuda_process_same_host_2mp_planner_rviz_jpeg_host.json"
 # Throughput, which one frame in flight does not show: the highest input rate the cuda
 # node keeps up with (< 5% dropped), every output and a robot's subscribers, against
 # the network's own rate (bench_cuda.json), and every output again with overlap_publish

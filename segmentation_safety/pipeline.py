@@ -294,12 +294,15 @@ class Pipeline:
                     dev["color"] = draw.colorize(labels, self._palette())
             for role in render.maps & net_maps.keys():
                 dev[role] = at(role, small)
-            if render.overlay:
+            if render.overlay or render.overlay_jpeg is not None:
                 rgb = x[0].permute(1, 2, 0)
                 if "anomaly" in net_maps:
                     span = draw.map_range(net_maps["anomaly"][0])
                     rgb = draw.hazard_overlay(rgb, at("anomaly", size), render.threshold, span)
-                dev["overlay"] = rgb
+                if render.overlay:
+                    dev["overlay"] = rgb
+                if render.overlay_jpeg is not None:
+                    dev["overlay_jpeg"] = draw.encode_jpeg(rgb, render.overlay_jpeg)
             if render.open_set is not None and "anomaly" in net_maps:
                 if labels is None:
                     labels = upsample_argmax(logits, size, seg.argmax())[0]
@@ -347,6 +350,7 @@ class Pipeline:
             alarm=alarm,
             open_set=host.get("open_set"),
             anomaly_net=host.get("anomaly_net"),
+            overlay_jpeg=host.get("overlay_jpeg"),
             timings_ms=timings,
         )
 

@@ -86,6 +86,11 @@ class RenderOptions:
     #: Also return the anomaly map at the network's resolution (hazard regions are found
     #: there: the full-size map is only its bilinear upsampling, many times the pixels).
     anomaly_net: bool = False
+    #: JPEG quality: also return the overlay encoded on the pipeline's device
+    #: (torchvision's encoder; nvJPEG on CUDA), so only its bytes leave the device and
+    #: the host does not encode it. None: not produced. ``overlay`` alone decides whether
+    #: the raw overlay comes back too.
+    overlay_jpeg: int | None = None
 
 
 @dataclass
@@ -105,3 +110,4 @@ class RenderedFrame:
     #: resolution (counted on the device, whether the map is returned or not).
     nonfinite: dict[str, int] = field(default_factory=dict)
     anomaly_net: np.ndarray | None = None  # h'×w' float32 at the network's resolution
+    overlay_jpeg: np.ndarray | None = None  # the overlay as jpeg file bytes (uint8)

@@ -134,3 +134,21 @@ def test_node_outputs_on_cuda_match_the_cpu(frames, half):
         assert abs(g.alarm.max_score - c.alarm.max_score) <= (1e-3 if not half else 2e-2) * span
         assert abs(g.alarm.mean_failure - c.alarm.mean_failure) <= (1e-3 if not half else 1e-2)
         assert g.nonfinite == c.nonfinite
+
+
+def test_overlay_jpeg_encoded_on_cuda_is_the_overlay(frames):
+    """jpeg_encoder on a GPU: nvJPEG through torchvision, the bytes copied with the rest."""
+    import cv2
+
+    from segmentation_safety import render
+
+    assert render.jpeg_problem(torch.device("cuda")) is None
+    config = PipelineConfig(anomaly="densehybrid", device="cuda")
+    pipe = Pipeline.from_models_dir(DEMO_MODELS, config)
+    options = RenderOptions(labels=False, overlay=True, overlay_jpeg=90, threshold=0.0)
+    for frame in frames:
+        r = pipe.process_frame(frame, {"anomaly"}, options)
+        decoded = cv2.imdecode(r.overlay_jpeg, cv2.IMREAD_COLOR)[..., ::-1]
+        assert decoded.shape == r.overlay.shape
+        error = np.abs(decoded.astype(int) - r.overlay.astype(int)).mean()
+        assert error < 4, error  # a smooth street scene at quality 90

@@ -927,6 +927,61 @@ def test_compressed_png_and_jpeg_frames_give_every_output(harness):
     )
 
 
+def _record_frames(node) -> list:
+    """Every RenderedFrame the node's pipeline hands back, in order."""
+    frames = []
+    process_frame = node.pipeline.process_frame
+
+    def recording(*args, **kwargs):
+        frames.append(process_frame(*args, **kwargs))
+        return frames[-1]
+
+    node.pipeline.process_frame = recording
+    return frames
+
+
+def test_jpeg_encoded_on_the_device_is_the_overlay_and_only_its_bytes_come_back(harness):
+    # The CPU stands in for the GPU: jpeg_encoder "device" encodes where the overlay was
+    # drawn (nvJPEG on CUDA), and the host only wraps the bytes.
+    h = harness(jpeg_encoder="device", anomaly_threshold=0.0)
+    assert h.node.jpeg_on_device
+    frames = _record_frames(h.node)
+    h.listen("hazard_overlay/compressed")
+    h.image_pub.publish(image_msg(1))
+    wait_for(lambda: h.stamped("hazard_overlay/compressed", 1), "the jpeg overlay")
+    jpeg = h.stamped("hazard_overlay/compressed", 1)[0]
+    # Without a raw overlay subscriber, the picture itself never reached the host.
+    assert frames[-1].overlay is None
+    assert bytes(jpeg.data) == frames[-1].overlay_jpeg.tobytes()
+    assert jpeg.format == "rgb8; jpeg compressed bgr8"
+    h.listen("hazard_overlay")
+    sent = image_msg(2)
+    h.image_pub.publish(sent)
+    wait_for(lambda: all(h.stamped(t, 2) for t in ("hazard_overlay", "hazard_overlay/compressed")),
+             "both overlays")  # fmt: skip
+    overlay = image_codec.decode_rgb(h.stamped("hazard_overlay", 2)[0])
+    from_jpeg = image_codec.decode_compressed(h.stamped("hazard_overlay/compressed", 2)[0])
+    camera = np.frombuffer(sent.data, np.uint8).reshape(H, W, 3)
+    # Threshold 0 paints the whole frame: the jpeg is the painted picture, not the camera's.
+    np.testing.assert_allclose(from_jpeg.mean((0, 1)), overlay.mean((0, 1)), atol=4)
+    assert overlay[..., 0].mean() - camera[..., 0].mean() > 30
+
+
+def test_jpeg_encoder_auto_is_the_host_on_a_cpu_and_a_failing_device_falls_back(
+    harness, monkeypatch, capfd
+):
+    assert not harness().node.jpeg_on_device  # auto on the CPU: OpenCV is faster there
+    monkeypatch.setattr(render, "jpeg_problem", lambda device: "RuntimeError: no nvJPEG")
+    h = harness(jpeg_encoder="device")
+    assert not h.node.jpeg_on_device
+    assert "jpeg_encoder device: cpu cannot encode jpeg (RuntimeError: no nvJPEG)" in (
+        capfd.readouterr().err
+    )
+    h.listen("hazard_overlay/compressed")
+    h.image_pub.publish(image_msg(3))
+    wait_for(lambda: h.stamped("hazard_overlay/compressed", 3), "the jpeg, encoded on the host")
+
+
 def test_real_road_anomaly_jpegs_as_compressed_images_give_every_output(harness, real_data):
     frames = sorted((real_data / "roadanomaly" / "frames").glob("*.jpg"))[:3]
     if not frames:

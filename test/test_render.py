@@ -129,6 +129,34 @@ def test_overlay_paints_exactly_the_pixels_above_the_threshold_red():
     assert (after[:, 0] >= before[:, 0]).all() and (after[:, 1:] <= before[:, 1:]).all()
 
 
+def test_overlay_jpeg_is_the_overlay_encoded_where_it_was_drawn():
+    import cv2
+
+    assert render.jpeg_problem(torch.device("cpu")) is None
+    pipe = _pipeline()
+    # A smooth picture (what jpeg keeps well) with half its pixels painted by the overlay.
+    yy, xx = np.mgrid[0:64, 0:96]
+    image = np.stack([xx * 2, yy * 3, 255 - xx * 2], axis=2).astype(np.uint8)
+    anomaly = pipe.process(image, {"anomaly"}).anomaly
+    threshold = float(np.median(anomaly))
+    both = RenderOptions(labels=False, overlay=True, overlay_jpeg=95, threshold=threshold)
+    r = pipe.process_frame(image, {"anomaly"}, both)
+    assert r.overlay_jpeg.dtype == np.uint8 and r.overlay_jpeg.ndim == 1
+    decoded = cv2.cvtColor(cv2.imdecode(r.overlay_jpeg, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert decoded.shape == image.shape
+    flagged = anomaly > threshold
+    error = np.abs(decoded.astype(int) - r.overlay.astype(int))[flagged].mean()
+    painted = np.abs(image.astype(int) - r.overlay.astype(int))[flagged].mean()
+    assert error < 6 < painted, (error, painted)  # the overlay's colours, not the camera's
+    # Only the bytes when the raw overlay is not asked for; the quality is the option's.
+    small = pipe.process_frame(
+        image, {"anomaly"}, RenderOptions(labels=False, overlay_jpeg=20, threshold=threshold)
+    )
+    assert small.overlay is None and 0 < small.overlay_jpeg.size < r.overlay_jpeg.size
+    none = pipe.process_frame(image, {"anomaly"}, RenderOptions(labels=False, overlay=True))
+    assert none.overlay_jpeg is None
+
+
 def test_input_halved_by_the_uint8_kernel_has_the_pixels_of_the_float_passes():
     from segmentation_safety.pipeline import resize_input
 

@@ -370,6 +370,7 @@ class DetectorNode(Node):
         if problem:
             raise StartupError(problem)
         self.codec = image_codec.ImageCodec()
+        self.jpeg_on_device = self._jpeg_on_device(params.jpeg_encoder)
         self.stats = FrameStats(params.diagnostics_window)
         self.throttle = WarningThrottle()
         self.last_problem = ""  # newest bad-input message, also reported on /diagnostics
@@ -410,6 +411,25 @@ class DetectorNode(Node):
                 f"{params.anomaly_detector} scores are {type(detector).score_units}"
             )
         return params
+
+    def _jpeg_on_device(self, choice: str) -> bool:
+        """Whether the pipeline's device encodes hazard_overlay/compressed (jpeg_encoder).
+
+        Tried once here, on a tiny picture: an encoder that fails (a torchvision without
+        CUDA jpeg, no nvJPEG) then costs a warning and the host encodes, instead of every
+        frame failing."""
+        device = self.pipeline.device
+        if choice == "host" or (choice == "auto" and device.type == "cpu"):
+            return False
+        problem = on_compute_thread(render.jpeg_problem, device)
+        if problem:
+            self.get_logger().warning(
+                f"jpeg_encoder {choice}: {device} cannot encode jpeg ({problem}); "
+                "hazard_overlay/compressed is encoded on the host"
+            )
+            return False
+        self.get_logger().info(f"hazard_overlay/compressed is encoded on {device}")
+        return True
 
     def _start(self) -> None:
         """Create publishers, subscriptions, the worker and the diagnostics timer."""
@@ -831,7 +851,10 @@ class DetectorNode(Node):
         if boxes_first:
             self._publish_hazards(result, header, p, frame.image_size)
         if "hazard_overlay_compressed" in wanted:
-            jpeg = image_codec.encode_jpeg(result.overlay, header, p.jpeg_quality)
+            if result.overlay_jpeg is not None:  # encoded on the device (jpeg_encoder)
+                jpeg = image_codec.jpeg_message(result.overlay_jpeg.tobytes(), header)
+            else:
+                jpeg = image_codec.encode_jpeg(result.overlay, header, p.jpeg_quality)
             self.pubs["hazard_overlay_compressed"].publish(jpeg)
         bodies = self._image_bodies(result, header)
         for field, body in bodies.items():
@@ -864,10 +887,12 @@ class DetectorNode(Node):
         """What the pipeline must produce for the outputs that have subscribers."""
         embeds = "safety" in wanted and p.safety_embeds_maps
         maps = {k for k in ("anomaly", "failure") if k in wanted or embeds}
+        jpeg = "hazard_overlay_compressed" in wanted
         return RenderOptions(
             labels="segmentation" in wanted or embeds,
             color="segmentation_color" in wanted,
-            overlay=bool(wanted & {"hazard_overlay", "hazard_overlay_compressed"}),
+            overlay="hazard_overlay" in wanted or (jpeg and not self.jpeg_on_device),
+            overlay_jpeg=p.jpeg_quality if jpeg and self.jpeg_on_device else None,
             maps=frozenset(maps),
             map_scale=p.output_scale,
             threshold=self.threshold(p),

@@ -388,10 +388,18 @@ def encode_jpeg(image: np.ndarray, header: Any = None, quality: int = 90) -> Com
     ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise CodecError(f"jpeg encoding of a {image.shape} image failed", "encode")
+    return jpeg_message(buf.tobytes(), header)
+
+
+def jpeg_message(data: bytes, header: Any = None) -> CompressedImage:
+    """A jpeg file's bytes, of an rgb8 picture, as compressed_image_transport names them.
+
+    Its format says "compressed bgr8" because OpenCV hands the encoder BGR; the file
+    itself is a standard jpeg whichever encoder wrote it, so decoders read it alike."""
     msg = CompressedImage(format="rgb8; jpeg compressed bgr8")
     if header is not None:
         msg.header = header
-    msg.data = buf.tobytes()
+    msg.data = data
     return msg
 
 

@@ -49,6 +49,9 @@ RELIABILITY = ("best_effort", "reliable")
 TRANSPORTS = ("raw", "compressed")
 #: image_transport's name for each way depth can arrive.
 DEPTH_TRANSPORTS = ("raw", "compressedDepth")
+#: Where hazard_overlay/compressed is encoded: auto = on the pipeline's device when that
+#: is a GPU (only the jpeg's bytes leave it), on the host (OpenCV) on a CPU.
+JPEG_ENCODERS = ("auto", "host", "device")
 
 
 @dataclass(frozen=True)
@@ -302,6 +305,16 @@ SPECS: tuple[Spec, ...] = (
         high=100,
     ),
     Spec(
+        "jpeg_encoder",
+        "auto",
+        "Where hazard_overlay/compressed is encoded. host: OpenCV on the CPU; device: "
+        "torchvision's encoder on the pipeline's device (nvJPEG on CUDA: only the jpeg's "
+        "bytes are copied to the host, which no longer encodes 2 MP pictures; on a CPU it "
+        "is slower than OpenCV); auto: device on a GPU, host on a CPU. A device that "
+        "cannot encode is reported at start and the host encodes.",
+        choices=JPEG_ENCODERS,
+    ),
+    Spec(
         "output_scale",
         1.0,
         "Size of the published anomaly/failure maps (32FC1) relative to the image; the "
@@ -461,6 +474,7 @@ class DetectorParams:
     diagnostics_window: int
     warn_throttle_sec: float
     jpeg_quality: int
+    jpeg_encoder: str
     output_scale: float
     safety_embeds_maps: bool
     retain_host_memory: bool
@@ -503,6 +517,7 @@ class DetectorParams:
             diagnostics_window=int(v["diagnostics_window"]),
             warn_throttle_sec=float(v["warn_throttle_sec"]),
             jpeg_quality=int(v["jpeg_quality"]),
+            jpeg_encoder=v["jpeg_encoder"],
             output_scale=float(v["output_scale"]),
             safety_embeds_maps=bool(v["safety_embeds_maps"]),
             retain_host_memory=bool(v["retain_host_memory"]),
