@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The device checks of issue 14, prepared to run in one go on a machine with a CUDA GPU:
-# the CUDA tests, the model bench and the node bench (512x1024 and 1024x2048, output_scale
-# 1 and 0.5, network at the frame's size) on cuda in fp16 autocast and in fp32, and the
-# cuda node in a process of its own with the shipped
-# shared-memory profile (how a robot runs it, RViz in another process), also at 2 MP with
-# only a planner's, RViz's and a jpeg viewer's outputs subscribed (the ~16 ms question),
-# with the jpeg encoded on the GPU (the default there) and on the host,
-# and the highest input rate the cuda node keeps up with, with and without
-# overlap_publish.
+# the CUDA tests, the outputs' copy to the host (page-locked or not), the model bench
+# and the node bench (512x1024 and 1024x2048, output_scale 1 and 0.5, network at the
+# frame's size) on cuda in fp16 autocast and in fp32, and the cuda node in a process of
+# its own with the shipped shared-memory profile (how a robot runs it, RViz in another
+# process), also at 2 MP with only a planner's, RViz's and a jpeg viewer's outputs
+# subscribed (the ~16 ms question), with the jpeg encoded on the GPU (the default there)
+# and on the host, and the highest input rate the cuda node keeps up with, with and
+# without overlap_publish.
 # Needs the environment `make setup` builds; writes JSONs and a log
 # under $1 (default out/gpu_check), the world and bag it replays under a scratch folder
 # (SCRATCH, default a temporary one), so OUT holds only the log and the JSONs (the device
@@ -47,6 +47,35 @@ step() {
 }
 
 step "CUDA tests" python -P -m pytest -q test/test_cuda.py
+
+# The frame's outputs to the host (to_host: one packed copy) into page-locked memory, the
+# node's way, against ordinary memory; the log has the medians.
+d2h() {
+  python -P - <<'PY'
+import time
+import torch
+from segmentation_safety.pipeline import to_host
+for h, w in ((512, 1024), (1024, 2048)):
+    # What every output subscribed sends: labels, colours, overlay, two maps, open set.
+    dev = {"labels": torch.zeros(h, w, dtype=torch.uint8), "color": torch.zeros(h, w, 3, dtype=torch.uint8),
+           "overlay": torch.zeros(h, w, 3, dtype=torch.uint8), "anomaly": torch.zeros(h, w),
+           "failure": torch.zeros(h, w), "open_set": torch.zeros(h, w, dtype=torch.uint8)}
+    dev = {k: t.cuda() for k, t in dev.items()}
+    mb = sum(t.numel() * t.element_size() for t in dev.values()) / 2**20
+    times = {True: [], False: []}
+    for i in range(42):
+        pinned = bool(i % 2)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        host = to_host(dev, pinned=pinned)
+        if i >= 2:
+            times[pinned].append((time.perf_counter() - t0) * 1e3)
+        del host
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"to_host {h}x{w} ({mb:.0f} MB): pinned {med[True]:.2f} ms, pageable {med[False]:.2f} ms")
+PY
+}
+step "outputs to the host, page-locked vs ordinary memory" d2h
 
 step "model bench on cuda, 512x1024" \
   segsafe bench --device cuda --height 512 --width 1024 --repeats 20 --out "$OUT/bench_cuda.json"

@@ -152,3 +152,26 @@ def test_overlay_jpeg_encoded_on_cuda_is_the_overlay(frames):
         assert decoded.shape == r.overlay.shape
         error = np.abs(decoded.astype(int) - r.overlay.astype(int)).mean()
         assert error < 4, error  # a smooth street scene at quality 90
+
+
+def test_outputs_come_back_from_cuda_in_page_locked_memory():
+    from segmentation_safety.pipeline import to_host
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "labels": torch.randint(0, 19, (256, 512), dtype=torch.uint8, generator=g),
+        "anomaly": torch.rand(128, 256, generator=g),
+        "iou": torch.rand(19, generator=g),
+    }
+    on_gpu = {k: t.cuda() for k, t in tensors.items()}
+    for pinned in (True, False):
+        host = to_host(on_gpu, pinned=pinned)
+        for k, t in tensors.items():
+            np.testing.assert_array_equal(host[k], t.numpy())
+            assert torch.from_numpy(host[k]).is_pinned() == pinned, k
+    # The pinned block outlives the call for as long as an array views it.
+    labels = to_host(on_gpu)["labels"]
+    torch.cuda.synchronize()
+    for _ in range(3):
+        to_host({k: t * 0 for k, t in on_gpu.items()})
+    np.testing.assert_array_equal(labels, tensors["labels"].numpy())
