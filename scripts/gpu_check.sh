@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The device checks of issue 14, prepared to run in one go on a machine with a CUDA GPU:
-# the CUDA tests, the outputs' copy to the host (page-locked or not), the model bench
-# and the node bench (512x1024 and 1024x2048, output_scale 1 and 0.5, network at the
-# frame's size) on cuda in fp16 autocast and in fp32, and the cuda node in a process of
-# its own with the shipped shared-memory profile (how a robot runs it, RViz in another
-# process), also at 2 MP with only a planner's, RViz's and a jpeg viewer's outputs
-# subscribed (the ~16 ms question), with the jpeg encoded on the GPU (the default there)
-# and on the host, and the highest input rate the cuda node keeps up with, with and
-# without overlap_publish.
+# the CUDA tests, the outputs' copy to the host (page-locked or not), jpeg by nvJPEG and
+# by OpenCV, the model bench and the node bench (512x1024 and 1024x2048, output_scale 1
+# and 0.5, network at the frame's size) on cuda in fp16 autocast and in fp32, and the
+# cuda node in a process of its own with the shipped shared-memory profile (how a robot
+# runs it, RViz in another process), also at 2 MP with only a planner's, RViz's and a
+# jpeg viewer's outputs subscribed (the ~16 ms question), with the jpeg encoded on the
+# GPU (the default there) and on the host, and the highest input rate the cuda node
+# keeps up with, with and without overlap_publish.
 # Needs the environment `make setup` builds; writes JSONs and a log
 # under $1 (default out/gpu_check), the world and bag it replays under a scratch folder
 # (SCRATCH, default a temporary one), so OUT holds only the log and the JSONs (the device
@@ -76,6 +76,37 @@ for h, w in ((512, 1024), (1024, 2048)):
 PY
 }
 step "outputs to the host, page-locked vs ordinary memory" d2h
+# jpeg_codec: a 2 MP frame decoded and encoded by nvJPEG (jpeg_codec's auto on CUDA)
+# against OpenCV on the host; the log has the medians.
+jpeg_times() {
+  python -P - <<'PY'
+import time
+import cv2
+import numpy as np
+import torch
+from segmentation_safety import device_jpeg
+yy, xx = np.mgrid[0:1024, 0:2048]
+rgb = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=2).astype(np.uint8)
+data = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+on_gpu = torch.from_numpy(rgb).cuda()
+def median_ms(fn):
+    fn()
+    times = []
+    for _ in range(20):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[10]
+cuda = torch.device("cuda")
+print(f"jpeg 2 MP decode: nvJPEG {median_ms(lambda: device_jpeg.decode(data, cuda)):.2f} ms, "
+      f"OpenCV {median_ms(lambda: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)):.2f} ms")
+print(f"jpeg 2 MP encode: nvJPEG {median_ms(lambda: device_jpeg.encode(on_gpu, 90).cpu()):.2f} ms, "
+      f"OpenCV {median_ms(lambda: cv2.imencode('.jpg', rgb, [cv2.IMWRITE_JPEG_QUALITY, 90])):.2f} ms")
+PY
+}
+step "jpeg on the GPU against OpenCV" jpeg_times
 
 step "model bench on cuda, 512x1024" \
   segsafe bench --device cuda --height 512 --width 1024 --repeats 20 --out "$OUT/bench_cuda.json"
@@ -105,12 +136,12 @@ step "node bench on cuda, own process, 2 MP, a robot's subscribers (planner, RVi
   "${profile[@]}" "${node_bench[@]}" --node-process --sizes 1024x2048 --frames 16 \
   --outputs safety,hazards,hazard_overlay_compressed --param "device=cuda" \
   --param safety_embeds_maps=false --out "$OUT/node_cuda_process_same_host_2mp_planner_rviz_jpeg.json"
-# The same with the jpeg encoded by OpenCV on the host instead of nvJPEG (jpeg_encoder's
+# The same with the jpeg encoded by OpenCV on the host instead of nvJPEG (jpeg_codec's
 # auto on CUDA): what moving it to the device saves the host, and costs the device.
-step "the same, jpeg_encoder=host" \
+step "the same, jpeg_codec=host" \
   "${profile[@]}" "${node_bench[@]}" --node-process --sizes 1024x2048 --frames 16 \
   --outputs safety,hazards,hazard_overlay_compressed --param "device=cuda" \
-  --param safety_embeds_maps=false --param jpeg_encoder=host \
+  --param safety_embeds_maps=false --param jpeg_codec=host \
   --out "$OUT/node_cuda_process_same_host_2mp_planner_rviz_jpeg_host.json"
 # Throughput, which one frame in flight does not show: the highest input rate the cuda
 # node keeps up with (< 5% dropped), every output and a robot's subscribers, against

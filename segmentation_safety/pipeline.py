@@ -256,6 +256,7 @@ class Pipeline:
         runs on the pipeline's device, and only the finished outputs leave it, in one
         copy. At ``map_scale`` 1 the maps are those of :meth:`process` (same resize).
         """
+        from segmentation_safety import device_jpeg
         from segmentation_safety import render as draw
 
         wanted = set(outputs)
@@ -302,7 +303,7 @@ class Pipeline:
                 if render.overlay:
                     dev["overlay"] = rgb
                 if render.overlay_jpeg is not None:
-                    dev["overlay_jpeg"] = draw.encode_jpeg(rgb, render.overlay_jpeg)
+                    dev["overlay_jpeg"] = device_jpeg.encode(rgb, render.overlay_jpeg)
             if render.open_set is not None and "anomaly" in net_maps:
                 if labels is None:
                     labels = upsample_argmax(logits, size, seg.argmax())[0]

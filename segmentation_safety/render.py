@@ -100,30 +100,6 @@ def hazard_overlay(
     return out
 
 
-def encode_jpeg(rgb: torch.Tensor, quality: int) -> torch.Tensor:
-    """H×W×3 uint8 RGB -> the jpeg file's bytes (1-D uint8), on ``rgb``'s device.
-
-    On CUDA this is nvJPEG, and only the bytes (a few hundred kB for 2 MP) are copied to
-    the host instead of the 6 MB picture, which the host then no longer encodes (5-6 ms
-    of CPU at 1024×2048). On the CPU OpenCV's encoder is faster (the node uses it there).
-    """
-    from torchvision.io import encode_jpeg as _encode  # noqa: PLC0415 (only this output)
-
-    return _encode(rgb.permute(2, 0, 1).contiguous(), quality=int(quality))
-
-
-def jpeg_problem(device: torch.device) -> str | None:
-    """Why :func:`encode_jpeg` cannot run on ``device`` (None: it can): torchvision
-    encodes CUDA tensors from 0.19 on, and needs its image extension and nvJPEG."""
-    try:
-        out = encode_jpeg(torch.zeros(16, 16, 3, dtype=torch.uint8, device=device), 90)
-    except Exception as e:  # ImportError, RuntimeError (no nvJPEG, old torchvision), ...
-        return f"{type(e).__name__}: {e}".strip()
-    if out.device != device or out.dtype != torch.uint8 or out.numel() < 4:
-        return f"torchvision's encode_jpeg gave a {out.dtype} tensor on {out.device}"
-    return None
-
-
 def alarm_counts(
     labels: torch.Tensor,
     anomaly: torch.Tensor | None,

@@ -140,9 +140,9 @@ def test_overlay_jpeg_encoded_on_cuda_is_the_overlay(frames):
     """jpeg_encoder on a GPU: nvJPEG through torchvision, the bytes copied with the rest."""
     import cv2
 
-    from segmentation_safety import render
+    from segmentation_safety import device_jpeg
 
-    assert render.jpeg_problem(torch.device("cuda")) is None
+    assert device_jpeg.problem(torch.device("cuda")) is None
     config = PipelineConfig(anomaly="densehybrid", device="cuda")
     pipe = Pipeline.from_models_dir(DEMO_MODELS, config)
     options = RenderOptions(labels=False, overlay=True, overlay_jpeg=90, threshold=0.0)
@@ -175,3 +175,18 @@ def test_outputs_come_back_from_cuda_in_page_locked_memory():
     for _ in range(3):
         to_host({k: t * 0 for k, t in on_gpu.items()})
     np.testing.assert_array_equal(labels, tensors["labels"].numpy())
+
+
+def test_jpeg_decoded_on_cuda_is_close_to_the_hosts_pixels(frames):
+    import cv2
+
+    from segmentation_safety import device_jpeg
+
+    for frame in frames:
+        data = cv2.imencode(".jpg", frame[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
+        host = cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1]
+        got = device_jpeg.decode(data.tobytes(), torch.device("cuda"))
+        assert got.is_cuda and got.shape == host.shape
+        # nvJPEG's IDCT and upsampling may round differently from libjpeg-turbo's.
+        diff = np.abs(got.cpu().numpy().astype(int) - host.astype(int))
+        assert diff.mean() < 1.0 and np.quantile(diff, 0.999) <= 8, (diff.mean(), diff.max())

@@ -34,7 +34,7 @@ from segmentation_safety.msg import SafetyFrame  # noqa: E402
 from visualization_msgs.msg import MarkerArray  # noqa: E402
 from waiting import wait_for  # noqa: E402
 
-from segmentation_safety import render  # noqa: E402
+from segmentation_safety import device_jpeg, render  # noqa: E402
 from segmentation_safety.checkpoint import save_bundle  # noqa: E402
 from segmentation_safety.labels import TRAIN_NAMES  # noqa: E402
 from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata  # noqa: E402
@@ -941,9 +941,9 @@ def _record_frames(node) -> list:
 
 
 def test_jpeg_encoded_on_the_device_is_the_overlay_and_only_its_bytes_come_back(harness):
-    # The CPU stands in for the GPU: jpeg_encoder "device" encodes where the overlay was
+    # The CPU stands in for the GPU: jpeg_codec "device" encodes where the overlay was
     # drawn (nvJPEG on CUDA), and the host only wraps the bytes.
-    h = harness(jpeg_encoder="device", anomaly_threshold=0.0)
+    h = harness(jpeg_codec="device", anomaly_threshold=0.0)
     assert h.node.jpeg_on_device
     frames = _record_frames(h.node)
     h.listen("hazard_overlay/compressed")
@@ -967,14 +967,53 @@ def test_jpeg_encoded_on_the_device_is_the_overlay_and_only_its_bytes_come_back(
     assert overlay[..., 0].mean() - camera[..., 0].mean() > 30
 
 
-def test_jpeg_encoder_auto_is_the_host_on_a_cpu_and_a_failing_device_falls_back(
+def test_jpeg_input_decoded_on_the_device_reaches_the_network_as_the_hosts_pixels(harness):
+    h = harness(input_transport="compressed", jpeg_codec="device")
+    inputs = []
+    process_frame = h.node.pipeline.process_frame
+
+    def recording(image, *args, **kwargs):
+        inputs.append(image)
+        return process_frame(image, *args, **kwargs)
+
+    h.node.pipeline.process_frame = recording
+    h.listen("segmentation")
+    sent, _ = compressed_msg(1, ".jpg")
+    # compressed_image_transport's own format, and one that packed RGB bytes as BGR.
+    swapped = CompressedImage(format="rgb8; jpeg compressed rgb8", data=sent.data)
+    swapped.header.stamp.sec = 2
+    png, _ = compressed_msg(3, ".png")  # png: the host's decoder
+    for sec, msg in ((1, sent), (2, swapped), (3, png)):
+        h.compressed_pub.publish(msg)
+        wait_for(lambda sec=sec: h.stamped("segmentation", sec), f"frame {sec}")
+    jpeg_input, swapped_input, png_input = inputs
+    assert isinstance(jpeg_input, torch.Tensor) and isinstance(png_input, np.ndarray)
+    for got, msg in ((jpeg_input, sent), (swapped_input, swapped)):
+        np.testing.assert_array_equal(got.numpy(), image_codec.decode_compressed(msg))
+    # A jpeg the device cannot decode goes to the host's decoder, which refuses it by
+    # name (here: its pixels end early, so its size is not the header's).
+    bad = CompressedImage(format="jpeg", data=bytes(sent.data)[: len(sent.data) // 2])
+    bad.header.stamp.sec = 4
+    with pytest.raises(image_codec.CodecError) as refused:
+        image_codec.decode_compressed(bad)
+    h.compressed_pub.publish(bad)
+    wait_for(lambda: h.node.stats.snapshot().rejected == 1, "the truncated jpeg refused")
+    topic = f"{h.ns}/image/compressed"
+    assert h.node.problems == {
+        f"input/{refused.value.kind}": f"bad image on {topic}: {refused.value}"
+    }
+    h.compressed_pub.publish(compressed_msg(5, ".jpg")[0])
+    wait_for(lambda: h.stamped("segmentation", 5), "a frame after it")
+
+
+def test_jpeg_codec_auto_is_the_host_on_a_cpu_and_a_failing_device_falls_back(
     harness, monkeypatch, capfd
 ):
     assert not harness().node.jpeg_on_device  # auto on the CPU: OpenCV is faster there
-    monkeypatch.setattr(render, "jpeg_problem", lambda device: "RuntimeError: no nvJPEG")
-    h = harness(jpeg_encoder="device")
+    monkeypatch.setattr(device_jpeg, "problem", lambda device: "RuntimeError: no nvJPEG")
+    h = harness(jpeg_codec="device")
     assert not h.node.jpeg_on_device
-    assert "jpeg_encoder device: cpu cannot encode jpeg (RuntimeError: no nvJPEG)" in (
+    assert "jpeg_codec device: cpu cannot encode and decode jpeg (RuntimeError: no nvJPEG)" in (
         capfd.readouterr().err
     )
     h.listen("hazard_overlay/compressed")

@@ -55,7 +55,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rclpy
@@ -76,7 +76,7 @@ from rclpy.qos import (
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from visualization_msgs.msg import MarkerArray
 
-from segmentation_safety import host_memory, render
+from segmentation_safety import device_jpeg, host_memory, render
 from segmentation_safety.checkpoint import BundleError
 from segmentation_safety.compute_thread import on_compute_thread
 from segmentation_safety.detectors import registry
@@ -94,6 +94,9 @@ from segmentation_safety.ros.params import (
     drivable_problem,
 )
 from segmentation_safety.types import RenderedFrame, RenderOptions
+
+if TYPE_CHECKING:
+    import torch
 
 NODE_NAME = "segmentation_safety"
 
@@ -370,7 +373,7 @@ class DetectorNode(Node):
         if problem:
             raise StartupError(problem)
         self.codec = image_codec.ImageCodec()
-        self.jpeg_on_device = self._jpeg_on_device(params.jpeg_encoder)
+        self.jpeg_on_device = self._jpeg_on_device(params.jpeg_codec)
         self.stats = FrameStats(params.diagnostics_window)
         self.throttle = WarningThrottle()
         self.last_problem = ""  # newest bad-input message, also reported on /diagnostics
@@ -413,22 +416,23 @@ class DetectorNode(Node):
         return params
 
     def _jpeg_on_device(self, choice: str) -> bool:
-        """Whether the pipeline's device encodes hazard_overlay/compressed (jpeg_encoder).
+        """Whether the pipeline's device decodes jpeg input and encodes
+        hazard_overlay/compressed (``jpeg_codec``).
 
-        Tried once here, on a tiny picture: an encoder that fails (a torchvision without
-        CUDA jpeg, no nvJPEG) then costs a warning and the host encodes, instead of every
-        frame failing."""
+        Tried once here, on a tiny picture: a codec that fails there (a torchvision
+        without CUDA jpeg, no nvJPEG) then costs a warning and the host does the work,
+        instead of every frame failing."""
         device = self.pipeline.device
         if choice == "host" or (choice == "auto" and device.type == "cpu"):
             return False
-        problem = on_compute_thread(render.jpeg_problem, device)
+        problem = on_compute_thread(device_jpeg.problem, device)
         if problem:
             self.get_logger().warning(
-                f"jpeg_encoder {choice}: {device} cannot encode jpeg ({problem}); "
-                "hazard_overlay/compressed is encoded on the host"
+                f"jpeg_codec {choice}: {device} cannot encode and decode jpeg ({problem}); "
+                "jpeg is decoded and encoded on the host"
             )
             return False
-        self.get_logger().info(f"hazard_overlay/compressed is encoded on {device}")
+        self.get_logger().info(f"jpeg input decoded and jpeg overlay encoded on {device}")
         return True
 
     def _start(self) -> None:
@@ -811,7 +815,7 @@ class DetectorNode(Node):
         self.codec.max_pixels = p.max_pixels
         try:
             msg = self._deserialize(raw)
-            rgb = self.codec.decode(msg)
+            rgb = self._decode(msg)
         except image_codec.CodecError as e:
             self._warn(f"input/{e.kind}", f"bad image on {self._image_topic()}: {e}")
             return False
@@ -851,7 +855,7 @@ class DetectorNode(Node):
         if boxes_first:
             self._publish_hazards(result, header, p, frame.image_size)
         if "hazard_overlay_compressed" in wanted:
-            if result.overlay_jpeg is not None:  # encoded on the device (jpeg_encoder)
+            if result.overlay_jpeg is not None:  # encoded on the device (jpeg_codec)
                 jpeg = image_codec.jpeg_message(result.overlay_jpeg.tobytes(), header)
             else:
                 jpeg = image_codec.encode_jpeg(result.overlay, header, p.jpeg_quality)
@@ -876,6 +880,21 @@ class DetectorNode(Node):
                 embedded = {to: bodies[k] for k, to in SAFETY_EMBEDS.items() if k in bodies}
             serialized_publish.publish(self.pubs["safety"], cdr.serialize(safety, embedded))
         return _Sent(later)
+
+    def _decode(self, msg: cdr.RawImage | CompressedImage) -> np.ndarray | torch.Tensor:
+        """The frame's RGB pixels: on the host, or for jpeg with ``jpeg_codec`` on the
+        device (a tensor there, which the pipeline takes as it is)."""
+        if not (self.jpeg_on_device and isinstance(msg, CompressedImage)):
+            return self.codec.decode(msg)
+        frame = image_codec.check_compressed(msg, self.codec.max_pixels)
+        if frame.codec != "jpeg":
+            return self.codec.decode(msg)
+        try:
+            rgb = device_jpeg.decode(frame.data, self.pipeline.device)
+        except Exception:  # noqa: BLE001 (the host decoder names what is wrong, or copes)
+            return self.codec.decode(msg)
+        image_codec.check_decoded_size(frame, *rgb.shape[:2], msg.format)
+        return rgb.flip(-1) if frame.swapped else rgb
 
     def _deserialize(self, raw: bytes) -> cdr.RawImage | CompressedImage:
         if self.params.input_transport == "compressed":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import struct
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -341,8 +342,19 @@ def compressed_size(data: bytes | memoryview) -> tuple[int, int]:
         ) from None
 
 
-def decode_compressed(msg: CompressedImage, max_pixels: int | None = None) -> np.ndarray:
-    """sensor_msgs/CompressedImage (jpeg/png) -> RGB uint8 H×W×3 (a new array).
+@dataclass(frozen=True)
+class CompressedFrame:
+    """A CompressedImage's checked header: what to decode, and what it must decode to."""
+
+    codec: str  # "jpeg" or "png"
+    swapped: bool  # the file holds RGB bytes as if BGR: decoded channels come out swapped
+    width: int
+    height: int
+    data: bytes | bytearray | memoryview
+
+
+def check_compressed(msg: CompressedImage, max_pixels: int | None = None) -> CompressedFrame:
+    """The format, size and limits of a CompressedImage, read without decoding the pixels.
 
     Raises :class:`CodecError` for an empty, unreadable, oversized or unsupported image.
     """
@@ -350,7 +362,7 @@ def decode_compressed(msg: CompressedImage, max_pixels: int | None = None) -> np
     # subscriber reads it): a mislabelled or 16-bit colour png decodes to the 8-bit pixels
     # an 8-bit stream would have carried. Formats that would give wrong pixels (a depth
     # stream's, "16UC1; ...") are refused by the parse.
-    _, is_rgb = parse_compressed_format(msg.format)
+    codec, swapped = parse_compressed_format(msg.format)
     data = msg.data
     if len(data) == 0:
         raise CodecError("empty CompressedImage (no data)", "empty")
@@ -362,22 +374,36 @@ def decode_compressed(msg: CompressedImage, max_pixels: int | None = None) -> np
         raise CodecError(
             f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}", "size"
         )
+    return CompressedFrame(codec, swapped, w, h, data)
+
+
+def check_decoded_size(frame: CompressedFrame, height: int, width: int, fmt: str) -> None:
+    """Refuse pixels whose size is not the one the file's header gave."""
+    if (height, width) != (frame.height, frame.width):  # a header that lies about the size
+        raise CodecError(
+            f"compressed image ({len(frame.data)} bytes, {fmt!r}) decodes to "
+            f"{width}x{height}, header says {frame.width}x{frame.height}",
+            "undecodable",
+        )
+
+
+def decode_compressed(msg: CompressedImage, max_pixels: int | None = None) -> np.ndarray:
+    """sensor_msgs/CompressedImage (jpeg/png) -> RGB uint8 H×W×3 (a new array).
+
+    Raises :class:`CodecError` for an empty, unreadable, oversized or unsupported image.
+    """
+    frame = check_compressed(msg, max_pixels)
     # A camera's frames are as the sensor saw them: an EXIF orientation (phones, some
     # IP cameras) would turn them, and the header's size would no longer match.
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    decoded = cv2.imdecode(np.frombuffer(frame.data, np.uint8), flags)
     if decoded is None:
         raise CodecError(
-            f"compressed data ({len(data)} bytes, {msg.format!r}) could not be decoded",
+            f"compressed data ({len(frame.data)} bytes, {msg.format!r}) could not be decoded",
             "undecodable",
         )
-    if decoded.shape[:2] != (h, w):  # a header that lies about the size
-        raise CodecError(
-            f"compressed image decodes to {decoded.shape[1]}x{decoded.shape[0]}, "
-            f"header says {w}x{h}",
-            "undecodable",
-        )
-    return decoded if is_rgb else cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    check_decoded_size(frame, *decoded.shape[:2], msg.format)
+    return decoded if frame.swapped else cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
 
 def encode_jpeg(image: np.ndarray, header: Any = None, quality: int = 90) -> CompressedImage:

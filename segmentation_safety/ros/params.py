@@ -49,9 +49,9 @@ RELIABILITY = ("best_effort", "reliable")
 TRANSPORTS = ("raw", "compressed")
 #: image_transport's name for each way depth can arrive.
 DEPTH_TRANSPORTS = ("raw", "compressedDepth")
-#: Where hazard_overlay/compressed is encoded: auto = on the pipeline's device when that
-#: is a GPU (only the jpeg's bytes leave it), on the host (OpenCV) on a CPU.
-JPEG_ENCODERS = ("auto", "host", "device")
+#: Where jpeg is decoded (compressed input) and encoded (hazard_overlay/compressed): auto =
+#: on the pipeline's device when that is a GPU, on the host (OpenCV) on a CPU.
+JPEG_CODECS = ("auto", "host", "device")
 
 
 @dataclass(frozen=True)
@@ -305,14 +305,16 @@ SPECS: tuple[Spec, ...] = (
         high=100,
     ),
     Spec(
-        "jpeg_encoder",
+        "jpeg_codec",
         "auto",
-        "Where hazard_overlay/compressed is encoded. host: OpenCV on the CPU; device: "
-        "torchvision's encoder on the pipeline's device (nvJPEG on CUDA: only the jpeg's "
-        "bytes are copied to the host, which no longer encodes 2 MP pictures; on a CPU it "
-        "is slower than OpenCV); auto: device on a GPU, host on a CPU. A device that "
-        "cannot encode is reported at start and the host encodes.",
-        choices=JPEG_ENCODERS,
+        "Where jpeg is decoded (compressed input frames) and encoded "
+        "(hazard_overlay/compressed). host: OpenCV on the CPU; device: torchvision on the "
+        "pipeline's device (nvJPEG on CUDA: a frame crosses to the GPU as its jpeg, the "
+        "overlay comes back as one, and the host no longer decodes or encodes 2 MP "
+        "pictures); auto: device on a GPU, host on a CPU (where OpenCV is as fast or "
+        "faster). A device that cannot do it is reported at start and the host does it. "
+        "png input is always decoded on the host.",
+        choices=JPEG_CODECS,
     ),
     Spec(
         "output_scale",
@@ -474,7 +476,7 @@ class DetectorParams:
     diagnostics_window: int
     warn_throttle_sec: float
     jpeg_quality: int
-    jpeg_encoder: str
+    jpeg_codec: str
     output_scale: float
     safety_embeds_maps: bool
     retain_host_memory: bool
@@ -517,7 +519,7 @@ class DetectorParams:
             diagnostics_window=int(v["diagnostics_window"]),
             warn_throttle_sec=float(v["warn_throttle_sec"]),
             jpeg_quality=int(v["jpeg_quality"]),
-            jpeg_encoder=v["jpeg_encoder"],
+            jpeg_codec=v["jpeg_codec"],
             output_scale=float(v["output_scale"]),
             safety_embeds_maps=bool(v["safety_embeds_maps"]),
             retain_host_memory=bool(v["retain_host_memory"]),

@@ -346,5 +346,5 @@ def _verdict(o: dict) -> str:
     return (
         f"\nnode's own work {100 * o['fraction_of_mean_without_queue']:.1f}% of the frame: "
         f"{word} the {100 * o['budget_fraction']:.0f}% budget (DESIGN §7, set for "
-        "512x1024 frames: smaller ones leave the fixed costs a larger share)"
+        "512x1024 frames: fixed costs weigh more on smaller frames, per-pixel ones on larger)"
     )

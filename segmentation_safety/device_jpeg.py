@@ -1,0 +1,50 @@
+"""JPEG encoded and decoded on the pipeline's device (nvJPEG on CUDA, via torchvision).
+
+A node on a GPU otherwise decodes every compressed camera frame and encodes every jpeg
+overlay on the host: at 1024×2048 about 10 ms and 5 ms of CPU per frame, and the full
+picture crosses the bus where a few hundred kB of jpeg would do. On a CPU OpenCV is as
+fast or faster (docs/performance.md), so the node uses this only where it pays
+(``jpeg_codec``). torchvision 0.29 deprecates these functions in favour of TorchCodec's;
+:func:`problem` lets a caller find out at start whether they work where it runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def encode(rgb: torch.Tensor, quality: int) -> torch.Tensor:
+    """H×W×3 uint8 RGB -> the jpeg file's bytes (1-D uint8), on ``rgb``'s device."""
+    from torchvision.io import encode_jpeg  # noqa: PLC0415 (only the jpeg outputs need it)
+
+    return encode_jpeg(rgb.permute(2, 0, 1).contiguous(), quality=int(quality))
+
+
+def decode(data: bytes | bytearray | memoryview, device: torch.device) -> torch.Tensor:
+    """A jpeg file's bytes -> H×W×3 uint8 RGB on ``device`` (grey files as three equal
+    channels; an EXIF orientation is not applied, as a camera's frames are as sensed).
+    Raises what torchvision raises for data it cannot decode."""
+    from torchvision.io import ImageReadMode, decode_jpeg  # noqa: PLC0415
+
+    # A copy of the few hundred kB: torch reads only writable buffers without a warning.
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device).permute(1, 2, 0)
+
+
+def problem(device: torch.device) -> str | None:
+    """Why :func:`encode` or :func:`decode` cannot run on ``device`` (None: both can).
+    torchvision has CUDA jpeg from 0.19 on, with its image extension and nvJPEG."""
+    try:
+        picture = torch.zeros(16, 16, 3, dtype=torch.uint8, device=device)
+        picture[4:12, 4:12, 0] = 255
+        data = encode(picture, 90)
+        if data.device != device or data.dtype != torch.uint8:
+            return f"encode_jpeg gave a {data.dtype} tensor on {data.device}"
+        back = decode(data.cpu().numpy().tobytes(), device)
+    except Exception as e:  # ImportError, RuntimeError (no nvJPEG, old torchvision), ...
+        return f"{type(e).__name__}: {e}".strip()
+    if back.shape != picture.shape or back.device != device:
+        return f"decode_jpeg gave shape {tuple(back.shape)} on {back.device}"
+    if (back.int() - picture.int()).abs().float().mean() > 8:
+        return "a jpeg encoded and decoded there came back with other pixels"
+    return None
