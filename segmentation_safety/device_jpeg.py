@@ -17,7 +17,25 @@ def encode(rgb: torch.Tensor, quality: int) -> torch.Tensor:
     """H×W×3 uint8 RGB -> the jpeg file's bytes (1-D uint8), on ``rgb``'s device."""
     from torchvision.io import encode_jpeg  # noqa: PLC0415 (only the jpeg outputs need it)
 
-    return encode_jpeg(rgb.permute(2, 0, 1).contiguous(), quality=int(quality))
+    chw = rgb.permute(2, 0, 1).contiguous()
+    _settle(chw.device)
+    data = encode_jpeg(chw, quality=int(quality))
+    _settle(chw.device)
+    return data
+
+
+def _settle(device: torch.device) -> None:
+    """Let the device finish what is queued before and after torchvision's CUDA codec.
+
+    It runs nvJPEG on a stream of its own, and releases have not always ordered it after
+    the caller's: its output memory could be a block freed a moment ago that kernels
+    still queued on the caller's stream go on reading (pytorch/vision #9606, a decode
+    report), and the encoder could read its picture before it was written until a fix of
+    February 2025 (#8929). The GPU image lent to us has 0.26; setup.py allows 0.16 on. One
+    synchronisation either side costs little on a frame that waits for its outputs
+    anyway, and none of this process's work is then in flight beside the codec."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def decode(data: bytes | bytearray | memoryview, device: torch.device) -> torch.Tensor:
@@ -28,7 +46,10 @@ def decode(data: bytes | bytearray | memoryview, device: torch.device) -> torch.
 
     # A copy of the few hundred kB: torch reads only writable buffers without a warning.
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device).permute(1, 2, 0)
+    _settle(device)
+    rgb = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    _settle(device)
+    return rgb.permute(1, 2, 0)
 
 
 def problem(device: torch.device) -> str | None:

@@ -190,3 +190,28 @@ def test_jpeg_decoded_on_cuda_is_close_to_the_hosts_pixels(frames):
         # nvJPEG's IDCT and upsampling may round differently from libjpeg-turbo's.
         diff = np.abs(got.cpu().numpy().astype(int) - host.astype(int))
         assert diff.mean() < 1.0 and np.quantile(diff, 0.999) <= 8, (diff.mean(), diff.max())
+
+
+def test_jpeg_decoded_on_cuda_leaves_memory_that_queued_kernels_read_alone():
+    """pytorch/vision #9606's case: blocks freed while kernels queued on the caller's
+    stream still read them must not be written by the decoder (device_jpeg settles the
+    device before and after torchvision's codec)."""
+    import cv2
+
+    from segmentation_safety import device_jpeg
+
+    cuda = torch.device("cuda")
+    picture = np.random.default_rng(0).integers(0, 256, (512, 1024, 3), dtype=np.uint8)
+    data = cv2.imencode(".jpg", picture)[1].tobytes()
+    big = torch.randn(4096, 4096, device=cuda)
+    for _ in range(5):
+        blocks = [torch.full((512 * 1024 * 3,), i, dtype=torch.uint8, device=cuda)
+                  for i in range(1, 9)]  # fmt: skip
+        torch.cuda.synchronize()
+        for _ in range(20):
+            big = big @ big / 4096  # long work queued first
+        sums = [b.sum(dtype=torch.int64) for b in blocks]  # queued behind it
+        del blocks  # freed while the sums are still queued
+        device_jpeg.decode(data, cuda)
+        torch.cuda.synchronize()
+        assert [int(s) for s in sums] == [i * 512 * 1024 * 3 for i in range(1, 9)]
