@@ -132,14 +132,17 @@ step "node bench on cuda, the node in its own process, config/fastdds_same_host.
   "${profile[@]}" "${node_bench[@]}" --node-process --sizes 512x1024,1024x2048 \
   --output-scales 1,0.5 --frames 16 --param "device=cuda" \
   --out "$OUT/node_cuda_process_same_host.json"
+# Frames sent raw and as jpeg (a camera on image/compressed): with jpeg_codec's default
+# on CUDA the jpeg is decoded by nvJPEG.
 step "node bench on cuda, own process, 2 MP, a robot's subscribers (planner, RViz boxes, jpeg)" \
-  "${profile[@]}" "${node_bench[@]}" --node-process --sizes 1024x2048 --frames 16 \
+  "${profile[@]}" "${node_bench[@]}" --node-process --sizes 1024x2048 --frames 16 --inputs raw,jpeg \
   --outputs safety,hazards,hazard_overlay_compressed --param "device=cuda" \
   --param safety_embeds_maps=false --out "$OUT/node_cuda_process_same_host_2mp_planner_rviz_jpeg.json"
-# The same with the jpeg encoded by OpenCV on the host instead of nvJPEG (jpeg_codec's
-# auto on CUDA): what moving it to the device saves the host, and costs the device.
+# The same with jpeg decoded and encoded by OpenCV on the host instead of nvJPEG
+# (jpeg_codec's auto on CUDA): what moving it to the device saves the host, and costs
+# the device.
 step "the same, jpeg_codec=host" \
-  "${profile[@]}" "${node_bench[@]}" --node-process --sizes 1024x2048 --frames 16 \
+  "${profile[@]}" "${node_bench[@]}" --node-process --sizes 1024x2048 --frames 16 --inputs raw,jpeg \
   --outputs safety,hazards,hazard_overlay_compressed --param "device=cuda" \
   --param safety_embeds_maps=false --param jpeg_codec=host \
   --out "$OUT/node_cuda_process_same_host_2mp_planner_rviz_jpeg_host.json"

@@ -461,6 +461,44 @@ def test_bench_node_times_every_size_and_scale_in_one_run(
     assert "| 48x96 output_scale 0.5 |" in table and "overhead % | host ms |" in table
 
 
+def test_bench_node_sends_jpeg_frames_to_a_node_reading_compressed_images(
+    bags: dict[str, Path], models: Path, tmp_path: Path
+):
+    import numpy as np
+    from rclpy.serialization import deserialize_message
+    from sensor_msgs.msg import CompressedImage, Image
+
+    from segmentation_safety.ros import image_codec
+    from segmentation_safety.ros.node_bench import frames_at, parse_inputs
+
+    out = tmp_path / "N.json"
+    config = tmp_path / "params.yaml"
+    config.write_text(PARAMS)
+    rc = main([
+        "bench", "--node", "--bag", str(bags["sqlite3"]), "--models", str(models),
+        "--config", str(config), "--sizes", "32x64", "--inputs", "raw,jpeg",
+        "--frames", "2", "--out", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    n = json.loads(out.read_text())
+    assert list(n["variants"]) == ["32x64", "32x64 jpeg"]
+    # A node reading the other topic would answer nothing: every frame answered means
+    # each node read the transport its frames came on.
+    for name, sent in (("32x64", "raw"), ("32x64 jpeg", "jpeg")):
+        v = n["variants"][name]
+        assert v["input"] == sent and v["frames_processed"] == v["frames_sent"] == 2, name
+    bag = read_bag(bags["sqlite3"])
+    jpeg = deserialize_message(frames_at(bag, 32, 64, 1, "jpeg")[0], CompressedImage)
+    raw = deserialize_message(frames_at(bag, 32, 64, 1)[0], Image)
+    assert jpeg.format == "rgb8; jpeg compressed bgr8" and bytes(jpeg.data[:2]) == b"\xff\xd8"
+    assert jpeg.header == raw.header
+    # The same picture: jpeg keeps each channel's mean even where noise defeats it.
+    np.testing.assert_allclose(image_codec.decode_compressed(jpeg).mean((0, 1)),
+                               image_codec.decode_rgb(raw).mean((0, 1)), atol=4)  # fmt: skip
+    with pytest.raises(ValueError, match="one or more of raw, jpeg"):
+        parse_inputs("raw,png")
+
+
 def test_replayers_of_one_process_never_share_a_namespace(bags: dict[str, Path]):
     from segmentation_safety.bags import read_bag
     from segmentation_safety.ros.replay import Replayer, ReplayOptions

@@ -56,6 +56,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--bag", type=Path, default=None, help="rosbag2 whose frames are used")
     node.add_argument("--sizes", default="512x1024,1024x2048", help="HEIGHTxWIDTH,...")
     node.add_argument("--output-scales", default="1", help="output_scale values, e.g. 1,0.5")
+    node.add_argument(
+        "--inputs",
+        default="raw",
+        help="how the camera sends frames: raw (rgb8 Images), jpeg (CompressedImages at "
+        "quality 90, the node reading image/compressed), or both: raw,jpeg",
+    )
     node.add_argument("--frames", type=int, default=10, help="frames per variant")
     node.add_argument("--config", type=Path, default=None, help="node parameters YAML")
     node.add_argument(
@@ -77,6 +83,7 @@ def run_node(args: argparse.Namespace) -> int:
         Variant,
         format_node_table,
         node_bench,
+        parse_inputs,
         parse_sizes,
     )
     from segmentation_safety.ros.replay import ReplayOptions
@@ -94,6 +101,7 @@ def run_node(args: argparse.Namespace) -> int:
     try:
         sizes = parse_sizes(args.sizes)
         scales = [float(x) for x in args.output_scales.split(",")]
+        sent = parse_inputs(args.inputs)
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from None
     parameters = parse_params(args.param)
@@ -111,7 +119,7 @@ def run_node(args: argparse.Namespace) -> int:
         parameters=parameters,
         node_process=args.node_process,
     )
-    variants = [Variant(h, w, s) for h, w in sizes for s in scales]
+    variants = [Variant(h, w, s, i) for h, w in sizes for s in scales for i in sent]
     bar = tqdm(total=args.frames, desc="bench --node", unit="round", file=sys.stderr)
     try:
         report = node_bench(

@@ -1,7 +1,8 @@
 """`segsafe bench --node`: the real node's latency by stage at several frame sizes, one run.
 
 One :class:`~segmentation_safety.ros.replay.Replayer` (node + collector, each in its own
-rclpy context) per variant (frame size × ``output_scale``), all alive at once. Rounds
+rclpy context) per variant (frame size × ``output_scale`` × how the camera sends frames:
+raw Images or jpeg CompressedImages), all alive at once. Rounds
 interleave the variants, one frame in flight at a time: a frame is published to one
 node, its ``safety`` awaited, then the next variant's frame. So every variant sees the
 same machine load, and latencies hold no queueing (the node's steady-state cost per
@@ -20,7 +21,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from segmentation_safety.bags import BagContents, BagFrame, cdr_stamp_ns, read_bag, with_stamp
+from segmentation_safety.bags import (
+    COMPRESSED_TYPE,
+    IMAGE_TYPE,
+    BagContents,
+    BagFrame,
+    cdr_stamp_ns,
+    read_bag,
+    with_stamp,
+)
 from segmentation_safety.ros.replay import Replayer, ReplayError, ReplayOptions, Trial
 from segmentation_safety.ros.replay_report import (
     BREAKDOWN_STAGES,
@@ -38,11 +47,29 @@ class Variant:
     height: int
     width: int
     output_scale: float = 1.0
+    #: How the camera sends its frames: "raw" (rgb8 Images on `image`) or "jpeg"
+    #: (CompressedImages on `image/compressed`, the node with input_transport compressed).
+    input: str = "raw"
 
     @property
     def name(self) -> str:
         scale = "" if self.output_scale == 1.0 else f" output_scale {self.output_scale:g}"
-        return f"{self.height}x{self.width}{scale}"
+        sent = "" if self.input == "raw" else f" {self.input}"
+        return f"{self.height}x{self.width}{scale}{sent}"
+
+
+#: What --inputs accepts, and the quality jpeg frames are sent at (make-bag's default).
+INPUTS = ("raw", "jpeg")
+JPEG_QUALITY = 90
+
+
+def parse_inputs(text: str) -> list[str]:
+    """``"raw,jpeg"`` -> ["raw", "jpeg"]."""
+    inputs = [x.strip().lower() for x in text.split(",") if x.strip()]
+    bad = [x for x in inputs if x not in INPUTS]
+    if bad or not inputs:
+        raise ValueError(f"inputs {text!r}: expected one or more of {', '.join(INPUTS)}")
+    return inputs
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -56,14 +83,17 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def frames_at(bag: BagContents, height: int, width: int, count: int) -> list[bytes]:
+def frames_at(
+    bag: BagContents, height: int, width: int, count: int, sent: str = "raw"
+) -> list[bytes]:
     """The bag's first ``count`` images resized to ``height``×``width`` as serialised
-    rgb8 Images (headers kept)."""
-    from rclpy.serialization import deserialize_message
+    rgb8 Images, or for ``sent`` "jpeg" CompressedImages as compressed_image_transport
+    sends them (headers kept)."""
+    from rclpy.serialization import deserialize_message, serialize_message
     from sensor_msgs.msg import CompressedImage, Image
 
     from segmentation_safety.ros import cdr
-    from segmentation_safety.ros.image_codec import ImageCodec
+    from segmentation_safety.ros.image_codec import ImageCodec, encode_jpeg
 
     codec = ImageCodec()
     msg_type = CompressedImage if bag.compressed else Image
@@ -77,6 +107,9 @@ def frames_at(bag: BagContents, height: int, width: int, count: int) -> list[byt
             (width, height),
             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
         )
+        if sent == "jpeg":
+            out.append(serialize_message(encode_jpeg(rgb, msg.header, JPEG_QUALITY)))
+            continue
         body = cdr.image_body(msg.header, height, width, "rgb8", width * 3, rgb)
         out.append(cdr.serialize_body(body))
     return out
@@ -94,12 +127,14 @@ def node_bench(
     if rounds < 1:
         raise ReplayError("--frames must be at least 1")
     bag = read_bag(bag_path)
-    # Decoded and resized once per size: variants differing only in output_scale share them.
-    by_size: dict[tuple[int, int], list[bytes]] = {}
+    # Decoded and resized once per size and input: variants differing only in
+    # output_scale share them.
+    by_size: dict[tuple[int, int, str], list[bytes]] = {}
     for v in variants:
-        if (v.height, v.width) not in by_size:
-            by_size[v.height, v.width] = frames_at(bag, v.height, v.width, distinct_frames)
-    inputs = {v: by_size[v.height, v.width] for v in variants}
+        key = (v.height, v.width, v.input)
+        if key not in by_size:
+            by_size[key] = frames_at(bag, v.height, v.width, distinct_frames, v.input)
+    inputs = {v: by_size[v.height, v.width, v.input] for v in variants}
     # The bag's camera model with every frame, as a camera sends it: without one the node
     # publishes no hazard boxes, and their cost would be left out. The node scales K from
     # the info's size to each variant's.
@@ -109,7 +144,10 @@ def node_bench(
         replayers = {}
         for v in variants:
             frames = [BagFrame(i, cdr_stamp_ns(raw), raw) for i, raw in enumerate(inputs[v])]
-            contents = BagContents(bag.path, bag.image_topic, frames)
+            # A jpeg variant's bag is compressed: the replayer then feeds image/compressed
+            # and starts its node with input_transport compressed.
+            msgtype = COMPRESSED_TYPE if v.input == "jpeg" else IMAGE_TYPE
+            contents = BagContents(bag.path, bag.image_topic, frames, image_msgtype=msgtype)
             params = {**options.parameters, "output_scale": v.output_scale}
             replayers[v] = stack.enter_context(
                 Replayer(contents, replace(options, parameters=params))
@@ -134,6 +172,7 @@ def node_bench(
             "height": v.height,
             "width": v.width,
             "output_scale": v.output_scale,
+            "input": v.input,
             "frames_sent": trial.frames_sent,
             "frames_processed": trial.frames_processed,
             "latency_ms": latency_summary(lat),
