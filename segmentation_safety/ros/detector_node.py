@@ -888,11 +888,11 @@ class DetectorNode(Node):
             return self.codec.decode(msg)
         frame = image_codec.check_compressed(msg, self.codec.max_pixels)
         if frame.codec != "jpeg":
-            return self.codec.decode(msg)
+            return image_codec.decode_checked(frame, msg.format)
         try:
             rgb = device_jpeg.decode(frame.data, self.pipeline.device)
         except Exception:  # noqa: BLE001 (the host decoder names what is wrong, or copes)
-            return self.codec.decode(msg)
+            return image_codec.decode_checked(frame, msg.format)
         image_codec.check_decoded_size(frame, *rgb.shape[:2], msg.format)
         return rgb.flip(-1) if frame.swapped else rgb
 

@@ -392,17 +392,22 @@ def decode_compressed(msg: CompressedImage, max_pixels: int | None = None) -> np
 
     Raises :class:`CodecError` for an empty, unreadable, oversized or unsupported image.
     """
-    frame = check_compressed(msg, max_pixels)
+    return decode_checked(check_compressed(msg, max_pixels), msg.format)
+
+
+def decode_checked(frame: CompressedFrame, fmt: str) -> np.ndarray:
+    """A checked CompressedImage (:func:`check_compressed`; ``fmt`` its format, for
+    messages) -> RGB uint8 H×W×3, decoded by OpenCV."""
     # A camera's frames are as the sensor saw them: an EXIF orientation (phones, some
     # IP cameras) would turn them, and the header's size would no longer match.
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     decoded = cv2.imdecode(np.frombuffer(frame.data, np.uint8), flags)
     if decoded is None:
         raise CodecError(
-            f"compressed data ({len(frame.data)} bytes, {msg.format!r}) could not be decoded",
+            f"compressed data ({len(frame.data)} bytes, {fmt!r}) could not be decoded",
             "undecodable",
         )
-    check_decoded_size(frame, *decoded.shape[:2], msg.format)
+    check_decoded_size(frame, *decoded.shape[:2], fmt)
     return decoded if frame.swapped else cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
 
