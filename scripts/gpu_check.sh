@@ -85,8 +85,10 @@ import cv2
 import numpy as np
 import torch
 from segmentation_safety import device_jpeg
+# Gradients with sensor-like noise: a file about the size of a street frame's.
 yy, xx = np.mgrid[0:1024, 0:2048]
-rgb = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=2).astype(np.uint8)
+noise = np.random.default_rng(0).normal(0, 8, (1024, 2048, 3))
+rgb = np.clip(np.stack([xx / 8, yy / 4, (xx + yy) / 12], axis=2) + noise, 0, 255).astype(np.uint8)
 data = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
 on_gpu = torch.from_numpy(rgb).cuda()
 def median_ms(fn):
