@@ -1006,6 +1006,26 @@ def test_jpeg_input_decoded_on_the_device_reaches_the_network_as_the_hosts_pixel
     wait_for(lambda: h.stamped("segmentation", 5), "a frame after it")
 
 
+def test_a_valid_jpeg_the_device_cannot_decode_is_decoded_on_the_host_and_named(
+    harness, monkeypatch
+):
+    h = harness(input_transport="compressed", jpeg_codec="device")
+
+    def unsupported(data, device):
+        raise RuntimeError("progressive jpeg not supported")
+
+    monkeypatch.setattr(device_jpeg, "decode", unsupported)
+    h.listen("segmentation")
+    sent, rgb = compressed_msg(1, ".jpg")
+    h.compressed_pub.publish(sent)
+    wait_for(lambda: h.stamped("segmentation", 1), "the frame, decoded on the host")
+    labels = h.node.pipeline.process(image_codec.decode_compressed(sent), set()).labels
+    got = np.frombuffer(h.stamped("segmentation", 1)[0].data, np.uint8).reshape(H, W)
+    np.testing.assert_array_equal(got, labels)
+    assert "progressive jpeg not supported" in h.node.problems["input/jpeg_codec"]
+    assert h.node.stats.snapshot().rejected == 0
+
+
 def test_jpeg_codec_auto_is_the_host_on_a_cpu_and_a_failing_device_falls_back(
     harness, monkeypatch, capfd
 ):

@@ -891,8 +891,16 @@ class DetectorNode(Node):
             return image_codec.decode_checked(frame, msg.format)
         try:
             rgb = device_jpeg.decode(frame.data, self.pipeline.device)
-        except Exception:  # noqa: BLE001 (the host decoder names what is wrong, or copes)
-            return image_codec.decode_checked(frame, msg.format)
+        except Exception as e:  # noqa: BLE001 (the host decoder names what is wrong, or copes)
+            decoded = image_codec.decode_checked(frame, msg.format)  # raises for a bad file
+            # A valid file the device cannot read (nvJPEG lacks a few jpeg modes): every
+            # such frame costs the host its decode, which jpeg_codec was set to avoid.
+            self._warn(
+                "input/jpeg_codec",
+                f"{self.pipeline.device} could not decode a jpeg frame on {self._image_topic()} "
+                f"({type(e).__name__}: {e}); it was decoded on the host",
+            )
+            return decoded
         image_codec.check_decoded_size(frame, *rgb.shape[:2], msg.format)
         return rgb.flip(-1) if frame.swapped else rgb
 
