@@ -945,6 +945,10 @@ def test_jpeg_encoded_on_the_device_is_the_overlay_and_only_its_bytes_come_back(
     # drawn (nvJPEG on CUDA), and the host only wraps the bytes.
     h = harness(jpeg_codec="device", anomaly_threshold=0.0)
     assert h.node.jpeg_on_device
+    h.listen("/diagnostics")
+    wait_for(lambda: h.got["/diagnostics"], "diagnostics")
+    values = {v.key: v.value for v in h.got["/diagnostics"][-1].status[0].values}
+    assert values["jpeg_codec"] == "cpu"  # where it runs: the pipeline's device
     frames = _record_frames(h.node)
     h.listen("hazard_overlay/compressed")
     h.image_pub.publish(image_msg(1))
@@ -1033,6 +1037,10 @@ def test_jpeg_codec_auto_is_the_host_on_a_cpu_and_a_failing_device_falls_back(
     monkeypatch.setattr(device_jpeg, "problem", lambda device: "RuntimeError: no nvJPEG")
     h = harness(jpeg_codec="device")
     assert not h.node.jpeg_on_device
+    h.listen("/diagnostics")
+    wait_for(lambda: h.got["/diagnostics"], "diagnostics")
+    values = {v.key: v.value for v in h.got["/diagnostics"][-1].status[0].values}
+    assert values["jpeg_codec"] == "host (OpenCV)"
     assert "jpeg_codec device: cpu cannot encode and decode jpeg (RuntimeError: no nvJPEG)" in (
         capfd.readouterr().err
     )

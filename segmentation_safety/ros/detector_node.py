@@ -661,6 +661,8 @@ class DetectorNode(Node):
             str(self.pipeline.device),
             faults=faults,
         )
+        where = str(self.pipeline.device) if self.jpeg_on_device else "host (OpenCV)"
+        status.values.append(KeyValue(key="jpeg_codec", value=where))
         if self.last_problem:
             status.values.append(KeyValue(key="last_problem", value=self.last_problem))
         for kind, text in sorted(problems.items()):
