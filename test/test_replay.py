@@ -437,19 +437,22 @@ def test_the_overhead_summary_takes_medians_and_means_over_frames_by_hand():
     assert o["host_ms_mean"] == pytest.approx(25.0)
 
 
-def test_bench_node_times_every_size_and_scale_in_one_run(
-    bags: dict[str, Path], models: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-):
+def _bench_node(bag: Path, models: Path, tmp_path: Path, *options: str) -> dict:
+    """`segsafe bench --node` on ``bag``, 2 frames a variant; its N.json."""
     out = tmp_path / "N.json"
     config = tmp_path / "params.yaml"
     config.write_text(PARAMS)
-    rc = main([
-        "bench", "--node", "--bag", str(bags["sqlite3"]), "--models", str(models),
-        "--config", str(config), "--sizes", "32x64,48x96", "--output-scales", "1,0.5",
-        "--frames", "2", "--out", str(out),
-    ])  # fmt: skip
+    rc = main(["bench", "--node", "--bag", str(bag), "--models", str(models),
+               "--config", str(config), "--frames", "2", "--out", str(out), *options])  # fmt: skip
     assert rc == 0
-    n = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_node_times_every_size_and_scale_in_one_run(
+    bags: dict[str, Path], models: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    n = _bench_node(bags["sqlite3"], models, tmp_path,
+                    "--sizes", "32x64,48x96", "--output-scales", "1,0.5")  # fmt: skip
     assert list(n["variants"]) == [
         "32x64", "32x64 output_scale 0.5", "48x96", "48x96 output_scale 0.5"
     ]  # fmt: skip
@@ -471,16 +474,7 @@ def test_bench_node_sends_jpeg_frames_to_a_node_reading_compressed_images(
     from segmentation_safety.ros import image_codec
     from segmentation_safety.ros.node_bench import frames_at, parse_inputs
 
-    out = tmp_path / "N.json"
-    config = tmp_path / "params.yaml"
-    config.write_text(PARAMS)
-    rc = main([
-        "bench", "--node", "--bag", str(bags["sqlite3"]), "--models", str(models),
-        "--config", str(config), "--sizes", "32x64", "--inputs", "raw,jpeg",
-        "--frames", "2", "--out", str(out),
-    ])  # fmt: skip
-    assert rc == 0
-    n = json.loads(out.read_text())
+    n = _bench_node(bags["sqlite3"], models, tmp_path, "--sizes", "32x64", "--inputs", "raw,jpeg")
     assert list(n["variants"]) == ["32x64", "32x64 jpeg"]
     # A node reading the other topic would answer nothing: every frame answered means
     # each node read the transport its frames came on.
