@@ -4,13 +4,46 @@ A node on a GPU otherwise decodes every compressed camera frame and encodes ever
 overlay on the host: at 1024×2048 about 10 ms and 5 ms of CPU per frame, and the full
 picture crosses the bus where a few hundred kB of jpeg would do. On a CPU OpenCV is as
 fast or faster (docs/performance.md), so the node uses this only where it pays
-(``jpeg_codec``). torchvision 0.29 deprecates these functions in favour of TorchCodec's;
-:func:`problem` lets a caller find out at start whether they work where it runs.
+(``jpeg_codec``, :func:`placement`). torchvision 0.29 deprecates these functions in
+favour of TorchCodec's; :func:`problem` lets a caller find out at start whether they
+work where it runs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which jpeg work runs on the pipeline's device (the rest on the host, by OpenCV)."""
+
+    decode: bool  # camera frames sent as jpeg
+    encode: bool  # the hazard overlay's jpeg
+
+
+HOST = Placement(decode=False, encode=False)
+
+
+def placement(choice: str, device: torch.device) -> Placement:
+    """``jpeg_codec`` ("auto", "host" or "device") on ``device`` -> where each runs.
+
+    auto: on a GPU the overlay is encoded there, since it is a picture for people and
+    nvJPEG's rounding changes nothing the node decides; frames are still decoded on the
+    host, so that the network sees libjpeg-turbo's pixels, the ones `segsafe evaluate`
+    and `calibrate` read, and the operating points hold as calibrated (ESPNetv2's
+    scores move with single intensity levels, docs/real-data.md). device: both on the
+    device. On a CPU, auto is the host for both (OpenCV is as fast or faster there).
+    """
+    if choice == "host" or (choice == "auto" and device.type == "cpu"):
+        return HOST
+    if choice == "auto":
+        return Placement(decode=False, encode=True)
+    if choice == "device":
+        return Placement(decode=True, encode=True)
+    raise ValueError(f"jpeg_codec {choice!r}: expected auto, host or device")
 
 
 def encode(rgb: torch.Tensor, quality: int) -> torch.Tensor:

@@ -944,11 +944,11 @@ def test_jpeg_encoded_on_the_device_is_the_overlay_and_only_its_bytes_come_back(
     # The CPU stands in for the GPU: jpeg_codec "device" encodes where the overlay was
     # drawn (nvJPEG on CUDA), and the host only wraps the bytes.
     h = harness(jpeg_codec="device", anomaly_threshold=0.0)
-    assert h.node.jpeg_on_device
+    assert h.node.jpeg == device_jpeg.Placement(decode=True, encode=True)
     h.listen("/diagnostics")
     wait_for(lambda: h.got["/diagnostics"], "diagnostics")
     values = {v.key: v.value for v in h.got["/diagnostics"][-1].status[0].values}
-    assert values["jpeg_codec"] == "cpu"  # where it runs: the pipeline's device
+    assert values["jpeg_codec"] == "frames decoded on cpu, overlay encoded on cpu"
     frames = _record_frames(h.node)
     h.listen("hazard_overlay/compressed")
     h.image_pub.publish(image_msg(1))
@@ -1033,14 +1033,15 @@ def test_a_valid_jpeg_the_device_cannot_decode_is_decoded_on_the_host_and_named(
 def test_jpeg_codec_auto_is_the_host_on_a_cpu_and_a_failing_device_falls_back(
     harness, monkeypatch, capfd
 ):
-    assert not harness().node.jpeg_on_device  # auto on the CPU: OpenCV is faster there
+    assert harness().node.jpeg == device_jpeg.HOST  # auto on the CPU: OpenCV is faster there
     monkeypatch.setattr(device_jpeg, "problem", lambda device: "RuntimeError: no nvJPEG")
     h = harness(jpeg_codec="device")
-    assert not h.node.jpeg_on_device
+    assert h.node.jpeg == device_jpeg.HOST
     h.listen("/diagnostics")
     wait_for(lambda: h.got["/diagnostics"], "diagnostics")
     values = {v.key: v.value for v in h.got["/diagnostics"][-1].status[0].values}
-    assert values["jpeg_codec"] == "host (OpenCV)"
+    want = "frames decoded on host (OpenCV), overlay encoded on host (OpenCV)"
+    assert values["jpeg_codec"] == want
     assert "jpeg_codec device: cpu cannot encode and decode jpeg (RuntimeError: no nvJPEG)" in (
         capfd.readouterr().err
     )

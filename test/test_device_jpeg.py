@@ -54,3 +54,15 @@ def test_encoded_bytes_are_a_jpeg_of_the_picture_and_bad_data_raises():
     assert np.abs(_host_decode(data.numpy().tobytes()).astype(int) - rgb).mean() < 2
     with pytest.raises(RuntimeError):
         device_jpeg.decode(data.numpy().tobytes()[: data.numel() // 3], CPU)
+
+
+def test_auto_encodes_on_a_gpu_but_leaves_frames_to_the_hosts_decoder():
+    cuda, mps = torch.device("cuda"), torch.device("mps")  # devices named, never used
+    assert device_jpeg.placement("auto", CPU) == device_jpeg.HOST
+    for gpu in (cuda, mps):
+        assert device_jpeg.placement("auto", gpu) == device_jpeg.Placement(False, True)
+        assert device_jpeg.placement("device", gpu) == device_jpeg.Placement(True, True)
+        assert device_jpeg.placement("host", gpu) == device_jpeg.HOST
+    assert device_jpeg.placement("device", CPU) == device_jpeg.Placement(True, True)
+    with pytest.raises(ValueError, match="auto, host or device"):
+        device_jpeg.placement("gpu", cuda)

@@ -373,7 +373,7 @@ class DetectorNode(Node):
         if problem:
             raise StartupError(problem)
         self.codec = image_codec.ImageCodec()
-        self.jpeg_on_device = self._jpeg_on_device(params.jpeg_codec)
+        self.jpeg = self._jpeg_placement(params.jpeg_codec)
         self.stats = FrameStats(params.diagnostics_window)
         self.throttle = WarningThrottle()
         self.last_problem = ""  # newest bad-input message, also reported on /diagnostics
@@ -415,25 +415,31 @@ class DetectorNode(Node):
             )
         return params
 
-    def _jpeg_on_device(self, choice: str) -> bool:
-        """Whether the pipeline's device decodes jpeg input and encodes
-        hazard_overlay/compressed (``jpeg_codec``).
+    def _jpeg_placement(self, choice: str) -> device_jpeg.Placement:
+        """Which jpeg work the pipeline's device does (``jpeg_codec``).
 
         Tried once here, on a tiny picture: a codec that fails there (a torchvision
         without CUDA jpeg, no nvJPEG) then costs a warning and the host does the work,
         instead of every frame failing."""
         device = self.pipeline.device
-        if choice == "host" or (choice == "auto" and device.type == "cpu"):
-            return False
+        placed = device_jpeg.placement(choice, device)
+        if placed == device_jpeg.HOST:
+            return placed
         problem = on_compute_thread(device_jpeg.problem, device)
         if problem:
             self.get_logger().warning(
                 f"jpeg_codec {choice}: {device} cannot encode and decode jpeg ({problem}); "
                 "jpeg is decoded and encoded on the host"
             )
-            return False
-        self.get_logger().info(f"jpeg input decoded and jpeg overlay encoded on {device}")
-        return True
+            return device_jpeg.HOST
+        self.get_logger().info(f"jpeg: {self._jpeg_where(placed)}")
+        return placed
+
+    def _jpeg_where(self, placed: device_jpeg.Placement) -> str:
+        def on(flag: bool) -> str:
+            return str(self.pipeline.device) if flag else "host (OpenCV)"
+
+        return f"frames decoded on {on(placed.decode)}, overlay encoded on {on(placed.encode)}"
 
     def _start(self) -> None:
         """Create publishers, subscriptions, the worker and the diagnostics timer."""
@@ -661,8 +667,7 @@ class DetectorNode(Node):
             str(self.pipeline.device),
             faults=faults,
         )
-        where = str(self.pipeline.device) if self.jpeg_on_device else "host (OpenCV)"
-        status.values.append(KeyValue(key="jpeg_codec", value=where))
+        status.values.append(KeyValue(key="jpeg_codec", value=self._jpeg_where(self.jpeg)))
         if self.last_problem:
             status.values.append(KeyValue(key="last_problem", value=self.last_problem))
         for kind, text in sorted(problems.items()):
@@ -886,7 +891,7 @@ class DetectorNode(Node):
     def _decode(self, msg: cdr.RawImage | CompressedImage) -> np.ndarray | torch.Tensor:
         """The frame's RGB pixels: on the host, or for jpeg with ``jpeg_codec`` on the
         device (a tensor there, which the pipeline takes as it is)."""
-        if not (self.jpeg_on_device and isinstance(msg, CompressedImage)):
+        if not (self.jpeg.decode and isinstance(msg, CompressedImage)):
             return self.codec.decode(msg)
         frame = image_codec.check_compressed(msg, self.codec.max_pixels)
         if frame.codec != "jpeg":
@@ -920,8 +925,8 @@ class DetectorNode(Node):
         return RenderOptions(
             labels="segmentation" in wanted or embeds,
             color="segmentation_color" in wanted,
-            overlay="hazard_overlay" in wanted or (jpeg and not self.jpeg_on_device),
-            overlay_jpeg=p.jpeg_quality if jpeg and self.jpeg_on_device else None,
+            overlay="hazard_overlay" in wanted or (jpeg and not self.jpeg.encode),
+            overlay_jpeg=p.jpeg_quality if jpeg and self.jpeg.encode else None,
             maps=frozenset(maps),
             map_scale=p.output_scale,
             threshold=self.threshold(p),

@@ -49,8 +49,8 @@ RELIABILITY = ("best_effort", "reliable")
 TRANSPORTS = ("raw", "compressed")
 #: image_transport's name for each way depth can arrive.
 DEPTH_TRANSPORTS = ("raw", "compressedDepth")
-#: Where jpeg is decoded (compressed input) and encoded (hazard_overlay/compressed): auto =
-#: on the pipeline's device when that is a GPU, on the host (OpenCV) on a CPU.
+#: Where jpeg is decoded (compressed input) and encoded (hazard_overlay/compressed):
+#: device_jpeg.placement says which runs where for each choice.
 JPEG_CODECS = ("auto", "host", "device")
 
 
@@ -308,10 +308,12 @@ SPECS: tuple[Spec, ...] = (
         "jpeg_codec",
         "auto",
         "Where jpeg is decoded (compressed input frames) and encoded "
-        "(hazard_overlay/compressed). host: OpenCV on the CPU; device: torchvision on the "
-        "pipeline's device (nvJPEG on CUDA: a frame crosses to the GPU as its jpeg, the "
-        "overlay comes back as one, and the host no longer decodes or encodes 2 MP "
-        "pictures); auto: device on a GPU, host on a CPU (where OpenCV is as fast or "
+        "(hazard_overlay/compressed). host: OpenCV on the CPU; device: both by torchvision "
+        "on the pipeline's device (nvJPEG on CUDA: a frame crosses to the GPU as its "
+        "jpeg, the overlay comes back as one, and the host no longer decodes or encodes "
+        "2 MP pictures; nvJPEG's pixels may differ from libjpeg-turbo's, which calibration "
+        "saw, by a level here and there); auto: on a GPU the overlay is encoded there and "
+        "frames are decoded on the host, on a CPU both on the host (OpenCV is as fast or "
         "faster). A device that cannot do it is reported at start and the host does it. "
         "png input is always decoded on the host.",
         choices=JPEG_CODECS,
