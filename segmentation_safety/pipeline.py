@@ -303,7 +303,10 @@ class Pipeline:
                 if render.overlay:
                     dev["overlay"] = rgb
                 if render.overlay_jpeg is not None:
-                    dev["overlay_jpeg"] = device_jpeg.encode(rgb, render.overlay_jpeg)
+                    try:
+                        dev["overlay_jpeg"] = device_jpeg.encode(rgb, render.overlay_jpeg)
+                    except RuntimeError:  # the frame's other outputs must not be lost
+                        dev["overlay"] = rgb  # for the caller to encode (overlay_jpeg None)
             if render.open_set is not None and "anomaly" in net_maps:
                 if labels is None:
                     labels = upsample_argmax(logits, size, seg.argmax())[0]

@@ -89,7 +89,8 @@ class RenderOptions:
     #: JPEG quality: also return the overlay encoded on the pipeline's device
     #: (torchvision's encoder; nvJPEG on CUDA), so only its bytes leave the device and
     #: the host does not encode it. None: not produced. ``overlay`` alone decides whether
-    #: the raw overlay comes back too.
+    #: the raw overlay comes back too; where the device fails to encode, the raw overlay
+    #: comes back instead of the jpeg.
     overlay_jpeg: int | None = None
 
 

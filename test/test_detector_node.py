@@ -1030,6 +1030,24 @@ def test_a_valid_jpeg_the_device_cannot_decode_is_decoded_on_the_host_and_named(
     assert h.node.stats.snapshot().rejected == 0
 
 
+def test_an_overlay_the_device_fails_to_encode_is_encoded_on_the_host_and_named(
+    harness, monkeypatch
+):
+    h = harness(jpeg_codec="device", anomaly_threshold=0.0)
+
+    def out_of_memory(rgb, quality):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(device_jpeg, "encode", out_of_memory)
+    h.listen("hazard_overlay/compressed", "safety")
+    h.image_pub.publish(image_msg(1))
+    wait_for(lambda: all(h.stamped(t, 1) for t in ("hazard_overlay/compressed", "safety")),
+             "the frame's jpeg and safety")  # fmt: skip
+    assert bytes(h.stamped("hazard_overlay/compressed", 1)[0].data[:2]) == b"\xff\xd8"
+    assert "could not encode" in h.node.problems["output/jpeg_codec"]
+    assert h.node.stats.snapshot().rejected == 0
+
+
 def test_jpeg_codec_auto_is_the_host_on_a_cpu_and_a_failing_device_falls_back(
     harness, monkeypatch, capfd
 ):

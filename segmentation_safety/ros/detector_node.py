@@ -865,6 +865,12 @@ class DetectorNode(Node):
             if result.overlay_jpeg is not None:  # encoded on the device (jpeg_codec)
                 jpeg = image_codec.jpeg_message(result.overlay_jpeg.tobytes(), header)
             else:
+                if self.jpeg.encode:  # the device failed on this frame: the host stands in
+                    self._warn(
+                        "output/jpeg_codec",
+                        f"{self.pipeline.device} could not encode the overlay's jpeg; it was "
+                        "encoded on the host",
+                    )
                 jpeg = image_codec.encode_jpeg(result.overlay, header, p.jpeg_quality)
             self.pubs["hazard_overlay_compressed"].publish(jpeg)
         bodies = self._image_bodies(result, header)
