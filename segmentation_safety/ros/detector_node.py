@@ -901,11 +901,11 @@ class DetectorNode(Node):
             return self.codec.decode(msg)
         frame = image_codec.check_compressed(msg, self.codec.max_pixels)
         if frame.codec != "jpeg":
-            return image_codec.decode_checked(frame, msg.format)
+            return image_codec.decode_checked(frame)
         try:
             rgb = device_jpeg.decode(frame.data, self.pipeline.device)
         except Exception as e:  # noqa: BLE001 (the host decoder names what is wrong, or copes)
-            decoded = image_codec.decode_checked(frame, msg.format)  # raises for a bad file
+            decoded = image_codec.decode_checked(frame)  # raises for a bad file
             # A valid file the device cannot read (nvJPEG lacks a few jpeg modes): every
             # such frame costs the host its decode, which jpeg_codec was set to avoid.
             self._warn(
@@ -914,7 +914,7 @@ class DetectorNode(Node):
                 f"({type(e).__name__}: {e}); it was decoded on the host",
             )
             return decoded
-        image_codec.check_decoded_size(frame, *rgb.shape[:2], msg.format)
+        image_codec.check_decoded_size(frame, *rgb.shape[:2])
         return rgb.flip(-1) if frame.swapped else rgb
 
     def _deserialize(self, raw: bytes) -> cdr.RawImage | CompressedImage:

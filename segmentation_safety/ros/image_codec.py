@@ -351,6 +351,7 @@ class CompressedFrame:
     width: int
     height: int
     data: bytes | bytearray | memoryview
+    format: str  # the message's, as given (for error messages)
 
 
 def check_compressed(msg: CompressedImage, max_pixels: int | None = None) -> CompressedFrame:
@@ -374,14 +375,14 @@ def check_compressed(msg: CompressedImage, max_pixels: int | None = None) -> Com
         raise CodecError(
             f"image too large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels}", "size"
         )
-    return CompressedFrame(codec, swapped, w, h, data)
+    return CompressedFrame(codec, swapped, w, h, data, msg.format)
 
 
-def check_decoded_size(frame: CompressedFrame, height: int, width: int, fmt: str) -> None:
+def check_decoded_size(frame: CompressedFrame, height: int, width: int) -> None:
     """Refuse pixels whose size is not the one the file's header gave."""
     if (height, width) != (frame.height, frame.width):  # a header that lies about the size
         raise CodecError(
-            f"compressed image ({len(frame.data)} bytes, {fmt!r}) decodes to "
+            f"compressed image ({len(frame.data)} bytes, {frame.format!r}) decodes to "
             f"{width}x{height}, header says {frame.width}x{frame.height}",
             "undecodable",
         )
@@ -392,22 +393,22 @@ def decode_compressed(msg: CompressedImage, max_pixels: int | None = None) -> np
 
     Raises :class:`CodecError` for an empty, unreadable, oversized or unsupported image.
     """
-    return decode_checked(check_compressed(msg, max_pixels), msg.format)
+    return decode_checked(check_compressed(msg, max_pixels))
 
 
-def decode_checked(frame: CompressedFrame, fmt: str) -> np.ndarray:
-    """A checked CompressedImage (:func:`check_compressed`; ``fmt`` its format, for
-    messages) -> RGB uint8 H×W×3, decoded by OpenCV."""
+def decode_checked(frame: CompressedFrame) -> np.ndarray:
+    """A checked CompressedImage (:func:`check_compressed`) -> RGB uint8 H×W×3, decoded
+    by OpenCV."""
     # A camera's frames are as the sensor saw them: an EXIF orientation (phones, some
     # IP cameras) would turn them, and the header's size would no longer match.
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     decoded = cv2.imdecode(np.frombuffer(frame.data, np.uint8), flags)
     if decoded is None:
         raise CodecError(
-            f"compressed data ({len(frame.data)} bytes, {fmt!r}) could not be decoded",
+            f"compressed data ({len(frame.data)} bytes, {frame.format!r}) could not be decoded",
             "undecodable",
         )
-    check_decoded_size(frame, *decoded.shape[:2], fmt)
+    check_decoded_size(frame, *decoded.shape[:2])
     return decoded if frame.swapped else cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
 
