@@ -58,9 +58,9 @@ class Variant:
         return f"{self.height}x{self.width}{scale}{sent}"
 
 
-#: What --inputs accepts, and the quality jpeg frames are sent at (make-bag's default).
+#: What --inputs accepts: jpeg frames are encoded at encode_jpeg's default quality (90,
+#: as make-bag encodes them).
 INPUTS = ("raw", "jpeg")
-JPEG_QUALITY = 90
 
 
 def parse_inputs(text: str) -> list[str]:
@@ -83,17 +83,15 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def frames_at(
-    bag: BagContents, height: int, width: int, count: int, sent: str = "raw"
-) -> list[bytes]:
-    """The bag's first ``count`` images resized to ``height``×``width`` as serialised
-    rgb8 Images, or for ``sent`` "jpeg" CompressedImages as compressed_image_transport
-    sends them (headers kept)."""
-    from rclpy.serialization import deserialize_message, serialize_message
+def resized_frames(
+    bag: BagContents, height: int, width: int, count: int
+) -> list[tuple[Any, np.ndarray]]:
+    """The bag's first ``count`` images as (header, RGB pixels) resized to
+    ``height``×``width``."""
+    from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import CompressedImage, Image
 
-    from segmentation_safety.ros import cdr
-    from segmentation_safety.ros.image_codec import ImageCodec, encode_jpeg
+    from segmentation_safety.ros.image_codec import ImageCodec
 
     codec = ImageCodec()
     msg_type = CompressedImage if bag.compressed else Image
@@ -107,12 +105,33 @@ def frames_at(
             (width, height),
             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
         )
-        if sent == "jpeg":
-            out.append(serialize_message(encode_jpeg(rgb, msg.header, JPEG_QUALITY)))
-            continue
-        body = cdr.image_body(msg.header, height, width, "rgb8", width * 3, rgb)
-        out.append(cdr.serialize_body(body))
+        out.append((msg.header, rgb))
     return out
+
+
+def serialised(frames: Sequence[tuple[Any, np.ndarray]], sent: str = "raw") -> list[bytes]:
+    """(header, RGB pixels) as serialised rgb8 Images, or for ``sent`` "jpeg"
+    CompressedImages as compressed_image_transport sends them."""
+    from rclpy.serialization import serialize_message
+
+    from segmentation_safety.ros import cdr
+    from segmentation_safety.ros.image_codec import encode_jpeg
+
+    if sent == "jpeg":
+        return [serialize_message(encode_jpeg(rgb, header)) for header, rgb in frames]
+    out = []
+    for header, rgb in frames:
+        h, w = rgb.shape[:2]
+        out.append(cdr.serialize_body(cdr.image_body(header, h, w, "rgb8", w * 3, rgb)))
+    return out
+
+
+def frames_at(
+    bag: BagContents, height: int, width: int, count: int, sent: str = "raw"
+) -> list[bytes]:
+    """The bag's first ``count`` images resized to ``height``×``width``, serialised as
+    :func:`serialised` does (headers kept)."""
+    return serialised(resized_frames(bag, height, width, count), sent)
 
 
 def node_bench(
@@ -127,14 +146,17 @@ def node_bench(
     if rounds < 1:
         raise ReplayError("--frames must be at least 1")
     bag = read_bag(bag_path)
-    # Decoded and resized once per size and input: variants differing only in
-    # output_scale share them.
-    by_size: dict[tuple[int, int, str], list[bytes]] = {}
+    # Decoded and resized once per size, serialised once per size and input: variants
+    # differing only in output_scale share them.
+    by_size: dict[tuple[int, int], list[tuple[Any, np.ndarray]]] = {}
+    sent: dict[tuple[int, int, str], list[bytes]] = {}
     for v in variants:
+        if (v.height, v.width) not in by_size:
+            by_size[v.height, v.width] = resized_frames(bag, v.height, v.width, distinct_frames)
         key = (v.height, v.width, v.input)
-        if key not in by_size:
-            by_size[key] = frames_at(bag, v.height, v.width, distinct_frames, v.input)
-    inputs = {v: by_size[v.height, v.width, v.input] for v in variants}
+        if key not in sent:
+            sent[key] = serialised(by_size[v.height, v.width], v.input)
+    inputs = {v: sent[v.height, v.width, v.input] for v in variants}
     # The bag's camera model with every frame, as a camera sends it: without one the node
     # publishes no hazard boxes, and their cost would be left out. The node scales K from
     # the info's size to each variant's.
