@@ -928,13 +928,13 @@ def test_compressed_png_and_jpeg_frames_give_every_output(harness):
 
 
 def _record_frames(node) -> list:
-    """Every RenderedFrame the node's pipeline hands back, in order."""
+    """(image, RenderedFrame) of every frame through the node's pipeline, in order."""
     frames = []
     process_frame = node.pipeline.process_frame
 
-    def recording(*args, **kwargs):
-        frames.append(process_frame(*args, **kwargs))
-        return frames[-1]
+    def recording(image, *args, **kwargs):
+        frames.append((image, process_frame(image, *args, **kwargs)))
+        return frames[-1][1]
 
     node.pipeline.process_frame = recording
     return frames
@@ -946,17 +946,17 @@ def test_jpeg_encoded_on_the_device_is_the_overlay_and_only_its_bytes_come_back(
     h = harness(jpeg_codec="device", anomaly_threshold=0.0)
     assert h.node.jpeg == device_jpeg.Placement(decode=True, encode=True)
     h.listen("/diagnostics")
-    wait_for(lambda: h.got["/diagnostics"], "diagnostics")
-    values = {v.key: v.value for v in h.got["/diagnostics"][-1].status[0].values}
-    assert values["jpeg_codec"] == "frames decoded on cpu, overlay encoded on cpu"
+    wait_for(lambda: diag_values(h), "the node's diagnostics")
+    assert diag_values(h)["jpeg_codec"] == "frames decoded on cpu, overlay encoded on cpu"
     frames = _record_frames(h.node)
     h.listen("hazard_overlay/compressed")
     h.image_pub.publish(image_msg(1))
     wait_for(lambda: h.stamped("hazard_overlay/compressed", 1), "the jpeg overlay")
     jpeg = h.stamped("hazard_overlay/compressed", 1)[0]
     # Without a raw overlay subscriber, the picture itself never reached the host.
-    assert frames[-1].overlay is None
-    assert bytes(jpeg.data) == frames[-1].overlay_jpeg.tobytes()
+    result = frames[-1][1]
+    assert result.overlay is None
+    assert bytes(jpeg.data) == result.overlay_jpeg.tobytes()
     assert jpeg.format == "rgb8; jpeg compressed bgr8"
     h.listen("hazard_overlay")
     sent = image_msg(2)
@@ -973,14 +973,7 @@ def test_jpeg_encoded_on_the_device_is_the_overlay_and_only_its_bytes_come_back(
 
 def test_jpeg_input_decoded_on_the_device_reaches_the_network_as_the_hosts_pixels(harness):
     h = harness(input_transport="compressed", jpeg_codec="device")
-    inputs = []
-    process_frame = h.node.pipeline.process_frame
-
-    def recording(image, *args, **kwargs):
-        inputs.append(image)
-        return process_frame(image, *args, **kwargs)
-
-    h.node.pipeline.process_frame = recording
+    frames = _record_frames(h.node)
     h.listen("segmentation")
     sent, _ = compressed_msg(1, ".jpg")
     # compressed_image_transport's own format, and one that packed RGB bytes as BGR.
@@ -990,7 +983,7 @@ def test_jpeg_input_decoded_on_the_device_reaches_the_network_as_the_hosts_pixel
     for sec, msg in ((1, sent), (2, swapped), (3, png)):
         h.compressed_pub.publish(msg)
         wait_for(lambda sec=sec: h.stamped("segmentation", sec), f"frame {sec}")
-    jpeg_input, swapped_input, png_input = inputs
+    jpeg_input, swapped_input, png_input = (image for image, _ in frames)
     assert isinstance(jpeg_input, torch.Tensor) and isinstance(png_input, np.ndarray)
     for got, msg in ((jpeg_input, sent), (swapped_input, swapped)):
         np.testing.assert_array_equal(got.numpy(), image_codec.decode_compressed(msg))
@@ -1056,10 +1049,9 @@ def test_jpeg_codec_auto_is_the_host_on_a_cpu_and_a_failing_device_falls_back(
     h = harness(jpeg_codec="device")
     assert h.node.jpeg == device_jpeg.HOST
     h.listen("/diagnostics")
-    wait_for(lambda: h.got["/diagnostics"], "diagnostics")
-    values = {v.key: v.value for v in h.got["/diagnostics"][-1].status[0].values}
+    wait_for(lambda: diag_values(h), "the node's diagnostics")
     want = "frames decoded on host (OpenCV), overlay encoded on host (OpenCV)"
-    assert values["jpeg_codec"] == want
+    assert diag_values(h)["jpeg_codec"] == want
     assert "jpeg_codec device: cpu cannot encode and decode jpeg (RuntimeError: no nvJPEG)" in (
         capfd.readouterr().err
     )
