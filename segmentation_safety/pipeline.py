@@ -481,9 +481,9 @@ def to_host(
     the buffer stays aligned. From CUDA the transfer lands in page-locked memory
     (``pinned=False`` to compare): a copy to ordinary memory is staged through the
     driver's own pinned buffer in pieces, and the 8-32 MB of every output of a frame at
-    512×1024 to 1024×2048 would pay for that on the compute thread. PyTorch's caching host allocator
-    recycles the pinned blocks once the arrays viewing them are gone, so a frame does not
-    pin fresh memory.
+    512×1024 to 1024×2048 would pay for that on the compute thread. PyTorch's caching
+    host allocator recycles the pinned blocks once the arrays viewing them are gone, so
+    a frame does not pin fresh memory.
     """
     if not tensors:
         return {}
