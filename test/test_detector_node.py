@@ -563,7 +563,10 @@ def test_output_scale_shrinks_the_float_maps_only(harness):
     assert frame.alarm.anomalous_pixels == (H // 2) * (W // 2)
 
 
-@pytest.mark.parametrize(("encoding", "bpp"), [("bayer_rggb8", 1), ("yuyv", 2), ("uyvy", 2)])
+@pytest.mark.parametrize(
+    ("encoding", "bpp"),
+    [("bayer_rggb8", 1), ("yuyv", 2), ("uyvy", 2), ("bgr16", 6), ("bayer_grbg16", 2)],
+)
 def test_raw_camera_encodings_are_answered_as_their_decoded_picture(harness, encoding, bpp):
     # What a camera sends before image_proc: the node must see the picture it encodes,
     # the same one an rgb8 frame of the decoded pixels shows it.
@@ -583,6 +586,37 @@ def test_raw_camera_encodings_are_answered_as_their_decoded_picture(harness, enc
         a, b = h.stamped(topic, 1)[0], h.stamped(topic, 2)[0]
         assert (a.height, a.width) == (H, W) and a.data == b.data, topic
     assert h.node.stats.snapshot().rejected == 0
+    assert "input/bit_depth" not in h.node.problems  # full-range 16-bit words are fine
+
+
+def _rgb16(sec: int, values: np.ndarray) -> Image:
+    msg = Image(height=H, width=W, encoding="rgb16", step=W * 6, data=values.tobytes())
+    msg.header.stamp.sec = sec
+    return msg
+
+
+def test_a_twelve_bit_camera_is_named_then_read_with_input_bits(harness):
+    # 12 bits at the bottom of each 16-bit word: at the default input_bits (16) the
+    # frame comes out nearly black, which the node must say, naming the parameter.
+    twelve = np.random.default_rng(5).integers(0, 4096, (H, W, 3), dtype=np.uint16)
+    h = harness()
+    h.listen("segmentation", "hazard_overlay")
+    h.image_pub.publish(_rgb16(1, twelve))
+    wait_for(lambda: h.stamped("hazard_overlay", 1), "the dark frame's answer")
+    assert "set input_bits" in h.node.problems["input/bit_depth"]
+    (result,) = h.node.set_parameters([Parameter("input_bits", value=12)])
+    assert result.successful, result.reason
+    h.image_pub.publish(_rgb16(2, twelve))
+    # The same picture as 8-bit rgb: ×255/4095, rounded.
+    rgb = ((twelve.astype(np.uint32) * 255 * 2 + 4095) // (2 * 4095)).astype(np.uint8)
+    eight = Image(height=H, width=W, encoding="rgb8", step=W * 3, data=rgb.tobytes())
+    eight.header.stamp.sec = 3
+    wait_for(lambda: h.stamped("hazard_overlay", 2), "the 12-bit frame's answer")
+    h.image_pub.publish(eight)
+    wait_for(lambda: h.stamped("hazard_overlay", 3), "the rgb8 frame's answer")
+    for topic in ("segmentation", "hazard_overlay"):
+        assert h.stamped(topic, 2)[0].data == h.stamped(topic, 3)[0].data, topic
+    assert h.stamped("hazard_overlay", 1)[0].data != h.stamped("hazard_overlay", 2)[0].data
 
 
 # -- bad input --------------------------------------------------------------------------
@@ -740,6 +774,7 @@ def test_parameters_are_checked_at_run_time_by_name(harness):
         "output_scale": 0.0,  # would count the alarm on a 1x1 map
         "max_rate": -1.0,
         "alarm_region": "everywhere",
+        "input_bits": 8,  # 16-bit words hold 9..16 significant bits
     }
     for name, value in refused.items():
         (result,) = h.node.set_parameters([Parameter(name, value=value)])

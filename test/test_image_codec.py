@@ -105,6 +105,76 @@ def test_bayer_mosaics_decode_to_the_colours_they_recorded(order, pad):
         np.testing.assert_array_equal(out[2:-2, 2:-2], flat[2:-2, 2:-2], err_msg=order)
 
 
+def _deep(rng_seed: int = 1, shape: tuple[int, ...] = (H, W, 3)) -> np.ndarray:
+    """16-bit pixels over the whole range (not multiples of 257, so rounding shows)."""
+    return np.random.default_rng(rng_seed).integers(0, 65536, size=shape, dtype=np.uint16)
+
+
+def _eight(values: np.ndarray) -> np.ndarray:
+    """cv_bridge's 16 -> 8 bit scale (×255/65535, rounded), in exact integers."""
+    return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _msg16(pixels: np.ndarray, encoding: str, big: bool, pad: int = 0) -> Image:
+    """16-bit H×W×C pixels in the byte order ``big`` says, rows padded by ``pad`` bytes."""
+    data = pixels.astype(">u2" if big else "<u2").reshape(pixels.shape[0], -1)
+    msg = _msg(data.view(np.uint8)[..., None], encoding, pad)
+    msg.width, msg.is_bigendian = pixels.shape[1], int(big)
+    return msg
+
+
+@pytest.mark.parametrize("big", [False, True])
+@pytest.mark.parametrize("pad", [0, 3])
+@pytest.mark.parametrize("encoding", ["rgb16", "bgr16", "rgba16", "bgra16", "mono16"])
+def test_sixteen_bit_encodings_are_scaled_to_eight_bits_as_cv_bridge_does(encoding, pad, big):
+    deep = _deep()
+    alpha = np.full((H, W, 1), 40000, dtype=np.uint16)
+    pixels = {
+        "rgb16": deep,
+        "bgr16": deep[..., ::-1],
+        "rgba16": np.concatenate([deep, alpha], axis=2),
+        "bgra16": np.concatenate([deep[..., ::-1], alpha], axis=2),
+        "mono16": deep[..., :1],
+    }[encoding]
+    out = decode_rgb(_msg16(pixels, encoding, big, pad))
+    assert out.shape == (H, W, 3) and out.dtype == np.uint8
+    want = np.repeat(_eight(deep[..., :1]), 3, axis=2) if encoding == "mono16" else _eight(deep)
+    np.testing.assert_array_equal(out, want)
+
+
+def test_sixteen_bit_byte_order_is_the_messages_own():
+    msg = _msg16(_deep(), "rgb16", big=True)
+    msg.is_bigendian = 0  # the same bytes, read as little endian, are other pixels
+    assert not np.array_equal(decode_rgb(msg), _eight(_deep()))
+
+
+@pytest.mark.parametrize("big", [False, True])
+@pytest.mark.parametrize("order", BAYER_ORDERS)
+def test_sixteen_bit_bayer_mosaics_decode_to_the_colours_they_recorded(order, big):
+    for colour in [(51400, 7710, 23130), (2570, 56540, 10280), (15420, 17990, 64250)]:
+        flat = np.empty((8, 10, 3), dtype=np.uint16)
+        flat[:] = colour
+        mosaic = np.empty(flat.shape[:2], dtype=np.uint16)
+        for (dy, dx), c in zip([(0, 0), (0, 1), (1, 0), (1, 1)], order, strict=True):
+            mosaic[dy::2, dx::2] = flat[dy::2, dx::2, "rgb".index(c)]
+        out = decode_rgb(_msg16(mosaic[..., None], f"bayer_{order}16", big, pad=2))
+        assert out.shape == (8, 10, 3) and out.dtype == np.uint8
+        # colour / 257 is whole here: demosaicked at 16 bits, then scaled, it comes back.
+        np.testing.assert_array_equal(out[2:-2, 2:-2], _eight(flat)[2:-2, 2:-2], err_msg=order)
+
+
+def test_sixteen_bit_frames_are_refused_by_size_as_eight_bit_ones():
+    msg = _msg16(_deep(), "rgb16", big=False)
+    msg.data = bytes(msg.data)[:-1]
+    with pytest.raises(CodecError, match="expected step\\*height") as e:
+        decode_rgb(msg)
+    assert e.value.kind == "length"
+    msg = _msg16(_deep(), "rgb16", big=False)
+    msg.step = W * 3  # bytes of an 8-bit row: too short for 16-bit pixels
+    with pytest.raises(CodecError, match=f"step {W * 3} < width\\*channels {W * 6}"):
+        decode_rgb(msg)
+
+
 def _yuv422(y: list[int], u: int, v: int, order: str) -> np.ndarray:
     """One row of packed 4:2:2 pixels, two per (U, V), as H×W×2 bytes."""
     pairs = []
@@ -230,15 +300,21 @@ def test_numpy_path_is_used_where_cv_bridge_is_absent_or_broken():
 
 
 @pytest.mark.parametrize("pad", [0, 3])
-@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "mono8", "rgba8", "bgra8"])
+@pytest.mark.parametrize(
+    "encoding", ["rgb8", "bgr8", "mono8", "rgba8", "bgra8", "rgb16", "bgr16", "mono16"]
+)
 def test_cv_bridge_and_numpy_paths_agree(encoding, pad):
     bridge = image_codec.load_cv_bridge()
     if bridge is None:
         pytest.skip(
             "cv_bridge is not importable here (or broken under NumPy 2, vision_opencv #535)"
         )
-    pixels = _rgb()[..., :1] if encoding == "mono8" else _as(encoding, _rgb())
-    msg = _msg(pixels, encoding, pad)
+    if encoding.endswith("16"):
+        deep = _deep()[..., :1] if encoding == "mono16" else _deep()
+        msg = _msg16(deep[..., ::-1] if encoding == "bgr16" else deep, encoding, False, pad)
+    else:
+        pixels = _rgb()[..., :1] if encoding == "mono8" else _as(encoding, _rgb())
+        msg = _msg(pixels, encoding, pad)
     np.testing.assert_array_equal(bridge.imgmsg_to_cv2(msg, "rgb8"), decode_rgb(msg))
 
 
@@ -297,7 +373,8 @@ def test_codec_dispatches_compressed_messages():
         ("h264", b"\x00\x00\x01", "format", "unsupported CompressedImage format 'h264'"),
         ("", b"x", "format", "empty CompressedImage format"),
         ("16UC1; compressedDepth png", b"x", "format", "unsupported"),
-        ("bgr16; png compressed bgr16", b"x", "format", "encoding 'bgr16' not supported"),
+        ("16UC1; png compressed ", b"x", "format", "encoding '16uc1' not supported"),
+        ("rgb8; png compressed bgr8 extra", b"x", "format", "cannot read"),
     ],
 )
 def test_bad_compressed_images_are_refused_by_kind(fmt, data, kind, words):
@@ -305,6 +382,63 @@ def test_bad_compressed_images_are_refused_by_kind(fmt, data, kind, words):
         image_codec.decode_compressed(CompressedImage(format=fmt, data=data))
     assert e.value.kind == kind
     assert " object at 0x" not in str(e.value)  # no Python object's repr in the message
+
+
+def _png16(values: np.ndarray, fmt: str) -> CompressedImage:
+    """A 16-bit png as compressed_image_transport writes one (BGR order for colour)."""
+    pixels = values[..., ::-1] if values.shape[2] == 3 else values
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(pixels))
+    assert ok
+    return CompressedImage(format=fmt, data=buf.tobytes())
+
+
+@pytest.mark.parametrize("source", ["rgb16", "bgr16", "rgba16"])
+def test_a_sixteen_bit_cameras_png_is_scaled_as_cv_bridge_scales_it(source):
+    deep = _deep()
+    out = image_codec.decode_compressed(_png16(deep, f"{source}; png compressed bgr16"))
+    np.testing.assert_array_equal(out, _eight(deep))  # rounded, not the top byte
+    grey = image_codec.decode_compressed(_png16(deep[..., :1], "mono16; png compressed "))
+    np.testing.assert_array_equal(grey, np.repeat(_eight(deep[..., :1]), 3, axis=2))
+
+
+def test_input_bits_scales_a_cameras_low_bits_to_the_full_range():
+    twelve = _deep()[..., :1] >> 4  # a 12-bit camera's words: the top 4 bits zero
+    msg = _msg16(twelve, "mono16", big=True)
+    exact = ((twelve.astype(np.uint32) * 510 + 4095) // 8190).astype(np.uint8)  # rounded
+    np.testing.assert_array_equal(decode_rgb(msg, bits=12), np.repeat(exact, 3, axis=2))
+    assert decode_rgb(msg).max() <= image_codec.DIM_PEAK  # at 16 bits: nearly black
+    png = _png16(twelve, "mono16; png compressed ")
+    np.testing.assert_array_equal(
+        image_codec.decode_compressed(png, bits=12), np.repeat(exact, 3, axis=2)
+    )
+    over = _msg16(np.full((2, 2, 1), 5000, dtype=np.uint16), "mono16", big=False)
+    assert (decode_rgb(over, bits=12) == 255).all()  # above 12 bits: saturated
+    with pytest.raises(ValueError, match="bits must be within 9..16, got 8"):
+        decode_rgb(msg, bits=8)
+
+
+def test_sixteen_bit_frames_are_told_by_encoding_or_png_header():
+    deep, rgb = _deep(), _rgb()
+    assert image_codec.is_sixteen_bit(_png16(deep, "png"))
+    assert not image_codec.is_sixteen_bit(_compressed(rgb, ".png", "png"))
+    assert not image_codec.is_sixteen_bit(_compressed(rgb, ".jpg", "rgb16; jpeg compressed bgr8"))
+    assert image_codec.is_sixteen_bit(_msg16(deep, "RGB16", big=False))
+    assert not image_codec.is_sixteen_bit(_msg(rgb, "rgb8"))
+
+
+def test_grey_png_as_compressed_image_transport_names_it_is_decoded():
+    grey = _rgb()[..., :1]
+    ok, buf = cv2.imencode(".png", grey)
+    assert ok
+    msg = CompressedImage(format="mono8; png compressed ", data=buf.tobytes())
+    np.testing.assert_array_equal(image_codec.decode_compressed(msg), np.repeat(grey, 3, axis=2))
+
+
+def test_a_sixteen_bit_cameras_jpeg_holds_its_eight_bit_picture():
+    y, x = np.mgrid[0:32, 0:48]
+    rgb = np.stack([x * 5, y * 7, np.full_like(x, 30)], axis=2).astype(np.uint8)
+    out = image_codec.decode_compressed(_compressed(rgb, ".jpg", "rgb16; jpeg compressed bgr8"))
+    assert np.abs(out.astype(int) - rgb).mean() < 4
 
 
 def test_the_bytes_own_codec_is_decoded_and_16_bit_colour_becomes_8_bit():

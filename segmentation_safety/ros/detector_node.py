@@ -3,7 +3,7 @@
 Topics (relative, so they live under the node's namespace; DESIGN §5.3):
 
 - in: ``image`` (sensor_msgs/Image: rgb8, bgr8, mono8, rgba8, bgra8, packed YUV 4:2:2,
-  8-bit Bayer; ``image_codec.DECODABLE``) or, with
+  Bayer, their 16-bit forms; ``image_codec.DECODABLE``) or, with
   ``input_transport: compressed``, ``image/compressed`` (sensor_msgs/CompressedImage,
   jpeg/png, image_transport's naming; decoded by OpenCV, no cv_bridge), ``camera_info``
   (optional, only for hazard markers), ``depth`` (only with ``use_depth``: 32FC1 metres or
@@ -819,10 +819,12 @@ class DetectorNode(Node):
         p = self.params
         wanted = self._wanted(p)
         t0 = time.perf_counter()
-        self.codec.max_pixels = p.max_pixels
+        self.codec.max_pixels, self.codec.bits = p.max_pixels, p.input_bits
         try:
             msg = self._deserialize(raw)
             rgb = self._decode(msg)
+            if image_codec.is_sixteen_bit(msg):
+                self._check_bits(rgb, p.input_bits)
         except image_codec.CodecError as e:
             self._warn(f"input/{e.kind}", f"bad image on {self._image_topic()}: {e}")
             return False
@@ -901,7 +903,7 @@ class DetectorNode(Node):
             return self.codec.decode(msg)
         frame = image_codec.check_compressed(msg, self.codec.max_pixels)
         if frame.codec != "jpeg":
-            return image_codec.decode_checked(frame)
+            return image_codec.decode_checked(frame, self.codec.bits)
         try:
             rgb = device_jpeg.decode(frame.data, self.pipeline.device)
         except Exception as e:  # noqa: BLE001 (the host decoder names what is wrong, or copes)
@@ -916,6 +918,18 @@ class DetectorNode(Node):
             return decoded
         image_codec.check_decoded_size(frame, *rgb.shape[:2])
         return rgb.flip(-1) if frame.swapped else rgb
+
+    def _check_bits(self, rgb: np.ndarray, bits: int) -> None:
+        """Name input_bits when 16-bit frames stay nearly black: a camera that fills only
+        the low bits of its words (12 or 10) looks so at the default 16."""
+        peak = int(rgb.max())
+        if peak <= image_codec.DIM_PEAK:
+            self._warn(
+                "input/bit_depth",
+                f"16-bit frames on {self._image_topic()} peak at {peak} of 255 with "
+                f"input_bits {bits}: if the camera fills only the low bits of each word "
+                f"(e.g. 12), set input_bits to that number",
+            )
 
     def _deserialize(self, raw: bytes) -> cdr.RawImage | CompressedImage:
         if self.params.input_transport == "compressed":

@@ -10,15 +10,20 @@ are skipped through strides, the alpha channel through a slice). ``bgr8``, ``bgr
 ``mono8`` need one ``cv2.cvtColor`` copy: a reversed-channel view would have a negative
 stride, which ``torch.as_tensor`` refuses, and a broadcast grey view is read-only. So do
 what cameras send before any image_proc: packed YUV 4:2:2 (``uyvy``/``yuyv``, and their
-older names ``yuv422``/``yuv422_yuy2``: USB and CSI cameras) and raw 8-bit Bayer
-mosaics (``bayer_rggb8`` and the other three orders: machine-vision cameras), converted
-as cv_bridge converts them. All supported encodings are 8-bit, so ``is_bigendian`` does
-not matter.
+older names ``yuv422``/``yuv422_yuy2``: USB and CSI cameras) and raw Bayer mosaics
+(``bayer_rggb8`` and the other three orders: machine-vision cameras), converted as
+cv_bridge converts them. The 16-bit encodings (``rgb16``, ``bgr16``, ``rgba16``,
+``bgra16``, ``mono16``, ``bayer_*16``: machine-vision and HDR cameras) are read in the
+byte order ``is_bigendian`` gives, converted at 16 bits, then scaled to 8 by 255/65535
+and rounded, which is what ``cv_bridge``'s ``toCvCopy(msg, "rgb8")`` gives and what
+compressed_image_transport puts in a 16-bit camera's jpeg. Drivers differ in where a
+12- or 10-bit sensor's bits sit in the 16-bit word; ``bits`` < 16 says they fill only
+the low ones (scale 255 / (2^bits - 1), saturated above).
 
 sensor_msgs/CompressedImage (jpeg/png, as image_transport's ``compressed`` plugin or a
-camera driver publishes it) is decoded with ``cv2.imdecode``, not cv_bridge, for the same
-reason; its size is read from the file header first so an oversized frame is refused
-before a large buffer is allocated.
+camera driver publishes it; a 16-bit png scaled to 8 bits as above) is decoded with
+``cv2.imdecode``, not cv_bridge, for the same reason; its size is read from the file
+header first so an oversized frame is refused before a large buffer is allocated.
 """
 
 from __future__ import annotations
@@ -53,12 +58,13 @@ _TO_RGB = {
     "bgr8": cv2.COLOR_BGR2RGB,
     "bgra8": cv2.COLOR_BGRA2RGB,
     "mono8": cv2.COLOR_GRAY2RGB,
+    "rgba8": cv2.COLOR_RGBA2RGB,
     **YUV422,
     **BAYER,
 }
 
-#: Input encodings the detector accepts -> bytes per pixel.
-DECODABLE: dict[str, int] = {
+#: 8-bit input encodings -> bytes per pixel.
+_EIGHT_BIT: dict[str, int] = {
     "rgb8": 3,
     "bgr8": 3,
     "mono8": 1,
@@ -67,6 +73,25 @@ DECODABLE: dict[str, int] = {
     **dict.fromkeys(YUV422, 2),
     **dict.fromkeys(BAYER, 1),
 }
+#: 16-bit input encodings -> the 8-bit encoding with the same channels (and conversion).
+SIXTEEN_BIT: dict[str, str] = {
+    "rgb16": "rgb8",
+    "bgr16": "bgr8",
+    "rgba16": "rgba8",
+    "bgra16": "bgra8",
+    "mono16": "mono8",
+    **{name[:-1] + "16": name for name in BAYER},
+}
+#: Input encodings the detector accepts -> bytes per pixel.
+DECODABLE: dict[str, int] = {
+    **_EIGHT_BIT,
+    **{deep: 2 * _EIGHT_BIT[eight] for deep, eight in SIXTEEN_BIT.items()},
+}
+#: Significant bits of a 16-bit pixel accepted by ``bits`` (cv_bridge's scale is 16's).
+SIXTEEN_BIT_BITS = (9, 16)
+#: The brightest 8-bit level a 16-bit frame may peak at and still look like a camera
+#: that fills only the low bits of its words (a 12-bit one peaks at 16 at ``bits`` 16).
+DIM_PEAK = 16
 
 
 class CodecError(ValueError):
@@ -112,11 +137,12 @@ def check_layout(msg: Image, max_pixels: int | None = None) -> int:
     return bpp
 
 
-def decode_rgb(msg: Image, max_pixels: int | None = None) -> np.ndarray:
+def decode_rgb(msg: Image, max_pixels: int | None = None, bits: int = 16) -> np.ndarray:
     """sensor_msgs/Image -> RGB uint8 H×W×3 (a view of ``msg.data`` where possible).
 
     The result may be non-contiguous (padded rows, dropped alpha); it must not outlive
-    ``msg`` being modified. Raises :class:`CodecError` naming the problem.
+    ``msg`` being modified. ``bits``: the significant bits of a 16-bit encoding's words.
+    Raises :class:`CodecError` naming the problem.
     """
     bpp = check_layout(msg, max_pixels)
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
@@ -126,9 +152,48 @@ def decode_rgb(msg: Image, max_pixels: int | None = None) -> np.ndarray:
     enc = msg.encoding.lower()
     if enc in ("rgb8", "rgba8"):
         return rows[:, :, :3]
+    if enc in SIXTEEN_BIT:
+        return _decode_sixteen_bit(rows, enc, bool(msg.is_bigendian), bits)
     src = rows[:, :, 0] if bpp == 1 else rows
     # cvtColor wants rows with unit pixel stride; a padded view satisfies that.
     return cv2.cvtColor(src, _TO_RGB[enc])
+
+
+def _decode_sixteen_bit(rows: np.ndarray, enc: str, big_endian: bool, bits: int) -> np.ndarray:
+    """H×W×bpp bytes of a 16-bit encoding -> RGB uint8, in cv_bridge's order: colour
+    conversion (or demosaicking) at 16 bits, then the scale to 8 bits, rounded."""
+    h, w, bpp = rows.shape
+    order = ">" if big_endian else "<"
+    # One copy makes the rows contiguous (padding dropped); it is also what the 16-bit
+    # view needs, and a swap to the host's byte order is done in it.
+    values = np.ascontiguousarray(rows).view(order + "u2").reshape(h, w, bpp // 2)
+    values = values.astype(np.uint16, copy=False)
+    eight = SIXTEEN_BIT[enc]
+    if eight != "rgb8":
+        values = cv2.cvtColor(values[:, :, 0] if bpp == 2 else values, _TO_RGB[eight])
+    return to_eight_bit(values, bits)
+
+
+def to_eight_bit(values: np.ndarray, bits: int = 16) -> np.ndarray:
+    """uint16 pixels whose low ``bits`` hold the intensity -> uint8: ×255/(2^bits - 1),
+    rounded, saturated; at 16 bits what cv_bridge gives."""
+    low, high = SIXTEEN_BIT_BITS
+    if not low <= bits <= high:
+        raise ValueError(f"bits must be within {low}..{high}, got {bits}")
+    return cv2.convertScaleAbs(values, alpha=255.0 / ((1 << bits) - 1))
+
+
+#: A png file's first 8 bytes; its IHDR chunk follows, the bit depth at byte 24.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_sixteen_bit(msg: Any) -> bool:
+    """Whether a frame carries 16-bit pixels: a 16-bit encoding, or a png whose header
+    says 16 bits per sample (compressed_image_transport's for a 16-bit camera)."""
+    if isinstance(msg, CompressedImage):
+        head = bytes(msg.data[:25])
+        return head[:8] == _PNG_SIGNATURE and head[24:25] == b"\x10"
+    return msg.encoding.lower() in SIXTEEN_BIT
 
 
 #: Depth encodings accepted -> (numpy dtype, metres per unit).
@@ -279,17 +344,30 @@ def empty_image(header: Any = None) -> Image:
 
 #: Codecs a CompressedImage may carry.
 COMPRESSED_CODECS = ("jpeg", "png")
-#: Pixel layouts the compressed data may have been encoded from (8-bit only: imdecode
-#: with IMREAD_COLOR would silently scale 16-bit data down).
-COMPRESSED_ENCODINGS = ("bgr8", "rgb8", "mono8", "bgra8", "rgba8")
+#: Pixel layouts a camera's compressed frame may have been made from. A 16-bit camera's
+#: jpeg holds the 8-bit pixels cv_bridge scaled it to; its png holds the 16-bit ones,
+#: which decoding scales the same way. Depth (16UC1, 32FC1) is not a camera's picture.
+COMPRESSED_ENCODINGS = (
+    "bgr8",
+    "rgb8",
+    "mono8",
+    "bgra8",
+    "rgba8",
+    "bgr16",
+    "rgb16",
+    "mono16",
+    "bgra16",
+    "rgba16",
+)
 
 
 def parse_compressed_format(fmt: str) -> tuple[str, bool]:
     """CompressedImage ``format`` -> (codec, whether the decoded BGR array is really RGB).
 
     Accepts what compressed_image_transport writes, ``"<encoding>; <codec> compressed
-    <encoding of the compressed data>"`` (e.g. ``"rgb8; jpeg compressed bgr8"``), and the
-    bare ``"jpeg"``/``"jpg"``/``"png"`` many drivers write. imdecode assumes the file held
+    <encoding of the compressed data>"`` (e.g. ``"rgb8; jpeg compressed bgr8"``; for a
+    grey png it names none: ``"mono8; png compressed "``), and the bare
+    ``"jpeg"``/``"jpg"``/``"png"`` many drivers write. imdecode assumes the file held
     BGR data; a publisher that compressed rgb8 bytes as they were ("... compressed rgb8")
     has therefore swapped the channels once already, and decoding swaps them back.
     """
@@ -306,9 +384,9 @@ def parse_compressed_format(fmt: str) -> tuple[str, bool]:
         )
     source = head.strip() if rest else ""
     packed = ""
-    if len(words) >= 3 and words[1] == "compressed":
+    if len(words) == 3 and words[1] == "compressed":
         packed = words[2]
-    elif len(words) != 1:
+    elif words[1:] not in ([], ["compressed"]):
         raise CodecError(f"cannot read CompressedImage format {fmt!r}", "format")
     for enc in (source, packed):
         if enc and enc not in COMPRESSED_ENCODINGS:
@@ -317,7 +395,7 @@ def parse_compressed_format(fmt: str) -> tuple[str, bool]:
                 f"supported: {', '.join(COMPRESSED_ENCODINGS)}",
                 "format",
             )
-    return codec, packed in ("rgb8", "rgba8")
+    return codec, packed in ("rgb8", "rgba8", "rgb16", "rgba16")
 
 
 def compressed_size(data: bytes | memoryview) -> tuple[int, int]:
@@ -360,8 +438,8 @@ def check_compressed(msg: CompressedImage, max_pixels: int | None = None) -> Com
     Raises :class:`CodecError` for an empty, unreadable, oversized or unsupported image.
     """
     # The codec is the bytes' own, whatever the format names (as image_transport's
-    # subscriber reads it): a mislabelled or 16-bit colour png decodes to the 8-bit pixels
-    # an 8-bit stream would have carried. Formats that would give wrong pixels (a depth
+    # subscriber reads it), and so is a png's depth: a 16-bit png decodes to the 8-bit
+    # pixels cv_bridge would give for it. Formats that would give wrong pixels (a depth
     # stream's, "16UC1; ...") are refused by the parse.
     codec, swapped = parse_compressed_format(msg.format)
     data = msg.data
@@ -388,20 +466,25 @@ def check_decoded_size(frame: CompressedFrame, height: int, width: int) -> None:
         )
 
 
-def decode_compressed(msg: CompressedImage, max_pixels: int | None = None) -> np.ndarray:
+def decode_compressed(
+    msg: CompressedImage, max_pixels: int | None = None, bits: int = 16
+) -> np.ndarray:
     """sensor_msgs/CompressedImage (jpeg/png) -> RGB uint8 H×W×3 (a new array).
 
     Raises :class:`CodecError` for an empty, unreadable, oversized or unsupported image.
     """
-    return decode_checked(check_compressed(msg, max_pixels))
+    return decode_checked(check_compressed(msg, max_pixels), bits)
 
 
-def decode_checked(frame: CompressedFrame) -> np.ndarray:
+def decode_checked(frame: CompressedFrame, bits: int = 16) -> np.ndarray:
     """A checked CompressedImage (:func:`check_compressed`) -> RGB uint8 H×W×3, decoded
-    by OpenCV."""
+    by OpenCV; a 16-bit png's low ``bits`` scaled to 8 (:func:`to_eight_bit`)."""
     # A camera's frames are as the sensor saw them: an EXIF orientation (phones, some
     # IP cameras) would turn them, and the header's size would no longer match.
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    if frame.codec == "png":
+        # 16 bits kept, to be scaled as cv_bridge scales (IMREAD_COLOR alone truncates).
+        flags |= cv2.IMREAD_ANYDEPTH
     decoded = cv2.imdecode(np.frombuffer(frame.data, np.uint8), flags)
     if decoded is None:
         raise CodecError(
@@ -409,6 +492,8 @@ def decode_checked(frame: CompressedFrame) -> np.ndarray:
             "undecodable",
         )
     check_decoded_size(frame, *decoded.shape[:2])
+    if decoded.dtype == np.uint16:
+        decoded = to_eight_bit(decoded, bits)
     return decoded if frame.swapped else cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
 
@@ -491,9 +576,12 @@ class ImageCodec:
     (after our own validation, so errors read the same either way).
     """
 
-    def __init__(self, prefer_cv_bridge: bool = False, max_pixels: int | None = None) -> None:
+    def __init__(
+        self, prefer_cv_bridge: bool = False, max_pixels: int | None = None, bits: int = 16
+    ) -> None:
         self.bridge = load_cv_bridge() if prefer_cv_bridge else None
         self.max_pixels = max_pixels
+        self.bits = bits  # significant bits of 16-bit pixels (to_eight_bit)
 
     @property
     def backend(self) -> str:
@@ -501,12 +589,12 @@ class ImageCodec:
 
     def decode(self, msg: Image | CompressedImage) -> np.ndarray:
         if isinstance(msg, CompressedImage):
-            return decode_compressed(msg, self.max_pixels)
-        if self.bridge is None:
-            return decode_rgb(msg, self.max_pixels)
+            return decode_compressed(msg, self.max_pixels, self.bits)
+        if self.bridge is None or (self.bits != 16 and msg.encoding.lower() in SIXTEEN_BIT):
+            return decode_rgb(msg, self.max_pixels, self.bits)  # cv_bridge scales by 16 bits
         check_layout(msg, self.max_pixels)
         try:
             return self.bridge.imgmsg_to_cv2(msg, "rgb8")
         except Exception:  # a case the probe missed: the numpy path from now on
             self.bridge = None
-            return decode_rgb(msg, self.max_pixels)
+            return decode_rgb(msg, self.max_pixels, self.bits)

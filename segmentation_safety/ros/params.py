@@ -166,6 +166,16 @@ SPECS: tuple[Spec, ...] = (
         high=1 << 30,
     ),
     Spec(
+        "input_bits",
+        16,
+        "Significant bits of a 16-bit camera's pixels (rgb16, mono16, bayer_*16, a 16-bit "
+        "png), counted from the lowest: 16 scales 0..65535 to 0..255 as cv_bridge does; a "
+        "12-bit camera that leaves the top 4 bits of each word zero needs 12.",
+        runtime=True,
+        low=9,
+        high=16,
+    ),
+    Spec(
         "max_rate",
         0.0,
         "Most frames processed per second; 0 = as fast as the device allows.",
@@ -460,6 +470,7 @@ class DetectorParams:
     qos_depth: int
     input_transport: str
     max_pixels: int
+    input_bits: int
     max_rate: float
     input_timeout: float
     anomaly_threshold: float
@@ -503,6 +514,7 @@ class DetectorParams:
             qos_depth=int(v["qos.depth"]),
             input_transport=v["input_transport"],
             max_pixels=int(v["max_pixels"]),
+            input_bits=int(v["input_bits"]),
             max_rate=float(v["max_rate"]),
             input_timeout=float(v["input_timeout"]),
             anomaly_threshold=float(v["anomaly_threshold"]),
