@@ -295,6 +295,7 @@ class Pipeline:
                     dev["color"] = draw.colorize(labels, self._palette())
             for role in render.maps & net_maps.keys():
                 dev[role] = at(role, small)
+            jpeg_error = None
             if render.overlay or render.overlay_jpeg is not None:
                 rgb = x[0].permute(1, 2, 0)
                 if "anomaly" in net_maps:
@@ -305,8 +306,9 @@ class Pipeline:
                 if render.overlay_jpeg is not None:
                     try:
                         dev["overlay_jpeg"] = device_jpeg.encode(rgb, render.overlay_jpeg)
-                    except RuntimeError:  # the frame's other outputs must not be lost
+                    except RuntimeError as e:  # the frame's other outputs must not be lost
                         dev["overlay"] = rgb  # for the caller to encode (overlay_jpeg None)
+                        jpeg_error = f"{type(e).__name__}: {e}"
             if render.open_set is not None and "anomaly" in net_maps:
                 if labels is None:
                     labels = upsample_argmax(logits, size, seg.argmax())[0]
@@ -355,6 +357,7 @@ class Pipeline:
             open_set=host.get("open_set"),
             anomaly_net=host.get("anomaly_net"),
             overlay_jpeg=host.get("overlay_jpeg"),
+            overlay_jpeg_error=jpeg_error,
             timings_ms=timings,
         )
 

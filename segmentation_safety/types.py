@@ -112,3 +112,6 @@ class RenderedFrame:
     nonfinite: dict[str, int] = field(default_factory=dict)
     anomaly_net: np.ndarray | None = None  # h'×w' float32 at the network's resolution
     overlay_jpeg: np.ndarray | None = None  # the overlay as jpeg file bytes (uint8)
+    #: Why the device could not encode the overlay's jpeg (``overlay`` then holds the
+    #: picture for the host to encode); None when it did or was not asked to.
+    overlay_jpeg_error: str | None = None

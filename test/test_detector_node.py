@@ -1073,6 +1073,7 @@ def test_an_overlay_the_device_fails_to_encode_is_encoded_on_the_host_and_named(
              "the frame's jpeg and safety")  # fmt: skip
     assert bytes(h.stamped("hazard_overlay/compressed", 1)[0].data[:2]) == b"\xff\xd8"
     assert "could not encode" in h.node.problems["output/jpeg_codec"]
+    assert "(RuntimeError: CUDA out of memory)" in h.node.problems["output/jpeg_codec"]
     assert h.node.stats.snapshot().rejected == 0
 
 

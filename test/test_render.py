@@ -153,7 +153,21 @@ def test_overlay_jpeg_is_the_overlay_encoded_where_it_was_drawn():
     )
     assert small.overlay is None and 0 < small.overlay_jpeg.size < r.overlay_jpeg.size
     none = pipe.process_frame(image, {"anomaly"}, RenderOptions(labels=False, overlay=True))
-    assert none.overlay_jpeg is None
+    assert none.overlay_jpeg is None and none.overlay_jpeg_error is None
+
+
+def test_an_overlay_the_device_cannot_encode_comes_back_as_the_picture_with_why(monkeypatch):
+    from segmentation_safety import device_jpeg
+
+    def out_of_memory(rgb, quality):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(device_jpeg, "encode", out_of_memory)
+    pipe = _pipeline()
+    image = np.full((32, 48, 3), 90, dtype=np.uint8)
+    r = pipe.process_frame(image, {"anomaly"}, RenderOptions(labels=False, overlay_jpeg=80))
+    assert r.overlay_jpeg is None and r.overlay is not None and r.overlay.shape == image.shape
+    assert r.overlay_jpeg_error == "RuntimeError: out of memory"
 
 
 def test_input_halved_by_the_uint8_kernel_has_the_pixels_of_the_float_passes():

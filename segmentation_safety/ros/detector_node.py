@@ -870,8 +870,8 @@ class DetectorNode(Node):
                 if self.jpeg.encode:  # the device failed on this frame: the host stands in
                     self._warn(
                         "output/jpeg_codec",
-                        f"{self.pipeline.device} could not encode the overlay's jpeg; it was "
-                        "encoded on the host",
+                        f"{self.pipeline.device} could not encode the overlay's jpeg "
+                        f"({result.overlay_jpeg_error}); it was encoded on the host",
                     )
                 jpeg = image_codec.encode_jpeg(result.overlay, header, p.jpeg_quality)
             self.pubs["hazard_overlay_compressed"].publish(jpeg)
