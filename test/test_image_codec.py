@@ -374,7 +374,7 @@ def test_codec_dispatches_compressed_messages():
         ("", b"x", "format", "empty CompressedImage format"),
         ("16UC1; compressedDepth png", b"x", "format", "unsupported"),
         ("16UC1; png compressed ", b"x", "format", "encoding '16uc1' not supported"),
-        ("rgb8; png compressed bgr8 extra", b"x", "format", "cannot read"),
+        ("rgb8; png packed bgr8", b"x", "format", "cannot read"),
     ],
 )
 def test_bad_compressed_images_are_refused_by_kind(fmt, data, kind, words):

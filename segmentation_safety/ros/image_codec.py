@@ -87,8 +87,8 @@ DECODABLE: dict[str, int] = {
     **_EIGHT_BIT,
     **{deep: 2 * _EIGHT_BIT[eight] for deep, eight in SIXTEEN_BIT.items()},
 }
-#: Significant bits of a 16-bit pixel accepted by ``bits`` (cv_bridge's scale is 16's).
-SIXTEEN_BIT_BITS = (9, 16)
+#: The significant bits ``bits`` may give a 16-bit pixel (cv_bridge's scale is 16's).
+BITS_RANGE = (9, 16)
 #: The brightest 8-bit level a 16-bit frame may peak at and still look like a camera
 #: that fills only the low bits of its words (a 12-bit one peaks at 16 at ``bits`` 16).
 DIM_PEAK = 16
@@ -177,7 +177,7 @@ def _decode_sixteen_bit(rows: np.ndarray, enc: str, big_endian: bool, bits: int)
 def to_eight_bit(values: np.ndarray, bits: int = 16) -> np.ndarray:
     """uint16 pixels whose low ``bits`` hold the intensity -> uint8: ×255/(2^bits - 1),
     rounded, saturated; at 16 bits what cv_bridge gives."""
-    low, high = SIXTEEN_BIT_BITS
+    low, high = BITS_RANGE
     if not low <= bits <= high:
         raise ValueError(f"bits must be within {low}..{high}, got {bits}")
     return cv2.convertScaleAbs(values, alpha=255.0 / ((1 << bits) - 1))
@@ -384,7 +384,7 @@ def parse_compressed_format(fmt: str) -> tuple[str, bool]:
         )
     source = head.strip() if rest else ""
     packed = ""
-    if len(words) == 3 and words[1] == "compressed":
+    if len(words) >= 3 and words[1] == "compressed":
         packed = words[2]
     elif words[1:] not in ([], ["compressed"]):
         raise CodecError(f"cannot read CompressedImage format {fmt!r}", "format")

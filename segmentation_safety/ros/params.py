@@ -28,6 +28,7 @@ from rclpy.parameter import Parameter
 
 from segmentation_safety.drivable import REGIONS
 from segmentation_safety.pipeline import INPUT_RESIZES
+from segmentation_safety.ros.image_codec import BITS_RANGE
 
 #: Output topics the node can publish, each switched by ``publish.<key>``.
 OUTPUTS: tuple[str, ...] = (
@@ -172,8 +173,8 @@ SPECS: tuple[Spec, ...] = (
         "png), counted from the lowest: 16 scales 0..65535 to 0..255 as cv_bridge does; a "
         "12-bit camera that leaves the top 4 bits of each word zero needs 12.",
         runtime=True,
-        low=9,
-        high=16,
+        low=BITS_RANGE[0],
+        high=BITS_RANGE[1],
     ),
     Spec(
         "max_rate",
