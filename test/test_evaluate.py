@@ -141,8 +141,10 @@ def test_end_to_end_anomaly_split_writes_design_report(world: Path, models: Path
     report = json.loads(out.read_text())
     assert set(report) == {
         "dataset", "images", "segmentation", "detectors", "skipped", "score_at", "input_resize",
+        "anomaly_rule",
     }  # fmt: skip
     assert report["input_resize"] == "pil"  # PIL's pixels unless asked otherwise
+    assert report["anomaly_rule"] == "pooled"  # Fishyscapes' rule for the world
     assert report["dataset"] == "world" and report["images"] == 3
     assert report["score_at"]["requested"] == "network"  # the default: what the node publishes
     assert set(report["score_at"]["detectors"].values()) == {"network"}
@@ -376,6 +378,87 @@ def test_anomaly_class_beyond_k_is_void_for_closed_set_scores():
     label = np.array([[0, 12], [11, 255]], np.uint8)
     anomaly = np.array([[0, 1], [0, 255]], np.uint8)
     np.testing.assert_array_equal(closed_set_label(label, anomaly, 12), [[0, 255], [11, 255]])
+
+
+def test_streethazards_is_scored_by_its_benchmarks_per_image_rule(tmp_path: Path):
+    from segmentation_safety.metrics import AnomalyMetrics, PerImageAnomalyMetrics
+
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    pipeline = Pipeline(seg, {"max_softmax": registry.build("max_softmax", seg)},
+                        PipelineConfig(anomaly=None, device="cpu"))  # fmt: skip
+    samples = [{"image": _scene(i)[0], "anomaly": _scene(i)[2]} for i in range(3)]
+    samples.append({"image": _scene(3)[0], "anomaly": np.zeros((H, W), np.uint8)})
+    # The same maps, scored both ways by hand.
+    pooled, per_image = AnomalyMetrics(mode="exact"), PerImageAnomalyMetrics()
+    maps = Pipeline(seg, pipeline.detectors, PipelineConfig(anomaly="max_softmax", device="cpu"))
+    for sample in samples:
+        score = maps.process(sample["image"], ["anomaly"])
+        pooled.update(score.anomaly, sample["anomaly"])
+        per_image.update(score.anomaly, sample["anomaly"])
+    report = evaluate(
+        pipeline, samples, dataset="streethazards", metrics_mode="exact", progress=False
+    )
+    assert report.anomaly_rule == "per_image"
+    write_report(report, tmp_path / "R.json")
+    data = json.loads((tmp_path / "R.json").read_text())
+    blocks = data["detectors"]["max_softmax"]
+    assert data["anomaly_rule"] == "per_image"
+    for key, want in per_image.compute().as_dict().items():
+        assert blocks["anomaly"][key] == pytest.approx(want, abs=1e-9), key
+    for key, want in pooled.compute().as_dict().items():
+        assert blocks["anomaly_pooled"][key] == pytest.approx(want, abs=1e-9), key
+    assert per_image.compute().skipped == 1  # the image without an anomaly
+    md = (tmp_path / "R.md").read_text()
+    assert "each image's values averaged" in md and "(pixel level, pooled)" in md
+    # Any other dataset pools, and has no second block.
+    other = evaluate(pipeline, samples, dataset="roadanomaly", metrics_mode="exact", progress=False)
+    assert other.anomaly_rule == "pooled"
+    assert report_json(other)["detectors"]["max_softmax"].keys() == {"anomaly"}
+
+
+def _streethazards(root: Path, frames: int = 2) -> Path:
+    """A StreetHazards test split in its release layout: road (8), building (2), and
+    a box of the anomaly class (14) in each annotation."""
+    for i in range(frames):
+        image, _, _ = _scene(i)
+        raw = np.full((H, W), 8, np.uint8)
+        raw[: H // 2] = 2
+        raw[H - 10 : H - 4, 4 + 8 * i : 12 + 8 * i] = 14
+        _png(root / "test" / "images" / "test" / "t5" / f"{i:03d}.png", image)
+        _png(root / "test" / "annotations" / "test" / "t5" / f"{i:03d}.png", raw)
+    return root
+
+
+def test_a_segmenter_of_other_classes_is_scored_on_anomalies_only(
+    models: Path, tmp_path: Path, capsys
+):
+    # The 19 Cityscapes classes on StreetHazards' 12: ids 0..11 fit, so without the
+    # check a confident, meaningless mIoU came out.
+    out = tmp_path / "R.json"
+    rc = _cli(
+        "--dataset", "streethazards", "--root", str(_streethazards(tmp_path / "sh")),
+        "--split", "anomaly", "--models", str(models), "--detectors", "max_softmax",
+        "--out", str(out), "--device", "cpu", "--metrics", "exact", "--quiet",
+    )  # fmt: skip
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "19 classes (road, sidewalk, building, ...) are not streethazards's 12" in err
+    report = json.loads(out.read_text())
+    assert "segmentation" not in report and report["images"] == 2
+    assert report["anomaly_rule"] == "per_image"
+    assert set(report["detectors"]["max_softmax"]) == {"anomaly", "anomaly_pooled"}
+
+
+def test_label_sets_are_compared_by_name_or_by_count_where_unnamed():
+    from segmentation_safety.labels import TRAIN_NAMES
+
+    assert evaluate_cli.label_set_problem("cityscapes", list(TRAIN_NAMES)) is None
+    assert evaluate_cli.label_set_problem("streethazards", [str(i) for i in range(12)]) is None
+    assert "13 classes" in evaluate_cli.label_set_problem("streethazards", list("abcdefghijklm"))
+    assert evaluate_cli.label_set_problem("roadanomaly", ["x"]) is None  # no labels to match
+    labels_only = [{"image": None, "label": np.zeros((2, 2), np.uint8), "anomaly": None}]
+    with pytest.raises(evaluate_cli.InvalidArgumentError, match="nothing to score"):
+        list(evaluate_cli.without_labels(labels_only, "cityscapes", "val"))
 
 
 def test_report_writes_null_for_undefined_metrics(tmp_path: Path):

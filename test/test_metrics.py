@@ -1,5 +1,7 @@
 """Tests for segmentation_safety.metrics against sklearn/scipy and hand-computed cases."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,11 @@ from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_s
 from segmentation_safety.metrics import (
     AnomalyMetrics,
     ConfusionMatrix,
+    ExactCounter,
     FailureMetrics,
     IoUPredictionMetrics,
+    PerImageAnomalyMetrics,
+    RankingCurves,
     SegmentMetrics,
     fuse_open_set,
     open_miou,
@@ -360,3 +365,47 @@ def test_class_maps_must_be_integers_and_iou_predictions_in_the_unit_interval():
     metric = IoUPredictionMetrics(2)
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\], got \[5.0\]"):
         metric.update(np.array([5.0, 0.5]), np.array([0.4, 0.5]))
+
+
+# -- StreetHazards' per-image protocol ---------------------------------------------------
+def _ranked(scores: np.ndarray, positive: np.ndarray) -> RankingCurves:
+    counter = ExactCounter()
+    counter.add(scores.astype(np.float64), positive.astype(bool))
+    return RankingCurves.from_counts(counter.counts())
+
+
+def test_fpr_at_closest_tpr_takes_the_lowest_threshold_at_the_closest_tpr():
+    # 20 anomalies, 10 inliers. TPR 0.90 at scores 5 and 3, 0.95 at 2 and 1.5, 1.0 at 1.
+    pos = [5.0] * 18 + [2.0, 1.0]
+    neg = [3.0] * 2 + [1.5] * 3 + [0.0] * 5
+    curves = _ranked(np.array(pos + neg), np.array([1] * 20 + [0] * 10))
+    # Fishyscapes: the first threshold reaching 95% TPR (2.0), 2 inliers above it.
+    assert curves.fpr_at_tpr(0.95)[0] == pytest.approx(0.2)
+    # StreetHazards: TPR exactly 0.95 at 2.0 and at 1.5; the lower one lets 5 through.
+    assert curves.fpr_at_closest_tpr(0.95) == pytest.approx(0.5)
+    assert math.isnan(_ranked(np.array([1.0]), np.array([1])).fpr_at_closest_tpr())
+
+
+def test_per_image_anomaly_metrics_average_each_images_values():
+    rng = np.random.default_rng(3)
+    metrics = PerImageAnomalyMetrics()
+    expected = []
+    for _ in range(3):
+        labels = (rng.random((12, 16)) < 0.2).astype(np.uint8)
+        scores = rng.normal(size=labels.shape) + labels  # anomalies score higher
+        labels[0, :4] = 255  # void: left out
+        valid = labels != 255
+        y, s = labels[valid], scores[valid]
+        fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+        full = int(np.argmax(tpr >= 1.0))
+        pick = full - int(np.argmin(np.abs(tpr[full::-1] - 0.95)))
+        expected.append((average_precision_score(y, s), roc_auc_score(y, s), fpr[pick]))
+        metrics.update(scores, labels)
+    metrics.update(np.zeros((4, 4)), np.zeros((4, 4), np.uint8))  # no anomaly: skipped
+    result = metrics.compute()
+    assert (result.images, result.skipped) == (3, 1)
+    ap, auroc, fpr95 = np.mean(expected, axis=0)
+    assert result.ap == pytest.approx(ap, abs=1e-12)
+    assert result.auroc == pytest.approx(auroc, abs=1e-12)
+    assert result.fpr95 == pytest.approx(fpr95, abs=1e-12)
+    assert math.isnan(PerImageAnomalyMetrics().compute().ap)

@@ -24,6 +24,11 @@ reference protocol, for detectors whose maps come from the logits alone
 the report says so per detector. The two orders differ because the scores are not
 linear in the logits (max-softmax AP on Road Anomaly moves by about half a point).
 
+Anomaly metrics pool every valid pixel of every image (Fishyscapes' rules) unless the
+dataset's own benchmark computes them otherwise: StreetHazards' ``eval_ood.py`` averages
+each image's AP, AUROC and FPR95 (:data:`ANOMALY_RULES`). There the report's ``anomaly``
+block is that mean, and ``anomaly_pooled`` holds the pooled values beside it.
+
 The metric state is bounded: pixel metrics use the fixed-size histograms of
 ``segmentation_safety.metrics`` (``metrics_mode="histogram"``) unless ``"exact"`` is
 asked for, and IoU prediction keeps a few floats per image; the label order holds one
@@ -51,6 +56,8 @@ from segmentation_safety.metrics import (
     FailureResult,
     IoUPredictionMetrics,
     IoUPredictionResult,
+    MeanAnomalyResult,
+    PerImageAnomalyMetrics,
     per_image_class_iou,
 )
 from segmentation_safety.metrics.segmentation import fuse_open_set
@@ -61,26 +68,38 @@ VOID = 255
 #: Where a detector's map is made (see the module docstring): "network" resolution, then
 #: the map upsampled (what the node publishes), or at the "label" size from upsampled logits.
 SCORE_AT = ("network", "label")
+#: How each dataset's benchmark computes its anomaly metrics, where it is not by pooling
+#: every pixel (Fishyscapes): "per_image" averages each image's values (the CAOS
+#: benchmark's eval_ood.py for StreetHazards, which its published numbers come from).
+ANOMALY_RULES: dict[str, str] = {"streethazards": "per_image"}
 
 
 @dataclass
 class DetectorScores:
     """What one detector reached; ``None`` for a kind it does not produce or the split lacks."""
 
-    anomaly: AnomalyResult | None = None
+    anomaly: AnomalyResult | None = None  # pooled (its curves are the plots')
     failure: FailureResult | None = None
     iou: IoUPredictionResult | None = None
     #: Open-set segmentation with the anomaly map thresholded into class K (DenseHybrid
     #: eq. 16): {"open_miou"}, for detectors with an open-set threshold.
     open_set: dict[str, float] | None = None
+    #: The per-image mean, where the dataset's benchmark computes it so (ANOMALY_RULES).
+    anomaly_per_image: MeanAnomalyResult | None = None
 
     def blocks(self) -> dict[str, dict[str, float]]:
-        """The detector's blocks of the evaluate report (DESIGN.md 5.2), NaN kept."""
+        """The detector's blocks of the evaluate report (DESIGN.md 5.2), NaN kept:
+        ``anomaly`` is the benchmark's own rule, ``anomaly_pooled`` the pooled values
+        where that rule is another."""
         out = {}
         for key in ("anomaly", "failure", "iou"):
             result = getattr(self, key)
             if result is not None:
                 out[key] = result.as_dict()
+        if self.anomaly_per_image is not None:
+            if "anomaly" in out:
+                out["anomaly_pooled"] = out["anomaly"]
+            out["anomaly"] = self.anomaly_per_image.as_dict()
         if self.open_set is not None:
             out["open_set"] = dict(self.open_set)
         return out
@@ -108,6 +127,8 @@ class EvaluationReport:
     scored_at: dict[str, str] = field(default_factory=dict)
     #: How images were resized to the network's input ("pil" or "fast").
     input_resize: str = "pil"
+    #: How the anomaly block was computed: "pooled" or "per_image" (ANOMALY_RULES).
+    anomaly_rule: str = "pooled"
 
     @property
     def images_per_second(self) -> float:
@@ -127,14 +148,19 @@ class MetricAccumulators:
         produces: Mapping[str, frozenset[str]],
         metrics_mode: str = "histogram",
         open_thresholds: Mapping[str, float] | None = None,
+        anomaly_rule: str = "pooled",
     ) -> None:
+        if anomaly_rule not in ("pooled", "per_image"):
+            raise ValueError(f"anomaly_rule must be 'pooled' or 'per_image', got {anomaly_rule!r}")
         self.num_classes = num_classes
         self.produces = dict(produces)
         self.metrics_mode = metrics_mode
         self.open_thresholds = dict(open_thresholds or {})
+        self.anomaly_rule = anomaly_rule
         self.open_set: dict[str, ConfusionMatrix] = {}
         self.confusion: ConfusionMatrix | None = None
         self.anomaly: dict[str, AnomalyMetrics] = {}
+        self.anomaly_per_image: dict[str, PerImageAnomalyMetrics] = {}
         self.failure: dict[str, FailureMetrics] = {}
         self.iou: dict[str, IoUPredictionMetrics] = {}
         self.images = 0
@@ -167,6 +193,9 @@ class MetricAccumulators:
             if anomaly is not None and "anomaly" in kinds and out.anomaly is not None:
                 score = _upsample(finite_scores(out.anomaly.float()), size).cpu().numpy()
                 self._anomaly(name).update(score, anomaly)
+                if self.anomaly_rule == "per_image":
+                    self.anomaly_per_image.setdefault(name, PerImageAnomalyMetrics())
+                    self.anomaly_per_image[name].update(score, anomaly)
                 if label is not None and name in self.open_thresholds:
                     self._open_set(name, pred, score, label, anomaly)
             if label is None:
@@ -200,6 +229,9 @@ class MetricAccumulators:
                 iou=self.iou[name].compute() if name in self.iou else None,
                 open_set={"open_miou": self.open_set[name].open_miou()}
                 if name in self.open_set
+                else None,
+                anomaly_per_image=self.anomaly_per_image[name].compute()
+                if name in self.anomaly_per_image
                 else None,
             )
             for name in self.produces
@@ -236,8 +268,12 @@ def evaluate(
     skipped: Mapping[str, str] | None = None,
     segmenter: str = "",
     score_at: str = "network",
+    anomaly_rule: str | None = None,
 ) -> EvaluationReport:
     """Run ``pipeline`` over ``samples`` and score its ``detectors`` (default: all it has).
+
+    ``anomaly_rule``: "pooled" or "per_image"; default: the ``dataset``'s benchmark's
+    (:data:`ANOMALY_RULES`, else pooled).
 
     Consecutive samples of equal image size are batched (up to ``batch_size``) through
     one :meth:`Pipeline.run`, which serves every detector. ``limit`` stops after that many
@@ -264,8 +300,9 @@ def evaluate(
     open_thresholds = {
         n: t for n in names if (t := pipeline.detectors[n].open_set_threshold()) is not None
     }
+    rule = anomaly_rule or ANOMALY_RULES.get(dataset, "pooled")
     acc = MetricAccumulators(
-        pipeline.segmenter.num_classes, produces, metrics_mode, open_thresholds
+        pipeline.segmenter.num_classes, produces, metrics_mode, open_thresholds, rule
     )
     if limit is not None:
         total = limit if total is None else min(total, limit)
@@ -379,6 +416,7 @@ def _report(
         score_at=score_at,
         scored_at={n: order[n] for n in scores},  # the scored ones only
         input_resize=pipeline.config.input_resize,
+        anomaly_rule=acc.anomaly_rule,
     )
 
 

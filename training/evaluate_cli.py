@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,16 @@ def run(args: argparse.Namespace) -> int:
         input_resize=args.input_resize,
     )
     pipeline = Pipeline(segmenter, detectors, config, class_names_for(segmenter, meta))
+    problem = label_set_problem(args.dataset, pipeline.class_names)
+    if problem is not None:
+        # Ids of another class list still fall within range: scored, they would give a
+        # confident and meaningless mIoU, failure and IoU-prediction table.
+        print(
+            f"warning: {problem}: segmentation, failure and IoU-prediction metrics need the "
+            "same classes and are left out; anomaly metrics do not depend on them",
+            file=sys.stderr,
+        )
+        samples = without_labels(samples, args.dataset, args.split)
     if args.score_at == "label":
         kept = [n for n, o in scoring_order(detectors, "label").items() if o == "network"]
         if kept:
@@ -277,6 +287,54 @@ def class_names_for(segmenter: Any, meta: dict[str, Any]) -> list[str]:
 
         return list(TRAIN_NAMES)
     return [str(i) for i in range(segmenter.num_classes)]
+
+
+def dataset_classes(name: str) -> tuple[str, ...] | None:
+    """The classes of ``name``'s segmentation labels, in id order (None: it has none)."""
+    if name in ("cityscapes", "world"):
+        from segmentation_safety.labels import TRAIN_NAMES
+
+        return TRAIN_NAMES
+    if name == "streethazards":
+        from training.datasets.streethazards import CLASS_NAMES
+
+        return CLASS_NAMES
+    return None
+
+
+def label_set_problem(name: str, class_names: list[str]) -> str | None:
+    """Why the segmenter's classes are not ``name``'s label classes, or None when they
+    are (by name; by count where the bundle names none)."""
+    expected = dataset_classes(name)
+    if expected is None:
+        return None
+    unnamed = all(n == str(i) for i, n in enumerate(class_names))
+    if unnamed and len(class_names) == len(expected):
+        return None
+    if [n.lower() for n in class_names] == [e.lower() for e in expected]:
+        return None
+    return (
+        f"the segmenter's {len(class_names)} classes ({_first(class_names)}) are not "
+        f"{name}'s {len(expected)} ({_first(expected)})"
+    )
+
+
+def _first(names: Sequence[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def without_labels(
+    samples: Iterable[dict[str, Any]], name: str, split: str
+) -> Iterator[dict[str, Any]]:
+    """The samples without their segmentation labels; a split with nothing else to
+    score is refused by name."""
+    for sample in samples:
+        if sample.get("anomaly") is None:
+            raise InvalidArgumentError(
+                f"{name}/{split} has segmentation labels only, and they are not the "
+                "segmenter's classes: nothing to score"
+            )
+        yield {**sample, "label": None}
 
 
 def open_dataset(

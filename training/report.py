@@ -6,7 +6,7 @@ R.json follows DESIGN.md 5.2 exactly::
      "detectors": {NAME: {"anomaly": {...}, "failure": {...}, "iou": {...}}},
      "skipped": {NAME: reason},
      "score_at": {"requested": "network"|"label", "detectors": {NAME: "network"|"label"}},
-     "input_resize": "pil"|"fast"}
+     "input_resize": "pil"|"fast", "anomaly_rule": "pooled"|"per_image"}
 
 Choices where the contract is silent: a block the split cannot measure is left out
 ("segmentation" on an anomaly-only split, as a detector lists only the blocks it
@@ -16,7 +16,10 @@ which order each detector's map was made ("network": scored at the network's res
 the map upsampled, as the node publishes it; "label": logits upsampled to the label size,
 then scored, the benchmarks' protocol), since a requested "label" applies only to
 detectors that need nothing but the logits; "input_resize" says how the images were
-resized to the network's input (PIL's pixels, or torch's faster uint8 kernel).
+resized to the network's input (PIL's pixels, or torch's faster uint8 kernel);
+"anomaly_rule" says how the "anomaly" block was computed: "pooled" over every pixel
+(Fishyscapes), or "per_image", each image's values averaged as StreetHazards' own
+benchmark code does, with the pooled values beside it as "anomaly_pooled".
 Fractions, not percent. The plots are ``R_anomaly.png`` and ``R_failure.png`` (PR left,
 ROC right) beside R.json. Every file is written atomically.
 """
@@ -50,6 +53,7 @@ def report_json(report: EvaluationReport) -> dict[str, Any]:
     out["skipped"] = dict(report.skipped)
     out["score_at"] = {"requested": report.score_at, "detectors": dict(report.scored_at)}
     out["input_resize"] = report.input_resize
+    out["anomaly_rule"] = report.anomaly_rule
     return out
 
 
@@ -77,8 +81,15 @@ def report_markdown(report: EvaluationReport) -> str:
                 name = report.class_names[i] if i < len(report.class_names) else str(i)
                 lines.append(f"| {name} | {_pct(v)} |")
             lines.append("")
+    per_image = report.anomaly_rule == "per_image"
+    anomaly_heading = (
+        "Anomaly detection (pixel level, each image's values averaged: the benchmark's own rule)"
+        if per_image
+        else "Anomaly detection (pixel level, pooled)"
+    )
     tables = [
-        ("anomaly", "Anomaly detection (pixel level, pooled)", ["ap", "auroc", "fpr95"]),
+        ("anomaly", anomaly_heading, ["ap", "auroc", "fpr95"]),
+        ("anomaly_pooled", "Anomaly detection (pixel level, pooled)", ["ap", "auroc", "fpr95"]),
         (
             "failure",
             "Failure detection (pixel level, pooled)",
@@ -117,9 +128,17 @@ def report_markdown(report: EvaluationReport) -> str:
         lines += ["## Not scored", ""]
         lines += [f"- {name}: {why}" for name, why in report.skipped.items()]
         lines.append("")
+    pooling = (
+        "anomaly metrics are each image's (images with both anomaly and inlier pixels) "
+        "averaged, FPR95 at the TPR closest to 95%, as StreetHazards' eval_ood.py computes "
+        "them; the pooled table and the other pixel metrics pool every valid pixel of every "
+        "image"
+        if per_image
+        else "pixel metrics pool every valid pixel of every image (Fishyscapes rules)"
+    )
     lines.append(
-        "Values in percent (correlations as coefficients); pixel metrics pool every valid "
-        "pixel of every image (Fishyscapes rules); IoU prediction averages over classes."
+        f"Values in percent (correlations as coefficients); {pooling}; IoU prediction "
+        "averages over classes."
     )
     return "\n".join(lines) + "\n"
 

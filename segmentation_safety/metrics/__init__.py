@@ -1,6 +1,7 @@
 """Streaming benchmark metrics: pure numpy, bounded memory, torch tensors accepted.
 
 - ``AnomalyMetrics``: Fishyscapes AP / AUROC / FPR95 pooled over frames.
+- ``PerImageAnomalyMetrics``: the same per image, averaged (StreetHazards' protocol).
 - ``FailureMetrics``: SynthCP pixel failure detection (AUPR-Error/Success, AUROC, FPR95).
 - ``IoUPredictionMetrics``: image-level IoU prediction (MAE, STD, Pearson, Spearman).
 - ``ConfusionMatrix``: mIoU, per-class IoU, pixel accuracy and DenseHybrid open-mIoU.
@@ -10,7 +11,15 @@
 from .components import ComponentResult, SegmentMetrics
 from .counters import ExactCounter, FloatBinCounter, RangeBinCounter, RankedCounts
 from .iou_prediction import IoUPredictionMetrics, IoUPredictionResult
-from .pixel import AnomalyMetrics, AnomalyResult, FailureMetrics, FailureResult, make_counter
+from .pixel import (
+    AnomalyMetrics,
+    AnomalyResult,
+    FailureMetrics,
+    FailureResult,
+    MeanAnomalyResult,
+    PerImageAnomalyMetrics,
+    make_counter,
+)
 from .ranking import RankingCurves
 from .segmentation import (
     ConfusionMatrix,
@@ -33,6 +42,8 @@ __all__ = [
     "FloatBinCounter",
     "IoUPredictionMetrics",
     "IoUPredictionResult",
+    "MeanAnomalyResult",
+    "PerImageAnomalyMetrics",
     "RangeBinCounter",
     "RankedCounts",
     "RankingCurves",

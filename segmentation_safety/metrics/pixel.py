@@ -1,7 +1,8 @@
 """Pixel-level anomaly and failure detection metrics, streamed over frames.
 
-Both accumulators pool every valid pixel of every frame (Fishyscapes protocol) into a
-score counter and compute AP, AUROC and FPR95 from it at the end.
+Both pooled accumulators pool every valid pixel of every frame (Fishyscapes protocol)
+into a score counter and compute AP, AUROC and FPR95 from it at the end;
+:class:`PerImageAnomalyMetrics` averages per-image values instead (StreetHazards).
 
 Modes (``mode=``):
 - ``"histogram"`` (default): fixed memory whatever the number of frames. Without
@@ -162,6 +163,61 @@ class AnomalyMetrics(_PooledRanking):
             num_inlier=curves.num_neg,
             **shared,
         )
+
+
+@dataclass(frozen=True)
+class MeanAnomalyResult:
+    """Anomaly scores averaged over images (StreetHazards' protocol), fractions."""
+
+    ap: float
+    auroc: float
+    fpr95: float
+    images: int  # images scored: those with both anomaly and inlier pixels
+    skipped: int  # images without one of the two, which the protocol leaves out
+
+    def as_dict(self) -> dict[str, float]:
+        """The ``anomaly`` block of the evaluate report (DESIGN.md 5.2)."""
+        return {"ap": self.ap, "fpr95": self.fpr95, "auroc": self.auroc}
+
+
+class PerImageAnomalyMetrics:
+    """AP, AUROC and FPR95 of each image, averaged: the CAOS benchmark's ``eval_ood.py``
+    for StreetHazards, against which its published numbers were computed.
+
+    Each image is ranked exactly (its own sorted scores), so memory stays at three
+    numbers per image. An image without anomaly or without inlier pixels is skipped, as
+    there; FPR95 is taken at the threshold whose TPR is closest to 0.95
+    (:meth:`RankingCurves.fpr_at_closest_tpr`), as there. ``update`` takes one image.
+    """
+
+    def __init__(self) -> None:
+        self.values: list[tuple[float, float, float]] = []
+        self.skipped = 0
+
+    def update(self, scores: Any, labels: Any) -> None:
+        """Add one image's anomaly scores and 0/1/255 labels (255 excluded)."""
+        scores, labels = to_numpy(scores), to_numpy(labels)
+        check_same_shape(scores, labels, ("scores", "labels"))
+        check_allowed_values(labels, (0, 1, VOID), "anomaly labels")
+        valid = labels != VOID
+        scores = scores[valid].astype(np.float64, copy=False)
+        check_finite_or_inf(scores, "anomaly scores")
+        counter = ExactCounter()
+        counter.add(scores, labels[valid] == 1)
+        curves = RankingCurves.from_counts(counter.counts())
+        if not curves.defined:
+            self.skipped += 1
+            return
+        fpr95 = curves.fpr_at_closest_tpr(TPR_TARGET)
+        self.values.append((curves.average_precision(), curves.auroc(), fpr95))
+
+    def compute(self) -> MeanAnomalyResult:
+        """Means over the images scored so far (NaN before the first one)."""
+        if not self.values:
+            nan = float("nan")
+            return MeanAnomalyResult(nan, nan, nan, 0, self.skipped)
+        ap, auroc, fpr95 = (float(v) for v in np.mean(self.values, axis=0))
+        return MeanAnomalyResult(ap, auroc, fpr95, len(self.values), self.skipped)
 
 
 class FailureMetrics(_PooledRanking):

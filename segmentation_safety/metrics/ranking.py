@@ -5,7 +5,8 @@ Definitions follow the Fishyscapes Benchmark paper and sklearn:
   (sklearn ``average_precision_score``), not an interpolated area.
 - AUROC is the trapezoid area under (FPR, TPR) starting at (0, 0).
 - FPR at TPR t is the FPR at the first threshold, scanning from high scores down, whose
-  TPR >= t (every point, no ``drop_intermediate`` thinning).
+  TPR >= t (every point, no ``drop_intermediate`` thinning); StreetHazards' own rule
+  (the threshold whose TPR is closest to t) is :meth:`RankingCurves.fpr_at_closest_tpr`.
 Tied scores form one threshold, exactly as sklearn treats ties.
 """
 
@@ -68,6 +69,21 @@ class RankingCurves:
             return float("nan"), float("nan")
         i = int(np.argmax(self.tp / self.num_pos >= tpr_target))
         return float(self.fp[i] / self.num_neg), float(self.thresholds[i])
+
+    def fpr_at_closest_tpr(self, tpr_target: float = 0.95) -> float:
+        """FPR at the threshold whose TPR is closest to ``tpr_target`` (StreetHazards' rule).
+
+        The CAOS benchmark's ``eval_ood.py`` takes, among the thresholds down to the first
+        one that reaches full recall, the one with the smallest |TPR - target|; of tied
+        ones, the lowest threshold. NaN when either class is missing.
+        """
+        if not self.defined:
+            return float("nan")
+        full = int(np.searchsorted(self.tp, self.num_pos))  # first threshold at TPR 1
+        # Scanned from that threshold upwards, so argmin's first pick is the lowest tied.
+        tpr = self.tp[full::-1] / self.num_pos
+        i = int(np.argmin(np.abs(tpr - tpr_target)))
+        return float(self.fp[full - i] / self.num_neg)
 
     def pr_curve(self, max_points: int) -> tuple[np.ndarray, np.ndarray]:
         """(recall, precision), recall rising, thinned to at most ``max_points``."""
