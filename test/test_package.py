@@ -37,6 +37,43 @@ def test_package_xml_is_format_3_and_names_runtime_dependencies():
     assert needed <= deps, f"package.xml lacks {sorted(needed - deps)}"
     groups = [e.text for e in root.iter("member_of_group")]
     assert "rosidl_interface_packages" in groups
+    # Keys rosdep cannot resolve make `rosdep install` stop before installing anything
+    # (rosdistro has python3-rosbags-pip, and nothing for safetensors).
+    assert not deps & {"python3-rosbags", "python3-safetensors"}
+
+
+#: ROS packages imported only where present, each with a fallback.
+OPTIONAL_ROS = {"vision_msgs", "message_filters", "rosbag2_py"}
+
+
+def _imported_top_level(paths) -> set[str]:
+    names = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_ros_package_the_code_imports_is_declared():
+    import os
+    from pathlib import Path
+
+    prefixes = [Path(p) for p in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p]
+    index = {
+        entry.name
+        for prefix in prefixes
+        for entry in (prefix / "share/ament_index/resource_index/packages").glob("*")
+    }
+    if not index:
+        pytest.skip("no ament index (AMENT_PREFIX_PATH unset): ROS packages cannot be told")
+    code = [*(REPO / "segmentation_safety").rglob("*.py"), *(REPO / "launch").glob("*.py")]
+    ros = (_imported_top_level(code) & index) - OPTIONAL_ROS - {"segmentation_safety"}
+    root = ET.parse(REPO / "package.xml").getroot()
+    deps = {e.text for e in root if e.tag.endswith("depend")}
+    assert ros <= deps, f"package.xml lacks {sorted(ros - deps)}"
 
 
 def test_core_imports_where_rclpy_cannot_be_found():
