@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,3 +218,113 @@ def test_refusal_names_the_fine_tuned_segmenter_and_what_to_do(tmp_path):
     other = build("densehybrid", TinySegmenter(num_classes=5, width=8))
     with pytest.raises(BundleError, match="not with the segmenter loaded here, TinySegmenter"):
         other.load_part("densehybrid", load_bundle(path), path)
+
+
+# -- negatives: the world's or the real ADE20k release (DenseHybrid §7.4) ---------------------
+NEG_H, NEG_W = 16, 24
+
+
+def _ade20k(root: Path) -> Path:
+    """Two training images in the ADE20k release layout, with instance annotations (red
+    = category, green = instance id): the first has two instances and an unlabelled
+    region (category without instance id), the second none at all."""
+    import numpy as np
+    from PIL import Image
+
+    release = root / "ADEChallengeData2016"
+    rng = np.random.default_rng(0)
+    first = np.zeros((NEG_H, NEG_W, 3), np.uint8)
+    first[2:6, 3:9] = (12, 1, 0)
+    first[10:14, 15:20] = (40, 2, 0)
+    first[0, :] = (5, 0, 0)  # instance id 0: no instance whatever the category
+    for name, ann in (("ADE_train_00000001", first), ("ADE_train_00000002", 0 * first)):
+        for folder, array, suffix in (("images", rng.integers(0, 256, first.shape), ".jpg"),
+                                      ("annotations_instance", ann, ".png")):  # fmt: skip
+            path = release / folder / "training" / f"{name}{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array.astype(np.uint8)).save(path)
+    return root
+
+
+def test_ade20k_release_gives_images_with_their_instance_masks(tmp_path):
+    from training.engine import NegativeImages
+
+    for folder in (_ade20k(tmp_path), tmp_path / "ADEChallengeData2016"):
+        negatives = NegativeImages(tmp_path / "world", folder)
+        assert len(negatives) == 2 and negatives.layout == "ade20k"
+        image, instances = negatives[0]
+        assert image.shape == (3, NEG_H, NEG_W) and image.dtype == torch.uint8
+        assert instances.dtype == torch.int64 and instances.shape == (NEG_H, NEG_W)
+        expected = torch.zeros(NEG_H, NEG_W, dtype=torch.bool)
+        expected[2:6, 3:9] = expected[10:14, 15:20] = True
+        assert torch.equal(instances > 0, expected)  # the union pasting takes
+        assert len(instances[2:6, 3:9].unique()) == 1 and instances[2, 3] != instances[10, 15]
+        assert int(negatives[1][1].max()) == 0  # no instance: rectangles only
+
+
+def test_pasting_an_ade20k_negative_pastes_the_union_of_its_instances(tmp_path):
+    from training.engine import NegativeImages
+    from training.train_densehybrid import paste
+
+    negatives = NegativeImages(tmp_path, _ade20k(tmp_path))
+    config = {"negative_scale": 1.0, "p_rect": 0.0}  # instance mode whenever there are any
+    image = torch.zeros(3, NEG_H, NEG_W, dtype=torch.uint8)
+    label = torch.zeros(NEG_H, NEG_W, dtype=torch.long)
+    union = negatives[0][1] > 0
+    seen = set()
+    for seed in range(8):
+        _, target, outlier = paste(
+            image, label, negatives, torch.Generator().manual_seed(seed), config
+        )
+        rows, cols = outlier.any(1).nonzero().flatten(), outlier.any(0).nonzero().flatten()
+        box = outlier[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        if bool(box.all()):  # the second negative has no instance: a rectangle
+            seen.add("rectangle")
+        else:  # the first: its two instances, shifted together, nothing else
+            assert torch.equal(box, union[2:14, 3:20])
+            seen.add("instances")
+        assert bool((target[outlier] == 255).all()) and bool((target[~outlier] == 0).all())
+    assert seen == {"rectangle", "instances"}
+
+
+def test_a_folder_without_negatives_is_named_with_the_layouts(tmp_path):
+    from training.engine import DataError, NegativeImages
+
+    with pytest.raises(DataError, match=f"no folder of negatives at {tmp_path / 'negatives'}"):
+        NegativeImages(tmp_path)
+    empty = tmp_path / "ade"
+    (empty / "annotations_instance" / "training").mkdir(parents=True)
+    with pytest.raises(DataError) as refused:
+        NegativeImages(tmp_path, empty)
+    message = str(refused.value)
+    assert f"no images in {empty / 'images' / 'training'}" in message
+    assert "images/*.png with masks/*.png" in message and "annotations_instance/" in message
+
+
+def test_densehybrid_trains_on_ade20k_negatives(tmp_path):
+    import argparse
+
+    from segmentation_safety.models.zoo import build_segmenter, segmenter_metadata
+    from training import train_densehybrid
+    from training.config import load_config
+    from training.world import write_world
+
+    world = tmp_path / "world"
+    write_world(world, seed=0, train=2, val=1, anomaly=0, sequences=0, height=32, width=64,
+                negatives=0, negative_scenes=0, progress=False)  # fmt: skip
+    torch.manual_seed(0)
+    seg = build_segmenter("tiny", num_classes=19, width=4)
+    save_bundle(tmp_path / "base.safetensors", seg.state_dict(), segmenter_metadata(seg))
+    config = load_config("densehybrid", None, {
+        "device": "cpu", "amp": False, "iterations": 1, "batch_size": 1, "workers": 0,
+        "crop_size": [32, 64], "scene_probability": 0.0, "checkpoint_every": 1,
+        "segmenter": str(tmp_path / "base.safetensors"),
+    })  # fmt: skip
+    out = tmp_path / "dh" / "densehybrid.safetensors"
+    args = argparse.Namespace(model="densehybrid", data=world, out=out,
+                              negatives=_ade20k(tmp_path / "ade"))  # fmt: skip
+    metrics = train_densehybrid.train(config, args)
+    assert math.isfinite(metrics["open_set"])
+    training = load_bundle(out, kind="densehybrid").metadata["training"]
+    release = (tmp_path / "ade" / "ADEChallengeData2016").resolve()
+    assert training["negatives"] == {"folder": str(release.parent), "layout": "ade20k"}

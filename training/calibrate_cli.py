@@ -3,9 +3,10 @@
 Anomaly scores are in each detector's own units (1 - MSP in [0, 1], energy in logit
 units, DenseHybrid in log units, ...), so one threshold cannot serve them all. This
 command runs the models on images with segmentation labels and no anomalies, takes the
-scores of the ground-truth pixels of ``--classes`` (road), and stores in each detector's
-bundle the threshold that flags ``--inlier-fpr`` of them. The node uses it whenever its
-``anomaly_threshold`` parameter is left at NaN (the default).
+scores of the ground-truth pixels of ``--classes`` (by default the dataset's road: train
+id 0 in Cityscapes and the world, class 6 in StreetHazards, whose class 0 is building),
+and stores in each detector's bundle the threshold that flags ``--inlier-fpr`` of them.
+The node uses it whenever its ``anomaly_threshold`` parameter is left at NaN (the default).
 
 Examples:
   segsafe calibrate --models models/demo --root out/world --dataset world
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from segmentation_safety.commands.common import add_input_resize_arg, add_models_arg
@@ -47,8 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--classes",
         type=int,
         nargs="+",
-        default=[0],
-        help="train ids whose pixels are the inliers (default: 0 = road)",
+        default=None,
+        help="class ids of the dataset's labels whose pixels are the inliers (default: the "
+        "dataset's road: 0 in world and cityscapes, 6 in streethazards)",
     )
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--pixels-per-image", type=int, default=20_000, help="inlier pixels kept")
@@ -57,6 +60,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the thresholds, write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
+
+
+def inlier_classes(dataset: str, requested: Sequence[int] | None) -> list[tuple[int, str]]:
+    """(id, name) of the classes to calibrate on: ``requested``, or the dataset's road.
+
+    Ids are those of the dataset loader's labels, so they mean different classes in
+    different datasets; each loader states its names and road ids.
+    """
+    from training import datasets as ds
+
+    loaders = {
+        "world": ds.SyntheticWorld,
+        "cityscapes": ds.Cityscapes,
+        "streethazards": ds.StreetHazards,
+    }
+    loader = loaders[dataset]
+    names = loader.CLASS_NAMES
+    classes = list(loader.ROAD_CLASSES) if requested is None else list(requested)
+    unknown = [c for c in classes if not 0 <= c < len(names)]
+    if unknown:
+        listed = ", ".join(f"{i} {name}" for i, name in enumerate(names))
+        raise InvalidArgumentError(
+            f"--classes {' '.join(map(str, unknown))}: {dataset} has no such class ({listed})"
+        )
+    return [(c, names[c]) for c in classes]
 
 
 @report_user_errors("calibrate")
@@ -74,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--limit must be at least 1")
     if args.pixels_per_image < 1:
         raise InvalidArgumentError("--pixels-per-image must be at least 1")
+    inliers = inlier_classes(args.dataset, args.classes)
+    classes = [c for c, _ in inliers]
+    described = ", ".join(f"{name} ({c})" for c, name in inliers)
     models = args.models or DEMO_MODELS
     samples, total = open_dataset(args.dataset, args.root, "val")
     if args.limit is not None:
@@ -103,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         pipeline,
         samples,
         list(detectors),
-        args.classes,
+        classes,
         per_image=args.pixels_per_image,
         total=total,
         progress=not args.quiet,
@@ -111,11 +142,11 @@ def run(args: argparse.Namespace) -> int:
     missing = sorted(set(detectors) - set(scores))
     if missing:
         raise InvalidArgumentError(
-            f"no pixel of classes {args.classes} in {images} images: nothing to calibrate "
+            f"no pixel of classes {described} in {images} images: nothing to calibrate "
             f"{', '.join(missing)} on"
         )
-    points = operating_points(scores, args.inlier_fpr, args.classes, f"{args.dataset}/val", images)
-    print(f"{description}: {images} images of {args.root}, classes {args.classes}")
+    points = operating_points(scores, args.inlier_fpr, classes, f"{args.dataset}/val", images)
+    print(f"{description}: {images} images of {args.root}, classes {described}")
     print("| detector | threshold | inlier pixels | units |")
     print("| --- | ---: | ---: | --- |")
     for name, point in points.items():

@@ -56,6 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train from the start although OUT.ckpt holds a run (without --resume or "
         "--restart, an existing OUT.ckpt is refused: its progress would be overwritten)",
     )
+    parser.add_argument(
+        "--negatives",
+        type=Path,
+        default=None,
+        help="densehybrid: the negatives to paste, the world's negatives/ folder or the "
+        "ADE20k release (ADEChallengeData2016, with annotations_instance/); default "
+        "DATA/negatives",
+    )
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--seed", type=int, default=None, help="seed (default from the config)")
     parser.add_argument(

@@ -1,8 +1,10 @@
 """Fine-tune a segmenter with the DenseHybrid head on mixed-content crops (DenseHybrid §3.2, §7.4).
 
-Each inlier crop (rescale [0.5, 2], flip, crop) gets part of a negative image from the
-world's ``negatives/`` pasted on it (training/negatives.py): a random rectangle or the
-union of the negative's instances, at a random position. With probability
+Each inlier crop (rescale [0.5, 2], flip, crop) gets part of a negative image pasted on
+it (training/negatives.py): a random rectangle or the union of the negative's instances,
+at a random position. The negatives are the folder ``args.negatives``, or the world's
+``<data>/negatives`` without one; it may be the ADE20k release with its instance
+annotations, the paper's negatives (engine.NegativeImages reads both). With probability
 ``scene_probability`` the sample is instead a street with decoys (negative kinds drawn
 in the scene, ``negatives/scenes/``, training.world.decoys), augmented the same way: the
 decoys are the outliers and carry no seam, as lost cargo carries none (docs/decisions.md).
@@ -199,7 +201,8 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     with engine.open_run(config["device"], int(config["seed"]), bool(config["amp"])) as ctx:
         train_set = engine.open_split(args.data, "train")
         val_set = engine.open_split(args.data, "val")
-        negatives = engine.NegativeImages(args.data)
+        # A caller without a ``negatives`` argument trains on the world's, as before.
+        negatives = engine.NegativeImages(args.data, args.negatives)
         scenes = held_out = None
         if config.get("scene_probability", 0) > 0:
             scenes = engine.NegativeScenes(args.data)
@@ -257,6 +260,10 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         )
         training = engine.training_metadata(config, args)
         training["segmenter"] = str(base_path)
+        training["negatives"] = {
+            "folder": str(negatives.root.resolve()),
+            "layout": negatives.layout,
+        }
 
         seg_out = Path(
             config["segmenter_out"]

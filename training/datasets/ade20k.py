@@ -19,6 +19,23 @@ from PIL import Image
 from segmentation_safety.errors import MissingFileError
 from training.datasets.common import FileDataset, Sample, Transform, read_rgb, require_dir
 
+#: The release folder, as errors describe it.
+LAYOUT = (
+    "ADE20k: ADEChallengeData2016/ (or its content) with images/<split>/*.jpg and "
+    "annotations_instance/<split>/*.png"
+)
+
+
+def release_root(folder: str | Path) -> Path | None:
+    """The ADE20k release with instance annotations at ``folder`` or in its
+    ``ADEChallengeData2016/``, or None: recognised by its ``annotations_instance/``, which
+    the Places Challenge 2017 added to the SceneParsing images."""
+    folder = Path(folder)
+    for candidate in (folder / "ADEChallengeData2016", folder):
+        if (candidate / "annotations_instance").is_dir():
+            return candidate
+    return None
+
 
 def instance_ids(annotation: np.ndarray) -> np.ndarray:
     """H×W×3 ADE instance annotation -> H×W int32 instance ids 1..n (0 background)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from segmentation_safety.errors import MissingFileError
-from segmentation_safety.labels import label_ids_to_train_ids
+from segmentation_safety.labels import TRAIN_NAMES, label_ids_to_train_ids
 from training.datasets.common import (
     FileDataset,
     Sample,
@@ -29,6 +29,11 @@ class Cityscapes(FileDataset):
 
     ``prefer_train_ids=False`` always maps ``*_labelIds.png`` through the official table.
     """
+
+    #: Names of the ``label`` ids, and the ids of the drivable road (lane markings are
+    #: part of Cityscapes' road), which ``segsafe calibrate`` takes as its inliers.
+    CLASS_NAMES: tuple[str, ...] = tuple(TRAIN_NAMES)
+    ROAD_CLASSES: tuple[int, ...] = (TRAIN_NAMES.index("road"),)
 
     def __init__(
         self,

@@ -70,6 +70,12 @@ LUT = _lut()
 class StreetHazards(FileDataset):
     """Samples ``{"image", "label": 0..11 inliers, 12 anomaly, 255 void, "anomaly", "name"}``."""
 
+    #: Names of the ``label`` ids 0..11, and the road's id (6, annotation value 8), which
+    #: ``segsafe calibrate`` takes as its inliers. Unlike Cityscapes, road lines are a
+    #: class of their own here (5): left out by default, ``--classes 6 5`` adds them.
+    CLASS_NAMES: tuple[str, ...] = CLASS_NAMES
+    ROAD_CLASSES: tuple[int, ...] = (CLASS_NAMES.index("road"),)
+
     def __init__(
         self, root: str | Path, split: str = "test", transform: Transform | None = None
     ) -> None:

@@ -21,6 +21,7 @@ from segmentation_safety.errors import UserError
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.models.zoo import load_segmenter  # noqa: F401  (engine API)
 from segmentation_safety.types import SegmenterOutput
+from training.datasets import ade20k
 from training.datasets.common import read_rgb
 from training.engine.loop import (
     LoopConfig,
@@ -52,6 +53,9 @@ def loop_config(config: dict[str, Any], args: argparse.Namespace) -> LoopConfig:
     }
     if getattr(args, "data", None) is not None:
         identity["data"] = str(Path(args.data).resolve())
+    # Other negatives make another run; absent, the run's identity stays as it was.
+    if getattr(args, "negatives", None) is not None:
+        identity["negatives"] = str(Path(args.negatives).resolve())
     return LoopConfig(
         restart=bool(getattr(args, "restart", False)),
         identity=identity,
@@ -329,20 +333,51 @@ def _read_rgb(path: Path) -> torch.Tensor | None:
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
-class NegativeImages:
-    """The world's ``negatives/`` split: RGB images with instance masks (DenseHybrid).
+#: The layouts a folder of negatives may have, as errors list them.
+NEGATIVE_LAYOUTS = (
+    "the synthetic world's negatives/: images/*.png with masks/*.png (instance ids)",
+    ade20k.LAYOUT + ", split training",
+)
 
-    ``negatives/images/<name>.png`` (RGB) and ``negatives/masks/<name>.png`` (instance
-    ids, 0 = background); a missing mask means "rectangle pasting only".
+
+class NegativeImages:
+    """RGB images with instance masks to paste on inlier crops (DenseHybrid).
+
+    The folder is ``folder``, or the world's ``<root>/negatives`` without one, in either
+    layout, recognised by its folders:
+
+    - the world's: ``images/<name>.png`` (RGB) and ``masks/<name>.png`` (instance ids,
+      0 = background); a missing mask means "rectangle pasting only";
+    - ADE20k's release, the paper's negatives (§7.4): its training split, read by
+      ``ADE20KInstances`` (``annotations_instance``: red = category, green = instance).
+
+    Both give the same samples, so pasting takes a rectangle or the union of the
+    instances of either.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root) / "negatives"
-        self.images = sorted((self.root / "images").glob("*.png"))
+    def __init__(
+        self, root: str | os.PathLike[str], folder: str | os.PathLike[str] | None = None
+    ) -> None:
+        self.root = Path(folder) if folder is not None else Path(root) / "negatives"
+        if not self.root.is_dir():
+            raise self._refusal(f"no folder of negatives at {self.root}")
+        self.ade20k: ade20k.ADE20KInstances | None = None
+        release = ade20k.release_root(self.root)
+        if release is not None:
+            # Count first: the loader's own "no samples" error would not name the folder.
+            if not any((release / "images" / "training").glob("*.jpg")):
+                raise self._refusal(f"no images in {release / 'images' / 'training'}")
+            self.ade20k = ade20k.ADE20KInstances(release, "training")
+            self.images = list(self.ade20k.items)
+        else:
+            self.images = sorted((self.root / "images").glob("*.png"))
         if not self.images:
-            raise DataError(
-                f"no negative images in {self.root / 'images'} (DenseHybrid needs them)"
-            )
+            raise self._refusal(f"no negative images in {self.root}")
+        self.layout = "ade20k" if self.ade20k is not None else "world"
+
+    def _refusal(self, problem: str) -> DataError:
+        layouts = "; ".join(NEGATIVE_LAYOUTS)
+        return DataError(f"{problem} (DenseHybrid needs them); layouts accepted: {layouts}")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -352,6 +387,13 @@ class NegativeImages:
         import cv2
 
         path = self.images[index]
+        if self.ade20k is not None:
+            try:
+                sample = self.ade20k[index]
+            except OSError as e:  # truncated, not an image, or no annotation
+                raise DataError(f"cannot read negative image {path}: {e}") from None
+            image = torch.from_numpy(sample["image"]).permute(2, 0, 1).contiguous()
+            return image, torch.from_numpy(sample["instances"]).long()
         image = _read_rgb(path)
         if image is None:
             raise DataError(f"cannot read negative image {path}")
