@@ -19,6 +19,7 @@ from launch.launch_description import LaunchDescription
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
+from segmentation_safety.ros import rviz_config
 from segmentation_safety.ros.dds_profile import profile_env
 
 PACKAGE = "segmentation_safety"
@@ -62,11 +63,18 @@ def _processes(context):
         emulate_tty=True,
         additional_env=env,
     )
+    # RViz's displays name the node's topics: under the namespace the node really gets.
+    namespace = rviz_config.full_namespace(
+        arg("namespace"), context.launch_configurations.get("ros_namespace", "")
+    )
+    rviz_file = os.path.join(share, "config", "detector.rviz")
+    if IfCondition(LaunchConfiguration("rviz")).evaluate(context):
+        rviz_file = str(rviz_config.config_for(rviz_file, namespace))
     rviz = Node(
         package="rviz2",
         executable="rviz2",
         name="rviz2",
-        arguments=["-d", os.path.join(share, "config", "detector.rviz")],
+        arguments=["-d", rviz_file],
         parameters=[{"use_sim_time": sim_time}],
         additional_env=env,
         condition=IfCondition(LaunchConfiguration("rviz")),
@@ -119,7 +127,9 @@ def generate_launch_description():
                 description="Detector filling the anomaly map; empty keeps the config file's",
             ),
             DeclareLaunchArgument(
-                "namespace", default_value="segmentation_safety", description="Node namespace"
+                "namespace",
+                default_value=rviz_config.SHIPPED_NAMESPACE.lstrip("/"),
+                description="Node namespace (RViz's displays follow it)",
             ),
             DeclareLaunchArgument(
                 "use_sim_time", default_value="false", description="Use the /clock topic"

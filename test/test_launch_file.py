@@ -165,6 +165,27 @@ def test_rviz_config_shows_overlay_segmentation_maps_and_hazards():
     assert cfg["Visualization Manager"]["Global Options"]["Fixed Frame"]
 
 
+def test_rviz_follows_the_namespace_the_node_is_launched_in(tmp_path):
+    from segmentation_safety.ros import rviz_config
+
+    # The shipped topics are under the launch file's default namespace.
+    assert 'default_value=rviz_config.SHIPPED_NAMESPACE.lstrip("/")' in LAUNCH.read_text()
+    moved = yaml.safe_load(rviz_config.config_for(RVIZ, "/robot1").read_text())
+    topics = [d["Topic"]["Value"] for d in moved["Visualization Manager"]["Displays"]
+              if "Topic" in d]  # fmt: skip
+    assert len(topics) == 5 and all(t.startswith("/robot1/") for t in topics), topics
+    assert "/robot1/segmentation/color" in topics
+    root = yaml.safe_load(rviz_config.for_namespace(RVIZ.read_text(), ""))
+    assert "/anomaly" in [d["Topic"]["Value"] for d in root["Visualization Manager"]["Displays"]
+                          if "Topic" in d]  # fmt: skip
+    assert rviz_config.config_for(RVIZ, "/segmentation_safety") == RVIZ  # no copy needed
+    # launch_ros' rules: relative under a pushed namespace, absolute as given.
+    assert rviz_config.full_namespace("robot1") == "/robot1"
+    assert rviz_config.full_namespace("robot1", "/fleet") == "/fleet/robot1"
+    assert rviz_config.full_namespace("/robot1", "/fleet") == "/robot1"
+    assert rviz_config.full_namespace("") == ""
+
+
 def test_ros2_launch_loads_the_description():
     pytest.importorskip("launch_ros", reason="launch_ros is not installed (no ROS 2 distro here)")
     from launch.launch_description_sources import get_launch_description_from_python_launch_file
