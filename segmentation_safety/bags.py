@@ -15,10 +15,12 @@ from __future__ import annotations
 import math
 import os
 import queue
+import re
 import shutil
 import struct
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,11 @@ IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
 FORMATS = ("sqlite3", "mcap")
-#: rosbag2 metadata version: 8 is read by Jazzy and later; 9 (QoS as YAML lists) by Kilted+.
+#: rosbag2 metadata version. rosbag2 itself writes 9 from Jazzy on (ros2/rosbag2 #1476,
+#: Nov 2023, released with Jazzy's 0.26.0): offered QoS as a YAML list of policy names.
+#: 8 keeps the older form, one YAML string of numbers; Jazzy and later read both (the
+#: QoS form is detected). No distro's rosbag2 wrote 8 (Rolling only, Jun-Nov 2023); Iron
+#: writes 7 and Humble 5, and those read QoS only as a string, never v9's list.
 DEFAULT_BAG_VERSION = 8
 #: Cityscapes / Lost & Found camera: fx = fy = 2262.52 px at 2048 px width (~48.7° hfov).
 #: Used, scaled to the image width, when the source carries no intrinsics.
@@ -51,13 +57,57 @@ class BagError(UserError):
 def camera_info_topic(image_topic: str, compressed: bool = False) -> str:
     """``/camera/image_raw`` -> ``/camera/camera_info`` (image_transport's convention).
 
-    image_transport puts a compressed stream under its base topic, beside which the
-    camera_info lives: ``/camera/image_raw/compressed`` -> ``/camera/camera_info``.
+    The camera_info is the image's sibling: its last token replaced, so a relative
+    ``image_raw`` gives ``camera_info``. image_transport puts a compressed stream under its
+    base topic, beside which the camera_info lives: ``/camera/image_raw/compressed`` ->
+    ``/camera/camera_info``.
     """
     base = image_topic
     if compressed and base.endswith("/compressed"):
         base = base[: -len("/compressed")]
-    return base.rsplit("/", 1)[0] + "/camera_info"
+    parent, slash, _ = base.rpartition("/")
+    return f"{parent}{slash}camera_info"
+
+
+_TOPIC_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def topic_name_problem(topic: str) -> str | None:
+    """What makes ``topic`` no ROS topic name for a bag, or None when it is one.
+
+    ROS's rules (rcl's topic name validation), checked here so that writing a bag needs
+    no rclpy: letters, digits, ``_`` and ``/``; no empty token (``//``, a trailing
+    ``/``); no token starting with a digit. ``~`` and ``{}`` substitutions are refused:
+    a bag stores names as they are, with nothing to expand them.
+    """
+    if not topic:
+        return "empty"
+    if any(c in topic for c in "~{}"):
+        return "'~' and '{}' substitutions mean nothing in a bag: give the name itself"
+    bad = sorted({c for c in topic if not (c.isascii() and (c.isalnum() or c in "_/"))})
+    if bad:
+        return f"{', '.join(map(repr, bad))} not allowed (letters, digits, '_' and '/' only)"
+    if topic.endswith("/"):
+        return "ends with '/'"
+    tokens = topic.removeprefix("/").split("/")
+    if "" in tokens:
+        return "has an empty token ('//')"
+    token = next((t for t in tokens if not _TOPIC_TOKEN.fullmatch(t)), None)
+    if token is not None:
+        return f"token {token!r} starts with a digit"
+    return None
+
+
+def check_topic_name(topic: str, what: str = "--topic") -> str:
+    """``topic`` if it is a ROS topic name, else a BagError naming the problem.
+
+    rosbag2's player skips topics with invalid names, so such a bag would play nothing.
+    """
+    problem = topic_name_problem(topic)
+    if problem is not None:
+        raise BagError(f"{what} {topic!r} is not a ROS topic name: {problem} "
+                       "(e.g. /camera/image_raw)")  # fmt: skip
+    return topic
 
 
 def msg_dir() -> Path:
@@ -90,8 +140,13 @@ def type_name(msg_class: type) -> str:
     return f"{msg_class.__module__.split('.')[0]}/msg/{msg_class.__name__}"
 
 
-def offered_qos(depth: int = 10) -> Any:
-    """Reliable, volatile, keep-last: what a camera driver typically offers."""
+def offered_qos(depth: int = 10, latched: bool = False) -> Any:
+    """Reliable, volatile, keep-last: what a camera driver typically offers.
+
+    ``latched``: transient local instead, as a publisher of a once-sent message (the
+    node's label_info) offers it; ``ros2 bag play`` offers what the bag records, and a
+    transient-local subscriber receives nothing from a volatile publisher.
+    """
     from rosbags.interfaces import (
         Qos,
         QosDurability,
@@ -106,7 +161,7 @@ def offered_qos(depth: int = 10) -> Any:
         QosHistory.KEEP_LAST,
         depth,
         QosReliability.RELIABLE,
-        QosDurability.VOLATILE,
+        QosDurability.TRANSIENT_LOCAL if latched else QosDurability.VOLATILE,
         zero,
         zero,
         QosLiveliness.AUTOMATIC,
@@ -272,9 +327,14 @@ class TopicWriter:
         self.conns: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
 
-    def write_raw(self, topic: str, msgtype: str, time_ns: int, raw: bytes) -> None:
+    def write_raw(
+        self, topic: str, msgtype: str, time_ns: int, raw: bytes, qos: Any = None
+    ) -> None:
+        """Write one message; ``qos`` (else the writer's) is the topic's offered QoS,
+        recorded with its first message."""
         if topic not in self.conns:
-            extra = {} if self.qos is None else {"offered_qos_profiles": [self.qos]}
+            qos = self.qos if qos is None else qos
+            extra = {} if qos is None else {"offered_qos_profiles": [qos]}
             self.conns[topic] = self.writer.add_connection(
                 topic, msgtype, typestore=self.store, **extra
             )
@@ -315,6 +375,8 @@ class OutputBag:
 
     rosbags' sqlite3 storage may only be used from the thread that opened it, and
     callbacks arrive on several threads: one writer thread owns the bag and drains a queue.
+    Each topic records the QoS its publisher offered (reliable, volatile, keep-last 1
+    unless the writer says otherwise), which ``ros2 bag play`` offers again.
     """
 
     def __init__(self, path: Path, storage: str = "sqlite3") -> None:
@@ -323,7 +385,7 @@ class OutputBag:
         self.storage = storage
         self.staged = StagedBag(path)
         self.store = message_typestore()
-        self.queue: queue.SimpleQueue[tuple[str, str, int, bytes] | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[str, str, int, bytes, Any] | None] = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="segsafe-bag-writer", daemon=True)
         self.thread.start()
@@ -334,11 +396,12 @@ class OutputBag:
         if path.exists():
             raise BagError(f"--output-bag {path} exists already; remove it first")
 
-    def write(self, topic: str, msgtype: str, time_ns: int, raw: bytes) -> None:
-        self.queue.put((topic, msgtype, time_ns, raw))
+    def write(self, topic: str, msgtype: str, time_ns: int, raw: bytes, qos: Any = None) -> None:
+        """Queue one message; ``qos``: what its publisher offers (see :func:`offered_qos`)."""
+        self.queue.put((topic, msgtype, time_ns, raw, qos))
 
     def _run(self) -> None:
-        writer = TopicWriter(self.staged.path, self.storage, store=self.store)
+        writer = TopicWriter(self.staged.path, self.storage, store=self.store, qos=offered_qos(1))
         try:
             writer.open()
             while (item := self.queue.get()) is not None:
@@ -383,6 +446,9 @@ class BagContents:
     gt_labels: dict[int, np.ndarray] = field(default_factory=dict)
     gt_anomaly: dict[int, np.ndarray] = field(default_factory=dict)
     image_msgtype: str = IMAGE_TYPE
+    #: Frames whose header stamp an earlier frame had already; when any, every frame was
+    #: restamped (:func:`unique_stamps`).
+    repeated_stamps: int = 0
 
     @property
     def compressed(self) -> bool:
@@ -406,8 +472,69 @@ def decode_mono8(raw: bytes, store: Any) -> np.ndarray:
     return rows[:, : msg.width].copy()
 
 
+def unique_stamps(frames: list[BagFrame]) -> list[int]:
+    """New header stamps for frames whose own stamps repeat: each frame's bag (receive)
+    time, or 1 ns after the previous frame's new stamp where that time is not later.
+
+    Replay matches the node's outputs to frames by stamp (the node copies the input
+    header), so a camera driver that leaves ``header.stamp`` at 0, or repeats it, would
+    make frames indistinguishable. ``frames`` are in bag-time order, so the new stamps
+    strictly increase and keep the recording's timing (but for those 1 ns steps).
+    """
+    stamps: list[int] = []
+    for f in frames:
+        stamps.append(f.time_ns if not stamps or f.time_ns > stamps[-1] else stamps[-1] + 1)
+    return stamps
+
+
+def _occurrences(stamps: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """(stamp, n) per stamp, n counting the equal stamps before it: unique keys."""
+    seen: Counter[int] = Counter()
+    for stamp in stamps:
+        yield stamp, seen[stamp]
+        seen[stamp] += 1
+
+
+def _by_occurrence(
+    items: list[tuple[int, bytes]], new_stamps: dict[tuple[int, int], int]
+) -> Iterator[tuple[int, bytes]]:
+    """(new stamp, raw): the n-th message carrying stamp s goes with the n-th frame that
+    did (its camera_info, its ground truth); messages without such a frame are left out."""
+    for key, (_, raw) in zip(_occurrences(s for s, _ in items), items):
+        if key in new_stamps:
+            yield new_stamps[key], raw
+
+
+def _assemble(
+    contents: BagContents,
+    infos: list[tuple[int, bytes]],
+    truths: dict[str, list[tuple[int, bytes]]],
+) -> None:
+    """Frames in bag-time order with unique stamps; camera_info and ground truth by them."""
+    frames = sorted(contents.frames, key=lambda f: f.time_ns)
+    old = [f.stamp_ns for f in frames]
+    contents.repeated_stamps = len(old) - len(set(old))
+    new = unique_stamps(frames) if contents.repeated_stamps else old
+    new_stamps = dict(zip(_occurrences(old), new))
+    contents.frames = [
+        f if f.stamp_ns == n else BagFrame(f.time_ns, n, with_stamp(f.raw, n))
+        for f, n in zip(frames, new)
+    ]
+    for stamp, raw in _by_occurrence(infos, new_stamps):
+        contents.camera_info[stamp] = raw if cdr_stamp_ns(raw) == stamp else with_stamp(raw, stamp)
+    store = message_typestore() if truths else None
+    for topic, gt in ((LABELS_TOPIC, contents.gt_labels), (ANOMALY_TOPIC, contents.gt_anomaly)):
+        for stamp, raw in _by_occurrence(truths.get(topic, []), new_stamps):
+            gt[stamp] = decode_mono8(raw, store)
+
+
 def read_bag(path: str | os.PathLike[str], image_topic: str | None = None) -> BagContents:
-    """Load a bag's images (+ camera_info and ground truth); any damage -> BagError."""
+    """Load a bag's images (+ camera_info and ground truth); any damage -> BagError.
+
+    Frames come in bag-time order. Where image header stamps repeat (a driver leaving them
+    at 0), every frame is restamped with :func:`unique_stamps` (``repeated_stamps`` says
+    how many repeated), its camera_info and ground truth with it.
+    """
     from rosbags.rosbag2 import Reader
 
     path = Path(path)
@@ -436,7 +563,8 @@ def read_bag(path: str | os.PathLike[str], image_topic: str | None = None) -> Ba
             wanted = [c for c in images if c.topic in (image_topic, LABELS_TOPIC, ANOMALY_TOPIC)]
             wanted += [c for c in cams if c.topic == cam_topic]
             contents = BagContents(path, image_topic, [], image_msgtype=msgtype)
-            store = None
+            infos: list[tuple[int, bytes]] = []
+            truths: dict[str, list[tuple[int, bytes]]] = {}
             for conn, time_ns, raw in reader.messages(connections=wanted):
                 raw = bytes(raw)
                 stamp = cdr_stamp_ns(raw)
@@ -444,11 +572,10 @@ def read_bag(path: str | os.PathLike[str], image_topic: str | None = None) -> Ba
                     contents.frames.append(BagFrame(time_ns, stamp, raw))
                 elif conn.topic == cam_topic:
                     contents.camera_info_topic = cam_topic
-                    contents.camera_info[stamp] = raw
+                    infos.append((stamp, raw))
                 else:
-                    store = store or message_typestore()
-                    gt = contents.gt_labels if conn.topic == LABELS_TOPIC else contents.gt_anomaly
-                    gt[stamp] = decode_mono8(raw, store)
+                    truths.setdefault(conn.topic, []).append((stamp, raw))
+            _assemble(contents, infos, truths)
     except BagError:
         raise
     except Exception as e:  # rosbags, sqlite3, mcap and CDR errors all mean a damaged bag
@@ -457,5 +584,4 @@ def read_bag(path: str | os.PathLike[str], image_topic: str | None = None) -> Ba
         ) from None
     if not contents.frames:
         raise BagError(f"bag {path} has no messages on {image_topic}")
-    contents.frames.sort(key=lambda f: f.time_ns)
     return contents

@@ -135,3 +135,115 @@ def test_every_frame_reads_back_as_written_in_both_formats(tmp_path: Path):
             for contents in (sqlite, mcap):
                 gt = getattr(contents, f"gt_{folder}")
                 np.testing.assert_array_equal(gt[frame.stamp_ns], want)
+
+
+# -- repeated header stamps -------------------------------------------------------------
+T0 = 1_700_000_000_000_000_000  # ns
+
+
+def write_stamped_bag(
+    out: Path, times_ns: list[int], stamps_ns: list[int], storage: str = "sqlite3"
+) -> Path:
+    """A 32x64 image a frame at bag times ``times_ns`` under header stamps ``stamps_ns``
+    (a driver leaving them unset gives all 0), with its camera_info (fx = 10 + i) and
+    labels (all i) under the same stamp: which frame each belongs to can be told."""
+    rng = np.random.default_rng(0)
+    with bags.staged_writer(out, storage, qos=bags.offered_qos()) as w:
+        make = bags.MessageFactory(w.store, "camera")
+        for i, (t, stamp) in enumerate(zip(times_ns, stamps_ns, strict=True)):
+            header = make.header(stamp)
+            rgb = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
+            w.write("/camera/image_raw", bags.IMAGE_TYPE, t, make.image(header, rgb, "rgb8"))
+            cam = bags.CameraModel(10.0 + i, 10.0, 31.5, 15.5, 64, 32)
+            w.write("/camera/camera_info", bags.CAMERA_INFO_TYPE, t, make.camera_info(header, cam))
+            labels = np.full((32, 64), i, np.uint8)
+            w.write(bags.LABELS_TOPIC, bags.IMAGE_TYPE, t, make.image(header, labels, "mono8"))
+    return out
+
+
+@pytest.mark.parametrize("fmt", bags.FORMATS)
+def test_repeated_image_stamps_become_the_bag_times(tmp_path: Path, fmt: str):
+    # Replay matches the node's answers to frames by stamp: four frames stamped 0 were one
+    # frame to it (frames_sent 1, negative latency).
+    times = [T0 + i * 100_000_000 for i in range(4)]
+    contents = bags.read_bag(write_stamped_bag(tmp_path / "bag", times, [0] * 4, fmt))
+    assert contents.repeated_stamps == 3
+    assert [f.stamp_ns for f in contents.frames] == times
+    assert [bags.cdr_stamp_ns(f.raw) for f in contents.frames] == times  # as published
+    store = bags.message_typestore()
+    for i, t in enumerate(times):  # each frame keeps its own camera_info and ground truth
+        info = store.deserialize_cdr(contents.camera_info[t], bags.CAMERA_INFO_TYPE)
+        assert info.k[0] == 10.0 + i and bags.cdr_stamp_ns(contents.camera_info[t]) == t
+        assert (contents.gt_labels[t] == i).all()
+
+
+def test_unique_stamps_step_a_nanosecond_past_repeated_bag_times():
+    def frames(times: list[int]) -> list[bags.BagFrame]:
+        return [bags.BagFrame(t, 0, b"") for t in times]
+
+    assert bags.unique_stamps(frames([5, 7, 9])) == [5, 7, 9]
+    assert bags.unique_stamps(frames([5, 5, 5, 7, 9])) == [5, 6, 7, 8, 9]
+
+
+def test_unique_stamps_are_left_alone(tmp_path: Path):
+    times = [T0 + i * 100_000_000 for i in range(3)]
+    stamps = [T0 - 5_000_000 + i * 100_000_000 for i in range(3)]  # header != bag time
+    contents = bags.read_bag(write_stamped_bag(tmp_path / "bag", times, stamps))
+    assert contents.repeated_stamps == 0
+    assert [f.stamp_ns for f in contents.frames] == stamps
+    assert sorted(contents.camera_info) == sorted(contents.gt_labels) == stamps
+
+
+# -- topic names --------------------------------------------------------------------------
+def test_camera_info_is_the_image_topics_sibling_relative_names_too():
+    assert bags.camera_info_topic("/camera/image_raw") == "/camera/camera_info"
+    assert bags.camera_info_topic("image_raw") == "camera_info"
+    assert bags.camera_info_topic("cam/image_raw") == "cam/camera_info"
+    assert bags.camera_info_topic("image_raw/compressed", compressed=True) == "camera_info"
+
+
+@pytest.mark.parametrize(
+    ("topic", "problem"),
+    [
+        ("/cam era/img", "' ' not allowed"),
+        ("/camera/image_raw/", "ends with '/'"),
+        ("/", "ends with '/'"),
+        ("/a//b", "empty token"),
+        ("/camera/1st", "token '1st' starts with a digit"),
+        ("2cam", "token '2cam' starts with a digit"),
+        ("~/image", "substitutions"),
+        ("/{node}/image", "substitutions"),
+        ("/camera/bild-roh", "'-' not allowed"),
+        ("/kamera/bild_ä", "'ä' not allowed"),
+        ("", "empty"),
+    ],
+)
+def test_topic_names_follow_the_ros_rules(topic: str, problem: str):
+    assert problem in bags.topic_name_problem(topic)
+    with pytest.raises(bags.BagError, match="is not a ROS topic name"):
+        bags.check_topic_name(topic)
+
+
+def test_valid_topic_names_pass():
+    for topic in ("/camera/image_raw", "image_raw", "cam_0/image", "/_private/x1", "/a"):
+        assert bags.topic_name_problem(topic) is None, topic
+        assert bags.check_topic_name(topic) == topic
+
+
+# -- offered QoS --------------------------------------------------------------------------
+def test_the_output_bag_records_each_topics_offered_qos(tmp_path: Path):
+    from rosbags.interfaces import QosDurability, QosReliability
+    from rosbags.rosbag2 import Reader
+
+    raw = b"\x00\x01\x00\x00" + bytes(8)  # a header-sized CDR message
+    out = tmp_path / "out_bag"
+    recorder = bags.OutputBag(out)
+    recorder.write("/ns/label_info", bags.IMAGE_TYPE, 1, raw, bags.offered_qos(1, latched=True))
+    recorder.write("/ns/safety", bags.IMAGE_TYPE, 2, raw)  # the default: what outputs offer
+    recorder.finish(keep=True)
+    with Reader(out) as reader:
+        qos = {c.topic: c.ext.offered_qos_profiles for c in reader.connections}
+    (latched,), (plain,) = qos["/ns/label_info"], qos["/ns/safety"]
+    assert latched.durability == QosDurability.TRANSIENT_LOCAL and latched.depth == 1
+    assert plain.durability == QosDurability.VOLATILE and plain.depth == 1
+    assert latched.reliability == plain.reliability == QosReliability.RELIABLE

@@ -226,6 +226,9 @@ def test_bad_inputs_are_refused(world: Path, tmp_path: Path, capsys: pytest.Capt
     assert "exists already" in capsys.readouterr().err
     bag.rmdir()
 
+    assert main([*base, "--sequence", "seq_000", "--topic", "/camera/image_raw/"]) == 2
+    assert "is not a ROS topic name: ends with '/'" in capsys.readouterr().err
+
     # A frame that cannot be read half-way: an error, and no half bag anywhere.
     (world / "sequences" / "seq_000" / "images" / "000001.png").write_bytes(b"not a png")
     assert main([*base, "--sequence", "seq_000"]) == 2
@@ -377,3 +380,56 @@ def test_bad_frame_folders_videos_and_rates_are_refused(tmp_path: Path, capsys):
     (tmp_path / "fake.mp4").write_text("not a video")
     assert "cannot be opened as a video" in refused("--video", str(tmp_path / "fake.mp4"))
     assert "no such file" in refused("--video", str(tmp_path / "none.mp4"))
+
+
+def test_exif_rotated_jpegs_keep_their_stored_size_raw_and_compressed(tmp_path: Path):
+    from PIL import Image
+
+    # Orientation 6 (turn 90° clockwise to view): decoded with it, a 64x32 frame came out
+    # 32x64, and so did the CameraInfo, while the node decodes the stored bytes unturned.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((H, W, 3), 60 * i, np.uint8)).save(frames / f"f{i}.jpg", exif=exif)
+    sizes = {}
+    for mode in ("raw", "compressed"):
+        bag = tmp_path / mode
+        extra = ["--compressed"] if mode == "compressed" else []
+        assert main(["make-bag", "--frames", str(frames), "--out", str(bag), *extra]) == 0
+        msgs = read_back(bag)
+        info = msgs["/camera/camera_info"][0][1]
+        (_, image), *_ = msgs["/camera/image_raw" + ("/compressed" if extra else "")]
+        if extra:  # as the node decodes it (image_codec.decode_checked)
+            flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+            size = cv2.imdecode(image.data, flags).shape[1::-1]
+        else:
+            size = (image.width, image.height)
+        assert (info.width, info.height) == size, mode
+        sizes[mode] = size
+    assert sizes == {"raw": (W, H), "compressed": (W, H)}  # as stored, one size
+
+
+def test_topics_must_be_ros_names_and_name_the_raw_image(tmp_path: Path, capsys):
+    write_frames(tmp_path / "frames", 2)
+    bag = tmp_path / "bag"
+
+    def make(*args: str) -> int:
+        return main(["make-bag", "--frames", str(tmp_path / "frames"), "--out", str(bag), *args])
+
+    # rosbag2's player skips topics whose names are not ROS names: such a bag played nothing.
+    for topic in ("/cam era/img", "/camera/image_raw/", "/a//b", "/camera/1st", "~/image"):
+        assert make("--topic", topic) == 2, topic
+        err = capsys.readouterr().err
+        assert f"--topic {topic!r} is not a ROS topic name" in err, err
+        assert not bag.exists()
+    assert make("--topic", "/camera/image_raw/compressed", "--compressed") == 2
+    assert "--topic names the raw image topic (e.g. /camera/image_raw)" in capsys.readouterr().err
+    for topic in ("/camera/camera_info", "/ground_truth/image"):
+        assert make("--topic", topic) == 2
+        assert "CameraInfo or ground truth" in capsys.readouterr().err
+    assert not bag.exists() and not list(tmp_path.glob(".*partial*"))
+    # A relative name: the camera_info is its sibling, as image_transport puts it.
+    assert make("--topic", "image_raw") == 0
+    assert sorted(read_back(bag)) == ["camera_info", "image_raw"]

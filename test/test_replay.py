@@ -14,6 +14,7 @@ pytest.importorskip("rosbags", reason="rosbags is not installed")
 if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
     pytest.skip("install space not sourced: run through `make test`", allow_module_level=True)
 
+from test_bag_io import T0, write_stamped_bag  # noqa: E402
 from test_bags import write_frames, write_mp4, write_world_sequence  # noqa: E402
 from waiting import wait_for  # noqa: E402
 
@@ -124,6 +125,17 @@ def test_replay_through_the_node(
     # The class names came once, before the recording began: the bag has them all the same.
     assert counts["/segmentation_safety/label_info"] == 1
     assert not list(tmp_path.glob(".*partial*"))
+    # Each topic offers what its publisher did: `ros2 bag play` then latches label_info,
+    # and a transient-local subscriber gets it (recorded volatile, it got nothing).
+    from rosbags.interfaces import QosDurability, QosReliability
+
+    with Reader(out_bag) as reader:
+        offered = {c.topic: c.ext.offered_qos_profiles for c in reader.connections}
+    assert all(len(q) == 1 for q in offered.values()), offered
+    durability = {topic: q[0].durability for topic, q in offered.items()}
+    assert durability.pop("/segmentation_safety/label_info") == QosDurability.TRANSIENT_LOCAL
+    assert set(durability.values()) == {QosDurability.VOLATILE}
+    assert {q[0].reliability for q in offered.values()} == {QosReliability.RELIABLE}
 
 
 # -- drops and latency against a known schedule -------------------------------------------
@@ -172,6 +184,24 @@ def test_an_input_slower_than_the_node_loses_no_frame(models: Path, tmp_path: Pa
     assert (t["frames_sent"], t["frames_processed"], t["frames_dropped"]) == (5, 5, 0)
     assert set(trial.answered) == set(trial.sent)
     assert len(trial.latencies_ms()) == 5 and t["breakdown"]["frames"] == 5
+
+
+def test_a_bag_whose_stamps_repeat_is_replayed_under_its_bag_times(
+    models: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    # A driver leaving header.stamp at 0: the answers are matched to frames by stamp, so
+    # the four frames were one (frames_sent 1) answered before it was sent (latency < 0).
+    # --rate 0.2 as above: every frame is answered.
+    times = [T0 + i * 100_000_000 for i in range(4)]
+    bag = write_stamped_bag(tmp_path / "bag", times, [0] * 4)
+    report = _replay_trial(bag, models, tmp_path, rate=0.2)
+    t, trial = report.data, report.trial
+    assert (t["frames_sent"], t["frames_processed"], t["frames_dropped"]) == (4, 4, 0)
+    assert list(trial.sent) == times  # published under their bag times
+    assert min(ms for _, ms in trial.latencies_ms()) > 0
+    err = capsys.readouterr().err
+    assert err.count("note: 3 of the 4 frames on /camera/image_raw repeat") == 1
+    assert "bag receive time as header stamp" in err
 
 
 def _with_refused_frames(bag: Path, refused: set[int]):  # noqa: ANN202

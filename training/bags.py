@@ -27,7 +27,12 @@ numbers compared as numbers) or a video file (mp4 etc., read with cv2.VideoCaptu
 that :func:`write_stream_bag` writes at an even frame rate (no ground truth). With
 ``compressed`` the frames go out as sensor_msgs/CompressedImage on ``<topic>/compressed``
 (image_transport's name), as real camera bags carry them: a jpg/png file's own bytes
-where the frame is not resized, else a jpeg encoded here.
+where the frame is not resized, else a jpeg encoded here. Files are decoded as stored,
+an EXIF orientation ignored, as the node decodes those bytes (a camera's frames are as
+its sensor saw them), so the CameraInfo's size is the size the node sees.
+
+``topic`` must be a ROS topic name (:func:`~segmentation_safety.bags.check_topic_name`):
+rosbag2's player skips a topic whose name is not one.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from segmentation_safety.bags import (
     CAMERA_INFO_TYPE,
     COMPRESSED_TYPE,
     DEFAULT_BAG_VERSION,
+    GROUND_TRUTH_PREFIX,
     IMAGE_TYPE,
     LABELS_TOPIC,
     BagError,
@@ -57,6 +63,7 @@ from segmentation_safety.bags import (
     MessageFactory,
     camera_info_topic,
     check_storage,
+    check_topic_name,
     offered_qos,
     staged_writer,
 )
@@ -76,6 +83,9 @@ _LAF_FREE_SPACE = 1
 #: Frame rate of a frames folder when none is given.
 FRAMES_RATE = 10.0
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: cv2 flags for a source image: 3-channel, its EXIF orientation ignored, as the node
+#: decodes a CompressedImage (image_codec) and as IMREAD_UNCHANGED reads ground truth.
+_COLOR_AS_STORED = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 #: Format strings of CompressedImage: a file's own bytes, and a jpeg encoded from rgb8 the
 #: way compressed_image_transport names it.
 _FILE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
@@ -357,7 +367,9 @@ def frames_source(
     def read() -> Iterator[StreamFrame]:
         for path in files:
             data = path.read_bytes()
-            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            # As stored: the file's bytes go into a compressed bag unchanged, and the
+            # node decodes them so; rotated here, the CameraInfo would have the other size.
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), _COLOR_AS_STORED)
             if bgr is None:
                 raise BagSourceError(f"cannot read image {path} (not a png/jpg, or damaged)")
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -415,7 +427,7 @@ def video_source(
 
 # -- reading source files ------------------------------------------------------------------
 def _read(path: Path, color: bool) -> np.ndarray:
-    array = cv2.imread(str(path), cv2.IMREAD_COLOR if color else cv2.IMREAD_UNCHANGED)
+    array = cv2.imread(str(path), _COLOR_AS_STORED if color else cv2.IMREAD_UNCHANGED)
     if array is None:
         raise BagSourceError(f"cannot read image {path}")
     if color:
@@ -438,6 +450,7 @@ def write_bag(
     """Write ``seq`` to the rosbag2 directory ``out`` (which must not exist)."""
     out = Path(out)
     _check_out(out, storage)
+    _check_image_topic(topic)
     if not seq.frames:
         raise BagSourceError(f"sequence {seq.name!r} has no frames")
     stamps = [f.stamp_ns for f in seq.frames]
@@ -486,6 +499,16 @@ def _same_size(
     return shape
 
 
+def _check_image_topic(topic: str) -> None:
+    """A ROS topic name, and none of the bag's other topics."""
+    check_topic_name(topic)
+    if camera_info_topic(topic) == topic or topic.startswith(GROUND_TRUTH_PREFIX):
+        raise BagSourceError(
+            f"--topic {topic!r}: that is where the bag's CameraInfo or ground truth goes; "
+            "name the image topic (e.g. /camera/image_raw)"
+        )
+
+
 def _check_out(out: Path, storage: str) -> None:
     check_storage(storage)  # a BagError, which BagSourceError already is a kind of
     if out.exists():
@@ -512,6 +535,13 @@ def write_stream_bag(
     """
     out = Path(out)
     _check_out(out, storage)
+    _check_image_topic(topic)
+    if compressed and topic.rsplit("/", 1)[-1] == "compressed":
+        raise BagSourceError(
+            f"--topic {topic!r} with --compressed: --topic names the raw image topic "
+            f"(e.g. {topic.rpartition('/')[0] or '/camera/image_raw'}); the compressed "
+            "stream goes on <topic>/compressed"
+        )
     if not 1 <= jpeg_quality <= 100:
         raise BagSourceError(f"--jpeg-quality {jpeg_quality}: must be within 1..100")
     image_topic = f"{topic}/compressed" if compressed else topic

@@ -45,7 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--sequence", default=None, help="sequence name (default: the first)")
     p.add_argument("--format", choices=("sqlite3", "mcap"), default="sqlite3", help="storage")
-    p.add_argument("--topic", default="/camera/image_raw", help="image topic")
+    p.add_argument(
+        "--topic",
+        default="/camera/image_raw",
+        help="raw image topic, a ROS topic name (CameraInfo goes on its sibling camera_info; "
+        "--compressed adds /compressed)",
+    )
     p.add_argument("--frame-id", default="camera", help="header frame_id")
     p.add_argument(
         "--fps", type=float, default=10.0, help="Lost & Found frame-number rate without timestamps"
@@ -55,7 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         choices=(8, 9),
         default=8,
-        help="rosbag2 metadata version (8: Jazzy and later; 9: Kilted and later)",
+        help="rosbag2 metadata version: 8 (offered QoS as one YAML string, the older form) "
+        "or 9 (QoS as a YAML list, what rosbag2 itself writes since Jazzy); Jazzy and later "
+        "read both",
     )
     p.add_argument("--list", action="store_true", help="list the sequences under --root and exit")
     p.add_argument(

@@ -11,7 +11,9 @@ other), or with ``node_process`` in a process of its own
 (:mod:`segmentation_safety.ros.node_process`), as deployed.
 A collector node subscribes to every output (the node skips work for outputs
 nobody listens to, so the measurement covers all of them) and matches ``safety`` to the
-published frame by header stamp, read straight from the CDR bytes.
+published frame by header stamp, read straight from the CDR bytes. Stamps must therefore
+be unique: a bag whose image stamps repeat (a driver leaving them at 0) is played with
+each frame stamped with its bag receive time instead (``read_bag``; a note says so).
 
 Latency = receipt of ``safety`` - publish of the image, both on ``time.monotonic``.
 A frame counts as processed when its ``safety`` arrived before the drain timeout; the
@@ -32,6 +34,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +57,7 @@ from segmentation_safety.bags import (
     BagContents,
     OutputBag,
     cdr_stamp_ns,
+    offered_qos,
     read_bag,
     type_name,
     with_stamp,
@@ -102,6 +106,11 @@ class Collector(Node):
 
         self.recorder = recorder
         self.namespace = namespace
+        #: What the recorded topics' publishers offer (detector_node: outputs reliable,
+        #: keep-last 1; /diagnostics keep-last 10; label_info transient local; our own
+        #: image and camera_info publishers as below), for the output bag's metadata.
+        self.offered = {"outputs": offered_qos(1), "diagnostics": offered_qos(10),
+                        "label_info": offered_qos(1, latched=True)}  # fmt: skip
         self.cond = threading.Condition()
         self.answers: dict[int, float] = {}  # safety stamp -> monotonic receipt
         self.timings: dict[int, dict[str, float]] = {}  # safety stamp -> the node's stages
@@ -166,11 +175,12 @@ class Collector(Node):
         if self.recorder is not None and self.label_info is not None:
             msgtype, raw = self.label_info
             topic = f"{RECORDED_NAMESPACE}/{LABEL_INFO_TOPIC}"
-            self.recorder.write(topic, msgtype, time.time_ns(), raw)
+            self.recorder.write(topic, msgtype, time.time_ns(), raw, self.offered["label_info"])
 
     def _callback(self, key: str, name: str, msg_type: type) -> Callable[[bytes], None]:
         recorded = name if name.startswith("/") else f"{RECORDED_NAMESPACE}/{name}"
         msgtype = type_name(msg_type)
+        qos = self.offered["diagnostics" if key == "diagnostics" else "outputs"]
 
         def on_message(raw: bytes) -> None:
             now = time.monotonic()
@@ -194,7 +204,7 @@ class Collector(Node):
             if self.keep_enabled and key in self.keep:
                 self.keep[key].setdefault(cdr_stamp_ns(raw), raw)
             if self.recorder is not None and self.keep_enabled:
-                self.recorder.write(recorded, msgtype, time.time_ns(), raw)
+                self.recorder.write(recorded, msgtype, time.time_ns(), raw, qos)
 
         return on_message
 
@@ -529,10 +539,12 @@ class Replayer:
             if stage is not None and self.options.progress is not None:
                 self.options.progress(stage, len(sent), len(schedule))
             if self.recorder is not None and c.keep_enabled:
-                now = time.time_ns()
-                self.recorder.write(self.bag.image_topic, self.bag.image_msgtype, now, raw)
+                now, qos = time.time_ns(), c.offered["outputs"]  # as image_pub and info_pub
+                self.recorder.write(self.bag.image_topic, self.bag.image_msgtype, now, raw, qos)
                 if info is not None and self.bag.camera_info_topic:
-                    self.recorder.write(self.bag.camera_info_topic, CAMERA_INFO_TYPE, now, info)
+                    self.recorder.write(
+                        self.bag.camera_info_topic, CAMERA_INFO_TYPE, now, info, qos
+                    )
         # A drain shorter than one frame's processing (a big frame on a loaded CPU took
         # 2.5-4.8 s) would count the frame in progress as dropped.
         idle_s = max(self.options.drain_s, DRAIN_FRAMES * self.frame_s)
@@ -612,6 +624,8 @@ def replay(bag_path: Path, options: ReplayOptions, image_topic: str | None = Non
     bag = read_bag(bag_path, image_topic)
     if not options.rate > 0:
         raise ReplayError(f"--rate must be positive, got {options.rate}")
+    if bag.repeated_stamps:
+        print(restamp_note(bag), file=sys.stderr)
     with Replayer(bag, options) as r:
         r.warm_up()
         trial = r.replay_bag()
@@ -623,3 +637,13 @@ def replay(bag_path: Path, options: ReplayOptions, image_topic: str | None = Non
             best, log = r.find_max_rate(bag.rate_hz * options.rate)
             search = {"max_rate_hz": best, "max_drop_fraction": options.max_drop, "trials": log}
     return build_report(bag, options, trial, safety, overlays, search)
+
+
+def restamp_note(bag: BagContents) -> str:
+    """What the replay says once about a bag whose image stamps repeat."""
+    return (
+        f"note: {bag.repeated_stamps} of the {len(bag.frames)} frames on {bag.image_topic} "
+        "repeat an earlier frame's header stamp (a driver leaving it unset?); outputs are "
+        "matched to frames by stamp, so every frame is published with its bag receive time "
+        "as header stamp instead (1 ns later than the frame before where those repeat too)"
+    )
