@@ -18,7 +18,7 @@ from test_bag_io import T0, write_stamped_bag  # noqa: E402
 from test_bags import write_frames, write_mp4, write_world_sequence  # noqa: E402
 from waiting import wait_for  # noqa: E402
 
-from segmentation_safety.bags import BagError, read_bag  # noqa: E402
+from segmentation_safety.bags import BagError, cdr_stamp_ns, read_bag  # noqa: E402
 from segmentation_safety.cli import main  # noqa: E402
 from segmentation_safety.ros.replay_report import (  # noqa: E402
     BREAKDOWN_STAGES,
@@ -594,6 +594,36 @@ def test_replay_with_the_node_in_its_own_process(
     assert stages["segmenter"] > 0 and stages["transport_in"] >= 0
     assert process.exited() is not None  # stopped with the replay, its log removed
     assert not process.log.exists()
+
+
+def test_a_warm_up_frame_lost_on_the_way_is_sent_again(
+    bags: dict[str, Path], models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # The node reads best effort: a frame sent before its reader has matched our writer
+    # is lost, and the warm-up waited for it until the start-up timeout (seen in CI).
+    from segmentation_safety.bags import read_bag
+    from segmentation_safety.ros import replay
+    from segmentation_safety.ros.replay import Replayer, ReplayOptions
+
+    monkeypatch.setattr(replay, "WARMUP_RESEND_S", 0.5)
+    real_publish = replay.serialized_publish.publish
+    lost = []
+    config = tmp_path / "params.yaml"
+    config.write_text(PARAMS)
+    options = ReplayOptions(models_dir=models, config=config, warmup=1, startup_timeout_s=20)
+    with Replayer(read_bag(bags["sqlite3"]), options) as r:
+
+        def first_image_lost(publisher, data):
+            if publisher is r.collector.image_pub and not lost:
+                lost.append(data)
+                return
+            real_publish(publisher, data)
+
+        monkeypatch.setattr(replay.serialized_publish, "publish", first_image_lost)
+        r.warm_up()
+        answered = dict(r.collector.answers)
+    assert len(lost) == 1 and len(answered) == 1  # answered once, under the lost one's stamp
+    assert cdr_stamp_ns(lost[0]) in answered
 
 
 def test_a_node_process_that_cannot_start_is_a_clear_error(

@@ -77,6 +77,8 @@ DRAIN_FRAMES = 3
 REPLAY_INPUT_TIMEOUT_S = 3600.0
 #: Bag frames the warm-up tries before it gives up on a bag the node refuses.
 WARMUP_CANDIDATES = 10
+#: A warm-up frame not answered within this is sent again (best-effort input may lose it).
+WARMUP_RESEND_S = 5.0
 #: Longest wait for the node's next /diagnostics statuses after a trial (its period is
 #: 1 s by default).
 STATUS_WAIT_S = 5.0
@@ -495,17 +497,28 @@ class Replayer:
         assert c is not None
         for _ in range(self.options.warmup):
             stamp = next(stamps)
-            sent_at = time.monotonic()
-            deadline = sent_at + self.options.startup_timeout_s
+            deadline = time.monotonic() + self.options.startup_timeout_s
             rejected = c.rejected()
-            serialized_publish.publish(c.image_pub, with_stamp(raw, stamp))
-            with c.cond:
-                c.cond.wait_for(  # the condition's lock is reentrant: rejected() takes it
-                    lambda s=stamp, r=rejected: s in c.answers or c.rejected() > r,
-                    timeout=max(deadline - time.monotonic(), 0.0),
-                )
+            message = with_stamp(raw, stamp)
+            first_sent = time.monotonic()
+            while True:
+                # The node's input is best effort (sensor data): a frame sent while its
+                # reader has not yet matched our writer, though ours has matched it
+                # (discovery is not symmetric), is lost. Sent again, the same stamp.
+                sent_at = time.monotonic()
+                serialized_publish.publish(c.image_pub, message)
+                until = min(deadline, sent_at + WARMUP_RESEND_S)
+                with c.cond:
+                    c.cond.wait_for(  # the condition's lock is reentrant: rejected() takes it
+                        lambda s=stamp, r=rejected: s in c.answers or c.rejected() > r,
+                        timeout=max(until - time.monotonic(), 0.0),
+                    )
+                if stamp in c.answers or c.rejected() > rejected or until >= deadline:
+                    break
             if stamp in c.answers:
-                self.frame_s = c.answers[stamp] - sent_at
+                # From the first send: a long first frame errs on the long side, which
+                # only lengthens the drain.
+                self.frame_s = c.answers[stamp] - first_sent
                 continue
             if c.rejected() > rejected:
                 return False
