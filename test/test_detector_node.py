@@ -742,7 +742,7 @@ def test_diagnostics_window_percentiles_rate_and_staleness_by_hand():
     stats.on_received(True)  # replaced the pending frame: dropped
     stats.on_finished(None)  # the newer one was refused
     stats.on_received(False)
-    stats.on_finished(None, unheard=True)
+    stats.on_finished(None, unheard=True, now=t0 + 5.0)  # before the last processed one
     s = stats.snapshot()
     assert (s.received, s.processed, s.dropped, s.rejected, s.unheard, s.in_flight) == (
         25, 22, 1, 1, 1, 0)  # fmt: skip
@@ -756,10 +756,19 @@ def test_diagnostics_window_percentiles_rate_and_staleness_by_hand():
     assert stale.message.startswith("no frame processed for ")
     assert 89.0 < float(stale.message.split()[-2]) < 95.0  # "... for 89.5 s"
     values = {kv.key: kv.value for kv in stale.values}
-    assert values["latency_p95_ms"] == "19.00" and values["rate_hz"] == "2.00"
+    assert values["latency_p95_ms"] == "19.00" and values["rate_hz"] == "0.00"  # of the past
     assert values["frames_dropped"] == "1" and values["frames_rejected"] == "1"
+    # Paced by max_rate, a long gap is by design: the node passes a longer staleness.
     fresh = diagnostic_status("n", "id", s, "cpu", stale_after_s=1000.0)
     assert (fresh.level, fresh.message) == (DiagnosticStatus.OK, "processing")
+    assert {kv.key: kv.value for kv in fresh.values}["rate_hz"] == "2.00"
+    # The newest frame found no subscriber: nothing is wrong, whatever came before.
+    stats.on_received(False)
+    stats.on_finished(None, unheard=True)
+    quiet = diagnostic_status("n", "id", stats.snapshot(), "cpu", stale_after_s=5.0)
+    assert quiet.level == DiagnosticStatus.OK
+    assert quiet.message.startswith("no output is subscribed")
+    assert {kv.key: kv.value for kv in quiet.values}["rate_hz"] == "0.00"
 
 
 def test_parameters_are_checked_at_run_time_by_name(harness):
@@ -2250,3 +2259,80 @@ def test_ctrl_c_while_spinning_exits_cleanly(models_dir, tmp_path):
                 proc.kill()
                 proc.wait()
     assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_boxes_waiting_for_depth_hold_up_no_later_frame(harness):
+    # The only depth is old and none newer comes (a stopped or lagging stream): frame
+    # 50's boxes wait depth_max_age for one; frame 51 must not wait with them.
+    h = harness(use_depth=True, depth_max_age=5.0, **HAZARD_PARAMS)
+    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
+    h.listen("segmentation", "hazards")
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    depth_pub.publish(depth_msg(7000, sec=5))
+    wait_for(lambda: h.node.depths, "the old depth")
+    h.image_pub.publish(image_msg(50))
+    wait_for(lambda: h.stamped("segmentation", 50), "frame 50's segmentation")
+    h.image_pub.publish(image_msg(51))
+    wait_for(lambda: h.stamped("segmentation", 51), "frame 51's segmentation")
+    assert not h.stamped_markers(50)  # still waiting for a depth: it held nothing up
+    wait_for(lambda: h.stamped_markers(50) and h.stamped_markers(51), "both frames' boxes")
+    assert "(ground)" in boxes(h, 50)[0].text
+
+
+def test_of_equally_near_depths_the_newest_is_taken(harness):
+    # A driver stamping every depth alike: the latest one received is the current one.
+    h = harness(use_depth=True, **HAZARD_PARAMS)
+    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
+    h.listen("hazards")
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    for n, mm in enumerate((3000, 5000, 7000), start=1):
+        depth_pub.publish(depth_msg(mm, sec=90))  # one at a time: the newest is kept
+        wait_for(lambda n=n: len(h.node.depths) == n, f"depth {n}")
+    h.image_pub.publish(image_msg(90))
+    wait_for(lambda: h.stamped_markers(90), "the boxes")
+    (box,) = boxes(h, 90)
+    assert "(depth)" in box.text and box.pose.position.z == pytest.approx(7.0), box.text
+
+
+def test_depth_faults_clear_when_no_one_reads_the_boxes(harness):
+    h = harness(use_depth=True, **HAZARD_PARAMS)
+    h.listen("segmentation", "hazards", "/diagnostics")
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    h.image_pub.publish(image_msg(60))
+    wait_for(lambda: h.stamped_markers(60), "frame 60's boxes")
+    wait_for_fault(h, "no depth")
+    # Depth serves the boxes only: once nobody reads them, its fault says nothing.
+    (sub,) = [s for s in h.helper.subscriptions if s.topic_name.endswith("/hazards")]
+    h.helper.destroy_subscription(sub)
+    wait_for(lambda: h.node.pubs["hazards"].get_subscription_count() == 0, "unsubscribed")
+    h.image_pub.publish(image_msg(61))
+    wait_for(lambda: h.stamped("segmentation", 61), "frame 61")
+    wait_for_fault(h, "no depth", present=False)
+
+
+def test_a_camera_info_or_depth_of_another_size_is_named(harness):
+    h = harness(use_depth=True, **HAZARD_PARAMS)
+    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
+    h.listen("hazards")
+    h.info_pub.publish(camera_info(H * 2, W * 2))  # calibrated at another size
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    depth_pub.publish(depth_msg(7000, sec=95, height=H // 2, width=W // 2))
+    wait_for(lambda: h.node.depths, "the depth")
+    h.image_pub.publish(image_msg(95))
+    wait_for(lambda: h.stamped_markers(95), "the boxes")
+    assert f"calibrates {W * 2}x{H * 2} images" in h.node.problems["camera_info/size"]
+    assert f"are {W // 2}x{H // 2}" in h.node.problems["depth/size"]
+
+
+def test_diagnostics_keep_coming_under_sim_time_without_a_clock(harness):
+    # use_sim_time with no /clock (a paused bag, a hung simulator): the node's clock stands
+    # still, and /diagnostics with the input watchdog must go on all the same.
+    h = harness(use_sim_time=True)
+    h.listen("/diagnostics")
+    wait_for(lambda: diag_values(h), "a /diagnostics status with no /clock")

@@ -61,6 +61,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, KeyValue
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.clock import Clock, ClockType
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.logging import get_logger
@@ -108,6 +109,9 @@ DEPTH_REWIND_S = 1.0
 #: goes when a new one comes (kinds are classes of problem, but memory stays bounded
 #: whatever a publisher sends).
 MAX_PROBLEM_KINDS = 32
+#: /diagnostics says WARN when no frame was processed for this long (or two max_rate
+#: periods, when longer).
+STALE_AFTER_S = 5.0
 
 #: Names of the faults /diagnostics lists (``fault: <name>`` keys) while they last.
 FAULT_CAMERA_INFO = "camera_info invalid"
@@ -468,6 +472,11 @@ class DetectorNode(Node):
         if p.overlap_publish:
             self._publisher = ThreadPoolExecutor(1, thread_name_prefix="segsafe-publish")
         self._publishing: Future | None = None  # the frame being published there
+        # Hazard boxes that wait for a late depth image wait here, not on the worker: a
+        # stopped or lagging depth stream must not hold up the next frame's outputs.
+        self._later = ThreadPoolExecutor(1, thread_name_prefix="segsafe-markers")
+        self._later_queued: Future | None = None
+        self._later_lock = threading.Lock()
         self._qos_seen: set[str] = set()  # inputs whose incompatible publisher was listed
         image_topic, image_type = INPUTS[p.input_transport]
         self.image_sub = self.create_subscription(
@@ -497,7 +506,14 @@ class DetectorNode(Node):
         self.create_subscription(
             CameraInfo, "camera_info", self._on_camera_info, qos_profile_sensor_data
         )
-        self.create_timer(p.diagnostics_period, self._publish_diagnostics)
+        # Steady time, not the node's clock: under use_sim_time a paused bag or a hung
+        # simulator stops /clock, and then /diagnostics and the input watchdog would stop
+        # exactly when they are needed.
+        self.create_timer(
+            p.diagnostics_period,
+            self._publish_diagnostics,
+            clock=Clock(clock_type=ClockType.STEADY_TIME),
+        )
         self._ready = True
         self.worker = threading.Thread(target=self._work, name="segsafe-worker", daemon=True)
         self.worker.start()
@@ -660,11 +676,14 @@ class DetectorNode(Node):
         self._recheck_qos()
         with self._faults_lock:
             faults, problems = dict(self.faults), dict(self.problems)
+        rate = self.params.max_rate
         status = diagnostic_status(
             f"{self.get_name()}: segmentation safety",
             self.get_fully_qualified_name(),
             self.stats.snapshot(),
             str(self.pipeline.device),
+            # Paced slower than one frame in 2.5 s, the node is idle by design between.
+            stale_after_s=max(STALE_AFTER_S, 2.0 / rate) if rate > 0 else STALE_AFTER_S,
             faults=faults,
         )
         status.values.append(KeyValue(key="jpeg_codec", value=self._jpeg_where(self.jpeg)))
@@ -765,10 +784,7 @@ class DetectorNode(Node):
             elif isinstance(outcome, _Sent):
                 latency = (time.monotonic() - received_at) * 1e3
                 if outcome.later is not None:
-                    # Hazard markers that wait for a depth image: waiting is not compute,
-                    # so it happens here and never holds the compute thread other nodes
-                    # of the process share.
-                    outcome.later()
+                    self._run_later(outcome.later)
         except Exception as e:  # keep running whatever one frame does
             if not self._stopping():  # a publish cut short by shutdown is no failure
                 # Keyed by exception type: one recurring failure must not hide another.
@@ -776,6 +792,21 @@ class DetectorNode(Node):
                 self._warn(kind, f"frame failed: {type(e).__name__}: {e}")
         self.stats.on_finished(latency, unheard=unheard)
         return None
+
+    def _run_later(self, task: Callable[[], None]) -> None:
+        """Hazard boxes that wait for a depth image, on their own thread: one waiting, and
+        a newer frame's boxes replace those queued behind it (memory stays bounded)."""
+        with self._later_lock:
+            if self._later_queued is not None:
+                self._later_queued.cancel()  # only if it has not started
+            self._later_queued = self._later.submit(self._run_task, task)
+
+    def _run_task(self, task: Callable[[], None]) -> None:
+        try:
+            task()
+        except Exception as e:  # the next frame's boxes must still go out
+            if not self._stopping():
+                self._warn(f"markers/{type(e).__name__}", f"hazard markers failed: {e}")
 
     def _await_publishing(self) -> None:
         if self._publishing is not None:
@@ -861,6 +892,10 @@ class DetectorNode(Node):
         # waited for the GIL instead). With depth the boxes may wait for a late depth
         # image (depth_max_age), and the images must not wait with them: boxes last.
         boxes_first = "hazards" in wanted and not p.use_depth
+        if not ("hazards" in wanted and p.use_depth):
+            # Depth serves the boxes only: unread or unused, its faults say nothing now.
+            self._clear_fault(FAULT_NO_DEPTH)
+            self._clear_fault(FAULT_DEPTH_SYNC)
         if boxes_first:
             self._publish_hazards(result, header, p, frame.image_size)
         if "hazard_overlay_compressed" in wanted:
@@ -1006,10 +1041,20 @@ class DetectorNode(Node):
                     f"camera_info is for frame {camera[2]!r}, the images are in "
                     f"{header.frame_id!r}: hazard markers use its model for the images' frame",
                 )
+            if all(camera[1]) and camera[1] != (image_size[1], image_size[0]):
+                self._warn(
+                    "camera_info/size",
+                    f"camera_info calibrates {camera[1][0]}x{camera[1][1]} images, the images "
+                    f"are {image_size[1]}x{image_size[0]}: hazard markers scale its K to them, "
+                    "which is right only for a resized image of the same view",
+                )
             min_pixels = p.hazard_min_pixels * (h * w) / (image_size[0] * image_size[1])
             regions = markers.hazard_regions(r.anomaly_net, self.threshold(p), min_pixels)
-            if p.use_depth and regions:
-                depth = self._depth_for(header, (h, w), p)
+        if p.use_depth:
+            # Looked up on every frame, boxes or not, so a depth fault clears once the
+            # stream is back; only a frame with boxes waits for a late depth image.
+            depth = self._depth_for(header, (h, w) if k is not None else None, image_size, p,
+                                    wait=bool(regions))  # fmt: skip
         return markers.hazard_markers(
             regions,
             k,
@@ -1018,11 +1063,14 @@ class DetectorNode(Node):
             p.camera_pitch,
             p.max_marker_range,
             depth=depth,
-            pool=self.marker_pool,
+            # Boxes that waited for depth are built on the markers thread: the pool
+            # serves the compute thread's boxes only.
+            pool=None if p.use_depth else self.marker_pool,
         )
 
-    def _nearest_depth(self, stamp: float, max_age: float) -> cdr.RawImage | None:
-        """The buffered depth nearest ``stamp``; waits up to ``max_age`` for a late one.
+    def _nearest_depth(self, stamp: float, max_age: float, wait: bool) -> cdr.RawImage | None:
+        """The buffered depth nearest ``stamp`` (the newest of equally near ones); with
+        ``wait``, waits up to ``max_age`` for a late one.
 
         Depth often arrives a little after its image; a depth stamped after the image
         already came, or no depth stream at all, means waiting cannot help.
@@ -1030,23 +1078,31 @@ class DetectorNode(Node):
         deadline = time.monotonic() + max_age
         with self._depth_cond:
             while True:
-                best = min(
-                    self.depths, key=lambda m: abs(_seconds(m.header.stamp) - stamp), default=None
+                best = min(  # newest first: min keeps the first of equal keys
+                    reversed(self.depths),
+                    key=lambda m: abs(_seconds(m.header.stamp) - stamp),
+                    default=None,
                 )
                 if best is None or abs(_seconds(best.header.stamp) - stamp) <= max_age:
                     return best
                 newer = any(_seconds(m.header.stamp) > stamp for m in self.depths)
                 remaining = deadline - time.monotonic()
-                if newer or remaining <= 0 or self._stop.is_set():
+                if not wait or newer or remaining <= 0 or self._stop.is_set():
                     return best
                 self._depth_cond.wait(remaining)
 
     def _depth_for(
-        self, header: Any, shape: tuple[int, int], p: DetectorParams
+        self,
+        header: Any,
+        shape: tuple[int, int] | None,
+        image_size: tuple[int, int],
+        p: DetectorParams,
+        wait: bool,
     ) -> np.ndarray | None:
-        """Depth (metres, at ``shape``) for the image with ``header``; None = use the ground."""
+        """Depth (metres, at ``shape``) for the image with ``header``; None = use the ground
+        (or ``shape`` None: only the depth faults brought up to date)."""
         stamp = _seconds(header.stamp)
-        msg = self._nearest_depth(stamp, p.depth_max_age)
+        msg = self._nearest_depth(stamp, p.depth_max_age, wait)
         if self._stop.is_set():  # woken by shutdown: no fault to report, nothing to place
             return None
         topic = self._depth_topic()
@@ -1066,6 +1122,8 @@ class DetectorNode(Node):
                 self.get_logger().warning(text)
             return None
         self._clear_fault(FAULT_DEPTH_SYNC)
+        if shape is None:
+            return None
         try:
             if isinstance(msg, CompressedImage):
                 depth = image_codec.decode_compressed_depth(msg, p.max_pixels)
@@ -1074,6 +1132,13 @@ class DetectorNode(Node):
         except image_codec.CodecError as e:
             self._warn(f"depth/{e.kind}", f"bad depth image: {e}")
             return None
+        if depth.shape != image_size:
+            self._warn(
+                "depth/size",
+                f"depth images on {topic} are {depth.shape[1]}x{depth.shape[0]}, the images "
+                f"{image_size[1]}x{image_size[0]}: depth is stretched to them, right only if "
+                "it is registered to the image",
+            )
         return markers.match_depth(depth, shape)
 
     def _safety(
@@ -1142,6 +1207,8 @@ class DetectorNode(Node):
             self.worker.join(timeout=5.0)
         if getattr(self, "_publisher", None) is not None:
             self._publisher.shutdown(wait=True, cancel_futures=True)
+        if getattr(self, "_later", None) is not None:
+            self._later.shutdown(wait=True, cancel_futures=True)
         super().destroy_node()
 
 

@@ -32,6 +32,7 @@ class StatsSnapshot:
     latency_p95_ms: float
     latency_max_ms: float
     idle_s: float  # since the last processed frame (inf before the first)
+    unheard_idle_s: float = float("inf")  # since the last frame nobody was subscribed for
 
 
 class FrameStats:
@@ -49,6 +50,7 @@ class FrameStats:
         # as processed, so rate and latency describe frames someone received.
         self.unheard = 0
         self.in_flight = 0  # in the slot or being processed right now
+        self._unheard_at: float | None = None
 
     def on_received(self, replaced_pending: bool) -> None:
         with self._lock:
@@ -66,6 +68,7 @@ class FrameStats:
             self.in_flight -= 1
             if unheard:
                 self.unheard += 1
+                self._unheard_at = time.monotonic() if now is None else now
                 return
             if latency_ms is None:
                 self.rejected += 1
@@ -78,6 +81,7 @@ class FrameStats:
         with self._lock:
             done = list(self._done_at)
             lat = np.asarray(self._latency_ms, dtype=np.float64)
+            unheard_at = self._unheard_at
             counts = (
                 self.received,
                 self.processed,
@@ -93,8 +97,10 @@ class FrameStats:
             mx = float(lat.max())
         else:
             p50 = p95 = mx = float("nan")
-        idle = time.monotonic() - done[-1] if done else float("inf")
-        return StatsSnapshot(*counts, rate, float(p50), float(p95), mx, idle)
+        now = time.monotonic()
+        idle = now - done[-1] if done else float("inf")
+        unheard_idle = now - unheard_at if unheard_at is not None else float("inf")
+        return StatsSnapshot(*counts, rate, float(p50), float(p95), mx, idle, unheard_idle)
 
 
 def diagnostic_status(
@@ -108,13 +114,19 @@ def diagnostic_status(
     """One DiagnosticStatus for the node: OK while frames flow, WARN when none came lately.
 
     Each active fault is a ``fault: <name>`` value, and the message names them all, so a
-    monitor sees every cause at once rather than the newest only.
+    monitor sees every cause at once rather than the newest only. ``stale_after_s``: no
+    processed frame for longer is a WARN (a node paced by ``max_rate`` passes its period).
+    ``rate_hz`` is 0 while frames are not processed: the window's rate is of the past.
     """
     faults = faults or {}
     level, message = DiagnosticStatus.OK, "processing"
+    # The newest frame found no subscriber: nothing is wrong, the node only checks frames.
+    unheard = snap.unheard and (
+        snap.processed == 0 or snap.unheard_idle_s < min(snap.idle_s, stale_after_s)
+    )
     if faults:
         level, message = DiagnosticStatus.WARN, "faults: " + ", ".join(sorted(faults))
-    elif snap.processed == 0 and snap.unheard:
+    elif unheard:
         message = "no output is subscribed: frames are only checked"
     elif snap.processed == 0 and snap.rejected:
         level, message = DiagnosticStatus.WARN, "every frame so far is refused as bad input"
@@ -136,7 +148,7 @@ def diagnostic_status(
         hardware_id=hardware_id,
         values=[
             kv("device", device),
-            kv("rate_hz", snap.rate_hz),
+            kv("rate_hz", 0.0 if unheard or snap.idle_s > stale_after_s else snap.rate_hz),
             kv("latency_p50_ms", snap.latency_p50_ms),
             kv("latency_p95_ms", snap.latency_p95_ms),
             kv("latency_max_ms", snap.latency_max_ms),
