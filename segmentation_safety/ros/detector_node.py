@@ -916,8 +916,8 @@ class DetectorNode(Node):
             if key in wanted:
                 serialized_publish.publish(self.pubs[key], cdr.serialize_body(body))
         if "hazards" in wanted and not boxes_first:
-            # After `safety`, off the compute thread (_run_frame): the boxes may wait for
-            # a late depth image, up to depth_max_age.
+            # After `safety`, on the markers thread (_run_later): the boxes may wait for
+            # a late depth image, up to depth_max_age, and no later frame waits with them.
             size = frame.image_size
             later = lambda: self._publish_hazards(result, header, p, size)  # noqa: E731
         if "safety" in wanted:
@@ -1201,7 +1201,7 @@ class DetectorNode(Node):
         if getattr(self, "worker", None) is not None:
             self._stop.set()
             self._params_changed.set()
-            with self._depth_cond:  # a worker waiting for a late depth image stops now
+            with self._depth_cond:  # boxes waiting for a late depth image stop now
                 self._depth_cond.notify_all()
             self.slot.close()
             self.worker.join(timeout=5.0)
