@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from segmentation_safety.errors import UserError
+from segmentation_safety.errors import UnwritableOutputError, UserError
 
 #: Ground-truth topics written by ``segsafe make-bag`` and scored by ``segsafe replay``.
 LABELS_TOPIC = "/ground_truth/labels"
@@ -283,11 +283,14 @@ class StagedBag:
     """
 
     def __init__(self, out: Path) -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         self.out = out
         self.staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir()
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir()
+        except OSError as e:
+            raise UnwritableOutputError(f"cannot write the bag {out}: {e.strerror or e}") from None
         self.path = self.staging / out.name
 
     def commit(self) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segmentation_safety.errors import UserError
+from segmentation_safety.errors import UnwritableOutputError, UserError
 
 if TYPE_CHECKING:  # only in annotations: `segsafe --help` must not wait for torch
     import torch
@@ -51,8 +51,20 @@ class Bundle:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see either the old file or the new one."""
+    """Write ``data`` to ``path`` so readers see either the old file or the new one.
+
+    A path that cannot be written (a directory in the way, a file among its parents, no
+    permission, no space) raises :class:`UnwritableOutputError` naming it."""
     path = Path(path)
+    try:
+        _write_replacing(path, data)
+    except OSError as e:
+        if isinstance(e, UnwritableOutputError):
+            raise
+        raise UnwritableOutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _write_replacing(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 Run = Callable[[argparse.Namespace], int]
 
@@ -25,6 +27,27 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class InvalidArgumentError(UserError, ValueError):
     """A command-line value outside what the command accepts; the message names the flag."""
+
+
+class UnwritableOutputError(UserError, OSError):
+    """An output that cannot be written where the user asked (a directory in the way, a
+    parent that is a file, no permission); the message names the path."""
+
+
+def check_writable(path: str | os.PathLike[str], what: str = "--out", folder: bool = False) -> None:
+    """Refuse, before any work, an output ``path`` that cannot be written: a directory
+    where a file goes, a file among its parents, or a parent without write permission.
+    ``folder``: the output is a directory (created there)."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise UnwritableOutputError(f"{what} {path} is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UnwritableOutputError(f"{what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UnwritableOutputError(f"{what} {path}: {parent} is not writable")
 
 
 def report(command: str, error: UserError) -> int:

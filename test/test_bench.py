@@ -193,3 +193,20 @@ def test_cli_refuses_unknown_detector_and_missing_models(tmp_path, capsys):
     rc = main(["bench", "--models", str(tmp_path / "none"), "--out", str(tmp_path / "b")])
     assert rc == 2
     assert "segmenter.safetensors: file not found" in capsys.readouterr().err
+
+
+def test_cli_refuses_bad_counts_and_an_out_it_cannot_write_before_any_work(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    out = str(tmp_path / "b.json")
+    cases = [
+        (["--out", str(tmp_path)], "is a directory; give a file name"),
+        (["--out", str(afile / "b.json")], "is a file, not a directory"),
+        (["--repeats", "0", "--out", out], "--repeats must be at least 1"),
+        (["--threads", "-1", "--out", out], "--threads must be at least 1"),
+        (["--segmenter", "bogus", "--out", out], "--segmenter: unknown segmenter 'bogus'"),
+    ]
+    for argv, words in cases:
+        assert main(["bench", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err

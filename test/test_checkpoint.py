@@ -154,3 +154,13 @@ def test_written_files_are_readable_by_everyone_whatever_the_umask(tmp_path):
         os.umask(before)
     for name in ("seg.safetensors", "report.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_an_output_that_cannot_be_written_is_named_not_a_traceback(tmp_path):
+    from segmentation_safety.errors import UnwritableOutputError, UserError
+
+    (tmp_path / "a_dir").mkdir()
+    with pytest.raises(UnwritableOutputError, match="cannot write .*a_dir") as e:
+        atomic_write_bytes(tmp_path / "a_dir", b"{}")  # a directory in the way
+    assert isinstance(e.value, UserError) and isinstance(e.value, OSError)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_dir"]  # no temporary file left

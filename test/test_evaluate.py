@@ -363,6 +363,19 @@ def test_split_a_dataset_lacks_is_refused(world: Path, tmp_path: Path, capsys):
     assert "--split anomaly" in capsys.readouterr().err
 
 
+def test_bad_counts_and_an_out_it_cannot_write_are_refused_first(world: Path, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    out = str(tmp_path / "R.json")
+    cases = [
+        (("--batch-size", "0", "--out", out), "--batch-size must be at least 1"),
+        (("--out", str(tmp_path / "afile" / "R.json")), "is a file, not a directory"),
+    ]
+    for extra, words in cases:
+        assert _cli("--root", str(world), "--split", "anomaly", *extra) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err
+
+
 def test_bad_samples_are_refused_by_name():
     image = np.zeros((4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match="frame7.*neither"):

@@ -707,3 +707,10 @@ def test_overlays_are_the_first_middle_and_last_frames_as_numbered_bgr_pngs(tmp_
     assert len(save_overlays(overlays, tmp_path / "all", 9)) == 5
     assert save_overlays(overlays, tmp_path / "none", 0) == []
     assert save_overlays({}, tmp_path / "empty", 3) == [] and not (tmp_path / "empty").exists()
+
+
+def test_a_misspelt_node_parameter_is_refused_before_the_replay(bags, tmp_path, capsys):
+    rc = main(["replay", "--bag", str(bags["sqlite3"]), "--out", str(tmp_path / "T.json"),
+               "--param", "anomaly_treshold=0.5"])  # fmt: skip
+    assert rc == 2
+    assert "anomaly_treshold is not a parameter of the node" in capsys.readouterr().err

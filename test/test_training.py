@@ -517,3 +517,11 @@ def test_training_without_tensorboard_logs_nothing_and_says_so(
     assert out.is_file() and not engine.log_dir(out).exists()
     notes = [line for line in capsys.readouterr().err.splitlines() if "TensorBoard" in line]
     assert len(notes) == 1 and notes[0].startswith("note: no TensorBoard logging")
+
+
+def test_an_existing_bundle_is_trained_over_only_with_restart(world: Path, tmp_path: Path, capsys):
+    out = tmp_path / "trained.safetensors"
+    out.write_bytes(b"hours of training")
+    assert train("segmenter", world, out) == 2
+    assert "exists (a trained bundle): pass --restart" in capsys.readouterr().err
+    assert out.read_bytes() == b"hours of training"

@@ -16,7 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from segmentation_safety.errors import InvalidArgumentError, UserError, report_user_errors
+from segmentation_safety.errors import (
+    InvalidArgumentError,
+    UserError,
+    check_writable,
+    report_user_errors,
+)
 
 MODELS = ("segmenter", "densehybrid", "generator", "comparison", "flow", "flowenedet", "sml")
 
@@ -111,11 +116,12 @@ def _mtime(path: Path) -> int | None:
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse, before any training, what would only fail at its end (the bundle write)."""
     out = Path(args.out)
-    if out.is_dir():
-        raise InvalidArgumentError(f"--out {out} is a directory; give the bundle's file name")
-    parent = next((p for p in out.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise InvalidArgumentError(f"--out {out}: {parent} is a file, not a directory")
+    check_writable(out)
+    if out.is_file() and not (getattr(args, "resume", False) or getattr(args, "restart", False)):
+        # A trained bundle, maybe of hours: replaced only when asked to (as import-weights).
+        raise InvalidArgumentError(
+            f"--out {out} exists (a trained bundle): pass --restart to train over it"
+        )
     if args.stop_after is not None and args.stop_after < 1:
         raise InvalidArgumentError(f"--stop-after must be >= 1, got {args.stop_after}")
     if getattr(args, "resume", False) and getattr(args, "restart", False):

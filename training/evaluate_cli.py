@@ -42,6 +42,7 @@ from segmentation_safety.errors import (
     InvalidArgumentError,
     MissingFileError,
     UserError,
+    check_writable,
     report_user_errors,
 )
 
@@ -93,7 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="Cityscapes root with leftImg8bit/val, for --dataset fishyscapes given as the "
         "official FS Static zip (its overlays are added to those frames)",
     )
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="images per forward pass (same-size runs)"
+    )
     p.add_argument(
         "--segmenter-weights",
         type=Path,
@@ -142,8 +145,13 @@ def run(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate, scoring_order
     from training.report import report_markdown, write_report
 
+    check_writable(args.out)  # before the evaluation, not after it
     if args.limit is not None and args.limit < 1:
         raise InvalidArgumentError("--limit must be at least 1")
+    if args.batch_size < 1:
+        raise InvalidArgumentError("--batch-size must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise InvalidArgumentError("--threads must be at least 1")
     if args.input_size is not None and min(args.input_size) < 16:
         raise InvalidArgumentError("--input-size H W must both be at least 16")
     if args.threads:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segmentation_safety.errors import InvalidArgumentError, report_user_errors
+from segmentation_safety.errors import InvalidArgumentError, check_writable, report_user_errors
 
 if TYPE_CHECKING:
     from training.bags import BagSummary
@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is None and not args.list:
         raise InvalidArgumentError("--out is required (the bag directory to create)")
+    if args.out is not None and not args.list:
+        check_writable(args.out, folder=True)
     if args.list and args.root is None:
         raise InvalidArgumentError("--list lists the sequences under --root")
     if args.root is None:

@@ -19,7 +19,7 @@ from segmentation_safety.commands.common import (
     write_json,
 )
 from segmentation_safety.commands.replay import add_node_process_arg
-from segmentation_safety.errors import InvalidArgumentError, report_user_errors
+from segmentation_safety.errors import InvalidArgumentError, check_writable, report_user_errors
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,8 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="time the segmentation pass and each detector's overhead (writes B.json)",
         description=__doc__,
     )
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=512, help="image height timed (default 512)")
+    p.add_argument("--width", type=int, default=1024, help="image width timed (default 1024)")
     add_models_arg(p)
     p.add_argument("--detectors", default="all", help="comma-separated names, or 'all'")
     p.add_argument(
@@ -47,9 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fp32", action="store_true", help="on CUDA, time fp32 instead of fp16 autocast"
     )
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--repeats", type=int, default=10, help="timed passes (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed passes first")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, required=True, help="B.json to write")
     node = p.add_argument_group("--node: the whole node (replay machinery), not the models")
     node.add_argument("--node", action="store_true", help="time the node's stages")
@@ -90,6 +90,8 @@ def run_node(args: argparse.Namespace) -> int:
 
     if args.bag is None:
         raise InvalidArgumentError("--node needs --bag (e.g. from `segsafe make-bag`)")
+    if args.frames < 1:
+        raise InvalidArgumentError("--frames must be at least 1")
     if args.threads and args.node_process:
         raise InvalidArgumentError(
             "--threads sets this process's torch threads, not a --node-process node's"
@@ -141,6 +143,9 @@ def run_node(args: argparse.Namespace) -> int:
 
 @report_user_errors("bench")
 def run(args: argparse.Namespace) -> int:
+    check_writable(args.out)  # before minutes of timing, not after
+    if args.threads is not None and args.threads < 1:
+        raise InvalidArgumentError("--threads must be at least 1")
     if args.node:
         return run_node(args)
     import torch
@@ -156,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.height < 16 or args.width < 16:
         raise InvalidArgumentError("--height and --width must be at least 16")
+    if args.repeats < 1 or args.warmup < 0:
+        raise InvalidArgumentError("--repeats must be at least 1 and --warmup at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Time the allocator the node runs with (its retain_host_memory default).
@@ -165,7 +172,10 @@ def run(args: argparse.Namespace) -> int:
     options = parse_detector_options(args.detector_options)
     root = args.models or DEMO_MODELS
     if args.segmenter:
-        segmenter = build_segmenter(args.segmenter)
+        try:
+            segmenter = build_segmenter(args.segmenter)
+        except KeyError as e:  # names the known architectures
+            raise InvalidArgumentError(f"--segmenter: {e.args[0]}") from None
         seg_name = f"{args.segmenter} (random weights)"
         parts_usable = False  # trained parts belong to another segmenter
     else:

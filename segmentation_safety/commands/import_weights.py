@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from segmentation_safety.errors import InvalidArgumentError, report_user_errors
+from segmentation_safety.errors import InvalidArgumentError, check_writable, report_user_errors
 from segmentation_safety.models.importers import SIGNATURES, ImportWeightsError
 
 
@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from segmentation_safety.models.importers import import_checkpoint
 
     out = args.out if args.out.suffix == ".safetensors" else args.out / "segmenter.safetensors"
+    check_writable(out)
     if out.exists() and not args.force:
         # Parts trained on the old segmenter would be refused once it is replaced.
         raise InvalidArgumentError(f"{out} exists (pass --force to replace it)")

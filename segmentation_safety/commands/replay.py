@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from segmentation_safety.commands.common import add_models_arg
-from segmentation_safety.errors import InvalidArgumentError, report_user_errors
+from segmentation_safety.errors import InvalidArgumentError, check_writable, report_user_errors
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +67,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_node_process_arg(p)
     p.add_argument("--output-bag", type=Path, default=None, help="record input + outputs here")
-    p.add_argument("--output-format", choices=("sqlite3", "mcap"), default="sqlite3")
+    p.add_argument(
+        "--output-format",
+        choices=("sqlite3", "mcap"),
+        default="sqlite3",
+        help="storage of --output-bag (default sqlite3)",
+    )
     p.add_argument("--overlays", type=Path, default=None, help="save hazard overlays here")
     p.add_argument("--overlay-count", type=int, default=4, help="how many overlay PNGs")
     p.set_defaults(run=run)
@@ -90,8 +95,13 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"--outputs: unknown {unknown}; known: {', '.join(TOPICS)}")
         if args.overlays is not None:
             outputs |= {"hazard_overlay"}
+    check_writable(args.out)  # before the replay, not after it
     if args.output_bag is not None:
         OutputBag.check_new(args.output_bag)  # before the node starts, not after
+    if args.warmup < 0 or args.overlay_count < 0 or args.search_trials < 1:
+        raise InvalidArgumentError(
+            "--warmup and --overlay-count must be at least 0, --search-trials at least 1"
+        )
     parameters = parse_params(args.param)
     options = ReplayOptions(
         parameters=parameters,
@@ -178,4 +188,14 @@ def parse_params(items: list[str]) -> dict[str, object]:
         if not sep or not name.strip():
             raise InvalidArgumentError(f"--param: expected NAME=VALUE, got {item!r}")
         out[name.strip()] = yaml.safe_load(value)
+    from segmentation_safety.ros.params import SPECS
+
+    # A misspelt name would be declared by nobody and silently change nothing.
+    known = {spec.name for spec in SPECS} | {"use_sim_time"}
+    unknown = sorted(set(out) - known)
+    if unknown:
+        raise InvalidArgumentError(
+            f"--param: {', '.join(unknown)} is not a parameter of the node "
+            "(README's parameter list; config/detector.yaml has them all)"
+        )
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from segmentation_safety.errors import report_user_errors
+from segmentation_safety.errors import InvalidArgumentError, report_user_errors
 from training.world.writer import write_world
 
 
@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "anomaly/, sequences/ and negatives/) once the new one is complete; any other "
         "file in --out is kept",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed, the same world")
     p.add_argument("--train", type=int, default=1000, help="training frames")
     p.add_argument("--val", type=int, default=200, help="validation frames")
     p.add_argument("--anomaly", type=int, default=100, help="frames with lost cargo")
@@ -45,8 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="streets with decoys, DenseHybrid's scene negatives (default: --negatives)",
     )
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=256, help="frame height in pixels")
+    p.add_argument("--width", type=int, default=512, help="frame width in pixels")
     p.add_argument(
         "--workers",
         type=int,
@@ -61,6 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 @report_user_errors("world")
 def main_world(args: argparse.Namespace) -> int:
     """Handler of ``segsafe world``."""
+    if args.seed < 0 or args.workers < 1:
+        raise InvalidArgumentError("--seed must be at least 0 and --workers at least 1")
     stats = write_world(
         args.out,
         seed=args.seed,
