@@ -8,15 +8,16 @@ R.json follows DESIGN.md 5.2 exactly::
      "score_at": {"requested": "network"|"label", "detectors": {NAME: "network"|"label"}},
      "input_resize": "pil"|"fast", "anomaly_rule": "pooled"|"per_image"}
 
-Choices where the contract is silent: a block the split cannot measure is left out
-("segmentation" on an anomaly-only split, as a detector lists only the blocks it
-produces); an undefined metric (e.g. no anomaly pixel at all) is ``null``, since JSON has
-no NaN; "skipped" names detectors that were not scored, with the reason; "score_at" says in
-which order each detector's map was made ("network": scored at the network's resolution,
-the map upsampled, as the node publishes it; "label": logits upsampled to the label size,
-then scored, the benchmarks' protocol), since a requested "label" applies only to
-detectors that need nothing but the logits; "input_resize" says how the images were
-resized to the network's input (PIL's pixels, or torch's faster uint8 kernel);
+Choices where the contract is silent: "segmentation" is always there (DESIGN keeps the
+key), its ``miou`` ``null`` on a split without segmentation labels; a detector lists only
+the blocks it produces and the split can score; an undefined metric (e.g. no anomaly
+pixel at all) is ``null``, since JSON has no NaN; "skipped" names detectors that were not
+scored, with the reason; "score_at" says in which order each detector's map was made
+("network": scored at the network's resolution, the map upsampled, as the node publishes
+it; "label": logits upsampled to the label size, then scored, the benchmarks' protocol),
+since a requested "label" applies only to detectors that need nothing but the logits;
+"input_resize" says how the images were resized to the network's input (PIL's pixels, or
+torch's faster uint8 kernel);
 "anomaly_rule" says how the "anomaly" block was computed: "pooled" over every pixel
 (Fishyscapes), or "per_image", each image's values averaged as StreetHazards' own
 benchmark code does, with the pooled values beside it as "anomaly_pooled".
@@ -39,8 +40,9 @@ from training.evaluate import EvaluationReport, nan_to_none
 def report_json(report: EvaluationReport) -> dict[str, Any]:
     """The DESIGN.md 5.2 dictionary of ``report`` (NaN -> None)."""
     out: dict[str, Any] = {"dataset": report.dataset, "images": int(report.images)}
-    if report.miou is not None:
-        out["segmentation"] = {"miou": nan_to_none(report.miou)}
+    # The key is part of the contract: null where the split has no segmentation labels.
+    miou = None if report.miou is None else nan_to_none(report.miou)
+    out["segmentation"] = {"miou": miou}
     out["detectors"] = {
         name: {
             block: {
