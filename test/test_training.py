@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from segmentation_safety.checkpoint import BundleError, load_bundle
+from segmentation_safety.checkpoint import BundleError, load_bundle, save_bundle
 from segmentation_safety.pipeline import Pipeline, PipelineConfig
 from training import cli, engine
 
@@ -525,3 +525,49 @@ def test_an_existing_bundle_is_trained_over_only_with_restart(world: Path, tmp_p
     assert train("segmenter", world, out) == 2
     assert "exists (a trained bundle): pass --restart" in capsys.readouterr().err
     assert out.read_bytes() == b"hours of training"
+
+
+def test_a_resume_under_another_segmenter_or_other_negatives_is_refused(
+    world: Path, models: Path, tmp_path: Path, capsys
+):
+    import shutil
+
+    base = {k: v for k, v in TINY.items() if k != "architecture_options"}
+    seg = tmp_path / "segmenter.safetensors"
+    shutil.copy(models / "segmenter.safetensors", seg)
+    flow = write_config(tmp_path / "flow.yaml", **{**base, "batch_size": 1, "iterations": 3},
+                        segmenter=str(seg), steps=2, hidden=8)  # fmt: skip
+    out = tmp_path / "flow.safetensors"
+    assert train("flow", world, out, flow, "--stop-after", "1") == 0
+    # The segmenter file changes between the stop and the resume (fine-tuned since, say).
+    bundle = load_bundle(seg)
+    tensors = {k: v + 0.01 if v.is_floating_point() else v for k, v in bundle.tensors.items()}
+    save_bundle(seg, tensors, bundle.metadata)
+    assert train("flow", world, out, flow, "--resume") == 2
+    assert "was written with segmenter='sha256:" in capsys.readouterr().err
+    # DenseHybrid's negatives are part of its run too, the default folder included.
+    shutil.copytree(world / "negatives", tmp_path / "other_negatives")
+    dh = write_config(tmp_path / "dh.yaml", **{**base, "iterations": 3},
+                      segmenter=str(models / "segmenter.safetensors"),
+                      segmenter_out=str(tmp_path / "dh_segmenter.safetensors"))  # fmt: skip
+    dh_out = tmp_path / "densehybrid.safetensors"
+    assert train("densehybrid", world, dh_out, dh, "--stop-after", "1") == 0
+    other = str(tmp_path / "other_negatives")
+    assert train("densehybrid", world, dh_out, dh, "--resume", "--negatives", other) == 2
+    assert "was written with negatives=" in capsys.readouterr().err
+
+
+def test_a_checkpoint_written_without_amp_resumes_with_it(tmp_path: Path):
+    # device may change on resume: a CPU run (no AMP) continued on CUDA with amp: true.
+    from training.engine.loop import Trainable, load_training_state, save_training_state
+
+    module = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    trainable = Trainable(
+        module, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    )
+    path = tmp_path / "run.ckpt"
+    save_training_state(path, trainable, torch.amp.GradScaler("cpu", enabled=False), 3, {})
+    enabled = torch.amp.GradScaler("cpu", enabled=True)
+    assert load_training_state(path, trainable, enabled, {}) == 3  # raised before
+    assert enabled.is_enabled()

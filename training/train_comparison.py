@@ -361,9 +361,13 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         optimizer, scheduler = engine.constant_adam(comparison.parameters(), config)  # paper
         make_sample = augmenter(train_set, fold_of, config)
         # --resume after a stop among the folds: the comparison stage has not started yet.
+        inputs = {
+            "segmenter": engine.bundle_identity(seg_path),
+            "generator": engine.bundle_identity(gen_path),
+        }
         if not engine.run_stage(
             ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args,
-            "comparison", fresh_without_checkpoint=True,
+            "comparison", fresh_without_checkpoint=True, inputs=inputs,
         ):  # fmt: skip
             return {"stopped": True}
 

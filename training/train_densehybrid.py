@@ -243,6 +243,12 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             config,
             args,
             "densehybrid",
+            # The base segmenter and the negatives pasted make the run: a resume under
+            # others (the default folder included) would mix two.
+            inputs={
+                "segmenter": engine.bundle_identity(base_path),
+                "negatives": str(negatives.root.resolve()),
+            },
         ):
             return {"stopped": True}
 

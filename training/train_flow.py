@@ -146,8 +146,9 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         optimizer, scheduler = engine.constant_adam(detector.flows.parameters(), config)
         make_sample = augmenter(train_set, config)
         if not engine.run_stage(
-            ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args, "flow"
-        ):
+            ctx, module, optimizer, scheduler, make_sample, len(train_set), config, args, "flow",
+            inputs={"segmenter": engine.bundle_identity(path)},
+        ):  # fmt: skip
             return {"stopped": True}
 
         detector.to(ctx.device)

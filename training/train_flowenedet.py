@@ -161,6 +161,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             detector = fit_flow(
                 ctx, segmenter, mean, std, flow_set, run_config, run_args, desc,
                 fresh_without_checkpoint=len(seeds) > 1,
+                inputs={"segmenter": engine.bundle_identity(path)},
             )  # fmt: skip
             if detector is None:
                 return {"stopped": True}
@@ -200,8 +201,10 @@ def fit_flow(
     args: argparse.Namespace,
     desc: str,
     fresh_without_checkpoint: bool = False,
+    inputs: dict[str, Any] | None = None,
 ) -> FlowEneDetU | FlowEneDetC | None:
-    """One FED fit on the frozen segmenter (None when ``--stop-after`` cut it short)."""
+    """One FED fit on the frozen segmenter (None when ``--stop-after`` cut it short);
+    ``inputs``: the run's identity beyond its config (the segmenter bundle's)."""
     detector = VARIANTS[config["variant"]](
         segmenter,
         blocks=int(config["blocks"]),
@@ -219,6 +222,7 @@ def fit_flow(
     if not engine.run_stage(
         ctx, module, optimizer, scheduler, make_sample, len(flow_set), config, args,
         desc, data_init=True, fresh_without_checkpoint=fresh_without_checkpoint,
+        inputs=inputs,
     ):  # fmt: skip
         return None
     return detector

@@ -6,6 +6,7 @@ from training.engine.common import (
     NegativeImages,
     NegativeScenes,
     augmented_samples,
+    bundle_identity,
     constant_adam,
     decoy_targets,
     evaluate_segmentation,
@@ -45,6 +46,7 @@ from training.engine.loop import (
 from training.engine.transforms import random_scale_crop_flip, resize, to_tensors
 
 __all__ = [
+    "bundle_identity",
     "DataError",
     "LoopConfig",
     "NegativeImages",

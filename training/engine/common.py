@@ -46,16 +46,19 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
-def loop_config(config: dict[str, Any], args: argparse.Namespace) -> LoopConfig:
-    """The engine's loop settings from a trainer config and the CLI arguments."""
+def loop_config(
+    config: dict[str, Any], args: argparse.Namespace, inputs: dict[str, Any] | None = None
+) -> LoopConfig:
+    """The engine's loop settings from a trainer config and the CLI arguments.
+
+    ``inputs``: what else the run is made of (the bundles it starts from, its negatives):
+    a resume under other ones would mix two runs, so they are part of its identity."""
     identity: dict[str, Any] = {
         "config": {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
     }
     if getattr(args, "data", None) is not None:
         identity["data"] = str(Path(args.data).resolve())
-    # Other negatives make another run; absent, the run's identity stays as it was.
-    if getattr(args, "negatives", None) is not None:
-        identity["negatives"] = str(Path(args.negatives).resolve())
+    identity.update(inputs or {})
     return LoopConfig(
         restart=bool(getattr(args, "restart", False)),
         identity=identity,
@@ -97,6 +100,7 @@ def run_stage(
     *,
     data_init: bool = False,
     fresh_without_checkpoint: bool = False,
+    inputs: dict[str, Any] | None = None,
 ) -> bool:
     """Train ``module`` on a seeded stream over ``n_items`` dataset items with ``fit``.
 
@@ -108,7 +112,7 @@ def run_stage(
     ``--stop-after`` cut it short (the trainer's ``open_run`` block closes the run).
     """
     stream = SampleStream(n_items, int(config["batch_size"]), int(config["seed"]))
-    loop = loop_config(config, args)
+    loop = loop_config(config, args, inputs)
     if fresh_without_checkpoint:
         loop.resume = loop.resume and checkpoint_path(loop.out).is_file()
     if data_init and not loop.resume:
@@ -122,6 +126,18 @@ def run_stage(
 
 
 # --------------------------------------------------------------------------- data
+
+
+def bundle_identity(path: str | os.PathLike[str]) -> str:
+    """A bundle file as a run's input: its content's sha256 (another file at the same
+    path, e.g. a segmenter fine-tuned since, is another input)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def open_split(root: str | os.PathLike[str], split: str) -> Sequence[dict[str, Any]]:

@@ -374,7 +374,10 @@ def load_training_state(
             f"--resume: {path} holds a model other than this run's ({first})"
         ) from None
     trainable.scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    # Else AMP was off on one side (a CPU run resumed on CUDA, or the reverse: device may
+    # change on resume): the scaler starts afresh, finding its scale in a few steps.
     set_rng_state(state["rng"])
     return int(state["iteration"])
 
