@@ -164,3 +164,16 @@ def test_an_output_that_cannot_be_written_is_named_not_a_traceback(tmp_path):
         atomic_write_bytes(tmp_path / "a_dir", b"{}")  # a directory in the way
     assert isinstance(e.value, UserError) and isinstance(e.value, OSError)
     assert [p.name for p in tmp_path.iterdir()] == ["a_dir"]  # no temporary file left
+
+
+def test_a_segmenter_bundle_with_wrong_weights_is_named_once(tmp_path):
+    from segmentation_safety.models.zoo import build_segmenter, load_segmenter, segmenter_metadata
+
+    seg = build_segmenter("tiny", num_classes=19, width=8)
+    tensors = dict(seg.state_dict())
+    tensors.pop(next(iter(tensors)))  # one weight missing
+    path = tmp_path / "segmenter.safetensors"
+    save_bundle(path, tensors, segmenter_metadata(seg))
+    with pytest.raises(BundleError) as e:
+        load_segmenter(path)
+    assert str(e.value).count("model bundle") == 1 and str(path) in str(e.value)

@@ -164,6 +164,8 @@ def load_segmenter(path: str | os.PathLike[str]) -> tuple[Segmenter, Bundle]:
     bundle = load_bundle(path, kind="segmenter")
     try:
         segmenter = segmenter_from_bundle(bundle, path=str(path))
+    except BundleError:
+        raise  # names the file already
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise BundleError(path, f"cannot build the segmenter: {e}") from None
     names = bundle.metadata.get("class_names")
