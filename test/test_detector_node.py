@@ -2261,15 +2261,22 @@ def test_ctrl_c_while_spinning_exits_cleanly(models_dir, tmp_path):
     assert "Traceback" not in log.read_text(), log.read_text()
 
 
+def _with_depth(harness, *topics: str, info: CameraInfo | None = None, **params):
+    """A node with use_depth and the hazard settings, listening on ``topics``, its camera
+    calibrated, and a depth publisher it has discovered."""
+    h = harness(use_depth=True, **HAZARD_PARAMS, **params)
+    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
+    h.listen(*topics)
+    h.info_pub.publish(info or camera_info())
+    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    return h, depth_pub
+
+
 def test_boxes_waiting_for_depth_hold_up_no_later_frame(harness):
     # The only depth is old and none newer comes (a stopped or lagging stream): frame
     # 50's boxes wait depth_max_age for one; frame 51 must not wait with them.
-    h = harness(use_depth=True, depth_max_age=5.0, **HAZARD_PARAMS)
-    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
-    h.listen("segmentation", "hazards")
-    h.info_pub.publish(camera_info())
-    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
-    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    h, depth_pub = _with_depth(harness, "segmentation", "hazards", depth_max_age=5.0)
     depth_pub.publish(depth_msg(7000, sec=5))
     wait_for(lambda: h.node.depths, "the old depth")
     h.image_pub.publish(image_msg(50))
@@ -2283,12 +2290,7 @@ def test_boxes_waiting_for_depth_hold_up_no_later_frame(harness):
 
 def test_of_equally_near_depths_the_newest_is_taken(harness):
     # A driver stamping every depth alike: the latest one received is the current one.
-    h = harness(use_depth=True, **HAZARD_PARAMS)
-    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
-    h.listen("hazards")
-    h.info_pub.publish(camera_info())
-    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
-    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    h, depth_pub = _with_depth(harness, "hazards")
     for n, mm in enumerate((3000, 5000, 7000), start=1):
         depth_pub.publish(depth_msg(mm, sec=90))  # one at a time: the newest is kept
         wait_for(lambda n=n: len(h.node.depths) == n, f"depth {n}")
@@ -2316,12 +2318,7 @@ def test_depth_faults_clear_when_no_one_reads_the_boxes(harness):
 
 
 def test_a_camera_info_or_depth_of_another_size_is_named(harness):
-    h = harness(use_depth=True, **HAZARD_PARAMS)
-    depth_pub = h.helper.create_publisher(Image, "depth", QoSProfile(depth=1))
-    h.listen("hazards")
-    h.info_pub.publish(camera_info(H * 2, W * 2))  # calibrated at another size
-    wait_for(lambda: depth_pub.get_subscription_count() > 0, "the depth subscription")
-    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    h, depth_pub = _with_depth(harness, "hazards", info=camera_info(H * 2, W * 2))  # another size
     depth_pub.publish(depth_msg(7000, sec=95, height=H // 2, width=W // 2))
     wait_for(lambda: h.node.depths, "the depth")
     h.image_pub.publish(image_msg(95))
