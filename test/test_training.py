@@ -571,3 +571,25 @@ def test_a_checkpoint_written_without_amp_resumes_with_it(tmp_path: Path):
     enabled = torch.amp.GradScaler("cpu", enabled=True)
     assert load_training_state(path, trainable, enabled, {}) == 3  # raised before
     assert enabled.is_enabled()
+
+
+def test_a_resume_on_a_dataset_remade_at_the_same_path_is_refused(
+    world: Path, tmp_path: Path, capsys
+):
+    import shutil
+
+    data = tmp_path / "world"
+    shutil.copytree(world, data)
+    config = write_config(tmp_path / "seg.yaml", **{**TINY, "iterations": 3})
+    out = tmp_path / "seg.safetensors"
+    assert train("segmenter", data, out, config, "--stop-after", "1") == 0
+    images = sorted((data / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))
+    labels = sorted((data / "gtFine" / "train").rglob("*_gtFine_labelTrainIds.png"))
+    extra = images[0].name.replace("_leftImg8bit", "x_leftImg8bit")
+    shutil.copy(images[0], images[0].with_name(extra))  # one more training frame
+    for suffix in ("labelTrainIds", "labelIds"):
+        src = labels[0].with_name(labels[0].name.replace("labelTrainIds", suffix))
+        if src.exists():
+            shutil.copy(src, src.with_name(src.name.replace("_gtFine", "x_gtFine")))
+    assert train("segmenter", data, out, config, "--resume") == 2
+    assert "data_items=" in capsys.readouterr().err

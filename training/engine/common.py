@@ -112,7 +112,9 @@ def run_stage(
     ``--stop-after`` cut it short (the trainer's ``open_run`` block closes the run).
     """
     stream = SampleStream(n_items, int(config["batch_size"]), int(config["seed"]))
-    loop = loop_config(config, args, inputs)
+    # The data is named by its path; its size tells a dataset re-made there (another
+    # world rendered into the same folder) from the one the run started on.
+    loop = loop_config(config, args, {"data_items": n_items, **(inputs or {})})
     if fresh_without_checkpoint:
         loop.resume = loop.resume and checkpoint_path(loop.out).is_file()
     if data_init and not loop.resume:
