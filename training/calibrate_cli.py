@@ -68,14 +68,9 @@ def inlier_classes(dataset: str, requested: Sequence[int] | None) -> list[tuple[
     Ids are those of the dataset loader's labels, so they mean different classes in
     different datasets; each loader states its names and road ids.
     """
-    from training import datasets as ds
+    from training.evaluate_cli import labelled_loader
 
-    loaders = {
-        "world": ds.SyntheticWorld,
-        "cityscapes": ds.Cityscapes,
-        "streethazards": ds.StreetHazards,
-    }
-    loader = loaders[dataset]
+    loader = labelled_loader(dataset)
     names = loader.CLASS_NAMES
     classes = list(loader.ROAD_CLASSES) if requested is None else list(requested)
     unknown = [c for c in classes if not 0 <= c < len(names)]

@@ -297,17 +297,20 @@ def class_names_for(segmenter: Any, meta: dict[str, Any]) -> list[str]:
     return [str(i) for i in range(segmenter.num_classes)]
 
 
+def labelled_loader(name: str) -> Any | None:
+    """The loader class of ``name``'s segmentation labels (its ``CLASS_NAMES`` and
+    ``ROAD_CLASSES``), or None for a dataset with anomaly labels only."""
+    from training import datasets as ds
+
+    loaders = {"world": ds.SyntheticWorld, "cityscapes": ds.Cityscapes,
+               "streethazards": ds.StreetHazards}  # fmt: skip
+    return loaders.get(name)
+
+
 def dataset_classes(name: str) -> tuple[str, ...] | None:
     """The classes of ``name``'s segmentation labels, in id order (None: it has none)."""
-    if name in ("cityscapes", "world"):
-        from segmentation_safety.labels import TRAIN_NAMES
-
-        return TRAIN_NAMES
-    if name == "streethazards":
-        from training.datasets.streethazards import CLASS_NAMES
-
-        return CLASS_NAMES
-    return None
+    loader = labelled_loader(name)
+    return None if loader is None else tuple(loader.CLASS_NAMES)
 
 
 def label_set_problem(name: str, class_names: list[str]) -> str | None:
