@@ -177,3 +177,18 @@ def test_a_segmenter_bundle_with_wrong_weights_is_named_once(tmp_path):
     with pytest.raises(BundleError) as e:
         load_segmenter(path)
     assert str(e.value).count("model bundle") == 1 and str(path) in str(e.value)
+
+
+def test_a_segmenter_whose_weights_changed_after_writing_is_refused(tmp_path):
+    from segmentation_safety.models.zoo import build_segmenter, load_segmenter, segmenter_metadata
+
+    seg = build_segmenter("tiny", num_classes=3, width=4)
+    path = tmp_path / "segmenter.safetensors"
+    save_bundle(path, seg.state_dict(), segmenter_metadata(seg))
+    load_segmenter(path)  # intact: loads
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # one bit of the last tensor's data, as a damaged disk would flip it
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="fingerprint .* it records") as e:
+        load_segmenter(path)
+    assert str(path) in str(e.value)

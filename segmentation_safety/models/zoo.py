@@ -159,8 +159,9 @@ def segmenter_from_bundle(bundle: Bundle, path: str = "<bundle>", prefix: str = 
 
 def load_segmenter(path: str | os.PathLike[str]) -> tuple[Segmenter, Bundle]:
     """The segmenter of a ``segmenter`` bundle file and the bundle; every problem with the
-    file (missing, corrupt, wrong kind, unbuildable architecture, mismatched weights) is a
-    :class:`BundleError` naming it."""
+    file (missing, corrupt, wrong kind, unbuildable architecture, mismatched weights,
+    weights that are not the ones its fingerprint records) is a :class:`BundleError`
+    naming it."""
     bundle = load_bundle(path, kind="segmenter")
     try:
         segmenter = segmenter_from_bundle(bundle, path=str(path))
@@ -168,6 +169,16 @@ def load_segmenter(path: str | os.PathLike[str]) -> tuple[Segmenter, Bundle]:
         raise  # names the file already
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise BundleError(path, f"cannot build the segmenter: {e}") from None
+    recorded = bundle.metadata.get("fingerprint")
+    if recorded is not None and recorded != (actual := segmenter_fingerprint(segmenter)):
+        # safetensors has no checksum: a damaged or hand-edited weight would otherwise
+        # load as a network that silently labels nonsense.
+        raise BundleError(
+            path,
+            f"its weights hash to {actual}, not to the fingerprint {recorded} it records: "
+            "the file was damaged or its tensors changed after it was written; restore or "
+            "re-export it",
+        )
     names = bundle.metadata.get("class_names")
     if names is not None and len(names) != segmenter.num_classes:
         # Labels past the names' end would go out unnamed (label_info, class IoU).
