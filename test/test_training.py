@@ -86,7 +86,16 @@ def test_resume_equals_uninterrupted(world: Path, tmp_path: Path):
     killed = tmp_path / "killed.safetensors"
     assert train("segmenter", world, killed, config, "--stop-after", "2") == 0
     assert not killed.exists() and Path(f"{killed}.ckpt").is_file()
+    # What a kill during a write leaves (atomic_write_bytes' temporary files): a resume
+    # removes them.
+    partials = [
+        tmp_path / ".killed.safetensors.x1.tmp",
+        tmp_path / ".killed.safetensors.ckpt.x2.tmp",
+    ]
+    for partial in partials:
+        partial.write_bytes(b"half")
     assert train("segmenter", world, killed, config, "--resume") == 0
+    assert not any(p.exists() for p in partials)
     full = load_bundle(tmp_path / "full.safetensors").tensors
     resumed = load_bundle(killed).tensors
     assert full.keys() == resumed.keys()

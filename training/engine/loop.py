@@ -430,9 +430,10 @@ def fit(
             "--resume to continue it, or --restart to train from the start (it is replaced)"
         )
     start = load_training_state(ckpt, trainable, scaler, meta) if loop.resume else 0
-    if ctx.is_main:  # a write a kill cut short (the checkpoint itself is whole)
-        for partial in ckpt.parent.glob(f".{ckpt.name}.*.tmp"):
-            partial.unlink(missing_ok=True)
+    if ctx.is_main:  # writes a kill cut short (the checkpoint and bundle themselves are whole)
+        for target in (ckpt, Path(loop.out)):
+            for partial in target.parent.glob(f".{target.name}.*.tmp"):
+                partial.unlink(missing_ok=True)
     stop = loop.iterations if loop.stop_after is None else min(loop.iterations, loop.stop_after)
     if start > loop.iterations:
         raise TrainingStateError(
