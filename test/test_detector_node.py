@@ -1527,12 +1527,20 @@ def test_a_region_of_interest_moves_the_principal_point_and_keeps_the_lens():
     np.testing.assert_allclose(
         markers.project_to_ground(u - 400, v - 300, cut, 1.5, 0.0), GROUND[0], atol=1e-6
     )
-    # The ROI binned 2x2 (camera_info's binning): half the ROI's pixel, the same point.
-    binned = cut.scaled(size, (100, 80))
+    # The ROI binned 2x2 (camera_info's binning): an image of half the ROI's size, on
+    # which half the ROI's pixel sees the same point (image_geometry's reduced camera).
+    binned, size = markers.region_of_interest(camera, (640, 480), (400, 300, 200, 160), (2, 2))
+    assert size == (100, 80)
     np.testing.assert_allclose(
         markers.project_to_ground((u - 400) / 2, (v - 300) / 2, binned, 1.5, 0.0),
         GROUND[0],
         atol=1e-6,
+    )
+    # Binning alone, 0 meaning 1 on the other axis.
+    binned, size = markers.region_of_interest(camera, (640, 480), (0, 0, 0, 0), (4, 0))
+    assert size == (160, 480)
+    np.testing.assert_allclose(
+        markers.project_to_ground(u / 4, v, binned, 1.5, 0.0), GROUND[0], atol=1e-6
     )
     # No ROI (zero size) or the whole image: the camera as it was.
     for roi in ((0, 0, 0, 0), (0, 0, 640, 480)):
@@ -1587,6 +1595,20 @@ def test_regions_become_boxes_on_the_ground():
     # A K that projects to NaN gives no box (the node refuses such a K before it gets here).
     denormal = np.array([[1e-310, 0, 64], [0, 1e-310, 32], [0, 0, 1]])
     assert len(markers.hazard_markers(regions, denormal, Header(), 1.5, 0.0).markers) == 1
+
+
+def test_no_two_markers_of_an_array_share_ns_and_id():
+    # RViz puts the display in error for an array with a repeated (ns, id), the DELETEALL
+    # included (rviz_default_plugins' marker_common.cpp, "Duplicate Marker Check").
+    k = np.array([[100.0, 0, 64], [0, 100.0, 32], [0, 0, 1]])
+    anomaly = np.zeros((64, 128), dtype=np.float32)
+    for left in (10, 40, 70, 100):
+        anomaly[40:47, left : left + 10] = 2.0
+    regions = markers.hazard_regions(anomaly, threshold=1.0, min_pixels=10)
+    arr = markers.hazard_markers(regions, k, Header(), height=1.5, pitch=0.0)
+    assert len(arr.markers) == 1 + len(regions) == 5
+    keys = [(m.ns, m.id) for m in arr.markers]
+    assert len(set(keys)) == len(keys), keys
 
 
 def test_pooled_markers_equal_fresh_ones_frame_after_frame():
@@ -1803,6 +1825,46 @@ def test_invalid_camera_info_skips_markers_once_reported_and_the_rest_goes_on(
     wait_for_fault(h, "camera_info invalid", present=False)
     logged = capfd.readouterr().err
     assert logged.count(words) == 1, logged  # reported once, not once per message
+
+
+def test_boxes_without_camera_info_say_why_until_it_comes(harness):
+    h = harness(**HAZARD_PARAMS)
+    h.listen("hazards", "/diagnostics")
+    h.image_pub.publish(image_msg(12))
+    wait_for(lambda: h.stamped_markers(12), "frame 12's (empty) boxes")
+    assert boxes(h, 12) == []  # no camera model: no boxes...
+    values = wait_for_fault(h, "no camera_info")  # ...and /diagnostics says why
+    assert "camera_info:=" in values["fault: no camera_info"], values
+    h.info_pub.publish(camera_info())
+    wait_for_fault(h, "no camera_info", present=False)
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    h.image_pub.publish(image_msg(13))
+    wait_for(lambda: h.stamped_markers(13), "frame 13's boxes")
+    assert boxes(h, 13)
+
+
+def test_a_problem_leaves_diagnostics_once_it_stops_recurring(harness, monkeypatch):
+    h = harness()
+    h.listen("/diagnostics")
+    h.node._warn("input/test", "a test problem")
+    wait_for(lambda: "problem: input/test" in diag_values(h), "the problem listed")
+    monkeypatch.setattr("segmentation_safety.ros.detector_node.PROBLEM_KEEP_S", 0.0)
+    h.got["/diagnostics"].clear()
+    wait_for(lambda: diag_values(h) and "problem: input/test" not in diag_values(h), "gone")
+    assert diag_values(h)["last_problem"] == "a test problem"  # the newest is still named
+
+
+def test_boxes_live_as_long_as_the_frames_are_apart():
+    # RViz drops a marker its lifetime after receiving it: a fixed 0.5 s made the boxes
+    # of a 1 Hz node blink out between frames.
+    life = markers.MarkerLifetime(shortest_s=0.5, longest_s=10.0, frames=3)
+    assert life.next(100.0) == 0.5  # no interval yet
+    assert life.next(100.1) == 0.5  # 10 Hz: the shortest
+    assert life.next(101.1) == pytest.approx(2.0)  # 1 Hz: twice the interval
+    assert life.next(101.2) == pytest.approx(2.0)  # one fast frame does not shorten it
+    assert life.next(101.3) == pytest.approx(2.0)
+    assert life.next(101.4) == pytest.approx(0.5)  # three fast intervals in a row do
+    assert life.next(200.0) == 10.0  # a long stall: capped
 
 
 def test_use_depth_without_depth_falls_back_to_the_ground_and_says_so(harness):
@@ -2159,10 +2221,15 @@ def test_the_node_places_markers_through_camera_infos_lens_or_its_p(
     assert got != pytest.approx(placed(markers.CameraModel(np.array(k).reshape(3, 3))))
 
 
+def _with_p_of_k(info):
+    info.p = [*info.k[:3], 0.0, *info.k[3:6], 0.0, *info.k[6:], 0.0]
+    return info
+
+
 def test_the_node_places_markers_on_a_region_of_interest_of_the_sensor(harness):
     # A 2W x 2H sensor sending its centre W x H: boxes as for a camera whose own K is the
-    # sensor's moved by the ROI's offset. Rectified images do not apply the ROI: named.
-    placed = {}
+    # sensor's moved by the ROI's offset; a rectified image's P moves the same way
+    # (image_geometry's PinholeCameraModel), and the ROI is not a resized image.
     sensor = camera_info(2 * H, 2 * W)
     sensor.roi.x_offset, sensor.roi.y_offset = W // 2, H // 2
     sensor.roi.width, sensor.roi.height = W, H
@@ -2170,14 +2237,28 @@ def test_the_node_places_markers_on_a_region_of_interest_of_the_sensor(harness):
     own.k = list(sensor.k)
     own.k[2] -= W // 2
     own.k[5] -= H // 2
-    for label, info in (("roi", sensor), ("own", own)):
-        placed[label] = first_box(harness(**HAZARD_PARAMS), info)
-    assert placed["roi"] == pytest.approx(placed["own"])
-    sensor.p = [*sensor.k[:3], 0.0, *sensor.k[3:6], 0.0, *sensor.k[6:], 0.0]
-    h = harness(image_rectified=True, **HAZARD_PARAMS)
-    h.info_pub.publish(sensor)
-    wait_for(lambda: "camera_info/roi" in h.node.problems, "the ROI named")
-    assert "not applied" in h.node.problems["camera_info/roi"]
+    for rectified in (False, True):
+        placed = {}
+        for label, info in (("roi", sensor), ("own", own)):
+            h = harness(image_rectified=rectified, **HAZARD_PARAMS)
+            placed[label] = first_box(h, _with_p_of_k(info))
+            assert "camera_info/size" not in h.node.problems, h.node.problems
+        assert placed["roi"] == pytest.approx(placed["own"]), rectified
+
+
+def test_the_node_places_markers_on_a_binned_image(harness):
+    # A 2W x 2H calibration sent binned 2x2 as W x H images: the same boxes as a camera
+    # calibrated at W x H, and no "another size" warning (the driver sends that size).
+    binned = camera_info(2 * H, 2 * W)
+    binned.binning_x = binned.binning_y = 2
+    own = camera_info(H, W)
+    own.k = [v / 2 for v in binned.k[:6]] + list(binned.k[6:])
+    placed = {}
+    for label, info in (("binned", binned), ("own", own)):
+        h = harness(**HAZARD_PARAMS)
+        placed[label] = first_box(h, info)
+        assert "camera_info/size" not in h.node.problems, h.node.problems
+    assert placed["binned"] == pytest.approx(placed["own"])
 
 
 def test_a_lens_the_node_cannot_apply_is_named_and_the_markers_go_on(harness):

@@ -109,12 +109,16 @@ DEPTH_REWIND_S = 1.0
 #: goes when a new one comes (kinds are classes of problem, but memory stays bounded
 #: whatever a publisher sends).
 MAX_PROBLEM_KINDS = 32
+#: /diagnostics lists a kind of bad input until it has not recurred for this long, so a
+#: monitor shows what is wrong now (the newest stays as ``last_problem``).
+PROBLEM_KEEP_S = 30.0
 #: /diagnostics says WARN when no frame was processed for this long (or two max_rate
 #: periods, when longer).
 STALE_AFTER_S = 5.0
 
 #: Names of the faults /diagnostics lists (``fault: <name>`` keys) while they last.
 FAULT_CAMERA_INFO = "camera_info invalid"
+FAULT_NO_CAMERA_INFO = "no camera_info"
 FAULT_NO_DEPTH = "no depth"
 FAULT_DEPTH_SYNC = "depth out of sync"
 FAULT_NO_FRAMES = "no frames from publishers"
@@ -382,6 +386,7 @@ class DetectorNode(Node):
         self.throttle = WarningThrottle()
         self.last_problem = ""  # newest bad-input message, also reported on /diagnostics
         self.problems: dict[str, str] = {}  # newest message per kind of bad input
+        self._problem_at: dict[str, float] = {}  # when each kind was last seen (monotonic)
         self.faults: dict[str, str] = {}  # active fault name -> what and why
         self._faults_lock = threading.Lock()
         # (K, (width, height), frame_id) of the newest valid camera_info, replaced whole:
@@ -390,6 +395,7 @@ class DetectorNode(Node):
         # Used by one thread at a time: the compute thread, the publishing thread
         # (overlap_publish), or with use_depth the worker.
         self.marker_pool = markers.MarkerPool()
+        self.marker_lifetime = markers.MarkerLifetime()
         self.depths: deque[cdr.RawImage] = deque(maxlen=DEPTH_BUFFER)
         self._depth_cond = threading.Condition()
         self._last_frame_at = time.monotonic()
@@ -565,6 +571,7 @@ class DetectorNode(Node):
             self._depth_cond.notify_all()
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
+        self._clear_fault(FAULT_NO_CAMERA_INFO)
         camera, problem, note = markers.camera_from_info(
             np.asarray(msg.k, dtype=np.float64),
             np.asarray(msg.d, dtype=np.float64),
@@ -584,20 +591,14 @@ class DetectorNode(Node):
         if self._clear_fault(FAULT_CAMERA_INFO):
             self.get_logger().info(f"{topic}: valid camera_info again, hazard markers resume")
         roi = msg.roi
-        size = (msg.width, msg.height)
-        cut, cut_size = markers.region_of_interest(
-            camera, size, (roi.x_offset, roi.y_offset, roi.width, roi.height)
+        # The camera and size of the image the driver sends: a ROI and binning
+        # (image_geometry's reduced resolution), so neither reads as a resized image.
+        camera, size = markers.region_of_interest(
+            camera,
+            (msg.width, msg.height),
+            (roi.x_offset, roi.y_offset, roi.width, roi.height),
+            (msg.binning_x, msg.binning_y),
         )
-        if cut is not camera and self.params.image_rectified:
-            # image_geometry derives a rectified image's ROI through the rectification;
-            # not done here, so the full P is used and the boxes may sit off.
-            self._warn(
-                "camera_info/roi",
-                f"{topic}: a region of interest on rectified images is not applied: hazard "
-                "markers use the full P",
-            )
-        elif cut is not camera:
-            camera, size = cut, cut_size
         self.camera_k = (camera, size, msg.header.frame_id)
 
     def _qos_events(self, name: str) -> Any:
@@ -675,6 +676,10 @@ class DetectorNode(Node):
         self._watch_input()
         self._recheck_qos()
         with self._faults_lock:
+            gone = time.monotonic() - PROBLEM_KEEP_S
+            for kind in [k for k, at in self._problem_at.items() if at < gone]:
+                self.problems.pop(kind, None)
+                del self._problem_at[kind]
             faults, problems = dict(self.faults), dict(self.problems)
         rate = self.params.max_rate
         status = diagnostic_status(
@@ -896,6 +901,8 @@ class DetectorNode(Node):
             # Depth serves the boxes only: unread or unused, its faults say nothing now.
             self._clear_fault(FAULT_NO_DEPTH)
             self._clear_fault(FAULT_DEPTH_SYNC)
+        if "hazards" not in wanted:
+            self._clear_fault(FAULT_NO_CAMERA_INFO)  # camera_info too serves the boxes only
         if boxes_first:
             self._publish_hazards(result, header, p, frame.image_size)
         if "hazard_overlay_compressed" in wanted:
@@ -1029,6 +1036,15 @@ class DetectorNode(Node):
         k = None
         depth = None
         camera = self.camera_k
+        if camera is None and FAULT_CAMERA_INFO not in self.faults:
+            # Without a camera model there are no boxes; say why, or RViz just stays empty.
+            topic = self.resolve_topic_name("camera_info")
+            text = (
+                f"no camera_info on {topic}: hazard markers need the camera's model (remap "
+                "camera_info to the camera's, e.g. camera_info:=/camera/camera_info)"
+            )
+            if self._set_fault(FAULT_NO_CAMERA_INFO, text):
+                self.get_logger().warning(text)
         if r.anomaly_net is not None and camera is not None:
             h, w = r.anomaly_net.shape
             # A camera_info without width/height (some drivers leave them 0) calibrates
@@ -1062,6 +1078,7 @@ class DetectorNode(Node):
             p.camera_height,
             p.camera_pitch,
             p.max_marker_range,
+            lifetime_s=self.marker_lifetime.next(time.monotonic()),
             depth=depth,
             # Boxes that waited for depth are built on the markers thread: the pool
             # serves the compute thread's boxes only.
@@ -1183,6 +1200,7 @@ class DetectorNode(Node):
         self.last_problem = text
         with self._faults_lock:  # the compute thread and the depth callback both warn
             _remember(self.problems, kind, text, MAX_PROBLEM_KINDS)
+            _remember(self._problem_at, kind, time.monotonic(), MAX_PROBLEM_KINDS)
         if self.throttle.due(kind, self.params.warn_throttle_sec):
             self.get_logger().warning(text)
 

@@ -20,6 +20,7 @@ The geometry functions are pure numpy; only :func:`hazard_markers` builds messag
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from dataclasses import dataclass, field
@@ -203,23 +204,33 @@ def camera_from_info(
 
 
 def region_of_interest(
-    camera: CameraModel, full_size: tuple[int, int], roi: tuple[int, int, int, int]
+    camera: CameraModel,
+    full_size: tuple[int, int],
+    roi: tuple[int, int, int, int],
+    binning: tuple[int, int] = (1, 1),
 ) -> tuple[CameraModel, tuple[int, int]]:
-    """The camera of a raw image cut to camera_info's ``roi`` (x_offset, y_offset, width,
-    height, in full-resolution pixels) and the size it is calibrated at, for
-    :meth:`CameraModel.scaled` (which then also undoes any binning).
+    """The camera of the image a driver sends when camera_info sets ``roi`` (x_offset,
+    y_offset, width, height, in full-resolution pixels) and ``binning`` (x, y), and that
+    image's size (w, h), as image_geometry's PinholeCameraModel derives them.
 
-    A ROI of zero size, or the whole of ``full_size``, is the full image (ROS's
-    convention). Cutting moves the principal point; the lens stays as it was, since it acts
-    on normalised coordinates.
+    A ROI of zero size is the full image and a binning of 0 is 1 (ROS's conventions).
+    Cutting moves the principal point, binning divides the focal lengths and the principal
+    point; the lens stays as it was, since it acts on normalised coordinates. A rectified
+    image's P is cut by the same offset: image_geometry does not carry the ROI through the
+    rectification either.
     """
     x, y, w, h = (int(v) for v in roi)
-    if w <= 0 or h <= 0 or (x, y, w, h) == (0, 0, *full_size):
+    if w <= 0 or h <= 0:
+        x, y, (w, h) = 0, 0, full_size
+    bx, by = (max(int(b), 1) for b in binning)
+    if (x, y, w, h, bx, by) == (0, 0, *full_size, 1, 1):
         return camera, full_size
     k = np.asarray(camera.k, dtype=np.float64).reshape(3, 3).copy()
     k[0, 2] -= x
     k[1, 2] -= y
-    return CameraModel(k, camera.d, camera.model), (w, h)
+    k[0] /= bx  # u / bx: fx, skew and cx
+    k[1] /= by  # v / by: fy and cy
+    return CameraModel(k, camera.d, camera.model), (w // bx, h // by)
 
 
 def _camera(k: np.ndarray | CameraModel) -> CameraModel:
@@ -295,6 +306,27 @@ def _pitch_quaternion(pitch: float) -> Quaternion:
     return Quaternion(x=math.sin(pitch / 2), y=0.0, z=0.0, w=math.cos(pitch / 2))
 
 
+class MarkerLifetime:
+    """How long RViz keeps a frame's boxes: twice the longest of the last few intervals
+    between frames, at least ``shortest_s`` and at most ``longest_s``.
+
+    Each frame's DELETEALL replaces the previous boxes, so the lifetime only matters when
+    frames stop: the boxes should then go, but not blink out between frames of a slow node
+    (a CPU, a low ``max_rate``), which a fixed half second did below 2 Hz.
+    """
+
+    def __init__(self, shortest_s: float = 0.5, longest_s: float = 10.0, frames: int = 4):
+        self.shortest_s, self.longest_s = shortest_s, longest_s
+        self._times: collections.deque[float] = collections.deque(maxlen=frames + 1)
+
+    def next(self, now: float) -> float:
+        """The lifetime for a frame published at ``now`` (seconds, a monotonic clock)."""
+        self._times.append(now)
+        times = list(self._times)
+        longest = max((b - a for a, b in zip(times, times[1:])), default=0.0)
+        return min(max(2.0 * longest, self.shortest_s), self.longest_s)
+
+
 class MarkerPool:
     """Markers kept from one frame's array for the next.
 
@@ -364,7 +396,9 @@ def hazard_markers(
         # A depth point is the region's centre; a ground point is where it stands.
         centre = (point if source == "depth" else point + up * (tall / 2)).tolist()
         box = pool.marker(len(out.markers))
-        box.header, box.ns, box.id = header, NAMESPACE, i
+        # From 1: the DELETEALL is (NAMESPACE, 0), and RViz flags an array in which two
+        # markers share ns and id (its "Duplicate Marker Check"), DELETEALL included.
+        box.header, box.ns, box.id = header, NAMESPACE, i + 1
         box.type, box.action = Marker.CUBE, Marker.ADD
         box.pose.position.x, box.pose.position.y, box.pose.position.z = centre
         box.pose.orientation = orientation
