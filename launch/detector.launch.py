@@ -6,7 +6,8 @@ Arguments: image, camera_info, depth (input topics; depth is read with use_depth
 (parameter YAML), device (overrides the YAML when given), transport (raw or compressed:
 then the node reads ``<image>/compressed``, image_transport's name; overrides the YAML
 when given), models_dir and anomaly_detector (override the YAML when given), namespace,
-use_sim_time, rviz, dds_profile (the Fast DDS profile of the node and RViz: same_host for
+use_sim_time, rviz, fixed_frame (RViz's: the images' frame_id, or a frame TF connects it
+to), dds_profile (the Fast DDS profile of the node and RViz: same_host for
 the shipped shared-memory one, a file, or empty for the environment's).
 """
 
@@ -69,7 +70,7 @@ def _processes(context):
     )
     rviz_file = os.path.join(share, "config", "detector.rviz")
     if IfCondition(LaunchConfiguration("rviz")).evaluate(context):
-        rviz_file = str(rviz_config.config_for(rviz_file, namespace))
+        rviz_file = str(rviz_config.config_for(rviz_file, namespace, arg("fixed_frame")))
     rviz = Node(
         package="rviz2",
         executable="rviz2",
@@ -135,6 +136,12 @@ def generate_launch_description():
                 "use_sim_time", default_value="false", description="Use the /clock topic"
             ),
             DeclareLaunchArgument("rviz", default_value="false", description="Start RViz2"),
+            DeclareLaunchArgument(
+                "fixed_frame",
+                default_value=rviz_config.SHIPPED_FIXED_FRAME,
+                description="RViz's Fixed Frame: the images' frame_id (the hazard boxes are "
+                "in it), or a frame TF connects it to, such as base_link",
+            ),
             DeclareLaunchArgument(
                 "dds_profile",
                 default_value="",

@@ -30,6 +30,11 @@ import numpy as np
 
 from segmentation_safety.errors import UnwritableOutputError, UserError
 
+#: The images' header frame_id in the bags we write: a camera's optical frame (x right,
+#: y down, z forward), the Fixed Frame of config/detector.rviz, so RViz shows a bag's
+#: hazard boxes (a bag has no TF) without a change.
+DEFAULT_FRAME_ID = "camera_optical_frame"
+
 #: Ground-truth topics written by ``segsafe make-bag`` and scored by ``segsafe replay``.
 LABELS_TOPIC = "/ground_truth/labels"
 ANOMALY_TOPIC = "/ground_truth/anomaly"

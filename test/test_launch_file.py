@@ -34,6 +34,7 @@ ARGUMENTS = {
     "namespace",
     "use_sim_time",
     "rviz",
+    "fixed_frame",
     "dds_profile",
 }
 
@@ -184,6 +185,30 @@ def test_rviz_follows_the_namespace_the_node_is_launched_in(tmp_path):
     assert rviz_config.full_namespace("robot1", "/fleet") == "/fleet/robot1"
     assert rviz_config.full_namespace("/robot1", "/fleet") == "/robot1"
     assert rviz_config.full_namespace("") == ""
+
+
+def test_rviz_shows_the_frame_the_launch_names_and_the_bags_are_in():
+    from segmentation_safety import bags
+    from segmentation_safety.ros import rviz_config
+
+    def fixed_frame(path: Path) -> str:
+        return yaml.safe_load(path.read_text())["Visualization Manager"]["Global Options"][
+            "Fixed Frame"
+        ]
+
+    # The shipped config shows the frame make-bag's bags are in: without TF (a bag has
+    # none) RViz draws the boxes only in their own frame.
+    assert fixed_frame(RVIZ) == rviz_config.SHIPPED_FIXED_FRAME == bags.DEFAULT_FRAME_ID
+    assert "default_value=rviz_config.SHIPPED_FIXED_FRAME" in LAUNCH.read_text()
+    moved = rviz_config.config_for(RVIZ, rviz_config.SHIPPED_NAMESPACE, "base_link")
+    assert moved != RVIZ and fixed_frame(moved) == "base_link"
+    assert (
+        yaml.safe_load(moved.read_text())["Visualization Manager"]["Displays"]
+        == (yaml.safe_load(RVIZ.read_text())["Visualization Manager"]["Displays"])
+    )
+    both = rviz_config.config_for(RVIZ, "/robot1", "odom")
+    assert fixed_frame(both) == "odom" and "/robot1/hazards" in both.read_text()
+    assert rviz_config.config_for(RVIZ, rviz_config.SHIPPED_NAMESPACE, "") == RVIZ
 
 
 def test_ros2_launch_loads_the_description():

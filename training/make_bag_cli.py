@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from segmentation_safety.bags import DEFAULT_FRAME_ID
 from segmentation_safety.errors import InvalidArgumentError, check_writable, report_user_errors
 
 if TYPE_CHECKING:
@@ -51,7 +52,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="raw image topic, a ROS topic name (CameraInfo goes on its sibling camera_info; "
         "--compressed adds /compressed)",
     )
-    p.add_argument("--frame-id", default="camera", help="header frame_id")
+    p.add_argument(
+        "--frame-id",
+        default=DEFAULT_FRAME_ID,
+        help="header frame_id of the images and camera_info (default: %(default)s, the "
+        "Fixed Frame of config/detector.rviz)",
+    )
     p.add_argument(
         "--fps", type=float, default=10.0, help="Lost & Found frame-number rate without timestamps"
     )
