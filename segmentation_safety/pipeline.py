@@ -116,6 +116,7 @@ class Pipeline:
                 )
         k = segmenter.num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(k)]
+        self._named_classes = list(class_names or [])  # what the colours are chosen by
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -375,9 +376,11 @@ class Pipeline:
 
     def _palette(self) -> torch.Tensor:
         if getattr(self, "_palette_t", None) is None:
+            from segmentation_safety import visualize
             from segmentation_safety.render import palette_on
 
-            self._palette_t = palette_on(self.device)
+            palette = visualize.palette_for(self._named_classes)
+            self._palette_t = palette_on(self.device, palette)
         return self._palette_t
 
     # -- helpers --------------------------------------------------------------------

@@ -31,8 +31,8 @@ class AlarmCounts:
     mean_failure: float  # NaN-ignoring mean of the failure map; NaN without one
 
 
-def palette_on(device: torch.device) -> torch.Tensor:
-    return torch.tensor(np.array(visualize.PALETTE), dtype=torch.uint8, device=device)
+def palette_on(device: torch.device, palette: np.ndarray = visualize.PALETTE) -> torch.Tensor:
+    return torch.tensor(np.array(palette), dtype=torch.uint8, device=device)
 
 
 def colorize(labels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,46 @@ these, so what an operator sees in RViz is what a report shows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
-from segmentation_safety.labels import TRAIN_PALETTE, VOID
+from segmentation_safety.labels import TRAIN_NAMES, TRAIN_PALETTE, VOID
 
 #: 256×3 uint8 RGB palette indexed by train id (Cityscapes colours; void and unused black).
 PALETTE: np.ndarray = TRAIN_PALETTE
+
+
+def _bit_palette() -> np.ndarray:
+    # Each id's bits dealt round-robin to the top bits of R, G and B: neighbouring ids get
+    # far-apart colours, and the first 21 are exactly Pascal VOC's class colours.
+    pal = np.zeros((256, 3), dtype=np.uint8)
+    for i in range(256):
+        c, rgb = i, [0, 0, 0]
+        for shift in range(7, -1, -1):
+            for ch in range(3):
+                rgb[ch] |= ((c >> ch) & 1) << shift
+            c >>= 3
+        pal[i] = rgb
+    pal[VOID] = 0  # unlabeled stays black, as in the Cityscapes palette
+    pal.flags.writeable = False
+    return pal
+
+
+#: 256×3 palette for segmenters of other classes than Cityscapes' (Pascal VOC's colours).
+ID_PALETTE: np.ndarray = _bit_palette()
+
+
+def palette_for(class_names: Sequence[str] | None) -> np.ndarray:
+    """The palette a segmenter's labels are drawn in: Cityscapes' for Cityscapes classes
+    (or unnamed ones), else one distinct colour per id. Cityscapes' 19 colours drawn over
+    another label set mean the wrong things (a VOC cow in sky blue) and leave ids past 18
+    black, like unlabeled pixels."""
+    names = list(class_names or [])
+    if not names or names == list(TRAIN_NAMES[: len(names)]):
+        return TRAIN_PALETTE
+    return ID_PALETTE
 
 
 def colorize_labels(labels: np.ndarray, palette: np.ndarray = PALETTE) -> np.ndarray:

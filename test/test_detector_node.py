@@ -2283,6 +2283,15 @@ def test_drivable_classes_must_be_classes_of_the_loaded_segmenter(harness):
     assert ok.successful and h.node.params.drivable_classes == (0, 18)
 
 
+def test_the_drivable_classes_are_named_and_a_corridor_without_road_is_warned_about(harness, capfd):
+    h = harness()
+    assert "hazard alarm over the drivable classes road (0)" in capfd.readouterr().err
+    (ok,) = h.node.set_parameters([Parameter("drivable_classes", value=[1, 9])])
+    assert ok.successful
+    err = capfd.readouterr().err
+    assert "none of drivable_classes (sidewalk (1), terrain (9)) is a road class" in err, err
+
+
 def test_drivable_class_the_segmenter_lacks_is_refused_at_start(models_dir, capfd):
     code, err = _run_main(
         capfd, models_dir=models_dir, anomaly_detector="max_softmax", drivable_classes="[0,99]"

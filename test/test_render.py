@@ -357,3 +357,29 @@ def test_one_max_serves_the_detectors_and_the_labels():
     assert seg.argmax() is classes and seg.class_max()[0] is values  # computed once
     ref = upsample_argmax(logits, (97, 150))
     assert torch.equal(upsample_argmax(logits, (97, 150), seg.argmax()), ref)
+
+
+VOC_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
+             "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
+             "pottedplant", "sheep", "sofa", "train", "tvmonitor"]  # fmt: skip
+
+
+def test_a_segmenter_of_other_classes_is_drawn_in_colours_of_its_own():
+    from segmentation_safety.labels import TRAIN_NAMES
+    from segmentation_safety.models.tiny import TinySegmenter
+
+    assert visualize.palette_for(TRAIN_NAMES) is visualize.palette_for(None) is visualize.PALETTE
+    assert visualize.palette_for(TRAIN_NAMES[:7]) is visualize.PALETTE  # a Cityscapes subset
+    voc = visualize.palette_for(VOC_NAMES)
+    # Pascal VOC's published colours: person (15) and tvmonitor (20); every id its own colour
+    # (Cityscapes' palette has none past 18), unlabeled black.
+    assert voc[15].tolist() == [192, 128, 128] and voc[20].tolist() == [0, 64, 128]
+    assert len({tuple(c) for c in voc[:255]}) == 255 and voc[255].tolist() == [0, 0, 0]
+    # The pipeline colours a VOC segmenter's labels with it.
+    torch.manual_seed(0)
+    seg = TinySegmenter(num_classes=21, width=4)
+    config = PipelineConfig(device="cpu", anomaly=None, failure=None, class_iou=None)
+    pipe = Pipeline(seg, {}, config, class_names=VOC_NAMES)
+    image = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    frame = pipe.process_frame(image, (), RenderOptions(color=True))
+    np.testing.assert_array_equal(frame.color, voc[frame.labels])

@@ -52,7 +52,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -411,6 +411,7 @@ class DetectorNode(Node):
         if size:
             where = f"{size[0]}x{size[1]}, frames resized as {params.input_resize}"
         self.get_logger().info(f"network input {where}")
+        self._say_drivable(params.drivable_classes)
         if params.anomaly_detector:
             detector = self.pipeline.detectors[params.anomaly_detector]
             point = detector.operating_point
@@ -424,6 +425,19 @@ class DetectorNode(Node):
                 f"{params.anomaly_detector} scores are {type(detector).score_units}"
             )
         return params
+
+    def _say_drivable(self, classes: Iterable[int]) -> None:
+        """Log which classes the alarm's corridor is made of, by name; warn when none is
+        a road, as with the default [0] on a segmenter of other classes (VOC's 0 is
+        "background": road, sky and buildings alike, so nearly the whole frame)."""
+        names = self.pipeline.class_names
+        named = ", ".join(f"{names[c]} ({c})" for c in classes)
+        self.get_logger().info(f"hazard alarm over the drivable classes {named}")
+        if not any("road" in names[c].lower() for c in classes):
+            self.get_logger().warning(
+                f"none of drivable_classes ({named}) is a road class of this segmenter: "
+                "set drivable_classes to the ids of the ground the robot drives on"
+            )
 
     def _jpeg_placement(self, choice: str) -> device_jpeg.Placement:
         """Which jpeg work the pipeline's device does (``jpeg_codec``).
@@ -670,6 +684,8 @@ class DetectorNode(Node):
         if result.successful and self._ready:
             self.params = DetectorParams.from_node(self, params)
             self._params_changed.set()
+            if any(p.name == "drivable_classes" for p in params):
+                self._say_drivable(self.params.drivable_classes)
         return result
 
     def _publish_diagnostics(self) -> None:
