@@ -341,21 +341,56 @@ def test_fifty_fast_frames_give_no_backlog_and_bounded_memory(harness):
     assert current - base < 6 * frame_bytes, (current - base) / frame_bytes
 
 
+@pytest.mark.parametrize(
+    ("rules", "image", "depth"),
+    [
+        # image_transport's rule: a transport's topic follows its base topic's remap.
+        (["image:=/cam/image_raw", "depth:=/cam/depth"], "/cam/image_raw/compressed",
+         "/cam/depth/compressedDepth"),
+        # A rule for the transport's own name wins (the launch file gives both).
+        (["image:=/cam/image_raw", "image/compressed:=/other/compressed"],
+         "/other/compressed", "/ns/depth/compressedDepth"),
+        ([], "/ns/image/compressed", "/ns/depth/compressedDepth"),
+    ],
+)  # fmt: skip
+def test_compressed_inputs_follow_the_remapped_base_topic(ros, models_dir, rules, image, depth):
+    node = DetectorNode(
+        namespace="/ns",
+        cli_args=["--ros-args", *[a for rule in rules for a in ("-r", rule)]],
+        parameter_overrides=[
+            Parameter("models_dir", value=str(models_dir)),
+            Parameter("device", value="cpu"),
+            Parameter("anomaly_detector", value="max_softmax"),
+            Parameter("input_transport", value="compressed"),
+            Parameter("use_depth", value=True),
+            Parameter("depth_transport", value="compressedDepth"),
+        ],
+    )
+    try:
+        assert node.image_sub.topic_name == image
+        topics = {s.topic_name for s in node.subscriptions}
+        assert image in topics and depth in topics, topics
+    finally:
+        node.destroy_node()
+
+
 def test_lowering_max_rate_and_raising_it_again_takes_effect_at_once(harness):
     h = harness()
     h.listen("segmentation")
-    h.image_pub.publish(image_msg(1))
-    wait_for(lambda: h.stamped("segmentation", 1), "the first frame's answer")
-    # Frame 2 is answered, then the worker paces 1 / 0.005 Hz = 200 s from its start ...
+    # Lowered before frame 1: the worker paces 1 / 0.005 Hz = 200 s from its start. (Set
+    # after frame 1's answer, it could land before the worker paces frame 1: the answer
+    # goes out before the frame's end.)
     (slow,) = h.node.set_parameters([Parameter("max_rate", value=0.005)])
     assert slow.successful, slow.reason
+    h.image_pub.publish(image_msg(1))
+    wait_for(lambda: h.stamped("segmentation", 1), "the first frame's answer")
     h.image_pub.publish(image_msg(2))
-    wait_for(lambda: h.stamped("segmentation", 2), "the second frame's answer")
-    # ... until the rate is lifted: the next frame must not wait out the old period.
+    time.sleep(1.0)
+    assert not h.stamped("segmentation", 2)  # held: the period has 199 s to go
+    # Lifting the rate: the held frame must not wait out the old period.
     (fast,) = h.node.set_parameters([Parameter("max_rate", value=0.0)])
     assert fast.successful, fast.reason
-    h.image_pub.publish(image_msg(3))
-    wait_for(lambda: h.stamped("segmentation", 3), "the answer once max_rate is 0 again")
+    wait_for(lambda: h.stamped("segmentation", 2), "the answer once max_rate is 0 again")
 
 
 def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
@@ -1316,6 +1351,47 @@ def test_nan_threshold_without_a_calibrated_one_exits_naming_it_and_the_units(mo
     assert "-logsumexp(logits)" in err and "Traceback" not in err
 
 
+def test_ros_arguments_rcl_cannot_read_end_in_one_line_not_a_traceback(tmp_path, capfd):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("/**:\n  ros__parameters:\n    - [a, b]: 1\n")
+    for args in (["--ros-args", "--params-file", str(bad)], ["--ros-args", "-p", "jpeg_quality:="]):
+        capfd.readouterr()
+        assert main(args) == 1
+        err = capfd.readouterr().err
+        assert "cannot start:" in err and "Traceback" not in err and "/project/src" not in err, err
+
+
+def test_misspelt_parameters_are_named_with_the_nearest_and_changed_ones_listed(harness, capfd):
+    capfd.readouterr()
+    overrides = {
+        "anomaly_treshold": 0.5,
+        "publish.anomally": False,
+        "qos_overrides./parameter_events.publisher.depth": 10,  # rclpy's own: not named
+    }
+    harness(**overrides)
+    err = capfd.readouterr().err
+    assert "'anomaly_treshold' (did you mean 'anomaly_threshold'?)" in err, err
+    assert "'publish.anomally' (did you mean 'publish.anomaly'?)" in err, err
+    (ignoring,) = [line for line in err.splitlines() if "ignoring" in line]
+    assert "qos_overrides" not in ignoring
+    assert "parameters away from their defaults: " in err and "device='cpu'" in err, err
+
+
+def test_parameters_keep_their_declared_types(harness):
+    h = harness(alarm_fraction=0)  # an integer where a double is declared, as YAML gives it
+    assert h.node.get_parameter("alarm_fraction").type_ == Parameter.Type.DOUBLE
+    (ok,) = h.node.set_parameters([Parameter("alarm_fraction", value=1)])
+    assert ok.successful
+    kept = h.node.get_parameter("alarm_fraction")
+    assert kept.type_ == Parameter.Type.DOUBLE and kept.value == 1.0
+    # A refused value leaves the type described as it was (rclpy writes it first).
+    for name, value in (("jpeg_quality", "high"), ("camera_height", None)):
+        before = h.node.describe_parameter(name).type
+        (result,) = h.node.set_parameters([Parameter(name, value=value)])
+        assert not result.successful
+        assert h.node.describe_parameter(name).type == before, name
+
+
 def test_nan_threshold_is_refused_at_run_time_without_a_calibrated_one(harness):
     h = harness(anomaly_detector="energy", anomaly_threshold=-5.0)  # energy's units: starts
     (result,) = h.node.set_parameters([Parameter("anomaly_threshold", value=math.nan)])
@@ -1324,7 +1400,7 @@ def test_nan_threshold_is_refused_at_run_time_without_a_calibrated_one(harness):
 
 def test_invalid_parameter_at_start_exits_non_zero_naming_it(models_dir, capfd):
     code, err = _run_main(capfd, models_dir=models_dir, alarm_fraction=5.0)
-    assert code == 1 and "alarm_fraction" in err
+    assert code == 1 and "parameter 'alarm_fraction' = 5.0: must be within [0, 1]" in err, err
     code, err = _run_main(capfd, models_dir=models_dir, max_rate="fast")
     assert code == 1 and "parameter 'max_rate'" in err and "expected a number" in err
 

@@ -89,10 +89,15 @@ from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig
 from segmentation_safety.ros import cdr, image_codec, markers, serialized_publish
 from segmentation_safety.ros.diagnostics import FrameStats, diagnostic_status
 from segmentation_safety.ros.params import (
+    SPEC_BY_NAME,
     DetectorParams,
+    as_declared_types,
     check_parameters,
     declare_parameters,
     drivable_problem,
+    given_values,
+    unknown_names,
+    validate,
 )
 from segmentation_safety.types import RenderedFrame, RenderOptions
 
@@ -369,10 +374,30 @@ class DetectorNode(Node):
         """Declare and check parameters, load the models (a lifecycle 'configure')."""
         # Registered before declaring, so values from the YAML are checked like later sets.
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        if hasattr(self, "add_pre_set_parameters_callback"):  # Jazzy and later
+            self.add_pre_set_parameters_callback(as_declared_types)
+        given = given_values(self)
         try:
             declare_parameters(self)
         except (InvalidParameterValueException, InvalidParameterTypeException) as e:
-            raise StartupError(str(e)) from None
+            # rclpy's text names the parameter last, after its own range wording; ours
+            # says which parameter, its value and what it must be.
+            ours = (validate(name, value) for name, value in given.items())
+            raise StartupError(next((p for p in ours if p), None) or str(e)) from None
+        unknown = unknown_names(given)
+        if unknown:
+            self.get_logger().warning(
+                f"ignoring {', '.join(unknown)}: not parameters of this node (a misspelt "
+                "name in a YAML file or -p argument changes nothing)"
+            )
+        changed = {
+            spec.name: value
+            for spec in SPEC_BY_NAME.values()
+            if not _same(value := self.get_parameter(spec.name).value, spec.default)
+        }
+        if changed:
+            said = ", ".join(f"{name}={value!r}" for name, value in changed.items())
+            self.get_logger().info(f"parameters away from their defaults: {said}")
         params = DetectorParams.from_node(self)
         if params.retain_host_memory and not host_memory.retain_freed_memory():
             self.get_logger().info("retain_host_memory: not glibc, the allocator is unchanged")
@@ -498,10 +523,10 @@ class DetectorNode(Node):
         self._later_queued: Future | None = None
         self._later_lock = threading.Lock()
         self._qos_seen: set[str] = set()  # inputs whose incompatible publisher was listed
-        image_topic, image_type = INPUTS[p.input_transport]
+        image_type = INPUTS[p.input_transport][1]
         self.image_sub = self.create_subscription(
             image_type,
-            image_topic,
+            self._image_topic(),
             self._on_image,
             in_qos,
             event_callbacks=self._qos_events("image"),
@@ -510,10 +535,10 @@ class DetectorNode(Node):
         if p.use_depth:
             # Serialised, like the image: only the depth nearest a frame with hazard
             # regions is ever decoded, so the others are not copied into messages.
-            depth_topic, depth_type = DEPTH_INPUTS[p.depth_transport]
+            depth_type = DEPTH_INPUTS[p.depth_transport][1]
             self.create_subscription(
                 depth_type,
-                depth_topic,
+                self._depth_topic(),
                 self._on_depth,
                 in_qos,
                 event_callbacks=self._qos_events("depth"),
@@ -681,6 +706,14 @@ class DetectorNode(Node):
                     result = SetParametersResult(successful=False, reason=problem)
         # Not a post-set callback: Humble's rclpy has none. Only this callback can refuse,
         # so a successful check means the values are about to be stored.
+        if not result.successful:
+            # The parameters are dynamically typed, and rclpy writes a value's type into
+            # the descriptor before asking this callback: a refused 'high' would leave
+            # jpeg_quality described as a string (ros2 param describe, rqt).
+            for p in params:
+                if self.has_parameter(p.name):
+                    kept = self.get_parameter(p.name).type_.value
+                    self.describe_parameter(p.name).type = kept
         if result.successful and self._ready:
             self.params = DetectorParams.from_node(self, params)
             self._params_changed.set()
@@ -744,7 +777,7 @@ class DetectorNode(Node):
         """Name the other input transport when only it has publishers (a camera sending
         image/compressed to a node reading image, or the reverse): silence otherwise."""
         other = "compressed" if self.params.input_transport == "raw" else "raw"
-        topic = self.resolve_topic_name(INPUTS[other][0])
+        topic = self._input_topic(INPUTS, other)
         found = self.count_publishers(topic)
         if found:
             self._warn(
@@ -1221,10 +1254,23 @@ class DetectorNode(Node):
             self.get_logger().warning(text)
 
     def _image_topic(self) -> str:
-        return self.resolve_topic_name(INPUTS[self.params.input_transport][0])
+        return self._input_topic(INPUTS, self.params.input_transport)
 
     def _depth_topic(self) -> str:
-        return self.resolve_topic_name(DEPTH_INPUTS[self.params.depth_transport][0])
+        return self._input_topic(DEPTH_INPUTS, self.params.depth_transport)
+
+    def _input_topic(self, table: dict[str, tuple[str, type]], transport: str) -> str:
+        """The topic an input is read from. A transport's topic follows its base topic's
+        remap, as image_transport's subscribers do (``image:=/cam/image_raw`` reads
+        ``/cam/image_raw/compressed``), unless a rule remaps it by its own name."""
+        base, name = table["raw"][0], table[transport][0]
+        resolved = self.resolve_topic_name(name)
+        if name == base:
+            return resolved
+        suffix = name[len(base) :]  # "/compressed", "/compressedDepth"
+        if resolved != self.resolve_topic_name(base, only_expand=True) + suffix:
+            return resolved  # a rule of its own (the launch file gives one)
+        return self.resolve_topic_name(base) + suffix
 
     def _stamp_now(self) -> Any:
         from std_msgs.msg import Header
@@ -1265,13 +1311,26 @@ def _transport_ms(info: dict[str, Any]) -> float | None:
     return (received - sent) / 1e6
 
 
+def _same(value: Any, default: Any) -> bool:
+    if isinstance(default, float) and isinstance(value, float):
+        return value == default or (math.isnan(value) and math.isnan(default))
+    if isinstance(default, tuple | list):
+        return list(value) == list(default)
+    return value == default
+
+
 def _seconds(stamp: Any) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
 
 
 def main(args: list[str] | None = None) -> int:
     """``ros2 run segmentation_safety detector_node``; returns the process exit status."""
-    rclpy.init(args=args)
+    try:
+        rclpy.init(args=args)
+    except RuntimeError as e:  # rcl's RCLError: a params file or -p rule it cannot read
+        reason = str(e).split(", at /")[0]  # rcl appends its C source locations
+        get_logger(NODE_NAME).fatal(f"cannot start: {reason}")
+        return 1
     try:
         node = DetectorNode()
     except StartupError as e:

@@ -12,6 +12,7 @@ behaves as ``ros2 launch`` with it.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -450,9 +451,65 @@ def check_parameters(params: Iterable[Parameter]) -> SetParametersResult:
     return SetParametersResult(successful=True)
 
 
+#: Parameters of every rclpy node, and the prefix of the QoS overrides rclpy reads.
+ROS_PARAMETERS = ("use_sim_time", "start_type_description_service")
+QOS_OVERRIDES_PREFIX = "qos_overrides."
+
+
+def given_values(node: Node) -> dict[str, Any]:
+    """The values the YAML files and ``-p`` arguments give ``node``, by name."""
+    # rclpy keeps them in a private dict and has no public accessor for them.
+    return {n: p.value for n, p in getattr(node, "_parameter_overrides", {}).items()}
+
+
+def declared_value(name: str, value: Any) -> Any:
+    """``value`` as the parameter's type: an integer becomes a double where it is one.
+
+    The parameters are dynamically typed (:func:`descriptor`), so rclpy would store the
+    integer as it came (``alarm_fraction 0``) and report an integer parameter from then
+    on, to ``ros2 param get`` and to a client that reads a double."""
+    spec = SPEC_BY_NAME.get(name)
+    if spec is not None and isinstance(spec.default, float) and type(value) is int:
+        return float(value)
+    return value
+
+
+def as_declared_types(params: list[Parameter]) -> list[Parameter]:
+    """``add_pre_set_parameters_callback`` body: :func:`declared_value` for each."""
+    return [
+        Parameter(p.name, value=declared_value(p.name, p.value))
+        if declared_value(p.name, p.value) is not p.value
+        else p
+        for p in params
+    ]
+
+
+def unknown_names(names: Iterable[str]) -> list[str]:
+    """One line for each name that is no parameter of the node, with the nearest one: a
+    misspelt ``anomaly_treshold`` in a YAML file is otherwise ignored without a word."""
+    lines = []
+    for name in sorted(names):
+        if name in SPEC_BY_NAME or name in ROS_PARAMETERS:
+            continue
+        if name.startswith(QOS_OVERRIDES_PREFIX):
+            continue
+        near = difflib.get_close_matches(name, SPEC_BY_NAME, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        lines.append(f"{name!r}{hint}")
+    return lines
+
+
 def declare_parameters(node: Node) -> None:
     """Declare every spec on ``node`` (values from the YAML/launch overrides win)."""
-    node.declare_parameters("", [(s.name, s.default, descriptor(s)) for s in SPECS])
+    given = given_values(node)
+    node.declare_parameters(
+        "",
+        [
+            (s.name, declared_value(s.name, given.get(s.name, s.default)), descriptor(s))
+            for s in SPECS
+        ],  # fmt: skip
+        ignore_override=True,  # taken from ``given`` above, doubles as doubles
+    )
 
 
 @dataclass(frozen=True)
