@@ -536,6 +536,11 @@ def _assemble(
             gt[stamp] = decode_mono8(raw, store)
 
 
+def _topic_list(connections: Iterable[Any]) -> str:
+    named = sorted({f"{c.topic} ({c.msgtype})" for c in connections})
+    return ", ".join(named) if named else "none"
+
+
 def read_bag(path: str | os.PathLike[str], image_topic: str | None = None) -> BagContents:
     """Load a bag's images (+ camera_info and ground truth); any damage -> BagError.
 
@@ -548,6 +553,8 @@ def read_bag(path: str | os.PathLike[str], image_topic: str | None = None) -> Ba
     path = Path(path)
     if not path.exists():
         raise BagError(f"bag {path} does not exist")
+    if path.is_dir() and not (path / "metadata.yaml").is_file():
+        raise BagError(f"{path} is not a rosbag2 directory (it has no metadata.yaml)")
     try:
         with Reader(path) as reader:
             images = [c for c in reader.connections if c.msgtype in (IMAGE_TYPE, COMPRESSED_TYPE)]
@@ -556,15 +563,21 @@ def read_bag(path: str | os.PathLike[str], image_topic: str | None = None) -> Ba
                 candidates = sorted(
                     {c.topic for c in images if not c.topic.startswith(GROUND_TRUTH_PREFIX)}
                 )
+                if not candidates:
+                    raise BagError(
+                        f"bag {path} has no sensor_msgs/Image or CompressedImage topic (its "
+                        f"topics: {_topic_list(reader.connections)})"
+                    )
                 if len(candidates) != 1:
                     raise BagError(
-                        f"bag {path}: cannot tell the camera topic among {candidates or 'none'}"
-                        "; pass --topic"
+                        f"bag {path}: cannot tell the camera topic among {candidates}; pass --topic"
                     )
                 image_topic = candidates[0]
             elif image_topic not in {c.topic for c in images}:
                 raise BagError(
-                    f"bag {path} has no sensor_msgs/Image or CompressedImage topic {image_topic!r}"
+                    f"bag {path} has no sensor_msgs/Image or CompressedImage topic "
+                    f"{image_topic!r} (its image topics: "
+                    f"{_topic_list(images)})"
                 )
             msgtype = next(c.msgtype for c in images if c.topic == image_topic)
             cam_topic = camera_info_topic(image_topic, compressed=msgtype == COMPRESSED_TYPE)

@@ -54,6 +54,29 @@ def test_unreadable_bags_are_user_errors_naming_the_bag(tmp_path: Path):
         bags.read_bag(tmp_path / "junk")
 
 
+def test_a_bag_without_the_camera_says_what_it_has(tmp_path: Path):
+    (tmp_path / "world").mkdir()  # a folder, but no bag: not called corrupt
+    with pytest.raises(bags.BagError, match="not a rosbag2 directory .*no metadata.yaml"):
+        bags.read_bag(tmp_path / "world")
+    camera_info_only = tmp_path / "info"
+    with bags.staged_writer(camera_info_only, "sqlite3") as w:
+        make = bags.MessageFactory(w.store, "camera")
+        cam = bags.CameraModel(10.0, 10.0, 31.5, 15.5, 64, 32)
+        w.write(
+            "/cam/camera_info", bags.CAMERA_INFO_TYPE, T0, make.camera_info(make.header(T0), cam)
+        )
+    with pytest.raises(
+        bags.BagError,
+        match=r"no sensor_msgs/Image .* \(its topics: /cam/camera_info \(sensor_msgs/msg/Came",
+    ):
+        bags.read_bag(camera_info_only)
+    bag = write_stamped_bag(tmp_path / "bag", [T0], [T0])
+    with pytest.raises(
+        bags.BagError, match=r"'/camera/nope' \(its image topics: /camera/image_raw "
+    ):
+        bags.read_bag(bag, "/camera/nope")
+
+
 def test_stamps_are_read_and_replaced_in_the_serialized_message():
     store = bags.message_typestore()
     make = bags.MessageFactory(store, "camera")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -435,7 +436,7 @@ def test_the_summary_judges_the_nodes_own_work_against_the_budget():
     text = format_breakdown(breakdown_summary(
         Trial({1: 0.0}, {1: 0.108}, {1: {"transport_in": 1.0, "decode": 1.0, "segmenter": 90.0,
                                          "publish": 15.0, "total": 106.0}})))  # fmt: skip
-    assert "OVER the 10% budget" in text
+    assert "above the 10% budget DESIGN §7 sets for 512x1024 frames" in text
 
 
 def test_the_overhead_summary_takes_medians_and_means_over_frames_by_hand():
@@ -714,3 +715,17 @@ def test_a_misspelt_node_parameter_is_refused_before_the_replay(bags, tmp_path, 
                "--param", "anomaly_treshold=0.5"])  # fmt: skip
     assert rc == 2
     assert "anomaly_treshold is not a parameter of the node" in capsys.readouterr().err
+
+
+def test_without_the_built_messages_replay_and_bench_say_what_to_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    # install/setup.bash not sourced: the generated messages do not import.
+    monkeypatch.setitem(sys.modules, "segmentation_safety.msg", None)
+    for argv in (
+        ["replay", "--bag", str(tmp_path / "bag"), "--out", str(tmp_path / "T.json")],
+        ["bench", "--node", "--bag", str(tmp_path / "bag"), "--out", str(tmp_path / "N.json")],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "source install/setup.bash" in err and "Traceback" not in err, err

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from segmentation_safety.checkpoint import BundleError, load_bundle, save_bundle
+from segmentation_safety.checkpoint import Bundle, BundleError, load_bundle, save_bundle
 from segmentation_safety.pipeline import Pipeline, PipelineConfig
 from training import cli, engine
 
@@ -549,9 +549,13 @@ def test_a_resume_under_another_segmenter_or_other_negatives_is_refused(
     out = tmp_path / "flow.safetensors"
     assert train("flow", world, out, flow, "--stop-after", "1") == 0
     # The segmenter file changes between the stop and the resume (fine-tuned since, say).
+    from segmentation_safety.models.zoo import segmenter_fingerprint, segmenter_from_bundle
+
     bundle = load_bundle(seg)
     tensors = {k: v + 0.01 if v.is_floating_point() else v for k, v in bundle.tensors.items()}
-    save_bundle(seg, tensors, bundle.metadata)
+    changed = Bundle(tensors=tensors, metadata=bundle.metadata)
+    fingerprint = segmenter_fingerprint(segmenter_from_bundle(changed))  # as a trainer records
+    save_bundle(seg, tensors, {**bundle.metadata, "fingerprint": fingerprint})
     assert train("flow", world, out, flow, "--resume") == 2
     assert "was written with segmenter='sha256:" in capsys.readouterr().err
     # DenseHybrid's negatives are part of its run too, the default folder included.
@@ -602,3 +606,14 @@ def test_a_resume_on_a_dataset_remade_at_the_same_path_is_refused(
             shutil.copy(src, src.with_name(src.name.replace("_gtFine", "x_gtFine")))
     assert train("segmenter", data, out, config, "--resume") == 2
     assert "data_items=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["densehybrid", "flow"])
+def test_a_model_without_its_segmenter_says_where_it_looked_and_how_to_make_one(
+    model: str, world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    config = write_config(tmp_path / "c.yaml", device="cpu", iterations=1)
+    assert train(model, world, tmp_path / "models" / f"{model}.safetensors", config) == 2
+    err = capsys.readouterr().err
+    assert f"no segmenter bundle at {tmp_path / 'models' / 'segmenter.safetensors'}" in err, err
+    assert "beside --out" in err and "segsafe train segmenter" in err and "Traceback" not in err

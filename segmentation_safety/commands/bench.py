@@ -14,6 +14,7 @@ from pathlib import Path
 
 from segmentation_safety.commands.common import (
     add_models_arg,
+    need_ros,
     parse_detector_options,
     parse_detectors,
     write_json,
@@ -26,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="time the segmentation pass and each detector's overhead (writes B.json)",
-        description=__doc__,
+        description=__doc__.replace("``", "`"),
     )
     p.add_argument("--height", type=int, default=512, help="image height timed (default 512)")
     p.add_argument("--width", type=int, default=1024, help="image width timed (default 1024)")
@@ -47,8 +48,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fp32", action="store_true", help="on CUDA, time fp32 instead of fp16 autocast"
     )
-    p.add_argument("--repeats", type=int, default=10, help="timed passes (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed passes first")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=10,
+        help="timed passes, median reported (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed passes first (default: %(default)s)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, required=True, help="B.json to write")
     node = p.add_argument_group("--node: the whole node (replay machinery), not the models")
@@ -77,6 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_node(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    need_ros("bench --node")
     from segmentation_safety.commands.replay import parse_params
     from segmentation_safety.ros.detector_node import TOPICS
     from segmentation_safety.ros.node_bench import (

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from segmentation_safety.checkpoint import atomic_write_bytes
-from segmentation_safety.errors import InvalidArgumentError
+from segmentation_safety.errors import InvalidArgumentError, UserError
 
 
 def add_models_arg(parser: argparse.ArgumentParser) -> None:
@@ -61,3 +61,19 @@ def parse_detector_options(text: str | None) -> dict[str, dict[str, Any]]:
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically, so a killed run never leaves half a report."""
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def need_ros(command: str) -> None:
+    """Refuse by name, not by a traceback, to run the node where rclpy or this package's
+    built messages cannot be imported (``install/setup.bash`` not sourced, or an install
+    without ROS, where ``segsafe --help`` still lists the command)."""
+    try:
+        import rclpy  # noqa: F401
+
+        import segmentation_safety.msg  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"{command} runs the ROS 2 node and needs rclpy and this package's built "
+            f"messages ({e}): run `make setup`, then `source scripts/env.sh && source "
+            "install/setup.bash`, and run segsafe from there (python -P in the repository)"
+        ) from None

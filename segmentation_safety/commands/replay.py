@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from segmentation_safety.commands.common import add_models_arg
+from segmentation_safety.commands.common import add_models_arg, need_ros
 from segmentation_safety.errors import InvalidArgumentError, check_writable, report_user_errors
 
 
@@ -27,12 +27,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "replay",
         help="replay a rosbag2 through the detector node (timing report T.json + plot)",
-        description=__doc__,
+        description=__doc__.replace("``", "`"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--bag", type=Path, required=True, help="rosbag2 directory (sqlite3 or mcap)")
     add_models_arg(p)
-    p.add_argument("--rate", type=float, default=1.0, help="playback speed factor (2 = twice)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=1.0,
+        help="playback speed factor (2 = twice; default: %(default)s)",
+    )
     p.add_argument("--config", type=Path, default=None, help="node parameters YAML")
     p.add_argument("--device", default=None, help="override the node's device parameter")
     p.add_argument("--topic", default=None, help="camera image topic (default: found in the bag)")
@@ -51,7 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="seconds without a new answer before the rest count as not answered (at least "
         "3 times the node's time for a warm-up frame)",
     )
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up frames")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="untimed warm-up frames (default: %(default)s)"
+    )
     p.add_argument(
         "--outputs",
         default="all",
@@ -74,7 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="storage of --output-bag (default sqlite3)",
     )
     p.add_argument("--overlays", type=Path, default=None, help="save hazard overlays here")
-    p.add_argument("--overlay-count", type=int, default=4, help="how many overlay PNGs")
+    p.add_argument(
+        "--overlay-count", type=int, default=4, help="how many overlay PNGs (default: %(default)s)"
+    )
     p.set_defaults(run=run)
 
 
@@ -82,6 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    need_ros("replay")
     from segmentation_safety.bags import OutputBag
     from segmentation_safety.ros.detector_node import TOPICS
     from segmentation_safety.ros.replay import ReplayOptions, replay

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from segmentation_safety.checkpoint import save_bundle
 from segmentation_safety.detectors.base import Detector
-from segmentation_safety.errors import UserError
+from segmentation_safety.errors import MissingFileError, UserError
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.models.zoo import load_segmenter  # noqa: F401  (engine API)
 from segmentation_safety.types import SegmenterOutput
@@ -210,10 +210,18 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
 
 
 def segmenter_path(config: dict[str, Any], out: str | os.PathLike[str]) -> Path:
-    """``config["segmenter"]``, else ``segmenter.safetensors`` beside ``out`` (models dir)."""
-    if config.get("segmenter"):
-        return Path(config["segmenter"])
-    return Path(out).parent / "segmenter.safetensors"
+    """``config["segmenter"]``, else ``segmenter.safetensors`` beside ``out`` (models dir);
+    a missing one is refused saying where it was looked for and how to make one."""
+    given = bool(config.get("segmenter"))
+    path = Path(config["segmenter"]) if given else Path(out).parent / "segmenter.safetensors"
+    if not path.is_file():
+        where = "the config's `segmenter:`" if given else "by default, beside --out"
+        raise MissingFileError(
+            f"no segmenter bundle at {path} ({where}): this model is fitted on a trained "
+            f"segmenter; train one (`segsafe train segmenter --data W --out {path}`), or "
+            "name yours with `segmenter:` in --config"
+        )
+    return path
 
 
 def freeze(module: nn.Module) -> nn.Module:

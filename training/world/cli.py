@@ -33,10 +33,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "file in --out is kept",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed, the same world")
-    p.add_argument("--train", type=int, default=1000, help="training frames")
-    p.add_argument("--val", type=int, default=200, help="validation frames")
-    p.add_argument("--anomaly", type=int, default=100, help="frames with lost cargo")
-    p.add_argument("--sequences", type=int, default=4, help="ego-motion sequences")
+    p.add_argument("--train", type=int, default=1000, help="training frames (default: %(default)s)")
+    p.add_argument("--val", type=int, default=200, help="validation frames (default: %(default)s)")
+    p.add_argument(
+        "--anomaly", type=int, default=100, help="frames with lost cargo (default: %(default)s)"
+    )
+    p.add_argument(
+        "--sequences", type=int, default=4, help="ego-motion sequences (default: %(default)s)"
+    )
     p.add_argument("--sequence-length", type=int, default=30, help="frames per sequence (10 Hz)")
     p.add_argument("--negatives", type=int, default=None, help="negatives (default: train/2)")
     p.add_argument(
