@@ -22,6 +22,10 @@ if TYPE_CHECKING:  # only in annotations: `segsafe --help` must not wait for tor
 FORMAT = "segsafe-bundle/1"
 _META_KEY = "segsafe"
 
+#: Sides of a network input (H and W) a bundle and the node's ``input_size`` parameter
+#: may ask for: more would have the node allocate an input no camera needs.
+INPUT_SIDE_RANGE = (8, 8192)
+
 
 class BundleError(UserError, RuntimeError):
     """A bundle that is missing, unreadable or does not match what was asked for."""
@@ -154,10 +158,16 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
     ):
         return f"class_names must be a non-empty list of strings, got {names!r:.80}"
     size = meta.get("input_size")
+    low, high = INPUT_SIDE_RANGE
     if size is not None and not (
-        isinstance(size, list) and len(size) == 2 and all(is_int(v) and v > 0 for v in size)
+        isinstance(size, list)
+        and len(size) == 2
+        and all(is_int(v) and low <= v <= high for v in size)
     ):
-        return f"input_size must be [height, width] in positive integers, got {size!r:.80}"
+        return (
+            f"input_size must be [height, width], each within {low}..{high} (the node's "
+            f"input_size range), got {size!r:.80}"
+        )
     points = meta.get("operating_points")
     if points is not None:
         if not isinstance(points, dict):

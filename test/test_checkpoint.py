@@ -95,6 +95,8 @@ def test_unknown_format_version_is_refused(tmp_path):
         ({"input_size": "abc"}, "input_size must be [height, width]"),
         ({"input_size": [0, 0]}, "input_size must be [height, width]"),
         ({"input_size": [-4, 16]}, "input_size must be [height, width]"),
+        ({"input_size": [100000, 100000]}, "within 8..8192"),
+        ({"input_size": [4, 16]}, "within 8..8192"),
         ({"operating_points": [1, 2]}, "operating_points must map detector names"),
         ({"operating_points": {"energy": {"threshold": "abc"}}}, "'energy'] needs a numeric"),
         ({"operating_points": {"energy": 0.5}}, "'energy'] must be an entry"),

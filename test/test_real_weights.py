@@ -104,7 +104,7 @@ def test_unsafe_unknown_and_broken_checkpoints_are_refused_by_name(tmp_path):
         import_checkpoint(tmp_path / "other.pth")
     # A pickled object that is not a tensor never runs: weights_only refuses it.
     torch.save(
-        {"model": argparse.Namespace(x=1)},
+        {"model": torch.nn.Linear(2, 2)},
         tmp_path / "pickle.pth",
         _use_new_zipfile_serialization=True,
     )

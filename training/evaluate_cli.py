@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="score segmentation and detectors on a dataset (writes R.json, R.md, plots)",
-        description=__doc__,
+        description=__doc__.replace("``", "`"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--root", type=Path, required=True, help="dataset root directory")
@@ -237,6 +237,8 @@ def load_segmenter(weights: Path | None, models: Path | None) -> tuple[Any, dict
         from segmentation_safety.models.importers import import_checkpoint
 
         imported = import_checkpoint(weights)
+        for note in imported.notes:  # what import-weights would say (an assumed size, ...)
+            print(f"note: {weights.name}: {note}", file=sys.stderr)
         return imported.model, imported.metadata(), imported.description
     path = weights if weights is not None else part_path(models or DEMO_MODELS, "segmenter")
     model, bundle = load_segmenter(path)

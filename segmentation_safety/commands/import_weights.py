@@ -5,9 +5,11 @@ architecture from its tensor names, and writes ``<out>/segmenter.safetensors`` w
 metadata the node and ``segsafe evaluate`` use: architecture, class names,
 normalisation, network input size, the segmenter's fingerprint and where it came from.
 
-Supported: the ESPNetv2 Cityscapes checkpoints (input 512×1024, 19 train ids plus the
-upstream background channel) and torchvision's ``lraspp_mobilenet_v3_large`` and
-``deeplabv3_resnet50`` state dicts (21 VOC classes, or any count).
+Supported: EdgeNets' ESPNetv2 segmentation checkpoints (Cityscapes: 19 train ids plus
+the upstream background channel; Pascal VOC: 21 classes; input size from the file
+name's _<W>x<H>, e.g. city_1024x512 -> 512x1024) and torchvision's
+``lraspp_mobilenet_v3_large`` and ``deeplabv3_resnet50`` state dicts (21 VOC classes,
+or any count; input 520x928, torchvision's short side 520 at 16:9).
 
 Example (the real weights in ../shared/real):
   segsafe import-weights ../shared/real/espnetv2/espnetv2_s_2.0_city_1024x512.pth \\
@@ -22,14 +24,22 @@ import argparse
 from pathlib import Path
 
 from segmentation_safety.errors import InvalidArgumentError, check_writable, report_user_errors
-from segmentation_safety.models.importers import SIGNATURES, ImportWeightsError
+from segmentation_safety.models.importers import (
+    INPUT_SIDE_RANGE,
+    SIGNATURES,
+    ImportWeightsError,
+    input_size_problem,
+)
+
+#: The name calibrate, evaluate --models and the node's models_dir look for.
+BUNDLE_NAME = "segmenter.safetensors"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "import-weights",
         help="turn a public segmentation checkpoint (.pth) into a model bundle",
-        description=__doc__,
+        description=__doc__.replace("``", "`"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", type=Path, help="upstream weights (.pth / .pt state dict)")
@@ -37,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--out",
         type=Path,
         required=True,
-        help="models directory to write segmenter.safetensors into (or a .safetensors path)",
+        help=f"models directory to write {BUNDLE_NAME} into",
     )
     p.add_argument(
         "--arch",
@@ -45,21 +55,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="expected architecture (default: recognised from the tensor names)",
     )
+    low, high = INPUT_SIDE_RANGE
     p.add_argument(
         "--input-size",
         type=int,
         nargs=2,
         metavar=("H", "W"),
         default=None,
-        help="network input size the checkpoint was trained at (default: the publisher's; "
-        "512 1024 for the ESPNetv2 Cityscapes weights, the image size for torchvision)",
+        help=f"network input size, each side within {low}..{high}, that calibrate and the "
+        "node run the network at (default for ESPNetv2: the _<W>x<H> in the EdgeNets file "
+        "name, else 512 1024; for torchvision: 520 928, its short side 520 at 16:9)",
     )
     p.add_argument(
         "--class-names",
         type=Path,
         default=None,
-        help="text file with one class name per line (default: Cityscapes train ids for 19 "
-        "classes, VOC for 21, else numbers)",
+        help="text file with one class name per line, in output-channel order; sets the "
+        "number of classes (default: Cityscapes train ids for 19 classes and for ESPNetv2's "
+        "20 channels, VOC for 21, else numbers)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.set_defaults(run=run)
@@ -70,13 +83,18 @@ def run(args: argparse.Namespace) -> int:
     from segmentation_safety.checkpoint import save_bundle
     from segmentation_safety.models.importers import import_checkpoint
 
-    out = args.out if args.out.suffix == ".safetensors" else args.out / "segmenter.safetensors"
+    out = _bundle_path(args.out)
     check_writable(out)
     if out.exists() and not args.force:
         # Parts trained on the old segmenter would be refused once it is replaced.
         raise InvalidArgumentError(f"{out} exists (pass --force to replace it)")
-    if args.input_size is not None and min(args.input_size) < 8:
-        raise InvalidArgumentError("--input-size H W must both be at least 8")
+    if args.input_size is not None:
+        problem = input_size_problem(args.input_size)
+        if problem is not None:
+            h, w = args.input_size
+            raise InvalidArgumentError(
+                f"--input-size {h} {w}: {problem}, as the node's input_size parameter"
+            )
     names = _read_names(args.class_names) if args.class_names else None
     imported = import_checkpoint(args.checkpoint, args.arch, args.input_size, names)
     model = imported.model
@@ -101,13 +119,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle_path(out: Path) -> Path:
+    """Where the bundle goes for ``--out``: a folder, or that folder's segmenter.safetensors.
+
+    Another file name is refused rather than written: calibrate stores its operating
+    points in the folder's segmenter.safetensors and the node's models_dir reads that
+    name, so a bundle named otherwise could only ever be evaluated, never calibrated or
+    run. Refusing before any work costs the user one retyped path; writing it would cost
+    them a bundle that the printed next step cannot use.
+    """
+    if out.suffix != ".safetensors":
+        return out / BUNDLE_NAME
+    if out.name == BUNDLE_NAME:
+        return out
+    raise InvalidArgumentError(
+        f"--out {out}: give a folder; import-weights writes FOLDER/{BUNDLE_NAME}, the name "
+        f"calibrate and the node look for (e.g. --out {out.with_suffix('')})"
+    )
+
+
 def _read_names(path: Path) -> list[str]:
     try:
         text = path.read_text()
     except OSError as e:
         raise ImportWeightsError(f"--class-names {path}: {e.strerror or e}") from None
     lines = [line.strip() for line in text.splitlines()]
-    names = [line for line in lines if line]
-    if not names:
-        raise ImportWeightsError(f"{path}: no class names in the file")
-    return names
+    # Blank lines at the end shift no name; an editor's extra final newline is harmless.
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise ImportWeightsError(f"--class-names {path}: no class names in the file")
+    # Line n names output channel n-1: a skipped or repeated line would misname classes.
+    first_seen: dict[str, int] = {}
+    for number, name in enumerate(lines, start=1):
+        if not name:
+            raise ImportWeightsError(
+                f"--class-names {path}: line {number} is blank (one name per output channel)"
+            )
+        if name in first_seen:
+            raise ImportWeightsError(
+                f"--class-names {path}: line {number} repeats {name!r} from line {first_seen[name]}"
+            )
+        first_seen[name] = number
+    return lines

@@ -27,6 +27,7 @@ from rcl_interfaces.msg import (
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from segmentation_safety.checkpoint import INPUT_SIDE_RANGE
 from segmentation_safety.drivable import REGIONS
 from segmentation_safety.pipeline import INPUT_RESIZES
 from segmentation_safety.ros.image_codec import BITS_RANGE
@@ -84,8 +85,9 @@ def _input_size_ok(value: list[int]) -> str | None:
     h, w = value
     if (h, w) == (0, 0):
         return None
-    if h < 8 or w < 8 or h > 8192 or w > 8192:
-        return "height and width must be within 8..8192 (or [0, 0])"
+    low, high = INPUT_SIDE_RANGE
+    if not (low <= h <= high and low <= w <= high):
+        return f"height and width must be within {low}..{high} (or [0, 0])"
     return None
 
 
