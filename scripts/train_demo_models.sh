@@ -3,15 +3,16 @@
 # trainers on the synthetic world, then evaluates them (models/demo/REPORT.md quotes the
 # results). The demo segmenter is ESPNetv2: on one H100 the trainings took about 20
 # minutes in all (with `workers: 12` added to each config); on a 2-core CPU one
-# segmenter training step takes about 6 s, so plan on a GPU. Each step resumes with
-# --resume after a kill. The evaluations run on the CPU in a few minutes.
+# segmenter training step takes about 6 s, so plan on a GPU. After a kill, run it again
+# with RESUME=--resume to continue. The evaluations run on the CPU in a few minutes.
 # Usage: source scripts/env.sh && bash scripts/train_demo_models.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 W=${WORLD:-out/world}
 M=models/demo
-RESUME=${RESUME:-}   # RESUME=--resume continues interrupted trainings, --restart retrains
-                     # over them (a leftover OUT.ckpt is refused without either)
+# The shipped bundles are in git, and train refuses to replace a bundle silently: by
+# default each step retrains over it. RESUME=--resume continues a run a kill stopped.
+RESUME=${RESUME:---restart}
 
 [ -f "$W/world.json" ] || segsafe world --out "$W" --seed 1 --train 800 --val 150 --anomaly 60 --sequences 2 \
   --negative-scenes 800
@@ -22,7 +23,7 @@ segsafe train segmenter --data "$W" --config config/demo/segmenter.yaml \
 # and every other detector is fitted on it.
 segsafe train densehybrid --data "$W" --config config/demo/densehybrid.yaml \
   --out "$M/densehybrid.safetensors" $RESUME
-segsafe train sml --data "$W" --out "$M/sml.safetensors"
+segsafe train sml --data "$W" --out "$M/sml.safetensors" $RESUME
 segsafe train flow --data "$W" --config config/demo/flow.yaml --out "$M/flow.safetensors" $RESUME
 segsafe train flowenedet --data "$W" --config config/demo/flowenedet.yaml \
   --out "$M/flowenedet.safetensors" $RESUME

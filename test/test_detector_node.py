@@ -247,6 +247,10 @@ def test_one_image_in_gives_every_output_with_its_stamp(harness):
     stages = [t.stage for t in frame.timings]
     for stage in ("decode", "segmenter", "detector/max_softmax", "publish", "total"):
         assert stage in stages
+    assert stages.index("decode") < stages.index("segmenter") and stages[-2:] == [
+        "publish",
+        "total",
+    ]
     assert frame.anomaly_detector == "max_softmax" and frame.anomaly.height == H
     # Threshold 0: every drivable pixel is anomalous for 1 - MSP > 0.
     road = int((np.frombuffer(seg.data, np.uint8) == 0).sum())

@@ -978,6 +978,7 @@ class DetectorNode(Node):
             later = lambda: self._publish_hazards(result, header, p, size)  # noqa: E731
         if "safety" in wanted:
             timings = dict(frame.timings)
+            timings.pop("total", None)  # re-added last: stages go in the order a frame passes
             timings["publish"] = (time.perf_counter() - frame.rendered_at) * 1e3
             timings["total"] = (time.perf_counter() - frame.started_at) * 1e3
             safety = self._safety(result, header, p, timings)
