@@ -1298,6 +1298,15 @@ def test_replaced_compressed_frames_are_never_decoded(harness):
     assert decoded[-1] == 119
 
 
+def test_outputs_keep_qos_output_depth_frames_for_reliable_repair(harness):
+    # A reliable writer re-sends only what its history holds: at 1, a subscriber in
+    # another process lost a third of the map frames over UDP.
+    assert {p.qos_profile.depth for p in harness().node.pubs.values()} == {4}
+    assert {p.qos_profile.depth for p in harness(**{"qos.output_depth": 2}).node.pubs.values()} == {
+        2
+    }
+
+
 def test_label_info_reaches_a_late_subscriber_once(harness):
     from segmentation_safety.ros.detector_node import label_info_types
 

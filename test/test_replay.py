@@ -137,6 +137,9 @@ def test_replay_through_the_node(
     assert durability.pop("/segmentation_safety/label_info") == QosDurability.TRANSIENT_LOCAL
     assert set(durability.values()) == {QosDurability.VOLATILE}
     assert {q[0].reliability for q in offered.values()} == {QosReliability.RELIABLE}
+    # The node's outputs offer its qos.output_depth (asked of the graph, not assumed).
+    assert offered["/segmentation_safety/safety"][0].depth == 4
+    assert offered["/segmentation_safety/anomaly"][0].depth == 4
 
 
 # -- drops and latency against a known schedule -------------------------------------------

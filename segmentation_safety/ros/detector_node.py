@@ -493,7 +493,7 @@ class DetectorNode(Node):
     def _start(self) -> None:
         """Create publishers, subscriptions, the worker and the diagnostics timer."""
         p = self.params
-        out_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+        out_qos = QoSProfile(depth=p.qos_output_depth, reliability=ReliabilityPolicy.RELIABLE)
         self.pubs = {k: self.create_publisher(t, name, out_qos) for k, (name, t) in TOPICS.items()}
         if not serialized_publish.direct(self.pubs["safety"]):
             self.get_logger().info(

@@ -155,6 +155,16 @@ SPECS: tuple[Spec, ...] = (
     ),
     Spec("qos.depth", 1, "Image subscription keep-last depth.", low=1, high=100),
     Spec(
+        "qos.output_depth",
+        4,
+        "Keep-last depth of every output publisher (reliable). A reliable writer re-sends "
+        "only what its history still holds: at 1, a subscriber in another process over UDP "
+        "lost a third of the map frames (each map topic a different third); deeper keeps "
+        "that many serialised frames per output in memory.",
+        low=1,
+        high=100,
+    ),
+    Spec(
         "input_transport",
         "raw",
         "raw: sensor_msgs/Image on 'image'; compressed: sensor_msgs/CompressedImage "
@@ -528,6 +538,7 @@ class DetectorParams:
     input_resize: str
     qos_reliability: str
     qos_depth: int
+    qos_output_depth: int
     input_transport: str
     max_pixels: int
     input_bits: int
@@ -572,6 +583,7 @@ class DetectorParams:
             input_resize=v["input_resize"],
             qos_reliability=v["qos.reliability"],
             qos_depth=int(v["qos.depth"]),
+            qos_output_depth=int(v["qos.output_depth"]),
             input_transport=v["input_transport"],
             max_pixels=int(v["max_pixels"]),
             input_bits=int(v["input_bits"]),

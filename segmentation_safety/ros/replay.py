@@ -65,7 +65,11 @@ from segmentation_safety.bags import (
 from segmentation_safety.errors import UserError
 from segmentation_safety.ros import serialized_publish
 from segmentation_safety.ros.node_process import NodeProcess, node_command
+from segmentation_safety.ros.params import SPEC_BY_NAME
 from segmentation_safety.ros.replay_report import ReplayReport, build_report, safety_timings
+
+#: The node's default keep-last depth of its outputs.
+OUTPUT_DEPTH = SPEC_BY_NAME["qos.output_depth"].default
 
 #: Namespace the outputs are recorded under in an output bag (the replay's own is private).
 RECORDED_NAMESPACE = "/segmentation_safety"
@@ -102,6 +106,7 @@ class Collector(Node):
         recorder: OutputBag | None,
         outputs: frozenset[str] | None = None,
         compressed: bool = False,
+        output_depth: int = 1,
     ) -> None:
         super().__init__("segsafe_replay_collector", namespace=namespace, context=context)
         from segmentation_safety.ros.detector_node import TOPICS
@@ -109,9 +114,12 @@ class Collector(Node):
         self.recorder = recorder
         self.namespace = namespace
         #: What the recorded topics' publishers offer (detector_node: outputs reliable,
-        #: keep-last 1; /diagnostics keep-last 10; label_info transient local; our own
-        #: image and camera_info publishers as below), for the output bag's metadata.
-        self.offered = {"outputs": offered_qos(1), "diagnostics": offered_qos(10),
+        #: keep-last qos.output_depth; /diagnostics keep-last 10; label_info transient
+        #: local; our own image and camera_info publishers as below), for the output
+        #: bag's metadata. (DDS discovery does not carry a writer's history depth, so the
+        #: graph cannot be asked.)
+        self.offered = {"outputs": offered_qos(output_depth), "inputs": offered_qos(1),
+                        "diagnostics": offered_qos(10),
                         "label_info": offered_qos(1, latched=True)}  # fmt: skip
         self.cond = threading.Condition()
         self.answers: dict[int, float] = {}  # safety stamp -> monotonic receipt
@@ -373,8 +381,16 @@ class Replayer:
                 self.node = self._node_here()
             if o.output_bag is not None:
                 self.recorder = OutputBag(o.output_bag, o.output_format)
+            # The node's qos.output_depth as the replay sets it (a --config YAML's own
+            # value is not read: only the output bag's metadata would differ).
+            depth = self._overrides().get("qos.output_depth", OUTPUT_DEPTH)
             self.collector = Collector(
-                self.context, self.namespace, self.recorder, o.outputs, self.bag.compressed
+                self.context,
+                self.namespace,
+                self.recorder,
+                o.outputs,
+                self.bag.compressed,
+                int(depth),
             )
             for node in (self.node, self.collector):
                 if node is None:
@@ -552,7 +568,7 @@ class Replayer:
             if stage is not None and self.options.progress is not None:
                 self.options.progress(stage, len(sent), len(schedule))
             if self.recorder is not None and c.keep_enabled:
-                now, qos = time.time_ns(), c.offered["outputs"]  # as image_pub and info_pub
+                now, qos = time.time_ns(), c.offered["inputs"]  # as image_pub and info_pub
                 self.recorder.write(self.bag.image_topic, self.bag.image_msgtype, now, raw, qos)
                 if info is not None and self.bag.camera_info_topic:
                     self.recorder.write(
