@@ -124,6 +124,9 @@ STALE_AFTER_S = 5.0
 #: Names of the faults /diagnostics lists (``fault: <name>`` keys) while they last.
 FAULT_CAMERA_INFO = "camera_info invalid"
 FAULT_NO_CAMERA_INFO = "no camera_info"
+#: "no camera_info" waits this long after the first frame with boxes wanted: a driver's
+#: first image often arrives before its camera_info.
+CAMERA_INFO_GRACE_S = 2.0
 FAULT_NO_DEPTH = "no depth"
 FAULT_DEPTH_SYNC = "depth out of sync"
 FAULT_NO_FRAMES = "no frames from publishers"
@@ -421,6 +424,7 @@ class DetectorNode(Node):
         # (overlap_publish), or with use_depth the worker.
         self.marker_pool = markers.MarkerPool()
         self.marker_lifetime = markers.MarkerLifetime()
+        self._boxes_wanted_since: float | None = None  # the first frame with boxes wanted
         self.depths: deque[cdr.RawImage] = deque(maxlen=DEPTH_BUFFER)
         self._depth_cond = threading.Condition()
         self._last_frame_at = time.monotonic()
@@ -1086,7 +1090,11 @@ class DetectorNode(Node):
         k = None
         depth = None
         camera = self.camera_k
-        if camera is None and FAULT_CAMERA_INFO not in self.faults:
+        now = time.monotonic()
+        if self._boxes_wanted_since is None:
+            self._boxes_wanted_since = now
+        late = now - self._boxes_wanted_since >= CAMERA_INFO_GRACE_S
+        if camera is None and late and FAULT_CAMERA_INFO not in self.faults:
             # Without a camera model there are no boxes; say why, or RViz just stays empty.
             topic = self.resolve_topic_name("camera_info")
             text = (
