@@ -127,7 +127,8 @@ def test_lost_and_found_layout(tmp_path: Path):
     _laf(root, "train", "01_Hanns_Klemm_Str_45", 0, [10, 20])
     ts = root / "timestamp" / "train" / "01_Hanns_Klemm_Str_45"
     ts.mkdir(parents=True)
-    for f, ns in ((10, 5_000_000_123), (20, 5_050_000_123)):
+    # As cityscapesScripts writes them: ns relative to the sequence's first frame (0).
+    for f, ns in ((10, 0), (20, 50_000_123)):
         (ts / f"01_Hanns_Klemm_Str_45_000000_{f:06d}_timestamp.txt").write_text(f"{ns}\n")
     seqs = discover_sequences(root)
     assert sorted(seqs) == ["01_Hanns_Klemm_Str_45_000000", "04_Maurener_Weg_8_000001"]
@@ -153,7 +154,20 @@ def test_lost_and_found_layout(tmp_path: Path):
     assert main(["make-bag", "--root", str(root), "--sequence", "01_Hanns_Klemm_Str_45_000000",
                  "--out", str(bag2), "--format", "mcap"]) == 0  # fmt: skip
     stamps = [stamp_ns(m) for _, m in read_back(bag2)["/camera/image_raw"]]
-    assert stamps == [5_000_000_123, 5_050_000_123]  # from the timestamp files
+    # From the timestamp files, shifted off 0 (an unset stamp to ROS tools) as a world's.
+    start = round(DEFAULT_START_S * 1e9)
+    assert stamps == [start, start + 50_000_123]
+
+
+def test_a_cityscapes_root_is_not_taken_for_lost_and_found(tmp_path: Path, capsys):
+    # The same layout: Cityscapes' label ids read as Lost & Found's made 89% of a frame,
+    # road included, "anomaly".
+    root = tmp_path / "cityscapes"
+    _laf(root, "val", "frankfurt", 0, [19])
+    assert main(["make-bag", "--root", str(root), "--out", str(tmp_path / "bag")]) == 2
+    err = capsys.readouterr().err
+    assert "(frankfurt) are not Lost & Found's" in err and "Cityscapes" in err, err
+    assert not (tmp_path / "bag").exists()
 
 
 def test_lost_and_found_stamps_in_seconds_and_its_camera_json(tmp_path: Path):

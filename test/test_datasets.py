@@ -97,6 +97,19 @@ def test_cityscapes_missing_folder_names_it(tmp_path: Path) -> None:
         Cityscapes(tmp_path, "train")
 
 
+def test_a_folder_without_the_files_says_where_and_what_was_looked_for(tmp_path: Path) -> None:
+    # Frames without their city subfolder, and a Road Anomaly folder of other files.
+    (tmp_path / "leftImg8bit" / "val").mkdir(parents=True)
+    (tmp_path / "gtFine" / "val").mkdir(parents=True)
+    _png(tmp_path / "leftImg8bit" / "val" / "x_leftImg8bit.png", np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(MissingFileError, match=r"no samples found \(.*val/\*/\*_leftImg8bit"):
+        Cityscapes(tmp_path, "val")
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "a.tif").write_bytes(b"")
+    with pytest.raises(MissingFileError, match=r"frames/\*\.jpg or \*\.png"):
+        RoadAnomaly(tmp_path)
+
+
 def test_cityscapes_real(real_data: Path) -> None:
     root = real_data / "cityscapes"
     if not root.is_dir():

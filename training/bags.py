@@ -75,9 +75,12 @@ DEFAULT_START_S = 1_700_000_000.0
 #: Frame rate assumed for Lost & Found frame numbers when no timestamp files exist.
 LAF_FPS = 10.0
 
+#: Lost & Found's "cities" are numbered recording places: 01_Hanns_Klemm_Str_45, ...
+_LAF_CITY = re.compile(r"^\d{2}_")
 _LAF_IMAGE = re.compile(r"^(?P<city>.+)_(?P<seq>\d{6})_(?P<frame>\d{6})_leftImg8bit\.png$")
 # Lost & Found gtCoarse label ids: 0 unlabeled / out of ROI, 1 free space (road), >= 2 an
-# obstacle; people and the bicycle void. Converted as the Fishyscapes L&F benchmark does.
+# obstacle; people and the bicycle void. Converted as `evaluate --dataset lostandfound`
+# reads it (the road-region protocol; docs/decisions.md).
 _LAF_FREE_SPACE = 1
 
 
@@ -157,6 +160,7 @@ def discover_sequences(
             )
         return found
     if (root / "leftImg8bit").is_dir():
+        _check_lost_and_found(root)
         found.update(_laf_sequences(root, fps))
     if not found:
         raise BagSourceError(
@@ -243,7 +247,10 @@ def _laf_stamp_ns(root: Path, split: str, city: str, stem: str, frame: int, fps:
         if f.is_file():
             text = f.read_text().strip()
             # Cityscapes writes integer nanoseconds; accept seconds as a float as well.
-            return int(text) if text.isdigit() else round(float(text) * 1e9)
+            ns = int(text) if text.isdigit() else round(float(text) * 1e9)
+            # Relative to the sequence start (its first frame is 0): shifted as a world's
+            # relative stamps are, since a zero stamp means "unset" to ROS tools.
+            return ns + round(DEFAULT_START_S * 1e9) if ns < 1e18 else ns
     return round((DEFAULT_START_S + frame / fps) * 1e9)
 
 
@@ -258,6 +265,22 @@ def _laf_camera(root: Path, split: str, city: str, stem: str) -> CameraModel | N
     return CameraModel(
         float(intr["fx"]), float(intr["fy"]), float(intr["u0"]), float(intr["v0"]), 2048, 1024
     )
+
+
+def _check_lost_and_found(root: Path) -> None:
+    """Refuse a Cityscapes root: it has the same layout, and its label ids read as Lost &
+    Found's would mark most of every frame, road included, as anomaly."""
+    cities = sorted(
+        {c.name for split in (root / "leftImg8bit").iterdir() if split.is_dir()
+         for c in split.iterdir() if c.is_dir()}
+    )  # fmt: skip
+    if cities and not any(_LAF_CITY.match(c) for c in cities):
+        some = ", ".join(cities[:3]) + (", ..." if len(cities) > 3 else "")
+        raise BagSourceError(
+            f"--root {root}: its cities ({some}) are not Lost & Found's, which are numbered "
+            "places (01_Hanns_Klemm_Str_45, ...): this looks like Cityscapes, whose frames "
+            "are stills, not sequences"
+        )
 
 
 def _laf_sequences(root: Path, fps: float) -> dict[str, SequenceSource]:

@@ -63,7 +63,7 @@ class ADE20KInstances(FileDataset):
         self.split = split
         images = require_dir(root / "images" / split, "ADE20k images")
         self.annotations = require_dir(root / "annotations_instance" / split, "ADE20k instances")
-        super().__init__(sorted(images.glob("*.jpg")), transform)
+        super().__init__(sorted(images.glob("*.jpg")), transform, f"{images}/*.jpg")
 
     def load(self, item: Path) -> Sample:
         path = self.annotations / f"{item.stem}.png"

@@ -49,7 +49,8 @@ class Cityscapes(FileDataset):
         self.prefer_train_ids = prefer_train_ids
         images = require_dir(self.root / "leftImg8bit" / split, "Cityscapes images")
         require_dir(self.root / annotation / split, "Cityscapes annotations")
-        super().__init__(sorted(images.glob(f"*/*{IMAGE_SUFFIX}")), transform)
+        pattern = f"*/*{IMAGE_SUFFIX}"  # <city>/<frame>_leftImg8bit.png
+        super().__init__(sorted(images.glob(pattern)), transform, f"{images}/{pattern}")
 
     def label_paths(self, image: Path) -> tuple[Path, Path]:
         """(labelTrainIds path, labelIds path) of an image."""

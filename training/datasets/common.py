@@ -45,9 +45,14 @@ def require_dir(path: Path, what: str) -> Path:
 class FileDataset(Dataset):
     """A Dataset over a fixed, sorted list of items; subclasses implement ``load``."""
 
-    def __init__(self, items: Sequence[Any], transform: Transform | None = None) -> None:
+    def __init__(
+        self, items: Sequence[Any], transform: Transform | None = None, searched: str = ""
+    ) -> None:
+        """``searched``: the files looked for (a folder and pattern), named when none is
+        there, so that a wrong suffix or a missing subfolder says where it was looked."""
         if len(items) == 0:
-            raise MissingFileError(f"{type(self).__name__}: no samples found")
+            where = f" ({searched})" if searched else ""
+            raise MissingFileError(f"{type(self).__name__}: no samples found{where}")
         self.items = list(items)
         self.transform = transform
 

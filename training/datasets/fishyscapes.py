@@ -52,7 +52,10 @@ class FishyscapesLostAndFound(FileDataset):
         self.labels_dir = require_dir(Path(labels_dir), "Fishyscapes L&F labels")
         self.laf_root = Path(laf_root)
         require_dir(self.laf_root / "leftImg8bit", "Lost and Found images")
-        super().__init__(sorted(self.labels_dir.glob(f"*{LABEL_SUFFIX}")), transform)
+        pattern = f"*{LABEL_SUFFIX}"
+        super().__init__(
+            sorted(self.labels_dir.glob(pattern)), transform, f"{self.labels_dir}/{pattern}"
+        )
 
     def image_path(self, label: Path) -> Path:
         """The Lost and Found image of a label file (searched in train, then test)."""
@@ -77,7 +80,7 @@ class FishyscapesProcessed(FileDataset):
         images = require_dir(self.root / "original", "Fishyscapes images")
         require_dir(self.root / "labels", "Fishyscapes labels")
         items = [p for p in sorted(images.iterdir()) if p.suffix.lower() in (".png", ".jpg")]
-        super().__init__(items, transform)
+        super().__init__(items, transform, f"{images}/*.png or *.jpg")
 
     def load(self, item: Path) -> Sample:
         path = self.root / "labels" / f"{item.stem}.png"
@@ -102,7 +105,10 @@ class FishyscapesStatic(FileDataset):
         self.labels_dir = require_dir(Path(labels_dir), "Fishyscapes Static labels")
         self.cityscapes_root = Path(cityscapes_root)
         require_dir(self.cityscapes_root / "leftImg8bit" / "val", "Cityscapes val images")
-        super().__init__(sorted(self.labels_dir.glob(f"*{LABEL_SUFFIX}")), transform)
+        pattern = f"*{LABEL_SUFFIX}"
+        super().__init__(
+            sorted(self.labels_dir.glob(pattern)), transform, f"{self.labels_dir}/{pattern}"
+        )
 
     def image(self, label: Path) -> np.ndarray:
         """The Cityscapes frame of ``label`` with its overlay added, as the benchmark makes it."""

@@ -9,8 +9,9 @@ classes (crates, tyres, pylons, dogs, children, ...). City names contain undersc
 Mapping to the benchmark's 0/1/255: free space -> 0 (inlier), obstacles -> 1 (anomaly),
 background -> 255 (void): evaluation is restricted to the road region, as in the Lost
 and Found and road-obstacle protocols. People and the bicycle (Cityscapes classes, not
-anomalies) are void by default, as Fishyscapes treats them; pass ``void_ids=()`` to keep
-them as anomalies.
+anomalies) are void by default (Fishyscapes left the sequences with them out); pass
+``void_ids=()`` to score them as anomalies, as SegmentMeIfYouCan's road-obstacle track
+does.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class LostAndFound(FileDataset):
         self.void_ids = tuple(void_ids)
         images = require_dir(self.root / "leftImg8bit" / split, "Lost and Found images")
         require_dir(self.root / "gtCoarse" / split, "Lost and Found annotations")
-        super().__init__(sorted(images.glob(f"*/*{IMAGE_SUFFIX}")), transform)
+        pattern = f"*/*{IMAGE_SUFFIX}"  # <city>/<frame>_leftImg8bit.png
+        super().__init__(sorted(images.glob(pattern)), transform, f"{images}/{pattern}")
 
     def load(self, item: Path) -> Sample:
         stem = item.name[: -len(IMAGE_SUFFIX)]

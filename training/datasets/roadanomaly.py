@@ -33,7 +33,7 @@ class RoadAnomaly(FileDataset):
         self.root = Path(root)
         frames = require_dir(self.root / "frames", "Road Anomaly frames")
         items = [p for p in sorted(frames.iterdir()) if p.suffix.lower() in FRAME_SUFFIXES]
-        super().__init__(items, transform)
+        super().__init__(items, transform, f"{frames}/*{' or *'.join(FRAME_SUFFIXES)}")
 
     def load(self, item: Path) -> Sample:
         path = item.parent / f"{item.stem}.labels" / "labels_semantic.png"

@@ -87,7 +87,7 @@ class StreetHazards(FileDataset):
         self.annotations = require_dir(
             self.root / part / "annotations" / sub, "StreetHazards annotations"
         )
-        super().__init__(sorted(self.images.rglob("*.png")), transform)
+        super().__init__(sorted(self.images.rglob("*.png")), transform, f"{self.images}/**/*.png")
 
     def load(self, item: Path) -> Sample:
         rel = item.relative_to(self.images)
