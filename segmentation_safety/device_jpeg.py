@@ -85,6 +85,16 @@ def decode(data: bytes | bytearray | memoryview, device: torch.device) -> torch.
     return rgb.permute(1, 2, 0)
 
 
+def on_device(t: torch.Tensor, device: torch.device) -> bool:
+    """``t`` is on ``device``: the same type, and the same index where both name one.
+    ``torch.device("cuda")`` (what ``device: cuda`` and ``auto`` resolve to) is not equal
+    to the ``cuda:0`` its tensors report, which made every GPU look jpeg-less."""
+    index = device.index
+    return t.device.type == device.type and (
+        index is None or t.device.index is None or t.device.index == index
+    )
+
+
 def problem(device: torch.device) -> str | None:
     """Why :func:`encode` or :func:`decode` cannot run on ``device`` (None: both can).
     torchvision has CUDA jpeg from 0.19 on, with its image extension and nvJPEG."""
@@ -92,12 +102,12 @@ def problem(device: torch.device) -> str | None:
         picture = torch.zeros(16, 16, 3, dtype=torch.uint8, device=device)
         picture[4:12, 4:12, 0] = 255
         data = encode(picture, 90)
-        if data.device != device or data.dtype != torch.uint8:
+        if not on_device(data, device) or data.dtype != torch.uint8:
             return f"encode_jpeg gave a {data.dtype} tensor on {data.device}"
         back = decode(data.cpu().numpy().tobytes(), device)
     except Exception as e:  # ImportError, RuntimeError (no nvJPEG, old torchvision), ...
         return f"{type(e).__name__}: {e}".strip()
-    if back.shape != picture.shape or back.device != device:
+    if back.shape != picture.shape or not on_device(back, device):
         return f"decode_jpeg gave shape {tuple(back.shape)} on {back.device}"
     if (back.int() - picture.int()).abs().float().mean() > 8:
         return "a jpeg encoded and decoded there came back with other pixels"

@@ -22,6 +22,16 @@ def _host_decode(data: bytes) -> np.ndarray:
 
 def test_the_cpu_can_encode_and_decode():
     assert device_jpeg.problem(CPU) is None
+    # An indexed device and the unindexed one its tensors report (on a GPU the other way
+    # round: "cuda" resolves unindexed, its tensors say cuda:0) are the same device.
+    assert device_jpeg.problem(torch.device("cpu:0")) is None
+
+
+def test_a_tensor_is_on_a_device_whatever_index_either_names():
+    t = torch.zeros(1)
+    assert device_jpeg.on_device(t, torch.device("cpu"))
+    assert device_jpeg.on_device(t, torch.device("cpu:0"))
+    assert not device_jpeg.on_device(t, torch.device("meta"))
 
 
 def test_decoded_colour_and_grey_jpegs_are_the_host_decoders_pixels():
