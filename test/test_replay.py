@@ -600,6 +600,32 @@ def test_replay_with_the_node_in_its_own_process(
     assert not process.log.exists()
 
 
+def test_a_node_that_died_or_answers_nothing_stops_a_benchmark(
+    bags: dict[str, Path], models: Path, tmp_path: Path
+):
+    # A bench played on for minutes against a dead node, then reported success.
+    from segmentation_safety.bags import read_bag
+    from segmentation_safety.ros.replay import (
+        MAX_UNANSWERED_IN_A_ROW,
+        Replayer,
+        ReplayError,
+        ReplayOptions,
+    )
+
+    config = tmp_path / "params.yaml"
+    config.write_text(PARAMS)
+    options = ReplayOptions(models_dir=models, config=config, warmup=1, node_process=True)
+    with Replayer(read_bag(bags["sqlite3"]), options) as r:
+        r.warm_up()
+        r.check_alive(MAX_UNANSWERED_IN_A_ROW - 1)  # alive, a few lost: goes on
+        with pytest.raises(ReplayError, match="answered none of the last 5 frames"):
+            r.check_alive(MAX_UNANSWERED_IN_A_ROW)
+        r.process.proc.kill()
+        r.process.proc.wait()
+        with pytest.raises(ReplayError, match="the node process exited with code -9"):
+            r.check_alive(0)
+
+
 def test_a_warm_up_frame_lost_on_the_way_is_sent_again(
     bags: dict[str, Path], models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -176,11 +176,17 @@ def node_bench(
             )
         for r in replayers.values():
             r.warm_up()
+        unanswered = dict.fromkeys(variants, 0)
         for i in range(rounds):
             for v, r in replayers.items():
                 raw = inputs[v][i % len(inputs[v])]
                 stamp = (1000 + i) * 1_000_000_000  # unique, never a recorded stamp
                 t = r.play([(0.0, with_stamp(raw, stamp), info)])
+                unanswered[v] = 0 if t.answered else unanswered[v] + 1
+                try:
+                    r.check_alive(unanswered[v])
+                except ReplayError as e:
+                    raise ReplayError(f"bench --node, variant {v.name}: {e}") from None
                 trials[v].sent.update(t.sent)
                 trials[v].answered.update(t.answered)
                 trials[v].stages.update(t.stages)

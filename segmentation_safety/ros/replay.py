@@ -71,6 +71,8 @@ from segmentation_safety.ros.replay_report import ReplayReport, build_report, sa
 #: The node's default keep-last depth of its outputs.
 OUTPUT_DEPTH = SPEC_BY_NAME["qos.output_depth"].default
 
+#: A benchmark stops after this many unanswered frames in a row (a dead or failing node).
+MAX_UNANSWERED_IN_A_ROW = 5
 #: Namespace the outputs are recorded under in an output bag (the replay's own is private).
 RECORDED_NAMESPACE = "/segmentation_safety"
 #: Numbers the replayers of this process, for their private namespaces.
@@ -492,6 +494,21 @@ class Replayer:
             recorder.finish(keep=not failed)
 
     # -- running -----------------------------------------------------------------------------
+    def check_alive(self, unanswered: int) -> None:
+        """Refuse to go on once the node's process has exited, or after ``unanswered``
+        frames in a row reached ``MAX_UNANSWERED_IN_A_ROW`` (each costs a drain): a
+        benchmark would otherwise play on for minutes and report what it never measured."""
+        code = None if self.process is None else self.process.exited()
+        if code is not None:
+            raise ReplayError(f"the node process exited with code {code}{self._node_log()}")
+        if unanswered >= MAX_UNANSWERED_IN_A_ROW:
+            said = self.collector.node_status.get("last_problem") if self.collector else None
+            raise ReplayError(
+                f"the node answered none of the last {unanswered} frames"
+                + (f"; its last problem: {said}" if said else "")
+                + self._node_log()
+            )
+
     def warm_up(self) -> None:
         """Send the bag's first frame the node accepts under throw-away stamps until the
         node has answered it; a frame it refuses (bad input) is passed over."""
@@ -627,6 +644,8 @@ class Replayer:
         log = []
         for i in range(o.search_trials):
             trial = self.trial_at(rate, i)
+            # A trial the node answered nothing of: dead, or failing every frame.
+            self.check_alive(0 if trial.frames_processed else trial.frames_sent)
             if o.progress is not None:
                 o.progress("rate search", i + 1, o.search_trials)
             ok = trial.drop_fraction < o.max_drop
