@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,16 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         # A caller without a ``negatives`` argument trains on the world's, as before.
         negatives = engine.NegativeImages(args.data, args.negatives)
         scenes = held_out = None
+        if config.get("scene_probability", 0) > 0 and not engine.has_scene_negatives(args.data):
+            # Real data (Cityscapes + ADE20k) has no streets with decoys: pasting alone,
+            # as the paper trains. Set before the run's identity is taken, so a resume
+            # on the same data agrees.
+            print(
+                f"densehybrid: no scene negatives in {args.data} (a synthetic world's "
+                "negatives/scenes/): training on pasted negatives only (scene_probability 0)",
+                file=sys.stderr,
+            )
+            config = {**config, "scene_probability": 0.0}
         if config.get("scene_probability", 0) > 0:
             scenes = engine.NegativeScenes(args.data)
             # Streets never trained on calibrate the open-set threshold.

@@ -134,6 +134,10 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         train_set = engine.open_split(args.data, "train")
         path = engine.segmenter_path(config, args.out)
         segmenter, seg_bundle = engine.load_segmenter(path)
+        negatives = None
+        if config["combine"] == "logreg":
+            # Opened now: missing ones are refused before the training, not after it.
+            negatives = engine.NegativeImages(args.data, getattr(args, "negatives", None))
         detector = FlowDensityDetector(
             segmenter,
             layers=config["layers"],
@@ -156,9 +160,7 @@ def train(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         metrics: dict[str, Any] = {"train_nll": detector.train_nll.tolist()}
         if config["combine"] == "logreg":
             val_set = engine.open_split(args.data, "val")
-            weight, bias = fit_combination(
-                detector, val_set, engine.NegativeImages(args.data), config, ctx.device
-            )
+            weight, bias = fit_combination(detector, val_set, negatives, config, ctx.device)
             detector.logreg_weight.copy_(weight)
             detector.logreg_bias.copy_(bias)
             metrics["logreg_fitted_on"] = "val split with pasted negatives"

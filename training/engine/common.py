@@ -403,7 +403,10 @@ class NegativeImages:
 
     def _refusal(self, problem: str) -> DataError:
         layouts = "; ".join(NEGATIVE_LAYOUTS)
-        return DataError(f"{problem} (DenseHybrid needs them); layouts accepted: {layouts}")
+        return DataError(
+            f"{problem} (DenseHybrid, and flow density's combine: logreg, paste them; "
+            f"--negatives DIR names them); layouts accepted: {layouts}"
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -428,6 +431,16 @@ class NegativeImages:
         return image, None if mask is None else torch.from_numpy(mask).long()
 
 
+def scene_negatives_dir(root: str | os.PathLike[str]) -> Path:
+    """Where a synthetic world keeps its streets with decoys."""
+    return Path(root) / "negatives" / "scenes"
+
+
+def has_scene_negatives(root: str | os.PathLike[str]) -> bool:
+    """Whether ``root`` has streets with decoys (only a synthetic world does)."""
+    return any((scene_negatives_dir(root) / "images").glob("*.png"))
+
+
 class NegativeScenes:
     """The world's ``negatives/scenes/``: streets with decoys (DenseHybrid scene negatives).
 
@@ -436,7 +449,7 @@ class NegativeScenes:
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root) / "negatives" / "scenes"
+        self.root = scene_negatives_dir(root)
         self.images = sorted((self.root / "images").glob("*.png"))
         if not self.images:
             raise DataError(
