@@ -494,6 +494,8 @@ def test_bench_node_times_every_size_and_scale_in_one_run(
         assert v["frames_processed"] == v["frames_sent"] == 2  # one in flight: none dropped
         o = v["breakdown"]["node_overhead"]
         assert 0 < o["fraction_of_mean"] < 1
+        # What the node said it ran, from its /diagnostics.
+        assert v["node_said"]["device"] == "cpu" and "host" in v["node_said"]["jpeg_codec"]
     table = capsys.readouterr().out
     assert "| 48x96 output_scale 0.5 |" in table and "overhead % | host ms |" in table
 

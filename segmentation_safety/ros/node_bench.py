@@ -13,6 +13,7 @@ the label map's boundaries, which the post-processing cost depends on, are reali
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +39,9 @@ from segmentation_safety.ros.replay_report import (
     latency_summary,
     outputs_label,
 )
+
+#: The node's /diagnostics values a bench report keeps.
+NODE_SAID = ("device", "jpeg_codec", "faults", "last_problem")
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,11 @@ def node_bench(
                 trials[v].rejected += t.rejected
             if progress:
                 progress(i + 1, rounds)
+        said = {}
+        for v, r in replayers.items():
+            if r.collector is not None:
+                r.collector.wait_statuses(1, time.monotonic() + 5.0)  # a fresh one
+            said[v] = dict(r.collector.node_status) if r.collector else {}
     results = {}
     for v, trial in trials.items():
         lat = [ms for _, ms in trial.latencies_ms()]
@@ -205,6 +214,9 @@ def node_bench(
             "frames_processed": trial.frames_processed,
             "latency_ms": latency_summary(lat),
             "breakdown": breakdown_summary(trial),
+            # What the node says it ran (its /diagnostics), not what was asked: a jpeg
+            # the GPU could not take, or a device fallback, shows here.
+            "node_said": {k: said[v][k] for k in NODE_SAID if k in said[v]},
         }
     return {
         "bag": str(bag_path),

@@ -533,12 +533,15 @@ class Replayer:
             deadline = time.monotonic() + self.options.startup_timeout_s
             rejected = c.rejected()
             message = with_stamp(raw, stamp)
+            info = next(iter(self.bag.camera_info.values()), None)
             first_sent = time.monotonic()
             while True:
                 # The node's input is best effort (sensor data): a frame sent while its
                 # reader has not yet matched our writer, though ours has matched it
                 # (discovery is not symmetric), is lost. Sent again, the same stamp.
                 sent_at = time.monotonic()
+                if info is not None:  # as the bag sends it: the node wants one for its boxes
+                    serialized_publish.publish(c.info_pub, with_stamp(info, stamp))
                 serialized_publish.publish(c.image_pub, message)
                 until = min(deadline, sent_at + WARMUP_RESEND_S)
                 with c.cond:
