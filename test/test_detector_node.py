@@ -2517,3 +2517,34 @@ def test_diagnostics_keep_coming_under_sim_time_without_a_clock(harness):
     h = harness(use_sim_time=True)
     h.listen("/diagnostics")
     wait_for(lambda: diag_values(h), "a /diagnostics status with no /clock")
+
+
+def test_a_frame_slower_than_the_depth_buffer_keeps_its_depth(harness, monkeypatch):
+    # The buffer holds 8 depth images: a frame that takes longer than 8 depth periods
+    # found only newer ones, put its boxes on the flat ground and reported "depth out of
+    # sync" (a 10-minute soak: 209 of 560 /diagnostics). The depth nearest the frame when
+    # it was taken is kept for it.
+    h, depth_pub = _with_depth(harness, "hazards", depth_max_age=0.5)
+    depth_pub.publish(depth_msg(7000, sec=80))  # the frame's own depth
+    wait_for(lambda: h.node.depths, "the frame's depth")
+    process = h.node.pipeline.process_frame
+
+    def slow(rgb, outputs, render):
+        result = process(rgb, outputs, render)
+        # The stream goes on meanwhile (handed to the depth callback as they would arrive:
+        # over DDS a keep-last-1 reader may skip some, and then nothing is evicted).
+        for later in range(81, 81 + detector_node.DEPTH_BUFFER + 2):
+            h.node._on_depth(serialize_message(depth_msg(3000, sec=later)))
+        assert _seconds_of(h.node.depths[0]) > 80  # the frame's depth is out of the buffer
+        return result
+
+    monkeypatch.setattr(h.node.pipeline, "process_frame", slow)
+    h.image_pub.publish(image_msg(80))
+    wait_for(lambda: h.stamped_markers(80), "frame 80's boxes")
+    (box, *_) = boxes(h, 80)
+    assert "(depth)" in box.text and box.pose.position.z == pytest.approx(7.0), box.text
+    assert "depth out of sync" not in h.node.faults
+
+
+def _seconds_of(msg) -> float:
+    return msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9

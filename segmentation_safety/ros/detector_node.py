@@ -207,6 +207,9 @@ class _Rendered:
     timings: dict[str, float]  # arrival, decode and the pipeline's stages (ms)
     started_at: float  # perf_counter when decoding began
     rendered_at: float  # perf_counter when the pipeline was done
+    #: With use_depth, the buffered depth nearest the frame when it was taken: a slow
+    #: frame outlasts the depth buffer (8 images: 0.27 s at 30 Hz).
+    depth: Any = None
 
 
 @dataclass(frozen=True)
@@ -425,6 +428,7 @@ class DetectorNode(Node):
         self.marker_pool = markers.MarkerPool()
         self.marker_lifetime = markers.MarkerLifetime()
         self._boxes_wanted_since: float | None = None  # the first frame with boxes wanted
+        self._topics: dict[str, str] = {}  # input -> its resolved topic (_image_topic)
         self.depths: deque[cdr.RawImage] = deque(maxlen=DEPTH_BUFFER)
         self._depth_cond = threading.Condition()
         self._last_frame_at = time.monotonic()
@@ -923,13 +927,18 @@ class DetectorNode(Node):
         decode_ms = (time.perf_counter() - t0) * 1e3
         if not wanted:
             return "unheard"  # decoding checked the input; not a processed frame
+        early = None
+        if p.use_depth and "hazards" in wanted:
+            early = self._nearest_depth(_seconds(msg.header.stamp), p.depth_max_age, wait=False)
         outputs = set().union(*(NEEDS.get(k, frozenset()) for k in wanted))
         options = self._render_options(wanted, p)
         result = self.pipeline.process_frame(rgb, outputs, options)
         self._check_finite(result)
         timings = {**arrival, "decode": decode_ms, **result.timings_ms}
         rendered_at = time.perf_counter()
-        return _Rendered(result, msg.header, p, wanted, rgb.shape[:2], timings, t0, rendered_at)
+        return _Rendered(
+            result, msg.header, p, wanted, rgb.shape[:2], timings, t0, rendered_at, early
+        )
 
     def _publish(self, frame: _Rendered) -> _Sent:
         """Publish a rendered frame's outputs, `safety` last (its timings count the rest).
@@ -957,7 +966,7 @@ class DetectorNode(Node):
         if "hazards" not in wanted:
             self._clear_fault(FAULT_NO_CAMERA_INFO)  # camera_info too serves the boxes only
         if boxes_first:
-            self._publish_hazards(result, header, p, frame.image_size)
+            self._publish_hazards(result, header, p, frame.image_size, frame.depth)
         if "hazard_overlay_compressed" in wanted:
             if result.overlay_jpeg is not None:  # encoded on the device (jpeg_codec)
                 jpeg = image_codec.jpeg_message(result.overlay_jpeg.tobytes(), header)
@@ -978,8 +987,8 @@ class DetectorNode(Node):
         if "hazards" in wanted and not boxes_first:
             # After `safety`, on the markers thread (_run_later): the boxes may wait for
             # a late depth image, up to depth_max_age, and no later frame waits with them.
-            size = frame.image_size
-            later = lambda: self._publish_hazards(result, header, p, size)  # noqa: E731
+            size, early = frame.image_size, frame.depth
+            later = lambda: self._publish_hazards(result, header, p, size, early)  # noqa: E731
         if "safety" in wanted:
             timings = dict(frame.timings)
             timings.pop("total", None)  # re-added last: stages go in the order a frame passes
@@ -1066,10 +1075,15 @@ class DetectorNode(Node):
         return bodies
 
     def _publish_hazards(
-        self, r: RenderedFrame, header: Any, p: DetectorParams, image_size: tuple[int, int]
+        self,
+        r: RenderedFrame,
+        header: Any,
+        p: DetectorParams,
+        image_size: tuple[int, int],
+        early: Any = None,
     ) -> None:
         try:
-            hazards = self._markers(r, header, p, image_size)
+            hazards = self._markers(r, header, p, image_size, early)
         except Exception as e:  # markers are extra: the alarm must still go out
             if self._stopping():
                 return
@@ -1078,7 +1092,12 @@ class DetectorNode(Node):
         self.pubs["hazards"].publish(hazards)
 
     def _markers(
-        self, r: RenderedFrame, header: Any, p: DetectorParams, image_size: tuple[int, int]
+        self,
+        r: RenderedFrame,
+        header: Any,
+        p: DetectorParams,
+        image_size: tuple[int, int],
+        early: Any = None,
     ) -> MarkerArray:
         """Hazard boxes from the regions of the network-resolution anomaly map.
 
@@ -1128,7 +1147,7 @@ class DetectorNode(Node):
             # Looked up on every frame, boxes or not, so a depth fault clears once the
             # stream is back; only a frame with boxes waits for a late depth image.
             depth = self._depth_for(header, (h, w) if k is not None else None, image_size, p,
-                                    wait=bool(regions))  # fmt: skip
+                                    wait=bool(regions), early=early)  # fmt: skip
         return markers.hazard_markers(
             regions,
             k,
@@ -1136,7 +1155,7 @@ class DetectorNode(Node):
             p.camera_height,
             p.camera_pitch,
             p.max_marker_range,
-            lifetime_s=self.marker_lifetime.next(time.monotonic()),
+            lifetime_s=self.marker_lifetime.next(now),
             depth=depth,
             # Boxes that waited for depth are built on the markers thread: the pool
             # serves the compute thread's boxes only.
@@ -1173,11 +1192,19 @@ class DetectorNode(Node):
         image_size: tuple[int, int],
         p: DetectorParams,
         wait: bool,
+        early: Any = None,
     ) -> np.ndarray | None:
         """Depth (metres, at ``shape``) for the image with ``header``; None = use the ground
-        (or ``shape`` None: only the depth faults brought up to date)."""
+        (or ``shape`` None: only the depth faults brought up to date). ``early``: the
+        nearest depth when the frame was taken, which a slow frame's buffer may have lost."""
         stamp = _seconds(header.stamp)
-        msg = self._nearest_depth(stamp, p.depth_max_age, wait)
+
+        def gap(m: Any) -> float:
+            return abs(_seconds(m.header.stamp) - stamp)
+
+        in_time = early is not None and gap(early) <= p.depth_max_age
+        msg = self._nearest_depth(stamp, p.depth_max_age, wait and not in_time)
+        msg = min((m for m in (early, msg) if m is not None), key=gap, default=None)
         if self._stop.is_set():  # woken by shutdown: no fault to report, nothing to place
             return None
         topic = self._depth_topic()
@@ -1263,10 +1290,16 @@ class DetectorNode(Node):
             self.get_logger().warning(text)
 
     def _image_topic(self) -> str:
-        return self._input_topic(INPUTS, self.params.input_transport)
+        # Resolved once: remaps and the (read-only) transports do not change while running,
+        # and depth's is named on every frame with use_depth.
+        if self._topics.get("image") is None:
+            self._topics["image"] = self._input_topic(INPUTS, self.params.input_transport)
+        return self._topics["image"]
 
     def _depth_topic(self) -> str:
-        return self._input_topic(DEPTH_INPUTS, self.params.depth_transport)
+        if self._topics.get("depth") is None:
+            self._topics["depth"] = self._input_topic(DEPTH_INPUTS, self.params.depth_transport)
+        return self._topics["depth"]
 
     def _input_topic(self, table: dict[str, tuple[str, type]], transport: str) -> str:
         """The topic an input is read from. A transport's topic follows its base topic's

@@ -488,12 +488,11 @@ def declared_value(name: str, value: Any) -> Any:
 
 def as_declared_types(params: list[Parameter]) -> list[Parameter]:
     """``add_pre_set_parameters_callback`` body: :func:`declared_value` for each."""
-    return [
-        Parameter(p.name, value=declared_value(p.name, p.value))
-        if declared_value(p.name, p.value) is not p.value
-        else p
-        for p in params
-    ]
+    out = []
+    for p in params:
+        value = declared_value(p.name, p.value)
+        out.append(p if value is p.value else Parameter(p.name, value=value))
+    return out
 
 
 def unknown_names(names: Iterable[str]) -> list[str]:
