@@ -966,7 +966,7 @@ class DetectorNode(Node):
         if "hazards" not in wanted:
             self._clear_fault(FAULT_NO_CAMERA_INFO)  # camera_info too serves the boxes only
         if boxes_first:
-            self._publish_hazards(result, header, p, frame.image_size, frame.depth)
+            self._publish_hazards(frame)
         if "hazard_overlay_compressed" in wanted:
             if result.overlay_jpeg is not None:  # encoded on the device (jpeg_codec)
                 jpeg = image_codec.jpeg_message(result.overlay_jpeg.tobytes(), header)
@@ -987,8 +987,7 @@ class DetectorNode(Node):
         if "hazards" in wanted and not boxes_first:
             # After `safety`, on the markers thread (_run_later): the boxes may wait for
             # a late depth image, up to depth_max_age, and no later frame waits with them.
-            size, early = frame.image_size, frame.depth
-            later = lambda: self._publish_hazards(result, header, p, size, early)  # noqa: E731
+            later = functools.partial(self._publish_hazards, frame)
         if "safety" in wanted:
             timings = dict(frame.timings)
             timings.pop("total", None)  # re-added last: stages go in the order a frame passes
@@ -1074,37 +1073,24 @@ class DetectorNode(Node):
             bodies[key] = cdr.image_body(header, h, w, encoding, a.strides[0], a)
         return bodies
 
-    def _publish_hazards(
-        self,
-        r: RenderedFrame,
-        header: Any,
-        p: DetectorParams,
-        image_size: tuple[int, int],
-        early: Any = None,
-    ) -> None:
+    def _publish_hazards(self, frame: _Rendered) -> None:
         try:
-            hazards = self._markers(r, header, p, image_size, early)
+            hazards = self._markers(frame)
         except Exception as e:  # markers are extra: the alarm must still go out
             if self._stopping():
                 return
             self._warn(f"markers/{type(e).__name__}", f"hazard markers failed: {e}")
-            hazards = markers.hazard_markers([], None, header, 0.0, 0.0)
+            hazards = markers.hazard_markers([], None, frame.header, 0.0, 0.0)
         self.pubs["hazards"].publish(hazards)
 
-    def _markers(
-        self,
-        r: RenderedFrame,
-        header: Any,
-        p: DetectorParams,
-        image_size: tuple[int, int],
-        early: Any = None,
-    ) -> MarkerArray:
+    def _markers(self, frame: _Rendered) -> MarkerArray:
         """Hazard boxes from the regions of the network-resolution anomaly map.
 
         Found there, not on the published map (its bilinear upsampling): connected
         components over 4-16× fewer pixels, which on real maps with tens of regions was
         most of the node's publishing time. ``hazard_min_pixels`` stays in image pixels.
         """
+        r, header, p, image_size = frame.result, frame.header, frame.params, frame.image_size
         regions = []
         k = None
         depth = None
@@ -1147,7 +1133,7 @@ class DetectorNode(Node):
             # Looked up on every frame, boxes or not, so a depth fault clears once the
             # stream is back; only a frame with boxes waits for a late depth image.
             depth = self._depth_for(header, (h, w) if k is not None else None, image_size, p,
-                                    wait=bool(regions), early=early)  # fmt: skip
+                                    wait=bool(regions), early=frame.depth)  # fmt: skip
         return markers.hazard_markers(
             regions,
             k,
