@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,15 @@ _META_KEY = "segsafe"
 #: Sides of a network input (H and W) a bundle and the node's ``input_size`` parameter
 #: may ask for: more would have the node allocate an input no camera needs.
 INPUT_SIDE_RANGE = (8, 8192)
+
+
+def input_size_problem(size: Sequence[int]) -> str | None:
+    """None for an (H, W) the node accepts as its network input, else what is wrong (the
+    one rule for import-weights, bundles at load and the node's input_size parameter)."""
+    low, high = INPUT_SIDE_RANGE
+    if len(size) != 2 or not all(low <= int(v) <= high for v in size):
+        return f"height and width must be within {low}..{high}"
+    return None
 
 
 class BundleError(UserError, RuntimeError):
@@ -158,12 +168,10 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
     ):
         return f"class_names must be a non-empty list of strings, got {names!r:.80}"
     size = meta.get("input_size")
-    low, high = INPUT_SIDE_RANGE
     if size is not None and not (
-        isinstance(size, list)
-        and len(size) == 2
-        and all(is_int(v) and low <= v <= high for v in size)
+        isinstance(size, list) and all(is_int(v) for v in size) and input_size_problem(size) is None
     ):
+        low, high = INPUT_SIDE_RANGE
         return (
             f"input_size must be [height, width], each within {low}..{high} (the node's "
             f"input_size range), got {size!r:.80}"

@@ -23,13 +23,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from segmentation_safety.checkpoint import INPUT_SIDE_RANGE, input_size_problem
 from segmentation_safety.errors import InvalidArgumentError, check_writable, report_user_errors
-from segmentation_safety.models.importers import (
-    INPUT_SIDE_RANGE,
-    SIGNATURES,
-    ImportWeightsError,
-    input_size_problem,
-)
+from segmentation_safety.models.importers import SIGNATURES, ImportWeightsError
 
 #: The name calibrate, evaluate --models and the node's models_dir look for.
 BUNDLE_NAME = "segmenter.safetensors"

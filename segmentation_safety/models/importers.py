@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segmentation_safety.checkpoint import INPUT_SIDE_RANGE
+from segmentation_safety.checkpoint import input_size_problem
 from segmentation_safety.errors import UserError
 from segmentation_safety.labels import TRAIN_NAMES
 
@@ -93,14 +93,6 @@ class ImportedSegmenter:
         if self.input_size:
             meta["input_size"] = self.input_size
         return meta
-
-
-def input_size_problem(size: Sequence[int]) -> str | None:
-    """None for an (H, W) the node accepts as its network input, else what is wrong."""
-    low, high = INPUT_SIDE_RANGE
-    if len(size) != 2 or not all(low <= int(v) <= high for v in size):
-        return f"height and width must be within {low}..{high}"
-    return None
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from rcl_interfaces.msg import (
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from segmentation_safety.checkpoint import INPUT_SIDE_RANGE
+from segmentation_safety.checkpoint import input_size_problem
 from segmentation_safety.drivable import REGIONS
 from segmentation_safety.pipeline import INPUT_RESIZES
 from segmentation_safety.ros.image_codec import BITS_RANGE
@@ -85,10 +85,8 @@ def _input_size_ok(value: list[int]) -> str | None:
     h, w = value
     if (h, w) == (0, 0):
         return None
-    low, high = INPUT_SIDE_RANGE
-    if not (low <= h <= high and low <= w <= high):
-        return f"height and width must be within {low}..{high} (or [0, 0])"
-    return None
+    problem = input_size_problem(value)
+    return None if problem is None else f"{problem} (or [0, 0])"
 
 
 def _class_ids_ok(value: list[int]) -> str | None:
