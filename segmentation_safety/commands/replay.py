@@ -198,11 +198,10 @@ def parse_params(items: list[str]) -> dict[str, object]:
         if not sep or not name.strip():
             raise InvalidArgumentError(f"--param: expected NAME=VALUE, got {item!r}")
         out[name.strip()] = yaml.safe_load(value)
-    from segmentation_safety.ros.params import SPECS
+    from segmentation_safety.ros.params import is_node_parameter
 
     # A misspelt name would be declared by nobody and silently change nothing.
-    known = {spec.name for spec in SPECS} | {"use_sim_time"}
-    unknown = sorted(set(out) - known)
+    unknown = sorted(name for name in out if not is_node_parameter(name))
     if unknown:
         raise InvalidArgumentError(
             f"--param: {', '.join(unknown)} is not a parameter of the node "

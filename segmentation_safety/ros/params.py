@@ -493,14 +493,17 @@ def as_declared_types(params: list[Parameter]) -> list[Parameter]:
     return out
 
 
+def is_node_parameter(name: str) -> bool:
+    """A name the node declares, or one rclpy reads on every node."""
+    return name in SPEC_BY_NAME or name in ROS_PARAMETERS or name.startswith(QOS_OVERRIDES_PREFIX)
+
+
 def unknown_names(names: Iterable[str]) -> list[str]:
     """One line for each name that is no parameter of the node, with the nearest one: a
     misspelt ``anomaly_treshold`` in a YAML file is otherwise ignored without a word."""
     lines = []
     for name in sorted(names):
-        if name in SPEC_BY_NAME or name in ROS_PARAMETERS:
-            continue
-        if name.startswith(QOS_OVERRIDES_PREFIX):
+        if is_node_parameter(name):
             continue
         near = difflib.get_close_matches(name, SPEC_BY_NAME, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""

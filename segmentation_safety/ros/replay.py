@@ -416,9 +416,7 @@ class Replayer:
         timeout = 20.0 if self.process is None else self.options.startup_timeout_s
         deadline = time.monotonic() + timeout
         while not self.collector.connected():
-            code = None if self.process is None else self.process.exited()
-            if code is not None:
-                raise ReplayError(f"the node process exited with code {code}{self._node_log()}")
+            self.check_alive(0)
             if time.monotonic() > deadline:
                 raise ReplayError(
                     f"the node's topics were not discovered within {timeout:.0f} s"
