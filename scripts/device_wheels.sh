@@ -3,14 +3,16 @@
 # sessions, whose image has CPython 3.12 with PyTorch, NumPy, OpenCV, SciPy, pytest, ...
 # but no ROS 2. Puts the ROS 2 Kilted wheels and colcon (requirements/ros.txt) and the bag
 # tools (rosbags), with everything they need that the image lacks, built for that
-# CPython, into a git-ignored folder that travels with the working tree. There:
-#   SEGSAFE_WHEELS=.whl bash scripts/setup.sh && bash scripts/gpu_check.sh "$OUT/gpu"
+# CPython, into a git-ignored folder, and packs them into one archive beside it
+# (DIR.tar.xz), which is what travels with the working tree. There:
+#   SEGSAFE_WHEELS=.whl.tar.xz bash scripts/setup.sh && bash scripts/gpu_check.sh "$OUT/gpu"
 # Usage (here, after make setup): bash scripts/device_wheels.sh [PYTHON_VERSION] [DIR]
 # (defaults 3.12 and .whl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=${1:-3.12}
 DIR=${2:-.whl}
+ARCHIVE="$DIR.tar.xz"
 # The working tree and the wheels travel together to the GPU machine, at most 64 MiB:
 # what its image already has stays out (NumPy alone is 16 MB). Another machine may lack
 # some: SEGSAFE_PROVIDED="" keeps every wheel (names as in wheel files).
@@ -38,10 +40,34 @@ python -m pip download -q --only-binary=:all: --implementation cp --python-versi
   --platform manylinux1_x86_64 --find-links "$DIR" -d "$DIR" -r requirements/ros.txt "$rosbags"
 for name in $PROVIDED; do rm -f "$DIR/$name"-*.whl; done
 
-wheels=$(du -cb "$DIR"/*.whl | tail -1 | cut -f1)
+# Each wheel is a zip deflated file by file; stored uncompressed inside one xz archive
+# the same wheels take about half the bytes (51 -> 27 MiB on 2026-12-07), and the
+# archive with the tracked files must fit in what travels (63 of 64 MiB as plain wheels).
+say "packing them into $ARCHIVE (a minute or two)"
+python - "$DIR" "$ARCHIVE.tmp" <<'EOF'
+import io, pathlib, sys, tarfile, zipfile
+
+folder, target = pathlib.Path(sys.argv[1]), sys.argv[2]
+with tarfile.open(target, "w:xz", preset=6) as archive:
+    for wheel in sorted(folder.glob("*.whl")):
+        stored = io.BytesIO()
+        with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as dst:
+            for member in src.infolist():
+                entry = zipfile.ZipInfo(member.filename, member.date_time)
+                entry.external_attr = member.external_attr  # permissions (scripts)
+                dst.writestr(entry, src.read(member))  # ZipInfo's default: stored
+        entry = tarfile.TarInfo(wheel.name)
+        entry.size, entry.mtime, entry.mode = stored.tell(), int(wheel.stat().st_mtime), 0o644
+        stored.seek(0)
+        archive.addfile(entry, stored)
+EOF
+mv "$ARCHIVE.tmp" "$ARCHIVE"  # a killed run leaves no archive that looks whole
+
+size=$(du -cb "$ARCHIVE" | tail -1 | cut -f1)
 tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
-say "$(ls "$DIR"/*.whl | wc -l) wheels, $((wheels >> 20)) MiB; with the tracked files $(((wheels + tree) >> 20)) MiB of the 64 MiB that travel"
-if ((wheels + tree > LIMIT)); then
+say "$(ls "$DIR"/*.whl | wc -l) wheels, $(($(du -cb "$DIR"/*.whl | tail -1 | cut -f1) >> 20)) MiB; packed $((size >> 20)) MiB, with the tracked files $(((size + tree) >> 20)) MiB of the 64 MiB that travel"
+if ((size + tree > LIMIT)); then
   say "more than the GPU machine takes: leave out more of what it has (SEGSAFE_PROVIDED)"
   [ -n "${SEGSAFE_PROVIDED+set}" ] || exit 1  # only the GPU machine has that limit
 fi
+say "there: SEGSAFE_WHEELS=$ARCHIVE bash scripts/setup.sh (carry $ARCHIVE)"

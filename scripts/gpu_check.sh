@@ -18,8 +18,8 @@
 #
 # On the GPU machine lent to sessions (CPython 3.12 with PyTorch, no ROS 2, no package
 # index), one call of the device tool, with the wheels made here first
-# (`bash scripts/device_wheels.sh`, into the git-ignored .whl/) and carried:
-#   SEGSAFE_WHEELS=.whl bash scripts/setup.sh && DEADLINE_S=$((420 - SECONDS)) bash scripts/gpu_check.sh "$OUT"
+# (`bash scripts/device_wheels.sh`, into the git-ignored .whl.tar.xz) and carried:
+#   SEGSAFE_WHEELS=.whl.tar.xz bash scripts/setup.sh && DEADLINE_S=$((420 - SECONDS)) bash scripts/gpu_check.sh "$OUT"
 # (SECONDS there counts the setup too: no step starts after 420 s of the call, and the
 # last one ends by 420 + STEP_TIMEOUT_S + 15 = 585 s, inside the tool's 600.)
 set -euo pipefail

@@ -6,8 +6,9 @@
 #
 # Offline, on a machine with no package index but its own PyTorch (the GPU machine lent
 # to some sessions): SEGSAFE_WHEELS=DIR takes the ROS 2 wheels, colcon and rosbags from
-# DIR (made here by scripts/device_wheels.sh, for that machine's CPython) and everything
-# else from the packages of the interpreter that runs (PYTHON, default python3).
+# DIR (made here by scripts/device_wheels.sh, for that machine's CPython; or its archive
+# DIR.tar.xz, unpacked to DIR first) and everything else from the packages of the
+# interpreter that runs (PYTHON, default python3).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -23,6 +24,25 @@ WHEELS=${SEGSAFE_WHEELS:-}
 PY=${PYTHON:-}
 if [ -n "$WHEELS" ]; then
   PY=$(command -v "${PY:-python3}") || die "no python3 here; set PYTHON"
+  if [ -f "$WHEELS" ]; then  # device_wheels.sh's archive: unpacked beside it, once
+    folder=${WHEELS%.tar.xz}
+    [ "$folder" != "$WHEELS" ] || die "SEGSAFE_WHEELS=$WHEELS is a file but not a .tar.xz of wheels (scripts/device_wheels.sh makes one)"
+    packed=$(sha256sum <"$WHEELS" | cut -c1-16)
+    if [ "$(cat "$folder/.unpacked-from" 2>/dev/null)" != "$packed" ]; then
+      say "unpacking $WHEELS"
+      rm -rf "$folder" "$folder.tmp"
+      "$PY" -c '
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as archive:
+    # "data": nothing outside the folder, no links or devices (Python >= 3.11.4)
+    kind = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    archive.extractall(sys.argv[2], **kind)' "$WHEELS" "$folder.tmp" \
+        || die "cannot unpack $WHEELS (truncated? make it again with scripts/device_wheels.sh)"
+      echo "$packed" >"$folder.tmp/.unpacked-from"
+      mv "$folder.tmp" "$folder"
+    fi
+    WHEELS=$folder
+  fi
   tag=$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
   compgen -G "$WHEELS/ros_rclpy-*-$tag-*.whl" >/dev/null \
     || die "no ROS 2 wheels for $tag in $WHEELS: run scripts/device_wheels.sh $("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])') where pip can reach PyPI"

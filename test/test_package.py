@@ -230,11 +230,40 @@ def test_offline_setup_refuses_wheels_for_another_python_before_writing_anything
 
 
 def test_offline_setup_names_the_modules_the_interpreter_lacks(tmp_path):
-    bare = tmp_path / "bare"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
     wheels = tmp_path / "whl"
     wheels.mkdir()
     (wheels / f"ros_rclpy-9.1.2-{TAG}-{TAG}-manylinux_2_28_x86_64.whl").touch()
-    r = _offline_setup(tmp_path, wheels, str(bare / "bin" / "python"))
+    r = _offline_setup(tmp_path, wheels, _bare_python(tmp_path))
     assert r.returncode == 1
     assert "lacks torch torchvision numpy PIL cv2 yaml safetensors scipy tqdm" in r.stderr
+
+
+def _bare_python(tmp_path) -> str:
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    return str(bare / "bin" / "python")
+
+
+def test_offline_setup_takes_the_wheels_archive_device_wheels_makes(tmp_path):
+    import tarfile
+
+    wheel = tmp_path / f"ros_rclpy-9.1.2-{TAG}-{TAG}-manylinux_2_28_x86_64.whl"
+    wheel.write_bytes(b"stand-in")
+    archive = tmp_path / "whl.tar.xz"
+    with tarfile.open(archive, "w:xz") as t:
+        t.add(wheel, arcname=wheel.name)
+    r = _offline_setup(tmp_path, archive, _bare_python(tmp_path))
+    # Unpacked beside the archive, the wheels were found there: the next check speaks.
+    assert f"unpacking {archive}" in r.stdout
+    assert (tmp_path / "whl" / wheel.name).read_bytes() == b"stand-in"
+    assert r.returncode == 1 and "lacks torch" in r.stderr
+    again = _offline_setup(tmp_path, archive, _bare_python(tmp_path))
+    assert "unpacking" not in again.stdout  # once per archive
+
+
+def test_offline_setup_refuses_a_file_that_is_no_wheels_archive(tmp_path):
+    wrong = tmp_path / "wheels.zip"
+    wrong.write_bytes(b"PK")
+    r = _offline_setup(tmp_path, wrong, sys.executable)
+    assert r.returncode == 1
+    assert "is a file but not a .tar.xz of wheels" in r.stderr
