@@ -266,6 +266,8 @@ def test_one_image_in_gives_every_output_with_its_stamp(harness):
         "diagnostics",
     )
     status = [s for a in h.got["/diagnostics"] for s in a.status if h.ns in s.hardware_id][-1]
+    # Named with the namespace: two cameras' nodes share their node name.
+    assert status.name == f"{h.node.get_fully_qualified_name()}: segmentation safety"
     keys = {kv.key for kv in status.values}
     assert {"rate_hz", "latency_p50_ms", "latency_p95_ms", "frames_dropped", "device"} <= keys
 

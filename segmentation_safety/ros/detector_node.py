@@ -739,9 +739,12 @@ class DetectorNode(Node):
                 del self._problem_at[kind]
             faults, problems = dict(self.faults), dict(self.problems)
         rate = self.params.max_rate
+        # The fully qualified name: monitors (diagnostic_aggregator) key statuses by name,
+        # and two cameras' nodes differ only in their namespaces.
+        fqn = self.get_fully_qualified_name()
         status = diagnostic_status(
-            f"{self.get_name()}: segmentation safety",
-            self.get_fully_qualified_name(),
+            f"{fqn}: segmentation safety",
+            fqn,
             self.stats.snapshot(),
             str(self.pipeline.device),
             # Paced slower than one frame in 2.5 s, the node is idle by design between.
