@@ -31,32 +31,30 @@ def drivable_mask(labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
 
 
 def drivable_region(
-    labels: torch.Tensor, classes: Sequence[int], region: str = "corridor", step: int = 4
+    labels: torch.Tensor, classes: Sequence[int], region: str = "corridor"
 ) -> torch.Tensor:
     """Boolean H×W mask (on ``labels``' device) of the pixels the alarm counts.
 
     ``drivable``: pixels whose label is in ``classes``. ``corridor``: those plus their
-    convex hull. The hull is found and filled on a grid of every ``step``-th pixel (a
-    small copy to the host: cv2 has the hull), brought back at full size, and united
-    with the drivable pixels themselves, so none is lost to the grid.
+    convex hull, found from each row's two ends on the host (cv2 has the hull) and filled
+    at full size. A hull of every 4th pixel, as before, lost the road's far end, where a
+    hazard looks smallest, and more of it the smaller the map (``output_scale``): on the
+    10 Road Anomaly frames (ESPNetv2) 0.2-3.6% of the exact corridor at scale 1, up to 16%
+    at 0.5, and it was no faster (0.73 against 0.48 ms at 512×1024, 1.9 against 1.8 ms
+    at 1024×2048, on a synthetic road).
     """
     if region not in REGIONS:
         raise ValueError(f"region must be one of {REGIONS}, got {region!r}")
     drivable = drivable_mask(labels, classes)
     if region == "drivable":
         return drivable
-    coarse = drivable[::step, ::step].to("cpu", torch.uint8).numpy()
-    points = _row_ends(coarse)
+    mask = drivable.cpu().numpy()
+    points = _row_ends(mask)
     if points is None:
         return drivable
-    hull = np.zeros_like(coarse)
+    hull = np.zeros(mask.shape, np.uint8)
     cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
-    h, w = labels.shape[-2:]
-    hc, wc = hull.shape
-    coarse_hull = torch.from_numpy(hull).to(labels.device).bool()
-    # Each grid cell back to its step×step block: one expanded copy, no interpolation.
-    full = coarse_hull[:, None, :, None].expand(hc, step, wc, step).reshape(hc * step, -1)
-    return full[:h, :w] | drivable
+    return torch.from_numpy(hull.view(bool)).to(labels.device) | drivable
 
 
 def _row_ends(mask: np.ndarray) -> np.ndarray | None:
@@ -68,7 +66,7 @@ def _row_ends(mask: np.ndarray) -> np.ndarray | None:
     if rows.size == 0:
         return None
     width = mask.shape[1]
-    inside = mask[rows].astype(bool)
+    inside = mask[rows]
     first = inside.argmax(axis=1)
     last = width - 1 - inside[:, ::-1].argmax(axis=1)
     xs = np.concatenate([first, last])

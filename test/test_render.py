@@ -263,19 +263,17 @@ def test_process_frame_counts_non_finite_scores_even_for_maps_it_does_not_return
     assert r.anomaly is None and r.nonfinite == {"anomaly": 7, "failure": 0}
 
 
-def _reference_region(labels: np.ndarray, classes: tuple[int, ...], step: int = 4) -> np.ndarray:
-    """The corridor from the hull of every drivable grid point (no shortcut)."""
+def _reference_region(labels: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
+    """The corridor from the hull of every drivable pixel (no shortcut)."""
     import cv2
 
     drivable = np.isin(labels, classes)
-    coarse = drivable[::step, ::step].astype(np.uint8)
-    points = cv2.findNonZero(coarse)
+    points = cv2.findNonZero(drivable.astype(np.uint8))
     if points is None:
         return drivable
-    hull = np.zeros_like(coarse)
+    hull = np.zeros(labels.shape, np.uint8)
     cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
-    full = np.repeat(np.repeat(hull, step, 0), step, 1)[: labels.shape[0], : labels.shape[1]]
-    return full.astype(bool) | drivable
+    return hull.astype(bool) | drivable
 
 
 def test_corridor_equals_the_hull_of_every_drivable_pixel():
@@ -290,6 +288,19 @@ def test_corridor_equals_the_hull_of_every_drivable_pixel():
             labels[:] = 2  # no road at all
         got = drivable_region(torch.from_numpy(labels), (0, 1)).numpy()
         np.testing.assert_array_equal(got, _reference_region(labels, (0, 1)))
+
+
+def test_corridor_keeps_the_far_end_of_a_narrowing_road():
+    from segmentation_safety.drivable import drivable_region
+
+    # A road narrowing to a 1-pixel tip at row 2 (the horizon), off every 4th row and
+    # column: an object there sits inside the corridor, not outside it.
+    labels = np.full((24, 40), 2, np.uint8)
+    for y in range(2, 24):
+        half = (y - 2) // 2
+        labels[y, 21 - half : 22 + half] = 0
+    area = drivable_region(torch.from_numpy(labels), (0,)).numpy()
+    assert area[2, 21] and area[3, 21] and area.sum() == _reference_region(labels, (0,)).sum()
 
 
 def test_alarm_counts_match_a_plain_count_over_the_corridor():
