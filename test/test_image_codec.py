@@ -478,6 +478,43 @@ def test_truncated_png_is_refused_as_undecodable():
     assert e.value.kind == "undecodable"
 
 
+def _claim(png: bytes, chunk: bytes, length: int) -> bytes:
+    """``png`` with ``chunk``'s length field set to ``length`` (its bytes left as they are)."""
+    data = bytearray(png)
+    at = data.index(chunk) - 4
+    data[at : at + 4] = length.to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("length", [0xFFFFFFF0, 0x10000000, 1 << 31])
+def test_a_png_chunk_claiming_more_than_the_file_holds_is_refused_before_decoding(
+    monkeypatch, length
+):
+    import struct
+
+    # OpenCV sized its buffer from the claim first: 4 GB allocated for 500 bytes.
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded a chunk bomb"))
+    png = bytes(_compressed(_rgb(), ".png", "png").data)
+    msg = CompressedImage(format="png", data=_claim(png, b"IDAT", length))
+    with pytest.raises(CodecError, match=rf"png chunk b'IDAT' at byte \d+ claims {length} bytes"):
+        image_codec.decode_compressed(msg)
+    ok, deep = cv2.imencode(".png", np.full((4, 6), 1500, np.uint16))
+    depth = struct.pack("<iff", 0, 0.0, 0.0) + _claim(deep.tobytes(), b"IDAT", length)
+    with pytest.raises(CodecError, match="png chunk b'IDAT'") as e:
+        image_codec.decode_compressed_depth(
+            CompressedImage(format="16UC1; compressedDepth", data=depth)
+        )
+    assert e.value.kind == "undecodable"
+
+
+def test_a_sixteen_bit_png_named_jpeg_keeps_its_low_bits():
+    twelve = _deep()[..., :1] >> 4
+    exact = ((twelve.astype(np.uint32) * 510 + 4095) // 8190).astype(np.uint8)
+    for fmt in ("jpeg", "bgr16; jpeg compressed bgr8"):  # the bytes' codec decides
+        out = image_codec.decode_compressed(_png16(twelve, fmt), bits=12)
+        np.testing.assert_array_equal(out, np.repeat(exact, 3, axis=2))
+
+
 def test_oversized_compressed_image_is_refused_before_decoding(monkeypatch):
     msg = _compressed(np.zeros((40, 50, 3), np.uint8), ".jpg", "jpeg")
     monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded despite its size"))

@@ -399,12 +399,13 @@ def parse_compressed_format(fmt: str) -> tuple[str, bool]:
 
 
 def compressed_size(data: bytes | memoryview) -> tuple[int, int]:
-    """(width, height) from a jpeg/png header, without decoding the pixels."""
+    """(width, height) from a jpeg/png header, without decoding the pixels; a png's chunk
+    lengths checked too (:func:`_check_png_chunks`)."""
     from PIL import Image as PILImage
 
     try:
         with PILImage.open(io.BytesIO(data)) as im:
-            return im.size
+            size = im.size
     except PILImage.DecompressionBombError as e:
         raise CodecError(f"compressed image too large: {e}", "size") from None
     except PILImage.UnidentifiedImageError:  # its text holds the BytesIO's repr
@@ -418,6 +419,36 @@ def compressed_size(data: bytes | memoryview) -> tuple[int, int]:
             f"compressed data is not a readable jpeg/png ({len(data)} bytes): {e}",
             "undecodable",
         ) from None
+    if bytes(data[:8]) == _PNG_SIGNATURE:
+        _check_png_chunks(data)
+    return size
+
+
+#: A png chunk's length field is at most 2^31 - 1 (PNG specification, 5.3).
+_PNG_MAX_CHUNK = (1 << 31) - 1
+_PNG_CHUNK_HEAD = struct.Struct(">I4s")  # length, type
+
+
+def _check_png_chunks(data: bytes | bytearray | memoryview) -> None:
+    """Refuse a png whose chunk headers claim more bytes than the file has.
+
+    Why: OpenCV's png reader sizes its buffer from each chunk's claimed length before
+    reading it (opencv modules/imgcodecs/src/grfmt_png.cpp), so a few hundred bytes that
+    claim a 4 GB chunk made it allocate and zero 4 GB and stall for 9 s before refusing
+    them: random corruption of a compressedDepth png did it too.
+    """
+    end, at = len(data), 8
+    while at + 8 <= end:
+        length, kind = _PNG_CHUNK_HEAD.unpack_from(data, at)
+        if length > _PNG_MAX_CHUNK or at + 12 + length > end:
+            raise CodecError(
+                f"png chunk {kind!r} at byte {at} claims {length} bytes, more than the "
+                f"{end - at} left in the file (truncated or corrupt)",
+                "undecodable",
+            )
+        if kind == b"IEND":
+            return
+        at += 12 + length
 
 
 @dataclass(frozen=True)
@@ -482,7 +513,7 @@ def decode_checked(frame: CompressedFrame, bits: int = 16) -> np.ndarray:
     # A camera's frames are as the sensor saw them: an EXIF orientation (phones, some
     # IP cameras) would turn them, and the header's size would no longer match.
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    if frame.codec == "png":
+    if bytes(frame.data[:8]) == _PNG_SIGNATURE:  # the bytes', whatever the format says
         # 16 bits kept, to be scaled as cv_bridge scales (IMREAD_COLOR alone truncates).
         flags |= cv2.IMREAD_ANYDEPTH
     decoded = cv2.imdecode(np.frombuffer(frame.data, np.uint8), flags)
