@@ -108,6 +108,27 @@ def test_raw_image_reads_the_fields_and_views_the_pixels():
         cdr.RawImage(raw[:-1])
 
 
+def test_raw_image_refuses_strings_and_headers_rclpy_would_not_read_so():
+    msg = Image(header=_header("cam"), height=1, width=1, encoding="rgb8", step=3)
+    msg.data = b"abc"
+    raw = bytearray(serialize_message(msg))
+    at = raw.index(b"rgb8")
+    unterminated = bytes(raw[: at + 4]) + b"1" + bytes(raw[at + 5 :])  # its NUL overwritten
+    with pytest.raises(cdr.CdrError, match=rf"string at byte {at} does not end in NUL"):
+        cdr.RawImage(unterminated)
+    frame_id = raw.index(b"cam") - 4
+    runaway = (
+        bytes(raw[:frame_id]) + (0xFFFFFFF0).to_bytes(4, "little") + bytes(raw[frame_id + 4 :])
+    )
+    with pytest.raises(cdr.CdrError, match="claims 4294967280 bytes: past the message's end"):
+        cdr.RawImage(runaway)
+    empty = bytes(raw[:frame_id]) + bytes(4) + bytes(raw[frame_id + 4 :])
+    with pytest.raises(cdr.CdrError, match="claims 0 bytes: no room for its closing NUL"):
+        cdr.RawImage(empty)
+    with pytest.raises(cdr.CdrError, match="not little-endian CDR"):
+        cdr.RawImage(b"\x01" + bytes(raw[1:]))  # an encapsulation rclpy refuses too
+
+
 def test_a_sequence_of_doubles_is_aligned_to_8_both_ways():
     # The generic writer and reader claim any message of known field types. After the
     # empty layout (two uint32s) and the data's length, the doubles start at offset 12,

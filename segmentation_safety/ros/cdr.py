@@ -156,7 +156,7 @@ class Reader:
     """Reads the fields of a serialised message, skipping byte sequences without copying."""
 
     def __init__(self, raw: bytes | memoryview) -> None:
-        if len(raw) < 4 or raw[1] != 1:
+        if len(raw) < 4 or raw[0] != 0 or raw[1] != 1:
             raise CdrError("not little-endian CDR")
         self.view = memoryview(raw)[4:]
         self.offset = 0
@@ -169,7 +169,15 @@ class Reader:
         return value
 
     def string(self) -> str:
+        """A CDR string: its length counts the closing NUL, which must be there (rclpy
+        refuses one without; a frame read otherwise would carry another encoding)."""
         n = self.primitive("uint32")
+        at = self.offset + 4  # in the message, its 4-byte encapsulation header counted
+        if n == 0 or self.offset + n > len(self.view):
+            why = "no room for its closing NUL" if n == 0 else "past the message's end"
+            raise CdrError(f"string at byte {at} claims {n} bytes: {why}")
+        if self.view[self.offset + n - 1] != 0:
+            raise CdrError(f"string at byte {at} does not end in NUL")
         text = bytes(self.view[self.offset : self.offset + n - 1]).decode()
         self.offset += n
         return text
