@@ -515,6 +515,19 @@ def test_a_sixteen_bit_png_named_jpeg_keeps_its_low_bits():
         np.testing.assert_array_equal(out, np.repeat(exact, 3, axis=2))
 
 
+def test_a_depth_image_names_a_short_step_apart_from_a_wrong_length():
+    with pytest.raises(CodecError, match=r"depth step 15 < width\*4 bytes = 16 for 4x2") as e:
+        image_codec.decode_depth(
+            Image(height=2, width=4, encoding="32FC1", step=15, data=bytes(30))
+        )
+    assert e.value.kind == "depth_step"
+    with pytest.raises(CodecError, match=r"30 bytes, expected step\*height = 32") as e:
+        image_codec.decode_depth(
+            Image(height=2, width=4, encoding="32FC1", step=16, data=bytes(30))
+        )
+    assert e.value.kind == "depth_length"
+
+
 def test_oversized_compressed_image_is_refused_before_decoding(monkeypatch):
     msg = _compressed(np.zeros((40, 50, 3), np.uint8), ".jpg", "jpeg")
     monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded despite its size"))

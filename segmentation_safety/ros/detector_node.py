@@ -1221,7 +1221,7 @@ class DetectorNode(Node):
             else:
                 depth = image_codec.decode_depth(msg, p.max_pixels)
         except image_codec.CodecError as e:
-            self._warn(f"depth/{e.kind}", f"bad depth image: {e}")
+            self._warn(f"depth/{e.kind}", f"bad depth image on {topic}: {e}")
             return None
         if depth.shape != image_size:
             self._warn(

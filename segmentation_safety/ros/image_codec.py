@@ -228,9 +228,16 @@ def decode_depth(msg: Image, max_pixels: int | None = None) -> np.ndarray:
     _check_depth_size(w, h, max_pixels)
     kind, scale = DEPTH_ENCODINGS[enc]
     dtype = np.dtype(kind).newbyteorder(">" if msg.is_bigendian else "<")
-    if step < w * dtype.itemsize or len(msg.data) != step * h:
+    if step < w * dtype.itemsize:
         raise CodecError(
-            f"depth data has {len(msg.data)} bytes, step {step}, for {w}x{h} {msg.encoding}",
+            f"depth step {step} < width*{dtype.itemsize} bytes = {w * dtype.itemsize} for "
+            f"{w}x{h} {msg.encoding}",
+            "depth_step",
+        )
+    if len(msg.data) != step * h:
+        raise CodecError(
+            f"depth data has {len(msg.data)} bytes, expected step*height = {step * h} "
+            f"({w}x{h} {msg.encoding}, step {step})",
             "depth_length",
         )
     buf = np.frombuffer(msg.data, dtype=np.uint8)
