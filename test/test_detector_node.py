@@ -471,6 +471,29 @@ def test_models_load_and_frames_run_on_the_compute_thread(harness, monkeypatch):
     assert len(threads) == 2 and all(t.startswith(THREAD_NAME) for t in threads)
 
 
+def test_waiting_for_the_shared_compute_thread_counts_as_queue(harness):
+    # Another node in the process (here a stand-in task) holds the compute thread: the
+    # frame's wait must show in a stage, or its timings would not add up to its latency.
+    from segmentation_safety.compute_thread import on_compute_thread
+
+    h = harness()
+    h.listen("safety")
+    taken = threading.Event()
+
+    def other_nodes_frame():
+        taken.set()
+        time.sleep(0.6)
+
+    busy = threading.Thread(target=on_compute_thread, args=(other_nodes_frame,))
+    busy.start()
+    assert taken.wait(10)
+    h.image_pub.publish(image_msg(1))
+    wait_for(lambda: h.stamped("safety", 1), "safety")
+    busy.join()
+    timings = {t.stage: t.ms for t in h.got["safety"][-1].timings}
+    assert timings["queue"] > 300, timings
+
+
 def test_overlap_publish_computes_the_next_frame_while_one_publishes(harness, monkeypatch):
     from segmentation_safety.compute_thread import THREAD_NAME
 

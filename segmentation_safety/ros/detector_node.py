@@ -817,13 +817,13 @@ class DetectorNode(Node):
                     continue
                 msg, received_at, transport_ms = item
                 started = time.monotonic()
-                arrival = {"queue": (started - received_at) * 1e3}
-                if transport_ms is not None:
-                    arrival = {"transport_in": transport_ms, **arrival}
+                arrival = {} if transport_ms is None else {"transport_in": transport_ms}
                 # The whole frame on the compute thread (publishing too, unless
                 # overlap_publish): the hand-back after `safety` is published then delays
                 # nothing a subscriber waits for.
-                handle = functools.partial(on_compute_thread, self._handle, msg, arrival)
+                handle = functools.partial(
+                    on_compute_thread, self._handle, msg, arrival, received_at
+                )
                 rendered = self._run_frame(handle, received_at)
                 if rendered is not None and not self._stopping():
                     # One frame publishing at a time, in order: memory stays bounded and
@@ -896,10 +896,16 @@ class DetectorNode(Node):
     def _wanted(self, p: DetectorParams) -> set[str]:
         return {k for k in p.publish if self.pubs[k].get_subscription_count() > 0}
 
-    def _handle(self, raw: bytes, arrival: dict[str, float]) -> _Sent | _Rendered | bool | str:
+    def _handle(
+        self, raw: bytes, arrival: dict[str, float], received_at: float
+    ) -> _Sent | _Rendered | bool | str:
         """Process one frame on the compute thread: its outputs published (``_Sent``), or
         with ``overlap_publish`` rendered for the publishing thread; False for refused
-        input, "unheard" with no subscriber."""
+        input, "unheard" with no subscriber.
+
+        ``queue`` runs from the callback until this thread takes the frame: it includes
+        waiting for another node's frame when nodes in one process share the thread."""
+        arrival = {**arrival, "queue": (time.monotonic() - received_at) * 1e3}
         frame = self._render(raw, arrival)
         if not isinstance(frame, _Rendered) or self._publisher is not None:
             return frame
