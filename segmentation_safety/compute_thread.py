@@ -10,7 +10,8 @@ thread and 0.08-0.10 ms on a second one once the first had used torch; the node'
 post-processing (about 150 ops) lost several ms per frame that way.
 
 So the detector node loads its pipeline and processes every frame here, and so does every
-node in the same process (nodes composed together take turns on this thread).
+node in the same process (several nodes built in one process take turns on this
+thread; a frame's wait for it counts in its ``queue`` stage).
 """
 
 from __future__ import annotations

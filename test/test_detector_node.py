@@ -471,6 +471,18 @@ def test_models_load_and_frames_run_on_the_compute_thread(harness, monkeypatch):
     assert len(threads) == 2 and all(t.startswith(THREAD_NAME) for t in threads)
 
 
+def test_a_second_node_publishing_our_outputs_is_a_fault_while_it_lasts(harness):
+    # What a second camera's node launched in the same namespace does.
+    h = harness()
+    fault = "another node publishes our outputs"
+    assert fault not in h.node.faults
+    intruder = h.helper.create_publisher(SafetyFrame, h.node.pubs["safety"].topic_name, 1)
+    wait_for(lambda: fault in h.node.faults, "the shared-outputs fault")
+    assert "1 other publisher(s) on" in h.node.faults[fault]
+    h.helper.destroy_publisher(intruder)
+    wait_for(lambda: fault not in h.node.faults, "the fault cleared")
+
+
 def test_waiting_for_the_shared_compute_thread_counts_as_queue(harness):
     # Another node in the process (here a stand-in task) holds the compute thread: the
     # frame's wait must show in a stage, or its timings would not add up to its latency.

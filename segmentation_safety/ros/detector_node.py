@@ -131,6 +131,7 @@ FAULT_NO_DEPTH = "no depth"
 FAULT_DEPTH_SYNC = "depth out of sync"
 FAULT_NO_FRAMES = "no frames from publishers"
 FAULT_QOS = "incompatible QoS on {}"  # the input's name: image or depth
+FAULT_SHARED_OUTPUTS = "another node publishes our outputs"
 
 #: Output key (``publish.<key>``) -> (topic, message type).
 TOPICS: dict[str, tuple[str, type]] = {
@@ -695,6 +696,21 @@ class DetectorNode(Node):
                         f"{self._qos_topic(name)}: no incompatible publisher now"
                     )
 
+    def _check_outputs_are_ours(self) -> None:
+        """Fault while another publisher writes our `safety` topic: a second camera's node
+        launched in the same namespace, whose frames then mix with ours on every output."""
+        topic = self.pubs["safety"].topic_name
+        others = self.count_publishers(topic) - 1
+        if others <= 0:
+            self._clear_fault(FAULT_SHARED_OUTPUTS)
+            return
+        text = (
+            f"{others} other publisher(s) on {topic}: their frames mix with ours on every "
+            "output; give each camera's node its own namespace (launch argument namespace:=)"
+        )
+        if self._set_fault(FAULT_SHARED_OUTPUTS, text):
+            self.get_logger().warning(text)
+
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         result = check_parameters(params)
         pipeline = getattr(self, "pipeline", None)  # None while the YAML is declared
@@ -732,6 +748,7 @@ class DetectorNode(Node):
     def _publish_diagnostics(self) -> None:
         self._watch_input()
         self._recheck_qos()
+        self._check_outputs_are_ours()
         with self._faults_lock:
             gone = time.monotonic() - PROBLEM_KEEP_S
             for kind in [k for k, at in self._problem_at.items() if at < gone]:
