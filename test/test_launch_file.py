@@ -209,6 +209,10 @@ def test_rviz_shows_the_frame_the_launch_names_and_the_bags_are_in():
     both = rviz_config.config_for(RVIZ, "/robot1", "odom")
     assert fixed_frame(both) == "odom" and "/robot1/hazards" in both.read_text()
     assert rviz_config.config_for(RVIZ, rviz_config.SHIPPED_NAMESPACE, "") == RVIZ
+    # Launching again reuses the copy (each launch left one more behind in /tmp); a
+    # second camera's namespace gets its own.
+    assert rviz_config.config_for(RVIZ, "/robot1", "odom") == both
+    assert rviz_config.config_for(RVIZ, "/robot2", "odom") != both
 
 
 def test_ros2_launch_loads_the_description():

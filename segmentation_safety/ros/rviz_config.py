@@ -11,6 +11,8 @@ draws nothing that TF cannot connect to the Fixed Frame (``fixed_frame:=base_lin
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -48,12 +50,19 @@ def in_frame(text: str, fixed_frame: str) -> str:
 def config_for(src: str | Path, namespace: str, fixed_frame: str = SHIPPED_FIXED_FRAME) -> Path:
     """``src`` itself for the shipped namespace and Fixed Frame, else a copy for
     ``namespace`` and ``fixed_frame`` in the temporary directory (RViz reads it once, at
-    start)."""
+    start). The copy is named by its content, so every launch with the same arguments
+    reuses one file instead of leaving another behind."""
     src = Path(src)
     fixed_frame = fixed_frame.strip() or SHIPPED_FIXED_FRAME
     if (namespace, fixed_frame) == (SHIPPED_NAMESPACE, SHIPPED_FIXED_FRAME):
         return src
-    fd, path = tempfile.mkstemp(prefix="segsafe_", suffix=".rviz")
-    with open(fd, "w") as out:
-        out.write(in_frame(for_namespace(src.read_text(), namespace), fixed_frame))
-    return Path(path)
+    text = in_frame(for_namespace(src.read_text(), namespace), fixed_frame)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"segsafe_{digest}.rviz"
+    if not path.is_file() or path.read_text() != text:
+        # Written whole, then renamed: two launches at once never read half a file.
+        fd, tmp = tempfile.mkstemp(prefix="segsafe_", suffix=".rviz.tmp")
+        with open(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    return path
