@@ -23,7 +23,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.serialization import serialize_message
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, RegionOfInterest
 from std_msgs.msg import Header
 
 if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
@@ -1927,17 +1927,31 @@ BAD_K = {
 }
 
 
-@pytest.mark.parametrize("label", list(BAD_K))
+#: camera_info fields that cannot describe the images: a window past the full image, a
+#: binning that leaves no pixel (boxes moved metres before, without a word).
+BAD_WINDOW = {
+    "ROI past the image": (
+        {"roi": RegionOfInterest(x_offset=W - 8, width=16, height=H)},
+        "reaches past the",
+    ),  # fmt: skip
+    "binning of 2^32-1": ({"binning_x": 2**32 - 1, "binning_y": 2**32 - 1}, "leaves no pixel"),
+}
+
+
+@pytest.mark.parametrize("label", [*BAD_K, *BAD_WINDOW])
 def test_invalid_camera_info_skips_markers_once_reported_and_the_rest_goes_on(
     harness, capfd, label
 ):
-    k, words = BAD_K[label]
+    if label in BAD_K:
+        (k, words), fields = BAD_K[label], {}
+    else:
+        (fields, words), k = BAD_WINDOW[label], camera_info().k
     # Every class drivable, threshold 0: every pixel is anomalous, the alarm must fire.
     h = harness(drivable_classes=list(range(19)), **HAZARD_PARAMS)
     h.listen(*OUTPUT_TOPICS, "/diagnostics")
     capfd.readouterr()
     for _ in range(3):  # drivers publish it with every frame
-        h.info_pub.publish(CameraInfo(height=H, width=W, k=k))
+        h.info_pub.publish(CameraInfo(height=H, width=W, k=k, **fields))
     values = wait_for_fault(h, "camera_info invalid")
     assert words in values["fault: camera_info invalid"], values
     send_and_wait_all(h, 10)

@@ -630,6 +630,10 @@ class DetectorNode(Node):
         topic = self.resolve_topic_name("camera_info")
         if note is not None:
             self._warn("camera_info/distortion", f"{topic}: {note}")
+        full, roi = (msg.width, msg.height), msg.roi
+        window = (roi.x_offset, roi.y_offset, roi.width, roi.height)
+        binning = (msg.binning_x, msg.binning_y)
+        problem = problem or markers.window_problem(full, window, binning)
         if problem is not None:
             self.camera_k = None
             text = f"{topic}: {problem}; hazard markers are skipped until a valid one arrives"
@@ -638,15 +642,9 @@ class DetectorNode(Node):
             return
         if self._clear_fault(FAULT_CAMERA_INFO):
             self.get_logger().info(f"{topic}: valid camera_info again, hazard markers resume")
-        roi = msg.roi
         # The camera and size of the image the driver sends: a ROI and binning
         # (image_geometry's reduced resolution), so neither reads as a resized image.
-        camera, size = markers.region_of_interest(
-            camera,
-            (msg.width, msg.height),
-            (roi.x_offset, roi.y_offset, roi.width, roi.height),
-            (msg.binning_x, msg.binning_y),
-        )
+        camera, size = markers.region_of_interest(camera, full, window, binning)
         self.camera_k = (camera, size, msg.header.frame_id)
 
     def _qos_events(self, name: str) -> Any:

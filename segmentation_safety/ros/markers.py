@@ -203,6 +203,26 @@ def camera_from_info(
     return CameraModel(k, d.copy(), model), None, None
 
 
+def window_problem(
+    full_size: tuple[int, int], roi: tuple[int, int, int, int], binning: tuple[int, int]
+) -> str | None:
+    """None when camera_info's ROI (x_offset, y_offset, width, height) and binning (x, y)
+    can describe an image of its camera, else what is wrong. sensor_msgs/CameraInfo: the
+    ROI is a window of the full-resolution image (``full_size``, w×h), binning divides
+    what is sent; sizes of 0 mean "the full image" and "not binned". A window past the
+    image or a binning that leaves no pixel would put the boxes anywhere."""
+    fw, fh = (int(v) for v in full_size)
+    x, y, w, h = (int(v) for v in roi)
+    if w <= 0 or h <= 0:
+        w, h = fw, fh
+    elif fw > 0 and fh > 0 and (x + w > fw or y + h > fh):
+        return f"ROI {w}x{h} at ({x}, {y}) reaches past the {fw}x{fh} image it is cut from"
+    bx, by = (max(int(b), 1) for b in binning)
+    if w > 0 and h > 0 and (w // bx == 0 or h // by == 0):
+        return f"binning {bx}x{by} leaves no pixel of a {w}x{h} image"
+    return None
+
+
 def region_of_interest(
     camera: CameraModel,
     full_size: tuple[int, int],
