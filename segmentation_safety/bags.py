@@ -541,8 +541,13 @@ def _topic_list(connections: Iterable[Any]) -> str:
     return ", ".join(named) if named else "none"
 
 
-def read_bag(path: str | os.PathLike[str], image_topic: str | None = None) -> BagContents:
+def read_bag(
+    path: str | os.PathLike[str], image_topic: str | None = None, max_frames: int | None = None
+) -> BagContents:
     """Load a bag's images (+ camera_info and ground truth); any damage -> BagError.
+
+    ``max_frames``: stop reading after that many images (and a camera_info, where the
+    bag has them), for callers that use only the first few of a long recording.
 
     Frames come in bag-time order. Where image header stamps repeat (a driver leaving them
     at 0), every frame is restamped with :func:`unique_stamps` (``repeated_stamps`` says
@@ -587,6 +592,9 @@ def read_bag(path: str | os.PathLike[str], image_topic: str | None = None) -> Ba
             infos: list[tuple[int, bytes]] = []
             truths: dict[str, list[tuple[int, bytes]]] = {}
             for conn, time_ns, raw in reader.messages(connections=wanted):
+                if max_frames is not None and len(contents.frames) >= max_frames:
+                    if infos or not any(c.topic == cam_topic for c in cams):
+                        break
                 raw = bytes(raw)
                 stamp = cdr_stamp_ns(raw)
                 if conn.topic == image_topic:

@@ -288,6 +288,22 @@ def test_a_bag_the_node_refuses_throughout_is_named_at_the_warm_up(models: Path,
     assert "unsupported encoding 'nv21'" in str(e.value)  # the node's own words
 
 
+def test_bench_node_names_a_frame_it_cannot_read_and_reads_only_the_frames_it_uses(
+    tmp_path: Path,
+):
+    from segmentation_safety.ros.node_bench import resized_frames
+
+    bag = _schedule_bag(tmp_path, 6)
+    first = read_bag(bag, max_frames=2)
+    assert len(first.frames) == 2 and first.camera_info  # a long recording is not loaded
+    assert [f.raw for f in first.frames] == [f.raw for f in read_bag(bag).frames[:2]]
+    contents = _with_refused_frames(bag, {1})
+    with pytest.raises(
+        BagError, match=r"frame 1 on /camera/image_raw .*unsupported encoding 'nv21'"
+    ):
+        resized_frames(contents, 32, 64, 3)  # a traceback before
+
+
 @pytest.mark.parametrize("fmt", ["sqlite3", "mcap"])
 def test_truncated_bag_is_a_clear_error(
     bags: dict[str, Path], tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture

@@ -26,6 +26,7 @@ from segmentation_safety.bags import (
     COMPRESSED_TYPE,
     IMAGE_TYPE,
     BagContents,
+    BagError,
     BagFrame,
     cdr_stamp_ns,
     read_bag,
@@ -100,9 +101,15 @@ def resized_frames(
     codec = ImageCodec()
     msg_type = CompressedImage if bag.compressed else Image
     out = []
-    for frame in bag.frames[:count]:
-        msg = deserialize_message(frame.raw, msg_type)
-        rgb = codec.decode(msg)
+    for i, frame in enumerate(bag.frames[:count]):
+        try:
+            msg = deserialize_message(frame.raw, msg_type)
+            rgb = codec.decode(msg)
+        except Exception as e:  # rclpy's and the codec's errors: the frames are resized here
+            raise BagError(
+                f"bag {bag.path}: frame {i} on {bag.image_topic} (stamp {frame.stamp_ns}) "
+                f"cannot be benchmarked: {e}"
+            ) from None
         shrink = height * width < rgb.shape[0] * rgb.shape[1]
         rgb = cv2.resize(
             np.ascontiguousarray(rgb),
@@ -149,7 +156,7 @@ def node_bench(
     """Latency and its breakdown per variant, measured interleaved in one process."""
     if rounds < 1:
         raise ReplayError("--frames must be at least 1")
-    bag = read_bag(bag_path)
+    bag = read_bag(bag_path, max_frames=distinct_frames)
     # Decoded and resized once per size, serialised once per size and input: variants
     # differing only in output_scale share them.
     by_size: dict[tuple[int, int], list[tuple[Any, np.ndarray]]] = {}
