@@ -12,6 +12,7 @@ bag where a reader would find it.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import queue
@@ -279,6 +280,19 @@ def check_storage(storage: str) -> None:
         raise BagError(f"--format {storage!r}: choose one of {', '.join(FORMATS)}")
 
 
+def _running(pid: str) -> bool:
+    """Whether process ``pid`` (digits) still runs; anything else is not a live run's."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 class StagedBag:
     """A bag directory built at :attr:`path` and moved to ``out`` only by :meth:`commit`.
 
@@ -292,6 +306,9 @@ class StagedBag:
         self.staging = out.parent / f".{out.name}.partial-{os.getpid()}"
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
+            for left in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+                if not _running(left.name.rpartition("-")[2]):  # a killed run's, not a live one's
+                    shutil.rmtree(left, ignore_errors=True)
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging.mkdir()
         except OSError as e:

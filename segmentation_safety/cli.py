@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,17 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: `timeout`, systemd and
+    `docker stop` send it, and it must clean up as Ctrl-C does (no half-written bag or
+    world left behind), where Python's default ends the process on the spot."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.run(args) or 0)
     except UserError as e:
         # Subcommands not decorated with report_user_errors end up here.
         return report(args.command, e)
-    except KeyboardInterrupt:
-        print(f"interrupted{_resume_hint(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        stopped = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"{stopped}{_resume_hint(args)}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _resume_hint(args: argparse.Namespace) -> str:

@@ -251,6 +251,47 @@ def test_bad_inputs_are_refused(world: Path, tmp_path: Path, capsys: pytest.Capt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "world"]
 
 
+def test_sigterm_half_way_leaves_no_half_bag_and_a_killed_runs_staging_is_removed(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from training import bags as training_bags
+
+    read = training_bags._read
+    seen = []
+
+    def read_then_terminate(path, color):  # what `timeout` or `docker stop` sends
+        seen.append(path)
+        if len(seen) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return read(path, color=color)
+
+    monkeypatch.setattr(training_bags, "_read", read_then_terminate)
+    bag = tmp_path / "bag"
+    assert main(["make-bag", "--root", str(world), "--sequence", "seq_000",
+                 "--out", str(bag)]) == 143  # fmt: skip
+    assert "terminated" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]  # no staging left
+    monkeypatch.setattr(training_bags, "_read", read)
+    # A run killed outright (SIGKILL) cannot clean up: the next one for the same bag does,
+    # and leaves a live run's staging alone.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".bag.partial-{dead.pid}" / "bag").mkdir(parents=True)
+    (tmp_path / f".bag.partial-{os.getppid()}").mkdir()
+    assert main(["make-bag", "--root", str(world), "--sequence", "seq_000",
+                 "--out", str(bag)]) == 0  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".bag.partial-{os.getppid()}",
+        "bag",
+        "world",
+    ]
+
+
 def test_a_world_gives_only_its_sequences(tmp_path: Path, capsys: pytest.CaptureFixture):
     size = dict(height=32, width=64, val=0, anomaly=0, negatives=0, progress=False)
     bare = tmp_path / "bare"
