@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -44,16 +45,33 @@ class Terminated(KeyboardInterrupt):
     world left behind), where Python's default ends the process on the spot."""
 
 
+_handler_pid: int | None = None  # the process that installed _terminate
+
+
 def _terminate(signum: int, frame: object) -> None:
+    if os.getpid() != _handler_pid:
+        # A forked worker (a DataLoader's) inherited this handler: it ends as
+        # SIGTERM ends any process, which is how its pool stops it.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Terminated()
+
+
+def handle_sigterm() -> object:
+    """Install :func:`_terminate` for SIGTERM (main thread only); the handler it replaced,
+    or None where none was installed."""
+    global _handler_pid
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    _handler_pid = os.getpid()
+    return signal.signal(signal.SIGTERM, _terminate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = handle_sigterm()
     try:
         return int(args.run(args) or 0)
     except UserError as e:

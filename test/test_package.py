@@ -267,3 +267,32 @@ def test_offline_setup_refuses_a_file_that_is_no_wheels_archive(tmp_path):
     r = _offline_setup(tmp_path, wrong, sys.executable)
     assert r.returncode == 1
     assert "is a file but not a .tar.xz of wheels" in r.stderr
+
+
+def _sleep(ready) -> None:  # noqa: ANN001
+    import time
+
+    ready.set()
+    time.sleep(30)
+
+
+def test_a_forked_worker_still_ends_on_sigterm_under_the_cli_handler():
+    # The handler turns SIGTERM into cleanup in segsafe's own process only: a forked
+    # worker (a DataLoader's) that inherited it must end as SIGTERM ends any process.
+    import multiprocessing
+    import signal
+
+    from segmentation_safety import cli
+
+    previous = cli.handle_sigterm()
+    try:
+        fork = multiprocessing.get_context("fork")
+        ready = fork.Event()
+        child = fork.Process(target=_sleep, args=(ready,))
+        child.start()
+        assert ready.wait(20)
+        child.terminate()
+        child.join(20)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert child.exitcode == -signal.SIGTERM
