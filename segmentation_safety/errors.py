@@ -41,6 +41,8 @@ def check_writable(path: str | os.PathLike[str], what: str = "--out", folder: bo
     path = Path(path)
     if path.is_dir() and not folder:
         raise UnwritableOutputError(f"{what} {path} is a directory; give a file name")
+    if folder and path.exists() and not path.is_dir():
+        raise UnwritableOutputError(f"{what} {path} is a file; give a folder")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -324,6 +324,12 @@ def test_truncated_bag_is_a_clear_error(
 def test_missing_bag_and_models(bags: dict[str, Path], tmp_path: Path, capsys):
     assert main(["replay", "--bag", str(tmp_path / "nope"), "--out", str(tmp_path / "T.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    taken = tmp_path / "taken.png"  # refused before the replay, not after it (a traceback)
+    taken.write_bytes(b"x")
+    rc = main(["replay", "--bag", str(bags["sqlite3"]), "--overlays", str(taken),
+               "--out", str(tmp_path / "T.json")])  # fmt: skip
+    assert rc == 2 and f"--overlays {taken} is a file; give a folder" in capsys.readouterr().err
+    assert not (tmp_path / "T.json").exists()
     rc = main(["replay", "--bag", str(bags["sqlite3"]), "--models", str(tmp_path / "none"),
                "--out", str(tmp_path / "T.json")])  # fmt: skip
     assert rc == 2

@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         if args.overlays is not None:
             outputs |= {"hazard_overlay"}
     check_writable(args.out)  # before the replay, not after it
+    if args.overlays is not None:
+        check_writable(args.overlays, "--overlays", folder=True)
     if args.output_bag is not None:
         OutputBag.check_new(args.output_bag)  # before the node starts, not after
     if args.warmup < 0 or args.overlay_count < 0 or args.search_trials < 1:
