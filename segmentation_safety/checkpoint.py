@@ -107,6 +107,10 @@ def save_bundle(
     atomic_write_bytes(path, save(flat, metadata={_META_KEY: json.dumps(meta)}))
 
 
+#: The largest JSON header safetensors itself reads (100 MB).
+_MAX_HEADER = 100_000_000
+
+
 def load_bundle(
     path: str | os.PathLike[str],
     kind: str | None = None,
@@ -117,12 +121,18 @@ def load_bundle(
     from safetensors.torch import load
 
     path = Path(path)
+    if path.is_dir():
+        raise BundleError(path, "is a directory, not a bundle file")
     if not path.is_file():
+        if path.parent.is_file():  # a models folder given as the bundle in it
+            raise BundleError(path, f"{path.parent} is a file; give the folder that holds it")
         raise BundleError(path, "file not found")
     data = path.read_bytes()
     if len(data) < 8:
         raise BundleError(path, f"truncated ({len(data)} bytes)")
     header_len = int.from_bytes(data[:8], "little")
+    if header_len > _MAX_HEADER:  # safetensors' own limit: random bytes, not a cut file
+        raise BundleError(path, "not a safetensors file (no header length at its start)")
     if 8 + header_len > len(data):
         raise BundleError(path, f"truncated: header says {header_len} bytes, file has {len(data)}")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +41,20 @@ def test_round_trip_keeps_weights_and_metadata(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(BundleError, match=r"nothere\.safetensors: file not found"):
         load_bundle(tmp_path / "nothere.safetensors")
+
+
+def test_a_folder_a_bundle_given_as_the_folder_and_random_bytes_are_named_as_such(tmp_path):
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(BundleError, match="is a directory, not a bundle file"):
+        load_bundle(tmp_path / "dir.safetensors")
+    bundle = tmp_path / "segmenter.safetensors"
+    _save(bundle)
+    with pytest.raises(BundleError, match="is a file; give the folder that holds it"):
+        load_bundle(bundle / "segmenter.safetensors")  # --models given the bundle itself
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(BundleError, match="not a safetensors file"):
+        load_bundle(noise)
 
 
 @pytest.mark.parametrize("keep", [0, 5, 100, -10])
