@@ -625,9 +625,11 @@ def read_bag(
     except BagError:
         raise
     except Exception as e:  # rosbags, sqlite3, mcap and CDR errors all mean a damaged bag
-        raise BagError(
-            f"cannot read bag {path}: {type(e).__name__}: {e} (truncated or corrupt?)"
-        ) from None
+        # One line (YAML errors draw a caret under the text); rosbags' "please report
+        # issue" is its own request, and a storage or version it does not read is not damage.
+        first = (str(e).strip().splitlines() or [""])[0].removesuffix("; please report issue.")
+        guess = "" if first.endswith("not supported") else " (truncated or corrupt?)"
+        raise BagError(f"cannot read bag {path}: {type(e).__name__}: {first}{guess}") from None
     if not contents.frames:
         raise BagError(f"bag {path} has no messages on {image_topic}")
     return contents

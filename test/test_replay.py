@@ -321,6 +321,23 @@ def test_truncated_bag_is_a_clear_error(
     assert not (tmp_path / "T.json").exists()
 
 
+def test_a_bag_rosbags_cannot_read_is_named_in_one_line(bags: dict[str, Path], tmp_path: Path):
+    import shutil
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(bags["mcap"], foreign)
+    meta = foreign / "metadata.yaml"
+    meta.write_text(meta.read_text().replace("storage_identifier: mcap", "storage_identifier: foo"))
+    with pytest.raises(BagError) as e:
+        read_bag(foreign)
+    # Of a kind rosbags does not read, not damaged; rosbags' "please report issue" left out.
+    assert str(e.value).endswith("Storage plugin 'foo' not supported"), e.value
+    meta.write_text("rosbag2_bagfile_information: [unclosed\n")
+    with pytest.raises(BagError, match=r"Could not load YAML .* \(truncated or corrupt\?\)$") as e:
+        read_bag(foreign)
+    assert "\n" not in str(e.value)  # one line, not PyYAML's caret drawing
+
+
 def test_missing_bag_and_models(bags: dict[str, Path], tmp_path: Path, capsys):
     assert main(["replay", "--bag", str(tmp_path / "nope"), "--out", str(tmp_path / "T.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
