@@ -284,7 +284,7 @@ def test_a_bag_the_node_refuses_throughout_is_named_at_the_warm_up(models: Path,
                             parameters={"diagnostics_period": 0.2})  # fmt: skip
     with Replayer(contents, options) as r, pytest.raises(ReplayError) as e:
         r.warm_up()
-    assert "refused the bag's first 3 frame(s)" in str(e.value)
+    assert "refused the bag's first 3 frame(s) on /camera/image_raw" in str(e.value)
     assert "unsupported encoding 'nv21'" in str(e.value)  # the node's own words
 
 

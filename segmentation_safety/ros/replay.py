@@ -518,8 +518,8 @@ class Replayer:
             if self._warm_up_with(frame.raw, stamps):
                 return
         raise ReplayError(
-            f"the node refused the bag's first {len(tried)} frame(s) as bad input: "
-            f"{c.node_status.get('last_problem', '?')}"
+            f"the node refused the bag's first {len(tried)} frame(s) on {self.bag.image_topic} "
+            f"as bad input: {c.node_status.get('last_problem', '?')}"
         )
 
     def _warm_up_with(self, raw: bytes, stamps: itertools.count) -> bool:
