@@ -2451,16 +2451,32 @@ def test_defaults_without_yaml_pick_the_yaml_detectors(models_dir, capfd):
     assert code == 1 and "densehybrid" in err, err
 
 
-def test_ctrl_c_while_the_models_load_exits_cleanly(models_dir):
+def test_an_unwritable_log_directory_is_named_with_its_remedy(tmp_path):
+    script = (
+        "import sys\n"
+        "from segmentation_safety.ros.detector_node import main\n"
+        "sys.exit(main(['--ros-args', '-p', 'device:=cpu']))\n"
+    )
+    env = {**os.environ, "ROS_LOG_DIR": str(tmp_path / "a_file" / "logs")}
+    (tmp_path / "a_file").write_text("")  # rcl cannot make a folder under a file
+    proc = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True,
+                          text=True, timeout=60, env=env)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "Failed to create log directory" in proc.stderr and "ROS_LOG_DIR" in proc.stderr
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_models_load_exits_cleanly(models_dir, stop):
     # The signal lands before the node spins (the window where rclpy.spin used to wait
-    # forever); the process must end by itself, with status 0 and no traceback.
+    # forever); the process must end by itself, with status 0 and no traceback. SIGTERM,
+    # launch's second step, raises nothing: the next rcl call failed on the shut context.
     script = (
         "import os, signal, sys\n"
         "from segmentation_safety.ros import detector_node as dn\n"
         "real = dn.load_pipeline\n"
         "def load(p):\n"
         "    pipeline = real(p)\n"
-        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        f"    os.kill(os.getpid(), signal.{stop})\n"
         "    return pipeline\n"
         "dn.load_pipeline = load\n"
         f"sys.exit(dn.main(['--ros-args', '-p', 'models_dir:={models_dir}', '-p', "

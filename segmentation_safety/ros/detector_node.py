@@ -1336,7 +1336,9 @@ class DetectorNode(Node):
             with self._depth_cond:  # boxes waiting for a late depth image stop now
                 self._depth_cond.notify_all()
             self.slot.close()
-            self.worker.join(timeout=5.0)
+            # A frame's network pass cannot be cut short: a slow one (seconds at 2 MP on a
+            # CPU) is left to the process's exit, inside launch's 5 s before SIGTERM.
+            self.worker.join(timeout=2.0)
         if getattr(self, "_publisher", None) is not None:
             self._publisher.shutdown(wait=True, cancel_futures=True)
         if getattr(self, "_later", None) is not None:
@@ -1381,6 +1383,11 @@ def main(args: list[str] | None = None) -> int:
         rclpy.init(args=args)
     except RuntimeError as e:  # rcl's RCLError: a params file or -p rule it cannot read
         reason = str(e).split(", at /")[0]  # rcl appends its C source locations
+        if "failed to initialize logging" in reason:  # its text ends in a bare errno
+            reason += (
+                "; point ROS_LOG_DIR (or HOME) at a writable folder, or pass "
+                "--disable-external-lib-logs after --ros-args"
+            )
         get_logger(NODE_NAME).fatal(f"cannot start: {reason}")
         return 1
     try:
@@ -1390,6 +1397,13 @@ def main(args: list[str] | None = None) -> int:
         rclpy.try_shutdown()
         return 1
     except KeyboardInterrupt:  # Ctrl-C while the models load is a request, not a crash
+        rclpy.try_shutdown()
+        return 0
+    except Exception:
+        if rclpy.ok():
+            raise
+        # SIGTERM while the models load (launch's second step): rclpy's handler shuts the
+        # context down without raising, and the node's next rcl call fails on it.
         rclpy.try_shutdown()
         return 0
     executor = SingleThreadedExecutor()
