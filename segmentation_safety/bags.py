@@ -288,8 +288,8 @@ def _running(pid: str) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # another user's process: running all the same
+        pass
     return True
 
 
@@ -608,9 +608,10 @@ def read_bag(
             contents = BagContents(path, image_topic, [], image_msgtype=msgtype)
             infos: list[tuple[int, bytes]] = []
             truths: dict[str, list[tuple[int, bytes]]] = {}
+            has_info = any(c.topic == cam_topic for c in cams)
             for conn, time_ns, raw in reader.messages(connections=wanted):
                 if max_frames is not None and len(contents.frames) >= max_frames:
-                    if infos or not any(c.topic == cam_topic for c in cams):
+                    if infos or not has_info:
                         break
                 raw = bytes(raw)
                 stamp = cdr_stamp_ns(raw)
