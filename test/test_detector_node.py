@@ -483,6 +483,17 @@ def test_a_second_node_publishing_our_outputs_is_a_fault_while_it_lasts(harness)
     wait_for(lambda: fault not in h.node.faults, "the fault cleared")
 
 
+def test_two_parameter_sets_at_once_both_take_effect(harness):
+    # rclpy stores a set's values only after the node's callback returns; two threads of
+    # an embedding process setting parameters at once both ran the callback before
+    # either was stored, and the snapshot frames use kept only the last one's change.
+    h = harness()
+    first = h.node._on_set_parameters([Parameter("alarm_fraction", value=0.4)])
+    second = h.node._on_set_parameters([Parameter("output_scale", value=0.5)])
+    assert first.successful and second.successful
+    assert (h.node.params.alarm_fraction, h.node.params.output_scale) == (0.4, 0.5)
+
+
 def test_waiting_for_the_shared_compute_thread_counts_as_queue(harness):
     # Another node in the process (here a stand-in task) holds the compute thread: the
     # frame's wait must show in a stage, or its timings would not add up to its latency.

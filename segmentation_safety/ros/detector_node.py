@@ -96,6 +96,7 @@ from segmentation_safety.ros.params import (
     declare_parameters,
     drivable_problem,
     given_values,
+    stored_values,
     unknown_names,
     validate,
 )
@@ -568,6 +569,8 @@ class DetectorNode(Node):
             self._publish_diagnostics,
             clock=Clock(clock_type=ClockType.STEADY_TIME),
         )
+        self._values = stored_values(self)  # what the parameter callback updates
+        self._values_lock = threading.Lock()
         self._ready = True
         self.worker = threading.Thread(target=self._work, name="segsafe-worker", daemon=True)
         self.worker.start()
@@ -737,7 +740,12 @@ class DetectorNode(Node):
                     kept = self.get_parameter(p.name).type_.value
                     self.describe_parameter(p.name).type = kept
         if result.successful and self._ready:
-            self.params = DetectorParams.from_node(self, params)
+            # From the node's own record, not rclpy's store: rclpy stores the values only
+            # after this returns, so two sets at once (an embedding process's threads)
+            # each rebuilt the snapshot without the other's change, and one was lost.
+            with self._values_lock:
+                self._values.update({p.name: p.value for p in params if p.name in SPEC_BY_NAME})
+                self.params = DetectorParams.from_values(self._values)
             self._params_changed.set()
             if any(p.name == "drivable_classes" for p in params):
                 self._say_drivable(self.params.drivable_classes)

@@ -614,8 +614,11 @@ class DetectorParams:
         )
 
     @classmethod
-    def from_node(cls, node: Node, changed: Iterable[Parameter] = ()) -> DetectorParams:
-        """Snapshot of ``node``'s values, with ``changed`` (not yet stored) applied on top."""
-        values = {s.name: node.get_parameter(s.name).value for s in SPECS}
-        values.update({p.name: p.value for p in changed if p.name in SPEC_BY_NAME})
-        return cls.from_values(values)
+    def from_node(cls, node: Node) -> DetectorParams:
+        """Snapshot of ``node``'s stored values."""
+        return cls.from_values(stored_values(node))
+
+
+def stored_values(node: Node) -> dict[str, Any]:
+    """``node``'s value of every parameter here, by name."""
+    return {s.name: node.get_parameter(s.name).value for s in SPECS}
