@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import itertools
 import math
 import os
@@ -2437,6 +2438,10 @@ def test_drivable_classes_must_be_classes_of_the_loaded_segmenter(harness):
     assert "19 classes" in result.reason, result.reason
     (ok,) = h.node.set_parameters([Parameter("drivable_classes", value=[0, 18])])
     assert ok.successful and h.node.params.drivable_classes == (0, 18)
+    # rclpy hands integer lists over as array('q', ...): said as the list it was
+    ids = array.array("q", [0, 300])
+    (bad,) = h.node.set_parameters([Parameter("drivable_classes", value=ids)])
+    assert "'drivable_classes' = [0, 300]:" in bad.reason, bad.reason
 
 
 def test_the_drivable_classes_are_named_and_a_corridor_without_road_is_warned_about(harness, capfd):

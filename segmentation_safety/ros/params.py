@@ -12,6 +12,7 @@ behaves as ``ros2 launch`` with it.
 
 from __future__ import annotations
 
+import array
 import difflib
 import math
 from collections.abc import Callable, Iterable
@@ -406,7 +407,10 @@ def validate(name: str, value: Any) -> str | None:
     if spec is None:
         return None  # not ours (e.g. use_sim_time): rclpy handles it
     problem = _problem(spec, value)
-    return None if problem is None else f"parameter '{name}' = {value!r}: {problem}"
+    if problem is None:
+        return None
+    shown = list(value) if isinstance(value, array.array) else value  # rclpy's int lists
+    return f"parameter '{name}' = {shown!r}: {problem}"
 
 
 def _type_problem(default: Any, value: Any) -> str | None:
