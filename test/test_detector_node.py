@@ -506,7 +506,7 @@ def test_waiting_for_the_shared_compute_thread_counts_as_queue(harness):
 
     def other_nodes_frame():
         taken.set()
-        time.sleep(0.6)
+        time.sleep(0.6)  # the other node's work, not a wait for anything
 
     busy = threading.Thread(target=on_compute_thread, args=(other_nodes_frame,))
     busy.start()

@@ -269,11 +269,11 @@ def test_offline_setup_refuses_a_file_that_is_no_wheels_archive(tmp_path):
     assert "is a file but not a .tar.xz of wheels" in r.stderr
 
 
-def _sleep(ready) -> None:  # noqa: ANN001
-    import time
+def _wait_for_a_signal(ready) -> None:  # noqa: ANN001
+    import signal
 
     ready.set()
-    time.sleep(30)
+    signal.pause()
 
 
 def test_a_forked_worker_still_ends_on_sigterm_under_the_cli_handler():
@@ -288,7 +288,7 @@ def test_a_forked_worker_still_ends_on_sigterm_under_the_cli_handler():
     try:
         fork = multiprocessing.get_context("fork")
         ready = fork.Event()
-        child = fork.Process(target=_sleep, args=(ready,))
+        child = fork.Process(target=_wait_for_a_signal, args=(ready,))
         child.start()
         assert ready.wait(20)
         child.terminate()
