@@ -68,8 +68,9 @@ def test_profile_is_a_shared_memory_only_participant():
     assert transport.findtext("dds:type", namespaces=NS) == "SHM"
     segment = int(transport.findtext("dds:segment_size", namespaces=NS))
     largest = int(transport.findtext("dds:maxMessageSize", namespaces=NS))
-    # `safety` at 1024x2048: two 8 MB maps and a 2 MB label map in one message.
-    assert largest >= 20 * 2**20 and segment >= largest
+    # A 2 MP float map (8 MB) in one piece, `safety` at 1024x2048 (18 MB) in three; not
+    # more: every process loading the profile keeps about ten such buffers resident.
+    assert largest == 8 * 2**20 and segment >= 8 * largest
     participant = root.find(".//dds:participant", NS)
     assert participant.get("is_default_profile") == "true"
     assert participant.findtext(".//dds:useBuiltinTransports", namespaces=NS) == "false"
