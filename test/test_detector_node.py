@@ -495,27 +495,45 @@ def test_two_parameter_sets_at_once_both_take_effect(harness):
     assert (h.node.params.alarm_fraction, h.node.params.output_scale) == (0.4, 0.5)
 
 
-def test_waiting_for_the_shared_compute_thread_counts_as_queue(harness):
+def test_waiting_for_the_shared_compute_thread_counts_as_queue(harness, monkeypatch):
     # Another node in the process (here a stand-in task) holds the compute thread: the
     # frame's wait must show in a stage, or its timings would not add up to its latency.
+    # The node's monotonic clock jumps 5 s while the thread is held, after the worker
+    # took the frame: only a queue measured up to the compute thread's start sees it.
     from segmentation_safety.compute_thread import on_compute_thread
+    from segmentation_safety.ros import detector_node
 
+    class Clock:  # the time module, with monotonic moved on by `ahead`
+        ahead = 0.0
+
+        def __getattr__(self, name):  # noqa: ANN001, ANN204
+            return getattr(time, name)
+
+        def monotonic(self) -> float:
+            return time.monotonic() + self.ahead
+
+    clock = Clock()
+    monkeypatch.setattr(detector_node, "time", clock)
     h = harness()
     h.listen("safety")
-    taken = threading.Event()
+    taken, release = threading.Event(), threading.Event()
 
     def other_nodes_frame():
         taken.set()
-        time.sleep(0.6)  # the other node's work, not a wait for anything
+        assert release.wait(10)
+        clock.ahead = 5.0
 
     busy = threading.Thread(target=on_compute_thread, args=(other_nodes_frame,))
     busy.start()
     assert taken.wait(10)
     h.image_pub.publish(image_msg(1))
+    # Received, and taken from the slot by the worker, which now waits for the thread.
+    wait_for(lambda: h.node.stats.received == 1 and h.node.slot._item is None, "the worker")
+    release.set()
     wait_for(lambda: h.stamped("safety", 1), "safety")
     busy.join()
     timings = {t.stage: t.ms for t in h.got["safety"][-1].timings}
-    assert timings["queue"] > 300, timings
+    assert timings["queue"] >= 5000, timings
 
 
 def test_overlap_publish_computes_the_next_frame_while_one_publishes(harness, monkeypatch):
