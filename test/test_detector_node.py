@@ -1753,6 +1753,40 @@ def test_regions_become_boxes_on_the_ground():
     assert len(markers.hazard_markers(regions, denormal, Header(), 1.5, 0.0).markers) == 1
 
 
+def test_regions_labelled_in_their_box_equal_the_whole_maps():
+    # Labelling runs only inside the box around the flagged pixels: the regions, their
+    # order, masks and maxima must be those of labelling the whole map.
+    import cv2
+
+    def whole_map(anomaly, threshold, min_pixels):
+        above = (anomaly > threshold).astype(np.uint8)
+        _, comp, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
+        out = []
+        for i in range(1, len(stats)):
+            x, y, w, h, n = (int(v) for v in stats[i])
+            if n >= min_pixels:
+                mask = comp[y : y + h, x : x + w] == i
+                out.append((x, y, w, h, n, float(anomaly[y : y + h, x : x + w][mask].max()), mask))
+        return out
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        h, w = rng.integers(8, 80, size=2)
+        anomaly = rng.normal(size=(h, w)).astype(np.float32)
+        anomaly[: rng.integers(0, h), :] = -5.0  # hazards below some row, as on a street
+        anomaly[:, : rng.integers(0, w)] = -5.0
+        if trial % 5 == 0:
+            anomaly[rng.integers(0, h), rng.integers(0, w)] = np.nan
+        got = markers.hazard_regions(anomaly, threshold=0.8, min_pixels=3)
+        want = whole_map(anomaly, 0.8, 3)
+        assert [(r.left, r.top, r.width, r.height, r.pixels, r.max_score) for r in got] == [
+            t[:6] for t in want
+        ]
+        assert all(np.array_equal(r.mask, t[6]) for r, t in zip(got, want, strict=True))
+    assert markers.hazard_regions(np.zeros((16, 16), np.float32), 0.5, 1) == []
+    assert markers.hazard_regions(np.full((4, 4), np.nan, np.float32), 0.5, 1) == []
+
+
 def test_no_two_markers_of_an_array_share_ns_and_id():
     # RViz puts the display in error for an array with a repeated (ns, id), the DELETEALL
     # included (rviz_default_plugins' marker_common.cpp, "Duplicate Marker Check").

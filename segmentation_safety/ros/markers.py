@@ -66,8 +66,20 @@ def hazard_regions(anomaly: np.ndarray, threshold: float, min_pixels: float) -> 
     """
     scores = np.asarray(anomaly, dtype=np.float32)
     with np.errstate(invalid="ignore"):
-        above = (scores > threshold).astype(np.uint8)
-    _, comp, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
+        above = scores > threshold
+    # Components are labelled only within the box around every flagged pixel, which no
+    # component leaves: on a street most rows hold no hazard, and a frame without any
+    # (the usual case) skips the labelling, the costliest step here, entirely.
+    rows = np.flatnonzero(above.any(axis=1))
+    if rows.size == 0:
+        return []
+    # Even offsets: OpenCV labels 2×2 blocks, and a box on the full map's block grid
+    # numbers the components in the same order as the full map would.
+    top, bottom = int(rows[0]) & ~1, int(rows[-1]) + 1
+    cols = np.flatnonzero(above[top:bottom].any(axis=0))
+    left, right = int(cols[0]) & ~1, int(cols[-1]) + 1
+    box = np.ascontiguousarray(above[top:bottom, left:right]).view(np.uint8)
+    _, comp, stats, _ = cv2.connectedComponentsWithStats(box, connectivity=8)
     # Only the components big enough are visited: a real anomaly map at its operating
     # point has up to hundreds of specks (0 is the background).
     big = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_pixels) + 1
@@ -75,6 +87,7 @@ def hazard_regions(anomaly: np.ndarray, threshold: float, min_pixels: float) -> 
     for i in big.tolist():
         x, y, w, h, n = (int(v) for v in stats[i])
         mask = comp[y : y + h, x : x + w] == i
+        x, y = x + left, y + top
         patch = scores[y : y + h, x : x + w][mask]
         regions.append(Region(x, y, w, h, n, float(patch.max()), mask))
     return regions
