@@ -100,6 +100,13 @@ def test_replay_through_the_node(
     assert abs(parts - stages["end_to_end"]["mean"]) < 1e-6 * parts + 1e-3
     o = b["node_overhead"]
     assert 0 < o["fraction_of_mean"] < 1 and 0 < o["ms_mean"] < stages["end_to_end"]["mean"]
+    # The node's executor and the replay's own, each from the middleware's delivery time:
+    # the replay's wait is no part of the node's overhead.
+    assert stages["dispatch"]["mean"] > 0 and stages["subscriber"]["mean"] > 0
+    models_ms = stages["segmenter"]["mean"] + stages["detectors"]["mean"]
+    delivered = stages["end_to_end"]["mean"] - stages["subscriber"]["mean"]
+    assert o["ms_mean"] == pytest.approx(delivered - models_ms)
+    assert o["fraction_of_mean"] == pytest.approx(o["ms_mean"] / delivered)
     assert 0 < o["ms_mean_without_queue"] <= o["ms_mean"]
     # The host part: the overhead less what runs on the pipeline's device.
     device = stages["preprocess"]["mean"] + stages["postprocess"]["mean"]
@@ -430,6 +437,15 @@ def test_frame_breakdown_splits_the_latency_and_the_overhead():
     assert sum(b[k] for k in BREAKDOWN_STAGES) == 110.0
     assert b["overhead"] == 20.0 and b["overhead_fraction"] == 20.0 / 110.0
     assert frame_breakdown(110.0, {"decode": 1.0}) is None  # no timings: no breakdown
+    # The node's executor (dispatch) is its own time; the subscriber's wait for the
+    # delivered answer is not: it leaves the overhead and the latency it is a share of.
+    b = frame_breakdown(110.0, {**stages, "dispatch": 0.5, "subscriber": 3.0})
+    assert b["transport_out"] == 110.0 - 2.0 - 0.5 - 1.0 - 101.0 - 3.0
+    assert sum(b[k] for k in BREAKDOWN_STAGES) == 110.0
+    assert b["overhead"] == 17.0 and b["overhead_fraction"] == 17.0 / 107.0
+    # A subscriber wait longer than what is left after the node is clamped to it.
+    b = frame_breakdown(110.0, {**stages, "subscriber": 50.0})
+    assert b["subscriber"] == 6.0 and b["transport_out"] == 0.0
 
 
 def test_latency_percentiles_and_trial_counts_by_hand():
@@ -636,7 +652,8 @@ def test_replay_with_the_node_in_its_own_process(
     assert trial.frames_processed >= 1
     # The node's own stage timings crossed the process boundary with `safety`.
     stages = next(iter(trial.stages.values()))
-    assert stages["segmenter"] > 0 and stages["transport_in"] >= 0
+    assert stages["segmenter"] > 0 and stages["transport_in"] >= 0 and stages["dispatch"] >= 0
+    assert stages["subscriber"] >= 0  # the collector's, in this process
     assert process.exited() is not None  # stopped with the replay, its log removed
     assert not process.log.exists()
 

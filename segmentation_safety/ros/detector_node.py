@@ -598,7 +598,7 @@ class DetectorNode(Node):
         # Serialised (raw=True): the worker reads it, so a replaced frame never is. Two
         # parameters: rclpy then passes the middleware's timestamps too.
         self._last_frame_at = time.monotonic()
-        self.slot.put((msg, self._last_frame_at, _transport_ms(info)), self.stats.on_received)
+        self.slot.put((msg, self._last_frame_at, _arrival_ms(info)), self.stats.on_received)
 
     def _on_depth(self, raw: bytes) -> None:
         try:
@@ -838,9 +838,8 @@ class DetectorNode(Node):
                 item = self.slot.take(timeout=0.2)
                 if item is None:
                     continue
-                msg, received_at, transport_ms = item
+                msg, received_at, arrival = item
                 started = time.monotonic()
-                arrival = {} if transport_ms is None else {"transport_in": transport_ms}
                 # The whole frame on the compute thread (publishing too, unless
                 # overlap_publish): the hand-back after `safety` is published then delays
                 # nothing a subscriber waits for.
@@ -1364,13 +1363,21 @@ def _compressed_image(raw: bytes) -> CompressedImage:
         raise cdr.CdrError(f"not a CompressedImage ({len(raw)} bytes): {e}") from None
 
 
-def _transport_ms(info: dict[str, Any]) -> float | None:
-    """Publish-to-receipt time of a message from its middleware timestamps (same host
-    clock on both ends when publisher and node share a machine); None where unknown."""
+def _arrival_ms(info: dict[str, Any]) -> dict[str, float]:
+    """A frame's stages before its callback, from the middleware's timestamps (the host's
+    clock, like ``time.time_ns``; one clock at both ends when publisher and node share a
+    machine): ``transport_in``, publisher to delivery into the node's reader, and
+    ``dispatch``, delivery until this callback ran (the node's executor noticing it).
+    Each is left out where its timestamps are unknown."""
     sent, received = info.get("source_timestamp", 0), info.get("received_timestamp", 0)
-    if not sent or not received or received < sent:
-        return None
-    return (received - sent) / 1e6
+    stages = {}
+    if received:
+        if sent and received >= sent:
+            stages["transport_in"] = (received - sent) / 1e6
+        waited = time.time_ns() - received
+        if waited >= 0:
+            stages["dispatch"] = waited / 1e6
+    return stages
 
 
 def _same(value: Any, default: Any) -> bool:

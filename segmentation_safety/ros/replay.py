@@ -189,16 +189,24 @@ class Collector(Node):
             topic = f"{RECORDED_NAMESPACE}/{LABEL_INFO_TOPIC}"
             self.recorder.write(topic, msgtype, time.time_ns(), raw, self.offered["label_info"])
 
-    def _callback(self, key: str, name: str, msg_type: type) -> Callable[[bytes], None]:
+    def _callback(self, key: str, name: str, msg_type: type) -> Callable[..., None]:
         recorded = name if name.startswith("/") else f"{RECORDED_NAMESPACE}/{name}"
         msgtype = type_name(msg_type)
         qos = self.offered["diagnostics" if key == "diagnostics" else "outputs"]
 
-        def on_message(raw: bytes) -> None:
+        def on_safety(raw: bytes, info: dict[str, Any]) -> None:
+            # The middleware's delivery time too: what this collector's executor took to
+            # get to the answer (busy with the other outputs' callbacks) is the
+            # subscriber's own time, not the node's (`subscriber` in the breakdown).
+            waited = time.time_ns() - info.get("received_timestamp", 0)
+            subscriber = {"subscriber": waited / 1e6} if 0 <= waited < 10**10 else {}
+            on_message(raw, subscriber)
+
+        def on_message(raw: bytes, subscriber: dict[str, float] | None = None) -> None:
             now = time.monotonic()
             if key == "safety":
                 stamp = cdr_stamp_ns(raw)
-                timings = safety_timings(raw)
+                timings = {**safety_timings(raw), **(subscriber or {})}
                 # Both under the lock, timings first: a waiter woken by the answer must
                 # find them (read after the lock, they could be missing for the last one).
                 with self.cond:
@@ -218,7 +226,7 @@ class Collector(Node):
             if self.recorder is not None and self.keep_enabled:
                 self.recorder.write(recorded, msgtype, time.time_ns(), raw, qos)
 
-        return on_message
+        return on_safety if key == "safety" else on_message
 
     def _our_status(self, raw: bytes) -> Any:
         from diagnostic_msgs.msg import DiagnosticArray
