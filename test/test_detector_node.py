@@ -248,6 +248,8 @@ def test_one_image_in_gives_every_output_with_its_stamp(harness):
     stages = [t.stage for t in frame.timings]
     for stage in ("decode", "segmenter", "detector/max_softmax", "publish", "total"):
         assert stage in stages
+    # Before the callback: the transport and the node's executor (middleware timestamps).
+    assert stages[:3] == ["transport_in", "dispatch", "queue"]
     assert stages.index("decode") < stages.index("segmenter") and stages[-2:] == [
         "publish",
         "total",
