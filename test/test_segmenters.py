@@ -242,3 +242,30 @@ def test_espnetv2_taps_are_the_maps_entering_each_prelu():
         for tap, act, level_out in zip(taps, acts, encoded):
             torch.testing.assert_close(act(out.embeddings[tap]), level_out)
             assert not torch.allclose(out.embeddings[tap], level_out), tap
+
+
+def test_resize_map_agrees_with_pytorchs_bilinear_and_keeps_gradients():
+    from segmentation_safety.models import segmenter as seg
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(2, 1, 24, 40, generator=g) * 5.0
+    span = float(maps.max() - maps.min())
+    for size in [(48, 80), (96, 160), (12, 20), (37, 61), (24, 41), (1, 1)]:
+        want = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        got = seg.resize_map(maps, size)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        scale_is_whole = size[0] % 24 == 0 and size[1] % 40 == 0
+        tolerance = 1e-6 if scale_is_whole else 2e-5  # of the maps' range
+        assert float((got - want).abs().max()) <= tolerance * span, size
+    # OpenCV resizes score maps only: gradients, logits and integer maps stay PyTorch's.
+    assert seg._opencv_resizes(maps, (48, 80))
+    logits = torch.randn(1, 19, 8, 8)
+    assert not seg._opencv_resizes(logits, (16, 16))
+    assert not seg._opencv_resizes(maps.double(), (48, 80))
+    wanted = maps.clone().requires_grad_()
+    assert not seg._opencv_resizes(wanted, (48, 80))
+    seg.resize_map(wanted, (48, 80)).sum().backward()
+    assert wanted.grad is not None and float(wanted.grad.abs().sum()) > 0
+    with torch.no_grad():
+        assert seg._opencv_resizes(wanted, (48, 80))
+    assert seg.resize_map(maps, (24, 40)) is maps

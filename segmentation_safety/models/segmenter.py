@@ -77,9 +77,9 @@ def resize_map(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     OpenCV: the same half-pixel bilinear, 3-7× faster than PyTorch's CPU kernel on one
     channel (0.09 against 0.31 ms to 512×1024, 0.18 against 1.30 ms to 1024×2048), and
     the node resizes two such maps a frame. The values agree with PyTorch's to float
-    rounding at integer scale factors and to within 1.2e-4 of the maps' own range
-    otherwise (OpenCV derives its weights in another precision), far below what any
-    threshold resolves; gradients, other devices and many channels stay with PyTorch.
+    rounding at integer scale factors and to within 2e-5 of the map's range otherwise
+    (OpenCV derives its weights in another precision), far below what any threshold
+    resolves; gradients, other devices and many channels stay with PyTorch.
     """
     if tuple(t.shape[-2:]) == tuple(size):
         return t
