@@ -222,11 +222,16 @@ def plot_latency(
 
 
 def _plot_breakdown(ax: Any, breakdown: dict[str, Any]) -> None:
+    import matplotlib
+
     stages = breakdown["stages_ms"]
+    colours = matplotlib.colormaps["tab20"]  # one colour a stage: the default cycle has 10
     left = 0.0
-    for name in BREAKDOWN_STAGES:
+    for i, name in enumerate(BREAKDOWN_STAGES):
         ms = stages[name]["mean"]
-        ax.barh([0], [ms], left=left, label=f"{name} {ms:.1f}")
+        theirs = name in SUBSCRIBER_STAGES  # drawn hatched: not the node's time
+        ax.barh([0], [ms], left=left, color=colours(i), hatch="//" if theirs else None,
+                label=f"{name} {ms:.1f}" + (" (not the node)" if theirs else ""))  # fmt: skip
         left += ms
     o = breakdown["node_overhead"]
     ax.set(xlabel="mean ms per frame", yticks=[],
