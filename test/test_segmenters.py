@@ -244,23 +244,37 @@ def test_espnetv2_taps_are_the_maps_entering_each_prelu():
             assert not torch.allclose(out.embeddings[tap], level_out), tap
 
 
-def test_resize_map_agrees_with_pytorchs_bilinear_and_keeps_gradients():
+def test_resize_map_agrees_with_pytorchs_bilinear_and_keeps_gradients(monkeypatch):
     from segmentation_safety.models import segmenter as seg
 
+    calls = []
+    real_resize = seg.cv2.resize
+    monkeypatch.setattr(seg.cv2, "resize", lambda *a, **k: calls.append(1) or real_resize(*a, **k))
     g = torch.Generator().manual_seed(0)
-    maps = torch.randn(2, 1, 24, 40, generator=g) * 5.0
+    maps = torch.randn(2, 3, 24, 40, generator=g) * 5.0
     span = float(maps.max() - maps.min())
-    for size in [(48, 80), (96, 160), (12, 20), (37, 61), (24, 41), (1, 1)]:
-        want = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-        got = seg.resize_map(maps, size)
-        assert got.shape == want.shape and got.dtype == torch.float32
-        scale_is_whole = size[0] % 24 == 0 and size[1] % 40 == 0
-        tolerance = 1e-6 if scale_is_whole else 2e-5  # of the maps' range
-        assert float((got - want).abs().max()) <= tolerance * span, size
-    # OpenCV resizes score maps only: gradients, logits and integer maps stay PyTorch's.
-    assert seg._opencv_resizes(maps, (48, 80))
-    logits = torch.randn(1, 19, 8, 8)
-    assert not seg._opencv_resizes(logits, (16, 16))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for size in [(48, 80), (96, 160), (12, 20), (37, 61), (24, 41), (1, 1)]:
+            want = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+            calls.clear()
+            got = seg.resize_map(maps.contiguous(memory_format=layout), size)
+            assert len(calls) == 6  # OpenCV's, plane by plane
+            assert got.shape == want.shape and got.dtype == torch.float32
+            scale_is_whole = size[0] % 24 == 0 and size[1] % 40 == 0
+            tolerance = 1e-6 if scale_is_whole else 2e-5  # of the maps' range
+            assert float((got - want).abs().max()) <= tolerance * span, size
+    # NaN, ±inf and near-overflow values stay with PyTorch: OpenCV blends an infinite
+    # score into NaN around it, and a hazard scored +inf would shrink to a speck.
+    for bad in (float("inf"), float("-inf"), float("nan"), 3e38):
+        odd = maps[:1, :1].clone()
+        odd[0, 0, 5:9, 5:9] = bad
+        odd[0, 0, 10, 10] = -bad if bad == 3e38 else bad
+        calls.clear()
+        got = seg.resize_map(odd, (96, 160))
+        want = F.interpolate(odd, size=(96, 160), mode="bilinear", align_corners=False)
+        assert not calls and torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    # Gradients and other dtypes stay PyTorch's.
     assert not seg._opencv_resizes(maps.double(), (48, 80))
     wanted = maps.clone().requires_grad_()
     assert not seg._opencv_resizes(wanted, (48, 80))

@@ -73,13 +73,16 @@ def resize_map(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     align_corners=False. Everything that brings a map to another size goes through this
     (the node, ``segsafe evaluate``, the detectors and their losses), so they agree.
 
-    Score maps (a few channels, float32, on the CPU, no gradient wanted) are resized by
-    OpenCV: the same half-pixel bilinear, 3-7× faster than PyTorch's CPU kernel on one
+    Finite float32 maps on the CPU with no gradient wanted are resized by OpenCV, plane
+    by plane: the same half-pixel bilinear, 3-7× faster than PyTorch's CPU kernel on one
     channel (0.09 against 0.31 ms to 512×1024, 0.18 against 1.30 ms to 1024×2048), and
-    the node resizes two such maps a frame. The values agree with PyTorch's to float
+    the node resizes two score maps a frame. The values agree with PyTorch's to float
     rounding at integer scale factors and to within 2e-5 of the map's range otherwise
     (OpenCV derives its weights in another precision), far below what any threshold
-    resolves; gradients, other devices and many channels stay with PyTorch.
+    resolves. Maps with NaN, ±inf or values near float32's limit stay with PyTorch:
+    OpenCV blends an infinite score into NaN around it where PyTorch keeps it infinite,
+    and a hazard scored +inf would shrink to a speck. Gradients and other devices stay
+    with PyTorch too.
     """
     if tuple(t.shape[-2:]) == tuple(size):
         return t
@@ -88,8 +91,9 @@ def resize_map(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-#: Above this many planes PyTorch's one call beats a loop of OpenCV calls.
-_OPENCV_MAX_PLANES = 4
+#: Above this magnitude OpenCV's blend of two neighbours can overflow where PyTorch's
+#: does not.
+_OPENCV_MAX_MAGNITUDE = 1e30
 
 
 def _opencv_resizes(t: torch.Tensor, size: Sequence[int]) -> bool:
@@ -97,10 +101,11 @@ def _opencv_resizes(t: torch.Tensor, size: Sequence[int]) -> bool:
         t.device.type == "cpu"
         and t.dtype == torch.float32
         and t.dim() == 4
-        and t.shape[0] * t.shape[1] <= _OPENCV_MAX_PLANES
         and t.numel() > 0
         and min(int(size[0]), int(size[1])) > 0
         and not (t.requires_grad and torch.is_grad_enabled())
+        # One pass at the network's resolution: NaN compares false, ±inf exceeds.
+        and bool(t.detach().abs().amax() < _OPENCV_MAX_MAGNITUDE)
     )
 
 
