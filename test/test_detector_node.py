@@ -1762,7 +1762,9 @@ def test_regions_labelled_in_their_box_equal_the_whole_maps():
 
     def whole_map(anomaly, threshold, min_pixels):
         above = (anomaly > threshold).astype(np.uint8)
-        _, comp, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
+        _, comp, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+            above, 8, cv2.CV_32S, cv2.CCL_SPAGHETTI
+        )
         out = []
         for i in range(1, len(stats)):
             x, y, w, h, n = (int(v) for v in stats[i])

@@ -2,8 +2,8 @@
 
 With --node: the real detector node instead, fed the bag's frames resized to each of
 --sizes (and each --output-scales), all variants interleaved in one run, one frame in
-flight; writes the latency by stage and the node overhead (end-to-end minus network,
-detectors and the receiving executor's own wait) per variant.
+flight; writes the latency by stage and the node overhead (end-to-end minus network and
+detectors) per variant.
 """
 
 from __future__ import annotations

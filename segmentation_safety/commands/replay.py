@@ -7,9 +7,9 @@ newer frame), frames_rejected (refused as bad input or failed in the node), rate
 latency_ms {p50, p95, p99, max}, plus anomaly metrics where the bag has ground truth and the rate
 search with --find-max-rate. `breakdown` splits the latency by stage from the node's
 SafetyFrame timings (transport_in, dispatch, queue, decode, preprocess, segmenter,
-detectors, postprocess, publish, other, transport_out, and the replay's own subscriber
-wait; mean and p50 in ms) and gives the node overhead (end-to-end minus network,
-detectors and subscriber) in ms and as a fraction of the latency to delivery. The latency
+detectors, postprocess, publish, other, transport_out, and subscriber: the delivered
+answer's wait for the replay's callback; mean and p50 in ms) and gives the node overhead
+(end-to-end minus network and detectors) in ms and as a fraction. The latency
 plot, with the breakdown, is written beside it (T_latency.png).
 """
 

@@ -147,6 +147,10 @@ TOPICS: dict[str, tuple[str, type]] = {
     "open_set": ("segmentation/open_set", Image),
 }
 
+#: A stage read from the host's clock (middleware timestamps) longer than this is a clock
+#: step or another host's clock, not a wait: left out.
+MAX_CLOCK_STAGE_MS = 10_000.0
+
 #: RenderedFrame field -> (output key, Image encoding) for the outputs sent as Images.
 IMAGE_OUTPUTS: dict[str, tuple[str, str]] = {
     "labels": ("segmentation", "mono8"),
@@ -1368,15 +1372,16 @@ def _arrival_ms(info: dict[str, Any]) -> dict[str, float]:
     clock, like ``time.time_ns``; one clock at both ends when publisher and node share a
     machine): ``transport_in``, publisher to delivery into the node's reader, and
     ``dispatch``, delivery until this callback ran (the node's executor noticing it).
-    Each is left out where its timestamps are unknown."""
+    Fast DDS stamps the delivery; a middleware that stamps the take gives a dispatch of
+    about 0. Each is left out where its timestamps are unknown or implausible."""
     sent, received = info.get("source_timestamp", 0), info.get("received_timestamp", 0)
     stages = {}
     if received:
-        if sent and received >= sent:
+        if sent and 0 <= received - sent < MAX_CLOCK_STAGE_MS * 1e6:
             stages["transport_in"] = (received - sent) / 1e6
-        waited = time.time_ns() - received
-        if waited >= 0:
-            stages["dispatch"] = waited / 1e6
+        waited = (time.time_ns() - received) / 1e6
+        if 0 <= waited < MAX_CLOCK_STAGE_MS:
+            stages["dispatch"] = waited
     return stages
 
 

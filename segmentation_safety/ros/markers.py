@@ -73,13 +73,16 @@ def hazard_regions(anomaly: np.ndarray, threshold: float, min_pixels: float) -> 
     rows = np.flatnonzero(above.any(axis=1))
     if rows.size == 0:
         return []
-    # Even offsets: OpenCV labels 2×2 blocks, and a box on the full map's block grid
-    # numbers the components in the same order as the full map would.
+    # Even offsets: Spaghetti (named, not left to OpenCV's default) labels 2-row blocks,
+    # and a box on the full map's block grid numbers the components in the same order as
+    # the full map would.
     top, bottom = int(rows[0]) & ~1, int(rows[-1]) + 1
     cols = np.flatnonzero(above[top:bottom].any(axis=0))
     left, right = int(cols[0]) & ~1, int(cols[-1]) + 1
     box = np.ascontiguousarray(above[top:bottom, left:right]).view(np.uint8)
-    _, comp, stats, _ = cv2.connectedComponentsWithStats(box, connectivity=8)
+    _, comp, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
+        box, 8, cv2.CV_32S, cv2.CCL_SPAGHETTI
+    )
     # Only the components big enough are visited: a real anomaly map at its operating
     # point has up to hundreds of specks (0 is the background).
     big = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_pixels) + 1

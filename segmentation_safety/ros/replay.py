@@ -190,19 +190,22 @@ class Collector(Node):
             self.recorder.write(topic, msgtype, time.time_ns(), raw, self.offered["label_info"])
 
     def _callback(self, key: str, name: str, msg_type: type) -> Callable[..., None]:
+        from segmentation_safety.ros.detector_node import MAX_CLOCK_STAGE_MS
+
         recorded = name if name.startswith("/") else f"{RECORDED_NAMESPACE}/{name}"
         msgtype = type_name(msg_type)
         qos = self.offered["diagnostics" if key == "diagnostics" else "outputs"]
 
         def on_safety(raw: bytes, info: dict[str, Any]) -> None:
-            # The middleware's delivery time too: what this collector's executor took to
-            # get to the answer (busy with the other outputs' callbacks) is the
-            # subscriber's own time, not the node's (`subscriber` in the breakdown).
-            waited = time.time_ns() - info.get("received_timestamp", 0)
-            subscriber = {"subscriber": waited / 1e6} if 0 <= waited < 10**10 else {}
-            on_message(raw, subscriber)
+            # From the middleware's delivery time: how long the answer waited for this
+            # callback (`subscriber` in the breakdown; Fast DDS stamps delivery, other
+            # middlewares may stamp the take, and it is then about 0).
+            waited = (time.time_ns() - info.get("received_timestamp", 0)) / 1e6
+            on_message(
+                raw, subscriber={"subscriber": waited} if 0 <= waited < MAX_CLOCK_STAGE_MS else {}
+            )
 
-        def on_message(raw: bytes, subscriber: dict[str, float] | None = None) -> None:
+        def on_message(raw: bytes, *, subscriber: dict[str, float] | None = None) -> None:
             now = time.monotonic()
             if key == "safety":
                 stamp = cdr_stamp_ns(raw)

@@ -54,11 +54,7 @@ BREAKDOWN_STAGES = ("transport_in", "dispatch", "queue", "decode", "preprocess",
 #: Stages that run on the pipeline's device; the overhead's other stages stay on the host
 #: whatever the device, and on a GPU node decide whether it is bound by its network.
 DEVICE_STAGES = ("preprocess", "segmenter", "detectors", "postprocess")
-#: The receiving side's own time (its executor getting to the delivered answer): part of
-#: the end-to-end latency, not of the node's overhead.
-SUBSCRIBER_STAGES = ("subscriber",)
-HOST_STAGES = tuple(s for s in BREAKDOWN_STAGES
-                    if s not in DEVICE_STAGES and s not in SUBSCRIBER_STAGES)  # fmt: skip
+HOST_STAGES = tuple(s for s in BREAKDOWN_STAGES if s not in DEVICE_STAGES)
 #: DESIGN §7: the node's own work per frame (decode, post-process, publish) at most this
 #: share of the frame.
 NODE_BUDGET = 0.10
@@ -70,10 +66,10 @@ def frame_breakdown(latency_ms: float, stages: dict[str, float]) -> dict[str, fl
     From the SafetyFrame timings: the node's ``total`` runs from decode to just before
     ``safety`` is serialised, so ``transport_out`` is the rest: serialising and
     delivering ``safety``. ``other`` is the node's time outside the named stages.
-    ``subscriber`` (the collector's, where the middleware gave its delivery time) is the
-    receiving executor's wait for the delivered answer: a consumer's own time.
-    Overhead = end-to-end - network - detectors - subscriber: what the node adds to its
-    models, as a share of the latency up to the answer's delivery.
+    ``subscriber`` (the collector's, where the middleware gave its delivery time) is how
+    long the delivered answer waited for the subscriber's callback: still counted, as a
+    consumer of the node sees it, and apart, so that a slow consumer shows as one.
+    Overhead = end-to-end - network - detectors: what the node adds to its models.
     None when the frame has no timings (an older node).
     """
     if "total" not in stages or "segmenter" not in stages:
@@ -86,22 +82,21 @@ def frame_breakdown(latency_ms: float, stages: dict[str, float]) -> dict[str, fl
                                  "postprocess", "publish"))  # fmt: skip
     out["other"] = max(stages["total"] - named, 0.0)
     before = out["transport_in"] + out["dispatch"] + out["queue"]
-    # Both middleware stages are clamped so the stages still add up to the latency.
+    # The subscriber's wait is clamped to what the node's stages leave of the latency, as
+    # transport_out is to 0 (the two clocks' readings can disagree by a little).
     out["subscriber"] = min(out["subscriber"], max(latency_ms - before - stages["total"], 0.0))
     out["transport_out"] = max(latency_ms - before - stages["total"] - out["subscriber"], 0.0)
     out["end_to_end"] = latency_ms
-    delivered = latency_ms - out["subscriber"]
-    out["overhead"] = delivered - out["segmenter"] - out["detectors"]
-    out["overhead_fraction"] = out["overhead"] / delivered if delivered > 0 else math.nan
+    out["overhead"] = latency_ms - out["segmenter"] - out["detectors"]
+    out["overhead_fraction"] = out["overhead"] / latency_ms if latency_ms > 0 else math.nan
     return out
 
 
 def breakdown_summary(trial: Trial) -> dict[str, Any] | None:
     """Mean and p50 per stage over the answered frames, and the node overhead.
 
-    Means add up to the mean end-to-end latency (p50s need not); the overhead fraction,
-    of the latency up to the answer's delivery (end-to-end less ``subscriber``), is given
-    per frame (p50) and of the means (``fraction_of_mean``). ``queue`` is time
+    Means add up to the mean end-to-end latency (p50s need not); the overhead fraction
+    is given per frame (p50) and of the means (``fraction_of_mean``). ``queue`` is time
     a frame waited for the worker, which only an input faster than the node causes, so
     the overhead is also given without it (``*_without_queue``): the node's own work.
     ``host_ms_mean`` is the part of the overhead in HOST_STAGES.
@@ -119,11 +114,9 @@ def breakdown_summary(trial: Trial) -> dict[str, Any] | None:
                  "p50": float(np.median([r[k] for r in rows]))} for k in keys}  # fmt: skip
     overhead = [r["overhead"] for r in rows]
     fraction = [r["overhead_fraction"] for r in rows]
-    delivered = [r["end_to_end"] - r["subscriber"] for r in rows]
     work = [r["overhead"] - r["queue"] for r in rows]
-    unqueued = [d - r["queue"] for d, r in zip(delivered, rows, strict=True)]
-    work_fraction = [w / u for w, u in zip(work, unqueued, strict=True)]
-    own = float(np.mean(work) / np.mean(unqueued))
+    work_fraction = [(r["overhead"] - r["queue"]) / (r["end_to_end"] - r["queue"]) for r in rows]
+    own = float(np.mean(work) / np.mean([r["end_to_end"] - r["queue"] for r in rows]))
     return {
         "frames": len(rows),
         "stages_ms": stats,
@@ -131,7 +124,7 @@ def breakdown_summary(trial: Trial) -> dict[str, Any] | None:
             "ms_mean": float(np.mean(overhead)),
             "ms_p50": float(np.median(overhead)),
             "fraction_p50": float(np.median(fraction)),
-            "fraction_of_mean": float(np.mean(overhead) / np.mean(delivered)),
+            "fraction_of_mean": float(np.mean(overhead) / stats["end_to_end"]["mean"]),
             "ms_mean_without_queue": float(np.mean(work)),
             "fraction_p50_without_queue": float(np.median(work_fraction)),
             "host_ms_mean": float(sum(stats[k]["mean"] for k in HOST_STAGES)),
@@ -225,18 +218,19 @@ def _plot_breakdown(ax: Any, breakdown: dict[str, Any]) -> None:
     import matplotlib
 
     stages = breakdown["stages_ms"]
-    colours = matplotlib.colormaps["tab20"]  # one colour a stage: the default cycle has 10
+    # One colour a stage (the default cycle has 10): tab20's dark shades first, then its
+    # light ones, so that neighbouring stages do not get a pair's two shades.
+    colours = matplotlib.colormaps["tab20"]
     left = 0.0
     for i, name in enumerate(BREAKDOWN_STAGES):
         ms = stages[name]["mean"]
-        theirs = name in SUBSCRIBER_STAGES  # drawn hatched: not the node's time
-        ax.barh([0], [ms], left=left, color=colours(i), hatch="//" if theirs else None,
-                label=f"{name} {ms:.1f}" + (" (not the node)" if theirs else ""))  # fmt: skip
+        shade = colours(2 * i % 20 + 2 * i // 20)
+        ax.barh([0], [ms], left=left, color=shade, label=f"{name} {ms:.1f}")
         left += ms
     o = breakdown["node_overhead"]
     ax.set(xlabel="mean ms per frame", yticks=[],
            title=f"node overhead {o['ms_mean']:.1f} ms = {100 * o['fraction_of_mean']:.1f}%"
-           " of the latency to delivery")  # fmt: skip
+           " of end-to-end")  # fmt: skip
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
 
 
@@ -350,9 +344,8 @@ def format_breakdown(b: dict) -> str:
     return (
         f"mean ms per frame over {b['frames']} frames (end-to-end {total:.1f}): "
         + ", ".join(parts)
-        + "\nnode overhead (end-to-end - network - detectors - subscriber): "
-        f"{o['ms_mean']:.1f} ms mean, {100 * o['fraction_of_mean']:.1f}% of the mean latency "
-        "to delivery "
+        + f"\nnode overhead (end-to-end - network - detectors): {o['ms_mean']:.1f} ms mean, "
+        f"{100 * o['fraction_of_mean']:.1f}% of the mean latency "
         f"(per-frame p50 {o['ms_p50']:.1f} ms, {100 * o['fraction_p50']:.1f}%); without "
         f"waiting for the worker (queue) {o['ms_mean_without_queue']:.1f} ms, per-frame p50 "
         f"{100 * o['fraction_p50_without_queue']:.1f}%" + _verdict(o)
