@@ -201,15 +201,15 @@ class Collector(Node):
             # callback (`subscriber` in the breakdown; Fast DDS stamps delivery, other
             # middlewares may stamp the take, and it is then about 0).
             waited = (time.time_ns() - info.get("received_timestamp", 0)) / 1e6
-            on_message(
-                raw, subscriber={"subscriber": waited} if 0 <= waited < MAX_CLOCK_STAGE_MS else {}
-            )
+            on_message(raw, waited_ms=waited if 0 <= waited < MAX_CLOCK_STAGE_MS else None)
 
-        def on_message(raw: bytes, *, subscriber: dict[str, float] | None = None) -> None:
+        def on_message(raw: bytes, *, waited_ms: float | None = None) -> None:
             now = time.monotonic()
             if key == "safety":
                 stamp = cdr_stamp_ns(raw)
-                timings = {**safety_timings(raw), **(subscriber or {})}
+                timings = safety_timings(raw)
+                if waited_ms is not None:
+                    timings["subscriber"] = waited_ms
                 # Both under the lock, timings first: a waiter woken by the answer must
                 # find them (read after the lock, they could be missing for the last one).
                 with self.cond:
