@@ -12,10 +12,11 @@ draws nothing that TF cannot connect to the Fixed Frame (``fixed_frame:=base_lin
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import tempfile
 from pathlib import Path
+
+from segmentation_safety.checkpoint import atomic_write_bytes
 
 #: The namespace the shipped config's topics are under (the launch file's default).
 SHIPPED_NAMESPACE = "/segmentation_safety"
@@ -60,9 +61,5 @@ def config_for(src: str | Path, namespace: str, fixed_frame: str = SHIPPED_FIXED
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = Path(tempfile.gettempdir()) / f"segsafe_{digest}.rviz"
     if not path.is_file() or path.read_text() != text:
-        # Written whole, then renamed: two launches at once never read half a file.
-        fd, tmp = tempfile.mkstemp(prefix="segsafe_", suffix=".rviz.tmp")
-        with open(fd, "w") as out:
-            out.write(text)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, text.encode())  # two launches at once never read half
     return path
