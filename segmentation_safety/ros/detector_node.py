@@ -402,15 +402,12 @@ class DetectorNode(Node):
                 f"ignoring {', '.join(unknown)}: not parameters of this node (a misspelt "
                 "name in a YAML file or -p argument changes nothing)"
             )
-        changed = {
-            spec.name: value
-            for spec in SPEC_BY_NAME.values()
-            if not _same(value := self.get_parameter(spec.name).value, spec.default)
-        }
+        values = stored_values(self)
+        changed = {n: v for n, v in values.items() if not _same(v, SPEC_BY_NAME[n].default)}
         if changed:
             said = ", ".join(f"{name}={value!r}" for name, value in changed.items())
             self.get_logger().info(f"parameters away from their defaults: {said}")
-        params = DetectorParams.from_node(self)
+        params = DetectorParams.from_values(values)
         if params.retain_host_memory and not host_memory.retain_freed_memory():
             self.get_logger().info("retain_host_memory: not glibc, the allocator is unchanged")
         self.pipeline = on_compute_thread(load_pipeline, params)
@@ -1376,13 +1373,21 @@ def _arrival_ms(info: dict[str, Any]) -> dict[str, float]:
     about 0. Each is left out where its timestamps are unknown or implausible."""
     sent, received = info.get("source_timestamp", 0), info.get("received_timestamp", 0)
     stages = {}
-    if received:
-        if sent and 0 <= received - sent < MAX_CLOCK_STAGE_MS * 1e6:
-            stages["transport_in"] = (received - sent) / 1e6
-        waited = (time.time_ns() - received) / 1e6
-        if 0 <= waited < MAX_CLOCK_STAGE_MS:
-            stages["dispatch"] = waited
+    if received and sent and 0 <= received - sent < MAX_CLOCK_STAGE_MS * 1e6:
+        stages["transport_in"] = (received - sent) / 1e6
+    waited = delivery_wait_ms(info)
+    if waited is not None:
+        stages["dispatch"] = waited
     return stages
+
+
+def delivery_wait_ms(info: dict[str, Any]) -> float | None:
+    """How long ago the middleware delivered a message into its subscriber's reader, from
+    the message info rclpy passes a two-parameter callback; None where unknown or
+    implausible (:data:`MAX_CLOCK_STAGE_MS`)."""
+    received = info.get("received_timestamp", 0)
+    waited = (time.time_ns() - received) / 1e6
+    return waited if received and 0 <= waited < MAX_CLOCK_STAGE_MS else None
 
 
 def _same(value: Any, default: Any) -> bool:

@@ -3,7 +3,8 @@
 ``SPECS`` is the single table: ``declare_parameters`` turns it into ROS declarations
 (descriptors carry the description, the range and ``read_only`` for what needs a restart),
 ``validate`` checks one value against it and names the parameter when it refuses, and
-``DetectorParams.from_node`` reads a typed snapshot the node's callbacks use.
+``DetectorParams.from_values`` (of ``stored_values``) is the typed snapshot the node's
+callbacks use.
 
 SPECS is the one source of defaults: ``config/detector.yaml`` repeats them so users see
 every setting, and a test fails when the two disagree, so ``ros2 run`` without the YAML
@@ -616,11 +617,6 @@ class DetectorParams:
             overlap_publish=bool(v["overlap_publish"]),
             publish=frozenset(k for k in OUTPUTS if v[f"publish.{k}"]),
         )
-
-    @classmethod
-    def from_node(cls, node: Node) -> DetectorParams:
-        """Snapshot of ``node``'s stored values."""
-        return cls.from_values(stored_values(node))
 
 
 def stored_values(node: Node) -> dict[str, Any]:

@@ -190,7 +190,7 @@ class Collector(Node):
             self.recorder.write(topic, msgtype, time.time_ns(), raw, self.offered["label_info"])
 
     def _callback(self, key: str, name: str, msg_type: type) -> Callable[..., None]:
-        from segmentation_safety.ros.detector_node import MAX_CLOCK_STAGE_MS
+        from segmentation_safety.ros.detector_node import delivery_wait_ms
 
         recorded = name if name.startswith("/") else f"{RECORDED_NAMESPACE}/{name}"
         msgtype = type_name(msg_type)
@@ -200,8 +200,7 @@ class Collector(Node):
             # From the middleware's delivery time: how long the answer waited for this
             # callback (`subscriber` in the breakdown; Fast DDS stamps delivery, other
             # middlewares may stamp the take, and it is then about 0).
-            waited = (time.time_ns() - info.get("received_timestamp", 0)) / 1e6
-            on_message(raw, waited_ms=waited if 0 <= waited < MAX_CLOCK_STAGE_MS else None)
+            on_message(raw, waited_ms=delivery_wait_ms(info))
 
         def on_message(raw: bytes, *, waited_ms: float | None = None) -> None:
             now = time.monotonic()
