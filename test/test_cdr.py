@@ -84,6 +84,39 @@ def test_safety_frame_with_spliced_maps_equals_the_rclpy_message():
     assert len(cdr.serialize(frame, bodies)) == len(serialize_message(want))
 
 
+@pytest.mark.parametrize("frame_id", ["", "c", "camera_optical_frame"])
+def test_an_embedding_carries_each_image_as_its_own_message(frame_id):
+    rng = np.random.default_rng(2)
+    header = _header(frame_id)
+    seg = rng.integers(0, 19, (3, 5), dtype=np.uint8)  # 15 bytes: the next one realigns
+    anomaly = rng.random((3, 5), dtype=np.float32)
+    bodies = {
+        "segmentation": cdr.image_body(header, 3, 5, "mono8", 5, seg),
+        "anomaly": cdr.image_body(header, 3, 5, "32FC1", 20, anomaly),
+    }
+    frame = SafetyFrame(
+        header=header,
+        class_iou=[0.5],
+        alarm=HazardAlarm(anomalous_fraction=0.25, max_score=3.0),
+        timings=[StageTiming(stage=s, ms=math.nan) for s in ("decode", "publish", "total")],
+    )
+    message = cdr.serialize_embedding(frame, bodies)
+    assert bytes(message.data) == cdr.serialize(frame, bodies)  # one serialisation, two ways
+    assert message.spans.keys() == bodies.keys()
+    for name, body in bodies.items():
+        start, end = message.spans[name]
+        assert start % 4 == 0
+        standalone = cdr.ENCAPSULATION + bytes(message.data[start:end])
+        assert standalone == cdr.serialize_body(body)
+    # The last two float32 fields are the last two stages' times, written in place.
+    message.set_float(-2, 4.5)
+    message.set_float(-1, 12.25)
+    got = deserialize_message(bytes(message.data), SafetyFrame)
+    assert [(t.stage, t.ms) for t in got.timings[1:]] == [("publish", 4.5), ("total", 12.25)]
+    assert math.isnan(got.timings[0].ms) and got.alarm.max_score == 3.0
+    assert bytes(got.segmentation.data) == seg.tobytes()
+
+
 def test_read_fields_skips_the_maps_and_reads_the_timings():
     frame = SafetyFrame(timings=[StageTiming(stage="segmenter", ms=250.0)])
     frame.segmentation = Image(height=2, width=3, encoding="mono8", step=3, data=bytes(6))

@@ -255,6 +255,11 @@ def test_one_image_in_gives_every_output_with_its_stamp(harness):
         "total",
     ]
     assert frame.anomaly_detector == "max_softmax" and frame.anomaly.height == H
+    # `safety` carries the very Images of the map topics (they go out from inside its
+    # bytes), and its last two stages are written in place after them.
+    assert (frame.segmentation, frame.anomaly, frame.failure) == (seg, anomaly, failure)
+    times = {t.stage: t.ms for t in frame.timings}
+    assert 0 < times["publish"] < times["total"] < 60_000
     # Threshold 0: every drivable pixel is anomalous for 1 - MSP > 0.
     road = int((np.frombuffer(seg.data, np.uint8) == 0).sum())
     assert frame.alarm.anomalous_pixels == road and frame.alarm.anomaly_threshold == 0.0

@@ -14,6 +14,7 @@ if "segmentation_safety" not in os.environ.get("AMENT_PREFIX_PATH", ""):
 
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from rclpy.serialization import deserialize_message  # noqa: E402
+from segmentation_safety.msg import SafetyFrame, StageTiming  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 from waiting import wait_for  # noqa: E402
@@ -97,6 +98,29 @@ def test_without_librcl_it_is_rclpys_publish(node, monkeypatch):
         serialized_publish.publish(pub, data)
     _spin_until(node, received, len(sent))
     assert received == sent
+
+
+def test_an_embedded_image_goes_out_as_its_own_message_and_the_buffer_is_restored(
+    node, monkeypatch
+):
+    header = Header(frame_id="camera")
+    pixels = np.arange(15, dtype=np.uint8).reshape(3, 5)  # odd length: the next realigns
+    body = cdr.image_body(header, 3, 5, "mono8", 5, pixels)
+    frame = SafetyFrame(header=header, timings=[StageTiming(stage="total", ms=1.0)])
+    message = cdr.serialize_embedding(frame, {"segmentation": body})
+    before = bytes(message.data)
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(serialized_publish, "_rcl", lambda: None)
+        pub, received = _loopback(node, f"embedded_{direct}")
+        assert serialized_publish.direct(pub) is direct
+        serialized_publish.publish_embedded(pub, message.data, message.spans["segmentation"])
+        serialized_publish.publish(pub, bytearray(cdr.serialize_body(body)))  # whole, mutable
+        _spin_until(node, received, 2)
+        assert received == [cdr.serialize_body(body)] * 2
+        assert bytes(message.data) == before  # the 4 borrowed bytes are back
+    with pytest.raises(ValueError, match="4-aligned"):
+        serialized_publish.publish_embedded(pub, message.data, (2, 10))
 
 
 def test_refuses_what_is_not_bytes(node):

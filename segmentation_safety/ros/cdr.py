@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 #: Encapsulation header: CDR little endian, no options.
@@ -52,6 +53,8 @@ class Writer:
     def __init__(self) -> None:
         self.parts: list[Any] = []
         self.offset = 0
+        self.floats: list[int] = []  # offset of every float32 field, in writing order
+        self.spans: dict[str, tuple[int, int]] = {}  # spliced field -> [start, end)
 
     def align(self, size: int) -> None:
         pad = -self.offset % size
@@ -62,6 +65,8 @@ class Writer:
     def primitive(self, kind: str, value: Any) -> None:
         fmt, size = PRIMITIVES[kind]
         self.align(size)
+        if kind == "float":
+            self.floats.append(self.offset)
         self.parts.append(struct.pack("<" + fmt, value))
         self.offset += size
 
@@ -114,12 +119,46 @@ def serialize_body(parts: Iterable[Any]) -> bytes:
     return b"".join([ENCAPSULATION, *parts])
 
 
+@dataclass
+class Embedding:
+    """A message serialised around the Image payloads it carries, in a mutable buffer.
+
+    Each carried Image is also a message of its own (a topic of the node), and its bytes
+    there are the bytes it has here (module doc): it is published from inside this buffer
+    (``serialized_publish.publish_embedded``) instead of being serialised a second time.
+    The buffer stays writable so that float32 fields known only later (the stage timings
+    that count this very publishing) are written in place before the message goes out.
+    """
+
+    data: bytearray  # the whole message, encapsulation header first
+    spans: dict[str, tuple[int, int]]  # spliced field -> [start, end) of its payload in data
+    floats: list[int]  # offset in data of every float32 field, in writing order
+
+    def set_float(self, index: int, value: float) -> None:
+        """Overwrite the ``index``-th float32 field (``floats`` order; -1 is the last)."""
+        struct.pack_into("<f", self.data, self.floats[index], value)
+
+
+def serialize_embedding(msg: Any, bodies: dict[str, list[Any]]) -> Embedding:
+    """:func:`serialize` into an :class:`Embedding`: the same bytes, in one copy."""
+    w = Writer()
+    _write_message(w, msg, bodies)
+    shift = len(ENCAPSULATION)
+    return Embedding(
+        data=bytearray().join([ENCAPSULATION, *w.parts]),
+        spans={k: (a + shift, b + shift) for k, (a, b) in w.spans.items()},
+        floats=[o + shift for o in w.floats],
+    )
+
+
 def _write_message(w: Writer, msg: Any, bodies: dict[str, list[Any]]) -> None:
     for name, kind in msg.get_fields_and_field_types().items():
         if name in bodies:
             w.align(4)
+            start = w.offset
             for part in bodies[name]:
                 w.buffer(part)
+            w.spans[name] = (start, w.offset)
             continue
         _write_value(w, kind, getattr(msg, name))
 

@@ -1012,9 +1012,13 @@ class DetectorNode(Node):
                 jpeg = image_codec.encode_jpeg(result.overlay, header, p.jpeg_quality)
             self.pubs["hazard_overlay_compressed"].publish(jpeg)
         bodies = self._image_bodies(result, header)
+        # The Images `safety` carries go out from inside its bytes: serialised once.
+        carried = []
+        if "safety" in wanted and p.safety_embeds_maps:
+            carried = [k for k in SAFETY_EMBEDS if k in bodies]
         for field, body in bodies.items():
             key = IMAGE_OUTPUTS[field][0]
-            if key in wanted:
+            if key in wanted and field not in carried:
                 serialized_publish.publish(self.pubs[key], cdr.serialize_body(body))
         if "hazards" in wanted and not boxes_first:
             # After `safety`, on the markers thread (_run_later): the boxes may wait for
@@ -1022,14 +1026,23 @@ class DetectorNode(Node):
             later = functools.partial(self._publish_hazards, frame)
         if "safety" in wanted:
             timings = dict(frame.timings)
-            timings.pop("total", None)  # re-added last: stages go in the order a frame passes
-            timings["publish"] = (time.perf_counter() - frame.rendered_at) * 1e3
-            timings["total"] = (time.perf_counter() - frame.started_at) * 1e3
+            for stage in ("publish", "total"):  # last: stages go in the order a frame passes
+                timings.pop(stage, None)
+            # Both written in place once the carried Images are out: the last two floats.
+            timings["publish"] = timings["total"] = math.nan
             safety = self._safety(result, header, p, timings)
-            embedded = {}
-            if p.safety_embeds_maps:
-                embedded = {to: bodies[k] for k, to in SAFETY_EMBEDS.items() if k in bodies}
-            serialized_publish.publish(self.pubs["safety"], cdr.serialize(safety, embedded))
+            message = cdr.serialize_embedding(
+                safety, {SAFETY_EMBEDS[k]: bodies[k] for k in carried}
+            )
+            for k in carried:
+                if IMAGE_OUTPUTS[k][0] in wanted:
+                    span = message.spans[SAFETY_EMBEDS[k]]
+                    serialized_publish.publish_embedded(
+                        self.pubs[IMAGE_OUTPUTS[k][0]], message.data, span
+                    )
+            message.set_float(-2, (time.perf_counter() - frame.rendered_at) * 1e3)
+            message.set_float(-1, (time.perf_counter() - frame.started_at) * 1e3)
+            serialized_publish.publish(self.pubs["safety"], message.data)
         return _Sent(later)
 
     def _decode(self, msg: cdr.RawImage | CompressedImage) -> np.ndarray | torch.Tensor:

@@ -20,6 +20,8 @@ import ctypes
 import functools
 from typing import Any
 
+from segmentation_safety.ros import cdr
+
 #: rcl's success code (``RCL_RET_OK``).
 _RET_OK = 0
 #: ``RCUTILS_ERROR_MESSAGE_MAX_LENGTH``: the size of rcutils' error string.
@@ -85,19 +87,50 @@ def direct(publisher: Any) -> bool:
     return _rcl() is not None and hasattr(publisher.handle, "pointer")
 
 
-def publish(publisher: Any, data: bytes) -> None:
+def publish(publisher: Any, data: bytes | bytearray) -> None:
     """Publish ``data``, a whole serialised message (encapsulation header first), on
     ``publisher`` (an rclpy Publisher of the message's type), as ``publisher.publish``
     would, without copying it first."""
-    if not isinstance(data, bytes):
+    if not isinstance(data, bytes | bytearray):
         raise TypeError(f"a serialised message is bytes, got {type(data).__name__}")
+    _send(publisher, data, 0, len(data))
+
+
+def publish_embedded(publisher: Any, data: bytearray, span: tuple[int, int]) -> None:
+    """Publish, as a message of its own, the Image whose payload is ``data[start:end]``
+    inside a bigger serialised message (a ``cdr.Embedding``), without copying it out.
+
+    A standalone message is the payload after a 4-byte encapsulation header, so those 4
+    bytes in front of the payload hold the header for the call, and get their own bytes
+    back after it: the middleware has copied the message by then (rcl's publish returns
+    once the writer holds its own copy)."""
+    start, end = span
+    if not isinstance(data, bytearray):
+        raise TypeError(f"an embedding is a bytearray, got {type(data).__name__}")
+    if start < len(cdr.ENCAPSULATION) or start % 4 or not start <= end <= len(data):
+        raise ValueError(f"span {span} is not a 4-aligned payload within {len(data)} bytes")
+    head = slice(start - len(cdr.ENCAPSULATION), start)
+    saved = bytes(data[head])
+    data[head] = cdr.ENCAPSULATION
+    try:
+        _send(publisher, data, head.start, end)
+    finally:
+        data[head] = saved
+
+
+def _send(publisher: Any, data: bytes | bytearray, start: int, end: int) -> None:
+    """Publish ``data[start:end]``, a whole serialised message."""
     if not direct(publisher):
-        publisher.publish(data)
+        whole = start == 0 and end == len(data) and isinstance(data, bytes)
+        publisher.publish(data if whole else bytes(memoryview(data)[start:end]))
         return
     send, error, reset = _rcl()
-    message = _SerializedMessage(
-        ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p), len(data), len(data)
-    )
+    if isinstance(data, bytes):
+        address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    else:  # held until sent: a bytearray cannot be resized (its memory move) while exported
+        exported = (ctypes.c_char * len(data)).from_buffer(data)
+        address = ctypes.addressof(exported)
+    message = _SerializedMessage(address + start, end - start, end - start)
     # Held as rclpy holds it: the rcl publisher cannot be destroyed while in use, and a
     # destroyed one raises rclpy's InvalidHandle here instead of being dereferenced.
     handle = publisher.handle
