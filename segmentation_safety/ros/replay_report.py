@@ -63,9 +63,9 @@ NODE_BUDGET = 0.10
 def frame_breakdown(latency_ms: float, stages: dict[str, float]) -> dict[str, float] | None:
     """One frame's end-to-end latency split into BREAKDOWN_STAGES, plus the node overhead.
 
-    From the SafetyFrame timings: the node's ``total`` runs from decode to just before
-    ``safety`` is serialised, so ``transport_out`` is the rest: serialising and
-    delivering ``safety``. ``other`` is the node's time outside the named stages.
+    From the SafetyFrame timings: the node's ``total`` runs from decode until ``safety``,
+    serialised, is handed to the middleware, so ``transport_out`` is the rest: delivering
+    ``safety``. ``other`` is the node's time outside the named stages.
     ``subscriber`` (the collector's, where the middleware gave its delivery time) is how
     long the delivered answer waited for the subscriber's callback: still counted, as a
     consumer of the node sees it, and apart, so that a slow consumer shows as one.
