@@ -2040,6 +2040,37 @@ def test_invalid_camera_info_skips_markers_once_reported_and_the_rest_goes_on(
     assert logged.count(words) == 1, logged  # reported once, not once per message
 
 
+def test_camera_info_is_read_again_only_when_more_than_its_stamp_changed(harness, monkeypatch):
+    h = harness()
+    reads, handled = [], []
+    real_read = detector_node.deserialize_message
+    monkeypatch.setattr(
+        detector_node, "deserialize_message", lambda raw, t: reads.append(t) or real_read(raw, t)
+    )
+    real_clear = DetectorNode._clear_fault
+
+    def clear(self, name):  # the callback's first step: one call per camera_info handled
+        if name == detector_node.FAULT_NO_CAMERA_INFO:
+            handled.append(name)
+        return real_clear(self, name)
+
+    monkeypatch.setattr(DetectorNode, "_clear_fault", clear)
+    for sec in (1, 2, 3):  # a driver's: a new stamp with every image, the same calibration
+        info = camera_info()
+        info.header.stamp.sec, info.header.frame_id = sec, "camera_optical"
+        h.info_pub.publish(info)
+        wait_for(lambda sec=sec: len(handled) == sec, f"camera_info {sec} handled")
+    assert reads == [CameraInfo]
+    camera, size, frame_id = h.node.camera_k
+    assert (size, frame_id, camera.k[0, 0]) == ((W, H), "camera_optical", W)
+    changed = camera_info()
+    changed.k[0] = 2.0 * W  # a new focal length: read and used at once
+    changed.header.stamp.sec, changed.header.frame_id = 4, "camera_optical"
+    h.info_pub.publish(changed)
+    wait_for(lambda: len(handled) == 4, "the changed camera_info handled")
+    assert reads == [CameraInfo, CameraInfo] and h.node.camera_k[0].k[0, 0] == 2 * W
+
+
 def test_boxes_without_camera_info_say_why_until_it_comes(harness):
     h = harness(**HAZARD_PARAMS)
     h.listen("hazards", "/diagnostics")

@@ -74,6 +74,7 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
+from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from visualization_msgs.msg import MarkerArray
 
@@ -224,6 +225,15 @@ class _Sent:
     depth image (run off the compute thread)."""
 
     later: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class _CameraInfoReading:
+    """What one camera_info gave: the camera (model, image size, frame_id) or why not."""
+
+    camera: tuple[markers.CameraModel, tuple[int, int], str] | None
+    problem: str | None
+    note: str | None  # a distortion the markers cannot use, said with every message
 
 
 class StartupError(UserError, RuntimeError):
@@ -426,6 +436,9 @@ class DetectorNode(Node):
         # (K, (width, height), frame_id) of the newest valid camera_info, replaced whole:
         # the compute thread reads it while the executor's callback writes it.
         self.camera_k: tuple[markers.CameraModel, tuple[int, int], str] | None = None
+        # The newest camera_info's bytes after its stamp, and what they gave: drivers send
+        # the same calibration with every image, read once (_on_camera_info).
+        self._camera_info_seen: tuple[bytes, _CameraInfoReading] | None = None
         # Used by one thread at a time: the compute thread, the publishing thread
         # (overlap_publish), or with use_depth the worker.
         self.marker_pool = markers.MarkerPool()
@@ -560,7 +573,7 @@ class DetectorNode(Node):
                 f"(nearest stamp within depth_max_age {p.depth_max_age} s)"
             )
         self.create_subscription(
-            CameraInfo, "camera_info", self._on_camera_info, qos_profile_sensor_data
+            CameraInfo, "camera_info", self._on_camera_info, qos_profile_sensor_data, raw=True
         )
         # Steady time, not the node's clock: under use_sim_time a paused bag or a hung
         # simulator stops /clock, and then /diagnostics and the input watchdog would stop
@@ -622,8 +635,40 @@ class DetectorNode(Node):
             self.depths.append(msg)
             self._depth_cond.notify_all()
 
-    def _on_camera_info(self, msg: CameraInfo) -> None:
+    def _on_camera_info(self, raw: bytes) -> None:
+        """Keep the camera model of the newest camera_info (serialised: ``raw``).
+
+        A driver sends one with every image, the same but for its stamp, so it is read
+        and its model built only when a byte after the stamp changed: reading one took
+        0.3 ms of the executor's thread per frame, just as the image's frame starts."""
         self._clear_fault(FAULT_NO_CAMERA_INFO)
+        # Encapsulation (4 bytes), then header.stamp (8): what follows is the calibration.
+        key = raw[:4] + raw[12:]
+        seen = self._camera_info_seen
+        if seen is None or seen[0] != key:
+            try:
+                reading = self._read_camera_info(deserialize_message(raw, CameraInfo))
+            except Exception as e:  # noqa: BLE001 (rclpy raises several kinds for bad bytes)
+                self._warn("camera_info/cdr", f"bad message on camera_info: {e}")
+                return
+            seen = self._camera_info_seen = (key, reading)
+        reading = seen[1]
+        topic = self.resolve_topic_name("camera_info")
+        if reading.note is not None:
+            self._warn("camera_info/distortion", f"{topic}: {reading.note}")
+        if reading.problem is not None:
+            self.camera_k = None
+            text = (
+                f"{topic}: {reading.problem}; hazard markers are skipped until a valid one arrives"
+            )
+            if self._set_fault(FAULT_CAMERA_INFO, text):  # once per fault, not per message
+                self.get_logger().warning(text)
+            return
+        if self._clear_fault(FAULT_CAMERA_INFO):
+            self.get_logger().info(f"{topic}: valid camera_info again, hazard markers resume")
+        self.camera_k = reading.camera
+
+    def _read_camera_info(self, msg: CameraInfo) -> _CameraInfoReading:
         camera, problem, note = markers.camera_from_info(
             np.asarray(msg.k, dtype=np.float64),
             np.asarray(msg.d, dtype=np.float64),
@@ -631,25 +676,16 @@ class DetectorNode(Node):
             np.asarray(msg.p, dtype=np.float64),
             self.params.image_rectified,
         )
-        topic = self.resolve_topic_name("camera_info")
-        if note is not None:
-            self._warn("camera_info/distortion", f"{topic}: {note}")
         full, roi = (msg.width, msg.height), msg.roi
         window = (roi.x_offset, roi.y_offset, roi.width, roi.height)
         binning = (msg.binning_x, msg.binning_y)
         problem = problem or markers.window_problem(full, window, binning)
         if problem is not None:
-            self.camera_k = None
-            text = f"{topic}: {problem}; hazard markers are skipped until a valid one arrives"
-            if self._set_fault(FAULT_CAMERA_INFO, text):  # once per fault, not per message
-                self.get_logger().warning(text)
-            return
-        if self._clear_fault(FAULT_CAMERA_INFO):
-            self.get_logger().info(f"{topic}: valid camera_info again, hazard markers resume")
+            return _CameraInfoReading(None, problem, note)
         # The camera and size of the image the driver sends: a ROI and binning
         # (image_geometry's reduced resolution), so neither reads as a resized image.
         camera, size = markers.region_of_interest(camera, full, window, binning)
-        self.camera_k = (camera, size, msg.header.frame_id)
+        return _CameraInfoReading((camera, size, msg.header.frame_id), None, note)
 
     def _qos_events(self, name: str) -> Any:
         """Subscription events that report a publisher whose QoS cannot match ours."""
@@ -1369,8 +1405,6 @@ class DetectorNode(Node):
 
 def _compressed_image(raw: bytes) -> CompressedImage:
     """A serialised CompressedImage read into its message (rclpy's own deserialiser)."""
-    from rclpy.serialization import deserialize_message
-
     try:
         return deserialize_message(raw, CompressedImage)
     except Exception as e:  # rclpy's RMWError, or whatever its C layer raises
