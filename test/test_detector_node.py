@@ -1381,6 +1381,17 @@ def test_outputs_keep_qos_output_depth_frames_for_reliable_repair(harness):
     }
 
 
+def test_the_nodes_publishers_give_its_executor_no_event_handlers_to_walk(harness):
+    # rclpy's default two per publisher were most of what the executor checks on every
+    # wake; the inputs keep theirs (an incompatible camera is named: test below).
+    node = harness().node
+    publishers = [*node.pubs.values(), node.diag_pub, node.label_info_pub]
+    assert all(not p.event_handlers for p in publishers)
+    assert node.image_sub.event_handlers and all(
+        h in node.waitables for h in node.image_sub.event_handlers
+    )
+
+
 def test_label_info_reaches_a_late_subscriber_once(harness):
     from segmentation_safety.ros.detector_node import label_info_types
 

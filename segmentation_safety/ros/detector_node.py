@@ -518,13 +518,18 @@ class DetectorNode(Node):
         """Create publishers, subscriptions, the worker and the diagnostics timer."""
         p = self.params
         out_qos = QoSProfile(depth=p.qos_output_depth, reliability=ReliabilityPolicy.RELIABLE)
-        self.pubs = {k: self.create_publisher(t, name, out_qos) for k, (name, t) in TOPICS.items()}
+        self.pubs = {
+            k: self.create_publisher(t, name, out_qos, event_callbacks=_no_publisher_events())
+            for k, (name, t) in TOPICS.items()
+        }
         if not serialized_publish.direct(self.pubs["safety"]):
             self.get_logger().info(
                 "librcl not reachable through ctypes: outputs go through rclpy's publish, "
                 "one more copy of each"
             )
-        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.diag_pub = self.create_publisher(
+            DiagnosticArray, "/diagnostics", 10, event_callbacks=_no_publisher_events()
+        )
         self._publish_label_info()
         in_qos = QoSProfile(
             history=HistoryPolicy.KEEP_LAST,
@@ -598,7 +603,9 @@ class DetectorNode(Node):
             reliability=ReliabilityPolicy.RELIABLE,
             durability=DurabilityPolicy.TRANSIENT_LOCAL,
         )
-        self.label_info_pub = self.create_publisher(label_info, LABEL_INFO_TOPIC, qos)
+        self.label_info_pub = self.create_publisher(
+            label_info, LABEL_INFO_TOPIC, qos, event_callbacks=_no_publisher_events()
+        )
         names = list(self.pipeline.class_names)
         classes = [entry(class_id=i, class_name=str(n)) for i, n in enumerate(names)]
         if len(names) < UNLABELED_ID:
@@ -1401,6 +1408,22 @@ class DetectorNode(Node):
         if getattr(self, "_later", None) is not None:
             self._later.shutdown(wait=True, cancel_futures=True)
         super().destroy_node()
+
+
+def _no_publisher_events() -> Any:
+    """Event callbacks for a publisher that registers none.
+
+    rclpy gives every publisher two event handlers by default (a subscriber asking for
+    an incompatible QoS or type), and its executor walks each, in Python, on every wake:
+    for the node's 11 publishers, 22 of its 28 waitables, a walk that holds the GIL just
+    as a frame starts (0.56 against 0.72 ms of CPU per wake, measured). The
+    subscriber reports either mismatch itself (rclpy's and rclcpp's subscriptions log it
+    by default), so nothing is lost to its user."""
+    try:
+        from rclpy.event_handler import PublisherEventCallbacks  # Iron and later
+    except ImportError:
+        from rclpy.qos_event import PublisherEventCallbacks  # Humble
+    return PublisherEventCallbacks(use_default_callbacks=False)
 
 
 def _compressed_image(raw: bytes) -> CompressedImage:
