@@ -177,8 +177,9 @@ class Pipeline:
         names = list(self.detectors if detectors is None else detectors)
         timings: dict[str, float] = {}
         with self._timed(timings, "preprocess"):
-            if self.config.input_size:
-                images = resize_input(images, self.config.input_size, self.config.input_resize)
+            size = self.config.input_size
+            if size and tuple(images.shape[-2:]) != (int(size[0]), int(size[1])):
+                images = resize_input(images, size, self.config.input_resize)
             x = self.segmenter.normalize(images)
         taps = sorted({t for n in names for t in self.detectors[n].embeddings})
         with self._timed(timings, "segmenter"), self._autocast():

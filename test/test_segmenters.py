@@ -56,6 +56,16 @@ def test_unknown_name_is_refused_with_the_known_ones():
         assert name in message
 
 
+def test_uint8_frames_normalise_exactly_as_their_float_values():
+    # The node hands uint8 pixels straight to the multiply-add (no float copy first): the
+    # network must see the very same input, channels-last frames included.
+    seg = TinySegmenter(mean=(0.3, 0.5, 0.7), std=(0.2, 0.25, 0.3))
+    frame = torch.randint(0, 256, (2, 24, 40, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    want = seg.normalize(frame.float())
+    got = seg.normalize(frame)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_one_forward_pass_gives_logits_features_and_taps(name):
     torch.manual_seed(0)
