@@ -13,9 +13,9 @@ falling between frames, which is what a node that processes a stream wants anywa
 A thread other than the main one allocates from an arena of its own, made of 64 MiB
 heaps, and glibc unmaps such a heap as soon as every block in it is free, whatever the
 trim threshold says: at the end of each frame, when its tensors were freed together.
-Measured in the node at 512×1024: freeing a frame's tensors then took 1.5-7 ms on
-about a third of the frames (the node's `other` stage), and the next frame faulted the
-heap in again; a top pad of a whole heap keeps it.
+Measured in the node at 512×1024: freeing a frame's tensors then took 1.5-7.8 ms on up
+to half of the frames (the node's `other` stage), and the next frame faulted the heap
+in again; a top pad of a whole heap keeps it.
 """
 
 from __future__ import annotations
