@@ -37,3 +37,10 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so stage timings measure the work, not the launch."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def on_host(t: torch.Tensor) -> bool:
+    """Whether ``t`` is in host memory, where the node's per-pixel tests run in numpy:
+    this torch's CPU comparisons against a number are not vectorised (86 µs for a
+    512×1024 float map against numpy's 24; 90 against 9 for uint8 labels)."""
+    return t.device.type == "cpu"

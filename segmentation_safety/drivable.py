@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 import torch
 
+from segmentation_safety.device import on_host
+
 #: Areas the alarm can count over.
 REGIONS = ("corridor", "drivable")
 
@@ -24,10 +26,11 @@ REGIONS = ("corridor", "drivable")
 def drivable_mask(labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     """Boolean mask of the pixels whose label is in ``classes`` (same device)."""
     ids = list(dict.fromkeys(classes))
-    mask = labels == ids[0]
+    values = labels.numpy() if on_host(labels) else labels
+    mask = values == ids[0]
     for c in ids[1:]:  # a few ids: compares beat torch.isin by 10x here
-        mask |= labels == c
-    return mask
+        mask |= values == c
+    return torch.from_numpy(mask) if values is not labels else mask
 
 
 def drivable_region(
@@ -66,9 +69,11 @@ def _row_ends(mask: np.ndarray) -> np.ndarray | None:
     if rows.size == 0:
         return None
     width = mask.shape[1]
-    inside = mask[rows]
+    inside = np.ascontiguousarray(mask[rows]).view(np.uint8)
     first = inside.argmax(axis=1)
-    last = width - 1 - inside[:, ::-1].argmax(axis=1)
+    # argmax over a reversed view is not vectorised (133 µs at 512×1024): a flipped copy
+    # and a forward argmax take 30.
+    last = width - 1 - cv2.flip(inside, 1).argmax(axis=1)
     xs = np.concatenate([first, last])
     ys = np.concatenate([rows, rows])
     return np.stack([xs, ys], axis=1).astype(np.int32).reshape(-1, 1, 2)

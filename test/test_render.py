@@ -328,6 +328,43 @@ def test_alarm_counts_match_a_plain_count_over_the_corridor():
     assert np.isclose(c.mean_failure, np.nanmean(failure)) and np.isnan(c.max_score)
 
 
+def test_host_and_device_tests_agree_on_every_pixel(monkeypatch):
+    # On the host the per-pixel tests run in numpy (on_host); elsewhere in torch. Both
+    # paths on the same CPU tensors, with NaN, infinities, a threshold between two
+    # float32 values and thresholds beyond float32's range.
+    from segmentation_safety import drivable
+
+    rng = np.random.default_rng(6)
+    labels = torch.from_numpy(rng.integers(0, 4, (37, 53)).astype(np.uint8))
+    anomaly = rng.normal(0.0, 1.0, (37, 53)).astype(np.float32)
+    anomaly[rng.random((37, 53)) < 0.05] = np.float32(0.1)
+    for value in (np.nan, np.inf, -np.inf):
+        anomaly[rng.random((37, 53)) < 0.02] = value
+    anomaly = torch.from_numpy(anomaly)
+    rgb = torch.from_numpy(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    thresholds = (0.1, -0.5, 1e300, -1e300, float("inf"), float("-inf"), float("nan"))
+
+    def everything():
+        out = [drivable.drivable_mask(labels, (0, 2)), drivable.drivable_region(labels, (1,))]
+        for t in thresholds:
+            out.append(render.hazard_overlay(rgb, anomaly, t, (-1.0, 1.0)))
+            for region in drivable.REGIONS:
+                out.append(render.alarm_counts(labels, anomaly, None, t, (0, 3), region))
+        return out
+
+    host = everything()
+    for module in (render, drivable):
+        monkeypatch.setattr(module, "on_host", lambda t: False)
+    device = everything()
+    for got, want in zip(host, device, strict=True):
+        if isinstance(got, torch.Tensor):
+            assert torch.equal(got, want)
+        else:  # AlarmCounts: NaN maxima compare equal here
+            assert got.area_pixels == want.area_pixels
+            assert got.anomalous_pixels == want.anomalous_pixels
+            np.testing.assert_equal(got.max_score, want.max_score)
+
+
 def test_alarm_max_score_is_nan_when_the_area_has_no_finite_score():
     # Road on two rows, a building on the third; the map has no finite value on the road
     # (a NaN map, or infinities) and a finite one on the building, outside the area.
