@@ -107,7 +107,7 @@ def _flat_above(values: torch.Tensor, threshold: float) -> torch.Tensor:
     indices over 512×1024, and the test as in ``on_host``)."""
     if on_host(values):
         with np.errstate(invalid="ignore", over="ignore"):
-            return torch.from_numpy(np.flatnonzero(values.numpy() > threshold))
+            return torch.from_numpy(np.flatnonzero(values.detach().numpy() > threshold))
     return (values > threshold).reshape(-1).nonzero().squeeze(1)
 
 
@@ -132,7 +132,7 @@ def alarm_counts(
         return AlarmCounts(0, 0, float("nan"), mean_failure)
     area = drivable_region(labels, drivable, region)
     if on_host(anomaly) and on_host(area):
-        return _host_counts(area.numpy(), anomaly.float().numpy(), threshold, mean_failure)
+        return _host_counts(area.numpy(), anomaly.detach().float().numpy(), threshold, mean_failure)
     # Whole-frame passes with the pixels outside the area at -inf, which is quiet and
     # never a maximum: gathering the area's scores first (boolean indexing) cost four
     # times as much on the CPU for the corridor (half a street frame).

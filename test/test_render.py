@@ -353,6 +353,18 @@ def test_host_and_device_tests_agree_on_every_pixel(monkeypatch):
         return out
 
     host = everything()
+    # A map that carries gradients (a caller outside the node) takes the same path.
+    scored = anomaly.clone().requires_grad_(True)
+    with_grad = render.alarm_counts(labels, scored, None, 0.1, (0, 3))
+    plain = render.alarm_counts(labels, anomaly, None, 0.1, (0, 3))
+    assert (with_grad.anomalous_pixels, with_grad.max_score) == (
+        plain.anomalous_pixels,
+        plain.max_score,
+    )
+    assert torch.equal(
+        render.hazard_overlay(rgb, scored, 0.1, (-1.0, 1.0)),
+        render.hazard_overlay(rgb, anomaly, 0.1, (-1.0, 1.0)),
+    )
     for module in (render, drivable):
         monkeypatch.setattr(module, "on_host", lambda t: False)
     device = everything()
