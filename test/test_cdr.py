@@ -117,6 +117,40 @@ def test_an_embedding_carries_each_image_as_its_own_message(frame_id):
     assert bytes(got.segmentation.data) == seg.tobytes()
 
 
+def test_a_layout_finished_after_its_pixels_is_the_serialised_message():
+    # lay_out writes every byte but the pixels before they exist; finish_layout adds the
+    # fields that follow. The result is serialize's, byte for byte, spans and floats too.
+    rng = np.random.default_rng(3)
+    header = _header("camera_x")
+    seg = rng.integers(0, 19, (3, 5), dtype=np.uint8)  # 15 bytes: the next one realigns
+    failure = rng.random((2, 3), dtype=np.float32)
+    frame = SafetyFrame(
+        header=header,
+        anomaly=Image(header=header),  # not carried: an empty Image between the two
+        anomaly_detector="densehybrid",
+        class_names=["road", "car"],
+        class_iou=[0.5, 0.25],
+        alarm=HazardAlarm(active=True, anomalous_fraction=0.5, max_score=2.0),
+        timings=[StageTiming(stage=s, ms=math.nan) for s in ("decode", "publish", "total")],
+    )
+    sizes = {"segmentation": (seg, "mono8", 5), "failure": (failure, "32FC1", 12)}
+    images = {
+        name: [*cdr.image_prefix(header, *a.shape, enc, step, a.nbytes), a.nbytes]
+        for name, (a, enc, step) in sizes.items()
+    }
+    layout = cdr.lay_out(frame, images, "failure", 4096)
+    for name, (array, _, _) in sizes.items():
+        layout.views[name][:] = np.frombuffer(array.tobytes(), np.uint8)
+    assert cdr.finish_layout(layout, frame, "failure")
+    bodies = {n: cdr.image_body(header, *a.shape, e, st, a) for n, (a, e, st) in sizes.items()}
+    want = cdr.serialize_embedding(frame, bodies)
+    assert bytes(layout.data[: layout.size]) == bytes(want.data)
+    assert layout.spans == want.spans and layout.floats[-2:] == want.floats[-2:]
+    # No room for the fields after the Images: nothing is written, the caller serialises.
+    tight = cdr.lay_out(frame, images, "failure", 8)
+    assert not cdr.finish_layout(tight, frame, "failure") and tight.floats == []
+
+
 def test_read_fields_skips_the_maps_and_reads_the_timings():
     frame = SafetyFrame(timings=[StageTiming(stage="segmenter", ms=250.0)])
     frame.segmentation = Image(height=2, width=3, encoding="mono8", step=3, data=bytes(6))

@@ -116,11 +116,17 @@ def test_an_embedded_image_goes_out_as_its_own_message_and_the_buffer_is_restore
         assert serialized_publish.direct(pub) is direct
         serialized_publish.publish_embedded(pub, message.data, message.spans["segmentation"])
         serialized_publish.publish(pub, bytearray(cdr.serialize_body(body)))  # whole, mutable
-        _spin_until(node, received, 2)
-        assert received == [cdr.serialize_body(body)] * 2
-        assert bytes(message.data) == before  # the 4 borrowed bytes are back
+        # The same from numpy buffers (the node's laid-out messages).
+        array = np.frombuffer(bytes(message.data), np.uint8).copy()
+        serialized_publish.publish_embedded(pub, array, message.spans["segmentation"])
+        serialized_publish.publish(pub, np.frombuffer(cdr.serialize_body(body), np.uint8))
+        _spin_until(node, received, 4)
+        assert received == [cdr.serialize_body(body)] * 4
+        assert bytes(message.data) == before and array.tobytes() == before  # bytes back
     with pytest.raises(ValueError, match="4-aligned"):
         serialized_publish.publish_embedded(pub, message.data, (2, 10))
+    with pytest.raises(TypeError, match="flat uint8"):
+        serialized_publish.publish(pub, np.zeros(8, np.float32))
 
 
 def test_refuses_what_is_not_bytes(node):

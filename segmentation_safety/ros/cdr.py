@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 #: Encapsulation header: CDR little endian, no options.
 ENCAPSULATION = b"\x00\x01\x00\x00"
 
@@ -87,6 +89,14 @@ def image_body(
     header: Any, height: int, width: int, encoding: str, step: int, data: Any
 ) -> list[Any]:
     """A sensor_msgs/Image's CDR payload as parts (pixels not copied yet): see module doc."""
+    view = memoryview(data).cast("B")
+    return [*image_prefix(header, height, width, encoding, step, view.nbytes), view]
+
+
+def image_prefix(
+    header: Any, height: int, width: int, encoding: str, step: int, nbytes: int
+) -> list[Any]:
+    """An Image payload's parts before its ``nbytes`` of pixels."""
     w = Writer()
     write_header(w, header)
     w.primitive("uint32", height)
@@ -94,10 +104,93 @@ def image_body(
     w.string(encoding)
     w.primitive("uint8", int(sys.byteorder == "big"))
     w.primitive("uint32", step)
-    view = memoryview(data).cast("B")
-    w.primitive("uint32", view.nbytes)
-    w.buffer(view)
+    w.primitive("uint32", nbytes)
     return w.parts
+
+
+@dataclass
+class Layout:
+    """A serialised message laid out before the pixels of its Images exist.
+
+    Every byte but the pixels is written; ``views`` are where each Image's pixels go (a
+    renderer writes them there, so serialising copies nothing). Fields after the laid-out
+    ones, known only once the pixels are (an alarm, the timings), are added by
+    :func:`finish_layout` into the spare room behind them. The message is
+    ``data[:size]``; each Image's payload is ``data[start:end]`` of ``spans``.
+    """
+
+    data: np.ndarray  # uint8: the message so far, then spare room
+    views: dict[str, np.ndarray]  # field -> its pixels' bytes (uint8, within data)
+    spans: dict[str, tuple[int, int]]  # field -> [start, end) of its Image payload
+    size: int  # bytes of the message written so far
+    offset: int  # CDR offset (payload, after the encapsulation header) at ``size``
+    floats: list[int]  # offset in data of every float32 field written by finish_layout
+
+
+def lay_out(msg: Any, images: dict[str, list[Any]], last: str, spare: int) -> Layout:
+    """``msg``'s fields up to ``last``; ``images``: field -> ``[*image_prefix(...), n]``
+    (its prefix parts, then its pixel count, left unwritten). ``spare``: room for the rest."""
+    w = Writer()
+    gaps: dict[str, tuple[int, int, int]] = {}  # field -> payload start, pixels start, end
+    for name, kind in msg.get_fields_and_field_types().items():
+        if name in images:
+            w.align(4)
+            start = w.offset
+            *prefix, nbytes = images[name]
+            for part in prefix:
+                w.buffer(part)
+            gaps[name] = (start, w.offset, w.offset + nbytes)
+            w.parts.append(_Gap(nbytes))
+            w.offset += nbytes
+        else:
+            _write_value(w, kind, getattr(msg, name))
+        if name == last:
+            break
+    shift = len(ENCAPSULATION)
+    size = shift + w.offset
+    data = np.empty(size + spare, np.uint8)
+    data[:shift] = np.frombuffer(ENCAPSULATION, np.uint8)
+    at = shift
+    for part in w.parts:
+        n = part.nbytes if isinstance(part, _Gap) else len(memoryview(part).cast("B"))
+        if not isinstance(part, _Gap):
+            data[at : at + n] = np.frombuffer(part, np.uint8)
+        at += n
+    return Layout(
+        data=data,
+        views={k: data[shift + p : shift + e] for k, (_, p, e) in gaps.items()},
+        spans={k: (shift + s, shift + e) for k, (s, _, e) in gaps.items()},
+        size=size,
+        offset=w.offset,
+        floats=[],
+    )
+
+
+def finish_layout(layout: Layout, msg: Any, after: str) -> bool:
+    """Write ``msg``'s fields after ``after`` behind a :func:`lay_out`; False (nothing
+    written) when they do not fit its spare room."""
+    w = Writer()
+    w.offset = layout.offset
+    names = list(msg.get_fields_and_field_types().items())
+    index = [n for n, _ in names].index(after)
+    for name, kind in names[index + 1 :]:
+        _write_value(w, kind, getattr(msg, name))
+    tail = b"".join(w.parts)
+    if layout.size + len(tail) > layout.data.size:
+        return False
+    layout.data[layout.size : layout.size + len(tail)] = np.frombuffer(tail, np.uint8)
+    base = layout.size - layout.offset
+    layout.floats = [base + o for o in w.floats]
+    layout.size += len(tail)
+    layout.offset = w.offset
+    return True
+
+
+@dataclass(frozen=True)
+class _Gap:
+    """Room left in a :func:`lay_out` for ``nbytes`` of pixels."""
+
+    nbytes: int
 
 
 def write_header(w: Writer, header: Any) -> None:
@@ -130,7 +223,7 @@ class Embedding:
     that count this very publishing) are written in place before the message goes out.
     """
 
-    data: bytearray  # the whole message, encapsulation header first
+    data: bytearray | np.ndarray  # the whole message, encapsulation header first (uint8)
     spans: dict[str, tuple[int, int]]  # spliced field -> [start, end) of its payload in data
     floats: list[int]  # offset in data of every float32 field, in writing order
 

@@ -20,6 +20,8 @@ import ctypes
 import functools
 from typing import Any
 
+import numpy as np
+
 from segmentation_safety.ros import cdr
 
 #: rcl's success code (``RCL_RET_OK``).
@@ -87,16 +89,19 @@ def direct(publisher: Any) -> bool:
     return _rcl() is not None and hasattr(publisher.handle, "pointer")
 
 
-def publish(publisher: Any, data: bytes | bytearray) -> None:
+def publish(publisher: Any, data: bytes | bytearray | np.ndarray) -> None:
     """Publish ``data``, a whole serialised message (encapsulation header first), on
     ``publisher`` (an rclpy Publisher of the message's type), as ``publisher.publish``
-    would, without copying it first."""
-    if not isinstance(data, bytes | bytearray):
+    would, without copying it first. A numpy buffer must be flat uint8, in one piece."""
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8 or data.ndim != 1 or not data.flags.c_contiguous:
+            raise TypeError(f"a serialised message array is flat uint8, got {data.dtype}")
+    elif not isinstance(data, bytes | bytearray):
         raise TypeError(f"a serialised message is bytes, got {type(data).__name__}")
     _send(publisher, data, 0, len(data))
 
 
-def publish_embedded(publisher: Any, data: bytearray, span: tuple[int, int]) -> None:
+def publish_embedded(publisher: Any, data: bytearray | np.ndarray, span: tuple[int, int]) -> None:
     """Publish, as a message of its own, the Image whose payload is ``data[start:end]``
     inside a bigger serialised message (a ``cdr.Embedding``), without copying it out.
 
@@ -105,20 +110,24 @@ def publish_embedded(publisher: Any, data: bytearray, span: tuple[int, int]) -> 
     back after it: the middleware has copied the message by then (rcl's publish returns
     once the writer holds its own copy)."""
     start, end = span
-    if not isinstance(data, bytearray):
+    if not isinstance(data, bytearray | np.ndarray):
         raise TypeError(f"an embedding is a bytearray, got {type(data).__name__}")
     if start < len(cdr.ENCAPSULATION) or start % 4 or not start <= end <= len(data):
         raise ValueError(f"span {span} is not a 4-aligned payload within {len(data)} bytes")
     head = slice(start - len(cdr.ENCAPSULATION), start)
     saved = bytes(data[head])
-    data[head] = cdr.ENCAPSULATION
+    _put(data, head, cdr.ENCAPSULATION)
     try:
         _send(publisher, data, head.start, end)
     finally:
-        data[head] = saved
+        _put(data, head, saved)
 
 
-def _send(publisher: Any, data: bytes | bytearray, start: int, end: int) -> None:
+def _put(data: bytearray | np.ndarray, where: slice, raw: bytes) -> None:
+    data[where] = np.frombuffer(raw, np.uint8) if isinstance(data, np.ndarray) else raw
+
+
+def _send(publisher: Any, data: bytes | bytearray | np.ndarray, start: int, end: int) -> None:
     """Publish ``data[start:end]``, a whole serialised message."""
     if not direct(publisher):
         whole = start == 0 and end == len(data) and isinstance(data, bytes)
@@ -127,6 +136,8 @@ def _send(publisher: Any, data: bytes | bytearray, start: int, end: int) -> None
     send, error, reset = _rcl()
     if isinstance(data, bytes):
         address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
+    elif isinstance(data, np.ndarray):
+        address = data.ctypes.data  # the caller holds the array until this returns
     else:  # held until sent: a bytearray cannot be resized (its memory move) while exported
         exported = (ctypes.c_char * len(data)).from_buffer(data)
         address = ctypes.addressof(exported)
