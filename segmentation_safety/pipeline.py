@@ -11,7 +11,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -250,13 +250,24 @@ class Pipeline:
 
     @torch.inference_mode()
     def process_frame(
-        self, image: np.ndarray | torch.Tensor, outputs: Iterable[str], render: RenderOptions
+        self,
+        image: np.ndarray | torch.Tensor,
+        outputs: Iterable[str],
+        render: RenderOptions,
+        into: Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]] | None = None,
     ) -> RenderedFrame:
         """One RGB uint8 H×W×3 frame -> what a node publishes (``render``), on the host.
 
         Everything after the network (resizing, argmax, colours, overlay, alarm counts)
         runs on the pipeline's device, and only the finished outputs leave it, in one
         copy. At ``map_scale`` 1 the maps are those of :meth:`process` (same resize).
+
+        ``into``: host arrays to compute outputs into ("labels", "color", "overlay",
+        "anomaly", "failure"; each C-contiguous, of the output's shape and dtype), e.g.
+        the pixels of the messages a node serialises, which then copies nothing; or a
+        function giving them, called once the network has run. Used on the CPU only; an
+        array that does not fit is left alone, and the output is where the returned
+        frame's field says.
         """
         from segmentation_safety import device_jpeg
         from segmentation_safety import render as draw
@@ -269,9 +280,12 @@ class Pipeline:
         if x.shape[0] != 1:
             raise ValueError("process_frame takes one frame")
         size = tuple(x.shape[-2:])
-        small = tuple(max(1, round(s * render.map_scale)) for s in size)
+        small = map_size(size, render.map_scale)
         seg, outs, timings = self.run(x, names)
         with self._timed(timings, "postprocess"):
+            shapes = {"labels": (*size,), "color": (*size, 3), "overlay": (*size, 3),
+                      "anomaly": small, "failure": small}  # fmt: skip
+            dst = _destinations(into() if callable(into) else into, shapes, self.device)
             logits = seg.logits.float()
             net_maps = {}
             for role in ("anomaly", "failure"):
@@ -281,20 +295,25 @@ class Pipeline:
             resized: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
 
             def at(role: str, shape: tuple[int, ...]) -> torch.Tensor:
-                m = net_maps[role]  # FED returns one map as both outputs: resized once
-                key = (id(m), shape)
+                # FED returns one map as both outputs: resized once per destination.
+                m = net_maps[role]
+                target = dst.get(role) if shape == small and role in render.maps else None
+                key = (id(m), shape, None if target is None else role)
                 if key not in resized:
-                    resized[key] = resize_map(m[:1].float().unsqueeze(1), shape)[0, 0]
+                    target = None if target is None else target.view(1, 1, *shape)
+                    resized[key] = resize_map(m[:1].float().unsqueeze(1), shape, target)[0, 0]
                 return resized[key]
 
             dev: dict[str, torch.Tensor] = {}
             labels = None
             if render.labels or render.color:
-                labels = upsample_argmax(logits, size, seg.argmax())[0]
+                target = dst.get("labels") if render.labels else None
+                target = None if target is None else target.unsqueeze(0)
+                labels = upsample_argmax(logits, size, seg.argmax(), target)[0]
                 if render.labels:
                     dev["labels"] = labels.to(torch.uint8)
                 if render.color:
-                    dev["color"] = draw.colorize(labels, self._palette())
+                    dev["color"] = draw.colorize(labels, self._palette(), dst.get("color"))
             for role in render.maps & net_maps.keys():
                 dev[role] = at(role, small)
             jpeg_error = None
@@ -302,7 +321,10 @@ class Pipeline:
                 rgb = x[0].permute(1, 2, 0)
                 if "anomaly" in net_maps:
                     span = draw.map_range(net_maps["anomaly"][0])
-                    rgb = draw.hazard_overlay(rgb, at("anomaly", size), render.threshold, span)
+                    target = dst.get("overlay") if render.overlay else None
+                    rgb = draw.hazard_overlay(
+                        rgb, at("anomaly", size), render.threshold, span, into=target
+                    )
                 if render.overlay:
                     dev["overlay"] = rgb
                 if render.overlay_jpeg is not None:
@@ -402,6 +424,33 @@ class Pipeline:
         return torch.autocast(
             device_type=self.device.type, dtype=torch.float16, enabled=self.autocasts
         )
+
+
+def map_size(size: Sequence[int], scale: float) -> tuple[int, int]:
+    """The size of the maps a frame of ``size`` gives at ``RenderOptions.map_scale``."""
+    return max(1, round(int(size[0]) * scale)), max(1, round(int(size[1]) * scale))
+
+
+def _destinations(
+    into: Mapping[str, np.ndarray] | None, shapes: dict[str, tuple[int, ...]], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The caller's arrays that an output can be computed into, as tensors (see
+    :meth:`Pipeline.process_frame`): on the CPU, of the output's shape, contiguous."""
+    if not into or device.type != "cpu":
+        return {}
+    dtypes = {"anomaly": np.float32, "failure": np.float32}
+    out = {}
+    for key, array in into.items():
+        fits = (
+            key in shapes
+            and array.shape == tuple(shapes[key])
+            and array.dtype == dtypes.get(key, np.uint8)
+            and array.flags.c_contiguous
+            and array.flags.writeable
+        )
+        if fits:
+            out[key] = torch.from_numpy(array)
+    return out
 
 
 def _nonfinite(values: torch.Tensor, total: float) -> int:
@@ -524,7 +573,10 @@ def _copy_to_host(data: torch.Tensor, pinned: bool) -> np.ndarray:
 
 
 def upsample_argmax(
-    logits: torch.Tensor, size: Sequence[int], argmax: torch.Tensor | None = None
+    logits: torch.Tensor,
+    size: Sequence[int],
+    argmax: torch.Tensor | None = None,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """argmax over classes of ``resize_map(logits, size)`` (B×K×h×w -> B×H×W uint8)
     without upsampling every class at every pixel. ``argmax``: the logits' own B×h×w
@@ -535,6 +587,7 @@ def upsample_argmax(
     cells whose corners disagree (about 10% on street scenes) are interpolated, with
     PyTorch's source coordinates and blend order. Upsampling all 19 classes to 1024×2048
     and reading them back is what made the label map the node's most expensive step.
+    ``into``: a contiguous B×H×W uint8 tensor to write the labels to (K ≤ 255), returned.
     """
     b_, k, h, w = logits.shape
     height, width = int(size[0]), int(size[1])
@@ -551,7 +604,8 @@ def upsample_argmax(
     # Columns first, on h rows; then whole rows, which index_select copies as blocks.
     # gather for the columns: index_select along a uint8 tensor's last dimension took
     # 2.3 ms to 2048 columns on the CPU, gather 0.2.
-    out = torch.gather(low, 2, x0.expand(b_, h, width)).index_select(1, y0)
+    wide = torch.gather(low, 2, x0.expand(b_, h, width))
+    out = wide.index_select(1, y0) if into is None else torch.index_select(wide, 1, y0, out=into)
     bi, ii, ji = mixed_cell.nonzero(as_tuple=True)
     # Each mixed cell stands for the rows × cols output pixels whose source corner it is:
     # listed per cell (a quarter of the entries at 2×), then expanded.

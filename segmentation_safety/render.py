@@ -36,8 +36,11 @@ def palette_on(device: torch.device, palette: np.ndarray = visualize.PALETTE) ->
     return torch.tensor(np.array(palette), dtype=torch.uint8, device=device)
 
 
-def colorize(labels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
-    """H×W integer train ids -> H×W×3 uint8 RGB, as ``visualize.colorize_labels``."""
+def colorize(
+    labels: torch.Tensor, palette: torch.Tensor, into: torch.Tensor | None = None
+) -> torch.Tensor:
+    """H×W integer train ids -> H×W×3 uint8 RGB, as ``visualize.colorize_labels``
+    (written to ``into``, a contiguous H×W×3 uint8 tensor, when given)."""
     if labels.device.type == "cpu" and labels.dtype == torch.uint8 and palette.shape == (256, 3):
         # OpenCV's table lookups, one single-channel table per colour, then interleaved:
         # 0.32-0.60 ms at 512×1024 and 1.3-2.1 ms at 1024×2048, against 0.55-0.70 and
@@ -46,10 +49,17 @@ def colorize(labels: torch.Tensor, palette: torch.Tensor) -> torch.Tensor:
         # 8-byte indices).
         ids = np.ascontiguousarray(labels.numpy())
         table = palette.numpy()
-        return torch.from_numpy(cv2.merge([cv2.LUT(ids, table[:, c].copy()) for c in range(3)]))
+        planes = [cv2.LUT(ids, table[:, c].copy()) for c in range(3)]
+        if into is not None:
+            cv2.merge(planes, dst=into.numpy())
+            return into
+        return torch.from_numpy(cv2.merge(planes))
     # index_select: about 4× faster than advanced indexing on the CPU for the same gather.
-    rows = palette.index_select(0, labels.reshape(-1).long())
-    return rows.view(*labels.shape, palette.shape[1])
+    ids = labels.reshape(-1).long()
+    if into is not None:
+        torch.index_select(palette, 0, ids, out=into.view(-1, palette.shape[1]))
+        return into
+    return palette.index_select(0, ids).view(*labels.shape, palette.shape[1])
 
 
 def map_range(values: torch.Tensor, percentiles: tuple[float, float] = (1.0, 99.0)) -> tuple:
@@ -79,13 +89,14 @@ def hazard_overlay(
     value_range: tuple[float, float],
     alpha: float = 0.6,
     color: Sequence[int] = (255, 0, 0),
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """H×W×3 uint8 and an H×W map -> H×W×3 uint8: ``visualize.hazard_overlay`` with a
     threshold (pixels above it painted, opacity growing with the score over
-    ``value_range``)."""
+    ``value_range``); written to ``into`` (contiguous, H×W×3 uint8) when given."""
     lo, hi = value_range
     span = hi - lo if hi > lo else 1.0
-    out = rgb.contiguous().clone()
+    out = rgb.contiguous().clone() if into is None else into.copy_(rgb)
     # Pixels at or below the threshold keep their colour exactly (weight 0), so only the
     # flagged ones, usually few, are blended. NaN compares false: never painted.
     flagged = _flat_above(anomaly, threshold)

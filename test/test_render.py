@@ -106,6 +106,39 @@ def test_process_frame_gives_what_process_gives_and_scales_the_maps():
     assert half.failure is None and half.overlay is None and half.alarm is None
 
 
+def test_outputs_computed_into_given_arrays_are_the_same_pixels_there():
+    # The node hands the pixels of the messages it will publish: every output computed
+    # there is bit-identical to the frame computed without them, and lives in them.
+    pipe = _pipeline()
+    image = np.random.default_rng(7).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    for scale in (1.0, 0.5):
+        every = RenderOptions(color=True, overlay=True, maps=frozenset({"anomaly", "failure"}),
+                              alarm=(0, 1), threshold=0.3, map_scale=scale)  # fmt: skip
+        ref = pipe.process_frame(image, {"anomaly", "failure"}, every)
+        small = (round(48 * scale), round(80 * scale))
+        into = {"labels": np.empty((48, 80), np.uint8), "color": np.empty((48, 80, 3), np.uint8),
+                "overlay": np.empty((48, 80, 3), np.uint8),
+                "anomaly": np.empty(small, np.float32), "failure": np.empty(small, np.float32),
+                "nonsense": np.empty(3)}  # fmt: skip
+        asked = []  # a function giving them is asked once, after the network
+
+        def giving(arrays=into, asked=asked):
+            asked.append(1)
+            return arrays
+
+        for given in (into, giving):
+            got = pipe.process_frame(image, {"anomaly", "failure"}, every, into=given)
+            for key in ("labels", "color", "overlay", "anomaly", "failure"):
+                np.testing.assert_array_equal(getattr(got, key), getattr(ref, key))
+                assert np.shares_memory(getattr(got, key), into[key]), key
+            assert got.alarm == ref.alarm
+        assert asked == [1]
+    # An array of another shape or type is left alone: the output comes back elsewhere.
+    wrong = {"labels": np.empty((48, 81), np.uint8), "anomaly": np.empty((48, 80), np.float64)}
+    got = pipe.process_frame(image, {"anomaly"}, every, into=wrong)
+    assert not np.shares_memory(got.labels, wrong["labels"])
+
+
 def test_overlay_paints_exactly_the_pixels_above_the_threshold_red():
     pipe = _pipeline()
     image = np.random.default_rng(3).integers(0, 256, (48, 80, 3), dtype=np.uint8)

@@ -70,7 +70,9 @@ class Segmenter(nn.Module):
         return SegmenterOutput(logits=logits, features=features, embeddings=taps, image=x)
 
 
-def resize_map(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resize_map(
+    t: torch.Tensor, size: Sequence[int], into: torch.Tensor | None = None
+) -> torch.Tensor:
     """B×C×h×w network-resolution maps (logits, scores) -> ``size``: bilinear,
     align_corners=False. Everything that brings a map to another size goes through this
     (the node, ``segsafe evaluate``, the detectors and their losses), so they agree.
@@ -84,13 +86,15 @@ def resize_map(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     resolves. Maps with NaN, ±inf or values near float32's limit stay with PyTorch:
     OpenCV blends an infinite score into NaN around it where PyTorch keeps it infinite,
     and a hazard scored +inf would shrink to a speck. Gradients and other devices stay
-    with PyTorch too.
+    with PyTorch too. ``into``: a contiguous tensor of the result's shape to write it to
+    (the node's message buffer), returned.
     """
     if tuple(t.shape[-2:]) == tuple(size):
-        return t
+        return t if into is None else into.copy_(t)
     if _opencv_resizes(t, size):
-        return _resize_opencv(t, size)
-    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+        return _resize_opencv(t, size, into)
+    resized = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)
+    return resized if into is None else into.copy_(resized)
 
 
 #: Above this magnitude OpenCV's blend of two neighbours can overflow where PyTorch's
@@ -111,11 +115,14 @@ def _opencv_resizes(t: torch.Tensor, size: Sequence[int]) -> bool:
     )
 
 
-def _resize_opencv(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def _resize_opencv(
+    t: torch.Tensor, size: Sequence[int], into: torch.Tensor | None = None
+) -> torch.Tensor:
     height, width = int(size[0]), int(size[1])
     planes = t.detach().reshape(-1, *t.shape[-2:]).numpy()
-    out = np.empty((planes.shape[0], height, width), dtype=np.float32)
+    shape = (planes.shape[0], height, width)
+    out = np.empty(shape, dtype=np.float32) if into is None else into.numpy().reshape(shape)
     for plane, dst in zip(planes, out, strict=True):
         cv2.resize(np.ascontiguousarray(plane), (width, height), dst=dst,
                    interpolation=cv2.INTER_LINEAR)  # fmt: skip
-    return torch.from_numpy(out).view(*t.shape[:2], height, width)
+    return torch.from_numpy(out).view(*t.shape[:2], height, width) if into is None else into
