@@ -280,6 +280,34 @@ def test_one_image_in_gives_every_output_with_its_stamp(harness):
     assert {"rate_hz", "latency_p50_ms", "latency_p95_ms", "frames_dropped", "device"} <= keys
 
 
+def test_pictures_and_maps_are_rendered_into_their_laid_out_messages(harness, monkeypatch):
+    # Laid out before the frame is rendered (output_buffers), each message is published
+    # as the pipeline left it: nothing is serialised again but what is not laid out.
+    h = harness(anomaly_threshold=0.0)
+    h.listen(*OUTPUT_TOPICS)
+    serialised = []
+    body, embedding = detector_node.cdr.serialize_body, detector_node.cdr.serialize_embedding
+    monkeypatch.setattr(
+        detector_node.cdr, "serialize_body", lambda parts: serialised.append(1) or body(parts)
+    )
+    monkeypatch.setattr(
+        detector_node.cdr, "serialize_embedding", lambda *a: serialised.append(2) or embedding(*a)
+    )
+    frames = _record_frames(h.node)
+    h.image_pub.publish(image_msg(sec=5))
+    wait_for(lambda: all(h.got[t] for t in OUTPUT_TOPICS), "every output")
+    assert serialised == [1]  # the open-set labels' body alone: they are not laid out
+    ((_, rendered),) = frames
+    for topic, name in (("segmentation", "labels"), ("segmentation/color", "color"),
+                        ("hazard_overlay", "overlay"), ("anomaly", "anomaly"),
+                        ("failure", "failure")):  # fmt: skip
+        assert bytes(h.got[topic][0].data) == getattr(rendered, name).tobytes(), topic
+    frame = h.got["safety"][0]
+    assert bytes(frame.anomaly.data) == rendered.anomaly.tobytes()
+    times = {t.stage: t.ms for t in frame.timings}
+    assert 0 < times["publish"] < times["total"]
+
+
 def depth_msg(mm: int, sec: int, height: int = H, width: int = W) -> Image:
     """A 16UC1 depth image (millimetres) of one constant value."""
     values = np.full((height, width), mm, dtype=np.uint16)
@@ -412,9 +440,9 @@ def test_only_subscribed_outputs_are_computed(harness, monkeypatch):
     asked, results = [], []
     process = h.node.pipeline.process_frame
 
-    def spy(rgb, outputs, render):
+    def spy(rgb, outputs, render, **kwargs):
         asked.append((set(outputs), render))
-        results.append(process(rgb, outputs, render))
+        results.append(process(rgb, outputs, render, **kwargs))
         return results[-1]
 
     monkeypatch.setattr(h.node.pipeline, "process_frame", spy)
@@ -470,7 +498,7 @@ def test_models_load_and_frames_run_on_the_compute_thread(harness, monkeypatch):
     monkeypatch.setattr(
         h.node.pipeline,
         "process_frame",
-        lambda *a: threads.append(threading.current_thread().name) or process(*a),
+        lambda *a, **kw: threads.append(threading.current_thread().name) or process(*a, **kw),
     )
     h.listen("safety")
     h.image_pub.publish(image_msg(1))
@@ -556,7 +584,7 @@ def test_overlap_publish_computes_the_next_frame_while_one_publishes(harness, mo
     monkeypatch.setattr(
         h.node.pipeline,
         "process_frame",
-        lambda *a: rendered.append(threading.current_thread().name) or process(*a),
+        lambda *a, **kw: rendered.append(threading.current_thread().name) or process(*a, **kw),
     )
 
     def held_publish(frame):
@@ -1337,10 +1365,10 @@ def test_max_rate_counts_its_period_from_the_start_of_each_frame(harness, monkey
     starts = []
     process = h.node.pipeline.process_frame
 
-    def slow(*args):
+    def slow(*args, **kwargs):
         starts.append(time.monotonic())
         time.sleep(1.0)  # the work of a slow network
-        return process(*args)
+        return process(*args, **kwargs)
 
     monkeypatch.setattr(h.node.pipeline, "process_frame", slow)
     h.image_pub.publish(image_msg(1))
@@ -2715,8 +2743,8 @@ def test_a_frame_slower_than_the_depth_buffer_keeps_its_depth(harness, monkeypat
     wait_for(lambda: h.node.depths, "the frame's depth")
     process = h.node.pipeline.process_frame
 
-    def slow(rgb, outputs, render):
-        result = process(rgb, outputs, render)
+    def slow(rgb, outputs, render, **kwargs):
+        result = process(rgb, outputs, render, **kwargs)
         # The stream goes on meanwhile (handed to the depth callback as they would arrive:
         # over DDS a keep-last-1 reader may skip some, and then nothing is evicted).
         for later in range(81, 81 + detector_node.DEPTH_BUFFER + 2):

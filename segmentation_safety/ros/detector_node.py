@@ -54,7 +54,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -86,8 +86,8 @@ from segmentation_safety.detectors.registry import UnknownDetectorError
 from segmentation_safety.device import DeviceError, resolve_device
 from segmentation_safety.errors import UserError
 from segmentation_safety.msg import HazardAlarm, SafetyFrame, StageTiming
-from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig
-from segmentation_safety.ros import cdr, image_codec, markers, serialized_publish
+from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig, map_size
+from segmentation_safety.ros import cdr, image_codec, markers, output_buffers, serialized_publish
 from segmentation_safety.ros.diagnostics import FrameStats, diagnostic_status
 from segmentation_safety.ros.params import (
     SPEC_BY_NAME,
@@ -222,6 +222,8 @@ class _Rendered:
     #: With use_depth, the buffered depth nearest the frame when it was taken: a slow
     #: frame outlasts the depth buffer (8 images: 0.27 s at 30 Hz).
     depth: Any = None
+    #: The frame's messages, laid out before rendering: the pipeline rendered into them.
+    buffers: output_buffers.OutputBuffers = field(default_factory=output_buffers.OutputBuffers)
 
 
 @dataclass(frozen=True)
@@ -1008,13 +1010,52 @@ class DetectorNode(Node):
             early = self._nearest_depth(_seconds(msg.header.stamp), p.depth_max_age, wait=False)
         outputs = set().union(*(NEEDS.get(k, frozenset()) for k in wanted))
         options = self._render_options(wanted, p)
-        result = self.pipeline.process_frame(rgb, outputs, options)
+        buffers = output_buffers.OutputBuffers()
+
+        def lay_out() -> dict[str, np.ndarray]:
+            # Called after the network: as a frame starts, the executor's thread is still
+            # finishing its wake with the GIL, and laying out then took 3× as long.
+            nonlocal buffers
+            buffers = self._lay_out(msg.header, tuple(rgb.shape[:2]), options, wanted, p)
+            return buffers.into
+
+        result = self.pipeline.process_frame(rgb, outputs, options, into=lay_out)
         self._check_finite(result)
         timings = {**arrival, "decode": decode_ms, **result.timings_ms}
         rendered_at = time.perf_counter()
         return _Rendered(
-            result, msg.header, p, wanted, rgb.shape[:2], timings, t0, rendered_at, early
+            result, msg.header, p, wanted, rgb.shape[:2], timings, t0, rendered_at, early, buffers
         )
+
+    def _lay_out(
+        self,
+        header: Any,
+        size: tuple[int, int],
+        options: RenderOptions,
+        wanted: set[str],
+        p: DetectorParams,
+    ) -> output_buffers.OutputBuffers:
+        """The frame's picture and map messages, laid out for the pipeline to render into
+        (on the CPU; from another device the outputs come back in one copy regardless)."""
+        if self.pipeline.device.type != "cpu":
+            return output_buffers.OutputBuffers()
+        small = map_size(size, options.map_scale)
+        layouts = {"labels": size, "color": (*size, 3), "overlay": (*size, 3)}
+        pictures = {
+            k: output_buffers.Picture(shape, np.uint8, IMAGE_OUTPUTS[k][1])
+            for k, shape in layouts.items()
+            if getattr(options, k)
+        }
+        for role in options.maps:
+            if getattr(self.pipeline.config, role):  # a detector fills that map
+                pictures[role] = output_buffers.Picture(small, np.float32, IMAGE_OUTPUTS[role][1])
+        carried = {}
+        if "safety" in wanted and p.safety_embeds_maps:
+            carried = {k: to for k, to in SAFETY_EMBEDS.items() if k in pictures}
+        alone = {k for k in pictures if IMAGE_OUTPUTS[k][0] in wanted and k not in carried}
+        empty = image_codec.empty_image(header)
+        head = SafetyFrame(header=header, segmentation=empty, anomaly=empty, failure=empty)
+        return output_buffers.lay_out_outputs(header, pictures, alone, carried, head)
 
     def _publish(self, frame: _Rendered) -> _Sent:
         """Publish a rendered frame's outputs, `safety` last (its timings count the rest).
@@ -1060,10 +1101,13 @@ class DetectorNode(Node):
         carried = []
         if "safety" in wanted and p.safety_embeds_maps:
             carried = [k for k in SAFETY_EMBEDS if k in bodies]
-        for field, body in bodies.items():
-            key = IMAGE_OUTPUTS[field][0]
-            if key in wanted and field not in carried:
-                serialized_publish.publish(self.pubs[key], cdr.serialize_body(body))
+        buffers = frame.buffers
+        for name, body in bodies.items():
+            key = IMAGE_OUTPUTS[name][0]
+            if key in wanted and name not in carried:
+                laid = name in buffers.messages and buffers.holds(name, getattr(result, name))
+                data = buffers.messages[name] if laid else cdr.serialize_body(body)
+                serialized_publish.publish(self.pubs[key], data)
         if "hazards" in wanted and not boxes_first:
             # After `safety`, on the markers thread (_run_later): the boxes may wait for
             # a late depth image, up to depth_max_age, and no later frame waits with them.
@@ -1075,9 +1119,7 @@ class DetectorNode(Node):
             # Both written in place once the carried Images are out: the last two floats.
             timings["publish"] = timings["total"] = math.nan
             safety = self._safety(result, header, p, timings)
-            message = cdr.serialize_embedding(
-                safety, {SAFETY_EMBEDS[k]: bodies[k] for k in carried}
-            )
+            message = self._serialize_safety(safety, frame, bodies, carried)
             for k in carried:
                 if IMAGE_OUTPUTS[k][0] in wanted:
                     span = message.spans[SAFETY_EMBEDS[k]]
@@ -1088,6 +1130,23 @@ class DetectorNode(Node):
             message.set_float(-1, (time.perf_counter() - frame.started_at) * 1e3)
             serialized_publish.publish(self.pubs["safety"], message.data)
         return _Sent(later)
+
+    @staticmethod
+    def _serialize_safety(
+        safety: SafetyFrame, frame: _Rendered, bodies: dict[str, list[Any]], carried: list[str]
+    ) -> cdr.Embedding:
+        """``safety`` serialised: finished in its laid-out buffer where the pipeline
+        rendered every carried map into it, else serialised around the maps' bodies."""
+        buffers, result = frame.buffers, frame.result
+        layout = buffers.safety
+        laid = (
+            layout is not None
+            and set(buffers.carried) == set(carried)
+            and all(buffers.holds(k, getattr(result, k)) for k in carried)
+        )
+        if laid and cdr.finish_layout(layout, safety, buffers.last):
+            return cdr.Embedding(layout.data[: layout.size], layout.spans, layout.floats)
+        return cdr.serialize_embedding(safety, {SAFETY_EMBEDS[k]: bodies[k] for k in carried})
 
     def _decode(self, msg: cdr.RawImage | CompressedImage) -> np.ndarray | torch.Tensor:
         """The frame's RGB pixels: on the host, or for jpeg with ``jpeg_codec`` on the
