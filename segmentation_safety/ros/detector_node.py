@@ -1053,8 +1053,11 @@ class DetectorNode(Node):
         if "safety" in wanted and p.safety_embeds_maps:
             carried = {k: to for k, to in SAFETY_EMBEDS.items() if k in pictures}
         alone = {k for k in pictures if IMAGE_OUTPUTS[k][0] in wanted and k not in carried}
-        empty = image_codec.empty_image(header)
-        head = SafetyFrame(header=header, segmentation=empty, anomaly=empty, failure=empty)
+
+        def head() -> SafetyFrame:
+            empty = image_codec.empty_image(header)
+            return SafetyFrame(header=header, segmentation=empty, anomaly=empty, failure=empty)
+
         return output_buffers.lay_out_outputs(header, pictures, alone, carried, head)
 
     def _publish(self, frame: _Rendered) -> _Sent:

@@ -14,6 +14,7 @@ Pure: numpy and the CDR writer, no ROS calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,33 +77,34 @@ def lay_out_outputs(
     pictures: dict[str, Picture],
     alone: set[str],
     carried: dict[str, str],
-    safety_head: Any,
+    safety_head: Callable[[], Any],
 ) -> OutputBuffers:
     """Lay out the messages of one frame.
 
     ``pictures``: output -> its pixels; ``alone``: outputs published as messages of
     their own; ``carried``: output -> the ``safety`` field that carries it, with
-    ``safety_head`` a SafetyFrame whose fields up to the carried ones are final (its
-    header, and empty Images for maps it does not carry).
+    ``safety_head()`` a SafetyFrame whose fields up to the carried ones are final (its
+    header, and empty Images for maps it does not carry), made only when one is carried.
     """
     out = OutputBuffers()
     for name in alone:
         picture = pictures[name]
-        prefix = b"".join(bytes(memoryview(p).cast("B")) for p in picture.prefix(header))
+        prefix = b"".join(picture.prefix(header))
         start = len(cdr.ENCAPSULATION) + len(prefix)
         message = np.empty(start + picture.nbytes, np.uint8)
         message[:start] = np.frombuffer(cdr.ENCAPSULATION + prefix, np.uint8)
         out.messages[name] = message
         out.into[name] = picture.view(message[start:])
     if carried:
-        order = list(safety_head.get_fields_and_field_types())
+        head = safety_head()
+        order = list(head.get_fields_and_field_types())
         out.carried = dict(carried)
         out.last = max(carried.values(), key=order.index)
         images = {
             to: [*pictures[name].prefix(header), pictures[name].nbytes]
             for name, to in carried.items()
         }
-        out.safety = cdr.lay_out(safety_head, images, out.last, SAFETY_SPARE)
+        out.safety = cdr.lay_out(head, images, out.last, SAFETY_SPARE)
         for name, to in carried.items():
             out.into[name] = pictures[name].view(out.safety.views[to])
     return out

@@ -115,8 +115,9 @@ def breakdown_summary(trial: Trial) -> dict[str, Any] | None:
     overhead = [r["overhead"] for r in rows]
     fraction = [r["overhead_fraction"] for r in rows]
     work = [r["overhead"] - r["queue"] for r in rows]
-    work_fraction = [(r["overhead"] - r["queue"]) / (r["end_to_end"] - r["queue"]) for r in rows]
-    own = float(np.mean(work) / np.mean([r["end_to_end"] - r["queue"] for r in rows]))
+    unqueued = [r["end_to_end"] - r["queue"] for r in rows]
+    work_fraction = [w / u for w, u in zip(work, unqueued, strict=True)]
+    own = float(np.mean(work) / np.mean(unqueued))
     return {
         "frames": len(rows),
         "stages_ms": stats,

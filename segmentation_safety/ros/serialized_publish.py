@@ -93,10 +93,12 @@ def publish(publisher: Any, data: bytes | bytearray | np.ndarray) -> None:
     """Publish ``data``, a whole serialised message (encapsulation header first), on
     ``publisher`` (an rclpy Publisher of the message's type), as ``publisher.publish``
     would, without copying it first. A numpy buffer must be flat uint8, in one piece."""
+    if isinstance(data, bytearray):
+        data = np.frombuffer(data, np.uint8)
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8 or data.ndim != 1 or not data.flags.c_contiguous:
             raise TypeError(f"a serialised message array is flat uint8, got {data.dtype}")
-    elif not isinstance(data, bytes | bytearray):
+    elif not isinstance(data, bytes):
         raise TypeError(f"a serialised message is bytes, got {type(data).__name__}")
     _send(publisher, data, 0, len(data))
 
@@ -112,22 +114,19 @@ def publish_embedded(publisher: Any, data: bytearray | np.ndarray, span: tuple[i
     start, end = span
     if not isinstance(data, bytearray | np.ndarray):
         raise TypeError(f"an embedding is a bytearray, got {type(data).__name__}")
+    data = np.frombuffer(data, np.uint8) if isinstance(data, bytearray) else data
     if start < len(cdr.ENCAPSULATION) or start % 4 or not start <= end <= len(data):
         raise ValueError(f"span {span} is not a 4-aligned payload within {len(data)} bytes")
     head = slice(start - len(cdr.ENCAPSULATION), start)
-    saved = bytes(data[head])
-    _put(data, head, cdr.ENCAPSULATION)
+    saved = data[head].copy()
+    data[head] = np.frombuffer(cdr.ENCAPSULATION, np.uint8)
     try:
         _send(publisher, data, head.start, end)
     finally:
-        _put(data, head, saved)
+        data[head] = saved
 
 
-def _put(data: bytearray | np.ndarray, where: slice, raw: bytes) -> None:
-    data[where] = np.frombuffer(raw, np.uint8) if isinstance(data, np.ndarray) else raw
-
-
-def _send(publisher: Any, data: bytes | bytearray | np.ndarray, start: int, end: int) -> None:
+def _send(publisher: Any, data: bytes | np.ndarray, start: int, end: int) -> None:
     """Publish ``data[start:end]``, a whole serialised message."""
     if not direct(publisher):
         whole = start == 0 and end == len(data) and isinstance(data, bytes)
@@ -136,11 +135,8 @@ def _send(publisher: Any, data: bytes | bytearray | np.ndarray, start: int, end:
     send, error, reset = _rcl()
     if isinstance(data, bytes):
         address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-    elif isinstance(data, np.ndarray):
-        address = data.ctypes.data  # the caller holds the array until this returns
-    else:  # held until sent: a bytearray cannot be resized (its memory move) while exported
-        exported = (ctypes.c_char * len(data)).from_buffer(data)
-        address = ctypes.addressof(exported)
+    else:  # an array (a bytearray's is a view: exported, it cannot be resized meanwhile)
+        address = data.ctypes.data
     message = _SerializedMessage(address + start, end - start, end - start)
     # Held as rclpy holds it: the rcl publisher cannot be destroyed while in use, and a
     # destroyed one raises rclpy's InvalidHandle here instead of being dereferenced.
