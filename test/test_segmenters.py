@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from segmentation_safety.checkpoint import BundleError, load_bundle, save_bundle
+from segmentation_safety.models import segmenter as segmenter_module
 from segmentation_safety.models.espnetv2 import ESPNetv2Segmenter
 from segmentation_safety.models.segmenter import Segmenter
 from segmentation_safety.models.tiny import TinySegmenter
@@ -56,14 +57,27 @@ def test_unknown_name_is_refused_with_the_known_ones():
         assert name in message
 
 
-def test_uint8_frames_normalise_exactly_as_their_float_values():
-    # The node hands uint8 pixels straight to the multiply-add (no float copy first): the
-    # network must see the very same input, channels-last frames included.
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided"])
+def test_uint8_frames_normalise_exactly_as_their_float_values(layout, monkeypatch):
+    # The node hands uint8 pixels straight to a table lookup (no float copy first): the
+    # network must see the very same input, for every byte value, in every layout.
     seg = TinySegmenter(mean=(0.3, 0.5, 0.7), std=(0.2, 0.25, 0.3))
-    frame = torch.randint(0, 256, (2, 24, 40, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    pixels = torch.randint(0, 256, (2, 24, 40, 3), dtype=torch.uint8)
+    pixels[0, :8].view(-1, 3)[:256] = torch.arange(256, dtype=torch.uint8).view(256, 1)
+    frame = pixels.permute(0, 3, 1, 2)  # channels-last, as a message's pixels arrive
+    if layout == "contiguous":
+        frame = frame.contiguous()
+    elif layout == "strided":
+        frame = frame[:, :, :, ::2]  # no lookup path: the multiply-add
     want = seg.normalize(frame.float())
+    lookups = []
+    real_lut = segmenter_module.cv2.LUT
+    monkeypatch.setattr(
+        segmenter_module.cv2, "LUT", lambda *a, **k: lookups.append(1) or real_lut(*a, **k)
+    )
     got = seg.normalize(frame)
-    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert got.dtype == torch.float32 and got.shape == want.shape and torch.equal(got, want)
+    assert bool(lookups) == (layout != "strided")
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))

@@ -39,6 +39,24 @@ def test_percentile_range_ignores_outliers_and_nan():
     assert np.isfinite(norm).all() and norm.min() == 0 and norm.max() == 1
 
 
+def test_percentiles_of_agrees_with_numpy():
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 3, 7, 100, 4097):
+        for ties in (False, True):
+            values = (rng.standard_normal(n) * 30).astype(np.float32)
+            if ties:
+                values = np.round(values / 10)
+            wanted = [0.0, 1.0, 2.5, 50.0, 99.0, 100.0, float(rng.uniform(0, 100))]
+            got = visualize.percentiles_of(values, wanted)
+            np.testing.assert_allclose(got, np.percentile(values, wanted), rtol=1e-6, atol=1e-6)
+    exact = np.arange(101, dtype=np.float32)[::-1].copy()
+    assert visualize.percentiles_of(exact, (1.0, 99.0)) == [1.0, 99.0]
+    with pytest.raises(ValueError, match="outside"):
+        visualize.percentiles_of(exact, (1.0, 101.0))
+    with pytest.raises(ValueError, match="empty"):
+        visualize.percentiles_of(np.zeros(0, np.float32), (1.0, 99.0))
+
+
 def test_constant_and_all_nan_maps_do_not_divide_by_zero():
     assert np.all(visualize.normalize_map(np.full((3, 3), 2.0)) == 0)
     assert np.all(visualize.heatmap(np.full((3, 3), np.nan)) == visualize.heatmap(np.zeros((3, 3))))
