@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -149,6 +150,25 @@ def test_a_layout_finished_after_its_pixels_is_the_serialised_message():
     # No room for the fields after the Images: nothing is written, the caller serialises.
     tight = cdr.lay_out(frame, images, "failure", 8)
     assert not cdr.finish_layout(tight, frame, "failure") and tight.floats == []
+
+
+def test_a_layout_records_every_stamp_it_wrote():
+    # The node re-stamps a copy of the last frame's layout (output_buffers.OutputLayouts):
+    # every Time laid out must be listed, the carried Images' and the empty one's too.
+    header = _header("cam")
+    frame = SafetyFrame(header=header, anomaly=Image(header=header), failure=Image(header=header))
+    pixels = np.zeros((2, 3), np.uint8)
+    images = {"segmentation": [*cdr.image_prefix(header, 2, 3, "mono8", 3, 6), 6]}
+    layout = cdr.lay_out(frame, images, "failure", 64)
+    assert len(layout.stamps) == 4  # the frame's header, then three Images'
+    stamp = struct.pack("<iI", header.stamp.sec, header.stamp.nanosec)
+    for at in layout.stamps:
+        assert bytes(layout.data[at : at + 8]) == stamp
+    layout.views["segmentation"][:] = pixels.reshape(-1)
+    rest = bytes(layout.data[: layout.size])
+    for at in layout.stamps:  # nowhere else: the message without them holds no stamp
+        rest = rest[:at] + bytes(8) + rest[at + 8 :]
+    assert stamp not in rest
 
 
 def test_read_fields_skips_the_maps_and_reads_the_timings():

@@ -293,19 +293,32 @@ def test_pictures_and_maps_are_rendered_into_their_laid_out_messages(harness, mo
     monkeypatch.setattr(
         detector_node.cdr, "serialize_embedding", lambda *a: serialised.append(2) or embedding(*a)
     )
+    laid_out = []
+    lay_out = detector_node.output_buffers.lay_out_outputs
+    monkeypatch.setattr(
+        detector_node.output_buffers,
+        "lay_out_outputs",
+        lambda *a: laid_out.append(1) or lay_out(*a),
+    )
     frames = _record_frames(h.node)
-    h.image_pub.publish(image_msg(sec=5))
-    wait_for(lambda: all(h.got[t] for t in OUTPUT_TOPICS), "every output")
-    assert serialised == [1]  # the open-set labels' body alone: they are not laid out
-    ((_, rendered),) = frames
-    for topic, name in (("segmentation", "labels"), ("segmentation/color", "color"),
-                        ("hazard_overlay", "overlay"), ("anomaly", "anomaly"),
-                        ("failure", "failure")):  # fmt: skip
-        assert bytes(h.got[topic][0].data) == getattr(rendered, name).tobytes(), topic
-    frame = h.got["safety"][0]
-    assert bytes(frame.anomaly.data) == rendered.anomaly.tobytes()
-    times = {t.stage: t.ms for t in frame.timings}
-    assert 0 < times["publish"] < times["total"]
+    # The second frame's messages are the first's layout, copied and re-stamped.
+    for n, sec in enumerate((5, 6), start=1):
+        h.image_pub.publish(image_msg(sec=sec))
+        wait_for(lambda n=n: all(len(h.got[t]) >= n for t in OUTPUT_TOPICS), "every output")
+    assert serialised == [1, 1]  # the open-set labels' bodies alone: they are not laid out
+    assert laid_out == [1]
+    for i, (_, rendered) in enumerate(frames):
+        for topic, name in (("segmentation", "labels"), ("segmentation/color", "color"),
+                            ("hazard_overlay", "overlay"), ("anomaly", "anomaly"),
+                            ("failure", "failure")):  # fmt: skip
+            got = h.got[topic][i]
+            assert bytes(got.data) == getattr(rendered, name).tobytes(), topic
+            assert got.header.stamp.sec == 5 + i and got.header.stamp.nanosec == 500, topic
+        frame = h.got["safety"][i]
+        assert bytes(frame.anomaly.data) == rendered.anomaly.tobytes()
+        assert {frame.header.stamp.sec, frame.segmentation.header.stamp.sec} == {5 + i}
+        times = {t.stage: t.ms for t in frame.timings}
+        assert 0 < times["publish"] < times["total"]
 
 
 def depth_msg(mm: int, sec: int, height: int = H, width: int = W) -> Image:

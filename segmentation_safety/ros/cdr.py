@@ -19,13 +19,17 @@ from __future__ import annotations
 import struct
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 #: Encapsulation header: CDR little endian, no options.
 ENCAPSULATION = b"\x00\x01\x00\x00"
+
+#: A stamp's type as ``get_fields_and_field_types`` names it; serialised, two 4-byte
+#: fields (sec, nanosec), whose offsets the writer records (``Writer.stamps``).
+TIME_TYPE = "builtin_interfaces/Time"
 
 #: Primitive ROS types -> (struct format, size = alignment).
 PRIMITIVES: dict[str, tuple[str, int]] = {
@@ -56,6 +60,7 @@ class Writer:
         self.parts: list[Any] = []
         self.offset = 0
         self.floats: list[int] = []  # offset of every float32 field, in writing order
+        self.stamps: list[int] = []  # offset of every builtin_interfaces/Time
         self.spans: dict[str, tuple[int, int]] = {}  # spliced field -> [start, end)
 
     def align(self, size: int) -> None:
@@ -125,6 +130,8 @@ class Layout:
     size: int  # bytes of the message written so far
     offset: int  # CDR offset (payload, after the encapsulation header) at ``size``
     floats: list[int]  # offset in data of every float32 field written by finish_layout
+    #: Offset in data of every stamp laid out (an Image's is where its payload starts).
+    stamps: list[int] = field(default_factory=list)
 
 
 def lay_out(msg: Any, images: dict[str, list[Any]], last: str, spare: int) -> Layout:
@@ -140,6 +147,7 @@ def lay_out(msg: Any, images: dict[str, list[Any]], last: str, spare: int) -> La
             for part in prefix:
                 w.buffer(part)
             gaps[name] = (start, w.offset, w.offset + nbytes)
+            w.stamps.append(start)  # an Image's header comes first, its stamp first in it
             w.parts.append(_Gap(nbytes))
             w.offset += nbytes
         else:
@@ -163,6 +171,7 @@ def lay_out(msg: Any, images: dict[str, list[Any]], last: str, spare: int) -> La
         size=size,
         offset=w.offset,
         floats=[],
+        stamps=sorted(shift + o for o in w.stamps),
     )
 
 
@@ -194,6 +203,8 @@ class _Gap:
 
 
 def write_header(w: Writer, header: Any) -> None:
+    w.align(4)
+    w.stamps.append(w.offset)
     w.primitive("int32", header.stamp.sec)
     w.primitive("uint32", header.stamp.nanosec)
     w.string(header.frame_id)
@@ -279,6 +290,9 @@ def _write_value(w: Writer, kind: str, value: Any) -> None:
             for item in value:
                 _write_value(w, inner, item)
     elif "/" in kind:
+        if kind == TIME_TYPE:
+            w.align(4)
+            w.stamps.append(w.offset)
         _write_message(w, value, {})
     else:
         raise CdrError(f"field type {kind!r} not supported")

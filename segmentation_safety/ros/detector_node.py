@@ -450,6 +450,8 @@ class DetectorNode(Node):
         # (overlap_publish), or with use_depth the worker.
         self.marker_pool = markers.MarkerPool()
         self.marker_lifetime = markers.MarkerLifetime()
+        #: The compute thread's: each frame's output messages laid out from the last's.
+        self.output_layouts = output_buffers.OutputLayouts()
         self._boxes_wanted_since: float | None = None  # the first frame with boxes wanted
         self._topics: dict[str, str] = {}  # input -> its resolved topic (_image_topic)
         self.depths: deque[cdr.RawImage] = deque(maxlen=DEPTH_BUFFER)
@@ -1054,11 +1056,7 @@ class DetectorNode(Node):
             carried = {k: to for k, to in SAFETY_EMBEDS.items() if k in pictures}
         alone = {k for k in pictures if IMAGE_OUTPUTS[k][0] in wanted and k not in carried}
 
-        def head() -> SafetyFrame:
-            empty = image_codec.empty_image(header)
-            return SafetyFrame(header=header, segmentation=empty, anomaly=empty, failure=empty)
-
-        return output_buffers.lay_out_outputs(header, pictures, alone, carried, head)
+        return self.output_layouts.lay_out(header, pictures, alone, carried, _safety_head)
 
     def _publish(self, frame: _Rendered) -> _Sent:
         """Publish a rendered frame's outputs, `safety` last (its timings count the rest).
@@ -1525,6 +1523,13 @@ def _same(value: Any, default: Any) -> bool:
     if isinstance(default, tuple | list):
         return list(value) == list(default)
     return value == default
+
+
+def _safety_head(header: Any) -> SafetyFrame:
+    """A SafetyFrame's fields before its alarm: the header, and empty Images for the maps
+    it does not carry (the carried ones are laid out over them)."""
+    empty = image_codec.empty_image(header)
+    return SafetyFrame(header=header, segmentation=empty, anomaly=empty, failure=empty)
 
 
 def _seconds(stamp: Any) -> float:

@@ -9,11 +9,15 @@ first in it), so the messages are written first and the pixels' places in them h
 the pipeline (``Pipeline.process_frame(into=...)``). ``safety``'s fields after its Images
 (the alarm, the timings) are added once known (``cdr.finish_layout``).
 
+Frames of one stream differ in those bytes only by their stamp, so :class:`OutputLayouts`
+lays the messages out once and gives each frame a copy of them, re-stamped.
+
 Pure: numpy and the CDR writer, no ROS calls.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,14 +81,15 @@ def lay_out_outputs(
     pictures: dict[str, Picture],
     alone: set[str],
     carried: dict[str, str],
-    safety_head: Callable[[], Any],
+    safety_head: Callable[[Any], Any],
 ) -> OutputBuffers:
     """Lay out the messages of one frame.
 
     ``pictures``: output -> its pixels; ``alone``: outputs published as messages of
     their own; ``carried``: output -> the ``safety`` field that carries it, with
-    ``safety_head()`` a SafetyFrame whose fields up to the carried ones are final (its
-    header, and empty Images for maps it does not carry), made only when one is carried.
+    ``safety_head(header)`` a SafetyFrame whose fields up to the carried ones are final
+    (the header, and empty Images for maps it does not carry), made only when one is
+    carried.
     """
     out = OutputBuffers()
     for name in alone:
@@ -96,7 +101,7 @@ def lay_out_outputs(
         out.messages[name] = message
         out.into[name] = picture.view(message[start:])
     if carried:
-        head = safety_head()
+        head = safety_head(header)
         order = list(head.get_fields_and_field_types())
         out.carried = dict(carried)
         out.last = max(carried.values(), key=order.index)
@@ -107,4 +112,120 @@ def lay_out_outputs(
         out.safety = cdr.lay_out(head, images, out.last, SAFETY_SPARE)
         for name, to in carried.items():
             out.into[name] = pictures[name].view(out.safety.views[to])
+    return out
+
+
+@dataclass
+class _Template:
+    """A frame's laid-out messages, and what of them a frame with another stamp shares."""
+
+    buffers: OutputBuffers
+    keep: dict[str, list[tuple[int, int]]]  # message -> its byte ranges that are not pixels
+    stamps: dict[str, list[int]]  # message -> offset of each stamp in it
+
+
+class OutputLayouts:
+    """Lays out each frame's messages as :func:`lay_out_outputs` does, from the last
+    frame's layout where only the stamp differs (same frame id, sizes and outputs).
+
+    Writing a layout walks the messages' fields in Python: 0.45 ms a frame in the node
+    at 512×1024, most of it for bytes that repeat from frame to frame. A copy of those
+    bytes and the new stamp take a fraction of that. ``safety_head`` must depend on the
+    header alone, as :func:`lay_out_outputs` requires.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._template: _Template | None = None
+
+    def lay_out(
+        self,
+        header: Any,
+        pictures: dict[str, Picture],
+        alone: set[str],
+        carried: dict[str, str],
+        safety_head: Callable[[Any], Any],
+    ) -> OutputBuffers:
+        key = (
+            header.frame_id,
+            tuple(sorted(pictures.items())),
+            frozenset(alone),
+            tuple(sorted(carried.items())),
+        )
+        if key != self._key or self._template is None:
+            # Kept, never handed out: a frame's layout is finished (cdr.finish_layout)
+            # and its pixels written, and the template must stay as laid out.
+            buffers = lay_out_outputs(header, pictures, alone, carried, safety_head)
+            self._template, self._key = _template(buffers, header), key
+        return _restamped(self._template, header)
+
+
+def _template(buffers: OutputBuffers, header: Any) -> _Template:
+    stamp = _stamp(header)
+    keep, stamps = {}, {}
+    for name, message in buffers.messages.items():
+        pixels = _offset(buffers.into[name], message)
+        keep[name] = [(0, pixels)]
+        stamps[name] = [len(cdr.ENCAPSULATION)]  # an Image's payload starts with its stamp
+    if buffers.safety is not None:
+        layout = buffers.safety
+        holes = sorted(layout.spans.items(), key=lambda kv: kv[1])
+        ranges, at = [], 0
+        for field_name, (_, end) in holes:
+            start = _offset(layout.views[field_name], layout.data)
+            ranges.append((at, start))
+            at = end
+        ranges.append((at, layout.size))
+        keep["safety"] = [(a, b) for a, b in ranges if b > a]
+        # A Time holding another stamp (an Image left at its defaults) is not the frame's.
+        stamps["safety"] = [at for at in layout.stamps if bytes(layout.data[at : at + 8]) == stamp]
+    return _Template(buffers, keep, stamps)
+
+
+def _offset(view: np.ndarray, base: np.ndarray) -> int:
+    return view.ctypes.data - base.ctypes.data
+
+
+def _stamp(header: Any) -> bytes:
+    return struct.pack("<iI", header.stamp.sec, header.stamp.nanosec)
+
+
+def _restamped(template: _Template, header: Any) -> OutputBuffers:
+    stamp = _stamp(header)
+    source = template.buffers
+
+    def copy(name: str, data: np.ndarray) -> np.ndarray:
+        out = np.empty_like(data)
+        for a, b in template.keep[name]:
+            out[a:b] = data[a:b]
+        for at in template.stamps[name]:
+            out[at : at + len(stamp)] = np.frombuffer(stamp, np.uint8)
+        return out
+
+    out = OutputBuffers(carried=dict(source.carried), last=source.last)
+    for name, message in source.messages.items():
+        data = copy(name, message)
+        place = source.into[name]
+        start = _offset(place, message)
+        out.messages[name] = data
+        out.into[name] = data[start : start + place.nbytes].view(place.dtype).reshape(place.shape)
+    if source.safety is not None:
+        layout = source.safety
+        data = copy("safety", layout.data)
+        views = {}
+        for k, v in layout.views.items():
+            at = _offset(v, layout.data)
+            views[k] = data[at : at + v.size]
+        out.safety = cdr.Layout(
+            data=data,
+            views=views,
+            spans=dict(layout.spans),
+            size=layout.size,
+            offset=layout.offset,
+            floats=[],
+            stamps=list(layout.stamps),
+        )
+        for name, to in source.carried.items():
+            place = source.into[name]
+            out.into[name] = views[to].view(place.dtype).reshape(place.shape)
     return out
