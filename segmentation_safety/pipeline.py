@@ -54,6 +54,10 @@ def _demo_models_dir() -> Path:
 #: Shipped demo models, used when no models directory is given.
 DEMO_MODELS = _demo_models_dir()
 ALL_OUTPUTS = frozenset({"anomaly", "failure", "class_iou"})
+
+#: The dtype of each output :meth:`Pipeline.process_frame` can compute into a caller's array.
+INTO_DTYPES = {"labels": np.uint8, "color": np.uint8, "overlay": np.uint8,
+               "anomaly": np.float32, "failure": np.float32}  # fmt: skip
 #: How frames are resized to the network's input (:func:`resize_input`).
 INPUT_RESIZES = ("pil", "fast")
 
@@ -438,13 +442,12 @@ def _destinations(
     :meth:`Pipeline.process_frame`): on the CPU, of the output's shape, contiguous."""
     if not into or device.type != "cpu":
         return {}
-    dtypes = {"anomaly": np.float32, "failure": np.float32}
     out = {}
     for key, array in into.items():
         fits = (
             key in shapes
             and array.shape == tuple(shapes[key])
-            and array.dtype == dtypes.get(key, np.uint8)
+            and array.dtype == INTO_DTYPES.get(key)
             and array.flags.c_contiguous
             and array.flags.writeable
         )

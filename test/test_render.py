@@ -41,9 +41,12 @@ def test_colours_and_overlay_match_the_host_drawings():
     palette = render.palette_on(torch.device("cpu"))
     # uint8 ids on the CPU take OpenCV's lookup; other ids (and devices) the gather.
     for ids in (torch.from_numpy(labels), torch.from_numpy(labels).long()):
-        np.testing.assert_array_equal(
-            render.colorize(ids, palette).numpy(), visualize.colorize_labels(labels)
-        )
+        want = visualize.colorize_labels(labels)
+        np.testing.assert_array_equal(render.colorize(ids, palette).numpy(), want)
+        # Into a caller's array (a message's pixels), on either path: written in place.
+        into = torch.zeros((24, 40, 3), dtype=torch.uint8)
+        assert render.colorize(ids, palette, into) is into
+        np.testing.assert_array_equal(into.numpy(), want)
     rgb = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
     anomaly = rng.normal(0.5, 0.3, (24, 40)).astype(np.float32)
     anomaly[3, 4], anomaly[5, 6], anomaly[7, 8] = np.nan, np.inf, -np.inf

@@ -86,7 +86,13 @@ from segmentation_safety.detectors.registry import UnknownDetectorError
 from segmentation_safety.device import DeviceError, resolve_device
 from segmentation_safety.errors import UserError
 from segmentation_safety.msg import HazardAlarm, SafetyFrame, StageTiming
-from segmentation_safety.pipeline import DEMO_MODELS, Pipeline, PipelineConfig, map_size
+from segmentation_safety.pipeline import (
+    DEMO_MODELS,
+    INTO_DTYPES,
+    Pipeline,
+    PipelineConfig,
+    map_size,
+)
 from segmentation_safety.ros import cdr, image_codec, markers, output_buffers, serialized_publish
 from segmentation_safety.ros.diagnostics import FrameStats, diagnostic_status
 from segmentation_safety.ros.params import (
@@ -1042,15 +1048,15 @@ class DetectorNode(Node):
         if self.pipeline.device.type != "cpu":
             return output_buffers.OutputBuffers()
         small = map_size(size, options.map_scale)
-        layouts = {"labels": size, "color": (*size, 3), "overlay": (*size, 3)}
-        pictures = {
-            k: output_buffers.Picture(shape, np.uint8, IMAGE_OUTPUTS[k][1])
-            for k, shape in layouts.items()
-            if getattr(options, k)
-        }
+        shapes = {"labels": size, "color": (*size, 3), "overlay": (*size, 3)}
+        shapes = {k: shape for k, shape in shapes.items() if getattr(options, k)}
         for role in options.maps:
             if getattr(self.pipeline.config, role):  # a detector fills that map
-                pictures[role] = output_buffers.Picture(small, np.float32, IMAGE_OUTPUTS[role][1])
+                shapes[role] = small
+        pictures = {
+            k: output_buffers.Picture(shape, INTO_DTYPES[k], IMAGE_OUTPUTS[k][1])
+            for k, shape in shapes.items()
+        }
         carried = {}
         if "safety" in wanted and p.safety_embeds_maps:
             carried = {k: to for k, to in SAFETY_EMBEDS.items() if k in pictures}
