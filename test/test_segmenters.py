@@ -78,6 +78,7 @@ def test_uint8_frames_normalise_exactly_as_their_float_values(layout, monkeypatc
     got = seg.normalize(frame)
     assert got.dtype == torch.float32 and got.shape == want.shape and torch.equal(got, want)
     assert bool(lookups) == (layout != "strided")
+    assert seg.normalize(frame[:, :, :0]).shape == (2, 3, 0, frame.shape[-1])
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))

@@ -88,6 +88,8 @@ def _normalize_by_table(
     """
     if images.device.type != "cpu" or shift.device.type != "cpu" or images.ndim != 4:
         return None
+    if images.numel() == 0:  # OpenCV refuses empty arrays; the multiply-add does not
+        return None
     b, c, h, w = images.shape
     if c != 3:
         return None
