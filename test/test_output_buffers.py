@@ -52,14 +52,14 @@ def _finished(buffers: output_buffers.OutputBuffers, header: Header, seed: int) 
 
 
 def test_a_frame_laid_out_from_the_last_ones_is_laid_out_as_if_afresh(monkeypatch):
-    layouts = output_buffers.OutputLayouts()
+    layouts = output_buffers.OutputLayouts(_head)
     made = []
     lay_out = output_buffers.lay_out_outputs
     monkeypatch.setattr(output_buffers, "lay_out_outputs", lambda *a: made.append(1) or lay_out(*a))
-    first = layouts.lay_out(_header(5), PICTURES, {"color"}, CARRIED, _head)
+    first = layouts.lay_out(_header(5), PICTURES, {"color"}, CARRIED)
     first_bytes = _finished(first, _header(5), seed=1)
     for sec in (6, 7):  # re-stamped copies, each frame's own memory
-        again = layouts.lay_out(_header(sec), PICTURES, {"color"}, CARRIED, _head)
+        again = layouts.lay_out(_header(sec), PICTURES, {"color"}, CARRIED)
         fresh = lay_out(_header(sec), PICTURES, {"color"}, CARRIED, _head)
         assert again.into.keys() == fresh.into.keys() and again.last == fresh.last
         assert again.safety.spans == fresh.safety.spans
@@ -73,7 +73,7 @@ def test_a_frame_laid_out_from_the_last_ones_is_laid_out_as_if_afresh(monkeypatc
         k: v for k, v in first_bytes.items() if k != "safety"
     }
     # Another frame id or size is laid out anew.
-    layouts.lay_out(_header(8, "other"), PICTURES, {"color"}, CARRIED, _head)
+    layouts.lay_out(_header(8, "other"), PICTURES, {"color"}, CARRIED)
     wider = {**PICTURES, "color": output_buffers.Picture((3, 6, 3), np.uint8, "rgb8")}
-    layouts.lay_out(_header(9, "other"), wider, {"color"}, CARRIED, _head)
+    layouts.lay_out(_header(9, "other"), wider, {"color"}, CARRIED)
     assert made == [1, 1, 1]

@@ -457,7 +457,7 @@ class DetectorNode(Node):
         self.marker_pool = markers.MarkerPool()
         self.marker_lifetime = markers.MarkerLifetime()
         #: The compute thread's: each frame's output messages laid out from the last's.
-        self.output_layouts = output_buffers.OutputLayouts()
+        self.output_layouts = output_buffers.OutputLayouts(_safety_head)
         self._boxes_wanted_since: float | None = None  # the first frame with boxes wanted
         self._topics: dict[str, str] = {}  # input -> its resolved topic (_image_topic)
         self.depths: deque[cdr.RawImage] = deque(maxlen=DEPTH_BUFFER)
@@ -1062,7 +1062,7 @@ class DetectorNode(Node):
             carried = {k: to for k, to in SAFETY_EMBEDS.items() if k in pictures}
         alone = {k for k in pictures if IMAGE_OUTPUTS[k][0] in wanted and k not in carried}
 
-        return self.output_layouts.lay_out(header, pictures, alone, carried, _safety_head)
+        return self.output_layouts.lay_out(header, pictures, alone, carried)
 
     def _publish(self, frame: _Rendered) -> _Sent:
         """Publish a rendered frame's outputs, `safety` last (its timings count the rest).

@@ -130,22 +130,19 @@ class OutputLayouts:
 
     Writing a layout walks the messages' fields in Python: 0.45 ms a frame in the node
     at 512×1024, most of it for bytes that repeat from frame to frame. A copy of those
-    bytes and the new stamp take a fraction of that. ``safety_head`` must depend on the
-    header alone, as :func:`lay_out_outputs` requires.
+    bytes and the new stamp take a fraction of that. ``safety_head`` is
+    :func:`lay_out_outputs`' (it depends on the header alone).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, safety_head: Callable[[Any], Any]) -> None:
+        self.safety_head = safety_head
         self._key: tuple[Any, ...] | None = None
         self._template: _Template | None = None
 
     def lay_out(
-        self,
-        header: Any,
-        pictures: dict[str, Picture],
-        alone: set[str],
-        carried: dict[str, str],
-        safety_head: Callable[[Any], Any],
+        self, header: Any, pictures: dict[str, Picture], alone: set[str], carried: dict[str, str]
     ) -> OutputBuffers:
+        """:func:`lay_out_outputs` for this frame (see there)."""
         key = (
             header.frame_id,
             tuple(sorted(pictures.items())),
@@ -155,7 +152,7 @@ class OutputLayouts:
         if key != self._key or self._template is None:
             # Kept, never handed out: a frame's layout is finished (cdr.finish_layout)
             # and its pixels written, and the template must stay as laid out.
-            buffers = lay_out_outputs(header, pictures, alone, carried, safety_head)
+            buffers = lay_out_outputs(header, pictures, alone, carried, self.safety_head)
             self._template, self._key = _template(buffers, header), key
         return _restamped(self._template, header)
 
