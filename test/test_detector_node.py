@@ -306,7 +306,7 @@ def test_pictures_and_maps_are_rendered_into_their_laid_out_messages(harness, mo
         h.image_pub.publish(image_msg(sec=sec))
         wait_for(lambda n=n: all(len(h.got[t]) >= n for t in OUTPUT_TOPICS), "every output")
     assert serialised == [1, 1]  # the open-set labels' bodies alone: they are not laid out
-    assert laid_out == [1]
+    assert len(laid_out) == 2  # for the first frame: the kept layout and its probe
     for i, (_, rendered) in enumerate(frames):
         for topic, name in (("segmentation", "labels"), ("segmentation/color", "color"),
                             ("hazard_overlay", "overlay"), ("anomaly", "anomaly"),
@@ -316,7 +316,8 @@ def test_pictures_and_maps_are_rendered_into_their_laid_out_messages(harness, mo
             assert got.header.stamp.sec == 5 + i and got.header.stamp.nanosec == 500, topic
         frame = h.got["safety"][i]
         assert bytes(frame.anomaly.data) == rendered.anomaly.tobytes()
-        assert {frame.header.stamp.sec, frame.segmentation.header.stamp.sec} == {5 + i}
+        images = (frame.segmentation, frame.anomaly, frame.failure)
+        assert {frame.header.stamp.sec, *(m.header.stamp.sec for m in images)} == {5 + i}
         times = {t.stage: t.ms for t in frame.timings}
         assert 0 < times["publish"] < times["total"]
 

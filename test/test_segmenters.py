@@ -79,6 +79,9 @@ def test_uint8_frames_normalise_exactly_as_their_float_values(layout, monkeypatc
     assert got.dtype == torch.float32 and got.shape == want.shape and torch.equal(got, want)
     assert bool(lookups) == (layout != "strided")
     assert seg.normalize(frame[:, :, :0]).shape == (2, 3, 0, frame.shape[-1])
+    # A segmenter cast to double keeps its precision: the float32 table is not for it.
+    double = seg.double().normalize(frame)
+    assert double.dtype == torch.float64 and torch.equal(double, seg.normalize(frame.float()))
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))

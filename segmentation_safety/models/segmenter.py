@@ -95,6 +95,8 @@ def _normalize_by_table(
     if c != 3:
         return None
     table = torch.addcmul(shift.view(3, 1), _BYTE_VALUES, scale.view(3, 1)).numpy()  # 3×256
+    if table.dtype != np.float32:  # a segmenter cast to another precision
+        return None
     if images.permute(0, 2, 3, 1).is_contiguous():  # channels-last, as frames arrive
         pixels = images.permute(0, 2, 3, 1).numpy()
         out = np.empty((b, h, w, 3), np.float32)

@@ -456,7 +456,8 @@ class DetectorNode(Node):
         # (overlap_publish), or with use_depth the worker.
         self.marker_pool = markers.MarkerPool()
         self.marker_lifetime = markers.MarkerLifetime()
-        #: The compute thread's: each frame's output messages laid out from the last's.
+        #: The compute thread's: each frame's output messages, copied from a layout kept
+        #: for the stream and re-stamped.
         self.output_layouts = output_buffers.OutputLayouts(_safety_head)
         self._boxes_wanted_since: float | None = None  # the first frame with boxes wanted
         self._topics: dict[str, str] = {}  # input -> its resolved topic (_image_topic)
