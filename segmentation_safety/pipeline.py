@@ -504,6 +504,9 @@ def resize_input(images: torch.Tensor, size: Sequence[int], method: str = "pil")
     every factor, 2-4× faster than the float passes for 1280×720 -> 1024×512, with pixels
     off PIL's by 1-2 levels on 0.4-3.9% of them (Road Anomaly; docs/performance.md).
     Elsewhere both methods are the float passes, cheap on a GPU.
+
+    Returns uint8 where the uint8 kernel resized (whole intensities, which
+    ``Segmenter.normalize`` looks up in a table), float otherwise.
     """
     check_input_resize(method, "resize method")
     h, w = int(size[0]), int(size[1])
@@ -520,7 +523,7 @@ def resize_input(images: torch.Tensor, size: Sequence[int], method: str = "pil")
         # differently on a few pixels in 10^5 to 10^2: only "fast" takes it there.
         return F.interpolate(
             images, size=(h, w), mode="bilinear", align_corners=False, antialias=True
-        ).float()
+        )
     x = images.float()
     for step in ((x.shape[-2], w), (h, w)):
         if tuple(x.shape[-2:]) != step:
