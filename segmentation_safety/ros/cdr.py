@@ -133,6 +133,10 @@ class Layout:
     #: Offset in data of every stamp laid out (an Image's is where its payload starts).
     stamps: list[int] = field(default_factory=list)
 
+    def embedding(self) -> Embedding:
+        """The message as written so far (finished: :func:`finish_layout`), in place."""
+        return Embedding(self.data[: self.size], self.spans, self.floats)
+
 
 def lay_out(msg: Any, images: dict[str, list[Any]], last: str, spare: int) -> Layout:
     """``msg``'s fields up to ``last``; ``images``: field -> ``[*image_prefix(...), n]``

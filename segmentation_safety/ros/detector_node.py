@@ -1153,7 +1153,7 @@ class DetectorNode(Node):
             and all(buffers.holds(k, getattr(result, k)) for k in carried)
         )
         if laid and cdr.finish_layout(layout, safety, buffers.last):
-            return cdr.Embedding(layout.data[: layout.size], layout.spans, layout.floats)
+            return layout.embedding()
         return cdr.serialize_embedding(safety, {SAFETY_EMBEDS[k]: bodies[k] for k in carried})
 
     def _decode(self, msg: cdr.RawImage | CompressedImage) -> np.ndarray | torch.Tensor:

@@ -122,6 +122,8 @@ class _Template:
     buffers: OutputBuffers
     keep: dict[str, list[tuple[int, int]]]  # message -> its byte ranges that are not pixels
     stamps: dict[str, list[int]]  # message -> offset of each stamp in it
+    pixels: dict[str, int]  # output alone -> offset of its pixels in its message
+    fields: dict[str, int]  # field of safety carrying an output -> offset of its pixels
 
 
 class OutputLayouts:
@@ -170,24 +172,24 @@ def _flipped(header: Any) -> Any:
 
 
 def _template(buffers: OutputBuffers, probe: OutputBuffers) -> _Template:
-    keep, stamps = {}, {}
+    keep, stamps, pixels, fields = {}, {}, {}, {}
     for name, message in buffers.messages.items():
-        pixels = _offset(buffers.into[name], message)
-        keep[name] = [(0, pixels)]
+        pixels[name] = _offset(buffers.into[name], message)
+        keep[name] = [(0, pixels[name])]
         stamps[name] = [len(cdr.ENCAPSULATION)]  # an Image's payload starts with its stamp
     if buffers.safety is not None:
         layout = buffers.safety
         holes = sorted(layout.spans.items(), key=lambda kv: kv[1])
         ranges, at = [], 0
         for field_name, (_, end) in holes:
-            start = _offset(layout.views[field_name], layout.data)
-            ranges.append((at, start))
+            fields[field_name] = _offset(layout.views[field_name], layout.data)
+            ranges.append((at, fields[field_name]))
             at = end
         ranges.append((at, layout.size))
         keep["safety"] = [(a, b) for a, b in ranges if b > a]
         differ = layout.data[: layout.size] != probe.safety.data[: layout.size]
         stamps["safety"] = [at for at in layout.stamps if differ[at : at + 8].any()]
-    return _Template(buffers, keep, stamps)
+    return _Template(buffers, keep, stamps, pixels, fields)
 
 
 def _offset(view: np.ndarray, base: np.ndarray) -> int:
@@ -213,17 +215,13 @@ def _restamped(template: _Template, header: Any) -> OutputBuffers:
     out = OutputBuffers(carried=dict(source.carried), last=source.last)
     for name, message in source.messages.items():
         data = copy(name, message)
-        place = source.into[name]
-        start = _offset(place, message)
+        place, start = source.into[name], template.pixels[name]
         out.messages[name] = data
         out.into[name] = data[start : start + place.nbytes].view(place.dtype).reshape(place.shape)
     if source.safety is not None:
         layout = source.safety
         data = copy("safety", layout.data)
-        views = {}
-        for k, v in layout.views.items():
-            at = _offset(v, layout.data)
-            views[k] = data[at : at + v.size]
+        views = {k: data[at : at + layout.views[k].size] for k, at in template.fields.items()}
         out.safety = cdr.Layout(
             data=data,
             views=views,
