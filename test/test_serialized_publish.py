@@ -157,3 +157,10 @@ def test_an_rcl_failure_carries_rcls_message_and_clears_it(node, monkeypatch):
     with pytest.raises(serialized_publish.PublishError, match=r"on /failing .*publisher is gone"):
         serialized_publish.publish(pub, _images()[0])
     assert not rcutils.rcutils_error_is_set()
+
+
+def test_the_rcl_call_keeps_the_gil():
+    # Released, an in-process subscriber took the GIL during every publish and the node
+    # waited for it after each one (see the module's docstring).
+    send, _, _ = serialized_publish._rcl()
+    assert send._flags_ & ctypes._FUNCFLAG_PYTHONAPI
