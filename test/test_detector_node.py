@@ -1241,6 +1241,24 @@ def test_an_overlay_the_device_fails_to_encode_is_encoded_on_the_host_and_named(
     assert h.node.stats.snapshot().rejected == 0
 
 
+def test_opencv_runs_on_the_calling_thread_in_a_cpu_node_unless_told(harness):
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        h = harness()
+        assert cv2.getNumThreads() == 1
+        h.listen("/diagnostics")
+        wait_for(lambda: diag_values(h).get("opencv_threads") == "1", "opencv_threads 1")
+        harness(opencv_threads=3)
+        assert cv2.getNumThreads() == 3
+    finally:
+        cv2.setNumThreads(before)
+    # On a GPU the network's threads do not need the host's cores: OpenCV keeps its own.
+    assert detector_node.opencv_threads(0, torch.device("cuda")) is None
+    assert detector_node.opencv_threads(0, torch.device("cpu")) == 1
+    assert detector_node.opencv_threads(4, torch.device("cuda")) == 4
+
+
 def test_jpeg_codec_auto_is_the_host_on_a_cpu_and_a_failing_device_falls_back(
     harness, monkeypatch, capfd
 ):

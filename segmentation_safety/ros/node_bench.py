@@ -42,7 +42,7 @@ from segmentation_safety.ros.replay_report import (
 )
 
 #: The node's /diagnostics values a bench report keeps.
-NODE_SAID = ("device", "jpeg_codec", "faults", "last_problem")
+NODE_SAID = ("device", "jpeg_codec", "opencv_threads", "faults", "last_problem")
 
 
 @dataclass(frozen=True)

@@ -367,6 +367,16 @@ SPECS: tuple[Spec, ...] = (
         "per-frame peak. Process-wide; no effect on other C libraries.",
     ),
     Spec(
+        "opencv_threads",
+        0,
+        "OpenCV's threads for the node's image work (decoding, colour lookups, jpeg, "
+        "hazard regions). 0: one (the calling thread) where the network runs on the CPU, "
+        "whose cores OpenCV's idle workers would spin on, and OpenCV's own default on a "
+        "GPU. Process-wide.",
+        low=0,
+        high=256,
+    ),
+    Spec(
         "overlap_publish",
         False,
         "Publish each frame's outputs on a thread of their own while the next frame is "
@@ -569,6 +579,7 @@ class DetectorParams:
     output_scale: float
     safety_embeds_maps: bool
     retain_host_memory: bool
+    opencv_threads: int
     overlap_publish: bool
     publish: frozenset[str]
 
@@ -614,6 +625,7 @@ class DetectorParams:
             output_scale=float(v["output_scale"]),
             safety_embeds_maps=bool(v["safety_embeds_maps"]),
             retain_host_memory=bool(v["retain_host_memory"]),
+            opencv_threads=int(v["opencv_threads"]),
             overlap_publish=bool(v["overlap_publish"]),
             publish=frozenset(k for k in OUTPUTS if v[f"publish.{k}"]),
         )
