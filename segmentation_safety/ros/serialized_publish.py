@@ -9,9 +9,9 @@ the message's own buffer.
 
 The call keeps the GIL, as rclpy's own publish does. Letting it go while the middleware
 delivered let an in-process subscriber take it for each message, and the node then
-waited to get it back after every one of its ~8 publishes: at 1024×2048, 15 ms of
-publishing of which 10 on the CPU. Kept, the node publishes in one go (about 10 ms
-there) and subscribers take their messages after.
+waited to get it back after every one of its ~8 publishes: at 1024×2048, 13-18 ms of
+publishing for 10.6 ms of CPU. Kept, the node publishes in one go (9-11 ms there) and
+subscribers take their messages after it.
 
 The two rcl structs involved (``rcutils_uint8_array_t`` and the allocator inside it)
 have had the same layout since ROS 2's first releases; the tests publish through this
