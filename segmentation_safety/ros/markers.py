@@ -79,20 +79,36 @@ def hazard_regions(anomaly: np.ndarray, threshold: float, min_pixels: float) -> 
     top, bottom = int(rows[0]) & ~1, int(rows[-1]) + 1
     cols = np.flatnonzero(above[top:bottom].any(axis=0))
     left, right = int(cols[0]) & ~1, int(cols[-1]) + 1
-    box = np.ascontiguousarray(above[top:bottom, left:right]).view(np.uint8)
-    _, comp, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
-        box, 8, cv2.CV_32S, cv2.CCL_SPAGHETTI
+    box = np.ascontiguousarray(above[top:bottom, left:right])
+    # Labels only: OpenCV's per-component statistics cost 12× the labelling on a real
+    # 256×512 map (0.71 against 0.056 ms, one thread); they are gathered below over the
+    # flagged pixels alone, in the same numbers.
+    n, comp = cv2.connectedComponentsWithAlgorithm(
+        box.view(np.uint8), 8, cv2.CV_32S, cv2.CCL_SPAGHETTI
     )
-    # Only the components big enough are visited: a real anomaly map at its operating
-    # point has up to hundreds of specks (0 is the background).
-    big = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_pixels) + 1
+    flagged = np.flatnonzero(box)  # raster order; the background (label 0) is not flagged
+    label = comp.ravel()[flagged]
+    area = np.bincount(label, minlength=n)
+    # Only the components big enough are kept: a real anomaly map at its operating point
+    # has up to hundreds of specks.
+    big = np.flatnonzero(area >= max(min_pixels, 1))
+    if big.size == 0:
+        return []
+    ys, xs = np.divmod(flagged, box.shape[1])
+    x0, x1 = np.full(n, box.shape[1]), np.zeros(n, np.intp)
+    y0, y1 = np.full(n, box.shape[0]), np.zeros(n, np.intp)
+    peak = np.full(n, -np.inf, np.float32)
+    np.minimum.at(x0, label, xs)
+    np.maximum.at(x1, label, xs)
+    np.minimum.at(y0, label, ys)
+    np.maximum.at(y1, label, ys)
+    np.maximum.at(peak, label, scores[ys + top, xs + left])
     regions = []
-    for i in big.tolist():
-        x, y, w, h, n = (int(v) for v in stats[i])
+    columns = (big, x0[big], y0[big], x1[big], y1[big], area[big], peak[big])
+    for i, x, y, x_end, y_end, pixels, top_score in zip(*(c.tolist() for c in columns)):
+        w, h = x_end - x + 1, y_end - y + 1
         mask = comp[y : y + h, x : x + w] == i
-        x, y = x + left, y + top
-        patch = scores[y : y + h, x : x + w][mask]
-        regions.append(Region(x, y, w, h, n, float(patch.max()), mask))
+        regions.append(Region(x + left, y + top, w, h, pixels, top_score, mask))
     return regions
 
 
