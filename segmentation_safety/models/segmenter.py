@@ -81,7 +81,8 @@ def _normalize_by_table(
     images: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor | None:
     """uint8 B×3×H×W frames on the CPU, normalised through one 256-entry table per
-    channel (OpenCV's LUT); None for a layout without such a path (or another device).
+    channel (OpenCV's LUT), returned channels-first whichever layout came in; None for a
+    layout without such a path (or another device).
 
     Each entry is the multiply-add's own result for that byte, so the input is the one
     ``torch.addcmul`` gives (tests check every byte in both layouts); a lookup is cheaper

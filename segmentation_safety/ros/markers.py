@@ -86,7 +86,7 @@ def hazard_regions(anomaly: np.ndarray, threshold: float, min_pixels: float) -> 
     n, comp = cv2.connectedComponentsWithAlgorithm(
         box.view(np.uint8), 8, cv2.CV_32S, cv2.CCL_SPAGHETTI
     )
-    flagged = np.flatnonzero(box)  # raster order; the background (label 0) is not flagged
+    flagged = np.flatnonzero(box)  # the background (label 0) is never flagged
     label = comp.ravel()[flagged]
     area = np.bincount(label, minlength=n)
     # Only the components big enough are kept: a real anomaly map at its operating point
