@@ -6,7 +6,6 @@ through :class:`Pipeline`, so what is timed is what is published.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from segmentation_safety.checkpoint import load_bundle
 from segmentation_safety.detectors import Detector, registry
 from segmentation_safety.device import resolve_device, synchronize
+from segmentation_safety.label_upsampling import upsample_argmax
 from segmentation_safety.metrics.segmentation import fuse_open_set
 from segmentation_safety.models.segmenter import Segmenter, resize_map
 from segmentation_safety.operating_point import SEGMENTER_PART, OperatingPoint
@@ -579,88 +579,3 @@ def _copy_to_host(data: torch.Tensor, pinned: bool) -> np.ndarray:
     # The copy is queued on the current stream; the arrays are read as soon as this returns.
     torch.cuda.current_stream(data.device).synchronize()
     return host.numpy()
-
-
-def upsample_argmax(
-    logits: torch.Tensor,
-    size: Sequence[int],
-    argmax: torch.Tensor | None = None,
-    into: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """argmax over classes of ``resize_map(logits, size)`` (B×K×h×w -> B×H×W uint8)
-    without upsampling every class at every pixel. ``argmax``: the logits' own B×h×w
-    argmax when already known (``SegmenterOutput.argmax``).
-
-    Bilinear weights are non-negative, so where the four source pixels around an output
-    pixel share their argmax, every blend of them has that argmax too: only pixels of
-    cells whose corners disagree (about 10% on street scenes) are interpolated, with
-    PyTorch's source coordinates and blend order. Upsampling all 19 classes to 1024×2048
-    and reading them back is what made the label map the node's most expensive step.
-    ``into``: a contiguous B×H×W uint8 tensor to write the labels to (K ≤ 255), returned.
-    """
-    b_, k, h, w = logits.shape
-    height, width = int(size[0]), int(size[1])
-    if k > 255:
-        return resize_map(logits, size).argmax(1)
-    low = (logits.argmax(1) if argmax is None else argmax).to(torch.uint8)
-    down = torch.cat([low[:, 1:], low[:, -1:]], 1)
-    right = torch.cat([low[:, :, 1:], low[:, :, -1:]], 2)
-    diag = torch.cat([down[:, :, 1:], down[:, :, -1:]], 2)
-    mixed_cell = (low != down) | (low != right) | (low != diag)
-    dev = logits.device
-    y0, y1, ly, rows, row0 = _source_axis(height, h, dev)
-    x0, x1, lx, cols, col0 = _source_axis(width, w, dev)
-    # Columns first, on h rows; then whole rows, which index_select copies as blocks.
-    # gather for the columns: index_select along a uint8 tensor's last dimension took
-    # 2.3 ms to 2048 columns on the CPU, gather 0.2.
-    wide = torch.gather(low, 2, x0.expand(b_, h, width))
-    out = wide.index_select(1, y0) if into is None else torch.index_select(wide, 1, y0, out=into)
-    bi, ii, ji = mixed_cell.nonzero(as_tuple=True)
-    # Each mixed cell stands for the rows × cols output pixels whose source corner it is:
-    # listed per cell (a quarter of the entries at 2×), then expanded.
-    # (index_select, not tensor[index]: several times faster on the CPU.)
-    n_rows, n_cols = rows.index_select(0, ii), cols.index_select(0, ji)
-    reps = n_rows * n_cols
-    n = int(reps.sum())
-    if n == 0:
-        return out
-    entry = torch.repeat_interleave(torch.arange(bi.numel(), device=dev), reps, output_size=n)
-    offset = torch.arange(n, device=dev) - (torch.cumsum(reps, 0) - reps).index_select(0, entry)
-    span = n_cols.index_select(0, entry)
-    yy = row0.index_select(0, ii).index_select(0, entry)
-    yy += torch.div(offset, span, rounding_mode="floor")
-    xx = col0.index_select(0, ji).index_select(0, entry)
-    xx += torch.remainder(offset, span)
-    bb = bi.index_select(0, entry)
-    flat = logits.permute(0, 2, 3, 1).reshape(b_ * h * w, k)
-    base = bb * (h * w)
-    r0 = base + y0.index_select(0, yy) * w
-    r1 = base + y1.index_select(0, yy) * w
-    c0, c1 = x0.index_select(0, xx), x1.index_select(0, xx)
-    wy = ly.index_select(0, yy).unsqueeze(1)
-    wx = lx.index_select(0, xx).unsqueeze(1)
-    # PyTorch's blend, (1 - wy) * ((1 - wx) * a + wx * b) + wy * (...), one rounding per
-    # op as there, but in place on the fresh gathers: no new N×K buffer per op.
-    top = flat.index_select(0, r0 + c0).mul_(1 - wx)
-    top += flat.index_select(0, r0 + c1).mul_(wx)
-    bot = flat.index_select(0, r1 + c0).mul_(1 - wx)
-    bot += flat.index_select(0, r1 + c1).mul_(wx)
-    winners = top.mul_(1 - wy).add_(bot.mul_(wy)).argmax(1).to(torch.uint8)
-    out.view(-1).index_copy_(0, bb * (height * width) + yy * width + xx, winners)
-    return out
-
-
-@functools.lru_cache(maxsize=32)
-def _source_axis(n_out: int, n_in: int, device: torch.device) -> tuple:
-    """Per output pixel along one axis, as PyTorch's bilinear (align_corners=False)
-    computes them in float32: lower source index, upper index, upper weight; per source
-    pixel: how many output pixels have it as their lower index, and the first of them.
-    Cached: a node asks for the same few sizes every frame. Callers must not modify them.
-    """
-    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
-    dst = torch.arange(n_out, dtype=torch.float32, device=device)
-    real = (scale.to(device) * (dst + 0.5) - 0.5).clamp_(min=0.0)
-    i0 = real.long()
-    i1 = (i0 + 1).clamp_(max=n_in - 1)
-    count = torch.bincount(i0, minlength=n_in)
-    return i0, i1, real - i0.float(), count, torch.cumsum(count, 0) - count

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from segmentation_safety import render, visualize
-from segmentation_safety.pipeline import Pipeline, PipelineConfig, to_host, upsample_argmax
+from segmentation_safety.label_upsampling import upsample_argmax
+from segmentation_safety.pipeline import Pipeline, PipelineConfig, to_host
 from segmentation_safety.types import RenderOptions
 
 
@@ -32,6 +33,51 @@ def test_upsample_argmax_is_the_argmax_of_the_bilinear_upsample():
             got = upsample_argmax(logits, size)
             assert got.dtype == torch.uint8 and got.shape == ref.shape
             assert int((got.long() != ref).sum()) == 0, (shape, size)
+
+
+def test_upsampled_labels_stay_exact_with_ties_and_non_finite_logits():
+    # Logits on a coarse grid tie exactly between classes, where argmax keeps the lower
+    # class; an infinite or NaN logit turns blends around it to NaN, as in PyTorch.
+    torch.manual_seed(1)
+    smooth = F.interpolate(torch.randn(2, 7, 4, 4) * 5, size=(16, 24), mode="bilinear")
+    tied = torch.round(smooth * 2) / 2
+    infinite, missing, huge = smooth.clone(), smooth.clone(), smooth * 1e30
+    infinite[0, 2, 5, 5], infinite[1, 3, 7:9, 7] = float("inf"), float("-inf")
+    missing[0, 1, 3, 3] = float("nan")
+    for logits in (tied, infinite, missing, huge):
+        for size in ((64, 96), (90, 130)):
+            ref = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            got = upsample_argmax(logits.contiguous(memory_format=torch.channels_last), size)
+            assert torch.equal(got.long(), ref.argmax(1)), size
+
+
+def test_mixed_cells_with_few_winning_classes_are_labelled_per_cell(monkeypatch):
+    # At 4× and more a cell's corners are read once for all its output pixels: only
+    # cells where many classes can win, or of an edge's larger size, go pixel by pixel.
+    from segmentation_safety import label_upsampling
+
+    per_pixel = []
+    blend_pixels = label_upsampling._blend_pixels
+
+    def spy(out, flat, cells, ys, xs):
+        per_pixel.append(cells[0].numel())
+        return blend_pixels(out, flat, cells, ys, xs)
+
+    monkeypatch.setattr(label_upsampling, "_blend_pixels", spy)
+    torch.manual_seed(2)
+    logits = F.interpolate(torch.randn(1, 19, 4, 4) * 5, size=(32, 64), mode="bilinear")
+    low = logits.argmax(1)
+    mixed = int(((low[:, :-1, :-1] != low[:, 1:, :-1]) | (low[:, :-1, :-1] != low[:, :-1, 1:])
+                 | (low[:, :-1, :-1] != low[:, 1:, 1:])).sum())  # fmt: skip
+    for size, per_cell in (((128, 256), True), ((64, 128), False)):
+        per_pixel.clear()
+        ref = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
+        assert torch.equal(upsample_argmax(logits, size).long(), ref)
+        assert mixed > 0 and len(per_pixel) == 1
+        if per_cell:
+            assert per_pixel[0] < mixed / 2
+        else:
+            assert per_pixel[0] >= mixed
 
 
 def test_colours_and_overlay_match_the_host_drawings():
