@@ -215,3 +215,18 @@ def test_jpeg_decoded_on_cuda_leaves_memory_that_queued_kernels_read_alone():
         device_jpeg.decode(data, cuda)
         torch.cuda.synchronize()
         assert [int(s) for s in sums] == [i * 512 * 1024 * 3 for i in range(1, 9)]
+
+
+def test_labels_upsampled_on_cuda_equal_the_cpus():
+    """The label map's blends are separate multiplies and adds, each correctly rounded on
+    either device, so the labels match exactly: per cell (4×) and per pixel (2×)."""
+    import torch.nn.functional as F
+
+    from segmentation_safety.label_upsampling import upsample_argmax
+
+    torch.manual_seed(0)
+    smooth = F.interpolate(torch.randn(1, 19, 8, 8) * 5, size=(64, 128), mode="bilinear")
+    for logits in (smooth, torch.round(smooth * 2) / 2):
+        for size in ((256, 512), (128, 256), (200, 333)):
+            cpu = upsample_argmax(logits, size)
+            assert torch.equal(upsample_argmax(logits.cuda(), size).cpu(), cpu), size
