@@ -9,9 +9,12 @@ operations, so the labels are exactly the argmax of PyTorch's bilinear upsamplin
 (``F.interpolate``, align_corners=False).
 
 A mixed cell is blended in one of two ways:
-- per cell (large upsampling factors): its corners are read once for all the output
-  pixels it covers, and only for the few classes that can win there;
-- per pixel (the rest): the four corners of every output pixel, every class.
+- per cell (on the CPU, at large upsampling factors): its corners are read once for all
+  the output pixels it covers, and only for the few classes that can win there;
+- per pixel (the rest): the four corners of every output pixel, every class. On a GPU
+  these gathers are a few cheap kernels, where the per-cell path would add several dozen
+  small ones and three host synchronisations; not measured there yet, so a GPU keeps
+  the per-pixel path.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def upsample_argmax(
     if cells[0].numel() == 0:
         return out
     flat = logits.permute(0, 2, 3, 1).reshape(b_ * h * w, k)
-    if ys.most * xs.most >= CELL_PIXELS:
+    if logits.device.type == "cpu" and ys.most * xs.most >= CELL_PIXELS:
         cells = _blend_cells(out, flat, cells, ys, xs)
     _blend_pixels(out, flat, cells, ys, xs)
     return out

@@ -219,7 +219,8 @@ def test_jpeg_decoded_on_cuda_leaves_memory_that_queued_kernels_read_alone():
 
 def test_labels_upsampled_on_cuda_equal_the_cpus():
     """The label map's blends are separate multiplies and adds, each correctly rounded on
-    either device, so the labels match exactly: per cell (4×) and per pixel (2×)."""
+    either device, so the labels match exactly: the CPU's per-cell path (4×) and its
+    per-pixel one (2×, 3×) against the GPU's per-pixel one."""
     import torch.nn.functional as F
 
     from segmentation_safety.label_upsampling import upsample_argmax
