@@ -1,12 +1,20 @@
 """The label map at the frame's size: the argmax of the bilinearly upsampled logits,
-exact, without upsampling every class at every pixel.
+without upsampling every class at every pixel.
 
 Bilinear weights are non-negative, so where the four source pixels around an output
 pixel (a *cell*'s corners) share their argmax, every blend of them has that argmax too:
 only the output pixels of *mixed* cells, whose corners disagree (4-9% of the cells
-on street scenes), are blended, with PyTorch's source coordinates, weights and order of
-operations, so the labels are exactly the argmax of PyTorch's bilinear upsampling
-(``F.interpolate``, align_corners=False).
+on street scenes), are blended, with PyTorch's source coordinates and weights
+(align_corners=False) and its generic kernel's order of operations.
+
+The labels are those of ``F.interpolate(...).argmax(1)`` except where two classes come
+within float rounding of each other (exact ties on a coarse grid of logits, logits a few
+ulps apart): there the order of operations decides, and PyTorch's own CPU kernels
+differ from each other (an AVX512 build computes the source coordinate with a fused
+multiply-add; channels-last input of more than 3 channels blends the four corners in
+another order), and a cell whose corners share their argmax keeps it although rounding
+could tie the blends. An infinite logit of a class that loses at all four corners of a
+cell is not blended (PyTorch turns infinity × a zero weight into NaN, which argmax picks).
 
 A mixed cell is blended in one of two ways:
 - per cell (on the CPU, at large upsampling factors): its corners are read once for all
@@ -57,7 +65,7 @@ def upsample_argmax(
     into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """argmax over classes of the logits bilinearly upsampled to ``size`` (B×K×h×w ->
-    B×H×W uint8), exactly as PyTorch's ``F.interpolate`` would give it.
+    B×H×W uint8): ``F.interpolate``'s but at near-ties (see the module's docstring).
 
     ``argmax``: the logits' own B×h×w argmax when already known
     (``SegmenterOutput.argmax``). ``into``: a contiguous B×H×W uint8 tensor to write the
@@ -115,9 +123,11 @@ def _blend_cells(
         return cells  # an infinite weight-0 corner blends to NaN: per pixel, as PyTorch
     # A blend lies between its corners, so a class whose largest corner is below another
     # class's smallest never wins. Rounding moves each computed blend by at most about
-    # 10 units of roundoff of the largest |logit| (products and sums, two levels): the
-    # margin, well above twice that, keeps the exclusion exact.
-    margin = 32 * torch.finfo(flat.dtype).eps * max(-least, most)
+    # 10 units of roundoff of the largest |logit| (products and sums, two levels), or of
+    # the smallest subnormal where the values are that small: the margin, well above
+    # twice either, keeps the per-cell labels those of the per-pixel blend.
+    info = torch.finfo(flat.dtype)
+    margin = 32 * info.eps * max(-least, most) + 32 * info.tiny * info.eps
     can_win = highest >= lowest.amax(1, keepdim=True) - margin
     n_rows, n_cols = ys.count.index_select(0, ii), xs.count.index_select(0, ji)
     few = min(FEW_CLASSES, k)

@@ -35,20 +35,39 @@ def test_upsample_argmax_is_the_argmax_of_the_bilinear_upsample():
             assert int((got.long() != ref).sum()) == 0, (shape, size)
 
 
-def test_upsampled_labels_stay_exact_with_ties_and_non_finite_logits():
-    # Logits on a coarse grid tie exactly between classes, where argmax keeps the lower
-    # class; an infinite or NaN logit turns blends around it to NaN, as in PyTorch.
+def test_labels_blended_per_cell_are_those_of_the_per_pixel_blend(monkeypatch):
+    # Where classes tie or come within rounding of each other the order of operations
+    # decides, and PyTorch's own kernels differ there by CPU build and memory format: the
+    # per-cell path must give the per-pixel blend's labels, bit for bit. Ties on a coarse
+    # grid (argmax keeps the lower class), subnormal logits (rounding there is absolute),
+    # ±inf and NaN (the per-pixel blend takes those cells), and huge logits.
+    from segmentation_safety import label_upsampling
+
+    def per_pixel(logits, size):
+        monkeypatch.setattr(label_upsampling, "CELL_PIXELS", 10**9)
+        labels = upsample_argmax(logits, size)
+        monkeypatch.undo()
+        return labels
+
     torch.manual_seed(1)
     smooth = F.interpolate(torch.randn(2, 7, 4, 4) * 5, size=(16, 24), mode="bilinear")
     tied = torch.round(smooth * 2) / 2
+    subnormal = torch.round(smooth * 4) * 2.0**-149  # a few units of the smallest float32
     infinite, missing, huge = smooth.clone(), smooth.clone(), smooth * 1e30
     infinite[0, 2, 5, 5], infinite[1, 3, 7:9, 7] = float("inf"), float("-inf")
     missing[0, 1, 3, 3] = float("nan")
-    for logits in (tied, infinite, missing, huge):
-        for size in ((64, 96), (90, 130)):
-            ref = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-            got = upsample_argmax(logits.contiguous(memory_format=torch.channels_last), size)
-            assert torch.equal(got.long(), ref.argmax(1)), size
+    for logits in (tied, subnormal, infinite, missing, huge):
+        for size in ((64, 96), (90, 130), (197, 41)):
+            logits = logits.contiguous(memory_format=torch.channels_last)
+            assert torch.equal(upsample_argmax(logits, size), per_pixel(logits, size)), size
+    # A class ruled out by less than one subnormal unit still ties where rounding is
+    # absolute (class 0's corners 11, 15; class 1's 20, 16: both blend to 16 units).
+    unit = 2.0**-149
+    x = torch.zeros(1, 3, 24, 8)
+    x[0, 0, 21:23, 1:3] = torch.tensor([11.0, 15.0]) * unit
+    x[0, 1, 21:23, 1:3] = torch.tensor([20.0, 16.0]) * unit
+    x[0, 2, 21:23, 1:3] = torch.tensor([25.0, 0.0]) * unit
+    assert torch.equal(upsample_argmax(x, (294, 48)), per_pixel(x, (294, 48)))
 
 
 def test_mixed_cells_with_few_winning_classes_are_labelled_per_cell(monkeypatch):
