@@ -172,8 +172,9 @@ def _label_cells(
     xx = xs.first.index_select(0, ji).unsqueeze(1) + cols  # n×cols
     wy = ys.weight.index_select(0, yy.view(-1)).view(n, ys.most, 1, 1)
     wx = xs.weight.index_select(0, xx.view(-1)).view(n, xs.most, 1)
-    # PyTorch's blend, (1 - wy) * ((1 - wx) * a + wx * b) + wy * ((1 - wx) * c + wx * d),
-    # one rounding per operation as there: the columns once per cell, then the rows.
+    # The per-pixel blend (PyTorch's generic kernel), one rounding per operation as there:
+    # (1 - wy) * ((1 - wx) * a + wx * b) + wy * ((1 - wx) * c + wx * d), the columns once
+    # per cell, then the rows.
     a, b, c, d = (v.unsqueeze(1) for v in values)  # n×1×few each
     upper = (a * (1 - wx)).add_(b * wx)  # n×cols×few
     lower = (c * (1 - wx)).add_(d * wx)
