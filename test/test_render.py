@@ -44,10 +44,9 @@ def test_labels_blended_per_cell_are_those_of_the_per_pixel_blend(monkeypatch):
     from segmentation_safety import label_upsampling
 
     def per_pixel(logits, size):
-        monkeypatch.setattr(label_upsampling, "CELL_PIXELS", 10**9)
-        labels = upsample_argmax(logits, size)
-        monkeypatch.undo()
-        return labels
+        with monkeypatch.context() as patch:
+            patch.setattr(label_upsampling, "CELL_PIXELS", 10**9)
+            return upsample_argmax(logits, size)
 
     torch.manual_seed(1)
     smooth = F.interpolate(torch.randn(2, 7, 4, 4) * 5, size=(16, 24), mode="bilinear")
