@@ -94,6 +94,12 @@ def upsample_argmax(
     cells = mixed_cell.nonzero(as_tuple=True)
     if cells[0].numel() == 0:
         return out
+    # Both blends gather each pixel's K logits as a row, which channels-last memory keeps
+    # together (ESPNetv2's slice of its 20 channels too). Channels-first logits (a network
+    # run on channels-first weights) had every gather read K values a whole plane apart:
+    # the labels took 2-5× as long as they do after this copy, the copy included.
+    if k > 1 and logits.stride(1) != 1:
+        logits = logits.contiguous(memory_format=torch.channels_last)
     flat = logits.permute(0, 2, 3, 1).reshape(b_ * h * w, k)
     if logits.device.type == "cpu" and ys.most * xs.most >= CELL_PIXELS:
         cells = _blend_cells(out, flat, cells, ys, xs)

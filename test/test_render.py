@@ -35,6 +35,30 @@ def test_upsample_argmax_is_the_argmax_of_the_bilinear_upsample():
             assert int((got.long() != ref).sum()) == 0, (shape, size)
 
 
+def test_channels_first_logits_are_blended_from_rows_with_the_same_labels(monkeypatch):
+    # Each blend gathers a pixel's classes as one row: channels-first logits are laid out
+    # channels-last first, or every gather reads values a plane apart.
+    from segmentation_safety import label_upsampling
+
+    rows = []
+    for name in ("_blend_pixels", "_blend_cells"):
+        real = getattr(label_upsampling, name)
+
+        def spy(out, flat, *rest, real=real):
+            rows.append(flat.stride(1) == 1 and flat.stride(0) == flat.shape[1])
+            return real(out, flat, *rest)
+
+        monkeypatch.setattr(label_upsampling, name, spy)
+    torch.manual_seed(3)
+    first = F.interpolate(torch.randn(1, 19, 4, 4) * 5, size=(32, 64), mode="bilinear")
+    last = first.contiguous(memory_format=torch.channels_last)
+    assert first.is_contiguous() and first.stride(1) != 1
+    for size in ((64, 128), (128, 256)):  # per pixel; per cell
+        rows.clear()
+        assert torch.equal(upsample_argmax(first, size), upsample_argmax(last, size))
+        assert rows and all(rows)
+
+
 def test_labels_blended_per_cell_are_those_of_the_per_pixel_blend(monkeypatch):
     # Where classes tie or come within rounding of each other the order of operations
     # decides, and PyTorch's own kernels differ there by CPU build and memory format: the
