@@ -159,20 +159,38 @@ def test_espnetv2_keeps_the_extra_channel_as_background_tap_and_takes_odd_sizes(
     assert out.embeddings["level4"].shape == (1, 256, 5, 7)
 
 
-def test_espnetv2_weights_are_channels_last_and_give_the_plain_layout_result():
+@pytest.mark.parametrize(
+    ("name", "tap"),
+    [("espnetv2", "level3"), ("lraspp_mobilenet_v3", "low"), ("deeplabv3_resnet50", "layer2")],
+)
+def test_weights_are_channels_last_and_give_the_plain_layout_result(name, tap, tmp_path):
+    # Frames reach the network channels-first: weights kept channels-last take the pass
+    # into that layout (faster on the CPU), and the logits come out in it for the label
+    # map's row gathers. A bundle loads into it too.
     import copy
 
     torch.manual_seed(1)
-    model = build_segmenter("espnetv2", scale=0.5, num_classes=19).eval()
+    options = {"num_classes": 19, "scale": 0.5} if name == "espnetv2" else ARCHS[name]
+    model = build_segmenter(name, **options).eval()
     _randomise_norm_stats(model, 2)
-    conv = model.net.base_net.level1.conv.weight
-    assert conv.is_contiguous(memory_format=torch.channels_last)
+    path = tmp_path / "segmenter.safetensors"
+    save_bundle(path, model.state_dict(), segmenter_metadata(model))
+    loaded = segmenter_from_bundle(load_bundle(path, kind="segmenter"), str(path))
+    for m in (model, loaded):
+        # Grouped and 1×1 kernels are laid out alike either way: the others tell.
+        weights = [c.weight for c in m.modules() if isinstance(c, torch.nn.Conv2d)
+                   and c.groups == 1 and c.kernel_size != (1, 1)]  # fmt: skip
+        assert weights
+        for w in weights:
+            assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     x = model.normalize(_images(1, 64, 96))
+    assert x.is_contiguous()
     with torch.no_grad():
-        a, b = model(x, embeddings=["level3"]), plain(x, embeddings=["level3"])
+        a, b = model(x, embeddings=[tap]), plain(x, embeddings=[tap])
+    assert a.logits.stride(1) == 1  # each pixel's classes side by side
     torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(a.embeddings["level3"], b.embeddings["level3"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.embeddings[tap], b.embeddings[tap], atol=1e-4, rtol=1e-4)
 
 
 def test_espnetv2_rejects_unknown_scale():
