@@ -193,6 +193,49 @@ def test_weights_are_channels_last_and_give_the_plain_layout_result(name, tap, t
     torch.testing.assert_close(a.embeddings[tap], b.embeddings[tap], atol=1e-4, rtol=1e-4)
 
 
+def test_espnetv2_channel_shuffle_keeps_channels_last_maps_so_with_the_same_values():
+    from segmentation_safety.models.espnetv2 import _ChannelShuffle
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 5, 7)
+    shuffle = _ChannelShuffle(3)
+    # Output channel j·3 + i is input channel i·4 + j: channel 1 is the second group's first.
+    expected = torch.stack([x[:, i * 4 + j] for j in range(4) for i in range(3)], dim=1)
+    assert torch.equal(expected[:, 1], x[:, 4])
+    last = shuffle(x.contiguous(memory_format=torch.channels_last))
+    assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
+    assert torch.equal(last, expected)
+    assert torch.equal(shuffle(x), expected) and shuffle(x).is_contiguous()
+
+
+def test_espnetv2_pools_each_level_of_the_image_once_a_pass(monkeypatch):
+    from segmentation_safety.models import espnetv2
+
+    img = torch.randn(1, 3, 64, 96)
+    pyramid = espnetv2.ImagePyramid(img)
+    for height in (32, 16, 8, 5, 16):  # the downsamplers' order, an odd size, a level again
+        reference = img
+        while reference.shape[-2] > height:
+            reference = F.avg_pool2d(reference, 3, 2, 1)
+        assert torch.equal(pyramid.down_to(height), reference)
+    model = build_segmenter("espnetv2", scale=0.5, num_classes=19).eval()
+    x = model.normalize(_images(1, 64, 96))
+    pooled = []
+    pool = F.avg_pool2d
+
+    def spy(t, *args, **kwargs):
+        if t.shape[1] == 3:  # the image: the feature maps have more channels
+            pooled.append(tuple(t.shape[-2:]))
+        return pool(t, *args, **kwargs)
+
+    monkeypatch.setattr(espnetv2.F, "avg_pool2d", spy)
+    with torch.no_grad():
+        model(x)
+    # Levels 2-4 read it at strides 4, 8 and 16: four pools in all (one per downsampler
+    # and level, nine, before).
+    assert pooled == [(64, 96), (32, 48), (16, 24), (8, 12)]
+
+
 def test_espnetv2_rejects_unknown_scale():
     with pytest.raises(ValueError, match="scale"):
         ESPNetv2Segmenter(scale=3.0)
