@@ -328,3 +328,21 @@ def test_densehybrid_trains_on_ade20k_negatives(tmp_path):
     training = load_bundle(out, kind="densehybrid").metadata["training"]
     release = (tmp_path / "ade" / "ADEChallengeData2016").resolve()
     assert training["negatives"] == {"folder": str(release.parent), "layout": "ade20k"}
+
+
+def test_log_sigmoid_is_torchs_within_float_rounding_and_trains_as_torchs():
+    from segmentation_safety.models.log_sigmoid import log_sigmoid
+
+    x = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([-1e30, 1e30, 0.0])])
+    ours, reference = log_sigmoid(x), torch.nn.functional.logsigmoid(x)
+    # 1 + z rounds below z = 6e-8; the rest is a rounding of the result.
+    bound = 6e-8 + 2 * torch.finfo(torch.float32).eps * reference.abs()
+    assert bool(((ours - reference).abs() <= bound).all())
+    assert not torch.equal(ours, reference)  # computed its own way (log1p's differ)
+    special = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    assert log_sigmoid(special)[:2].tolist() == [0.0, float("-inf")]
+    assert torch.isnan(log_sigmoid(special)[2])
+    # Training gets torch's, whose gradient at 0 is 1/2.
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(log_sigmoid(x).sum(), x)
+    assert grad[-1].item() == 0.5

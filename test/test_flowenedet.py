@@ -108,6 +108,23 @@ def test_invconv_logdet_and_inverse() -> None:
     torch.testing.assert_close(conv.inverse(y), x, atol=1e-5, rtol=0)
 
 
+def test_invconv_logdet_of_a_2x2_and_its_gradient_are_slogdets() -> None:
+    # 2×2 weights take a closed form: the same value and gradient, negative det included.
+    torch.manual_seed(0)
+    for _ in range(20):
+        conv = InvConv1x1(2).double()
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(2, 2, dtype=torch.float64) * 3)
+        ours = conv.log_abs_det()
+        (grad,) = torch.autograd.grad(ours, conv.weight)
+        w = conv.weight.detach().clone().requires_grad_(True)
+        reference = torch.linalg.slogdet(w)[1]
+        (expected,) = torch.autograd.grad(reference, w)
+        torch.testing.assert_close(ours, reference)
+        torch.testing.assert_close(grad, expected)
+    assert InvConv1x1(3).log_abs_det().shape == ()  # other sizes: slogdet
+
+
 def _random_model(conditional: bool, seed: int = 0) -> FlowEneDet:
     torch.manual_seed(seed)
     model = FlowEneDet(

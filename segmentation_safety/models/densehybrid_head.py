@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segmentation_safety.models.class_reductions import logsumexp_classes
+from segmentation_safety.models.log_sigmoid import log_sigmoid
 from segmentation_safety.models.pointwise import PointwiseConv2d, pointwise
 from segmentation_safety.models.segmenter import resize_map
 
@@ -50,7 +51,7 @@ class DenseHybridHead(nn.Module):
             (w[OUTLIER] - w[INLIER])[None],
             (b[OUTLIER] - b[INLIER])[None],
         )
-        return F.logsigmoid(margin)
+        return log_sigmoid(margin)
 
 
 def densehybrid_score(logits: torch.Tensor, head_logits: torch.Tensor) -> torch.Tensor:
