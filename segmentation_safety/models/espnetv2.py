@@ -140,31 +140,6 @@ class EESP(nn.Module):
         return y if self.stride == 2 else self.module_act(y)
 
 
-class DownSampler(nn.Module):
-    """Strided EESP concatenated with an average-pooled input, plus input reinforcement."""
-
-    def __init__(self, cin: int, cout: int, receptive_limit: int, branches: int = 4) -> None:
-        super().__init__()
-        self.eesp = EESP(cin, cout - cin, 2, branches, receptive_limit)
-        self.inp_reinf = nn.Sequential(
-            _ConvUnit(3, _REINFORCE_CHANNELS, 3),
-            _ConvUnit(_REINFORCE_CHANNELS, cout, 1, act=False),
-        )
-        self.act = nn.PReLU(cout)
-
-    def pre_act(self, x: torch.Tensor, image: torch.Tensor | ImagePyramid) -> torch.Tensor:
-        pooled = F.avg_pool2d(x, 3, 2, 1)
-        y = torch.cat([pooled, self.eesp(x)], dim=1)
-        pyramid = image if isinstance(image, ImagePyramid) else ImagePyramid(image)
-        small = pyramid.down_to(pooled.shape[-2])
-        if small.shape[-2:] != pooled.shape[-2:]:
-            small = F.adaptive_avg_pool2d(small, pooled.shape[-2:])
-        return y + self.inp_reinf(small)
-
-    def forward(self, x: torch.Tensor, image: torch.Tensor | ImagePyramid) -> torch.Tensor:
-        return self.act(self.pre_act(x, image))
-
-
 class ImagePyramid:
     """The RGB image pooled with the downsamplers' 3×3/2 window, level after level.
 
@@ -180,6 +155,30 @@ class ImagePyramid:
         while self.levels[-1].shape[-2] > height:
             self.levels.append(F.avg_pool2d(self.levels[-1], 3, 2, 1))
         return next(level for level in self.levels if level.shape[-2] <= height)
+
+
+class DownSampler(nn.Module):
+    """Strided EESP concatenated with an average-pooled input, plus input reinforcement."""
+
+    def __init__(self, cin: int, cout: int, receptive_limit: int, branches: int = 4) -> None:
+        super().__init__()
+        self.eesp = EESP(cin, cout - cin, 2, branches, receptive_limit)
+        self.inp_reinf = nn.Sequential(
+            _ConvUnit(3, _REINFORCE_CHANNELS, 3),
+            _ConvUnit(_REINFORCE_CHANNELS, cout, 1, act=False),
+        )
+        self.act = nn.PReLU(cout)
+
+    def pre_act(self, x: torch.Tensor, image: ImagePyramid) -> torch.Tensor:
+        pooled = F.avg_pool2d(x, 3, 2, 1)
+        y = torch.cat([pooled, self.eesp(x)], dim=1)
+        small = image.down_to(pooled.shape[-2])
+        if small.shape[-2:] != pooled.shape[-2:]:
+            small = F.adaptive_avg_pool2d(small, pooled.shape[-2:])
+        return y + self.inp_reinf(small)
+
+    def forward(self, x: torch.Tensor, image: ImagePyramid) -> torch.Tensor:
+        return self.act(self.pre_act(x, image))
 
 
 class ESPNetv2Encoder(nn.Module):
