@@ -64,6 +64,27 @@ def test_logsumexp_falls_back_instead_of_overflowing():
     torch.testing.assert_close(got, torch.logsumexp(x, dim=1))
 
 
+def test_logsumexp_sums_unshifted_unless_a_sum_leaves_the_normal_floats(monkeypatch):
+    from segmentation_safety.models import class_reductions
+
+    shifted = []
+    real = class_reductions._shifted_logsumexp
+    monkeypatch.setattr(
+        class_reductions, "_shifted_logsumexp", lambda *a: shifted.append(1) or real(*a)
+    )
+    torch.manual_seed(2)
+    x = torch.randn(1, 19, 6, 8) * 8
+    for scores, expect_shift in (
+        (x, False),  # a network's logits
+        (x - 100.0, True),  # every exp of a pixel below the normal floats
+        (x + 85.0, True),  # the unshifted sum overflows
+    ):
+        shifted.clear()
+        scores = _channels_last(scores)
+        torch.testing.assert_close(logsumexp_classes(scores), torch.logsumexp(scores, dim=1))
+        assert bool(shifted) == expect_shift
+
+
 def test_infinite_scores_give_torch_logsumexp_values():
     x = torch.zeros(1, 4, 2, 3)
     x[0, :, 0, 0] = float("-inf")  # a pixel with every class ruled out

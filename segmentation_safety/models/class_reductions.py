@@ -4,13 +4,15 @@ Networks that run channels-last (ESPNetv2, and every segmenter fed the node's H�
 frames) return logits whose K class scores are adjacent in memory for each pixel. On
 the CPU ``torch.logsumexp``, ``torch.softmax`` and ``torch.log_softmax`` over dim 1 are
 then much slower than on a contiguous map (logsumexp: 5.5 vs 3.7 ms for the demo's
-19×256×512 logits on 2 cores), while shifted sums along the adjacent axis take 2.5-3.3
-ms. Other layouts, dtypes and devices use the torch formulas, and so does any map where
-a shifted sum overflows or meets a non-finite score.
+19×256×512 logits on 2 cores), while sums along the adjacent axis took 2.5-3.3 ms
+shifted (on a slower CPU) and 1.1 ms unshifted. Other layouts, dtypes and devices use the
+torch formulas, and so does any map where a shifted sum overflows or meets a non-finite
+score.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -37,15 +39,28 @@ def _finite_or(out: torch.Tensor, fallback: Callable[[], torch.Tensor]) -> torch
 def logsumexp_classes(logits: torch.Tensor) -> torch.Tensor:
     """B×K×h×w -> B×h×w ``torch.logsumexp(logits, dim=1)``.
 
-    On the fast path the shift is each pixel's mean score instead of its maximum (exact
-    for any shift; over 19 adjacent scores the mean measured about 3.6× cheaper than
-    the maximum). The largest term is then at least exp(0), so the sum cannot
-    underflow; it overflows when scores reach about 88 - ln K above their pixel's mean,
-    and then (as for any non-finite score) ``torch.logsumexp`` takes over.
+    On the fast path the scores are first summed unshifted. That is as accurate as a
+    shifted sum wherever every pixel's sum of exps is a normal float (each result between
+    ln of the smallest normal, about -87, and the overflow near +88), as a network's
+    logits are, and it saves two passes: 1.1 against 1.8 ms for the demo's 19×256×512
+    logits on 2 cores. Elsewhere :func:`_shifted_logsumexp`.
     """
     scores = _scores_last(logits)
     if scores is None:
         return torch.logsumexp(logits, dim=1)
+    out = scores.exp().sum(dim=-1).log_()
+    low, high = torch.aminmax(out)  # a NaN anywhere makes both NaN
+    if math.log(torch.finfo(out.dtype).tiny) < low.item() and high.item() < math.inf:
+        return out
+    return _shifted_logsumexp(scores, logits)
+
+
+def _shifted_logsumexp(scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """:func:`logsumexp_classes` shifted by each pixel's mean score instead of its maximum
+    (exact for any shift; over 19 adjacent scores the mean measured about 3.6× cheaper
+    than the maximum). The largest term is then at least exp(0), so the sum cannot
+    underflow; it overflows when scores reach about 88 - ln K above their pixel's mean,
+    and then (as for any non-finite score) ``torch.logsumexp`` takes over."""
     shift = scores.mean(dim=-1, keepdim=True)
     out = (scores - shift).exp_().sum(dim=-1).log_().add_(shift[..., 0])
     return _finite_or(out, lambda: torch.logsumexp(logits, dim=1))
