@@ -83,6 +83,8 @@ def test_logsumexp_sums_unshifted_unless_a_sum_leaves_the_normal_floats(monkeypa
         scores = _channels_last(scores)
         torch.testing.assert_close(logsumexp_classes(scores), torch.logsumexp(scores, dim=1))
         assert bool(shifted) == expect_shift
+    empty = torch.zeros(1, 19, 0, 8).contiguous(memory_format=torch.channels_last)
+    assert logsumexp_classes(empty).shape == (1, 0, 8)
 
 
 def test_infinite_scores_give_torch_logsumexp_values():

@@ -49,6 +49,8 @@ def logsumexp_classes(logits: torch.Tensor) -> torch.Tensor:
     if scores is None:
         return torch.logsumexp(logits, dim=1)
     out = scores.exp().sum(dim=-1).log_()
+    if out.numel() == 0:
+        return out  # aminmax has nothing to reduce
     low, high = torch.aminmax(out)  # a NaN anywhere makes both NaN
     if math.log(torch.finfo(out.dtype).tiny) < low.item() and high.item() < math.inf:
         return out
