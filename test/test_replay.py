@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -591,6 +592,54 @@ def test_replayers_of_one_process_never_share_a_namespace(bags: dict[str, Path])
     # makes, so an id-derived name would collide now and then.
     names = {Replayer(bag, ReplayOptions()).namespace for _ in range(2000)}
     assert len(names) == 2000
+
+
+def test_the_collector_takes_safety_before_the_outputs_published_before_it():
+    """`safety` is the answer being timed: taken first of what one wait found, and the
+    outputs it overtook are still kept once the collector is flushed."""
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from segmentation_safety.msg import SafetyFrame
+    from sensor_msgs.msg import Image
+
+    from segmentation_safety.ros.replay import Collector
+
+    context = Context()
+    rclpy.init(context=context, args=[])
+    try:
+        collector = Collector(context, "/flush_test", None, frozenset({"hazard_overlay"}))
+        node = Node("fake_detector", namespace="/flush_test", context=context)
+        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        overlay_pub = node.create_publisher(Image, "hazard_overlay", qos)
+        safety_pub = node.create_publisher(SafetyFrame, "safety", qos)
+        for pub in (overlay_pub, safety_pub):
+            wait_for(lambda pub=pub: pub.get_subscription_count() > 0, "the collector")
+        collector.keep_enabled = True
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(collector)
+        overlay, safety = Image(height=1, width=1, encoding="rgb8", step=3), SafetyFrame()
+        overlay.data = bytes(3)
+        for msg in (overlay, safety):
+            msg.header.stamp.sec = 7
+        # The node's order: the other outputs, then `safety` (in one process both are in
+        # the readers once published).
+        overlay_pub.publish(overlay)
+        safety_pub.publish(safety)
+        executor.spin_once(timeout_sec=2.0)
+        assert 7 * 10**9 in collector.answers
+        assert 7 * 10**9 not in collector.keep["hazard_overlay"]
+        spinning = threading.Thread(target=executor.spin, daemon=True)
+        spinning.start()
+        assert collector.flush(5.0)
+        assert 7 * 10**9 in collector.keep["hazard_overlay"]
+        executor.shutdown(timeout_sec=2.0)
+        spinning.join(timeout=5.0)
+        node.destroy_node()
+        collector.destroy_node()
+    finally:
+        context.try_shutdown()
 
 
 # -- the node in a process of its own (--node-process) -------------------------------------
