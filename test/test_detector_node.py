@@ -2111,6 +2111,21 @@ def test_invalid_camera_info_skips_markers_once_reported_and_the_rest_goes_on(
     assert logged.count(words) == 1, logged  # reported once, not once per message
 
 
+def test_markers_that_fail_go_out_empty_with_every_other_output(harness, monkeypatch):
+    h = harness(**HAZARD_PARAMS)
+    h.listen(*OUTPUT_TOPICS, "/diagnostics")
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+
+    def broken(self, frame):
+        raise ValueError("no boxes today")
+
+    monkeypatch.setattr(DetectorNode, "_markers", broken)
+    send_and_wait_all(h, 12)  # the jpeg, the images and `safety` too
+    assert boxes(h, 12) == []
+    assert any(k.startswith("markers/ValueError") for k in h.node.problems), h.node.problems
+
+
 def test_camera_info_is_read_again_only_when_more_than_its_stamp_changed(harness, monkeypatch):
     h = harness()
     reads, handled = [], []

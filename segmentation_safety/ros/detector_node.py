@@ -1086,8 +1086,11 @@ class DetectorNode(Node):
         # The Python-heavy outputs first (hazard boxes, then the jpeg, in line): once the
         # images are out, in-process subscribers copying them hold the GIL, and the same
         # work took twice as long (jpeg 1.7 ms first, 3.4 ms last; a second thread for it
-        # waited for the GIL instead). With depth the boxes may wait for a late depth
-        # image (depth_max_age), and the images must not wait with them: boxes last.
+        # waited for the GIL instead). Both are made before either goes out: published
+        # boxes woke the subscribers while the jpeg encoder had let go of the GIL, and
+        # the encoder then waited 0.5 ms to get it back. With depth the boxes may wait
+        # for a late depth image (depth_max_age), and the images must not wait with
+        # them: boxes last.
         boxes_first = "hazards" in wanted and not p.use_depth
         if not ("hazards" in wanted and p.use_depth):
             # Depth serves the boxes only: unread or unused, its faults say nothing now.
@@ -1095,8 +1098,8 @@ class DetectorNode(Node):
             self._clear_fault(FAULT_DEPTH_SYNC)
         if "hazards" not in wanted:
             self._clear_fault(FAULT_NO_CAMERA_INFO)  # camera_info too serves the boxes only
-        if boxes_first:
-            self._publish_hazards(frame)
+        boxes = self._hazard_markers(frame) if boxes_first else None
+        jpeg = None
         if "hazard_overlay_compressed" in wanted:
             if result.overlay_jpeg is not None:  # encoded on the device (jpeg_codec)
                 jpeg = image_codec.jpeg_message(result.overlay_jpeg.tobytes(), header)
@@ -1108,6 +1111,9 @@ class DetectorNode(Node):
                         f"({result.overlay_jpeg_error}); it was encoded on the host",
                     )
                 jpeg = image_codec.encode_jpeg(result.overlay, header, p.jpeg_quality)
+        if boxes is not None:
+            self.pubs["hazards"].publish(boxes)
+        if jpeg is not None:
             self.pubs["hazard_overlay_compressed"].publish(jpeg)
         bodies = self._image_bodies(result, header)
         # The Images `safety` carries go out from inside its bytes: serialised once.
@@ -1235,14 +1241,20 @@ class DetectorNode(Node):
         return bodies
 
     def _publish_hazards(self, frame: _Rendered) -> None:
+        hazards = self._hazard_markers(frame)
+        if hazards is not None:
+            self.pubs["hazards"].publish(hazards)
+
+    def _hazard_markers(self, frame: _Rendered) -> MarkerArray | None:
+        """The frame's hazard boxes; none at all (an empty array, after a warning) where
+        building them failed, and None when the node is stopping."""
         try:
-            hazards = self._markers(frame)
+            return self._markers(frame)
         except Exception as e:  # markers are extra: the alarm must still go out
             if self._stopping():
-                return
+                return None
             self._warn(f"markers/{type(e).__name__}", f"hazard markers failed: {e}")
-            hazards = markers.hazard_markers([], None, frame.header, 0.0, 0.0)
-        self.pubs["hazards"].publish(hazards)
+            return markers.hazard_markers([], None, frame.header, 0.0, 0.0)
 
     def _markers(self, frame: _Rendered) -> MarkerArray:
         """Hazard boxes from the regions of the network-resolution anomaly map.
