@@ -16,13 +16,17 @@ another order), and a cell whose corners share their argmax keeps it although ro
 could tie the blends. An infinite logit of a class that loses at all four corners of a
 cell is not blended (PyTorch turns infinity × a zero weight into NaN, which argmax picks).
 
-A mixed cell is blended in one of two ways:
+A mixed cell is blended in one of three ways:
 - per cell (on the CPU, at large upsampling factors): its corners are read once for all
   the output pixels it covers, and only for the few classes that can win there;
-- per pixel (the rest): the four corners of every output pixel, every class. On a GPU
-  these gathers are a few cheap kernels, where the per-cell path would add several dozen
-  small ones and three host synchronisations; not measured there yet, so a GPU keeps
-  the per-pixel path.
+- per column (the rest, where cells cover two or more output columns): each output
+  column of a cell blends its two corner pairs across once, every class, and each pixel
+  of the column then blends those two rows down. The same operations per pixel as the
+  next, so the same values; fewer gathers where a column has several pixels;
+- per pixel (the rest): the four corners of every output pixel, every class.
+On a GPU these gathers are a few cheap kernels, where the per-cell path would add
+several dozen small ones and three host synchronisations; not measured there yet, so a
+GPU keeps the per-column and per-pixel paths.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ FEW_CLASSES = 4
 #: (4× upsampling): at 2× the per-pixel blend was faster (ESPNetv2's 256×512 logits to
 #: 512×1024, 1.5-1.9 against 2.3-2.7 ms).
 CELL_PIXELS = 16
+#: Mixed cells are blended per column where the cells cover at least this many output
+#: columns on average. ESPNetv2's 256×512 logits to 512×1024, 5 real frames: 1.9-2.4
+#: against 2.6-2.8 ms for the labels; at 1.4× per column was slower (1.14 against 1.06).
+COLUMN_CELLS = 2
 
 
 class _Axis(NamedTuple):
@@ -101,8 +109,11 @@ def upsample_argmax(
     if k > 1 and logits.stride(1) != 1:
         logits = logits.contiguous(memory_format=torch.channels_last)
     flat = logits.permute(0, 2, 3, 1).reshape(b_ * h * w, k)
-    if logits.device.type == "cpu" and ys.most * xs.most >= CELL_PIXELS:
-        cells = _blend_cells(out, flat, cells, ys, xs)
+    if logits.device.type == "cpu":
+        if ys.most * xs.most >= CELL_PIXELS:
+            cells = _blend_cells(out, flat, cells, ys, xs)
+        elif width >= COLUMN_CELLS * w:
+            cells = _blend_columns(out, flat, cells, ys, xs)
     _blend_pixels(out, flat, cells, ys, xs)
     return out
 
@@ -240,6 +251,64 @@ def _blend_pixels(
     bot += flat.index_select(0, r1 + c1).mul_(wx)
     winners = top.mul_(1 - wy).add_(bot.mul_(wy)).argmax(1).to(torch.uint8)
     out.view(-1).index_copy_(0, bb * (height * width) + yy * width + xx, winners)
+
+
+def _blend_columns(
+    out: torch.Tensor,
+    flat: torch.Tensor,
+    cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ys: _Axis,
+    xs: _Axis,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labels the output pixels of the mixed ``cells`` of the common height as
+    :func:`_blend_pixels` does, with each output column's top and bottom blends computed
+    once for its pixels; returns the other cells."""
+    bi, ii, ji = cells
+    n_rows = ys.count.index_select(0, ii)
+    here = (n_rows <= ys.most) & (n_rows > 0)  # a cell a downscale skips: nothing to label
+    if not bool(here.all()):
+        chosen, rest = here.nonzero().squeeze(1), (~here).nonzero().squeeze(1)
+        left = tuple(t.index_select(0, rest) for t in cells)
+        bi, ii, ji = (t.index_select(0, chosen) for t in cells)
+        n_rows = n_rows.index_select(0, chosen)
+    else:
+        left = tuple(t[:0] for t in cells)
+    h, w = len(ys.count), len(xs.count)
+    height, width = len(ys.lower), len(xs.lower)
+    dev = flat.device
+    n_cols = xs.count.index_select(0, ji)
+    n_columns = int(n_cols.sum())
+    if n_columns == 0:
+        return left
+    # The cells' output columns, listed per cell: a column's corners are its cell's rows
+    # (every pixel of a cell has the cell's row as its lower source row) and its own
+    # source columns.
+    column_cell = torch.repeat_interleave(
+        torch.arange(bi.numel(), device=dev), n_cols, output_size=n_columns
+    )
+    xx = xs.first.index_select(0, ji).index_select(0, column_cell)
+    xx += torch.arange(n_columns, device=dev)
+    xx -= (torch.cumsum(n_cols, 0) - n_cols).index_select(0, column_cell)
+    base = bi * (h * w)
+    r0 = (base + ii * w).index_select(0, column_cell)
+    r1 = (base + (ii + 1).clamp_(max=h - 1) * w).index_select(0, column_cell)
+    c0, c1 = xs.lower.index_select(0, xx), xs.upper.index_select(0, xx)
+    wx = xs.weight.index_select(0, xx).unsqueeze(1)
+    top = flat.index_select(0, r0 + c0).mul_(1 - wx)
+    top += flat.index_select(0, r0 + c1).mul_(wx)
+    bot = flat.index_select(0, r1 + c0).mul_(1 - wx)
+    bot += flat.index_select(0, r1 + c1).mul_(wx)
+    # Then each column's pixels down, its rows padded to the common height: rows past a
+    # cell's last repeat it, so a padded pixel is written twice with the same label.
+    last_row = (n_rows - 1).index_select(0, column_cell)
+    first_row = ys.first.index_select(0, ii).index_select(0, column_cell)
+    column = bi.index_select(0, column_cell) * (height * width) + xx
+    for row in range(ys.most):
+        yy = first_row + last_row.clamp(max=row)
+        wy = ys.weight.index_select(0, yy).unsqueeze(1)
+        blend = (top * (1 - wy)).add_(bot * wy)
+        out.view(-1).index_copy_(0, column + yy * width, blend.argmax(1).to(torch.uint8))
+    return left
 
 
 @functools.lru_cache(maxsize=32)

@@ -41,7 +41,7 @@ def test_channels_first_logits_are_blended_from_rows_with_the_same_labels(monkey
     from segmentation_safety import label_upsampling
 
     rows = []
-    for name in ("_blend_pixels", "_blend_cells"):
+    for name in ("_blend_pixels", "_blend_columns", "_blend_cells"):
         real = getattr(label_upsampling, name)
 
         def spy(out, flat, *rest, real=real):
@@ -53,23 +53,26 @@ def test_channels_first_logits_are_blended_from_rows_with_the_same_labels(monkey
     first = F.interpolate(torch.randn(1, 19, 4, 4) * 5, size=(32, 64), mode="bilinear")
     last = first.contiguous(memory_format=torch.channels_last)
     assert first.is_contiguous() and first.stride(1) != 1
-    for size in ((64, 128), (128, 256)):  # per pixel; per cell
+    for size in ((48, 96), (64, 128), (128, 256)):  # per pixel; per column; per cell
         rows.clear()
         assert torch.equal(upsample_argmax(first, size), upsample_argmax(last, size))
         assert rows and all(rows)
 
 
-def test_labels_blended_per_cell_are_those_of_the_per_pixel_blend(monkeypatch):
+def test_labels_blended_per_cell_or_column_are_those_of_the_per_pixel_blend(monkeypatch):
     # Where classes tie or come within rounding of each other the order of operations
     # decides, and PyTorch's own kernels differ there by CPU build and memory format: the
-    # per-cell path must give the per-pixel blend's labels, bit for bit. Ties on a coarse
-    # grid (argmax keeps the lower class), subnormal logits (rounding there is absolute),
-    # ±inf and NaN (the per-pixel blend takes those cells), and huge logits.
+    # per-cell and per-column paths must give the per-pixel blend's labels, bit for bit.
+    # Ties on a coarse grid (argmax keeps the lower class), subnormal logits (rounding
+    # there is absolute), ±inf and NaN (the per-pixel blend takes those cells in the
+    # per-cell path; the per-column one blends them alike), and huge logits.
     from segmentation_safety import label_upsampling
 
-    def per_pixel(logits, size):
+    def per_pixel(logits, size, columns=False):
         with monkeypatch.context() as patch:
             patch.setattr(label_upsampling, "CELL_PIXELS", 10**9)
+            if not columns:
+                patch.setattr(label_upsampling, "COLUMN_CELLS", 10**9)
             return upsample_argmax(logits, size)
 
     torch.manual_seed(1)
@@ -80,9 +83,11 @@ def test_labels_blended_per_cell_are_those_of_the_per_pixel_blend(monkeypatch):
     infinite[0, 2, 5, 5], infinite[1, 3, 7:9, 7] = float("inf"), float("-inf")
     missing[0, 1, 3, 3] = float("nan")
     for logits in (tied, subnormal, infinite, missing, huge):
-        for size in ((64, 96), (90, 130), (197, 41)):
+        for size in ((64, 96), (90, 130), (197, 41), (32, 48), (41, 61), (10, 96)):
             logits = logits.contiguous(memory_format=torch.channels_last)
-            assert torch.equal(upsample_argmax(logits, size), per_pixel(logits, size)), size
+            want = per_pixel(logits, size)
+            assert torch.equal(upsample_argmax(logits, size), want), size
+            assert torch.equal(per_pixel(logits, size, columns=True), want), size
     # A class ruled out by less than one subnormal unit still ties where rounding is
     # absolute (class 0's corners 11, 15; class 1's 20, 16: both blend to 16 units).
     unit = 2.0**-149
@@ -91,11 +96,15 @@ def test_labels_blended_per_cell_are_those_of_the_per_pixel_blend(monkeypatch):
     x[0, 1, 21:23, 1:3] = torch.tensor([20.0, 16.0]) * unit
     x[0, 2, 21:23, 1:3] = torch.tensor([25.0, 0.0]) * unit
     assert torch.equal(upsample_argmax(x, (294, 48)), per_pixel(x, (294, 48)))
+    assert torch.equal(per_pixel(x, (48, 16), columns=True), per_pixel(x, (48, 16)))
 
 
-def test_mixed_cells_with_few_winning_classes_are_labelled_per_cell(monkeypatch):
-    # At 4× and more a cell's corners are read once for all its output pixels: only
-    # cells where many classes can win, or of an edge's larger size, go pixel by pixel.
+def test_mixed_cells_are_labelled_per_cell_or_per_column_where_cells_cover_several_pixels(
+    monkeypatch,
+):
+    # At 4× and more a cell's corners are read once for all its output pixels, at 2× each
+    # output column's: only cells where many classes can win, or of an edge's larger
+    # size, go pixel by pixel; below 2× every mixed cell does.
     from segmentation_safety import label_upsampling
 
     per_pixel = []
@@ -111,12 +120,12 @@ def test_mixed_cells_with_few_winning_classes_are_labelled_per_cell(monkeypatch)
     low = logits.argmax(1)
     mixed = int(((low[:, :-1, :-1] != low[:, 1:, :-1]) | (low[:, :-1, :-1] != low[:, :-1, 1:])
                  | (low[:, :-1, :-1] != low[:, 1:, 1:])).sum())  # fmt: skip
-    for size, per_cell in (((128, 256), True), ((64, 128), False)):
+    for size, grouped in (((128, 256), True), ((64, 128), True), ((48, 96), False)):
         per_pixel.clear()
         ref = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
         assert torch.equal(upsample_argmax(logits, size).long(), ref)
         assert mixed > 0 and len(per_pixel) == 1
-        if per_cell:
+        if grouped:
             assert per_pixel[0] < mixed / 2
         else:
             assert per_pixel[0] >= mixed
