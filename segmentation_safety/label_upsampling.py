@@ -55,6 +55,10 @@ CELL_PIXELS = 16
 COLUMN_CELLS = 2
 
 
+#: Mixed cells as (batch, row, column) of their top-left corner, one tensor each.
+_Cells = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class _Axis(NamedTuple):
     """One axis of a bilinear resize, as PyTorch computes it (align_corners=False)."""
 
@@ -121,10 +125,10 @@ def upsample_argmax(
 def _blend_cells(
     out: torch.Tensor,
     flat: torch.Tensor,
-    cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cells: _Cells,
     ys: _Axis,
     xs: _Axis,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> _Cells:
     """Labels the mixed ``cells`` (batch, row, column of their top-left corner) that have
     few classes that can win and the common size; returns the others."""
     bi, ii, ji = cells
@@ -169,7 +173,7 @@ def _label_cells(
     out: torch.Tensor,
     values: torch.Tensor,
     classes: torch.Tensor,
-    cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cells: _Cells,
     ys: _Axis,
     xs: _Axis,
 ) -> None:
@@ -213,7 +217,7 @@ def _label_cells(
 def _blend_pixels(
     out: torch.Tensor,
     flat: torch.Tensor,
-    cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cells: _Cells,
     ys: _Axis,
     xs: _Axis,
 ) -> None:
@@ -256,10 +260,10 @@ def _blend_pixels(
 def _blend_columns(
     out: torch.Tensor,
     flat: torch.Tensor,
-    cells: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cells: _Cells,
     ys: _Axis,
     xs: _Axis,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> _Cells:
     """Labels the output pixels of the mixed ``cells`` of the common height as
     :func:`_blend_pixels` does, with each output column's top and bottom blends computed
     once for its pixels; returns the other cells."""
