@@ -1246,8 +1246,8 @@ class DetectorNode(Node):
             self.pubs["hazards"].publish(hazards)
 
     def _hazard_markers(self, frame: _Rendered) -> MarkerArray | None:
-        """The frame's hazard boxes; none at all (an empty array, after a warning) where
-        building them failed, and None when the node is stopping."""
+        """The frame's hazard boxes: an empty array (after a warning) where building them
+        failed, None where that was the node stopping."""
         try:
             return self._markers(frame)
         except Exception as e:  # markers are extra: the alarm must still go out
