@@ -41,19 +41,23 @@ def colorize(
 ) -> torch.Tensor:
     """H×W integer train ids -> H×W×3 uint8 RGB, as ``visualize.colorize_labels``
     (written to ``into``, a contiguous H×W×3 uint8 tensor, when given)."""
-    if labels.device.type == "cpu" and labels.dtype == torch.uint8 and palette.shape == (256, 3):
-        # OpenCV's table lookups, one single-channel table per colour, then interleaved:
-        # 0.32-0.60 ms at 512×1024 and 1.3-2.1 ms at 1024×2048, against 0.55-0.70 and
-        # 2.2-2.7 for one three-channel lookup on the ids merged three times (alternating
-        # in one run), and more for the gather below (the labels read as bytes, not as
-        # 8-byte indices).
+    if (
+        labels.device.type == "cpu"
+        and labels.dtype == torch.uint8
+        and labels.dim() == 2
+        and palette.shape == (256, 3)
+    ):
+        # OpenCV's colour map with the palette as its table (a user table is applied as
+        # given, no BGR swap): 0.31 against 0.42 ms at 512×1024 and 1.2 against 3.2 at
+        # 1024×2048 (alternating in one run) for one single-channel lookup per colour
+        # then interleaved, which beat one three-channel lookup on the ids merged three
+        # times and the gather below (the labels read as bytes, not as 8-byte indices).
         ids = np.ascontiguousarray(labels.numpy())
-        table = palette.numpy()
-        planes = [cv2.LUT(ids, table[:, c].copy()) for c in range(3)]
+        table = np.ascontiguousarray(palette.numpy()).reshape(256, 1, 3)
         if into is not None:
-            cv2.merge(planes, dst=into.numpy())
+            cv2.applyColorMap(ids, table, dst=into.numpy())
             return into
-        return torch.from_numpy(cv2.merge(planes))
+        return torch.from_numpy(cv2.applyColorMap(ids, table))
     # index_select: about 4× faster than advanced indexing on the CPU for the same gather.
     ids = labels.reshape(-1).long()
     if into is not None:
