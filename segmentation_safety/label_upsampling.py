@@ -245,16 +245,25 @@ def _blend_pixels(
     base = bb * (h * w)
     r0 = base + ys.lower.index_select(0, yy) * w
     r1 = base + ys.upper.index_select(0, yy) * w
-    c0, c1 = xs.lower.index_select(0, xx), xs.upper.index_select(0, xx)
     wy = ys.weight.index_select(0, yy).unsqueeze(1)
+    top, bot = _across(flat, r0, r1, xx, xs)
+    winners = top.mul_(1 - wy).add_(bot.mul_(wy)).argmax(1).to(torch.uint8)
+    out.view(-1).index_copy_(0, bb * (height * width) + yy * width + xx, winners)
+
+
+def _across(
+    flat: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor, xx: torch.Tensor, xs: _Axis
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The horizontal blends at output columns ``xx`` of the source rows starting at flat
+    indices ``r0`` (top) and ``r1`` (bottom), every class: PyTorch's (1 - wx) * a + wx * b,
+    in place on the fresh gathers (no new N×K buffer per operation)."""
+    c0, c1 = xs.lower.index_select(0, xx), xs.upper.index_select(0, xx)
     wx = xs.weight.index_select(0, xx).unsqueeze(1)
-    # The blend in place on the fresh gathers: no new N×K buffer per operation.
     top = flat.index_select(0, r0 + c0).mul_(1 - wx)
     top += flat.index_select(0, r0 + c1).mul_(wx)
     bot = flat.index_select(0, r1 + c0).mul_(1 - wx)
     bot += flat.index_select(0, r1 + c1).mul_(wx)
-    winners = top.mul_(1 - wy).add_(bot.mul_(wy)).argmax(1).to(torch.uint8)
-    out.view(-1).index_copy_(0, bb * (height * width) + yy * width + xx, winners)
+    return top, bot
 
 
 def _blend_columns(
@@ -296,12 +305,7 @@ def _blend_columns(
     base = bi * (h * w)
     r0 = (base + ii * w).index_select(0, column_cell)
     r1 = (base + (ii + 1).clamp_(max=h - 1) * w).index_select(0, column_cell)
-    c0, c1 = xs.lower.index_select(0, xx), xs.upper.index_select(0, xx)
-    wx = xs.weight.index_select(0, xx).unsqueeze(1)
-    top = flat.index_select(0, r0 + c0).mul_(1 - wx)
-    top += flat.index_select(0, r0 + c1).mul_(wx)
-    bot = flat.index_select(0, r1 + c0).mul_(1 - wx)
-    bot += flat.index_select(0, r1 + c1).mul_(wx)
+    top, bot = _across(flat, r0, r1, xx, xs)
     # Then each column's pixels down, its rows padded to the common height: rows past a
     # cell's last repeat it, so a padded pixel is written twice with the same label.
     last_row = (n_rows - 1).index_select(0, column_cell)
