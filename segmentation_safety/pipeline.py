@@ -24,7 +24,6 @@ from segmentation_safety.checkpoint import load_bundle
 from segmentation_safety.detectors import Detector, registry
 from segmentation_safety.device import resolve_device, synchronize
 from segmentation_safety.label_upsampling import upsample_argmax
-from segmentation_safety.metrics.segmentation import fuse_open_set
 from segmentation_safety.models.segmenter import Segmenter, resize_map
 from segmentation_safety.operating_point import SEGMENTER_PART, OperatingPoint
 from segmentation_safety.types import (
@@ -57,7 +56,7 @@ ALL_OUTPUTS = frozenset({"anomaly", "failure", "class_iou"})
 
 #: The dtype of each output :meth:`Pipeline.process_frame` can compute into a caller's array.
 INTO_DTYPES = {"labels": np.uint8, "color": np.uint8, "overlay": np.uint8,
-               "anomaly": np.float32, "failure": np.float32}  # fmt: skip
+               "anomaly": np.float32, "failure": np.float32, "open_set": np.uint8}  # fmt: skip
 #: How frames are resized to the network's input (:func:`resize_input`).
 INPUT_RESIZES = ("pil", "fast")
 
@@ -267,11 +266,11 @@ class Pipeline:
         copy. At ``map_scale`` 1 the maps are those of :meth:`process` (same resize).
 
         ``into``: host arrays to compute outputs into ("labels", "color", "overlay",
-        "anomaly", "failure"; each C-contiguous, of the output's shape and dtype), e.g.
-        the pixels of the messages a node serialises, which then copies nothing; or a
-        function giving them, called once the network has run. Used on the CPU only; an
-        array that does not fit is left alone, and the output is where the returned
-        frame's field says.
+        "anomaly", "failure", "open_set"; each C-contiguous, of the output's shape and
+        dtype), e.g. the pixels of the messages a node serialises, which then copies
+        nothing; or a function giving them, called once the network has run. Used on the
+        CPU only; an array that does not fit is left alone, and the output is where the
+        returned frame's field says.
         """
         from segmentation_safety import device_jpeg
         from segmentation_safety import render as draw
@@ -288,7 +287,7 @@ class Pipeline:
         seg, outs, timings = self.run(x, names)
         with self._timed(timings, "postprocess"):
             shapes = {"labels": (*size,), "color": (*size, 3), "overlay": (*size, 3),
-                      "anomaly": small, "failure": small}  # fmt: skip
+                      "anomaly": small, "failure": small, "open_set": (*size,)}  # fmt: skip
             dst = _destinations(into() if callable(into) else into, shapes, self.device)
             logits = seg.logits.float()
             net_maps = {}
@@ -321,13 +320,16 @@ class Pipeline:
             for role in render.maps & net_maps.keys():
                 dev[role] = at(role, small)
             jpeg_error = None
+            above = None  # the full-size anomaly's pixels above the threshold, where listed
             if render.overlay or render.overlay_jpeg is not None:
                 rgb = x[0].permute(1, 2, 0)
                 if "anomaly" in net_maps:
                     span = draw.map_range(net_maps["anomaly"][0])
                     target = dst.get("overlay") if render.overlay else None
+                    full = at("anomaly", size)
+                    above = draw.flat_above(full, render.threshold)
                     rgb = draw.hazard_overlay(
-                        rgb, at("anomaly", size), render.threshold, span, into=target
+                        rgb, full, render.threshold, span, into=target, flagged=above
                     )
                 if render.overlay:
                     dev["overlay"] = rgb
@@ -341,8 +343,9 @@ class Pipeline:
                 if labels is None:
                     labels = upsample_argmax(logits, size, seg.argmax())[0]
                 k = self.segmenter.num_classes
-                open_set = fuse_open_set(labels, at("anomaly", size), render.open_set, k)
-                dev["open_set"] = open_set.to(torch.uint8)
+                dev["open_set"] = draw.open_set(
+                    labels, at("anomaly", size), render.open_set, k, dst.get("open_set")
+                )
             if render.anomaly_net and "anomaly" in net_maps:
                 dev["anomaly_net"] = net_maps["anomaly"][0].float()
             name = roles.get("class_iou")
@@ -359,6 +362,7 @@ class Pipeline:
                     render.threshold,
                     render.alarm,
                     render.alarm_region,
+                    above=above if small == size else None,
                 )
             if net_maps:  # summed on the device, copied with the outputs
                 dev["map_sums"] = torch.stack(

@@ -305,12 +305,13 @@ def test_pictures_and_maps_are_rendered_into_their_laid_out_messages(harness, mo
     for n, sec in enumerate((5, 6), start=1):
         h.image_pub.publish(image_msg(sec=sec))
         wait_for(lambda n=n: all(len(h.got[t]) >= n for t in OUTPUT_TOPICS), "every output")
-    assert serialised == [1, 1]  # the open-set labels' bodies alone: they are not laid out
+    assert serialised == []
     assert len(laid_out) == 2  # for the first frame: the kept layout and its probe
     for i, (_, rendered) in enumerate(frames):
         for topic, name in (("segmentation", "labels"), ("segmentation/color", "color"),
                             ("hazard_overlay", "overlay"), ("anomaly", "anomaly"),
-                            ("failure", "failure")):  # fmt: skip
+                            ("failure", "failure"),
+                            ("segmentation/open_set", "open_set")):  # fmt: skip
             got = h.got[topic][i]
             assert bytes(got.data) == getattr(rendered, name).tobytes(), topic
             assert got.header.stamp.sec == 5 + i and got.header.stamp.nanosec == 500, topic

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from segmentation_safety import render, visualize
 from segmentation_safety.label_upsampling import upsample_argmax
+from segmentation_safety.metrics.segmentation import fuse_open_set
 from segmentation_safety.pipeline import Pipeline, PipelineConfig, to_host
 from segmentation_safety.types import RenderOptions
 
@@ -155,6 +156,25 @@ def test_colours_and_overlay_match_the_host_drawings():
     np.testing.assert_allclose(render.map_range(torch.from_numpy(anomaly)), span, rtol=1e-5)
 
 
+def test_open_set_labels_are_fuse_open_sets_on_the_host_and_into_an_array():
+    rng = np.random.default_rng(4)
+    labels = torch.from_numpy(rng.integers(0, 19, (30, 50), dtype=np.uint8))
+    anomaly = torch.from_numpy(rng.normal(size=(30, 50)).astype(np.float32))
+    anomaly[0, :5] = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.25, 0.2500001])
+    for threshold in (0.25, -0.5, float("nan"), 1e9):
+        want = fuse_open_set(labels, anomaly, threshold, 19).to(torch.uint8)
+        got = render.open_set(labels, anomaly, threshold, 19)
+        assert got.dtype == torch.uint8 and torch.equal(got, want), threshold
+        into = torch.full((30, 50), 7, dtype=torch.uint8)
+        assert render.open_set(labels, anomaly, threshold, 19, into) is into
+        assert torch.equal(into, want)
+    assert (render.open_set(labels, anomaly, 0.25, 19) == 19).any()
+    # Labels as int64 (more than 255 classes) take torch's masked fill, the same rule.
+    wide = labels.long()
+    np.testing.assert_array_equal(render.open_set(wide, anomaly, 0.25, 19).numpy(),
+                                  fuse_open_set(labels, anomaly, 0.25, 19).numpy())  # fmt: skip
+
+
 def test_alarm_counts_nan_as_anomalous_and_ignores_other_classes():
     labels = torch.tensor([[0, 0, 0, 1], [0, 0, 2, 1]], dtype=torch.uint8)
     anomaly = torch.tensor([[0.9, float("nan"), 0.1, 5.0], [0.2, 0.3, 9.0, 9.0]])
@@ -213,13 +233,14 @@ def test_outputs_computed_into_given_arrays_are_the_same_pixels_there():
     image = np.random.default_rng(7).integers(0, 256, (48, 80, 3), dtype=np.uint8)
     for scale in (1.0, 0.5):
         every = RenderOptions(color=True, overlay=True, maps=frozenset({"anomaly", "failure"}),
-                              alarm=(0, 1), threshold=0.3, map_scale=scale)  # fmt: skip
+                              alarm=(0, 1), threshold=0.3, map_scale=scale,
+                              open_set=0.3)  # fmt: skip
         ref = pipe.process_frame(image, {"anomaly", "failure"}, every)
         small = (round(48 * scale), round(80 * scale))
         into = {"labels": np.empty((48, 80), np.uint8), "color": np.empty((48, 80, 3), np.uint8),
                 "overlay": np.empty((48, 80, 3), np.uint8),
                 "anomaly": np.empty(small, np.float32), "failure": np.empty(small, np.float32),
-                "nonsense": np.empty(3)}  # fmt: skip
+                "open_set": np.empty((48, 80), np.uint8), "nonsense": np.empty(3)}  # fmt: skip
         asked = []  # a function giving them is asked once, after the network
 
         def giving(arrays=into, asked=asked):
@@ -228,7 +249,7 @@ def test_outputs_computed_into_given_arrays_are_the_same_pixels_there():
 
         for given in (into, giving):
             got = pipe.process_frame(image, {"anomaly", "failure"}, every, into=given)
-            for key in ("labels", "color", "overlay", "anomaly", "failure"):
+            for key in ("labels", "color", "overlay", "anomaly", "failure", "open_set"):
                 np.testing.assert_array_equal(getattr(got, key), getattr(ref, key))
                 assert np.shares_memory(getattr(got, key), into[key]), key
             assert got.alarm == ref.alarm
@@ -447,17 +468,19 @@ def test_alarm_counts_match_a_plain_count_over_the_corridor():
     anomaly[1, 2], anomaly[3, 4], anomaly[5, 6] = np.nan, np.inf, -np.inf
     failure = rng.random((40, 64)).astype(np.float32)
     area = drivable_region(torch.from_numpy(labels), (0,)).numpy()
-    for threshold in (-0.5, 0.7, float("nan")):
-        c = render.alarm_counts(
-            torch.from_numpy(labels), torch.from_numpy(anomaly), torch.from_numpy(failure),
-            threshold, (0,),
-        )  # fmt: skip
-        scores = anomaly[area]
-        quiet = scores <= threshold  # NaN scores (and a NaN threshold) are anomalous
-        assert c.area_pixels == int(area.sum())
-        assert c.anomalous_pixels == int((~quiet).sum())
-        assert c.max_score == scores[np.isfinite(scores)].max()
-        assert np.isclose(c.mean_failure, failure.mean())
+    finite = np.where(np.isfinite(anomaly), anomaly, np.float32(0.25))
+    for threshold, scores_map in itertools.product((-0.5, 0.7, float("nan")), (anomaly, finite)):
+        for listed in (None, render.flat_above(torch.from_numpy(scores_map), threshold)):
+            c = render.alarm_counts(
+                torch.from_numpy(labels), torch.from_numpy(scores_map),
+                torch.from_numpy(failure), threshold, (0,), above=listed,
+            )  # fmt: skip
+            scores = scores_map[area]
+            quiet = scores <= threshold  # NaN scores (and a NaN threshold) are anomalous
+            assert c.area_pixels == int(area.sum())
+            assert c.anomalous_pixels == int((~quiet).sum())
+            assert c.max_score == scores[np.isfinite(scores)].max()
+            assert np.isclose(c.mean_failure, failure.mean())
     failure[0, 0] = np.nan  # the mean leaves NaN out
     c = render.alarm_counts(torch.from_numpy(labels), None, torch.from_numpy(failure), 0.0, (0,))
     assert np.isclose(c.mean_failure, np.nanmean(failure)) and np.isnan(c.max_score)
@@ -483,8 +506,15 @@ def test_host_and_device_tests_agree_on_every_pixel(monkeypatch):
         out = [drivable.drivable_mask(labels, (0, 2)), drivable.drivable_region(labels, (1,))]
         for t in thresholds:
             out.append(render.hazard_overlay(rgb, anomaly, t, (-1.0, 1.0)))
+            listed = render.flat_above(anomaly, t)
             for region in drivable.REGIONS:
                 out.append(render.alarm_counts(labels, anomaly, None, t, (0, 3), region))
+                out.append(render.alarm_counts(labels, anomaly, None, t, (0, 3), region,
+                                               above=listed))  # fmt: skip
+            finite = anomaly.nan_to_num(nan=0.3, posinf=7.0, neginf=-7.0)  # the usual map
+            out.append(render.alarm_counts(labels, finite, None, t, (0, 3),
+                                           above=render.flat_above(finite, t)))  # fmt: skip
+            out.append(render.alarm_counts(labels, finite, None, t, (0, 3)))
         return out
 
     host = everything()

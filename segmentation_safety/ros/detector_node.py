@@ -1056,6 +1056,8 @@ class DetectorNode(Node):
         small = map_size(size, options.map_scale)
         shapes = {"labels": size, "color": (*size, 3), "overlay": (*size, 3)}
         shapes = {k: shape for k, shape in shapes.items() if getattr(options, k)}
+        if options.open_set is not None:  # a threshold, so only with an anomaly detector
+            shapes["open_set"] = size
         for role in options.maps:
             if getattr(self.pipeline.config, role):  # a detector fills that map
                 shapes[role] = small
