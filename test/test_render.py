@@ -36,6 +36,20 @@ def test_upsample_argmax_is_the_argmax_of_the_bilinear_upsample():
             assert int((got.long() != ref).sum()) == 0, (shape, size)
 
 
+def test_blends_are_won_by_argmaxs_classes_with_ties_nan_and_infinities():
+    from segmentation_safety.label_upsampling import _winners
+
+    torch.manual_seed(3)
+    blend = torch.round(torch.randn(4000, 19) * 2) / 2  # many exact ties
+    blend[::7, 4] = float("nan")
+    blend[::11, 9] = float("nan")  # two NaN in a row: the first wins, as in argmax
+    blend[::5, 2], blend[::13, 6] = float("inf"), float("-inf")
+    blend[::17] = float("-inf")
+    got = _winners(blend)
+    assert got.dtype == torch.uint8
+    assert torch.equal(got.long(), blend.argmax(1))
+
+
 def test_channels_first_logits_are_blended_from_rows_with_the_same_labels(monkeypatch):
     # Each blend gathers a pixel's classes as one row: channels-first logits are laid out
     # channels-last first, or every gather reads values a plane apart.
