@@ -2127,6 +2127,29 @@ def test_markers_that_fail_go_out_empty_with_every_other_output(harness, monkeyp
     assert any(k.startswith("markers/ValueError") for k in h.node.problems), h.node.problems
 
 
+def test_boxes_are_the_same_serialised_from_numbers_or_as_rclpy_messages(harness, monkeypatch):
+    # marker_cdr writes the boxes' bytes where the distro's Marker is the one it knows;
+    # elsewhere (serialize gives None) the MarkerArray goes out through rclpy.
+    h = harness(**HAZARD_PARAMS)
+    h.listen(*OUTPUT_TOPICS)
+    h.info_pub.publish(camera_info())
+    wait_for(lambda: h.node.camera_k is not None, "camera_info")
+    sent = []
+    real = detector_node.marker_cdr.serialize
+    monkeypatch.setattr(detector_node.marker_cdr, "serialize",
+                        lambda *a: sent.append(1) or real(*a))  # fmt: skip
+    send_and_wait_all(h, 15)
+    monkeypatch.setattr(detector_node.marker_cdr, "serialize", lambda *a: None)
+    send_and_wait_all(h, 16)
+    assert sent == [1]
+
+    def seen(sec):  # the lifetime follows the frames' interval: left out
+        return [(m.id, m.pose, m.scale, m.color, m.text, m.header.frame_id)
+                for m in boxes(h, sec)]  # fmt: skip
+
+    assert seen(15) and seen(15) == seen(16)
+
+
 def test_camera_info_is_read_again_only_when_more_than_its_stamp_changed(harness, monkeypatch):
     h = harness()
     reads, handled = [], []

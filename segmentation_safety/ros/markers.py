@@ -15,7 +15,8 @@ lens distortion camera_info gives (``plumb_bob``, ``rational_polynomial``,
 the image's edge by tens of pixels; taken through K alone, a ground point 3 m ahead
 there lands most of a metre off (the tests' 77° lens).
 
-The geometry functions are pure numpy; only :func:`hazard_markers` builds messages.
+The geometry functions (and :func:`hazard_boxes`) are pure numpy; only :func:`marker_array`
+builds messages, and :mod:`segmentation_safety.ros.marker_cdr` their bytes.
 """
 
 from __future__ import annotations
@@ -398,39 +399,46 @@ class MarkerPool:
         return self._markers[index]
 
 
-def hazard_markers(
+@dataclass(frozen=True)
+class Box:
+    """One hazard box in the optical frame: what a CUBE marker of the array says."""
+
+    id: int  # from 1: the DELETEALL is (NAMESPACE, 0)
+    centre: tuple[float, float, float]
+    size: tuple[float, float, float]  # x (width), y (height), z (depth = width)
+    text: str
+
+
+#: The boxes' RGBA.
+BOX_COLOR = (1.0, 0.1, 0.0, 0.6)
+
+
+def lifetime_of(seconds: float) -> tuple[int, int]:
+    """(sec, nanosec) of a Duration of ``seconds``."""
+    return int(seconds), int((seconds % 1) * 1e9)
+
+
+def hazard_boxes(
     regions: list[Region],
     k: np.ndarray | CameraModel | None,
-    header: Header,
     height: float,
     pitch: float,
     max_range: float = 50.0,
-    lifetime_s: float = 0.5,
     depth: np.ndarray | None = None,
-    pool: MarkerPool | None = None,
-) -> MarkerArray:
-    """One upright box per region; a DELETEALL first clears the last frame's.
+) -> list[Box]:
+    """One upright box per region that can be placed (none without ``k``).
 
     With ``depth`` (metres, aligned with the regions' image) a region with valid depth is
-    centred on :func:`depth_point`; otherwise it stands on the flat ground. With ``pool``
-    the markers are the pool's, every field this function sets set again.
+    centred on :func:`depth_point`; otherwise it stands on the flat ground. Regions above
+    the horizon or beyond ``max_range`` get none.
     """
-    if pool is None:
-        pool = MarkerPool()
-    clear = pool.marker(0)  # slot 0 only ever clears: its other fields stay default
-    clear.header, clear.ns, clear.action = header, NAMESPACE, Marker.DELETEALL
-    out = MarkerArray(markers=[clear])
     if k is None:
-        return out
+        return []
     camera = _camera(k)
     pinhole = np.asarray(camera.k, dtype=np.float64).reshape(3, 3)
     fx, fy = float(pinhole[0, 0]), float(pinhole[1, 1])
     up = camera_up(pitch)
-    # Shared by every box: building rclpy messages dominates this loop on real maps,
-    # which have tens of regions at their operating point.
-    orientation = _pitch_quaternion(pitch)
-    color = ColorRGBA(r=1.0, g=0.1, b=0.0, a=0.6)
-    lifetime = Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1) * 1e9))
+    boxes = []
     for i, r in enumerate(regions):
         point = None if depth is None else depth_point(r, depth, camera)
         source = "depth"
@@ -447,15 +455,60 @@ def hazard_markers(
         tall = min(max(r.height * dist / fy, 0.1), 5.0)
         # A depth point is the region's centre; a ground point is where it stands.
         centre = (point if source == "depth" else point + up * (tall / 2)).tolist()
+        # From 1: RViz flags an array in which two markers share ns and id (its
+        # "Duplicate Marker Check"), the DELETEALL's (NAMESPACE, 0) included.
+        text = f"anomaly {r.max_score:.2f} at {dist:.1f} m ({source})"
+        boxes.append(Box(i + 1, tuple(centre), (width, tall, width), text))
+    return boxes
+
+
+def hazard_markers(
+    regions: list[Region],
+    k: np.ndarray | CameraModel | None,
+    header: Header,
+    height: float,
+    pitch: float,
+    max_range: float = 50.0,
+    lifetime_s: float = 0.5,
+    depth: np.ndarray | None = None,
+    pool: MarkerPool | None = None,
+) -> MarkerArray:
+    """One upright box per region (:func:`hazard_boxes`), as :func:`marker_array`."""
+    boxes = hazard_boxes(regions, k, height, pitch, max_range, depth)
+    return marker_array(boxes, header, pitch, lifetime_s, pool)
+
+
+def marker_array(
+    boxes: list[Box],
+    header: Header,
+    pitch: float,
+    lifetime_s: float = 0.5,
+    pool: MarkerPool | None = None,
+) -> MarkerArray:
+    """A DELETEALL that clears the last frame's boxes, then one CUBE per box, upright for
+    a camera pitched down by ``pitch``. With ``pool`` the markers are the pool's, every
+    field this function sets set again."""
+    if pool is None:
+        pool = MarkerPool()
+    clear = pool.marker(0)  # slot 0 only ever clears: its other fields stay default
+    clear.header, clear.ns, clear.action = header, NAMESPACE, Marker.DELETEALL
+    out = MarkerArray(markers=[clear])
+    if not boxes:
+        return out
+    # Shared by every box: building rclpy messages dominates this loop on real maps,
+    # which have tens of regions at their operating point.
+    orientation = _pitch_quaternion(pitch)
+    color = ColorRGBA(r=BOX_COLOR[0], g=BOX_COLOR[1], b=BOX_COLOR[2], a=BOX_COLOR[3])
+    sec, nanosec = lifetime_of(lifetime_s)
+    lifetime = Duration(sec=sec, nanosec=nanosec)
+    for b in boxes:
         box = pool.marker(len(out.markers))
-        # From 1: the DELETEALL is (NAMESPACE, 0), and RViz flags an array in which two
-        # markers share ns and id (its "Duplicate Marker Check"), DELETEALL included.
-        box.header, box.ns, box.id = header, NAMESPACE, i + 1
+        box.header, box.ns, box.id = header, NAMESPACE, b.id
         box.type, box.action = Marker.CUBE, Marker.ADD
-        box.pose.position.x, box.pose.position.y, box.pose.position.z = centre
+        box.pose.position.x, box.pose.position.y, box.pose.position.z = b.centre
         box.pose.orientation = orientation
-        box.scale.x, box.scale.y, box.scale.z = width, tall, width
+        box.scale.x, box.scale.y, box.scale.z = b.size
         box.color, box.lifetime = color, lifetime
-        box.text = f"anomaly {r.max_score:.2f} at {dist:.1f} m ({source})"
+        box.text = b.text
         out.markers.append(box)
     return out
