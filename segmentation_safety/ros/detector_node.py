@@ -1327,7 +1327,7 @@ class DetectorNode(Node):
                                      p.max_marker_range, depth=depth)  # fmt: skip
         lifetime = self.marker_lifetime.next(now)
         # Serialised from the boxes' numbers (marker_cdr): converting Marker objects was
-        # most of the boxes' cost in the node (0.53 ms a frame for 8-14 boxes, 0.25 more
+        # most of the boxes' cost in the node (0.53 ms a frame for 7-13 boxes, 0.25 more
         # to build them).
         data = marker_cdr.serialize(boxes, header, p.camera_pitch, lifetime)
         if data is not None:

@@ -1,7 +1,7 @@
 """The hazard boxes' MarkerArray serialised straight from their numbers.
 
 Why: rclpy converts each Python Marker, with every nested default (a texture image, a
-mesh file, ...), into its C struct before publishing; on real maps, with 8-14 boxes a
+mesh file, ...), into its C struct before publishing; on real maps, with 7-13 boxes a
 frame, that took 0.53 ms, and building the Marker objects 0.25 ms more. The boxes differ
 only in a few numbers and one string, so here their bytes are written directly (XCDR1,
 little endian, as :mod:`segmentation_safety.ros.cdr`) and published as they are.
