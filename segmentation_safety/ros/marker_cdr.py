@@ -14,15 +14,20 @@ the MarkerArray (:func:`markers.marker_array`) instead. Tests compare the two.
 from __future__ import annotations
 
 import functools
-import math
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 from segmentation_safety.ros import cdr
-from segmentation_safety.ros.markers import BOX_COLOR, NAMESPACE, Box, lifetime_of
+from segmentation_safety.ros.markers import (
+    BOX_COLOR,
+    NAMESPACE,
+    Box,
+    lifetime_of,
+    pitch_orientation,
+)
 
-#: Marker's fields as this writer writes them, and those of the messages in them.
+#: Marker's fields as this writer writes them.
 MARKER_FIELDS = {
     "header": "std_msgs/Header", "ns": "string", "id": "int32", "type": "int32",
     "action": "int32", "pose": "geometry_msgs/Pose", "scale": "geometry_msgs/Vector3",
@@ -34,14 +39,19 @@ MARKER_FIELDS = {
     "mesh_resource": "string", "mesh_file": "visualization_msgs/MeshFile",
     "mesh_use_embedded_materials": "boolean",
 }  # fmt: skip
+_XYZ = {"x": "double", "y": "double", "z": "double"}
+_HEADER = {"stamp": "builtin_interfaces/Time", "frame_id": "string"}
+_STAMP = {"sec": "int32", "nanosec": "uint32"}
+#: The fields of the messages inside a Marker that the writer writes, by where they are.
 NESTED_FIELDS = {
-    "header": {"stamp": "builtin_interfaces/Time", "frame_id": "string"},
-    "pose": {"position": "geometry_msgs/Point", "orientation": "geometry_msgs/Quaternion"},
-    "scale": {"x": "double", "y": "double", "z": "double"},
-    "color": {"r": "float", "g": "float", "b": "float", "a": "float"},
-    "lifetime": {"sec": "int32", "nanosec": "uint32"},
-    "texture": {"header": "std_msgs/Header", "format": "string", "data": "sequence<uint8>"},
-    "mesh_file": {"filename": "string", "data": "sequence<uint8>"},
+    ("header",): _HEADER, ("header", "stamp"): _STAMP,
+    ("pose",): {"position": "geometry_msgs/Point", "orientation": "geometry_msgs/Quaternion"},
+    ("pose", "position"): _XYZ, ("pose", "orientation"): {**_XYZ, "w": "double"},
+    ("scale",): _XYZ, ("color",): {"r": "float", "g": "float", "b": "float", "a": "float"},
+    ("lifetime",): _STAMP,
+    ("texture",): {"header": "std_msgs/Header", "format": "string", "data": "sequence<uint8>"},
+    ("texture", "header"): _HEADER, ("texture", "header", "stamp"): _STAMP,
+    ("mesh_file",): {"filename": "string", "data": "sequence<uint8>"},
 }  # fmt: skip
 
 _CUBE, _ADD, _DELETEALL = 1, 0, 3  # Marker.CUBE, Marker.ADD, Marker.DELETEALL
@@ -55,17 +65,9 @@ def supported() -> bool:
     marker = Marker()
     if dict(marker.get_fields_and_field_types()) != MARKER_FIELDS:
         return False
-    pose = marker.pose
-    nested = {
-        "position": dict(pose.position.get_fields_and_field_types()),
-        "orientation": dict(pose.orientation.get_fields_and_field_types()),
-    }
-    if nested != {"position": NESTED_FIELDS["scale"],
-                  "orientation": {**NESTED_FIELDS["scale"], "w": "double"}}:  # fmt: skip
-        return False
     return all(
-        dict(getattr(marker, name).get_fields_and_field_types()) == fields
-        for name, fields in NESTED_FIELDS.items()
+        dict(functools.reduce(getattr, path, marker).get_fields_and_field_types()) == fields
+        for path, fields in NESTED_FIELDS.items()
     )
 
 
@@ -81,8 +83,7 @@ def serialize(boxes: Sequence[Box], header: Any, pitch: float, lifetime_s: float
     out.marker(stamp, header.frame_id, 0, 0, _DELETEALL, (0.0,) * 6 + (1.0,) + (0.0,) * 3,
                (0.0,) * 4, (0, 0), "")  # fmt: skip
     if boxes:
-        half = pitch / 2
-        orientation = (math.sin(half), 0.0, 0.0, math.cos(half))
+        orientation = pitch_orientation(pitch)
         lifetime = lifetime_of(lifetime_s)
         for box in boxes:
             out.marker(stamp, header.frame_id, box.id, _CUBE, _ADD,

@@ -353,10 +353,16 @@ def depth_point(
     return ray * (float(np.median(values)) / ray[2])
 
 
-def _pitch_quaternion(pitch: float) -> Quaternion:
+def pitch_orientation(pitch: float) -> tuple[float, float, float, float]:
+    """(x, y, z, w) of the boxes' orientation for a camera pitched down by ``pitch``."""
     # Rotating the optical frame by +pitch about x brings its y axis to world-down and its
     # z axis to the horizontal, so boxes stand upright instead of tilting with the camera.
-    return Quaternion(x=math.sin(pitch / 2), y=0.0, z=0.0, w=math.cos(pitch / 2))
+    return math.sin(pitch / 2), 0.0, 0.0, math.cos(pitch / 2)
+
+
+def _pitch_quaternion(pitch: float) -> Quaternion:
+    x, y, z, w = pitch_orientation(pitch)
+    return Quaternion(x=x, y=y, z=z, w=w)
 
 
 class MarkerLifetime:
