@@ -1270,7 +1270,7 @@ class DetectorNode(Node):
             if self._stopping():
                 return None
             self._warn(f"markers/{type(e).__name__}", f"hazard markers failed: {e}")
-            return markers.hazard_markers([], None, frame.header, 0.0, 0.0)
+            return markers.marker_array([], frame.header, 0.0)  # the DELETEALL alone
 
     def _markers(self, frame: _Rendered) -> MarkerArray | bytes:
         """Hazard boxes from the regions of the network-resolution anomaly map.
