@@ -67,7 +67,6 @@ from segmentation_safety.ros import serialized_publish
 from segmentation_safety.ros.node_process import NodeProcess, node_command
 from segmentation_safety.ros.params import SPEC_BY_NAME
 from segmentation_safety.ros.replay_report import ReplayReport, build_report, safety_timings
-from segmentation_safety.ros.serialized_take import OneCopyExecutor
 
 #: The node's default keep-last depth of its outputs.
 OUTPUT_DEPTH = SPEC_BY_NAME["qos.output_depth"].default
@@ -149,9 +148,6 @@ class Collector(Node):
             history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE
         )
         self.subs = []
-        #: (subscription, whether its callback takes the message info): what the
-        #: collector's executor takes in one copy (:meth:`take_once`).
-        self.takes: list[tuple[Any, bool]] = []
         # Always `safety` (it carries the answer); the others as asked (None: all of them).
         # `safety` first: an executor takes the messages one wait found in the order of
         # its subscriptions, and the node publishes a frame's other outputs just before
@@ -164,11 +160,11 @@ class Collector(Node):
 
         wanted.append(("diagnostics", "/diagnostics", DiagnosticArray))
         for key, name, msg_type in wanted:
-            sub = self.create_subscription(
-                msg_type, name, self._callback(key, name, msg_type), qos, raw=True
+            self.subs.append(
+                self.create_subscription(
+                    msg_type, name, self._callback(key, name, msg_type), qos, raw=True
+                )
             )
-            self.subs.append(sub)
-            self.takes.append((sub, key == "safety"))
         #: The node's class names, published once and latched: kept for the output bag,
         #: which has them (``write_label_info``) although they came before the recording.
         self.label_info: tuple[str, bytes] | None = None
@@ -176,12 +172,6 @@ class Collector(Node):
             self._listen_label_info()
         self._flushed = threading.Event()
         self._flush_guard = self.create_guard_condition(self._flushed.set)
-
-    def take_once(self, executor: OneCopyExecutor) -> bool:
-        """Have ``executor`` (this collector's) take every output in one copy, as a
-        subscriber in another process does (:mod:`serialized_take`); False where rclpy
-        takes them."""
-        return all([executor.take_once(sub, with_info) for sub, with_info in self.takes])
 
     def _listen_label_info(self) -> None:
         from rclpy.qos import DurabilityPolicy
@@ -215,15 +205,13 @@ class Collector(Node):
         msgtype = type_name(msg_type)
         qos = self.offered["diagnostics" if key == "diagnostics" else "outputs"]
 
-        # `raw`: bytes, or with a one-copy take a view valid during the callback only:
-        # what is kept is copied.
-        def on_safety(raw: bytes | memoryview, info: dict[str, Any]) -> None:
+        def on_safety(raw: bytes, info: dict[str, Any]) -> None:
             # From the middleware's delivery time: how long the answer waited for this
             # callback (`subscriber` in the breakdown; Fast DDS stamps delivery, other
             # middlewares may stamp the take, and it is then about 0).
             on_message(raw, waited_ms=delivery_wait_ms(info))
 
-        def on_message(raw: bytes | memoryview, *, waited_ms: float | None = None) -> None:
+        def on_message(raw: bytes, *, waited_ms: float | None = None) -> None:
             now = time.monotonic()
             if key == "safety":
                 stamp = cdr_stamp_ns(raw)
@@ -245,16 +233,16 @@ class Collector(Node):
                     self.statuses += 1
                     self.cond.notify_all()
             if self.keep_enabled and key in self.keep:
-                self.keep[key].setdefault(cdr_stamp_ns(raw), bytes(raw))
+                self.keep[key].setdefault(cdr_stamp_ns(raw), raw)
             if self.recorder is not None and self.keep_enabled:
-                self.recorder.write(recorded, msgtype, time.time_ns(), bytes(raw), qos)
+                self.recorder.write(recorded, msgtype, time.time_ns(), raw, qos)
 
         return on_safety if key == "safety" else on_message
 
-    def _our_status(self, raw: bytes | memoryview) -> Any:
+    def _our_status(self, raw: bytes) -> Any:
         from diagnostic_msgs.msg import DiagnosticArray
 
-        msg = deserialize_message(bytes(raw), DiagnosticArray)
+        msg = deserialize_message(raw, DiagnosticArray)
         return next((s for s in msg.status if s.hardware_id.startswith(self.namespace)), None)
 
     def flush(self, timeout_s: float) -> bool:
@@ -440,11 +428,7 @@ class Replayer:
             for node in (self.node, self.collector):
                 if node is None:
                     continue
-                if node is self.collector:
-                    ex = OneCopyExecutor(context=self.context)
-                    self.collector.take_once(ex)
-                else:
-                    ex = SingleThreadedExecutor(context=self.context)
+                ex = SingleThreadedExecutor(context=self.context)
                 ex.add_node(node)
                 th = threading.Thread(target=self._spin, args=(ex,), daemon=True)
                 th.start()
@@ -664,11 +648,6 @@ class Replayer:
             for f in frames
         ]  # fmt: skip
         assert self.collector is not None
-        # The warm-up frames' other outputs, which their `safety` overtook, are taken
-        # first: they must not be recorded with the bag's frames.
-        if not self.collector.flush(FLUSH_TIMEOUT_S):
-            print("warning: the collector did not take the warm-up's outputs within "
-                  f"{FLUSH_TIMEOUT_S:.0f} s; the bag may hold some", file=sys.stderr)  # fmt: skip
         self.collector.keep_enabled = True
         self.collector.write_label_info()
         try:

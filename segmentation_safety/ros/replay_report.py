@@ -35,7 +35,7 @@ def latency_summary(latencies_ms: list[float]) -> dict[str, float | None]:
             "mean": float(a.mean())}  # fmt: skip
 
 
-def safety_timings(raw: bytes | memoryview) -> dict[str, float]:
+def safety_timings(raw: bytes) -> dict[str, float]:
     """A serialised SafetyFrame's stage timings, read without copying its maps."""
     from segmentation_safety.msg import SafetyFrame
     from segmentation_safety.ros import cdr
@@ -317,13 +317,9 @@ MIDDLEWARE_ENV = (
 
 def delivery_label(options: ReplayOptions) -> dict[str, Any]:
     """How outputs reached the collector, as T.json and N.json record it: in this process
-    (intra-process) or from the node's own process, the middleware settings in force, and
-    how the collector takes them (:func:`serialized_take.label`)."""
-    from segmentation_safety.ros import serialized_take
-
+    (intra-process) or from the node's own process, and the middleware settings in force."""
     env = {k: os.environ[k] for k in MIDDLEWARE_ENV if k in os.environ}
-    return {"node_process": options.node_process, "environment": env,
-            "collector_take": serialized_take.label()}  # fmt: skip
+    return {"node_process": options.node_process, "environment": env}
 
 
 def _finite(v: float) -> float | None:
