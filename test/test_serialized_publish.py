@@ -143,6 +143,7 @@ def test_a_destroyed_publisher_raises_instead_of_crashing(node):
 
 
 def test_an_rcl_failure_carries_rcls_message_and_clears_it(node, monkeypatch):
+    send, error, reset = serialized_publish._rcl()
     rcutils = ctypes.CDLL("librcutils.so")
     rcutils.rcutils_set_error_state.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t)
     rcutils.rcutils_error_is_set.restype = ctypes.c_bool
@@ -151,7 +152,7 @@ def test_an_rcl_failure_carries_rcls_message_and_clears_it(node, monkeypatch):
         rcutils.rcutils_set_error_state(b"publisher is gone", b"publisher.c", 7)
         return 1  # RCL_RET_ERROR
 
-    monkeypatch.setattr(serialized_publish, "_rcl", lambda: failing_send)
+    monkeypatch.setattr(serialized_publish, "_rcl", lambda: (failing_send, error, reset))
     pub = node.create_publisher(Image, "failing", QOS)
     with pytest.raises(serialized_publish.PublishError, match=r"on /failing .*publisher is gone"):
         serialized_publish.publish(pub, _images()[0])
@@ -161,5 +162,5 @@ def test_an_rcl_failure_carries_rcls_message_and_clears_it(node, monkeypatch):
 def test_the_rcl_call_keeps_the_gil():
     # Released, an in-process subscriber took the GIL during every publish and the node
     # waited for it after each one (see the module's docstring).
-    send = serialized_publish._rcl()
+    send, _, _ = serialized_publish._rcl()
     assert send._flags_ & ctypes._FUNCFLAG_PYTHONAPI

@@ -13,8 +13,9 @@ waited to get it back after every one of its ~8 publishes: at 1024×2048, 13-18 
 publishing for 10.6 ms of CPU. Kept, the node publishes in one go (9-11 ms there) and
 subscribers take their messages after it.
 
-The structs involved are in :mod:`rcl_ctypes`; the tests publish through this path and
-compare every byte received. Where librcl cannot be loaded or the rclpy in use
+The two rcl structs involved (``rcutils_uint8_array_t`` and the allocator inside it)
+have had the same layout since ROS 2's first releases; the tests publish through this
+path and compare every byte received. Where librcl cannot be loaded or the rclpy in use
 does not expose its handle's address, :func:`publish` is ``Publisher.publish``.
 """
 
@@ -27,7 +28,38 @@ from typing import Any
 import numpy as np
 
 from segmentation_safety.ros import cdr
-from segmentation_safety.ros.rcl_ctypes import RET_OK, SerializedMessage, last_error, library
+
+#: rcl's success code (``RCL_RET_OK``).
+_RET_OK = 0
+#: ``RCUTILS_ERROR_MESSAGE_MAX_LENGTH``: the size of rcutils' error string.
+_ERROR_LENGTH = 1024
+
+
+class _Allocator(ctypes.Structure):
+    """``rcutils_allocator_t``: unused when publishing, present for the layout."""
+
+    _fields_ = [
+        ("allocate", ctypes.c_void_p),
+        ("deallocate", ctypes.c_void_p),
+        ("reallocate", ctypes.c_void_p),
+        ("zero_allocate", ctypes.c_void_p),
+        ("state", ctypes.c_void_p),
+    ]
+
+
+class _SerializedMessage(ctypes.Structure):
+    """``rcl_serialized_message_t`` (``rcutils_uint8_array_t``) over a borrowed buffer."""
+
+    _fields_ = [
+        ("buffer", ctypes.c_void_p),
+        ("buffer_length", ctypes.c_size_t),
+        ("buffer_capacity", ctypes.c_size_t),
+        ("allocator", _Allocator),
+    ]
+
+
+class _ErrorString(ctypes.Structure):
+    _fields_ = [("text", ctypes.c_char * _ERROR_LENGTH)]
 
 
 class PublishError(RuntimeError):
@@ -35,17 +67,26 @@ class PublishError(RuntimeError):
 
 
 @functools.cache
-def _rcl() -> Any | None:
-    """rcl's publish call, keeping the GIL (see the module's docstring); None where it
-    cannot be loaded."""
-    rcl = library("rcl", keep_gil=True)
+def _rcl() -> tuple[Any, Any, Any] | None:
+    """rcl's publish call and rcutils' error calls; None where they cannot be loaded.
+
+    rclpy's extension has already loaded both libraries, so loading them by name finds
+    the same copies whichever way ROS is installed (wheels, a distro under /opt/ros)."""
     try:
+        rcl = ctypes.PyDLL("librcl.so")  # the GIL kept: see the module's docstring
+        rcutils = ctypes.CDLL("librcutils.so")
         send = rcl.rcl_publish_serialized_message
-    except AttributeError:  # no library (None), or one without the call
+        error = rcutils.rcutils_get_error_string
+        reset = rcutils.rcutils_reset_error
+    except (OSError, AttributeError):
         return None
-    send.argtypes = (ctypes.c_void_p, ctypes.POINTER(SerializedMessage), ctypes.c_void_p)
+    send.argtypes = (ctypes.c_void_p, ctypes.POINTER(_SerializedMessage), ctypes.c_void_p)
     send.restype = ctypes.c_int32
-    return send
+    error.argtypes = ()
+    error.restype = _ErrorString
+    reset.argtypes = ()
+    reset.restype = None
+    return send, error, reset
 
 
 def direct(publisher: Any) -> bool:
@@ -96,17 +137,18 @@ def _send(publisher: Any, data: bytes | np.ndarray, start: int, end: int) -> Non
         whole = start == 0 and end == len(data) and isinstance(data, bytes)
         publisher.publish(data if whole else bytes(memoryview(data)[start:end]))
         return
-    send = _rcl()
+    send, error, reset = _rcl()
     if isinstance(data, bytes):
         address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
     else:  # an array (a bytearray's is a view: exported, it cannot be resized meanwhile)
         address = data.ctypes.data
-    message = SerializedMessage(address + start, end - start, end - start)
+    message = _SerializedMessage(address + start, end - start, end - start)
     # Held as rclpy holds it: the rcl publisher cannot be destroyed while in use, and a
     # destroyed one raises rclpy's InvalidHandle here instead of being dereferenced.
     handle = publisher.handle
     with handle:
         ret = send(handle.pointer, ctypes.byref(message), None)
-        if ret != RET_OK:
-            text = last_error()
+        if ret != _RET_OK:
+            text = error().text.decode(errors="replace")
+            reset()
             raise PublishError(f"publishing on {publisher.topic_name} failed (rcl {ret}): {text}")
