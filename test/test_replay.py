@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -396,6 +397,39 @@ def test_compressed_bag_from_a_frames_folder_replays(models: Path, tmp_path: Pat
     assert types["/camera/image_raw/compressed"] == "sensor_msgs/msg/CompressedImage"
     assert counts["/camera/image_raw/compressed"] == 4 and counts["/camera/camera_info"] == 4
     for topic in ("safety", "segmentation", "hazard_overlay", "hazard_overlay/compressed"):
+        assert counts[f"/segmentation_safety/{topic}"] == t["frames_processed"], topic
+
+
+def test_the_warm_up_frames_outputs_stay_out_of_the_output_bag(
+    bags: dict[str, Path], models: Path, tmp_path: Path, monkeypatch
+):
+    # `safety` is taken before a frame's other outputs, so the warm-up's answer can start
+    # the recording while its other outputs are still to be taken. Slow takes of those,
+    # before the recording, make that happen every time.
+    from rosbags.rosbag2 import Reader
+
+    from segmentation_safety.ros.replay import Collector
+
+    plain = Collector._callback
+
+    def slow_outputs(self, key, name, msg_type):
+        callback = plain(self, key, name, msg_type)
+        if key in ("safety", "diagnostics"):
+            return callback
+
+        def slowly(raw):
+            if not self.keep_enabled:
+                time.sleep(0.1)
+            callback(raw)
+
+        return slowly
+
+    monkeypatch.setattr(Collector, "_callback", slow_outputs)
+    out_bag = tmp_path / "out_bag"
+    t = _replay(bags["sqlite3"], models, tmp_path, "--output-bag", str(out_bag))
+    with Reader(out_bag) as reader:
+        counts = {c.topic: c.msgcount for c in reader.connections}
+    for topic in ("safety", "segmentation", "anomaly"):
         assert counts[f"/segmentation_safety/{topic}"] == t["frames_processed"], topic
 
 

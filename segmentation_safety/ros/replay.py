@@ -648,6 +648,11 @@ class Replayer:
             for f in frames
         ]  # fmt: skip
         assert self.collector is not None
+        # The warm-up frames' other outputs, which their `safety` overtook, are taken
+        # first: they must not be recorded with the bag's frames.
+        if not self.collector.flush(FLUSH_TIMEOUT_S):
+            print("warning: the collector did not take the warm-up's outputs within "
+                  f"{FLUSH_TIMEOUT_S:.0f} s; the bag may hold some", file=sys.stderr)  # fmt: skip
         self.collector.keep_enabled = True
         self.collector.write_label_info()
         try:
