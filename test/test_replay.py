@@ -7,7 +7,6 @@ import math
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -404,33 +403,42 @@ def test_the_warm_up_frames_outputs_stay_out_of_the_output_bag(
     bags: dict[str, Path], models: Path, tmp_path: Path, monkeypatch
 ):
     # `safety` is taken before a frame's other outputs, so the warm-up's answer can start
-    # the recording while its other outputs are still to be taken. Slow takes of those,
-    # before the recording, make that happen every time.
+    # the recording while its other outputs are still to be taken. The first output taken
+    # after that answer waits here for the recording to start: unless the replay waits
+    # for those outputs first, it then records a warm-up output, every time.
     from rosbags.rosbag2 import Reader
 
     from segmentation_safety.ros.replay import Collector
 
-    plain = Collector._callback
+    plain, plain_start = Collector._callback, Collector.write_label_info
+    recording, waited = threading.Event(), threading.Event()
 
-    def slow_outputs(self, key, name, msg_type):
+    def start(self):
+        recording.set()
+        plain_start(self)
+
+    def waiting_outputs(self, key, name, msg_type):
         callback = plain(self, key, name, msg_type)
         if key in ("safety", "diagnostics"):
             return callback
 
-        def slowly(raw):
-            if not self.keep_enabled:
-                time.sleep(0.1)
+        def after_waiting(raw):
+            if self.answers and not self.keep_enabled and not waited.is_set():
+                waited.set()
+                recording.wait(timeout=0.5)
             callback(raw)
 
-        return slowly
+        return after_waiting
 
-    monkeypatch.setattr(Collector, "_callback", slow_outputs)
+    monkeypatch.setattr(Collector, "write_label_info", start)
+    monkeypatch.setattr(Collector, "_callback", waiting_outputs)
     out_bag = tmp_path / "out_bag"
     t = _replay(bags["sqlite3"], models, tmp_path, "--output-bag", str(out_bag))
     with Reader(out_bag) as reader:
         counts = {c.topic: c.msgcount for c in reader.connections}
     for topic in ("safety", "segmentation", "anomaly"):
         assert counts[f"/segmentation_safety/{topic}"] == t["frames_processed"], topic
+    assert waited.is_set()  # a warm-up output was taken after the warm-up's answer
 
 
 def test_bag_from_an_mp4_replays(models: Path, tmp_path: Path):
