@@ -650,20 +650,24 @@ class Replayer:
         assert self.collector is not None
         # The warm-up frames' other outputs, which their `safety` overtook, are taken
         # first: they must not be recorded with the bag's frames.
-        if not self.collector.flush(FLUSH_TIMEOUT_S):
-            print("warning: the collector did not take the warm-up's outputs within "
-                  f"{FLUSH_TIMEOUT_S:.0f} s; the bag may hold some", file=sys.stderr)  # fmt: skip
+        self._take_outputs("the warm-up's", "the bag may hold some")
         self.collector.keep_enabled = True
         self.collector.write_label_info()
         try:
             trial = self.play(schedule, stage="replay")
             # The last frames' other outputs, which their `safety` overtook, kept too.
-            if not self.collector.flush(FLUSH_TIMEOUT_S):
-                print("warning: the collector did not take the last outputs within "
-                      f"{FLUSH_TIMEOUT_S:.0f} s; some may be missing", file=sys.stderr)  # fmt: skip
+            self._take_outputs("the last", "some may be missing")
             return trial
         finally:
             self.collector.keep_enabled = False
+
+    def _take_outputs(self, whose: str, otherwise: str) -> None:
+        """Until the collector has taken the outputs of the frames answered so far
+        (:meth:`Collector.flush`); a warning saying ``otherwise`` if it did not in time."""
+        assert self.collector is not None
+        if not self.collector.flush(FLUSH_TIMEOUT_S):
+            print(f"warning: the collector did not take {whose} outputs within "
+                  f"{FLUSH_TIMEOUT_S:.0f} s; {otherwise}", file=sys.stderr)  # fmt: skip
 
     def trial_at(self, rate_hz: float, index: int) -> Trial:
         """Cycle the bag's frames at a fixed rate for about ``search_seconds``."""
