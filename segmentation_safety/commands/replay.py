@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         output_bag=args.output_bag,
         output_format=args.output_format,
         node_process=args.node_process,
+        keep_overlays=args.overlays is not None and args.overlay_count > 0,
     )
     print(f"replaying {args.bag} through the detector node ...", file=sys.stderr)
     bars: dict[str, Any] = {}

@@ -38,7 +38,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,9 @@ class Collector(Node):
         self.timings: dict[int, dict[str, float]] = {}  # safety stamp -> the node's stages
         #: Kept outputs, each in an anonymous mapping of its own (see ``_kept``).
         self.keep: dict[str, dict[int, mmap.mmap]] = {"safety": {}, "hazard_overlay": {}}
+        #: The stamps of each kept output the report reads (None: every one): a long bag
+        #: at 2 MP kept whole would hold about 25 MB a frame.
+        self.keep_stamps: dict[str, Container[int] | None] = dict.fromkeys(self.keep)
         self.keep_enabled = False
         #: The node's newest /diagnostics values (frames_rejected, last_problem, ...), and
         #: how many of its statuses came: refused frames are told apart from dropped ones
@@ -235,8 +238,8 @@ class Collector(Node):
                     self.statuses += 1
                     self.cond.notify_all()
             if self.keep_enabled and key in self.keep:
-                kept, stamp = self.keep[key], cdr_stamp_ns(raw)
-                if stamp not in kept:
+                kept, stamp, wanted = self.keep[key], cdr_stamp_ns(raw), self.keep_stamps[key]
+                if stamp not in kept and (wanted is None or stamp in wanted):
                     kept[stamp] = _kept(raw)
             if self.recorder is not None and self.keep_enabled:
                 self.recorder.write(recorded, msgtype, time.time_ns(), raw, qos)
@@ -398,6 +401,8 @@ class ReplayOptions:
     #: Called as ``progress(stage, done, total)``: frames of the bag sent ("replay"),
     #: trials of the rate search ("rate search").
     progress: Callable[[str, int, int], None] | None = None
+    #: Keep the hazard overlays for the report (``--overlays``); off, none is kept.
+    keep_overlays: bool = True
 
 
 class Replayer:
@@ -675,6 +680,11 @@ class Replayer:
             for f in frames
         ]  # fmt: skip
         assert self.collector is not None
+        # What the report reads: `safety` where the bag has ground truth (the anomaly
+        # metrics), the overlays if they are saved.
+        self.collector.keep_stamps["safety"] = frozenset(self.bag.gt_anomaly)
+        if not self.options.keep_overlays:
+            self.collector.keep_stamps["hazard_overlay"] = frozenset()
         # The warm-up frames' other outputs, which their `safety` overtook, are taken
         # first: they must not be recorded with the bag's frames.
         self._take_outputs("the warm-up's", "the bag may hold some")
