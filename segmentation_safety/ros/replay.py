@@ -306,7 +306,7 @@ def _kept(raw: bytes) -> mmap.mmap:
     goes back to it whole for the next frame's take. Kept as taken, or copied into the
     heap, each kept message left the next take of its size fresh pages to fault in
     (both ways measured), and the wait delayed the next answer's callback: `subscriber`,
-    counted against the node, 4.6-5.8 ms at 720×1280 against 1.7-2.2 with these copies
+    counted against the node, 4.6-6.4 ms at 720×1280 against 1.7-2.2 with these copies
     (docs/performance.md)."""
     copy = mmap.mmap(-1, len(raw))  # never empty: a CDR message has a 4-byte header
     copy.write(raw)
