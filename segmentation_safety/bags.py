@@ -559,12 +559,17 @@ def _topic_list(connections: Iterable[Any]) -> str:
 
 
 def read_bag(
-    path: str | os.PathLike[str], image_topic: str | None = None, max_frames: int | None = None
+    path: str | os.PathLike[str],
+    image_topic: str | None = None,
+    max_frames: int | None = None,
+    max_bytes: int | None = None,
 ) -> BagContents:
     """Load a bag's images (+ camera_info and ground truth); any damage -> BagError.
 
-    ``max_frames``: stop reading after that many images (and a camera_info, where the
-    bag has them), for callers that use only the first few of a long recording.
+    ``max_frames``: read only the first that many images (with their camera_info and
+    ground truth, and a camera_info at least, where the bag has them), for callers that
+    use only the first few of a long recording. ``max_bytes``: a BagError, not a machine
+    out of memory, when the messages to hold come to more (they are held in memory).
 
     Frames come in bag-time order. Where image header stamps repeat (a driver leaving them
     at 0), every frame is restamped with :func:`unique_stamps` (``repeated_stamps`` says
@@ -609,10 +614,21 @@ def read_bag(
             infos: list[tuple[int, bytes]] = []
             truths: dict[str, list[tuple[int, bytes]]] = {}
             has_info = any(c.topic == cam_topic for c in cams)
+            held = 0
             for conn, time_ns, raw in reader.messages(connections=wanted):
                 if max_frames is not None and len(contents.frames) >= max_frames:
-                    if infos or not has_info:
+                    # The last frame's camera_info and ground truth share its bag time.
+                    if time_ns > contents.frames[-1].time_ns and (infos or not has_info):
                         break
+                    if conn.topic == image_topic:
+                        continue
+                held += len(raw)
+                if max_bytes is not None and held > max_bytes:
+                    raise BagError(
+                        f"bag {path}: its frames need more than {max_bytes / 2**30:.1f} GiB of "
+                        f"memory, the most allowed here (after {len(contents.frames)} frames on "
+                        f"{image_topic}); read fewer of them (replay --limit N)"
+                    )
                 raw = bytes(raw)
                 stamp = cdr_stamp_ns(raw)
                 if conn.topic == image_topic:

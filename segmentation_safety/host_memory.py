@@ -1,4 +1,5 @@
-"""Keeping freed host memory for reuse, so a frame's buffers do not page-fault.
+"""Keeping freed host memory for reuse, so a frame's buffers do not page-fault; and how
+much memory the host has available.
 
 Every frame the node allocates the same multi-megabyte buffers: the network's
 activations, the maps, the labels, the serialised Images. glibc's allocator serves a
@@ -36,6 +37,19 @@ TRIM_THRESHOLD = 512 << 20
 #: Free room kept at the top of a heap: a thread arena's whole heap (glibc's
 #: HEAP_MAX_SIZE on 64-bit), so that a heap whose blocks are all free is not unmapped.
 TOP_PAD = 64 << 20
+
+
+def available_bytes() -> int | None:
+    """Memory the kernel says can be had without swapping (MemAvailable), or None where
+    it does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def retain_freed_memory() -> bool:

@@ -34,6 +34,33 @@ def test_a_written_sequence_reads_back_with_its_ground_truth_and_camera_info(tmp
     np.testing.assert_array_equal(contents.gt_labels[stamps[0]], labels)
 
 
+def test_the_first_frames_come_with_their_camera_info_and_ground_truth(tmp_path: Path):
+    root = tmp_path / "world"
+    write_world_sequence(root, "seq_000")
+    out = tmp_path / "bag"
+    write_bag(discover_sequences(root)["seq_000"], out, storage="sqlite3")
+    every = bags.read_bag(out)
+    first = bags.read_bag(out, max_frames=2)
+    stamps = [f.stamp_ns for f in first.frames]
+    assert stamps == [f.stamp_ns for f in every.frames[:2]]
+    # The last one's too, written at its bag time after it.
+    assert sorted(first.camera_info) == sorted(first.gt_anomaly) == stamps
+    assert sorted(first.gt_labels) == stamps
+
+
+def test_a_bag_too_big_to_hold_is_an_error_naming_it_not_a_machine_out_of_memory(
+    tmp_path: Path,
+):
+    root = tmp_path / "world"
+    write_world_sequence(root, "seq_000")
+    out = tmp_path / "bag"
+    write_bag(discover_sequences(root)["seq_000"], out, storage="mcap")
+    frame = len(bags.read_bag(out).frames[0].raw)
+    with pytest.raises(bags.BagError, match=r"need more than .* GiB of memory.*replay --limit N"):
+        bags.read_bag(out, max_bytes=frame)  # the first frame and its camera_info
+    assert len(bags.read_bag(out, max_bytes=1 << 30).frames) == len(bags.read_bag(out).frames)
+
+
 def test_a_compressed_stream_finds_the_camera_info_beside_its_base_topic(tmp_path: Path):
     write_frames(tmp_path / "frames", 3, ".jpg")
     out = tmp_path / "bag"

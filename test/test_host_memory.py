@@ -87,3 +87,12 @@ def test_a_threads_heaps_are_kept_when_a_frame_frees_all_of_them():
     # pages each of 3 frames here); kept, the pages are reused.
     assert default > 10_000
     assert retained < default / 20
+
+
+def test_available_memory_is_what_the_kernel_says():
+    from segmentation_safety.host_memory import available_bytes
+
+    with open("/proc/meminfo", encoding="ascii") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    available = available_bytes()
+    assert available is not None and 0 < available <= total

@@ -379,6 +379,27 @@ def _replay(bag: Path, models: Path, out_dir: Path, *extra: str) -> dict:
     return t
 
 
+def test_limit_replays_the_first_frames_and_a_bag_too_big_for_memory_says_so(
+    bags: dict[str, Path], models: Path, tmp_path: Path, capsys, monkeypatch
+):
+    t = _replay(bags["sqlite3"], models, tmp_path, "--limit", "2")
+    assert t["frames_sent"] == 2 < FRAMES
+    assert t["anomaly"]["frames"] == t["frames_processed"]  # the last one's ground truth too
+    out = tmp_path / "T2.json"
+    args = ["replay", "--bag", str(bags["sqlite3"]), "--out", str(out)]
+    assert main([*args, "--limit", "0"]) == 2
+    assert "--limit must be at least 1, got 0" in capsys.readouterr().err
+    # The frames are held in memory: a bag over half of what is available is refused
+    # before the node starts, naming the way out.
+    from segmentation_safety import host_memory
+
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 2000)  # under one frame
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(bags["sqlite3"]) in err and "replay --limit N" in err
+    assert not out.exists()
+
+
 def test_compressed_bag_from_a_frames_folder_replays(models: Path, tmp_path: Path):
     from rosbags.rosbag2 import Reader
 

@@ -42,6 +42,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=None, help="node parameters YAML")
     p.add_argument("--device", default=None, help="override the node's device parameter")
     p.add_argument("--topic", default=None, help="camera image topic (default: found in the bag)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="replay only the bag's first N frames (its frames are held in memory, at most "
+        "half of what the machine has available)",
+    )
     p.add_argument("--out", type=Path, required=True, help="T.json to write")
     p.add_argument(
         "--find-max-rate",
@@ -132,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         output_format=args.output_format,
         node_process=args.node_process,
         keep_overlays=args.overlays is not None and args.overlay_count > 0,
+        limit=args.limit,
     )
     print(f"replaying {args.bag} through the detector node ...", file=sys.stderr)
     bars: dict[str, Any] = {}

@@ -403,6 +403,8 @@ class ReplayOptions:
     progress: Callable[[str, int, int], None] | None = None
     #: Keep the hazard overlays for the report (``--overlays``); off, none is kept.
     keep_overlays: bool = True
+    #: Replay only the bag's first this many frames (None: all).
+    limit: int | None = None
 
 
 class Replayer:
@@ -752,7 +754,14 @@ class Replayer:
 
 def replay(bag_path: Path, options: ReplayOptions, image_topic: str | None = None) -> ReplayReport:
     """Read the bag, run the node against it, return the report (nothing written yet)."""
-    bag = read_bag(bag_path, image_topic)
+    if options.limit is not None and options.limit < 1:
+        raise ReplayError(f"--limit must be at least 1, got {options.limit}")
+    # The bag's frames are held in memory to be published on time: at most half of what
+    # the host has available, so that a long raw recording ends in an error naming it
+    # rather than in the kernel killing processes.
+    available = host_memory.available_bytes()
+    budget = None if available is None else available // 2
+    bag = read_bag(bag_path, image_topic, max_frames=options.limit, max_bytes=budget)
     if not options.rate > 0:
         raise ReplayError(f"--rate must be positive, got {options.rate}")
     if bag.repeated_stamps:
