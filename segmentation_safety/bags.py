@@ -577,6 +577,8 @@ def read_bag(
     """
     from rosbags.rosbag2 import Reader
 
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
     path = Path(path)
     if not path.exists():
         raise BagError(f"bag {path} does not exist")

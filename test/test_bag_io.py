@@ -46,6 +46,8 @@ def test_the_first_frames_come_with_their_camera_info_and_ground_truth(tmp_path:
     # The last one's too, written at its bag time after it.
     assert sorted(first.camera_info) == sorted(first.gt_anomaly) == stamps
     assert sorted(first.gt_labels) == stamps
+    with pytest.raises(ValueError, match="max_frames must be at least 1, got 0"):
+        bags.read_bag(out, max_frames=0)
 
 
 def test_a_bag_too_big_to_hold_is_an_error_naming_it_not_a_machine_out_of_memory(
