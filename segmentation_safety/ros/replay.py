@@ -754,6 +754,8 @@ class Replayer:
 
 def replay(bag_path: Path, options: ReplayOptions, image_topic: str | None = None) -> ReplayReport:
     """Read the bag, run the node against it, return the report (nothing written yet)."""
+    if not options.rate > 0:
+        raise ReplayError(f"--rate must be positive, got {options.rate}")
     if options.limit is not None and options.limit < 1:
         raise ReplayError(f"--limit must be at least 1, got {options.limit}")
     # The bag's frames are held in memory to be published on time: at most half of what
@@ -762,8 +764,6 @@ def replay(bag_path: Path, options: ReplayOptions, image_topic: str | None = Non
     available = host_memory.available_bytes()
     budget = None if available is None else available // 2
     bag = read_bag(bag_path, image_topic, max_frames=options.limit, max_bytes=budget)
-    if not options.rate > 0:
-        raise ReplayError(f"--rate must be positive, got {options.rate}")
     if bag.repeated_stamps:
         print(restamp_note(bag), file=sys.stderr)
     with Replayer(bag, options) as r:
