@@ -617,6 +617,16 @@ def test_bench_node_times_every_size_and_scale_in_one_run(
     assert "| 48x96 output_scale 0.5 |" in table and "overhead % | host ms |" in table
 
 
+def test_bench_node_says_when_node_processes_took_turns():
+    from segmentation_safety.ros.node_bench import turns_note
+
+    # Several variants, each a node process: their figures can hold each other's waits.
+    note = turns_note(node_process=True, variants=2)
+    assert note is not None and "one variant per run" in note and "2 variants" in note
+    assert turns_note(node_process=True, variants=1) is None  # one camera's node
+    assert turns_note(node_process=False, variants=4) is None  # one process, one thread
+
+
 def test_bench_node_sends_jpeg_frames_to_a_node_reading_compressed_images(
     bags: dict[str, Path], models: Path, tmp_path: Path
 ):

@@ -94,6 +94,7 @@ def run_node(args: argparse.Namespace) -> int:
         node_bench,
         parse_inputs,
         parse_sizes,
+        turns_note,
     )
     from segmentation_safety.ros.replay import ReplayOptions
 
@@ -146,6 +147,9 @@ def run_node(args: argparse.Namespace) -> int:
         f"one in flight, interleaved; outputs {report['outputs']}; the node in {where}):"
     )
     print(format_node_table(report))
+    note = turns_note(args.node_process, len(variants))
+    if note:
+        print(note)
     print(f"wrote {args.out}")
     return 0
 

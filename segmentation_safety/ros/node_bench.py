@@ -236,6 +236,23 @@ def node_bench(
     }
 
 
+def turns_note(node_process: bool, variants: int) -> str | None:
+    """What to say under a bench whose variants each ran a node process of their own.
+
+    Why: on this project's machine, node processes taking turns in one run waited 2.5-35 ms
+    longer a frame for their input (`dispatch`) in some states, and a node alone did not
+    (docs/performance.md, 2026-12-08). In one process every node shares one compute
+    thread, and that was never seen.
+    """
+    if not node_process or variants < 2:
+        return None
+    return (
+        f"note: the {variants} variants' nodes ran in processes of their own, taking turns; "
+        "in some machine states that delays every node's input (dispatch) by several ms. "
+        "For one camera's node, bench one variant per run (docs/performance.md)."
+    )
+
+
 def format_node_table(report: dict[str, Any]) -> str:
     """A Markdown table: mean ms per stage and the node overhead, one row per variant."""
     head = ["frame", "end-to-end", *BREAKDOWN_STAGES, "overhead ms", "overhead %", "host ms"]
